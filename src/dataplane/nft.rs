@@ -1,0 +1,1 @@
+//! nftables firewall (to be written)

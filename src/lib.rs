@@ -1,0 +1,3 @@
+pub mod dataplane;
+pub mod model;
+pub mod policy;
