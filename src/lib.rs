@@ -1,3 +1,11 @@
+//! egressd: a high-availability egress gateway. `model`, `election` and `policy` are pure;
+//! `dataplane` touches the kernel; `reconciler` and `daemon` wire them; `admin` serves HTTP.
+
+pub mod admin;
+pub mod config;
+pub mod daemon;
 pub mod dataplane;
+pub mod election;
 pub mod model;
 pub mod policy;
+pub mod reconciler;

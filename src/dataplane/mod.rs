@@ -1,7 +1,16 @@
 //! The edges that touch the kernel: nftables, addresses, announcements. Each sits behind a small
 //! trait so that the reconciler runs the same against the kernel and against the in-memory fake.
 
+pub mod announce;
+pub mod fake;
+pub mod host;
 pub mod nft;
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::time::Duration;
+
+use serde::Serialize;
 
 use crate::policy::SnatMap;
 
@@ -33,4 +42,36 @@ pub trait Firewall: Send {
     fn apply(&mut self, map: &SnatMap) -> impl Future<Output = Result<()>> + Send;
     /// Delete egressd's table (clean shutdown). Other tables are never touched.
     fn remove(&mut self) -> impl Future<Output = Result<()>> + Send;
+}
+
+/// One network interface as the host has it now.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct HostInterface {
+    pub index: u32,
+    /// Administratively up and with carrier.
+    pub up: bool,
+    pub mac: Option<[u8; 6]>,
+    /// Addresses with their prefix length, in the kernel's order (primary first).
+    pub addresses: Vec<(IpAddr, u8)>,
+}
+
+/// Every interface of the host by name.
+pub type HostState = BTreeMap<String, HostInterface>;
+
+/// The host's interfaces and addresses, and announcements on its LAN.
+pub trait Host: Send {
+    /// Reads every interface with its state and addresses.
+    fn observe(&mut self) -> impl Future<Output = Result<HostState>> + Send;
+    /// Adds `ip` as a host address (/32 or /128), idempotently. With a lifetime the kernel drops
+    /// the address by itself unless it is added again before the lifetime ends.
+    fn add_address(
+        &mut self,
+        iface: &str,
+        ip: IpAddr,
+        lifetime: Option<Duration>,
+    ) -> impl Future<Output = Result<()>> + Send;
+    /// Removes `ip` from `iface`; absent already is success.
+    fn del_address(&mut self, iface: &str, ip: IpAddr) -> impl Future<Output = Result<()>> + Send;
+    /// Sends one gratuitous ARP (IPv4) or unsolicited neighbour advertisement (IPv6).
+    fn announce(&mut self, iface: &str, ip: IpAddr) -> impl Future<Output = Result<()>> + Send;
 }

@@ -126,6 +126,17 @@ impl Lab {
         self.children.len() - 1
     }
 
+    /// Starts a prepared command (which must enter its namespace itself, e.g. through
+    /// `ip netns exec`); it is killed when the lab is dropped.
+    pub fn spawn_raw(&mut self, mut cmd: Command) -> usize {
+        cmd.stdin(Stdio::null());
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot spawn {cmd:?}: {e}"));
+        self.children.push(child);
+        self.children.len() - 1
+    }
+
     pub fn child(&mut self, index: usize) -> &mut Child {
         &mut self.children[index]
     }

@@ -1,0 +1,573 @@
+//! From a committed assignment to the data plane: which addresses this node must hold and which
+//! traffic it must SNAT (pure `plan`), and the ordered changes that get the host there
+//! (`Reconciler::converge`).
+//!
+//! Order matters on both edges. On takeover the SNAT map is installed before the address is
+//! added and announced, so that no attracted packet leaves un-SNATed. On release the address is
+//! removed before the map shrinks, so that traffic stops arriving first.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, Ipv4Addr};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use tracing::{info, warn};
+
+use crate::dataplane::{self, Firewall, Host, HostState};
+use crate::model::{Assignment, Gateway, InterfaceState, Labels, NodeState, Policy, SourceIp};
+use crate::policy::{self, SnatMap};
+
+/// Addresses egressd may add or remove: every VIP and next hop of the configured gateways.
+/// Anything else on the host is never touched.
+pub fn managed_addresses(gateways: &[Gateway]) -> BTreeSet<IpAddr> {
+    let mut out = BTreeSet::new();
+    for g in gateways {
+        if let SourceIp::VirtualIp { ip, .. } = &g.source_ip {
+            out.insert(*ip);
+        }
+        if let Some(nh) = &g.next_hop {
+            out.insert(nh.ip);
+        }
+    }
+    out
+}
+
+/// The primary IPv4 of an interface: its first IPv4 address that egressd does not manage.
+fn primary_ipv4(addrs: &[(IpAddr, u8)], managed: &BTreeSet<IpAddr>) -> Option<Ipv4Addr> {
+    addrs.iter().find_map(|(a, _)| match a {
+        IpAddr::V4(v4) if !managed.contains(a) => Some(*v4),
+        _ => None,
+    })
+}
+
+/// This node's election facts, read off the host.
+pub fn local_node_state(
+    name: &str,
+    labels: &Labels,
+    cordoned: bool,
+    ready: bool,
+    host: &HostState,
+    managed: &BTreeSet<IpAddr>,
+) -> NodeState {
+    NodeState {
+        name: name.to_string(),
+        labels: labels.clone(),
+        cordoned,
+        alive: true,
+        ready,
+        interfaces: host
+            .iter()
+            .map(|(n, i)| {
+                (
+                    n.clone(),
+                    InterfaceState {
+                        up: i.up,
+                        primary_ipv4: primary_ipv4(&i.addresses, managed),
+                    },
+                )
+            })
+            .collect(),
+    }
+}
+
+/// What the data plane of one node must look like.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Desired {
+    /// (interface, address) pairs to hold.
+    pub addresses: BTreeSet<(String, IpAddr)>,
+    /// Gateway → the source address its traffic is SNATed to, for the gateways active here.
+    pub sources: BTreeMap<String, IpAddr>,
+    pub snat: SnatMap,
+}
+
+/// The data plane this node needs for `assignment`. A PrimaryIP gateway whose interface has no
+/// IPv4 address gets no SNAT (the election does not pick such a node, but the host may change
+/// between the election and this call).
+pub fn plan(
+    node: &str,
+    assignment: &Assignment,
+    gateways: &[Gateway],
+    policies: &[Policy],
+    host: &HostState,
+    managed: &BTreeSet<IpAddr>,
+) -> Desired {
+    let mut d = Desired::default();
+    for g in gateways {
+        if assignment.get(&g.name).map(String::as_str) != Some(node) {
+            continue;
+        }
+        match &g.source_ip {
+            SourceIp::VirtualIp { ip, interfaces } => {
+                for i in interfaces {
+                    d.addresses.insert((i.clone(), *ip));
+                }
+                d.sources.insert(g.name.clone(), *ip);
+            }
+            SourceIp::PrimaryIp { interface } => {
+                if let Some(ip) = host
+                    .get(interface)
+                    .and_then(|i| primary_ipv4(&i.addresses, managed))
+                {
+                    d.sources.insert(g.name.clone(), IpAddr::V4(ip));
+                }
+            }
+        }
+        if let Some(nh) = &g.next_hop {
+            d.addresses.insert((nh.interface.clone(), nh.ip));
+        }
+    }
+    d.snat = policy::compile(policies, &d.sources);
+    d
+}
+
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub garp_count: u32,
+    pub garp_interval: Duration,
+    /// Re-announce held addresses this often; `None` = only on takeover.
+    pub garp_refresh: Option<Duration>,
+    /// Kernel lifetime of held addresses, refreshed on every convergence; `None` = permanent.
+    pub address_lifetime: Option<Duration>,
+}
+
+struct PendingAnnounce {
+    iface: String,
+    ip: IpAddr,
+    remaining: u32,
+    due: Instant,
+}
+
+/// What one convergence did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Changes {
+    pub added: Vec<(String, IpAddr)>,
+    pub removed: Vec<(String, IpAddr)>,
+    pub snat_changed: bool,
+}
+
+impl Changes {
+    pub fn is_empty(&self) -> bool {
+        self.added.is_empty() && self.removed.is_empty() && !self.snat_changed
+    }
+}
+
+/// Drives a host and a firewall to a `Desired` state, and keeps the announcement schedule.
+pub struct Reconciler<H, F> {
+    pub host: H,
+    pub firewall: F,
+    settings: Settings,
+    installed: Option<SnatMap>,
+    /// Addresses this process added, so that they are released even if the config that named
+    /// them is gone.
+    held: BTreeSet<(String, IpAddr)>,
+    pending: Vec<PendingAnnounce>,
+    next_refresh: Option<Instant>,
+    /// When the first announcement went out (start-up measurement).
+    pub first_announce: Option<Instant>,
+}
+
+impl<H: Host, F: Firewall> Reconciler<H, F> {
+    pub fn new(host: H, firewall: F, settings: Settings) -> Self {
+        Reconciler {
+            host,
+            firewall,
+            settings,
+            installed: None,
+            held: BTreeSet::new(),
+            pending: Vec::new(),
+            next_refresh: None,
+            first_announce: None,
+        }
+    }
+
+    pub fn held(&self) -> &BTreeSet<(String, IpAddr)> {
+        &self.held
+    }
+
+    pub fn installed(&self) -> Option<&SnatMap> {
+        self.installed.as_ref()
+    }
+
+    /// Makes the host match `desired`. `host` is a fresh observation; `managed` are the
+    /// addresses egressd may remove. Stops at the first error (the next round retries).
+    pub async fn converge(
+        &mut self,
+        desired: &Desired,
+        host: &HostState,
+        managed: &BTreeSet<IpAddr>,
+    ) -> dataplane::Result<Changes> {
+        let mut changes = Changes::default();
+
+        // 1. Release: managed or held addresses present but not wanted.
+        let mut to_remove = Vec::new();
+        for (name, iface) in host {
+            for (ip, _) in &iface.addresses {
+                let key = (name.clone(), *ip);
+                let ours = managed.contains(ip) || self.held.contains(&key);
+                if ours && !desired.addresses.contains(&key) {
+                    to_remove.push(key);
+                }
+            }
+        }
+        for (iface, ip) in to_remove {
+            self.host.del_address(&iface, ip).await?;
+            self.pending.retain(|p| !(p.iface == iface && p.ip == ip));
+            self.held.remove(&(iface.clone(), ip));
+            changes.removed.push((iface, ip));
+        }
+        // Held addresses whose interface disappeared are gone with it.
+        self.held.retain(|(i, _)| host.contains_key(i));
+
+        // 2. SNAT map.
+        if self.installed.as_ref() != Some(&desired.snat) {
+            self.installed = None;
+            self.firewall.apply(&desired.snat).await?;
+            self.installed = Some(desired.snat.clone());
+            changes.snat_changed = true;
+        }
+
+        // 3. Take over: add missing addresses and announce them.
+        let now = Instant::now();
+        for (iface, ip) in &desired.addresses {
+            let present = host
+                .get(iface)
+                .is_some_and(|i| i.addresses.iter().any(|(a, _)| a == ip));
+            if present && self.settings.address_lifetime.is_none() {
+                self.held.insert((iface.clone(), *ip));
+                continue;
+            }
+            self.host
+                .add_address(iface, *ip, self.settings.address_lifetime)
+                .await?;
+            self.held.insert((iface.clone(), *ip));
+            if !present {
+                changes.added.push((iface.clone(), *ip));
+                self.announce_now(iface, *ip, self.settings.garp_count, now)
+                    .await;
+            }
+        }
+        if self.next_refresh.is_none() {
+            self.next_refresh = self.settings.garp_refresh.map(|r| now + r);
+        }
+        Ok(changes)
+    }
+
+    async fn announce_now(&mut self, iface: &str, ip: IpAddr, count: u32, now: Instant) {
+        if count == 0 {
+            return;
+        }
+        match self.host.announce(iface, ip).await {
+            Ok(()) => {
+                self.first_announce.get_or_insert(now);
+            }
+            Err(e) => warn!(interface = iface, %ip, error = %e, "announcement failed"),
+        }
+        self.pending.retain(|p| !(p.iface == iface && p.ip == ip));
+        if count > 1 {
+            self.pending.push(PendingAnnounce {
+                iface: iface.to_string(),
+                ip,
+                remaining: count - 1,
+                due: now + self.settings.garp_interval,
+            });
+        }
+    }
+
+    /// When `announce_due` has work next.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.pending
+            .iter()
+            .map(|p| p.due)
+            .chain(self.next_refresh)
+            .min()
+    }
+
+    /// Sends the announcements that are due: the rest of each takeover burst, and the periodic
+    /// refresh of every held address.
+    pub async fn announce_due(&mut self, now: Instant) {
+        let due: Vec<(String, IpAddr)> = self
+            .pending
+            .iter()
+            .filter(|p| p.due <= now)
+            .map(|p| (p.iface.clone(), p.ip))
+            .collect();
+        for (iface, ip) in due {
+            if let Err(e) = self.host.announce(&iface, ip).await {
+                warn!(interface = %iface, %ip, error = %e, "announcement failed");
+            }
+            if let Some(p) = self
+                .pending
+                .iter_mut()
+                .find(|p| p.iface == iface && p.ip == ip)
+            {
+                p.remaining -= 1;
+                p.due = now + self.settings.garp_interval;
+            }
+        }
+        self.pending.retain(|p| p.remaining > 0);
+        if let (Some(at), Some(every)) = (self.next_refresh, self.settings.garp_refresh) {
+            if at <= now {
+                let held: Vec<_> = self.held.iter().cloned().collect();
+                for (iface, ip) in held {
+                    if let Err(e) = self.host.announce(&iface, ip).await {
+                        warn!(interface = %iface, %ip, error = %e, "announcement refresh failed");
+                    }
+                }
+                self.next_refresh = Some(now + every);
+            }
+        }
+    }
+
+    /// Clean shutdown: give up every held address, then delete egressd's table.
+    pub async fn release_all(&mut self) -> dataplane::Result<()> {
+        let held: Vec<_> = self.held.iter().cloned().collect();
+        let mut first_err = None;
+        for (iface, ip) in held {
+            match self.host.del_address(&iface, ip).await {
+                Ok(()) => {
+                    self.held.remove(&(iface.clone(), ip));
+                    info!(interface = %iface, %ip, "released address");
+                }
+                Err(e) => {
+                    warn!(interface = %iface, %ip, error = %e, "could not release address");
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+        self.pending.clear();
+        if let Err(e) = self.firewall.remove().await {
+            first_err.get_or_insert(e);
+        }
+        self.installed = None;
+        first_err.map_or(Ok(()), Err)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dataplane::fake::{FakeFirewall, FakeHost, Op};
+    use crate::model::{NextHop, Selection};
+
+    const VIP: &str = "198.18.0.50";
+    const NH: &str = "10.77.0.1";
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    fn gateways() -> Vec<Gateway> {
+        vec![
+            Gateway {
+                name: "vip".into(),
+                node_selector: Labels::new(),
+                selection: Selection::Alphabetical,
+                preempt: true,
+                source_ip: SourceIp::VirtualIp {
+                    ip: ip(VIP),
+                    interfaces: vec!["eth1".into()],
+                },
+                next_hop: Some(NextHop {
+                    ip: ip(NH),
+                    interface: "eth0".into(),
+                }),
+            },
+            Gateway {
+                name: "basic".into(),
+                node_selector: Labels::new(),
+                selection: Selection::Alphabetical,
+                preempt: true,
+                source_ip: SourceIp::PrimaryIp {
+                    interface: "eth1".into(),
+                },
+                next_hop: None,
+            },
+        ]
+    }
+
+    fn policies() -> Vec<Policy> {
+        ["vip", "basic"]
+            .iter()
+            .enumerate()
+            .map(|(i, gw)| Policy {
+                name: format!("p-{gw}"),
+                egress_gateway_name: gw.to_string(),
+                source_cidrs: vec![format!("10.77.{i}.0/24").parse().unwrap()],
+                destination_cidrs: vec!["0.0.0.0/0".parse().unwrap()],
+                excluded_cidrs: vec![],
+            })
+            .collect()
+    }
+
+    fn host() -> FakeHost {
+        FakeHost::default()
+            .with_interface("eth0", &[("10.77.0.2", 24)])
+            .with_interface("eth1", &[("198.18.0.2", 24)])
+    }
+
+    fn settings(garp_count: u32) -> Settings {
+        Settings {
+            garp_count,
+            garp_interval: Duration::from_millis(10),
+            garp_refresh: None,
+            address_lifetime: None,
+        }
+    }
+
+    fn all_here() -> Assignment {
+        [("vip", "gw1"), ("basic", "gw1")]
+            .iter()
+            .map(|(g, n)| (g.to_string(), n.to_string()))
+            .collect()
+    }
+
+    fn reconciler(h: FakeHost, garp_count: u32) -> Reconciler<FakeHost, FakeFirewall> {
+        let fw = FakeFirewall {
+            map: None,
+            journal: h.journal.clone(),
+        };
+        Reconciler::new(h, fw, settings(garp_count))
+    }
+
+    async fn converge_to(
+        rec: &mut Reconciler<FakeHost, FakeFirewall>,
+        assignment: &Assignment,
+    ) -> Changes {
+        let gws = gateways();
+        let managed = managed_addresses(&gws);
+        let state = rec.host.observe().await.unwrap();
+        let desired = plan("gw1", assignment, &gws, &policies(), &state, &managed);
+        rec.converge(&desired, &state, &managed).await.unwrap()
+    }
+
+    #[test]
+    fn plan_uses_vip_and_primary_ip_and_skips_managed_addresses() {
+        let gws = gateways();
+        let managed = managed_addresses(&gws);
+        let mut h = host();
+        // A VIP listed first on the interface must not be taken for its primary address.
+        h.state.get_mut("eth1").unwrap().addresses.insert(0, (ip(VIP), 32));
+        let d = plan("gw1", &all_here(), &gws, &policies(), &h.state, &managed);
+        assert_eq!(d.sources["vip"], ip(VIP));
+        assert_eq!(d.sources["basic"], ip("198.18.0.2"));
+        assert!(d.addresses.contains(&("eth1".into(), ip(VIP))));
+        assert!(d.addresses.contains(&("eth0".into(), ip(NH))));
+        assert_eq!(d.snat.lookup(ip("10.77.1.5"), ip("8.8.8.8")), Some(ip("198.18.0.2")));
+        let other = plan("gw1", &Assignment::new(), &gws, &policies(), &h.state, &managed);
+        assert!(other.addresses.is_empty() && other.snat.is_empty());
+    }
+
+    #[tokio::test]
+    async fn takeover_installs_snat_before_adding_and_announcing() {
+        let mut rec = reconciler(host(), 1);
+        let changes = converge_to(&mut rec, &all_here()).await;
+        assert_eq!(changes.added.len(), 2);
+        let n = rec.installed().map_or(0, |m| m.len());
+        assert!(n > 0);
+        assert_eq!(
+            rec.host.journal.ops(),
+            vec![
+                Op::Snat(n),
+                Op::AddAddress("eth0".into(), ip(NH)),
+                Op::Announce("eth0".into(), ip(NH)),
+                Op::AddAddress("eth1".into(), ip(VIP)),
+                Op::Announce("eth1".into(), ip(VIP)),
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn converging_twice_changes_nothing() {
+        let mut rec = reconciler(host(), 1);
+        converge_to(&mut rec, &all_here()).await;
+        rec.host.journal.clear();
+        let changes = converge_to(&mut rec, &all_here()).await;
+        assert!(changes.is_empty());
+        assert_eq!(rec.host.journal.ops(), vec![]);
+    }
+
+    #[tokio::test]
+    async fn release_removes_addresses_and_empties_snat() {
+        let mut rec = reconciler(host(), 1);
+        converge_to(&mut rec, &all_here()).await;
+        rec.host.journal.clear();
+        let changes = converge_to(&mut rec, &Assignment::new()).await;
+        assert_eq!(changes.removed.len(), 2);
+        let ops = rec.host.journal.ops();
+        assert_eq!(ops.last(), Some(&Op::Snat(0)), "addresses go before the SNAT map: {ops:?}");
+        assert!(changes.snat_changed);
+        assert!(!rec.host.holds("eth1", ip(VIP)));
+        assert!(!rec.host.holds("eth0", ip(NH)));
+        assert!(rec.host.holds("eth1", ip("198.18.0.2")), "primary untouched");
+        assert_eq!(rec.firewall.map.as_ref().map(|m| m.len()), Some(0));
+        assert!(rec.held().is_empty());
+    }
+
+    #[tokio::test]
+    async fn stale_managed_address_is_removed_and_foreign_ones_kept() {
+        let mut h = host();
+        h.state.get_mut("eth1").unwrap().addresses.push((ip(VIP), 32));
+        h.state.get_mut("eth1").unwrap().addresses.push((ip("192.0.2.9"), 32));
+        let mut rec = reconciler(h, 1);
+        converge_to(&mut rec, &Assignment::new()).await;
+        assert!(!rec.host.holds("eth1", ip(VIP)), "a crashed run's VIP is removed");
+        assert!(rec.host.holds("eth1", ip("192.0.2.9")), "not egressd's to remove");
+    }
+
+    #[tokio::test]
+    async fn an_address_already_present_is_adopted_without_announcing() {
+        let mut h = host();
+        h.state.get_mut("eth1").unwrap().addresses.push((ip(VIP), 32));
+        let mut rec = reconciler(h, 1);
+        converge_to(&mut rec, &all_here()).await;
+        assert!(!rec.host.journal.ops().contains(&Op::AddAddress("eth1".into(), ip(VIP))));
+        assert!(!rec.host.journal.ops().contains(&Op::Announce("eth1".into(), ip(VIP))));
+        assert!(rec.held().contains(&("eth1".into(), ip(VIP))));
+    }
+
+    #[tokio::test]
+    async fn announcement_burst_is_spread_over_the_interval() {
+        let mut rec = reconciler(host(), 3);
+        converge_to(&mut rec, &all_here()).await;
+        let count = |rec: &Reconciler<FakeHost, FakeFirewall>| {
+            rec.host
+                .journal
+                .ops()
+                .iter()
+                .filter(|o| **o == Op::Announce("eth1".into(), ip(VIP)))
+                .count()
+        };
+        assert_eq!(count(&rec), 1, "the first announcement goes out at once");
+        let mut now = Instant::now();
+        for _ in 0..5 {
+            let Some(due) = rec.next_deadline() else { break };
+            now = now.max(due);
+            rec.announce_due(now).await;
+        }
+        assert_eq!(count(&rec), 3);
+        assert_eq!(rec.next_deadline(), None);
+    }
+
+    #[tokio::test]
+    async fn release_all_gives_up_everything() {
+        let mut rec = reconciler(host(), 1);
+        converge_to(&mut rec, &all_here()).await;
+        rec.release_all().await.unwrap();
+        assert!(!rec.host.holds("eth1", ip(VIP)));
+        assert!(!rec.host.holds("eth0", ip(NH)));
+        assert_eq!(rec.host.journal.ops().last(), Some(&Op::RemoveTable));
+        assert!(rec.firewall.map.is_none());
+    }
+
+    #[test]
+    fn local_facts_come_from_the_host() {
+        let h = host();
+        let managed = managed_addresses(&gateways());
+        let me = local_node_state("gw1", &Labels::new(), false, true, &h.state, &managed);
+        assert!(me.alive && me.ready);
+        assert_eq!(
+            me.interfaces["eth1"].primary_ipv4,
+            Some("198.18.0.2".parse().unwrap())
+        );
+    }
+}

@@ -1,0 +1,232 @@
+//! The standard lab: client — LAN bridge — gateway node(s) — WAN bridge — server, each in its own
+//! namespace, plus helpers to run egressd there and to look at what the kernel holds.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use super::netns::Lab;
+
+pub const LAN_NET: &str = "10.77.0.0/24";
+pub const CLIENT_IP: &str = "10.77.0.10";
+/// A second client address that no policy selects.
+pub const CLIENT_OTHER_IP: &str = "10.77.0.11";
+pub const NEXT_HOP: &str = "10.77.0.1";
+pub const SERVER_IP: &str = "203.0.113.10";
+/// Server addresses that policies exclude or route to another gateway.
+pub const SERVER_EXCLUDED_IP: &str = "203.0.113.20";
+pub const SERVER_OTHER_IP: &str = "203.0.113.30";
+pub const VIP: &str = "203.0.113.50";
+pub const SERVER_PORT: u16 = 8080;
+
+pub struct Topo {
+    pub lab: Lab,
+    pub lan: String,
+    pub wan: String,
+    pub client: String,
+    pub server: String,
+    /// Gateway node namespaces, in the order given.
+    pub nodes: Vec<String>,
+    pub dir: tempfile::TempDir,
+}
+
+/// LAN address of gateway node `i` (0-based).
+pub fn node_lan_ip(i: usize) -> String {
+    format!("10.77.0.{}", 2 + i)
+}
+
+/// WAN (primary) address of gateway node `i`.
+pub fn node_wan_ip(i: usize) -> String {
+    format!("203.0.113.{}", 2 + i)
+}
+
+impl Topo {
+    /// Builds the lab with `n` gateway nodes, each with `eth0` on the LAN and `eth1` on the WAN,
+    /// forwarding on. The client routes the server's network through `NEXT_HOP`; the server
+    /// routes the LAN back through node 0 (only needed for traffic that is not SNATed).
+    pub fn new(tag: &str, n: usize) -> Topo {
+        let mut lab = Lab::new(tag);
+        let lan = lab.ns("lan");
+        let wan = lab.ns("wan");
+        let client = lab.ns("cli");
+        let server = lab.ns("srv");
+        lab.veth(&client, "eth0", &lan, "p-cli");
+        lab.veth(&server, "eth0", &wan, "p-srv");
+        let mut lan_ports = vec!["p-cli".to_string()];
+        let mut wan_ports = vec!["p-srv".to_string()];
+        let mut nodes = Vec::new();
+        for i in 0..n {
+            let ns = lab.ns(&format!("gw{}", i + 1));
+            let lp = format!("p-gw{}", i + 1);
+            lab.veth(&ns, "eth0", &lan, &lp);
+            let wp = format!("p-gw{}", i + 1);
+            lab.veth(&ns, "eth1", &wan, &wp);
+            lab.exec(&ns, ["ip", "addr", "add", &format!("{}/24", node_lan_ip(i)), "dev", "eth0"]);
+            lab.exec(&ns, ["ip", "addr", "add", &format!("{}/24", node_wan_ip(i)), "dev", "eth1"]);
+            lab.exec(&ns, ["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+            lan_ports.push(lp);
+            wan_ports.push(wp);
+            nodes.push(ns);
+        }
+        let lp: Vec<&str> = lan_ports.iter().map(String::as_str).collect();
+        let wp: Vec<&str> = wan_ports.iter().map(String::as_str).collect();
+        lab.bridge(&lan, "br0", &lp);
+        lab.bridge(&wan, "br1", &wp);
+
+        for ip in [CLIENT_IP, CLIENT_OTHER_IP] {
+            lab.exec(&client, ["ip", "addr", "add", &format!("{ip}/24"), "dev", "eth0"]);
+        }
+        lab.exec(&client, ["ip", "route", "add", "203.0.113.0/24", "via", NEXT_HOP]);
+        for ip in [SERVER_IP, SERVER_EXCLUDED_IP, SERVER_OTHER_IP] {
+            lab.exec(&server, ["ip", "addr", "add", &format!("{ip}/24"), "dev", "eth0"]);
+        }
+        lab.exec(&server, ["ip", "route", "add", LAN_NET, "via", &node_wan_ip(0)]);
+
+        let dir = tempfile::tempdir().expect("temp dir");
+        Topo {
+            lab,
+            lan,
+            wan,
+            client,
+            server,
+            nodes,
+            dir,
+        }
+    }
+
+    /// Starts a server that answers every TCP connection with the peer address it saw.
+    pub fn start_echo_server(&mut self) {
+        let mut cmd = Command::new("socat");
+        cmd.args([
+            &format!("TCP-LISTEN:{SERVER_PORT},reuseaddr,fork"),
+            "SYSTEM:echo $SOCAT_PEERADDR",
+        ]);
+        let server = self.server.clone();
+        self.lab.spawn(&server, cmd);
+        wait_for("echo server listening", Duration::from_secs(5), || {
+            let out = self.lab.try_exec(&self.server, ["ss", "-ltnH"]);
+            String::from_utf8_lossy(&out.stdout).contains(&format!(":{SERVER_PORT}"))
+        });
+    }
+
+    /// The source address the server saw for a connection from `src` to `dst`, or None when the
+    /// connection failed.
+    pub fn seen_source(&self, src: &str, dst: &str) -> Option<String> {
+        let out = self.lab.try_exec(
+            &self.client,
+            [
+                "socat",
+                "-T2",
+                "-",
+                &format!("TCP:{dst}:{SERVER_PORT},bind={src},connect-timeout=2"),
+            ],
+        );
+        let s = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        (!s.is_empty()).then_some(s)
+    }
+
+    /// Writes a config file for node `i` and returns its path.
+    pub fn write_config(&self, i: usize, body: &str) -> PathBuf {
+        let path = self.dir.path().join(format!("gw{}.toml", i + 1));
+        std::fs::write(&path, body).expect("writing config");
+        path
+    }
+
+    /// Starts egressd for node `i` with `config`, logging to `log_path(i)`; returns the lab's
+    /// child index.
+    pub fn start_egressd(&mut self, i: usize, config: &Path) -> usize {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path(i))
+            .expect("log file");
+        let err = log.try_clone().expect("log file");
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.nodes[i], env!("CARGO_BIN_EXE_egressd"), "run", "--config"])
+            .arg(config)
+            .env("RUST_LOG", "info")
+            .stdout(log)
+            .stderr(err);
+        self.lab.spawn_raw(cmd)
+    }
+
+    /// Addresses on `iface` in namespace `ns`.
+    pub fn addresses(&self, ns: &str, iface: &str) -> Vec<String> {
+        let out = self.lab.try_exec(ns, ["ip", "-o", "addr", "show", "dev", iface]);
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| {
+                let mut it = l.split_whitespace();
+                it.position(|w| w == "inet" || w == "inet6")?;
+                it.next().map(|a| a.split('/').next().unwrap_or(a).to_string())
+            })
+            .collect()
+    }
+
+    pub fn holds(&self, ns: &str, iface: &str, ip: &str) -> bool {
+        self.addresses(ns, iface).iter().any(|a| a == ip)
+    }
+
+    /// The ruleset of `ns` as text.
+    pub fn ruleset(&self, ns: &str) -> String {
+        let out = self.lab.try_exec(ns, ["nft", "list", "ruleset"]);
+        String::from_utf8_lossy(&out.stdout).to_string()
+    }
+
+    /// Number of elements in egressd's snat4 map in `ns`, None when the table is absent.
+    pub fn snat4_elements(&self, ns: &str) -> Option<usize> {
+        let out = self
+            .lab
+            .try_exec(ns, ["nft", "-j", "list", "map", "inet", "egressd", "snat4"]);
+        if !out.status.success() {
+            return None;
+        }
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        let items = v.get("nftables")?.as_array()?;
+        let map = items.iter().find_map(|i| i.get("map"))?;
+        Some(map.get("elem").and_then(|e| e.as_array()).map_or(0, |a| a.len()))
+    }
+
+    /// Starts a capture of ARP on the WAN bridge into a text file, and returns its path.
+    pub fn start_arp_capture(&mut self, name: &str) -> PathBuf {
+        let path = self.dir.path().join(format!("{name}.txt"));
+        let file = std::fs::File::create(&path).expect("capture file");
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.wan, "tcpdump", "-i", "br1", "-n", "-l", "-e", "arp"])
+            .stdout(file)
+            .stderr(Stdio::null());
+        self.lab.spawn_raw(cmd);
+        // tcpdump needs a moment to attach before the test makes traffic.
+        std::thread::sleep(Duration::from_millis(500));
+        path
+    }
+
+    /// Log file of node `i`'s daemon.
+    pub fn log_path(&self, i: usize) -> PathBuf {
+        self.dir.path().join(format!("gw{}.log", i + 1))
+    }
+
+    pub fn log(&self, i: usize) -> String {
+        std::fs::read_to_string(self.log_path(i)).unwrap_or_default()
+    }
+}
+
+/// Polls `f` every 10 ms until it holds; panics with `what` after `timeout`. This is a liveness
+/// bound for the test, not a performance check (those live in the benchmarks).
+pub fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !f() {
+        if start.elapsed() > timeout {
+            panic!("timed out after {timeout:?} waiting for: {what}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Sends a signal to a child process.
+pub fn signal(child: &std::process::Child, sig: &str) {
+    let _ = Command::new("kill")
+        .args([&format!("-{sig}"), &child.id().to_string()])
+        .status();
+}

@@ -1,0 +1,241 @@
+//! One egressd node in network namespaces, with real packets: client — LAN — gateway — WAN —
+//! server. Root only: skips loudly otherwise, fails instead when EGRESSD_E2E=1.
+
+mod common;
+
+use std::time::Duration;
+
+use common::netns::require_root;
+use common::topo::*;
+
+const WAIT: Duration = Duration::from_secs(10);
+
+fn config(topo: &Topo) -> String {
+    format!(
+        r#"
+[node]
+name = "gw1"
+labels = {{ "node-role.deckhouse.io/egress" = "" }}
+
+[cluster]
+listen = "127.0.0.1:7480"
+peers = [{{ name = "gw1", address = "127.0.0.1:7480" }}]
+data_dir = "{dir}/gw1"
+
+[dataplane]
+garp_count = 3
+resync_secs = 2
+
+[[gateway]]
+name = "vip"
+node_selector = {{ "node-role.deckhouse.io/egress" = "" }}
+[gateway.source_ip]
+mode = "VirtualIPAddress"
+virtual_ip_address = {{ ip = "{VIP}", interfaces = ["eth1"] }}
+[gateway.next_hop]
+ip = "{NEXT_HOP}"
+interface = "eth0"
+
+[[gateway]]
+name = "basic"
+node_selector = {{ "node-role.deckhouse.io/egress" = "" }}
+[gateway.source_ip]
+mode = "PrimaryIPFromEgressGatewayNodeInterface"
+primary_ip_from_egress_gateway_node_interface = {{ interface_name = "eth1" }}
+
+# Everything to the server network leaves with the VIP, except 203.0.113.16/28 ...
+[[policy]]
+name = "to-wan"
+egress_gateway_name = "vip"
+source_cidrs = ["{CLIENT_IP}/32"]
+destination_cidrs = ["203.0.113.0/24"]
+excluded_cidrs = ["203.0.113.16/28"]
+
+# ... but this more specific destination, inside that exclusion, leaves with the primary IP:
+# one policy's exclusion never removes another policy's destination.
+[[policy]]
+name = "special"
+egress_gateway_name = "basic"
+source_cidrs = ["{CLIENT_IP}/32"]
+destination_cidrs = ["{SERVER_OTHER_IP}/32"]
+"#,
+        dir = topo.dir.path().display()
+    )
+}
+
+/// Starts the lab, the echo server and egressd, and waits until the VIP is held and both
+/// gateways' SNAT elements are installed.
+fn start(tag: &str) -> (Topo, usize) {
+    let mut topo = Topo::new(tag, 1);
+    topo.start_echo_server();
+    let cfg = topo.write_config(0, &config(&topo));
+    let child = topo.start_egressd(0, &cfg);
+    let gw = topo.nodes[0].clone();
+    wait_for("VIP and next hop held", WAIT, || {
+        topo.holds(&gw, "eth1", VIP) && topo.holds(&gw, "eth0", NEXT_HOP)
+    });
+    wait_for("SNAT elements installed", WAIT, || {
+        topo.snat4_elements(&gw).is_some_and(|n| n >= 2)
+    });
+    (topo, child)
+}
+
+fn assert_policies_apply(topo: &Topo) {
+    let log = || topo.log(0);
+    assert_eq!(
+        topo.seen_source(CLIENT_IP, SERVER_IP).as_deref(),
+        Some(VIP),
+        "VirtualIPAddress mode: the server must see the VIP\n{}",
+        log()
+    );
+    assert_eq!(
+        topo.seen_source(CLIENT_IP, SERVER_OTHER_IP).as_deref(),
+        Some(node_wan_ip(0).as_str()),
+        "the more specific policy wins and PrimaryIP mode SNATs to eth1's primary address\n{}",
+        log()
+    );
+    assert_eq!(
+        topo.seen_source(CLIENT_IP, SERVER_EXCLUDED_IP).as_deref(),
+        Some(CLIENT_IP),
+        "an excluded destination is not SNATed\n{}",
+        log()
+    );
+    assert_eq!(
+        topo.seen_source(CLIENT_OTHER_IP, SERVER_IP).as_deref(),
+        Some(CLIENT_OTHER_IP),
+        "a source outside every policy is not SNATed\n{}",
+        log()
+    );
+}
+
+#[test]
+fn snat_follows_the_policies_and_the_vip_is_announced() {
+    if !require_root("snat_follows_the_policies_and_the_vip_is_announced") {
+        return;
+    }
+    let mut topo = Topo::new("snat", 1);
+    topo.start_echo_server();
+    let capture = topo.start_arp_capture("garp");
+    let cfg = topo.write_config(0, &config(&topo));
+    topo.start_egressd(0, &cfg);
+    let gw = topo.nodes[0].clone();
+    wait_for("VIP held", WAIT, || topo.holds(&gw, "eth1", VIP));
+    wait_for("SNAT elements installed", WAIT, || {
+        topo.snat4_elements(&gw).is_some_and(|n| n >= 2)
+    });
+    assert_policies_apply(&topo);
+
+    let garp = format!("Request who-has {VIP} tell {VIP}");
+    wait_for("gratuitous ARP for the VIP on the WAN", WAIT, || {
+        std::fs::read_to_string(&capture).is_ok_and(|c| c.contains(&garp))
+    });
+    let seen = std::fs::read_to_string(&capture).unwrap_or_default();
+    assert!(
+        seen.matches(&garp).count() >= 3,
+        "garp_count = 3 gratuitous ARPs expected:\n{seen}"
+    );
+}
+
+#[test]
+fn sigterm_leaves_nothing_and_foreign_tables_are_untouched() {
+    if !require_root("sigterm_leaves_nothing_and_foreign_tables_are_untouched") {
+        return;
+    }
+    let mut topo = Topo::new("term", 1);
+    let gw = topo.nodes[0].clone();
+    topo.lab.exec(
+        &gw,
+        [
+            "nft",
+            "add table ip foreign; add chain ip foreign fwd { type filter hook forward priority 0; policy accept; }; add rule ip foreign fwd ip saddr 10.99.0.0/16 accept",
+        ],
+    );
+    let foreign_before = topo.ruleset(&gw);
+    topo.start_echo_server();
+    let cfg = topo.write_config(0, &config(&topo));
+    let child = topo.start_egressd(0, &cfg);
+    wait_for("VIP held", WAIT, || topo.holds(&gw, "eth1", VIP));
+    assert!(topo.ruleset(&gw).contains("table ip foreign"));
+
+    signal(topo.lab.child(child), "TERM");
+    let status = topo.lab.child(child).wait().expect("wait for egressd");
+    assert!(status.success(), "clean exit on SIGTERM: {status}\n{}", topo.log(0));
+    assert!(!topo.holds(&gw, "eth1", VIP), "VIP left behind");
+    assert!(!topo.holds(&gw, "eth0", NEXT_HOP), "next hop left behind");
+    assert_eq!(topo.snat4_elements(&gw), None, "egressd table left behind");
+    assert_eq!(
+        topo.ruleset(&gw),
+        foreign_before,
+        "the foreign table must be exactly as it was"
+    );
+    // The primary addresses are the host's, never egressd's.
+    assert!(topo.holds(&gw, "eth1", &node_wan_ip(0)));
+}
+
+#[test]
+fn restart_after_kill_replaces_instead_of_duplicating() {
+    if !require_root("restart_after_kill_replaces_instead_of_duplicating") {
+        return;
+    }
+    let (mut topo, child) = start("restart");
+    let gw = topo.nodes[0].clone();
+    let elements = topo.snat4_elements(&gw);
+    signal(topo.lab.child(child), "KILL");
+    let _ = topo.lab.child(child).wait();
+    // A killed daemon leaves its state behind; the next start must adopt it, not add to it.
+    assert!(topo.holds(&gw, "eth1", VIP));
+
+    let cfg = topo.dir.path().join("gw1.toml");
+    let child = topo.start_egressd(0, &cfg);
+    wait_for("restarted daemon converged", WAIT, || {
+        topo.log(0).matches("starting").count() >= 2 && topo.snat4_elements(&gw) == elements
+    });
+    // Give the restarted daemon a resync period to do anything it would wrongly do twice.
+    std::thread::sleep(Duration::from_millis(2500));
+    let ruleset = topo.ruleset(&gw);
+    assert_eq!(ruleset.matches("table inet egressd").count(), 1, "{ruleset}");
+    assert_eq!(ruleset.matches("chain postrouting").count(), 1, "{ruleset}");
+    assert_eq!(topo.snat4_elements(&gw), elements);
+    let vips = topo
+        .addresses(&gw, "eth1")
+        .into_iter()
+        .filter(|a| a == VIP)
+        .count();
+    assert_eq!(vips, 1, "VIP held exactly once");
+    assert_policies_apply(&topo);
+
+    signal(topo.lab.child(child), "TERM");
+    let _ = topo.lab.child(child).wait();
+    assert!(!topo.holds(&gw, "eth1", VIP));
+    assert_eq!(topo.snat4_elements(&gw), None);
+}
+
+#[test]
+fn interface_down_withdraws_and_up_restores() {
+    if !require_root("interface_down_withdraws_and_up_restores") {
+        return;
+    }
+    let (mut topo, _child) = start("ifdown");
+    let gw = topo.nodes[0].clone();
+    assert_policies_apply(&topo);
+
+    topo.lab.exec(&gw, ["ip", "link", "set", "eth1", "down"]);
+    wait_for("VIP and next hop withdrawn", WAIT, || {
+        !topo.holds(&gw, "eth1", VIP) && !topo.holds(&gw, "eth0", NEXT_HOP)
+    });
+    wait_for("SNAT withdrawn", WAIT, || topo.snat4_elements(&gw) == Some(0));
+
+    let capture = topo.start_arp_capture("garp-up");
+    topo.lab.exec(&gw, ["ip", "link", "set", "eth1", "up"]);
+    wait_for("VIP and next hop restored", WAIT, || {
+        topo.holds(&gw, "eth1", VIP) && topo.holds(&gw, "eth0", NEXT_HOP)
+    });
+    wait_for("SNAT restored", WAIT, || {
+        topo.snat4_elements(&gw).is_some_and(|n| n >= 2)
+    });
+    let garp = format!("Request who-has {VIP} tell {VIP}");
+    wait_for("gratuitous ARP after the link came back", WAIT, || {
+        std::fs::read_to_string(&capture).is_ok_and(|c| c.contains(&garp))
+    });
+    assert_policies_apply(&topo);
+}
