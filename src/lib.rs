@@ -1,3 +1,4 @@
 pub mod dataplane;
+pub mod election;
 pub mod model;
 pub mod policy;
