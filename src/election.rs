@@ -270,7 +270,11 @@ mod tests {
     }
 
     fn reason(n: NodeState, g: Gateway) -> Option<Ineligible> {
-        let d = run(&[n.clone()], &[g.clone()], &Assignment::new());
+        let d = run(
+            std::slice::from_ref(&n),
+            std::slice::from_ref(&g),
+            &Assignment::new(),
+        );
         d.gateways[&g.name].ineligible.get(&n.name).cloned()
     }
 
