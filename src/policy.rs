@@ -183,7 +183,7 @@ fn lookup_in<A: Ord + Copy>(v: &[SnatElement<A>], s: A, d: A) -> Option<A> {
 /// Reference semantics: the policy that decides the packet `src → dst`, if any. Quadratic-free
 /// but linear in all CIDRs; meant for tests and for explaining a decision (`egressd status`).
 /// Source and destination of different families never match (no such packet exists).
-pub fn decide<'a>(policies: &'a [Policy], src: IpAddr, dst: IpAddr) -> Option<&'a Policy> {
+pub fn decide(policies: &[Policy], src: IpAddr, dst: IpAddr) -> Option<&Policy> {
     if src.is_ipv4() != dst.is_ipv4() {
         return None;
     }
@@ -453,12 +453,11 @@ fn destinations_for(ranked: &[Ranked], active: &[u32], max: u128) -> Vec<DstOut>
     out
 }
 
+/// A source range with the destination outcomes shared by every address in it.
+type Row = ((u128, u128), Rc<Vec<DstOut>>);
+
 /// Compiles one family into `(src range, dst outcomes)` groups, merged and sorted.
-fn compile_family(
-    policies: &[Policy],
-    local: &BTreeMap<String, IpAddr>,
-    fam: Family,
-) -> Vec<((u128, u128), Rc<Vec<DstOut>>)> {
+fn compile_family(policies: &[Policy], local: &BTreeMap<String, IpAddr>, fam: Family) -> Vec<Row> {
     let max = fam.max();
     if !local.values().any(|a| fam.addr(*a).is_some()) {
         return Vec::new(); // nothing can be SNATed in this family on this node
@@ -501,7 +500,7 @@ fn compile_family(
     // The destination outcome depends only on the active set; sets recur (e.g. the gaps of a
     // broad source between narrow ones), so remember them.
     let mut memo: HashMap<Vec<u32>, Rc<Vec<DstOut>>> = HashMap::new();
-    let mut rows: Vec<((u128, u128), Rc<Vec<DstOut>>)> = Vec::new();
+    let mut rows: Vec<Row> = Vec::new();
     for_each_group(
         &evs,
         |e| e.0,
@@ -559,10 +558,7 @@ fn compile_family(
     rows
 }
 
-fn flatten<A>(
-    rows: Vec<((u128, u128), Rc<Vec<DstOut>>)>,
-    conv: impl Fn(u128) -> A + Copy,
-) -> Vec<SnatElement<A>> {
+fn flatten<A>(rows: Vec<Row>, conv: impl Fn(u128) -> A + Copy) -> Vec<SnatElement<A>> {
     let mut out = Vec::with_capacity(rows.iter().map(|(_, d)| d.len()).sum());
     for ((slo, shi), dsts) in rows {
         for d in dsts.iter() {
@@ -1116,7 +1112,8 @@ mod tests {
         v: &[SnatElement<A>],
         succ: impl Fn(A) -> Option<A>,
     ) -> Result<(), String> {
-        let mut groups: Vec<((A, A), Vec<(A, A, A)>)> = Vec::new();
+        type Group<A> = ((A, A), Vec<(A, A, A)>);
+        let mut groups: Vec<Group<A>> = Vec::new();
         for e in v {
             match groups.last_mut() {
                 Some((s, d)) if *s == e.src => d.push((e.dst.0, e.dst.1, e.to)),
