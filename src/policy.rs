@@ -1,8 +1,26 @@
 //! The policy compiler: policies plus the gateways this node is active for → the SNAT map.
+//!
+//! [`decide`] is the reference semantics (obviously correct, slow); [`compile`] produces the
+//! nftables interval map that gives the same answer for every packet, fast enough for 100 000
+//! policy CIDR pairs. The tests check one against the other.
+//!
+//! Semantics, in short: a policy matches `(src, dst)` when `src` is in one of its sources, `dst`
+//! in one of its destinations and in none of *its own* exclusions. Among matching policies the
+//! most specific destination wins (longest prefix among the policy's destinations containing
+//! `dst`), ties broken by the smallest policy name. The winner's gateway decides: when this node
+//! is not its active node there is no SNAT here, even if a less specific policy for a local
+//! gateway also matches — otherwise the same flow would leave through two gateways depending on
+//! which node it reaches.
 
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::rc::Rc;
 
+use ipnet::IpNet;
 use serde::Serialize;
+
+use crate::model::Policy;
 
 /// One element of a SNAT interval map: traffic from `src` to `dst` (inclusive address ranges)
 /// leaves with source address `to`.
@@ -15,6 +33,9 @@ pub struct SnatElement<A> {
 
 /// The whole SNAT decision of a node, one map per address family. Elements are sorted and never
 /// overlap (nftables rejects overlapping elements in an interval map).
+///
+/// `compile` also guarantees that two elements' source ranges are either equal or disjoint (the
+/// elements come in groups per source range); [`SnatMap::lookup`] relies on that.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct SnatMap {
     pub v4: Vec<SnatElement<Ipv4Addr>>,
@@ -28,5 +49,1208 @@ impl SnatMap {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// The SNAT address for a packet from `src` to `dst`, as the data plane would apply it.
+    /// Mixed families never match. O(log n) on a map built by [`compile`].
+    pub fn lookup(&self, src: IpAddr, dst: IpAddr) -> Option<IpAddr> {
+        match (src, dst) {
+            (IpAddr::V4(s), IpAddr::V4(d)) => lookup_in(&self.v4, s, d).map(IpAddr::V4),
+            (IpAddr::V6(s), IpAddr::V6(d)) => lookup_in(&self.v6, s, d).map(IpAddr::V6),
+            _ => None,
+        }
+    }
+
+    /// What changes from `self` to `new`: elements to delete and elements to add, per family.
+    /// An element whose ranges stay but whose address changes is deleted and re-added (nftables
+    /// cannot update the value of an interval element in place). Apply the deletions before the
+    /// additions in the same transaction: an added element may overlap a deleted one.
+    pub fn diff(&self, new: &SnatMap) -> SnatDiff {
+        SnatDiff {
+            v4: diff_family(&self.v4, &new.v4),
+            v6: diff_family(&self.v6, &new.v6),
+        }
+    }
+}
+
+/// The change of one family's interval map.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct FamilyDiff<A> {
+    pub delete: Vec<SnatElement<A>>,
+    pub add: Vec<SnatElement<A>>,
+}
+
+impl<A> Default for FamilyDiff<A> {
+    fn default() -> Self {
+        FamilyDiff {
+            delete: Vec::new(),
+            add: Vec::new(),
+        }
+    }
+}
+
+impl<A> FamilyDiff<A> {
+    pub fn is_empty(&self) -> bool {
+        self.delete.is_empty() && self.add.is_empty()
+    }
+}
+
+/// The change between two SNAT maps, see [`SnatMap::diff`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct SnatDiff {
+    pub v4: FamilyDiff<Ipv4Addr>,
+    pub v6: FamilyDiff<Ipv6Addr>,
+}
+
+impl SnatDiff {
+    pub fn is_empty(&self) -> bool {
+        self.v4.is_empty() && self.v6.is_empty()
+    }
+
+    /// `old` with the deletions and additions applied (what the kernel ends up with). Used by
+    /// tests and dry runs.
+    pub fn apply(&self, old: &SnatMap) -> SnatMap {
+        SnatMap {
+            v4: apply_family(&old.v4, &self.v4),
+            v6: apply_family(&old.v6, &self.v6),
+        }
+    }
+}
+
+fn sorted<A: Ord + Copy>(v: &[SnatElement<A>]) -> std::borrow::Cow<'_, [SnatElement<A>]> {
+    if v.is_sorted() {
+        std::borrow::Cow::Borrowed(v)
+    } else {
+        let mut v = v.to_vec();
+        v.sort_unstable();
+        std::borrow::Cow::Owned(v)
+    }
+}
+
+/// Merge walk over the two sorted element lists: linear, no hashing.
+fn diff_family<A: Ord + Copy>(old: &[SnatElement<A>], new: &[SnatElement<A>]) -> FamilyDiff<A> {
+    let (old, new) = (sorted(old), sorted(new));
+    let mut d = FamilyDiff::default();
+    let (mut i, mut j) = (0, 0);
+    while i < old.len() && j < new.len() {
+        match old[i].cmp(&new[j]) {
+            std::cmp::Ordering::Less => {
+                d.delete.push(old[i]);
+                i += 1;
+            }
+            std::cmp::Ordering::Greater => {
+                d.add.push(new[j]);
+                j += 1;
+            }
+            std::cmp::Ordering::Equal => {
+                i += 1;
+                j += 1;
+            }
+        }
+    }
+    d.delete.extend_from_slice(&old[i..]);
+    d.add.extend_from_slice(&new[j..]);
+    d
+}
+
+fn apply_family<A: Ord + Copy>(
+    old: &[SnatElement<A>],
+    diff: &FamilyDiff<A>,
+) -> Vec<SnatElement<A>> {
+    let mut set: BTreeSet<SnatElement<A>> = old.iter().copied().collect();
+    for e in &diff.delete {
+        set.remove(e);
+    }
+    set.extend(diff.add.iter().copied());
+    set.into_iter().collect()
+}
+
+/// Binary search in a compiled family map: find the source group containing `s`, then the
+/// destination range containing `d` within that group.
+fn lookup_in<A: Ord + Copy>(v: &[SnatElement<A>], s: A, d: A) -> Option<A> {
+    let end = v.partition_point(|e| e.src.0 <= s);
+    let group = v.get(end.checked_sub(1)?)?.src;
+    if s > group.1 {
+        return None;
+    }
+    let start = v.partition_point(|e| e.src < group);
+    let members = &v[start..end];
+    let k = members.partition_point(|e| e.dst.0 <= d);
+    let e = members.get(k.checked_sub(1)?)?;
+    (d <= e.dst.1).then_some(e.to)
+}
+
+/// Reference semantics: the policy that decides the packet `src → dst`, if any. Quadratic-free
+/// but linear in all CIDRs; meant for tests and for explaining a decision (`egressd status`).
+/// Source and destination of different families never match (no such packet exists).
+pub fn decide(policies: &[Policy], src: IpAddr, dst: IpAddr) -> Option<&Policy> {
+    if src.is_ipv4() != dst.is_ipv4() {
+        return None;
+    }
+    let mut best: Option<(u8, &Policy)> = None;
+    for p in policies {
+        if !p.source_cidrs.iter().any(|c| c.contains(&src))
+            || p.excluded_cidrs.iter().any(|c| c.contains(&dst))
+        {
+            continue;
+        }
+        let Some(len) = p
+            .destination_cidrs
+            .iter()
+            .filter(|c| c.contains(&dst))
+            .map(IpNet::prefix_len)
+            .max()
+        else {
+            continue;
+        };
+        // Strictly better only: among equal names the first policy in the slice wins, which is
+        // also what `compile` does (it ranks by name, then position).
+        let better = match best {
+            None => true,
+            Some((bl, bp)) => len > bl || (len == bl && p.name < bp.name),
+        };
+        if better {
+            best = Some((len, p));
+        }
+    }
+    best.map(|(_, p)| p)
+}
+
+// ---------------------------------------------------------------------------------------------
+// The compiler. Addresses of both families are handled as u128 (IPv4 in the low 32 bits);
+// ranges are inclusive so that the top address needs no "one past the end". A boundary at
+// `hi + 1` is only created when `hi` is below the family's maximum.
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Family {
+    V4,
+    V6,
+}
+
+impl Family {
+    fn max(self) -> u128 {
+        match self {
+            Family::V4 => u128::from(u32::MAX),
+            Family::V6 => u128::MAX,
+        }
+    }
+
+    fn bits(self) -> usize {
+        match self {
+            Family::V4 => 32,
+            Family::V6 => 128,
+        }
+    }
+
+    /// The address as a number, if it belongs to this family.
+    fn addr(self, a: IpAddr) -> Option<u128> {
+        match (self, a) {
+            (Family::V4, IpAddr::V4(a)) => Some(u128::from(u32::from(a))),
+            (Family::V6, IpAddr::V6(a)) => Some(u128::from(a)),
+            _ => None,
+        }
+    }
+
+    /// The CIDR as an inclusive range, if it belongs to this family.
+    fn range(self, n: &IpNet) -> Option<(u128, u128)> {
+        match (self, n) {
+            (Family::V4, IpNet::V4(n)) => Some((
+                u128::from(u32::from(n.network())),
+                u128::from(u32::from(n.broadcast())),
+            )),
+            (Family::V6, IpNet::V6(n)) => {
+                Some((u128::from(n.network()), u128::from(n.broadcast())))
+            }
+            _ => None,
+        }
+    }
+}
+
+/// A piece of one policy's effective destination: `[lo, hi]` is claimed with specificity `len`
+/// (the longest of the policy's destination prefixes containing it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Piece {
+    lo: u128,
+    hi: u128,
+    len: u8,
+}
+
+/// One destination range with its SNAT address, inside a source range.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct DstOut {
+    lo: u128,
+    hi: u128,
+    to: u128,
+}
+
+/// Groups sorted `(pos, ...)` events by position and calls `f(pos, events_at_pos, last)` where
+/// `last` is the inclusive end of the elementary range starting at `pos`.
+fn for_each_group<E>(
+    evs: &[E],
+    pos_of: impl Fn(&E) -> u128,
+    max: u128,
+    mut f: impl FnMut(u128, &[E], u128),
+) {
+    let mut i = 0;
+    while i < evs.len() {
+        let pos = pos_of(&evs[i]);
+        let mut j = i + 1;
+        while j < evs.len() && pos_of(&evs[j]) == pos {
+            j += 1;
+        }
+        // Next boundary is > pos, so `next - 1` cannot underflow.
+        let last = evs.get(j).map_or(max, |e| pos_of(e) - 1);
+        f(pos, &evs[i..j], last);
+        i = j;
+    }
+}
+
+/// The destinations one policy claims in `fam`, minus its own exclusions: disjoint, sorted,
+/// adjacent pieces of equal specificity merged. Computed once per policy, so exclusions never
+/// leak into other policies and the per-source-range work only sees finished pieces.
+fn effective_destinations(p: &Policy, fam: Family) -> Vec<Piece> {
+    let max = fam.max();
+    let dsts: Vec<(u128, u128, u8)> = p
+        .destination_cidrs
+        .iter()
+        .filter_map(|n| fam.range(n).map(|(lo, hi)| (lo, hi, n.prefix_len())))
+        .collect();
+    let excl: Vec<(u128, u128)> = p
+        .excluded_cidrs
+        .iter()
+        .filter_map(|n| fam.range(n))
+        .collect();
+    if dsts.is_empty() {
+        return Vec::new();
+    }
+    if let ([(lo, hi, len)], []) = (dsts.as_slice(), excl.as_slice()) {
+        return vec![Piece {
+            lo: *lo,
+            hi: *hi,
+            len: *len,
+        }];
+    }
+    // Event: (position, +1/-1, Some(prefix length) for a destination, None for an exclusion).
+    let mut evs: Vec<(u128, i8, Option<u8>)> = Vec::with_capacity(2 * (dsts.len() + excl.len()));
+    for &(lo, hi, len) in &dsts {
+        evs.push((lo, 1, Some(len)));
+        if hi < max {
+            evs.push((hi + 1, -1, Some(len)));
+        }
+    }
+    for &(lo, hi) in &excl {
+        evs.push((lo, 1, None));
+        if hi < max {
+            evs.push((hi + 1, -1, None));
+        }
+    }
+    evs.sort_unstable_by_key(|e| e.0);
+    let mut lens = vec![0i64; fam.bits() + 1];
+    let mut excluded = 0i64;
+    let mut out: Vec<Piece> = Vec::new();
+    for_each_group(
+        &evs,
+        |e| e.0,
+        max,
+        |pos, group, last| {
+            for &(_, delta, len) in group {
+                match len {
+                    Some(l) => lens[usize::from(l)] += i64::from(delta),
+                    None => excluded += i64::from(delta),
+                }
+            }
+            if excluded > 0 {
+                return;
+            }
+            let Some(len) = (0..lens.len()).rev().find(|&l| lens[l] > 0) else {
+                return;
+            };
+            // `len` indexes a table of bits+1 <= 129 entries: fits in u8.
+            let len = len as u8;
+            match out.last_mut() {
+                Some(prev) if prev.len == len && prev.hi + 1 == pos => prev.hi = last,
+                _ => out.push(Piece {
+                    lo: pos,
+                    hi: last,
+                    len,
+                }),
+            }
+        },
+    );
+    out
+}
+
+/// A policy prepared for one family, in rank order (name, then position).
+struct Ranked {
+    pieces: Vec<Piece>,
+    /// The SNAT address when the policy's gateway is local and has an address of this family.
+    to: Option<u128>,
+}
+
+/// The destination partition for the policies active over one source range: each piece gets
+/// the winner (longest prefix, then rank) and, when that winner's gateway is local, an element.
+fn destinations_for(ranked: &[Ranked], active: &[u32], max: u128) -> Vec<DstOut> {
+    if let [r] = active {
+        let r = &ranked[*r as usize];
+        let Some(to) = r.to else {
+            return Vec::new();
+        };
+        let mut out: Vec<DstOut> = Vec::with_capacity(r.pieces.len());
+        for pc in &r.pieces {
+            match out.last_mut() {
+                // Adjacent pieces of different specificity: same outcome, so merge.
+                Some(prev) if prev.hi + 1 == pc.lo => prev.hi = pc.hi,
+                _ => out.push(DstOut {
+                    lo: pc.lo,
+                    hi: pc.hi,
+                    to,
+                }),
+            }
+        }
+        return out;
+    }
+    // Event: (position, is_add, key). Removals sort before additions at the same position so
+    // that a policy's adjacent pieces with the same key do not cancel out.
+    let mut evs: Vec<(u128, bool, (Reverse<u8>, u32))> = Vec::new();
+    for &r in active {
+        for pc in &ranked[r as usize].pieces {
+            evs.push((pc.lo, true, (Reverse(pc.len), r)));
+            if pc.hi < max {
+                evs.push((pc.hi + 1, false, (Reverse(pc.len), r)));
+            }
+        }
+    }
+    evs.sort_unstable_by_key(|e| (e.0, e.1));
+    // Pieces of one policy are disjoint, so each policy has at most one live key; the smallest
+    // key is the longest prefix, then the smallest rank.
+    let mut live: BTreeSet<(Reverse<u8>, u32)> = BTreeSet::new();
+    let mut out: Vec<DstOut> = Vec::new();
+    for_each_group(
+        &evs,
+        |e| e.0,
+        max,
+        |pos, group, last| {
+            for &(_, add, key) in group {
+                if add {
+                    live.insert(key);
+                } else {
+                    live.remove(&key);
+                }
+            }
+            let Some(to) = live.first().and_then(|(_, r)| ranked[*r as usize].to) else {
+                return;
+            };
+            match out.last_mut() {
+                Some(prev) if prev.to == to && prev.hi + 1 == pos => prev.hi = last,
+                _ => out.push(DstOut {
+                    lo: pos,
+                    hi: last,
+                    to,
+                }),
+            }
+        },
+    );
+    out
+}
+
+/// A source range with the destination outcomes shared by every address in it.
+type Row = ((u128, u128), Rc<Vec<DstOut>>);
+
+/// Compiles one family into `(src range, dst outcomes)` groups, merged and sorted.
+fn compile_family(policies: &[Policy], local: &BTreeMap<String, IpAddr>, fam: Family) -> Vec<Row> {
+    let max = fam.max();
+    if !local.values().any(|a| fam.addr(*a).is_some()) {
+        return Vec::new(); // nothing can be SNATed in this family on this node
+    }
+    let mut order: Vec<usize> = (0..policies.len()).collect();
+    order.sort_by(|&a, &b| policies[a].name.cmp(&policies[b].name).then(a.cmp(&b)));
+    let ranked: Vec<Ranked> = order
+        .iter()
+        .map(|&i| {
+            let p = &policies[i];
+            Ranked {
+                pieces: effective_destinations(p, fam),
+                to: local.get(&p.egress_gateway_name).and_then(|a| fam.addr(*a)),
+            }
+        })
+        .collect();
+
+    // Sweep over the source space: (position, is_add, rank).
+    let mut evs: Vec<(u128, bool, u32)> = Vec::new();
+    for (rank, (r, &i)) in ranked.iter().zip(&order).enumerate() {
+        if r.pieces.is_empty() {
+            continue; // claims nothing in this family: can never win
+        }
+        // Policy counts come from a Vec<Policy>, far below u32::MAX.
+        let rank = rank as u32;
+        for (lo, hi) in policies[i].source_cidrs.iter().filter_map(|n| fam.range(n)) {
+            evs.push((lo, true, rank));
+            if hi < max {
+                evs.push((hi + 1, false, rank));
+            }
+        }
+    }
+    evs.sort_unstable_by_key(|e| e.0);
+
+    // A policy's own sources may overlap each other: count coverage per rank.
+    let mut cover = vec![0u32; ranked.len()];
+    let mut active: BTreeSet<u32> = BTreeSet::new();
+    // Active policies whose gateway is local: when zero, the range has no SNAT at all.
+    let mut local_active = 0usize;
+    // The destination outcome depends only on the active set; sets recur (e.g. the gaps of a
+    // broad source between narrow ones), so remember them.
+    let mut memo: HashMap<Vec<u32>, Rc<Vec<DstOut>>> = HashMap::new();
+    let mut rows: Vec<Row> = Vec::new();
+    for_each_group(
+        &evs,
+        |e| e.0,
+        max,
+        |pos, group, last| {
+            for &(_, add, r) in group {
+                let c = &mut cover[r as usize];
+                let was = *c > 0;
+                if add {
+                    *c += 1;
+                } else {
+                    *c -= 1;
+                }
+                let is = *c > 0;
+                if was != is {
+                    if is {
+                        active.insert(r);
+                    } else {
+                        active.remove(&r);
+                    }
+                    if ranked[r as usize].to.is_some() {
+                        if is {
+                            local_active += 1;
+                        } else {
+                            local_active -= 1;
+                        }
+                    }
+                }
+            }
+            if local_active == 0 {
+                return;
+            }
+            let key: Vec<u32> = active.iter().copied().collect();
+            let outcome = match memo.get(&key) {
+                Some(o) => Rc::clone(o),
+                None => {
+                    let o = Rc::new(destinations_for(&ranked, &key, max));
+                    memo.insert(key, Rc::clone(&o));
+                    o
+                }
+            };
+            if outcome.is_empty() {
+                return;
+            }
+            match rows.last_mut() {
+                Some(((_, hi), prev))
+                    if *hi + 1 == pos && (Rc::ptr_eq(prev, &outcome) || **prev == *outcome) =>
+                {
+                    *hi = last;
+                }
+                _ => rows.push(((pos, last), outcome)),
+            }
+        },
+    );
+    rows
+}
+
+fn flatten<A>(rows: Vec<Row>, conv: impl Fn(u128) -> A + Copy) -> Vec<SnatElement<A>> {
+    let mut out = Vec::with_capacity(rows.iter().map(|(_, d)| d.len()).sum());
+    for ((slo, shi), dsts) in rows {
+        for d in dsts.iter() {
+            out.push(SnatElement {
+                src: (conv(slo), conv(shi)),
+                dst: (conv(d.lo), conv(d.hi)),
+                to: conv(d.to),
+            });
+        }
+    }
+    out
+}
+
+/// Compiles the policies into this node's SNAT map. `local` maps each gateway this node is
+/// active for to the SNAT address to use (a gateway whose address is IPv4 only SNATs IPv4
+/// traffic, and likewise for IPv6).
+///
+/// Guarantee (checked by property tests): for every packet,
+/// `map.lookup(src, dst) == decide(policies, src, dst).and_then(|p| local.get(&p.egress_gateway_name))`
+/// (restricted to the packet's family). Elements are sorted, never overlap, and are merged as
+/// far as the two-level structure allows.
+///
+/// Cost: a sweep over source boundaries (O(S log S)), then for each elementary source range a
+/// sweep over the destination pieces of only the policies covering it, memoized per set of
+/// policies. Measured (release build, 2 cores): see `perf_100k` in the tests.
+pub fn compile(policies: &[Policy], local: &BTreeMap<String, IpAddr>) -> SnatMap {
+    SnatMap {
+        // V4 values are at most u32::MAX by construction, so the narrowing is lossless.
+        v4: flatten(compile_family(policies, local, Family::V4), |x| {
+            Ipv4Addr::from(x as u32)
+        }),
+        v6: flatten(compile_family(policies, local, Family::V6), Ipv6Addr::from),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn net(s: &str) -> IpNet {
+        s.parse().unwrap()
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    fn pol(name: &str, gw: &str, src: &[&str], dst: &[&str], excl: &[&str]) -> Policy {
+        Policy {
+            name: name.into(),
+            egress_gateway_name: gw.into(),
+            source_cidrs: src.iter().map(|s| net(s)).collect(),
+            destination_cidrs: dst.iter().map(|s| net(s)).collect(),
+            excluded_cidrs: excl.iter().map(|s| net(s)).collect(),
+        }
+    }
+
+    fn local(pairs: &[(&str, &str)]) -> BTreeMap<String, IpAddr> {
+        pairs.iter().map(|(g, a)| ((*g).into(), ip(a))).collect()
+    }
+
+    /// Asserts `lookup` agrees with the reference at the given points and the map is well formed.
+    fn check(
+        policies: &[Policy],
+        loc: &BTreeMap<String, IpAddr>,
+        srcs: &[&str],
+        dsts: &[&str],
+    ) -> SnatMap {
+        let m = compile(policies, loc);
+        well_formed(&m).unwrap();
+        for s in srcs {
+            for d in dsts {
+                let (s, d) = (ip(s), ip(d));
+                assert_eq!(
+                    m.lookup(s, d),
+                    reference(policies, loc, s, d),
+                    "{s} -> {d}\n{m:#?}"
+                );
+            }
+        }
+        m
+    }
+
+    fn reference(
+        policies: &[Policy],
+        loc: &BTreeMap<String, IpAddr>,
+        s: IpAddr,
+        d: IpAddr,
+    ) -> Option<IpAddr> {
+        decide(policies, s, d)
+            .and_then(|p| loc.get(&p.egress_gateway_name).copied())
+            .filter(|a| a.is_ipv4() == s.is_ipv4())
+    }
+
+    fn well_formed_family<A: Ord + Copy + std::fmt::Debug>(
+        v: &[SnatElement<A>],
+    ) -> Result<(), String> {
+        for w in v.windows(2) {
+            if w[0] >= w[1] {
+                return Err(format!("not sorted: {:?} {:?}", w[0], w[1]));
+            }
+        }
+        for e in v {
+            if e.src.0 > e.src.1 || e.dst.0 > e.dst.1 {
+                return Err(format!("empty range {e:?}"));
+            }
+        }
+        for (i, a) in v.iter().enumerate() {
+            for b in &v[i + 1..] {
+                let src_overlap = a.src.0 <= b.src.1 && b.src.0 <= a.src.1;
+                let dst_overlap = a.dst.0 <= b.dst.1 && b.dst.0 <= a.dst.1;
+                if src_overlap && a.src != b.src {
+                    return Err(format!(
+                        "source ranges neither equal nor disjoint: {a:?} {b:?}"
+                    ));
+                }
+                if src_overlap && dst_overlap {
+                    return Err(format!("overlap: {a:?} {b:?}"));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn well_formed(m: &SnatMap) -> Result<(), String> {
+        well_formed_family(&m.v4)?;
+        well_formed_family(&m.v6)
+    }
+
+    #[test]
+    fn single_policy_all_destinations() {
+        let ps = [pol("p", "g", &["10.77.0.0/24"], &["0.0.0.0/0"], &[])];
+        let loc = local(&[("g", "198.18.0.50")]);
+        let m = check(
+            &ps,
+            &loc,
+            &["10.77.0.0", "10.77.0.255", "10.77.1.0", "10.76.255.255"],
+            &["0.0.0.0", "8.8.8.8", "255.255.255.255"],
+        );
+        assert_eq!(
+            m.v4,
+            [SnatElement {
+                src: ("10.77.0.0".parse().unwrap(), "10.77.0.255".parse().unwrap()),
+                dst: (
+                    "0.0.0.0".parse().unwrap(),
+                    "255.255.255.255".parse().unwrap()
+                ),
+                to: "198.18.0.50".parse().unwrap(),
+            }]
+        );
+        assert!(m.v6.is_empty());
+        // Not local: nothing.
+        assert!(compile(&ps, &BTreeMap::new()).is_empty());
+    }
+
+    #[test]
+    fn nested_destinations_to_different_gateways() {
+        let ps = [
+            pol("broad", "a", &["10.0.0.0/8"], &["0.0.0.0/0"], &[]),
+            pol("narrow", "b", &["10.0.0.0/8"], &["192.0.2.0/24"], &[]),
+        ];
+        let pts = [
+            "192.0.1.255",
+            "192.0.2.0",
+            "192.0.2.128",
+            "192.0.2.255",
+            "192.0.3.0",
+            "0.0.0.0",
+            "255.255.255.255",
+        ];
+        let both = local(&[("a", "198.18.0.1"), ("b", "198.18.0.2")]);
+        let m = check(&ps, &both, &["10.0.0.1"], &pts);
+        assert_eq!(
+            m.lookup(ip("10.0.0.1"), ip("192.0.2.9")),
+            Some(ip("198.18.0.2"))
+        );
+        assert_eq!(
+            m.lookup(ip("10.0.0.1"), ip("1.1.1.1")),
+            Some(ip("198.18.0.1"))
+        );
+        assert_eq!(m.v4.len(), 3);
+        // Only `a` local: the narrow policy's destination is NOT SNATed here (non-local winner
+        // suppresses the less specific local policy).
+        let only_a = local(&[("a", "198.18.0.1")]);
+        let m = check(&ps, &only_a, &["10.0.0.1"], &pts);
+        assert_eq!(m.lookup(ip("10.0.0.1"), ip("192.0.2.9")), None);
+        assert_eq!(
+            m.lookup(ip("10.0.0.1"), ip("192.0.3.0")),
+            Some(ip("198.18.0.1"))
+        );
+        assert_eq!(m.v4.len(), 2);
+        // Only `b` local.
+        let only_b = local(&[("b", "198.18.0.2")]);
+        let m = check(&ps, &only_b, &["10.0.0.1"], &pts);
+        assert_eq!(m.v4.len(), 1);
+    }
+
+    #[test]
+    fn exclusion_is_per_policy() {
+        // `a` excludes 192.0.2.0/24 from its /0; `b` explicitly sends a /16 containing it
+        // elsewhere. The exclusion must not remove b's destination (the Cilium bug).
+        let ps = [
+            pol(
+                "a",
+                "ga",
+                &["10.0.0.0/8"],
+                &["0.0.0.0/0"],
+                &["192.0.2.0/24"],
+            ),
+            pol("b", "gb", &["10.0.0.0/8"], &["192.0.0.0/16"], &[]),
+        ];
+        let loc = local(&[("ga", "198.18.0.1"), ("gb", "198.18.0.2")]);
+        let pts = [
+            "192.0.1.255",
+            "192.0.2.0",
+            "192.0.2.255",
+            "192.0.3.0",
+            "192.1.0.0",
+            "191.255.255.255",
+        ];
+        let m = check(&ps, &loc, &["10.1.2.3"], &pts);
+        assert_eq!(
+            m.lookup(ip("10.1.2.3"), ip("192.0.2.7")),
+            Some(ip("198.18.0.2"))
+        );
+        // Excluded from a and b's /16 is more specific than a's /0 anyway; now make a's excluded
+        // range not covered by anyone: no SNAT.
+        let ps2 = [pol(
+            "a",
+            "ga",
+            &["10.0.0.0/8"],
+            &["0.0.0.0/0"],
+            &["192.0.2.0/24"],
+        )];
+        let m = check(&ps2, &loc, &["10.1.2.3"], &pts);
+        assert_eq!(m.lookup(ip("10.1.2.3"), ip("192.0.2.7")), None);
+        assert_eq!(m.v4.len(), 2);
+        // Exclusion of a more specific policy lets a broader policy through.
+        let ps3 = [
+            pol("a", "ga", &["10.0.0.0/8"], &["0.0.0.0/0"], &[]),
+            pol(
+                "b",
+                "gb",
+                &["10.0.0.0/8"],
+                &["192.0.0.0/16"],
+                &["192.0.2.0/24"],
+            ),
+        ];
+        let m = check(&ps3, &loc, &["10.1.2.3"], &pts);
+        assert_eq!(
+            m.lookup(ip("10.1.2.3"), ip("192.0.2.7")),
+            Some(ip("198.18.0.1"))
+        );
+        assert_eq!(
+            m.lookup(ip("10.1.2.3"), ip("192.0.3.7")),
+            Some(ip("198.18.0.2"))
+        );
+    }
+
+    #[test]
+    fn same_destination_tie_by_name() {
+        let ps = [
+            pol("zeta", "gz", &["10.0.0.0/8"], &["192.0.2.0/24"], &[]),
+            pol("alpha", "ga", &["10.0.0.0/8"], &["192.0.2.0/24"], &[]),
+        ];
+        assert_eq!(
+            decide(&ps, ip("10.0.0.1"), ip("192.0.2.1")).unwrap().name,
+            "alpha"
+        );
+        let loc = local(&[("ga", "198.18.0.1"), ("gz", "198.18.0.26")]);
+        let m = check(&ps, &loc, &["10.0.0.1"], &["192.0.2.1"]);
+        assert_eq!(m.v4.len(), 1);
+        assert_eq!(m.v4[0].to, "198.18.0.1".parse::<Ipv4Addr>().unwrap());
+        // alpha's gateway not local: zeta must not take over.
+        let loc = local(&[("gz", "198.18.0.26")]);
+        assert!(check(&ps, &loc, &["10.0.0.1"], &["192.0.2.1"]).is_empty());
+    }
+
+    #[test]
+    fn overlapping_sources_with_different_destinations() {
+        let ps = [
+            pol("all", "g1", &["10.0.0.0/16"], &["0.0.0.0/0"], &[]),
+            pol("dev", "g2", &["10.0.5.0/24"], &["203.0.113.0/24"], &[]),
+            pol(
+                "host",
+                "g1",
+                &["10.0.5.7/32", "10.0.5.0/24"],
+                &["198.51.100.0/24"],
+                &[],
+            ),
+        ];
+        let loc = local(&[("g1", "198.18.0.1"), ("g2", "198.18.0.2")]);
+        let srcs = [
+            "10.0.4.255",
+            "10.0.5.0",
+            "10.0.5.6",
+            "10.0.5.7",
+            "10.0.5.8",
+            "10.0.5.255",
+            "10.0.6.0",
+            "10.1.0.0",
+        ];
+        let dsts = [
+            "203.0.112.255",
+            "203.0.113.0",
+            "203.0.113.255",
+            "203.0.114.0",
+            "198.51.100.0",
+            "1.1.1.1",
+        ];
+        let m = check(&ps, &loc, &srcs, &dsts);
+        // Three source groups: 10.0.0.0-10.0.4.255, 10.0.5.0/24 (merged despite the /32), rest.
+        let groups: BTreeSet<_> = m.v4.iter().map(|e| e.src).collect();
+        assert_eq!(groups.len(), 3, "{m:#?}");
+    }
+
+    #[test]
+    fn ipv6_and_mixed_families() {
+        let ps = [
+            pol("v6", "g", &["fd00::/64"], &["::/0"], &["2001:db8::/32"]),
+            pol("v4", "g", &["10.0.0.0/8"], &["0.0.0.0/0"], &[]),
+            pol("mixed", "g", &["10.0.0.0/8"], &["2001:db8::/32"], &[]),
+        ];
+        // The gateway has an IPv6 SNAT address only: IPv4 traffic is not SNATed.
+        let loc = local(&[("g", "2001:db8:ffff::1")]);
+        let m = check(
+            &ps,
+            &loc,
+            &[
+                "fd00::",
+                "fd00::ffff:ffff:ffff:ffff",
+                "fd00:0:0:1::",
+                "10.0.0.1",
+            ],
+            &[
+                "::",
+                "2001:db7:ffff:ffff:ffff:ffff:ffff:ffff",
+                "2001:db8::",
+                "2001:db9::",
+                "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff",
+                "8.8.8.8",
+            ],
+        );
+        assert!(m.v4.is_empty());
+        assert_eq!(m.v6.len(), 2);
+        assert_eq!(m.lookup(ip("10.0.0.1"), ip("2001:db8::1")), None);
+        assert_eq!(decide(&ps, ip("10.0.0.1"), ip("2001:db8::1")), None);
+    }
+
+    #[test]
+    fn edges_zero_and_top() {
+        let ps = [
+            pol(
+                "top",
+                "g",
+                &["255.255.255.255/32"],
+                &["255.255.255.255/32"],
+                &[],
+            ),
+            pol(
+                "zero",
+                "g",
+                &["0.0.0.0/32"],
+                &["0.0.0.0/0"],
+                &["255.255.255.255/32"],
+            ),
+            pol("all", "h", &["0.0.0.0/0"], &["0.0.0.0/1"], &[]),
+            pol(
+                "top6",
+                "g6",
+                &["::/0"],
+                &["ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff/128"],
+                &[],
+            ),
+        ];
+        let loc = local(&[("g", "198.18.0.1"), ("h", "198.18.0.2"), ("g6", "fd00::1")]);
+        let pts = [
+            "0.0.0.0",
+            "0.0.0.1",
+            "127.255.255.255",
+            "128.0.0.0",
+            "255.255.255.254",
+            "255.255.255.255",
+        ];
+        let m = check(&ps, &loc, &pts, &pts);
+        assert_eq!(
+            m.lookup(ip("255.255.255.255"), ip("255.255.255.255")),
+            Some(ip("198.18.0.1"))
+        );
+        assert_eq!(m.lookup(ip("0.0.0.0"), ip("255.255.255.255")), None);
+        assert_eq!(
+            m.lookup(ip("0.0.0.0"), ip("200.0.0.0")),
+            Some(ip("198.18.0.1"))
+        );
+        let top = "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff";
+        check(
+            &ps,
+            &loc,
+            &["::", top],
+            &["::", top, "ffff:ffff:ffff:ffff:ffff:ffff:ffff:fffe"],
+        );
+        assert_eq!(m.lookup(ip("::"), ip(top)), Some(ip("fd00::1")));
+    }
+
+    #[test]
+    fn adjacent_sources_merge() {
+        // Two adjacent /25 sources with the same destinations compile to one /24 group; a /32
+        // destination inside a /24 of the same gateway merges into one range.
+        let ps = [
+            pol("a", "g", &["10.0.0.0/25"], &["192.0.2.0/24"], &[]),
+            pol(
+                "b",
+                "g",
+                &["10.0.0.128/25"],
+                &["192.0.2.0/24", "192.0.2.5/32"],
+                &[],
+            ),
+        ];
+        let loc = local(&[("g", "198.18.0.1")]);
+        let m = check(
+            &ps,
+            &loc,
+            &["10.0.0.0", "10.0.0.127", "10.0.0.128", "10.0.0.255"],
+            &["192.0.2.5"],
+        );
+        assert_eq!(m.v4.len(), 1, "{m:#?}");
+        assert_eq!(m.v4[0].src.1, "10.0.0.255".parse::<Ipv4Addr>().unwrap());
+    }
+
+    #[test]
+    fn diff_applies() {
+        let loc = local(&[("g", "198.18.0.1"), ("h", "198.18.0.2")]);
+        let old = compile(
+            &[
+                pol("a", "g", &["10.0.0.0/24"], &["0.0.0.0/0"], &[]),
+                pol("b", "h", &["10.0.1.0/24"], &["192.0.2.0/24"], &[]),
+            ],
+            &loc,
+        );
+        let new = compile(
+            &[
+                pol("a", "h", &["10.0.0.0/24"], &["0.0.0.0/0"], &[]),
+                pol("b", "h", &["10.0.1.0/24"], &["192.0.2.0/24"], &[]),
+                pol("c", "g", &["fd00::/64"], &["::/0"], &[]),
+            ],
+            &loc,
+        );
+        let d = old.diff(&new);
+        assert_eq!(d.v4.delete.len(), 1);
+        assert_eq!(d.v4.add.len(), 1);
+        assert!(d.v6.is_empty()); // g has no IPv6 address
+        assert_eq!(d.apply(&old), new);
+        assert!(new.diff(&new).is_empty());
+    }
+
+    // ---- properties ----
+
+    fn v4_net() -> impl Strategy<Value = IpNet> {
+        prop_oneof![
+            8 => (0u32..64, 26u8..=32).prop_map(|(off, len)| {
+                IpNet::new(IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + off)), len).unwrap().trunc()
+            }),
+            1 => prop::sample::select(vec![
+                "0.0.0.0/0", "10.0.0.0/8", "0.0.0.0/32", "255.255.255.255/32",
+                "255.255.255.192/26", "128.0.0.0/1",
+            ]).prop_map(net),
+        ]
+    }
+
+    fn v6_net() -> impl Strategy<Value = IpNet> {
+        prop_oneof![
+            8 => (0u128..64, 122u8..=128).prop_map(|(off, len)| {
+                let base = u128::from("2001:db8::".parse::<Ipv6Addr>().unwrap());
+                IpNet::new(IpAddr::V6(Ipv6Addr::from(base + off)), len).unwrap().trunc()
+            }),
+            1 => prop::sample::select(vec![
+                "::/0", "2001:db8::/32", "::/128", "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff/128",
+                "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffc0/122",
+            ]).prop_map(net),
+        ]
+    }
+
+    fn any_net() -> impl Strategy<Value = IpNet> {
+        prop_oneof![4 => v4_net(), 1 => v6_net()]
+    }
+
+    fn arb_policy() -> impl Strategy<Value = Policy> {
+        (
+            prop::sample::select(vec!["a", "b", "c", "d", "e"]),
+            prop::sample::select(vec!["g0", "g1", "g2"]),
+            prop::collection::vec(any_net(), 1..4),
+            prop::collection::vec(any_net(), 1..4),
+            prop::collection::vec(any_net(), 0..3),
+        )
+            .prop_map(|(name, gw, s, d, e)| Policy {
+                name: name.into(),
+                egress_gateway_name: gw.into(),
+                source_cidrs: s,
+                destination_cidrs: d,
+                excluded_cidrs: e,
+            })
+    }
+
+    fn arb_local() -> impl Strategy<Value = BTreeMap<String, IpAddr>> {
+        prop::collection::btree_map(
+            prop::sample::select(vec!["g0".to_owned(), "g1".into(), "g2".into()]),
+            prop_oneof![
+                3 => (1u8..5).prop_map(|i| IpAddr::V4(Ipv4Addr::new(198, 18, 0, i))),
+                1 => (1u16..5).prop_map(|i| IpAddr::V6(Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, i))),
+            ],
+            0..4,
+        )
+    }
+
+    /// Every cell boundary of the grid formed by the given CIDRs (first and last address of
+    /// each CIDR and their outside neighbours). Both `decide` and a correct map are constant on
+    /// each cell, so checking these points is exhaustive.
+    fn boundary_points(nets: impl Iterator<Item = IpNet>) -> BTreeSet<IpAddr> {
+        let mut out = BTreeSet::new();
+        for n in nets {
+            let fam = if n.addr().is_ipv4() {
+                Family::V4
+            } else {
+                Family::V6
+            };
+            let (lo, hi) = fam.range(&n).unwrap();
+            let mut push = |x: u128| {
+                out.insert(match fam {
+                    Family::V4 => IpAddr::V4(Ipv4Addr::from(x as u32)),
+                    Family::V6 => IpAddr::V6(Ipv6Addr::from(x)),
+                });
+            };
+            push(lo);
+            push(hi);
+            if lo > 0 {
+                push(lo - 1);
+            }
+            if hi < fam.max() {
+                push(hi + 1);
+            }
+        }
+        out.insert(ip("0.0.0.0"));
+        out.insert(ip("255.255.255.255"));
+        out.insert(ip("::"));
+        out.insert(ip("ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff"));
+        out
+    }
+
+    fn compact<A: Ord + Copy + std::fmt::Debug>(
+        v: &[SnatElement<A>],
+        succ: impl Fn(A) -> Option<A>,
+    ) -> Result<(), String> {
+        type Group<A> = ((A, A), Vec<(A, A, A)>);
+        let mut groups: Vec<Group<A>> = Vec::new();
+        for e in v {
+            match groups.last_mut() {
+                Some((s, d)) if *s == e.src => d.push((e.dst.0, e.dst.1, e.to)),
+                _ => groups.push((e.src, vec![(e.dst.0, e.dst.1, e.to)])),
+            }
+        }
+        for (_, d) in &groups {
+            for w in d.windows(2) {
+                if succ(w[0].1) == Some(w[1].0) && w[0].2 == w[1].2 {
+                    return Err(format!("unmerged destinations {w:?}"));
+                }
+            }
+        }
+        for w in groups.windows(2) {
+            if succ(w[0].0.1) == Some(w[1].0.0) && w[0].1 == w[1].1 {
+                return Err(format!("unmerged sources {:?} {:?}", w[0].0, w[1].0));
+            }
+        }
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(300))]
+
+        #[test]
+        fn compile_matches_reference(
+            ps in prop::collection::vec(arb_policy(), 0..7),
+            loc in arb_local(),
+            extra in prop::collection::vec((0u32..80, 0u32..80), 0..8),
+        ) {
+            let m = compile(&ps, &loc);
+            prop_assert_eq!(well_formed(&m), Ok(()));
+            prop_assert_eq!(compact(&m.v4, |a| u32::from(a).checked_add(1).map(Ipv4Addr::from)), Ok(()));
+            prop_assert_eq!(compact(&m.v6, |a| u128::from(a).checked_add(1).map(Ipv6Addr::from)), Ok(()));
+            let srcs = boundary_points(ps.iter().flat_map(|p| p.source_cidrs.iter().copied()));
+            let dsts = boundary_points(
+                ps.iter().flat_map(|p| p.destination_cidrs.iter().chain(&p.excluded_cidrs).copied()),
+            );
+            for s in &srcs {
+                for d in &dsts {
+                    prop_assert_eq!(
+                        m.lookup(*s, *d),
+                        reference(&ps, &loc, *s, *d),
+                        "{} -> {}", s, d
+                    );
+                }
+            }
+            for (s, d) in extra {
+                let (s, d) = (
+                    IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + s)),
+                    IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + d)),
+                );
+                prop_assert_eq!(m.lookup(s, d), reference(&ps, &loc, s, d));
+            }
+            // Order of the policy list does not matter.
+            let mut rev = ps.clone();
+            rev.reverse();
+            let names: BTreeSet<_> = ps.iter().map(|p| &p.name).collect();
+            if names.len() == ps.len() {
+                prop_assert_eq!(&compile(&rev, &loc), &m);
+            }
+        }
+
+        #[test]
+        fn diff_then_apply_gives_new(
+            a in prop::collection::vec(arb_policy(), 0..5),
+            b in prop::collection::vec(arb_policy(), 0..5),
+            la in arb_local(),
+            lb in arb_local(),
+        ) {
+            let old = compile(&a, &la);
+            let new = compile(&b, &lb);
+            let d = old.diff(&new);
+            prop_assert_eq!(&d.apply(&old), &new);
+            prop_assert!(d.v4.delete.iter().all(|e| old.v4.contains(e) && !new.v4.contains(e)));
+            prop_assert!(d.v4.add.iter().all(|e| new.v4.contains(e) && !old.v4.contains(e)));
+            prop_assert!(old.diff(&old).is_empty());
+        }
+    }
+
+    /// Performance check, not an assertion: run with
+    /// `cargo test --release --lib policy::tests::perf_100k -- --ignored --nocapture`.
+    #[test]
+    #[ignore]
+    fn perf_100k() {
+        use std::time::Instant;
+        let loc = local(&[("g", "198.18.0.1")]);
+        // 100 000 distinct /32 sources, one /0 destination each.
+        let ps: Vec<Policy> = (0..100_000u32)
+            .map(|i| Policy {
+                name: format!("p{i:06}"),
+                egress_gateway_name: "g".into(),
+                source_cidrs: vec![
+                    IpNet::new(IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + 2 * i)), 32).unwrap(),
+                ],
+                destination_cidrs: vec![net("0.0.0.0/0")],
+                excluded_cidrs: vec![],
+            })
+            .collect();
+        let t = Instant::now();
+        let m = compile(&ps, &loc);
+        println!(
+            "100k /32 sources x /0: {:?}, {} elements",
+            t.elapsed(),
+            m.len()
+        );
+        assert_eq!(m.len(), 100_000);
+        // 100 000 distinct /24 destinations from one source, alternating two gateways (one
+        // local) so nothing merges.
+        let ps: Vec<Policy> = (0..100_000u32)
+            .map(|i| Policy {
+                name: format!("p{i:06}"),
+                egress_gateway_name: if i % 2 == 0 { "g" } else { "h" }.into(),
+                source_cidrs: vec![net("10.0.0.0/8")],
+                destination_cidrs: vec![
+                    IpNet::new(IpAddr::V4(Ipv4Addr::from(0x2000_0000 + (i << 8))), 24).unwrap(),
+                ],
+                excluded_cidrs: vec![],
+            })
+            .collect();
+        let t = Instant::now();
+        let m = compile(&ps, &loc);
+        println!(
+            "one source x 100k /24 destinations: {:?}, {} elements",
+            t.elapsed(),
+            m.len()
+        );
+        assert_eq!(m.len(), 50_000);
+        // Same, both gateways local: adjacent /24s merge into one range.
+        let loc2 = local(&[("g", "198.18.0.1"), ("h", "198.18.0.1")]);
+        let t = Instant::now();
+        let m = compile(&ps, &loc2);
+        println!(
+            "one source x 100k /24 destinations, merged: {:?}, {} elements",
+            t.elapsed(),
+            m.len()
+        );
+        assert_eq!(m.len(), 1);
     }
 }
