@@ -375,7 +375,7 @@ fn push_elements<'a, A: NftAddr + 'a>(
     let mut in_chunk = 0;
     for e in elements {
         if in_chunk == 0 {
-            let _ = write!(s, "{verb} element inet {table} {map} {{\n");
+            let _ = writeln!(s, "{verb} element inet {table} {map} {{");
         } else {
             s.push_str(",\n");
         }
@@ -484,12 +484,12 @@ fn parse_range<A: NftAddr>(v: &Value) -> std::result::Result<(A, A), String> {
             .ok_or_else(|| format!("bad prefix length {len}"))?;
         return Ok((a, b));
     }
-    if let Some(r) = v.get("range").and_then(Value::as_array) {
-        if let [a, b] = r.as_slice() {
-            let a = parse_addr(a.as_str().ok_or("range bound is not a string")?)?;
-            let b = parse_addr(b.as_str().ok_or("range bound is not a string")?)?;
-            return Ok((a, b));
-        }
+    if let Some(r) = v.get("range").and_then(Value::as_array)
+        && let [a, b] = r.as_slice()
+    {
+        let a = parse_addr(a.as_str().ok_or("range bound is not a string")?)?;
+        let b = parse_addr(b.as_str().ok_or("range bound is not a string")?)?;
+        return Ok((a, b));
     }
     Err(format!("unexpected key part {v}"))
 }
