@@ -73,7 +73,19 @@ impl Lab {
     pub fn bridge(&self, ns: &str, name: &str, ports: &[&str]) {
         self.exec(ns, ["ip", "link", "add", name, "type", "bridge"]);
         // Forward at once instead of waiting through STP learning.
-        self.exec(ns, ["ip", "link", "set", name, "type", "bridge", "forward_delay", "0"]);
+        self.exec(
+            ns,
+            [
+                "ip",
+                "link",
+                "set",
+                name,
+                "type",
+                "bridge",
+                "forward_delay",
+                "0",
+            ],
+        );
         for p in ports {
             self.exec(ns, ["ip", "link", "set", p, "master", name]);
         }
