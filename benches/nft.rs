@@ -8,8 +8,6 @@
 //! The binary re-executes itself inside namespaces as the TCP server or client of part 3
 //! (hidden first argument `--egressd-nft-server` / `--egressd-nft-client`).
 
-// `Lab::spawn` takes `mut cmd` without needing it (tests/common is not this file's to fix).
-#[allow(unused_mut)]
 #[path = "../tests/common/netns.rs"]
 mod netns;
 

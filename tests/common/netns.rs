@@ -116,7 +116,7 @@ impl Lab {
 
     /// Starts a long-running process in `ns`; it is killed when the lab is dropped. Returns its
     /// index for `child`.
-    pub fn spawn(&mut self, ns: &str, mut cmd: Command) -> usize {
+    pub fn spawn(&mut self, ns: &str, cmd: Command) -> usize {
         let prog = cmd.get_program().to_owned();
         let args: Vec<_> = cmd.get_args().map(|a| a.to_owned()).collect();
         let mut wrapped = Command::new("ip");
