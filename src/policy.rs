@@ -583,7 +583,9 @@ fn flatten<A>(rows: Vec<Row>, conv: impl Fn(u128) -> A + Copy) -> Vec<SnatElemen
 ///
 /// Cost: a sweep over source boundaries (O(S log S)), then for each elementary source range a
 /// sweep over the destination pieces of only the policies covering it, memoized per set of
-/// policies. Measured (release build, 2 cores): see `perf_100k` in the tests.
+/// policies. Measured with `perf_100k` (release build, 2-core VM): 100 000 distinct /32 sources
+/// to one /0 ≈ 160 ms; one source to 100 000 distinct /24 destinations ≈ 65 ms. The output is
+/// inherently |source groups| × |destination pieces| when many broad and narrow sources mix.
 pub fn compile(policies: &[Policy], local: &BTreeMap<String, IpAddr>) -> SnatMap {
     SnatMap {
         // V4 values are at most u32::MAX by construction, so the narrowing is lossless.
