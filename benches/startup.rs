@@ -51,7 +51,9 @@ fn main() {
         let cap = topo.dir.path().join("arp.txt");
         let mut tcpdump = Command::new("ip");
         tcpdump
-            .args(["netns", "exec", &topo.wan, "tcpdump", "-tt", "-i", "br1", "-n", "-l", "arp"])
+            .args([
+                "netns", "exec", &topo.wan, "tcpdump", "-tt", "-i", "br1", "-n", "-l", "arp",
+            ])
             .stdout(std::fs::File::create(&cap).expect("capture file"))
             .stderr(Stdio::null());
         topo.lab.spawn_raw(tcpdump);
@@ -61,7 +63,9 @@ fn main() {
         let t0_wall = SystemTime::now();
         let t0 = Instant::now();
         topo.start_egressd(0, &cfg);
-        wait_for("VIP held", Duration::from_secs(10), || topo.holds(&gw, "eth1", VIP));
+        wait_for("VIP held", Duration::from_secs(10), || {
+            topo.holds(&gw, "eth1", VIP)
+        });
         to_addr.push(t0.elapsed());
         let garp = format!("who-has {VIP} tell {VIP}");
         let mut line = String::new();
@@ -94,7 +98,17 @@ fn main() {
     println!("\n| from `egressd run` to | trials | median | min | max |");
     println!("| --- | ---: | ---: | ---: | ---: |");
     let (m, x, n) = stats(to_arp);
-    println!("| first gratuitous ARP on the wire (tcpdump) | {TRIALS} | {} | {} | {} |", ms(m), ms(n), ms(x));
+    println!(
+        "| first gratuitous ARP on the wire (tcpdump) | {TRIALS} | {} | {} | {} |",
+        ms(m),
+        ms(n),
+        ms(x)
+    );
     let (m, x, n) = stats(to_addr);
-    println!("| VIP seen in `ip addr` (10 ms polling) | {TRIALS} | {} | {} | {} |", ms(m), ms(n), ms(x));
+    println!(
+        "| VIP seen in `ip addr` (10 ms polling) | {TRIALS} | {} | {} | {} |",
+        ms(m),
+        ms(n),
+        ms(x)
+    );
 }

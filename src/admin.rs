@@ -1,10 +1,10 @@
 //! The HTTP admin endpoint (read-only so far): health, readiness and status.
 
+use axum::Router;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Json};
 use axum::routing::get;
-use axum::Router;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tracing::error;
@@ -35,7 +35,10 @@ async fn readyz(State(status): State<watch::Receiver<Status>>) -> impl IntoRespo
         } else {
             s.not_ready.join("; ")
         };
-        (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {why}\n"))
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {why}\n"),
+        )
     }
 }
 

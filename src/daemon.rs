@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
 use tracing::{error, info, info_span, warn};
@@ -21,7 +21,7 @@ use crate::model::{Assignment, Gateway, Policy};
 use crate::reconciler::{self, Reconciler, Settings};
 
 /// What `/v1/status` serves and `egressd status` shows.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Status {
     pub node: String,
     pub ready: bool,
@@ -31,7 +31,7 @@ pub struct Status {
     pub dataplane: DataplaneStatus,
 }
 
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct GatewayStatus {
     pub name: String,
     pub mode: String,
@@ -45,7 +45,7 @@ pub struct GatewayStatus {
     pub failovers: u64,
 }
 
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct DataplaneStatus {
     pub held_addresses: Vec<(String, IpAddr)>,
     pub snat_elements: usize,
@@ -92,7 +92,10 @@ fn check_forwarding(manage: bool, policies: &[Policy]) -> Vec<String> {
         if manage {
             match std::fs::write(path, "1") {
                 Ok(()) => {
-                    info!(sysctl = name, "enabled forwarding (dataplane.manage_forwarding)");
+                    info!(
+                        sysctl = name,
+                        "enabled forwarding (dataplane.manage_forwarding)"
+                    );
                     continue;
                 }
                 Err(e) => problems.push(format!("{name} is 0 and setting it failed: {e}")),
@@ -200,14 +203,20 @@ impl<H: Host, F: Firewall> Daemon<H, F> {
 
     fn log_changes(&mut self, decision: &Decision) {
         for (gw, from, to) in decision.changed() {
-            let _span = info_span!("gateway", node = %self.config.node.name, gateway = gw, term = 0)
-                .entered();
+            let _span =
+                info_span!("gateway", node = %self.config.node.name, gateway = gw, term = 0)
+                    .entered();
             let why = match from.and_then(|f| decision.gateways.get(gw)?.ineligible.get(f)) {
                 Some(reason) => format!("{} is no longer eligible: {reason}", from.unwrap_or("")),
                 None if from.is_none() => "no node was active".to_string(),
                 None => "a node earlier in the selection order is eligible".to_string(),
             };
-            info!(from = from.unwrap_or("-"), to = to.unwrap_or("-"), why, "active node changed");
+            info!(
+                from = from.unwrap_or("-"),
+                to = to.unwrap_or("-"),
+                why,
+                "active node changed"
+            );
             if let Some(g) = self.status.gateways.iter_mut().find(|g| g.name == gw) {
                 g.failovers += 1;
                 g.since_ms = unix_ms();
@@ -216,7 +225,12 @@ impl<H: Host, F: Firewall> Daemon<H, F> {
         self.assignment = decision.assignment.clone();
     }
 
-    fn publish(&mut self, decision: Decision, desired: &reconciler::Desired, not_ready: Vec<String>) {
+    fn publish(
+        &mut self,
+        decision: Decision,
+        desired: &reconciler::Desired,
+        not_ready: Vec<String>,
+    ) {
         let previous: Vec<GatewayStatus> = std::mem::take(&mut self.status.gateways);
         self.status.gateways = self
             .config

@@ -85,16 +85,19 @@ fn main() -> ExitCode {
                 Ok(c) => c,
                 Err(errors) => {
                     eprintln!("{errors}");
-                    eprintln!("egressd: not starting: {} configuration error(s)", errors.0.len());
+                    eprintln!(
+                        "egressd: not starting: {} configuration error(s)",
+                        errors.0.len()
+                    );
                     return ExitCode::FAILURE;
                 }
             };
             init_logging(&cfg);
             report(runtime().and_then(|rt| rt.block_on(daemon::run(cfg, config))))
         }
-        Command::Status { json, target } => report(
-            runtime().and_then(|rt| rt.block_on(status(&target.url(), json))),
-        ),
+        Command::Status { json, target } => {
+            report(runtime().and_then(|rt| rt.block_on(status(&target.url(), json))))
+        }
     }
 }
 
@@ -163,12 +166,18 @@ async fn status(url: &str, json: bool) -> anyhow::Result<()> {
         "GATEWAY", "MODE", "SOURCE IP", "ACTIVE", "ELIGIBLE"
     );
     for g in &s.gateways {
-        let mode = if g.mode == "VirtualIPAddress" { "vip" } else { "primary" };
+        let mode = if g.mode == "VirtualIPAddress" {
+            "vip"
+        } else {
+            "primary"
+        };
         println!(
             "{:<24} {:<10} {:<18} {:<12} {:<20} {}",
             g.name,
             mode,
-            g.source_ip.map(|i| i.to_string()).unwrap_or_else(|| "-".into()),
+            g.source_ip
+                .map(|i| i.to_string())
+                .unwrap_or_else(|| "-".into()),
             g.active.as_deref().unwrap_or("-"),
             g.eligible.join(","),
             g.ineligible

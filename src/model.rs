@@ -88,10 +88,10 @@ impl Gateway {
                 .map(|i| (i.as_str(), InterfaceNeed::Up))
                 .collect(),
         };
-        if let Some(nh) = &self.next_hop {
-            if !out.iter().any(|(i, _)| *i == nh.interface) {
-                out.push((&nh.interface, InterfaceNeed::Up));
-            }
+        if let Some(nh) = &self.next_hop
+            && !out.iter().any(|(i, _)| *i == nh.interface)
+        {
+            out.push((&nh.interface, InterfaceNeed::Up));
         }
         out
     }

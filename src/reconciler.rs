@@ -305,16 +305,16 @@ impl<H: Host, F: Firewall> Reconciler<H, F> {
             }
         }
         self.pending.retain(|p| p.remaining > 0);
-        if let (Some(at), Some(every)) = (self.next_refresh, self.settings.garp_refresh) {
-            if at <= now {
-                let held: Vec<_> = self.held.iter().cloned().collect();
-                for (iface, ip) in held {
-                    if let Err(e) = self.host.announce(&iface, ip).await {
-                        warn!(interface = %iface, %ip, error = %e, "announcement refresh failed");
-                    }
+        if let (Some(at), Some(every)) = (self.next_refresh, self.settings.garp_refresh)
+            && at <= now
+        {
+            let held: Vec<_> = self.held.iter().cloned().collect();
+            for (iface, ip) in held {
+                if let Err(e) = self.host.announce(&iface, ip).await {
+                    warn!(interface = %iface, %ip, error = %e, "announcement refresh failed");
                 }
-                self.next_refresh = Some(now + every);
             }
+            self.next_refresh = Some(now + every);
         }
     }
 
@@ -446,14 +446,28 @@ mod tests {
         let managed = managed_addresses(&gws);
         let mut h = host();
         // A VIP listed first on the interface must not be taken for its primary address.
-        h.state.get_mut("eth1").unwrap().addresses.insert(0, (ip(VIP), 32));
+        h.state
+            .get_mut("eth1")
+            .unwrap()
+            .addresses
+            .insert(0, (ip(VIP), 32));
         let d = plan("gw1", &all_here(), &gws, &policies(), &h.state, &managed);
         assert_eq!(d.sources["vip"], ip(VIP));
         assert_eq!(d.sources["basic"], ip("198.18.0.2"));
         assert!(d.addresses.contains(&("eth1".into(), ip(VIP))));
         assert!(d.addresses.contains(&("eth0".into(), ip(NH))));
-        assert_eq!(d.snat.lookup(ip("10.77.1.5"), ip("8.8.8.8")), Some(ip("198.18.0.2")));
-        let other = plan("gw1", &Assignment::new(), &gws, &policies(), &h.state, &managed);
+        assert_eq!(
+            d.snat.lookup(ip("10.77.1.5"), ip("8.8.8.8")),
+            Some(ip("198.18.0.2"))
+        );
+        let other = plan(
+            "gw1",
+            &Assignment::new(),
+            &gws,
+            &policies(),
+            &h.state,
+            &managed,
+        );
         assert!(other.addresses.is_empty() && other.snat.is_empty());
     }
 
@@ -494,11 +508,18 @@ mod tests {
         let changes = converge_to(&mut rec, &Assignment::new()).await;
         assert_eq!(changes.removed.len(), 2);
         let ops = rec.host.journal.ops();
-        assert_eq!(ops.last(), Some(&Op::Snat(0)), "addresses go before the SNAT map: {ops:?}");
+        assert_eq!(
+            ops.last(),
+            Some(&Op::Snat(0)),
+            "addresses go before the SNAT map: {ops:?}"
+        );
         assert!(changes.snat_changed);
         assert!(!rec.host.holds("eth1", ip(VIP)));
         assert!(!rec.host.holds("eth0", ip(NH)));
-        assert!(rec.host.holds("eth1", ip("198.18.0.2")), "primary untouched");
+        assert!(
+            rec.host.holds("eth1", ip("198.18.0.2")),
+            "primary untouched"
+        );
         assert_eq!(rec.firewall.map.as_ref().map(|m| m.len()), Some(0));
         assert!(rec.held().is_empty());
     }
@@ -506,22 +527,50 @@ mod tests {
     #[tokio::test]
     async fn stale_managed_address_is_removed_and_foreign_ones_kept() {
         let mut h = host();
-        h.state.get_mut("eth1").unwrap().addresses.push((ip(VIP), 32));
-        h.state.get_mut("eth1").unwrap().addresses.push((ip("192.0.2.9"), 32));
+        h.state
+            .get_mut("eth1")
+            .unwrap()
+            .addresses
+            .push((ip(VIP), 32));
+        h.state
+            .get_mut("eth1")
+            .unwrap()
+            .addresses
+            .push((ip("192.0.2.9"), 32));
         let mut rec = reconciler(h, 1);
         converge_to(&mut rec, &Assignment::new()).await;
-        assert!(!rec.host.holds("eth1", ip(VIP)), "a crashed run's VIP is removed");
-        assert!(rec.host.holds("eth1", ip("192.0.2.9")), "not egressd's to remove");
+        assert!(
+            !rec.host.holds("eth1", ip(VIP)),
+            "a crashed run's VIP is removed"
+        );
+        assert!(
+            rec.host.holds("eth1", ip("192.0.2.9")),
+            "not egressd's to remove"
+        );
     }
 
     #[tokio::test]
     async fn an_address_already_present_is_adopted_without_announcing() {
         let mut h = host();
-        h.state.get_mut("eth1").unwrap().addresses.push((ip(VIP), 32));
+        h.state
+            .get_mut("eth1")
+            .unwrap()
+            .addresses
+            .push((ip(VIP), 32));
         let mut rec = reconciler(h, 1);
         converge_to(&mut rec, &all_here()).await;
-        assert!(!rec.host.journal.ops().contains(&Op::AddAddress("eth1".into(), ip(VIP))));
-        assert!(!rec.host.journal.ops().contains(&Op::Announce("eth1".into(), ip(VIP))));
+        assert!(
+            !rec.host
+                .journal
+                .ops()
+                .contains(&Op::AddAddress("eth1".into(), ip(VIP)))
+        );
+        assert!(
+            !rec.host
+                .journal
+                .ops()
+                .contains(&Op::Announce("eth1".into(), ip(VIP)))
+        );
         assert!(rec.held().contains(&("eth1".into(), ip(VIP))));
     }
 
@@ -540,7 +589,9 @@ mod tests {
         assert_eq!(count(&rec), 1, "the first announcement goes out at once");
         let mut now = Instant::now();
         for _ in 0..5 {
-            let Some(due) = rec.next_deadline() else { break };
+            let Some(due) = rec.next_deadline() else {
+                break;
+            };
             now = now.max(due);
             rec.announce_due(now).await;
         }

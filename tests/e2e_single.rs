@@ -159,7 +159,11 @@ fn sigterm_leaves_nothing_and_foreign_tables_are_untouched() {
 
     signal(topo.lab.child(child), "TERM");
     let status = topo.lab.child(child).wait().expect("wait for egressd");
-    assert!(status.success(), "clean exit on SIGTERM: {status}\n{}", topo.log(0));
+    assert!(
+        status.success(),
+        "clean exit on SIGTERM: {status}\n{}",
+        topo.log(0)
+    );
     assert!(!topo.holds(&gw, "eth1", VIP), "VIP left behind");
     assert!(!topo.holds(&gw, "eth0", NEXT_HOP), "next hop left behind");
     assert_eq!(topo.snat4_elements(&gw), None, "egressd table left behind");
@@ -193,7 +197,11 @@ fn restart_after_kill_replaces_instead_of_duplicating() {
     // Give the restarted daemon a resync period to do anything it would wrongly do twice.
     std::thread::sleep(Duration::from_millis(2500));
     let ruleset = topo.ruleset(&gw);
-    assert_eq!(ruleset.matches("table inet egressd").count(), 1, "{ruleset}");
+    assert_eq!(
+        ruleset.matches("table inet egressd").count(),
+        1,
+        "{ruleset}"
+    );
     assert_eq!(ruleset.matches("chain postrouting").count(), 1, "{ruleset}");
     assert_eq!(topo.snat4_elements(&gw), elements);
     let vips = topo
@@ -223,7 +231,9 @@ fn interface_down_withdraws_and_up_restores() {
     wait_for("VIP and next hop withdrawn", WAIT, || {
         !topo.holds(&gw, "eth1", VIP) && !topo.holds(&gw, "eth0", NEXT_HOP)
     });
-    wait_for("SNAT withdrawn", WAIT, || topo.snat4_elements(&gw) == Some(0));
+    wait_for("SNAT withdrawn", WAIT, || {
+        topo.snat4_elements(&gw) == Some(0)
+    });
 
     let capture = topo.start_arp_capture("garp-up");
     topo.lab.exec(&gw, ["ip", "link", "set", "eth1", "up"]);

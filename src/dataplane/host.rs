@@ -37,11 +37,14 @@ impl NetlinkHost {
     }
 
     fn link(&self, op: &'static str, iface: &str) -> Result<(u32, Option<[u8; 6]>)> {
-        self.links.get(iface).copied().ok_or_else(|| Error::Netlink {
-            op,
-            interface: iface.to_string(),
-            detail: "no such interface".into(),
-        })
+        self.links
+            .get(iface)
+            .copied()
+            .ok_or_else(|| Error::Netlink {
+                op,
+                interface: iface.to_string(),
+                detail: "no such interface".into(),
+            })
     }
 }
 
@@ -63,7 +66,11 @@ impl Host for NetlinkHost {
         let mut state = HostState::new();
         let mut by_index = BTreeMap::new();
         let mut links = self.handle.link().get().execute();
-        while let Some(msg) = links.try_next().await.map_err(nl_err("listing links", "*"))? {
+        while let Some(msg) = links
+            .try_next()
+            .await
+            .map_err(nl_err("listing links", "*"))?
+        {
             let mut name = None;
             let mut mac = None;
             for attr in &msg.attributes {
@@ -148,9 +155,7 @@ impl Host for NetlinkHost {
             info.ifa_valid = secs;
             msg.attributes.push(AddressAttribute::CacheInfo(info));
         }
-        req.execute()
-            .await
-            .map_err(nl_err("adding address", iface))
+        req.execute().await.map_err(nl_err("adding address", iface))
     }
 
     async fn del_address(&mut self, iface: &str, ip: IpAddr) -> Result<()> {

@@ -1,1 +1,2 @@
 pub mod netns;
+pub mod topo;

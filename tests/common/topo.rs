@@ -62,8 +62,28 @@ impl Topo {
             lab.veth(&ns, "eth0", &lan, &lp);
             let wp = format!("p-gw{}", i + 1);
             lab.veth(&ns, "eth1", &wan, &wp);
-            lab.exec(&ns, ["ip", "addr", "add", &format!("{}/24", node_lan_ip(i)), "dev", "eth0"]);
-            lab.exec(&ns, ["ip", "addr", "add", &format!("{}/24", node_wan_ip(i)), "dev", "eth1"]);
+            lab.exec(
+                &ns,
+                [
+                    "ip",
+                    "addr",
+                    "add",
+                    &format!("{}/24", node_lan_ip(i)),
+                    "dev",
+                    "eth0",
+                ],
+            );
+            lab.exec(
+                &ns,
+                [
+                    "ip",
+                    "addr",
+                    "add",
+                    &format!("{}/24", node_wan_ip(i)),
+                    "dev",
+                    "eth1",
+                ],
+            );
             lab.exec(&ns, ["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
             lan_ports.push(lp);
             wan_ports.push(wp);
@@ -75,13 +95,25 @@ impl Topo {
         lab.bridge(&wan, "br1", &wp);
 
         for ip in [CLIENT_IP, CLIENT_OTHER_IP] {
-            lab.exec(&client, ["ip", "addr", "add", &format!("{ip}/24"), "dev", "eth0"]);
+            lab.exec(
+                &client,
+                ["ip", "addr", "add", &format!("{ip}/24"), "dev", "eth0"],
+            );
         }
-        lab.exec(&client, ["ip", "route", "add", "203.0.113.0/24", "via", NEXT_HOP]);
+        lab.exec(
+            &client,
+            ["ip", "route", "add", "203.0.113.0/24", "via", NEXT_HOP],
+        );
         for ip in [SERVER_IP, SERVER_EXCLUDED_IP, SERVER_OTHER_IP] {
-            lab.exec(&server, ["ip", "addr", "add", &format!("{ip}/24"), "dev", "eth0"]);
+            lab.exec(
+                &server,
+                ["ip", "addr", "add", &format!("{ip}/24"), "dev", "eth0"],
+            );
         }
-        lab.exec(&server, ["ip", "route", "add", LAN_NET, "via", &node_wan_ip(0)]);
+        lab.exec(
+            &server,
+            ["ip", "route", "add", LAN_NET, "via", &node_wan_ip(0)],
+        );
 
         let dir = tempfile::tempdir().expect("temp dir");
         Topo {
@@ -143,23 +175,33 @@ impl Topo {
             .expect("log file");
         let err = log.try_clone().expect("log file");
         let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &self.nodes[i], env!("CARGO_BIN_EXE_egressd"), "run", "--config"])
-            .arg(config)
-            .env("RUST_LOG", "info")
-            .stdout(log)
-            .stderr(err);
+        cmd.args([
+            "netns",
+            "exec",
+            &self.nodes[i],
+            env!("CARGO_BIN_EXE_egressd"),
+            "run",
+            "--config",
+        ])
+        .arg(config)
+        .env("RUST_LOG", "info")
+        .stdout(log)
+        .stderr(err);
         self.lab.spawn_raw(cmd)
     }
 
     /// Addresses on `iface` in namespace `ns`.
     pub fn addresses(&self, ns: &str, iface: &str) -> Vec<String> {
-        let out = self.lab.try_exec(ns, ["ip", "-o", "addr", "show", "dev", iface]);
+        let out = self
+            .lab
+            .try_exec(ns, ["ip", "-o", "addr", "show", "dev", iface]);
         String::from_utf8_lossy(&out.stdout)
             .lines()
             .filter_map(|l| {
                 let mut it = l.split_whitespace();
                 it.position(|w| w == "inet" || w == "inet6")?;
-                it.next().map(|a| a.split('/').next().unwrap_or(a).to_string())
+                it.next()
+                    .map(|a| a.split('/').next().unwrap_or(a).to_string())
             })
             .collect()
     }
@@ -185,7 +227,11 @@ impl Topo {
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
         let items = v.get("nftables")?.as_array()?;
         let map = items.iter().find_map(|i| i.get("map"))?;
-        Some(map.get("elem").and_then(|e| e.as_array()).map_or(0, |a| a.len()))
+        Some(
+            map.get("elem")
+                .and_then(|e| e.as_array())
+                .map_or(0, |a| a.len()),
+        )
     }
 
     /// Starts a capture of ARP on the WAN bridge into a text file, and returns its path.
@@ -193,9 +239,11 @@ impl Topo {
         let path = self.dir.path().join(format!("{name}.txt"));
         let file = std::fs::File::create(&path).expect("capture file");
         let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &self.wan, "tcpdump", "-i", "br1", "-n", "-l", "-e", "arp"])
-            .stdout(file)
-            .stderr(Stdio::null());
+        cmd.args([
+            "netns", "exec", &self.wan, "tcpdump", "-i", "br1", "-n", "-l", "-e", "arp",
+        ])
+        .stdout(file)
+        .stderr(Stdio::null());
         self.lab.spawn_raw(cmd);
         // tcpdump needs a moment to attach before the test makes traffic.
         std::thread::sleep(Duration::from_millis(500));
