@@ -24,32 +24,47 @@ cleanup() {
 trap cleanup EXIT INT TERM
 
 say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
-in() { local ns=$1; shift; ip netns exec "$ns" "$@"; }
+nsx() { local ns=$1; shift; ip netns exec "$ns" "$@"; }
+# until DESCRIPTION COMMAND...: polls every 10 ms (at most 10 s) and says how long it took.
+until_ok() {
+  local what=$1; shift
+  local t0; t0=$(date +%s%N)
+  for _ in $(seq 1000); do
+    if "$@" >/dev/null 2>&1; then
+      printf '  %s after %d ms\n' "$what" $((($(date +%s%N) - t0) / 1000000)); return 0
+    fi
+    sleep 0.01
+  done
+  echo "  $what: not within 10 s" >&2; return 1
+}
+holds_vip() { nsx $NS_GW ip -o addr show dev eth1 | grep -q 'inet 203.0.113.50/'; }
+lacks_vip() { ! holds_vip; }
+snat_empty() { ! nsx $NS_GW nft list map inet egressd snat4 | grep -q 'elements = '; }
 
 say "building the lab: client 10.77.0.10 -> LAN -> gw1 -> WAN -> server 203.0.113.10"
-for ns in $NS_LAN $NS_WAN $NS_CLI $NS_SRV $NS_GW; do ip netns add "$ns"; in "$ns" ip link set lo up; done
-in $NS_CLI ip link add eth0 type veth peer name p-cli netns $NS_LAN
-in $NS_SRV ip link add eth0 type veth peer name p-srv netns $NS_WAN
-in $NS_GW ip link add eth0 type veth peer name p-gw1a netns $NS_LAN
-in $NS_GW ip link add eth1 type veth peer name p-gw1b netns $NS_WAN
+for ns in $NS_LAN $NS_WAN $NS_CLI $NS_SRV $NS_GW; do ip netns add "$ns"; nsx "$ns" ip link set lo up; done
+nsx $NS_CLI ip link add eth0 type veth peer name p-cli netns $NS_LAN
+nsx $NS_SRV ip link add eth0 type veth peer name p-srv netns $NS_WAN
+nsx $NS_GW ip link add eth0 type veth peer name p-gw1a netns $NS_LAN
+nsx $NS_GW ip link add eth1 type veth peer name p-gw1b netns $NS_WAN
 for br in "$NS_LAN br0 p-cli p-gw1a" "$NS_WAN br1 p-srv p-gw1b"; do
   set -- $br; ns=$1 b=$2; shift 2
-  in "$ns" ip link add "$b" type bridge forward_delay 0
-  for p in "$@"; do in "$ns" ip link set "$p" master "$b" up; done
-  in "$ns" ip link set "$b" up
+  nsx "$ns" ip link add "$b" type bridge forward_delay 0
+  for p in "$@"; do nsx "$ns" ip link set "$p" master "$b" up; done
+  nsx "$ns" ip link set "$b" up
 done
-in $NS_CLI ip addr add 10.77.0.10/24 dev eth0
-in $NS_CLI ip addr add 10.77.0.11/24 dev eth0
-in $NS_CLI ip link set eth0 up
-in $NS_CLI ip route add 203.0.113.0/24 via 10.77.0.1
-in $NS_SRV ip addr add 203.0.113.10/24 dev eth0
-in $NS_SRV ip addr add 203.0.113.20/24 dev eth0
-in $NS_SRV ip link set eth0 up
-in $NS_SRV ip route add 10.77.0.0/24 via 203.0.113.2
-in $NS_GW ip addr add 10.77.0.2/24 dev eth0
-in $NS_GW ip addr add 203.0.113.2/24 dev eth1
-in $NS_GW ip link set eth0 up
-in $NS_GW ip link set eth1 up
+nsx $NS_CLI ip addr add 10.77.0.10/24 dev eth0
+nsx $NS_CLI ip addr add 10.77.0.11/24 dev eth0
+nsx $NS_CLI ip link set eth0 up
+nsx $NS_CLI ip route add 203.0.113.0/24 via 10.77.0.1
+nsx $NS_SRV ip addr add 203.0.113.10/24 dev eth0
+nsx $NS_SRV ip addr add 203.0.113.20/24 dev eth0
+nsx $NS_SRV ip link set eth0 up
+nsx $NS_SRV ip route add 10.77.0.0/24 via 203.0.113.2
+nsx $NS_GW ip addr add 10.77.0.2/24 dev eth0
+nsx $NS_GW ip addr add 203.0.113.2/24 dev eth1
+nsx $NS_GW ip link set eth0 up
+nsx $NS_GW ip link set eth1 up
 
 cat > "$WORK/gw1.toml" <<EOF
 [node]
@@ -86,20 +101,19 @@ say "config check"
 $BIN check-config --config "$WORK/gw1.toml"
 
 say "server: answers every connection with the source address it sees"
-in $NS_SRV socat TCP-LISTEN:8080,reuseaddr,fork 'SYSTEM:echo $SOCAT_PEERADDR' &
-in $NS_WAN tcpdump -i br1 -n -l arp 2>/dev/null > "$WORK/arp.txt" &
+nsx $NS_SRV socat TCP-LISTEN:8080,reuseaddr,fork 'SYSTEM:echo $SOCAT_PEERADDR' &
+nsx $NS_WAN tcpdump -i br1 -n -l arp 2>/dev/null > "$WORK/arp.txt" &
 sleep 0.5
 
 say "starting egressd on gw1"
-in $NS_GW "$BIN" run --config "$WORK/gw1.toml" > "$WORK/gw1.log" 2>&1 &
-for _ in $(seq 100); do in $NS_GW ip -o addr show dev eth1 | grep -q 203.0.113.50 && break; sleep 0.05; done
-sleep 0.2
-in $NS_GW "$BIN" status --admin http://127.0.0.1:7481
-grep -E "first announcement" "$WORK/gw1.log" | sed 's/^/  log: /' || true
+nsx $NS_GW "$BIN" run --config "$WORK/gw1.toml" > "$WORK/gw1.log" 2>&1 &
+until_ok "VIP held" holds_vip
+sleep 0.1
+nsx $NS_GW "$BIN" status --admin http://127.0.0.1:7481
 
 probe() { # src dst
   local seen
-  seen=$(in $NS_CLI socat -T2 - "TCP:$2:8080,bind=$1,connect-timeout=2" 2>/dev/null || true)
+  seen=$(nsx $NS_CLI socat -T2 - "TCP:$2:8080,bind=$1,connect-timeout=2" 2>/dev/null || true)
   printf '  %-12s -> %-14s  server sees %s\n' "$1" "$2" "${seen:-(no connection)}"
 }
 say "traffic: the policy source is SNATed to the VIP, the excluded destination and other sources are not"
@@ -110,19 +124,21 @@ say "gratuitous ARP seen on the WAN"
 grep "who-has 203.0.113.50 tell 203.0.113.50" "$WORK/arp.txt" | sed 's/^/  /' | head -5
 
 say "cutting gw1's WAN link: the VIP, next hop and SNAT are withdrawn"
-in $NS_GW ip link set eth1 down
-sleep 0.3
-in $NS_GW "$BIN" status --admin http://127.0.0.1:7481
-echo "  nft elements: $(in $NS_GW nft -j list map inet egressd snat4 | grep -o '"elem"' | wc -l) element lists"
+nsx $NS_GW ip link set eth1 down
+until_ok "VIP withdrawn" lacks_vip
+until_ok "SNAT map emptied" snat_empty
+nsx $NS_GW "$BIN" status --admin http://127.0.0.1:7481
 say "link back: restored and re-announced"
-in $NS_GW ip link set eth1 up
-for _ in $(seq 100); do in $NS_GW ip -o addr show dev eth1 | grep -q 203.0.113.50 && break; sleep 0.05; done
-sleep 0.2
+nsx $NS_GW ip link set eth1 up
+until_ok "VIP held again" holds_vip
 probe 10.77.0.10 203.0.113.10
 
 say "SIGTERM: egressd releases everything"
 pkill -TERM -f "$BIN run --config $WORK/gw1.toml" || true
-sleep 0.5
-echo "  addresses on eth1: $(in $NS_GW ip -o addr show dev eth1 | awk '{print $4}' | xargs)"
-echo "  egressd table: $(in $NS_GW nft list tables | grep -c egressd || true) left"
+until_ok "VIP released" lacks_vip
+for _ in $(seq 100); do pgrep -f "$BIN run --config $WORK/gw1.toml" >/dev/null || break; sleep 0.05; done
+echo "  addresses on eth1: $(nsx $NS_GW ip -o addr show dev eth1 | awk '{print $4}' | xargs)"
+echo "  egressd table: $(nsx $NS_GW nft list tables | grep -c egressd || true) left"
+say "what egressd logged"
+sed 's/^/  /' "$WORK/gw1.log"
 say "done (the lab is removed on exit)"

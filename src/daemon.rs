@@ -119,6 +119,7 @@ struct Daemon<H, F> {
     status_tx: watch::Sender<Status>,
     firewall_ok: bool,
     started: Instant,
+    startup_reported: bool,
 }
 
 impl<H: Host, F: Firewall> Daemon<H, F> {
@@ -192,7 +193,10 @@ impl<H: Host, F: Firewall> Daemon<H, F> {
                 self.status.dataplane.last_error = Some(e.to_string());
             }
         }
-        if let Some(at) = self.rec.first_announce.take() {
+        if let Some(at) = self.rec.first_announce
+            && !self.startup_reported
+        {
+            self.startup_reported = true;
             info!(
                 since_start_ms = at.duration_since(self.started).as_secs_f64() * 1e3,
                 "first announcement sent"
@@ -325,6 +329,7 @@ pub async fn run(config: Config, config_path: PathBuf) -> anyhow::Result<()> {
         status_tx,
         firewall_ok: false,
         started,
+        startup_reported: false,
     };
     // Install the (empty) table first: it replaces whatever a crashed run left, and proves that
     // nft works before the node claims to be ready.
