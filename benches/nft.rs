@@ -5,12 +5,16 @@
 //! 2. One element changed (delete one + add one) with N elements installed.
 //! 3. New TCP connections per second through a gateway namespace with 1 vs 10 000 elements.
 //!
+//! A full run takes about 15 minutes here, most of it the 100 000-element "Dests" cases (the
+//! kernel inserts those quadratically, ~31 s per load).
+//!
 //! The binary re-executes itself inside namespaces as the TCP server or client of part 3
 //! (hidden first argument `--egressd-nft-server` / `--egressd-nft-client`).
 
 #[path = "../tests/common/netns.rs"]
 mod netns;
 
+use std::fs::File;
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::process::{Command, Stdio};
@@ -24,12 +28,14 @@ use serde_json::{Value, json};
 
 const SERVER_ARG: &str = "--egressd-nft-server";
 const CLIENT_ARG: &str = "--egressd-nft-client";
+const MEASURE_ARG: &str = "--egressd-nft-measure";
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     match args.get(1).map(String::as_str) {
         Some(SERVER_ARG) => return server(&args[2..]),
         Some(CLIENT_ARG) => return client(&args[2..]),
+        Some(MEASURE_ARG) => return measure(&args[2..]),
         _ => {}
     }
     // SAFETY: geteuid has no preconditions.
@@ -124,35 +130,61 @@ fn map(shape: Shape, n: usize) -> SnatMap {
     SnatMap { v4, v6: vec![] }
 }
 
-/// Runs `cmd` with `stdin` from a file and returns its wall time and peak RSS (KiB), read with
-/// wait4 for exactly this child (`ip netns exec` execs nft in the same process).
-fn run_measured(cmd: &mut Command, stdin: &str) -> (Duration, i64) {
-    let mut input = tempfile::tempfile().expect("temp file");
-    input.write_all(stdin.as_bytes()).expect("write temp file");
-    std::io::Seek::rewind(&mut input).expect("rewind");
-    let mut errors = tempfile::tempfile().expect("temp file");
+/// Runs `nft ARGS` in namespace `ns` with `script` on stdin; returns its wall time and its peak
+/// RSS (KiB).
+///
+/// Linux carries a process's RSS high-water mark across fork and exec (the pre-exec mm's
+/// high-water mark is folded into `ru_maxrss`), so a child forked straight from this bench,
+/// which holds 100 000-element maps, would report the bench's size. A freshly exec'd copy of
+/// the bench binary (`--egressd-nft-measure`) is small, and forks nft for the measurement.
+fn run_measured(ns: &str, nft_args: &[&str], script: &str) -> (Duration, i64) {
+    let mut input = tempfile::NamedTempFile::new().expect("temp file");
+    input.write_all(script.as_bytes()).expect("write temp file");
+    let me = std::env::current_exe().expect("current exe");
+    let out = Command::new(me)
+        .arg(MEASURE_ARG)
+        .arg(input.path())
+        .args(["ip", "netns", "exec", ns, "nft"])
+        .args(nft_args)
+        .output()
+        .expect("run the measuring helper");
+    assert!(
+        out.status.success(),
+        "nft {nft_args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut it = text
+        .split_whitespace()
+        .map(|w| w.parse::<i64>().expect("number"));
+    let micros = it.next().expect("micros");
+    let rss = it.next().expect("maxrss");
+    (Duration::from_micros(micros as u64), rss)
+}
+
+/// `--egressd-nft-measure SCRIPT CMD...`: runs CMD with SCRIPT on stdin, prints
+/// "microseconds maxrss_kib" of that child (wait4), and fails like it.
+fn measure(args: &[String]) {
+    let input = File::open(&args[0]).expect("open script");
     let start = Instant::now();
     // Reaped below with wait4, which std's Child does not know about.
     #[allow(clippy::zombie_processes)]
-    let child = cmd
+    let child = Command::new(&args[1])
+        .args(&args[2..])
         .stdin(input)
         .stdout(Stdio::null())
-        .stderr(errors.try_clone().expect("dup"))
         .spawn()
-        .expect("spawn nft");
+        .expect("spawn");
     let mut status = 0;
-    // SAFETY: plain syscall on our own child; rusage is a valid out pointer.
+    // SAFETY: a plain syscall on our own child; both out pointers are valid.
     let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
     let pid = unsafe { libc::wait4(child.id() as i32, &mut status, 0, &mut usage) };
     let took = start.elapsed();
     assert_eq!(pid, child.id() as i32, "wait4");
     if !(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0) {
-        let mut e = String::new();
-        std::io::Seek::rewind(&mut errors).expect("rewind");
-        let _ = errors.read_to_string(&mut e);
-        panic!("{cmd:?} failed: {}", &e[..e.len().min(2000)]);
+        std::process::exit(1);
     }
-    (took, usage.ru_maxrss)
+    println!("{} {}", took.as_micros(), usage.ru_maxrss);
 }
 
 fn json_batch(table: &str, m: &SnatMap) -> String {
@@ -209,10 +241,7 @@ fn full_apply(rt: &tokio::runtime::Runtime, rows: &mut Vec<Row>) {
             let ns = lab.ns("a");
             let fw = NftFirewall::with_command("egressd", nft_cmd(&ns));
             let script = fw.replace_script(&m);
-            let (_, rss) = run_measured(
-                Command::new("ip").args(["netns", "exec", &ns, "nft", "-f", "-"]),
-                &script,
-            );
+            let (_, rss) = run_measured(&ns, &["-f", "-"], &script);
             let (median, max) = median_max(times);
             eprintln!("full apply native {shape:?} {n}: {median:?} {max:?} {rss} KiB");
             rows.push(Row {
@@ -234,10 +263,7 @@ fn full_apply(rt: &tokio::runtime::Runtime, rows: &mut Vec<Row>) {
             for _ in 0..trials {
                 let mut lab = Lab::new("bjson");
                 let ns = lab.ns("a");
-                let (t, rss) = run_measured(
-                    Command::new("ip").args(["netns", "exec", &ns, "nft", "-j", "-f", "-"]),
-                    &batch,
-                );
+                let (t, rss) = run_measured(&ns, &["-j", "-f", "-"], &batch);
                 times.push(t);
                 peak = peak.max(rss);
             }
@@ -257,13 +283,21 @@ fn full_apply(rt: &tokio::runtime::Runtime, rows: &mut Vec<Row>) {
 
 fn incremental(rt: &tokio::runtime::Runtime, rows: &mut Vec<Row>) {
     const TRIALS: usize = 20;
-    for n in [1, 1_000, 10_000, 100_000] {
-        let a = map(Shape::Sources, n);
+    let cases = [
+        (Shape::Sources, 1),
+        (Shape::Sources, 1_000),
+        (Shape::Sources, 10_000),
+        (Shape::Sources, 100_000),
+        (Shape::Dests, 10_000),
+    ];
+    for (shape, n) in cases {
+        let a = map(shape, n);
         // `b`: the middle element replaced by one with a source outside the others.
         let mut b = a.clone();
         let mid = n / 2;
         let s = Ipv4Addr::new(10, 200, 0, 1);
         b.v4[mid].src = (s, s);
+        b.v4[mid].dst = (Ipv4Addr::UNSPECIFIED, Ipv4Addr::BROADCAST);
         b.v4.sort();
         let mut lab = Lab::new("binc");
         let ns = lab.ns("a");
@@ -281,9 +315,9 @@ fn incremental(rt: &tokio::runtime::Runtime, rows: &mut Vec<Row>) {
         let listed = rt.block_on(fw.list_elements()).expect("list");
         assert_eq!(listed.v4.len(), n);
         let (median, max) = median_max(times);
-        eprintln!("incremental {n}: {median:?} {max:?}");
+        eprintln!("incremental {shape:?} {n}: {median:?} {max:?}");
         rows.push(Row {
-            what: "change one element (delete 1 + add 1)".into(),
+            what: format!("change one element (delete 1 + add 1), {shape:?}"),
             n,
             trials: TRIALS,
             median: ms(median),
@@ -368,8 +402,15 @@ fn conn_rate(rt: &tokio::runtime::Runtime, rows: &mut Vec<Row>) {
             let c1 = rt.block_on(fw.counters()).expect("counters");
             assert!(total > 0, "no connection went through");
             assert_eq!(snated, total, "every connection must be SNATed");
+            // The chain counter misses the few connections whose 4-tuple reuses a conntrack
+            // entry still in CLOSE state (ports wrap during a run): conntrack keeps that
+            // entry's NAT binding without a new pass through the nat chain. The server's
+            // per-connection answer above is the real check.
             let by_rule = c1.snated() - c0.snated();
-            assert!(by_rule >= total, "rule counter {by_rule} < {total}");
+            assert!(
+                by_rule * 100 >= total * 99,
+                "rule counter {by_rule} vs {total}"
+            );
             let rate = total as f64 / SECS.parse::<f64>().unwrap_or(3.0);
             eprintln!(
                 "conn/s with {} elements: {rate:.0} ({snated}/{total} SNATed)",

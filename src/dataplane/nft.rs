@@ -26,6 +26,13 @@
 //! falls through; so "seen" minus "not-snated" is the number of connections egressd SNATed. (A
 //! counter on the snat rule itself would run before the lookup and count everything.)
 //!
+//! Measured costs (kernel 6.18, nft 1.0.6, `benches/nft.rs`): the kernel's pipapo set backend
+//! copies the whole map on every transaction, so even a one-element change costs time growing
+//! with the map (about 20 ms at 1 000 elements, 70 ms at 10 000, 90 ms at 100 000). Inserting
+//! many elements that share the same *first* key field (one source range × many destinations)
+//! is quadratic in the kernel (10 000: 0.45 s, 100 000: 31 s), while distinct first fields are
+//! linear (100 000: 1.4 s); the key order `saddr . daddr` therefore favours many sources.
+//!
 //! Every change is one `nft -f -` script, and nft applies a script as one kernel transaction:
 //! a rejected element leaves the previous ruleset untouched.
 
