@@ -2,6 +2,7 @@
 //! `dataplane` touches the kernel; `reconciler` and `daemon` wire them; `admin` serves HTTP.
 
 pub mod admin;
+pub mod cluster;
 pub mod config;
 pub mod daemon;
 pub mod dataplane;
