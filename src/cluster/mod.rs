@@ -3,6 +3,7 @@
 
 pub mod controller;
 pub mod state;
+pub mod store;
 
 use std::fmt;
 use std::io::Cursor;
