@@ -18,7 +18,7 @@ use std::str::FromStr;
 
 use figment::providers::{Format, Toml};
 use figment::value::{Dict, Map, Value};
-use figment::{Figment, Metadata, Profile, Provider, Source};
+use figment::{Figment, Metadata, Provider, Source};
 use ipnet::IpNet;
 use serde::{Serialize, Serializer};
 
@@ -31,6 +31,19 @@ pub const DEFAULT_PATH: &str = "/etc/egressd/egressd.toml";
 pub const ENV_PREFIX: &str = "EGRESSD_";
 
 const ENV_METADATA_NAME: &str = "environment variable";
+const CLUSTER_KEYS: &[&str] = &[
+    "listen",
+    "peers",
+    "data_dir",
+    "secret_file",
+    "profile",
+    "heartbeat_ms",
+    "election_timeout_min_ms",
+    "election_timeout_max_ms",
+    "report_interval_ms",
+    "lease_ms",
+    "failover_timeout_ms",
+];
 const VIP_MODE: &str = "VirtualIPAddress";
 const PRIMARY_MODE: &str = "PrimaryIPFromEgressGatewayNodeInterface";
 const VIP_TABLE: &str = "virtual_ip_address";
@@ -67,6 +80,100 @@ pub struct ClusterConfig {
     /// As written: empty means a single-node cluster (see [`Config::voters`]).
     pub peers: Vec<Peer>,
     pub data_dir: PathBuf,
+    /// File holding the cluster's shared secret (every peer request is signed with it).
+    /// Required when there is more than one peer.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub secret_file: Option<PathBuf>,
+    pub profile: Profile,
+    /// Overrides of the profile's timing, milliseconds.
+    #[serde(skip_serializing_if = "TimingOverrides::is_empty")]
+    pub timing: TimingOverrides,
+}
+
+/// A set of timing defaults: `default` targets a failover of about a quarter second on ordinary
+/// hosts; `fast` halves everything, for quiet, well-connected machines.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Profile {
+    #[default]
+    Default,
+    Fast,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct TimingOverrides {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub heartbeat_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub election_timeout_min_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub election_timeout_max_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub report_interval_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lease_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub failover_timeout_ms: Option<u64>,
+}
+
+impl TimingOverrides {
+    pub fn is_empty(&self) -> bool {
+        *self == TimingOverrides::default()
+    }
+}
+
+/// The resolved timing of the cluster (profile plus overrides), milliseconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct ClusterTiming {
+    /// Raft heartbeat from the leader.
+    pub heartbeat_ms: u64,
+    /// A follower that hears no leader for a random time in this range starts an election.
+    pub election_timeout_min_ms: u64,
+    pub election_timeout_max_ms: u64,
+    /// How often a node reports its facts to the leader and renews its lease.
+    pub report_interval_ms: u64,
+    /// How long a grant lets a node hold its gateways without a renewal. A node that cannot
+    /// renew (no quorum, dead or hung daemon) stops answering for its VIPs after this long.
+    pub lease_ms: u64,
+    /// How long the leader waits for a silent node before giving its gateways away. Must exceed
+    /// `lease_ms`: that margin is what keeps two nodes from holding a VIP at once.
+    pub failover_timeout_ms: u64,
+}
+
+impl ClusterConfig {
+    pub fn timing(&self) -> ClusterTiming {
+        let base = match self.profile {
+            Profile::Default => ClusterTiming {
+                heartbeat_ms: 50,
+                election_timeout_min_ms: 150,
+                election_timeout_max_ms: 300,
+                report_interval_ms: 50,
+                lease_ms: 150,
+                failover_timeout_ms: 250,
+            },
+            Profile::Fast => ClusterTiming {
+                heartbeat_ms: 25,
+                election_timeout_min_ms: 75,
+                election_timeout_max_ms: 150,
+                report_interval_ms: 20,
+                lease_ms: 70,
+                failover_timeout_ms: 110,
+            },
+        };
+        let o = &self.timing;
+        ClusterTiming {
+            heartbeat_ms: o.heartbeat_ms.unwrap_or(base.heartbeat_ms),
+            election_timeout_min_ms: o
+                .election_timeout_min_ms
+                .unwrap_or(base.election_timeout_min_ms),
+            election_timeout_max_ms: o
+                .election_timeout_max_ms
+                .unwrap_or(base.election_timeout_max_ms),
+            report_interval_ms: o.report_interval_ms.unwrap_or(base.report_interval_ms),
+            lease_ms: o.lease_ms.unwrap_or(base.lease_ms),
+            failover_timeout_ms: o.failover_timeout_ms.unwrap_or(base.failover_timeout_ms),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -115,6 +222,9 @@ impl Default for ClusterConfig {
             listen: SocketAddr::from(([0, 0, 0, 0], 7480)),
             peers: Vec::new(),
             data_dir: PathBuf::from("/var/lib/egressd"),
+            secret_file: None,
+            profile: Profile::Default,
+            timing: TimingOverrides::default(),
         }
     }
 }
@@ -382,8 +492,8 @@ impl Provider for Layer {
         self.metadata.clone()
     }
 
-    fn data(&self) -> Result<Map<Profile, Dict>, figment::Error> {
-        Ok(Profile::Default.collect(self.dict.clone()))
+    fn data(&self) -> Result<Map<figment::Profile, Dict>, figment::Error> {
+        Ok(figment::Profile::Default.collect(self.dict.clone()))
     }
 }
 
@@ -1073,9 +1183,44 @@ impl Walker<'_> {
         let defaults = ClusterConfig::default();
         let empty = Dict::new();
         let dict = match v {
-            Some(v) => self.table(v, "cluster", &["listen", "peers", "data_dir"])?,
+            Some(v) => self.table(v, "cluster", CLUSTER_KEYS)?,
             None => &empty,
         };
+        let secret_file = match dict.get("secret_file") {
+            Some(v) => self.path(v, "cluster.secret_file").map(Some),
+            None => Some(None),
+        };
+        let profile = match dict.get("profile") {
+            Some(v) => match self.string(v, "cluster.profile", "\"default\" or \"fast\"")?.as_str() {
+                "default" => Some(Profile::Default),
+                "fast" => Some(Profile::Fast),
+                other => {
+                    self.push(
+                        "cluster.profile",
+                        format!("unknown profile {other:?}; expected \"default\" or \"fast\""),
+                    );
+                    None
+                }
+            },
+            None => Some(Profile::Default),
+        };
+        let mut timing = TimingOverrides::default();
+        let mut timing_ok = true;
+        for (key, slot) in [
+            ("heartbeat_ms", &mut timing.heartbeat_ms),
+            ("election_timeout_min_ms", &mut timing.election_timeout_min_ms),
+            ("election_timeout_max_ms", &mut timing.election_timeout_max_ms),
+            ("report_interval_ms", &mut timing.report_interval_ms),
+            ("lease_ms", &mut timing.lease_ms),
+            ("failover_timeout_ms", &mut timing.failover_timeout_ms),
+        ] {
+            if let Some(v) = dict.get(key) {
+                match self.uint(v, &format!("cluster.{key}"), 5..=60_000, " milliseconds") {
+                    Some(n) => *slot = Some(n),
+                    None => timing_ok = false,
+                }
+            }
+        }
         let listen = match dict.get("listen") {
             Some(v) => self.socket_addr(v, "cluster.listen"),
             None => Some(defaults.listen),
@@ -1088,11 +1233,56 @@ impl Walker<'_> {
         if let Some(v) = dict.get("peers") {
             peers = self.peers(v);
         }
-        Some(ClusterConfig {
+        let cluster = ClusterConfig {
             listen: listen?,
             peers: peers?,
             data_dir: data_dir?,
-        })
+            secret_file: secret_file?,
+            profile: profile?,
+            timing,
+        };
+        if !timing_ok {
+            return None;
+        }
+        let t = cluster.timing();
+        if t.election_timeout_min_ms <= t.heartbeat_ms
+            || t.election_timeout_max_ms <= t.election_timeout_min_ms
+        {
+            self.push(
+                "cluster.election_timeout_min_ms",
+                format!(
+                    "heartbeat {} ms < election timeout min {} ms < max {} ms is required",
+                    t.heartbeat_ms, t.election_timeout_min_ms, t.election_timeout_max_ms
+                ),
+            );
+        }
+        if t.lease_ms <= t.report_interval_ms {
+            self.push(
+                "cluster.lease_ms",
+                format!(
+                    "{} ms must exceed report_interval_ms ({} ms), or leases lapse between renewals",
+                    t.lease_ms, t.report_interval_ms
+                ),
+            );
+        }
+        if t.failover_timeout_ms <= t.lease_ms {
+            self.push(
+                "cluster.failover_timeout_ms",
+                format!(
+                    "{} ms must exceed lease_ms ({} ms): a silent node must have stopped \
+                     answering for its VIPs before they are given away",
+                    t.failover_timeout_ms, t.lease_ms
+                ),
+            );
+        }
+        if cluster.peers.len() > 1 && cluster.secret_file.is_none() {
+            self.push(
+                "cluster.secret_file",
+                "is required when cluster.peers lists more than one node: peers sign every \
+                 request with the shared secret in this file",
+            );
+        }
+        Some(cluster)
     }
 
     fn path(&mut self, v: &Value, key: &str) -> Option<PathBuf> {

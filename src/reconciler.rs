@@ -32,6 +32,14 @@ pub fn managed_addresses(gateways: &[Gateway]) -> BTreeSet<IpAddr> {
     out
 }
 
+fn ipv4s<'a>(ips: impl Iterator<Item = &'a IpAddr>) -> BTreeSet<Ipv4Addr> {
+    ips.filter_map(|ip| match ip {
+        IpAddr::V4(v4) => Some(*v4),
+        IpAddr::V6(_) => None,
+    })
+    .collect()
+}
+
 /// The primary IPv4 of an interface: its first IPv4 address that egressd does not manage.
 fn primary_ipv4(addrs: &[(IpAddr, u8)], managed: &BTreeSet<IpAddr>) -> Option<Ipv4Addr> {
     addrs.iter().find_map(|(a, _)| match a {
@@ -188,15 +196,28 @@ impl<H: Host, F: Firewall> Reconciler<H, F> {
         self.installed.as_ref()
     }
 
-    /// Makes the host match `desired`. `host` is a fresh observation; `managed` are the
-    /// addresses egressd may remove. Stops at the first error (the next round retries).
+    /// Makes the host match `desired`, with the ARP lease of the held IPv4 addresses renewed for
+    /// `lease` from now. `host` is a fresh observation; `managed` are the addresses egressd may
+    /// remove. Stops at the first error (the next round retries).
     pub async fn converge(
         &mut self,
         desired: &Desired,
         host: &HostState,
         managed: &BTreeSet<IpAddr>,
+        lease: Duration,
     ) -> dataplane::Result<Changes> {
         let mut changes = Changes::default();
+        let managed4 = ipv4s(managed.iter());
+        let wanted4 = ipv4s(desired.addresses.iter().map(|(_, ip)| ip));
+
+        // 0. Stop answering ARP for what is released, before anything else.
+        let keep4: BTreeSet<Ipv4Addr> = ipv4s(self.held.iter().map(|(_, ip)| ip))
+            .intersection(&wanted4)
+            .copied()
+            .collect();
+        if keep4.len() < ipv4s(self.held.iter().map(|(_, ip)| ip)).len() {
+            self.firewall.lease(&managed4, &keep4, lease).await?;
+        }
 
         // 1. Release: managed or held addresses present but not wanted.
         let mut to_remove = Vec::new();
@@ -232,19 +253,22 @@ impl<H: Host, F: Firewall> Reconciler<H, F> {
             let present = host
                 .get(iface)
                 .is_some_and(|i| i.addresses.iter().any(|(a, _)| a == ip));
-            if present && self.settings.address_lifetime.is_none() {
-                self.held.insert((iface.clone(), *ip));
-                continue;
+            if !present || self.settings.address_lifetime.is_some() {
+                self.host
+                    .add_address(iface, *ip, self.settings.address_lifetime)
+                    .await?;
             }
-            self.host
-                .add_address(iface, *ip, self.settings.address_lifetime)
-                .await?;
             self.held.insert((iface.clone(), *ip));
             if !present {
                 changes.added.push((iface.clone(), *ip));
-                self.announce_now(iface, *ip, self.settings.garp_count, now)
-                    .await;
             }
+        }
+
+        // 4. Answer ARP for what is held (and renew the lease), then tell the LAN.
+        self.firewall.lease(&managed4, &wanted4, lease).await?;
+        for (iface, ip) in changes.added.clone() {
+            self.announce_now(&iface, ip, self.settings.garp_count, now)
+                .await;
         }
         if self.next_refresh.is_none() {
             self.next_refresh = self.settings.garp_refresh.map(|r| now + r);
@@ -423,8 +447,8 @@ mod tests {
 
     fn reconciler(h: FakeHost, garp_count: u32) -> Reconciler<FakeHost, FakeFirewall> {
         let fw = FakeFirewall {
-            map: None,
             journal: h.journal.clone(),
+            ..Default::default()
         };
         Reconciler::new(h, fw, settings(garp_count))
     }
@@ -437,7 +461,9 @@ mod tests {
         let managed = managed_addresses(&gws);
         let state = rec.host.observe().await.unwrap();
         let desired = plan("gw1", assignment, &gws, &policies(), &state, &managed);
-        rec.converge(&desired, &state, &managed).await.unwrap()
+        rec.converge(&desired, &state, &managed, Duration::from_millis(150))
+            .await
+            .unwrap()
     }
 
     #[test]
@@ -483,8 +509,9 @@ mod tests {
             vec![
                 Op::Snat(n),
                 Op::AddAddress("eth0".into(), ip(NH)),
-                Op::Announce("eth0".into(), ip(NH)),
                 Op::AddAddress("eth1".into(), ip(VIP)),
+                Op::Lease(vec![NH.parse().unwrap(), VIP.parse().unwrap()]),
+                Op::Announce("eth0".into(), ip(NH)),
                 Op::Announce("eth1".into(), ip(VIP)),
             ]
         );

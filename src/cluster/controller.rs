@@ -181,6 +181,12 @@ impl Controller {
         }
     }
 
+    /// How long since the node's last report (since leadership began if it never reported).
+    pub fn silent_for(&self, node: &str, now: Instant) -> Duration {
+        let since = self.nodes.get(node).map_or(self.leader_since, |r| r.received);
+        now.saturating_duration_since(since)
+    }
+
     /// Whether a node counts as a live member for the election.
     pub fn alive(&self, node: &str, now: Instant) -> bool {
         self.nodes.get(node).is_some_and(|r| !self.silent(r, now))

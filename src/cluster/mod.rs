@@ -2,8 +2,10 @@
 //! store, its authenticated HTTP transport, and the leader's controller.
 
 pub mod controller;
+pub mod node;
 pub mod state;
 pub mod store;
+pub mod transport;
 
 use std::fmt;
 use std::io::Cursor;

@@ -1,6 +1,7 @@
 //! In-memory stand-ins for the kernel, so that the reconciler's behaviour is tested without root.
 
-use std::net::IpAddr;
+use std::collections::BTreeSet;
+use std::net::{IpAddr, Ipv4Addr};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -14,6 +15,7 @@ pub enum Op {
     DelAddress(String, IpAddr),
     Announce(String, IpAddr),
     Snat(usize),
+    Lease(Vec<std::net::Ipv4Addr>),
     RemoveTable,
 }
 
@@ -109,6 +111,7 @@ impl Host for FakeHost {
 #[derive(Debug, Default)]
 pub struct FakeFirewall {
     pub map: Option<SnatMap>,
+    pub leased: BTreeSet<Ipv4Addr>,
     pub journal: Journal,
 }
 
@@ -121,9 +124,23 @@ impl Firewall for FakeFirewall {
         Ok(())
     }
 
+    async fn lease(
+        &mut self,
+        _managed: &BTreeSet<Ipv4Addr>,
+        leased: &BTreeSet<Ipv4Addr>,
+        _ttl: Duration,
+    ) -> Result<()> {
+        if *leased != self.leased {
+            self.journal.push(Op::Lease(leased.iter().copied().collect()));
+            self.leased = leased.clone();
+        }
+        Ok(())
+    }
+
     async fn remove(&mut self) -> Result<()> {
         self.journal.push(Op::RemoveTable);
         self.map = None;
+        self.leased.clear();
         Ok(())
     }
 }

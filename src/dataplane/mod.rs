@@ -6,8 +6,8 @@ pub mod fake;
 pub mod host;
 pub mod nft;
 
-use std::collections::BTreeMap;
-use std::net::IpAddr;
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
 
 use serde::Serialize;
@@ -40,7 +40,16 @@ pub trait Firewall: Send {
     /// replaces any stale egressd table in one transaction; later calls change only the
     /// elements that differ, also in one transaction.
     fn apply(&mut self, map: &SnatMap) -> impl Future<Output = Result<()>> + Send;
-    /// Delete egressd's table (clean shutdown). Other tables are never touched.
+    /// Fence ARP: the kernel answers ARP for an address of `managed` only while it is in
+    /// `leased`, and only for `ttl` from now unless this is called again. A daemon that dies or
+    /// hangs stops renewing, and its node stops answering for its VIPs when the lease runs out.
+    fn lease(
+        &mut self,
+        managed: &BTreeSet<Ipv4Addr>,
+        leased: &BTreeSet<Ipv4Addr>,
+        ttl: Duration,
+    ) -> impl Future<Output = Result<()>> + Send;
+    /// Delete egressd's tables (clean shutdown). Other tables are never touched.
     fn remove(&mut self) -> impl Future<Output = Result<()>> + Send;
 }
 

@@ -41,6 +41,7 @@ use std::fmt::{self, Display, Write as _};
 use std::net::{Ipv4Addr, Ipv6Addr};
 use std::process::Stdio;
 use std::str::FromStr;
+use std::time::Duration;
 
 use serde_json::Value;
 use tokio::io::AsyncWriteExt;
@@ -54,6 +55,9 @@ pub const MAP4: &str = "snat4";
 pub const MAP6: &str = "snat6";
 /// Name of the nat chain inside egressd's table.
 pub const CHAIN: &str = "postrouting";
+/// Sets of the ARP fence table (`arp <table>`).
+pub const MANAGED: &str = "managed";
+pub const LEASE: &str = "lease";
 
 /// Elements per `add element`/`delete element` statement. nft accepts much longer statements
 /// (100 000 elements in one statement loaded fine here), but bounded statements keep nft's
@@ -122,6 +126,9 @@ pub struct NftFirewall {
     /// `["ip", "netns", "exec", NS, "nft"]` for tests and benchmarks.
     command: Vec<String>,
     installed: Option<Installed>,
+    /// The managed set of the installed ARP fence table, `None` when not installed.
+    fence: Option<BTreeSet<Ipv4Addr>>,
+    leased: BTreeSet<Ipv4Addr>,
     transactions: u64,
 }
 
@@ -159,6 +166,8 @@ impl NftFirewall {
             table: table.to_owned(),
             command,
             installed: None,
+            fence: None,
+            leased: BTreeSet::new(),
             transactions: 0,
         }
     }
@@ -358,15 +367,92 @@ impl Firewall for NftFirewall {
         Ok(())
     }
 
+    async fn lease(
+        &mut self,
+        managed: &BTreeSet<Ipv4Addr>,
+        leased: &BTreeSet<Ipv4Addr>,
+        ttl: Duration,
+    ) -> Result<()> {
+        validate_table_name(&self.table)?;
+        let ttl_ms = ttl.as_millis().min(u128::from(u32::MAX)) as u64;
+        let leased: BTreeSet<Ipv4Addr> = if ttl_ms == 0 {
+            BTreeSet::new()
+        } else {
+            leased.intersection(managed).copied().collect()
+        };
+        let mut s = String::new();
+        let t = &self.table;
+        if self.fence.as_ref() != Some(managed) {
+            s.push_str(&fence_script(t, managed));
+        } else {
+            // `add` first so that `delete` cannot fail on an element that already expired.
+            for ip in self.leased.difference(&leased) {
+                let _ = writeln!(
+                    s,
+                    "add element arp {t} {LEASE} {{ {ip} timeout 1ms }}\n\
+                     delete element arp {t} {LEASE} {{ {ip} }}"
+                );
+            }
+        }
+        // Re-adding an element does not restart its timeout; delete and add again does.
+        for ip in &leased {
+            let _ = writeln!(
+                s,
+                "add element arp {t} {LEASE} {{ {ip} timeout {ttl_ms}ms }}\n\
+                 delete element arp {t} {LEASE} {{ {ip} }}\n\
+                 add element arp {t} {LEASE} {{ {ip} timeout {ttl_ms}ms }}"
+            );
+        }
+        if s.is_empty() {
+            return Ok(());
+        }
+        self.fence = None;
+        self.transaction("lease", &s).await?;
+        self.fence = Some(managed.clone());
+        self.leased = leased;
+        Ok(())
+    }
+
     async fn remove(&mut self) -> Result<()> {
         validate_table_name(&self.table)?;
         self.installed = None;
+        self.fence = None;
+        self.leased.clear();
         // `add` then `delete` in one transaction: succeeds whether or not the table exists,
         // without parsing nft's "No such file or directory" message.
         let t = &self.table;
-        let script = format!("add table inet {t}\ndelete table inet {t}\n");
+        let script =
+            format!("add table inet {t}\ndelete table inet {t}\nadd table arp {t}\ndelete table arp {t}\n");
         self.transaction("delete table", &script).await
     }
+}
+
+/// The ARP fence table, replacing any earlier one: ARP requests for a managed address are
+/// dropped unless the address is in the lease set, whose elements time out by themselves; and
+/// this node never sends ARP with a managed sender address it has no lease for, so a fenced node
+/// cannot poison its neighbours' caches either.
+fn fence_script(t: &str, managed: &BTreeSet<Ipv4Addr>) -> String {
+    let mut s = format!(
+        "add table arp {t}\n\
+         delete table arp {t}\n\
+         table arp {t} {{\n\
+         \tset {MANAGED} {{ type ipv4_addr; }}\n\
+         \tset {LEASE} {{ type ipv4_addr; flags timeout; }}\n\
+         \tchain input {{\n\
+         \t\ttype filter hook input priority 0; policy accept;\n\
+         \t\tarp operation request arp daddr ip @{MANAGED} arp daddr ip != @{LEASE} drop\n\
+         \t}}\n\
+         \tchain output {{\n\
+         \t\ttype filter hook output priority 0; policy accept;\n\
+         \t\tarp saddr ip @{MANAGED} arp saddr ip != @{LEASE} drop\n\
+         \t}}\n\
+         }}\n"
+    );
+    if !managed.is_empty() {
+        let list: Vec<String> = managed.iter().map(|ip| ip.to_string()).collect();
+        let _ = writeln!(s, "add element arp {t} {MANAGED} {{ {} }}", list.join(", "));
+    }
+    s
 }
 
 /// Appends `verb element inet T M { e1,\n e2,\n ... }` statements, [`CHUNK`] elements each.

@@ -1,0 +1,430 @@
+//! One cluster member at run time: the Raft instance, its peer endpoint (Raft RPCs plus node
+//! reports and forwarded writes), bootstrap, and the leader's controller loop.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::{Json, Router};
+use openraft::error::{ClientWriteError, RaftError};
+use openraft::SnapshotPolicy;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{Notify, watch};
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use crate::cluster::controller::{ChangeKind, Controller, Grant, Report, Timing};
+use crate::cluster::store::{self, Applied};
+use crate::cluster::transport::{self, Auth, Network, PeerClient};
+use crate::cluster::{Command, CommandResponse, Member, NodeId, Raft, node_id};
+use crate::config::{ClusterTiming, Config, Peer};
+use crate::election::Decision;
+use crate::model::NodeName;
+
+/// At most this many voters; further peers join as learners so the quorum stays small.
+pub const MAX_VOTERS: usize = 5;
+
+/// What the leader last decided, for status pages.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct LeaderView {
+    pub decision: Option<Decision>,
+    /// Failovers (assignment moves away from a silent node) per gateway, and the last one's
+    /// detection time in ms.
+    pub failovers: BTreeMap<String, (u64, u64)>,
+}
+
+pub struct ClusterNode {
+    pub name: NodeName,
+    pub id: NodeId,
+    pub raft: Raft,
+    pub timing: ClusterTiming,
+    peers: Vec<Peer>,
+    client: PeerClient,
+    applied: watch::Receiver<Applied>,
+    controller: Mutex<Option<Controller>>,
+    controller_wake: Notify,
+    pub leader_view: Mutex<LeaderView>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct ApiError {
+    error: String,
+    leader: Option<String>,
+}
+
+fn api_error(status: StatusCode, error: String, leader: Option<String>) -> Response {
+    (status, Json(ApiError { error, leader })).into_response()
+}
+
+impl ClusterNode {
+    /// Opens the store, starts Raft and the peer endpoint, and bootstraps a fresh cluster.
+    pub async fn start(config: &Config) -> anyhow::Result<Arc<ClusterNode>> {
+        let timing = config.cluster.timing();
+        let name = config.node.name.clone();
+        let id = node_id(&name);
+        let (log, sm) = store::open(&config.cluster.data_dir)
+            .with_context(|| format!("opening the Raft store in {}", config.cluster.data_dir.display()))?;
+        let applied = sm.subscribe();
+
+        let raft_config = openraft::Config {
+            cluster_name: "egressd".into(),
+            heartbeat_interval: timing.heartbeat_ms,
+            election_timeout_min: timing.election_timeout_min_ms,
+            election_timeout_max: timing.election_timeout_max_ms,
+            snapshot_policy: SnapshotPolicy::LogsSinceLast(1000),
+            max_in_snapshot_log_to_keep: 100,
+            ..Default::default()
+        }
+        .validate()
+        .context("Raft timing settings")?;
+
+        let auth = match &config.cluster.secret_file {
+            Some(path) => Auth::from_file(path)
+                .with_context(|| format!("reading the cluster secret {}", path.display()))?,
+            // A one-node cluster talks to nobody: a secret nobody else knows keeps it that way.
+            None => Auth::new(&random_secret()),
+        };
+        let client = PeerClient::new(auth.clone());
+        let raft = Raft::new(
+            id,
+            Arc::new(raft_config),
+            Network::new(client.clone()),
+            log,
+            sm,
+        )
+        .await
+        .context("starting Raft")?;
+
+        let node = Arc::new(ClusterNode {
+            name,
+            id,
+            raft,
+            timing,
+            peers: config.voters(),
+            client,
+            applied,
+            controller: Mutex::new(None),
+            controller_wake: Notify::new(),
+            leader_view: Mutex::new(LeaderView::default()),
+        });
+
+        let router = transport::authenticated(
+            transport::raft_routes(node.raft.clone()).merge(
+                Router::new()
+                    .route("/cluster/report", post(report_handler))
+                    .route("/cluster/write", post(write_handler))
+                    .with_state(node.clone()),
+            ),
+            auth,
+        );
+        let listen = config.cluster.listen;
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .with_context(|| format!("binding the peer endpoint to {listen}"))?;
+        tokio::spawn(async move {
+            if let Err(e) = axum::serve(listener, router).await {
+                warn!(error = %e, "peer endpoint stopped");
+            }
+        });
+
+        node.bootstrap(&config.voters()).await?;
+        Ok(node)
+    }
+
+    /// Initializes a fresh cluster with the configured voters. Every node does this with the same
+    /// member set, which openraft documents as safe; whichever start order, one initialization
+    /// wins and the others find the cluster already initialized.
+    async fn bootstrap(&self, peers: &[Peer]) -> anyhow::Result<()> {
+        if self.raft.is_initialized().await.context("reading Raft state")? {
+            return Ok(());
+        }
+        let mut sorted: Vec<&Peer> = peers.iter().collect();
+        sorted.sort_by(|a, b| a.name.cmp(&b.name));
+        let voters: BTreeMap<NodeId, Member> = sorted
+            .iter()
+            .take(MAX_VOTERS)
+            .map(|p| (node_id(&p.name), member(p)))
+            .collect();
+        if !voters.contains_key(&self.id) {
+            // A learner never initializes; the leader adds it.
+            return Ok(());
+        }
+        match self.raft.initialize(voters).await {
+            Ok(()) => info!(voters = peers.len().min(MAX_VOTERS), "initialized a new cluster"),
+            // Another node's initialization reached us first: the same outcome.
+            Err(RaftError::APIError(e)) => debug!(error = %e, "cluster already initialized"),
+            Err(e) => return Err(e).context("initializing the cluster"),
+        }
+        Ok(())
+    }
+
+    pub fn applied(&self) -> Applied {
+        self.applied.borrow().clone()
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<Applied> {
+        self.applied.clone()
+    }
+
+    /// The leader's id and peer address, if one is known.
+    pub fn leader(&self) -> Option<(NodeId, Member)> {
+        let m = self.raft.metrics().borrow().clone();
+        let leader = m.current_leader?;
+        let member = m.membership_config.membership().get_node(&leader)?.clone();
+        Some((leader, member))
+    }
+
+    fn is_leader_locally(&self) -> bool {
+        self.raft.metrics().borrow().current_leader == Some(self.id)
+    }
+
+    /// Sends a report to the leader (in-process when that is us) and returns its grant.
+    pub async fn report(&self, report: Report) -> anyhow::Result<Grant> {
+        let (leader, member) = self.leader().context("no leader known")?;
+        if leader == self.id {
+            return self.handle_report(report);
+        }
+        self.client
+            .post(
+                &member.addr,
+                "/cluster/report",
+                &report,
+                Duration::from_millis(self.timing.report_interval_ms.max(20)),
+            )
+            .await
+            .with_context(|| format!("reporting to leader {}", member.name))
+    }
+
+    fn handle_report(&self, report: Report) -> anyhow::Result<Grant> {
+        let state = self.applied.borrow().state.clone();
+        let mut guard = self
+            .controller
+            .lock()
+            .map_err(|_| anyhow::anyhow!("controller lock poisoned"))?;
+        let Some(ctl) = guard.as_mut() else {
+            anyhow::bail!("not the leader (yet)");
+        };
+        let mut grant = ctl.on_report(report, Instant::now(), &state);
+        drop(guard);
+        grant.leader = self.name.clone();
+        grant.term = self.raft.metrics().borrow().current_term;
+        // A report may confirm a release the controller is waiting for.
+        self.controller_wake.notify_one();
+        Ok(grant)
+    }
+
+    /// Commits a command through the leader, wherever it is.
+    pub async fn write(&self, cmd: Command) -> anyhow::Result<CommandResponse> {
+        let (leader, member) = self.leader().context("no leader known")?;
+        if leader == self.id {
+            let resp = self.raft.client_write(cmd).await.context("committing")?;
+            return Ok(resp.data);
+        }
+        self.client
+            .post(&member.addr, "/cluster/write", &cmd, Duration::from_secs(5))
+            .await
+            .with_context(|| format!("forwarding the write to leader {}", member.name))
+    }
+
+    /// The leader's loop: confirm the quorum, decide, commit assignment changes. Runs on every
+    /// node and does nothing while the node is not the leader.
+    pub async fn run_controller(self: Arc<Self>) {
+        let tick = Duration::from_millis(self.timing.report_interval_ms);
+        let timing = Timing {
+            lease: Duration::from_millis(self.timing.lease_ms),
+            failover_timeout: Duration::from_millis(self.timing.failover_timeout_ms),
+        };
+        let mut metrics = self.raft.metrics();
+        let mut applied = self.applied.clone();
+        let mut next = Instant::now();
+        let mut learners_added: BTreeSet<NodeId> = BTreeSet::new();
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep_until(next.into()) => {}
+                _ = self.controller_wake.notified() => {}
+                r = metrics.changed() => if r.is_err() { return },
+                r = applied.changed() => if r.is_err() { return },
+            }
+            let now = Instant::now();
+            if !self.is_leader_locally() {
+                if let Ok(mut c) = self.controller.lock() {
+                    *c = None;
+                }
+                next = now + tick;
+                continue;
+            }
+            let term = self.raft.metrics().borrow().current_term;
+            let span = info_span!("controller", node = %self.name, term);
+            self.clone()
+                .controller_round(timing, &mut learners_added)
+                .instrument(span)
+                .await;
+            let deadline = self
+                .controller
+                .lock()
+                .ok()
+                .and_then(|c| c.as_ref().and_then(|c| c.next_deadline(Instant::now())));
+            next = deadline.map_or(now + tick, |d| d.min(now + tick));
+        }
+    }
+
+    async fn controller_round(
+        self: Arc<Self>,
+        timing: Timing,
+        learners_added: &mut BTreeSet<NodeId>,
+    ) {
+        let started = Instant::now();
+        if let Ok(mut c) = self.controller.lock()
+            && c.is_none()
+        {
+            info!("became leader: taking over the controller");
+            *c = Some(Controller::new(timing, started));
+        }
+        // A quorum's answer proves nobody else can be leader yet, for the lease's length.
+        if self.raft.is_leader().await.is_ok()
+            && let Ok(mut c) = self.controller.lock()
+            && let Some(c) = c.as_mut()
+        {
+            c.confirmed(started);
+        }
+        let applied = self.applied();
+        let membership = applied.membership.membership().clone();
+        let members: Vec<NodeName> = membership.nodes().map(|(_, m)| m.name.clone()).collect();
+        let now = Instant::now();
+        let (changes, decision) = {
+            let Ok(c) = self.controller.lock() else { return };
+            let Some(c) = c.as_ref() else { return };
+            let (changes, decision) = c.tick(&members, &applied.state, now);
+            let silent: Vec<(String, u64)> = changes
+                .iter()
+                .filter(|ch| ch.kind == ChangeKind::Failover)
+                .filter_map(|ch| {
+                    let from = ch.from.as_ref()?;
+                    Some((ch.gateway.clone(), c.silent_for(from, now).as_millis() as u64))
+                })
+                .collect();
+            if let Ok(mut v) = self.leader_view.lock() {
+                for (g, ms) in silent {
+                    let e = v.failovers.entry(g).or_default();
+                    e.0 += 1;
+                    e.1 = ms;
+                }
+                v.decision = Some(decision.clone());
+            }
+            (changes, decision)
+        };
+        if !changes.is_empty() {
+            for ch in &changes {
+                let why = match ch.kind {
+                    ChangeKind::Failover => format!(
+                        "{} went silent (no report for {} ms; its lease has expired)",
+                        ch.from.as_deref().unwrap_or("-"),
+                        self.leader_view
+                            .lock()
+                            .ok()
+                            .and_then(|v| v.failovers.get(&ch.gateway).map(|f| f.1))
+                            .unwrap_or(0)
+                    ),
+                    ChangeKind::Release => {
+                        let reason = ch
+                            .from
+                            .as_ref()
+                            .and_then(|f| decision.gateways.get(&ch.gateway)?.ineligible.get(f))
+                            .map(|r| r.to_string())
+                            .unwrap_or_else(|| "a node earlier in the selection order is eligible".into());
+                        format!("planned handover: {reason}; releasing first")
+                    }
+                    ChangeKind::Assign => "the gateway is free and this node is the choice".into(),
+                };
+                info!(
+                    gateway = %ch.gateway,
+                    from = ch.from.as_deref().unwrap_or("-"),
+                    to = ch.to.as_deref().unwrap_or("-"),
+                    kind = ?ch.kind,
+                    why,
+                    "assignment change"
+                );
+            }
+            let cmd = Command::Assign(
+                changes
+                    .iter()
+                    .map(|c| (c.gateway.clone(), c.to.clone()))
+                    .collect(),
+            );
+            let t = Instant::now();
+            match self.raft.client_write(cmd).await {
+                Ok(_) => debug!(commit_ms = t.elapsed().as_secs_f64() * 1e3, "assignment committed"),
+                Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => {}
+                Err(e) => warn!(error = %e, "committing the assignment failed"),
+            }
+        }
+        self.add_learners(&membership, learners_added).await;
+    }
+
+    /// Peers beyond the first `MAX_VOTERS` join as learners, added by the leader.
+    async fn add_learners(
+        &self,
+        membership: &openraft::Membership<NodeId, Member>,
+        added: &mut BTreeSet<NodeId>,
+    ) {
+        for p in &self.peers {
+            let id = node_id(&p.name);
+            if membership.get_node(&id).is_some() || added.contains(&id) {
+                continue;
+            }
+            match self.raft.add_learner(id, member(p), false).await {
+                Ok(_) => {
+                    info!(peer = %p.name, "added as a learner");
+                    added.insert(id);
+                }
+                Err(e) => warn!(peer = %p.name, error = %e, "adding a learner failed"),
+            }
+        }
+    }
+}
+
+fn member(p: &Peer) -> Member {
+    Member {
+        name: p.name.clone(),
+        addr: p.address.to_string(),
+    }
+}
+
+fn random_secret() -> Vec<u8> {
+    let mut buf = vec![0u8; 32];
+    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
+        use std::io::Read;
+        let _ = f.read_exact(&mut buf);
+    }
+    buf
+}
+
+async fn report_handler(
+    State(node): State<Arc<ClusterNode>>,
+    Json(report): Json<Report>,
+) -> Response {
+    match node.handle_report(report) {
+        Ok(grant) => Json(grant).into_response(),
+        Err(e) => api_error(
+            StatusCode::MISDIRECTED_REQUEST,
+            e.to_string(),
+            node.leader().map(|(_, m)| m.name),
+        ),
+    }
+}
+
+async fn write_handler(State(node): State<Arc<ClusterNode>>, Json(cmd): Json<Command>) -> Response {
+    match node.raft.client_write(cmd).await {
+        Ok(resp) => Json(resp.data).into_response(),
+        Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => api_error(
+            StatusCode::MISDIRECTED_REQUEST,
+            "not the leader".into(),
+            f.leader_node.map(|m| m.name),
+        ),
+        Err(e) => api_error(StatusCode::SERVICE_UNAVAILABLE, e.to_string(), None),
+    }
+}
