@@ -2,6 +2,7 @@
 //! store, its authenticated HTTP transport, and the leader's controller.
 
 pub mod state;
+pub mod transport;
 
 use std::fmt;
 use std::io::Cursor;
