@@ -2,6 +2,7 @@
 //! store, its authenticated HTTP transport, and the leader's controller.
 
 pub mod state;
+pub mod store;
 pub mod transport;
 
 use std::fmt;

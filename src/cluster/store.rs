@@ -1,0 +1,822 @@
+//! Durable Raft storage: the log, the vote, the committed log id and the current snapshot in one
+//! redb database (`<dir>/raft.redb`), and the state machine held in memory.
+//!
+//! Why this shape:
+//! - The state machine (`ClusterState`) is small, so it lives in memory and is persisted only as
+//!   snapshots. On restart it is loaded from the last snapshot, and openraft re-applies the log
+//!   entries up to the persisted committed log id (`save_committed`/`read_committed`), so a node
+//!   comes back with every change it had applied — without an fsync per apply.
+//! - Every write that openraft relies on for safety (log append, truncate, purge, vote, snapshot)
+//!   is a redb transaction committed with `Durability::Immediate` (fsync) before it is reported
+//!   done: an acknowledged entry or vote survives `kill -9` or power loss.
+//! - redb is synchronous; write transactions (which fsync) run on tokio's blocking pool so the
+//!   Raft core task's worker thread is not stalled by disk latency. Reads are served inline: they
+//!   touch no fsync and redb's reads are MVCC snapshots that never wait for a writer.
+
+use std::fmt::Debug;
+use std::io::{self, Cursor};
+use std::ops::{Bound, RangeBounds};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use openraft::storage::{LogFlushed, RaftLogStorage, RaftStateMachine};
+use openraft::{
+    AnyError, Entry, EntryPayload, LogId, LogState, OptionalSend, RaftLogReader,
+    RaftSnapshotBuilder, Snapshot, SnapshotMeta, StorageError, StorageIOError, StoredMembership,
+    Vote,
+};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use super::{ClusterState, CommandResponse, Member, NodeId, TypeConfig};
+
+/// Log entries, keyed by index; values are JSON-serialized `Entry<TypeConfig>`. The u64 key keeps
+/// entries in index order, so range reads, truncation and purging are B-tree range operations.
+const LOGS: TableDefinition<u64, &[u8]> = TableDefinition::new("raft_log");
+/// Small singleton values, JSON-serialized, under the `KEY_*` keys below.
+const META: TableDefinition<&str, &[u8]> = TableDefinition::new("raft_meta");
+/// The current snapshot: its `SnapshotMeta` under `KEY_SNAP_META`, its bytes under
+/// `KEY_SNAP_DATA`. Always written together in one transaction, so they never disagree.
+const SNAPSHOT: TableDefinition<&str, &[u8]> = TableDefinition::new("raft_snapshot");
+
+const KEY_VOTE: &str = "vote";
+const KEY_COMMITTED: &str = "committed";
+const KEY_LAST_PURGED: &str = "last_purged";
+const KEY_SNAP_META: &str = "meta";
+const KEY_SNAP_DATA: &str = "data";
+
+/// File name of the database inside the store directory.
+pub const DB_FILE: &str = "raft.redb";
+
+type StorageResult<T> = Result<T, StorageError<NodeId>>;
+type Meta = SnapshotMeta<NodeId, Member>;
+type Membership = StoredMembership<NodeId, Member>;
+
+/// Failure to open the store at start-up. The daemon cannot run without it, so each variant
+/// names the path involved to make the log line actionable.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("creating Raft store directory {path}: {source}")]
+    CreateDir { path: PathBuf, source: io::Error },
+    #[error("opening Raft database {path}: {source}")]
+    Open {
+        path: PathBuf,
+        source: redb::DatabaseError,
+    },
+    #[error("initialising Raft database {path}: {source}")]
+    Init { path: PathBuf, source: DbError },
+    #[error("loading the persisted snapshot from {path}: {source}")]
+    LoadSnapshot { path: PathBuf, source: DbError },
+}
+
+/// A failed database operation (redb or decoding). Converted into openraft's `StorageError` at
+/// the trait boundary, which tells openraft what was being done (read log, write vote, ...).
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error(transparent)]
+    Redb(#[from] redb::Error),
+    #[error("encoding/decoding: {0}")]
+    Codec(#[from] serde_json::Error),
+    #[error("storage task failed: {0}")]
+    Task(#[from] tokio::task::JoinError),
+}
+
+// `?` applies one `From`; redb returns a different error type per operation, so route each
+// through `redb::Error`.
+macro_rules! redb_into_db_error {
+    ($($t:ty),*) => {$(
+        impl From<$t> for DbError {
+            fn from(e: $t) -> Self {
+                DbError::Redb(e.into())
+            }
+        }
+    )*};
+}
+redb_into_db_error!(
+    redb::TransactionError,
+    redb::TableError,
+    redb::StorageError,
+    redb::CommitError
+);
+
+fn any(e: DbError) -> AnyError {
+    AnyError::new(&e)
+}
+
+/// The shared database handle. One per store directory: redb locks the file, so the log store
+/// and the state machine share it rather than opening it twice.
+struct Db {
+    db: Database,
+}
+
+impl Db {
+    fn get_meta<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>, DbError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(META)?;
+        match table.get(key)? {
+            Some(v) => Ok(Some(serde_json::from_slice(v.value())?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Writes one META value durably (fsync before returning).
+    fn put_meta<T: Serialize>(&self, key: &str, value: &T) -> Result<(), DbError> {
+        let bytes = serde_json::to_vec(value)?;
+        let txn = self.db.begin_write()?;
+        {
+            let mut table = txn.open_table(META)?;
+            table.insert(key, bytes.as_slice())?;
+        }
+        txn.commit()?;
+        Ok(())
+    }
+
+    fn log_state(&self) -> Result<LogState<TypeConfig>, DbError> {
+        let txn = self.db.begin_read()?;
+        let meta = txn.open_table(META)?;
+        let last_purged: Option<LogId<NodeId>> = match meta.get(KEY_LAST_PURGED)? {
+            Some(v) => Some(serde_json::from_slice(v.value())?),
+            None => None,
+        };
+        let logs = txn.open_table(LOGS)?;
+        let last_log = match logs.last()? {
+            Some((_, v)) => Some(serde_json::from_slice::<Entry<TypeConfig>>(v.value())?.log_id),
+            None => None,
+        };
+        Ok(LogState {
+            last_purged_log_id: last_purged,
+            // No entries left (all purged): openraft expects the purged id here.
+            last_log_id: last_log.or(last_purged),
+        })
+    }
+
+    fn entries(
+        &self,
+        start: Bound<u64>,
+        end: Bound<u64>,
+    ) -> Result<Vec<Entry<TypeConfig>>, DbError> {
+        if range_is_empty(start, end) {
+            return Ok(Vec::new());
+        }
+        let txn = self.db.begin_read()?;
+        let logs = txn.open_table(LOGS)?;
+        let mut out = Vec::new();
+        for item in logs.range::<u64>((start, end))? {
+            let (_, v) = item?;
+            out.push(serde_json::from_slice(v.value())?);
+        }
+        Ok(out)
+    }
+
+    /// Appends entries in one transaction, durably. An entry at an existing index replaces it
+    /// (openraft truncates conflicts first, so this only makes re-delivery idempotent).
+    fn append(&self, entries: &[Entry<TypeConfig>]) -> Result<(), DbError> {
+        let encoded = entries
+            .iter()
+            .map(|e| Ok((e.log_id.index, serde_json::to_vec(e)?)))
+            .collect::<Result<Vec<_>, DbError>>()?;
+        let txn = self.db.begin_write()?;
+        {
+            let mut logs = txn.open_table(LOGS)?;
+            for (index, bytes) in &encoded {
+                logs.insert(*index, bytes.as_slice())?;
+            }
+        }
+        txn.commit()?;
+        Ok(())
+    }
+
+    /// Deletes entries with index >= `from`.
+    fn truncate(&self, from: u64) -> Result<(), DbError> {
+        let txn = self.db.begin_write()?;
+        {
+            let mut logs = txn.open_table(LOGS)?;
+            logs.retain_in(from.., |_, _| false)?;
+        }
+        txn.commit()?;
+        Ok(())
+    }
+
+    /// Records `upto` as purged and deletes entries with index <= `upto.index`, atomically, so a
+    /// crash can never leave the purged id behind the entries actually present (no hole).
+    fn purge(&self, upto: LogId<NodeId>) -> Result<(), DbError> {
+        let txn = self.db.begin_write()?;
+        {
+            let mut meta = txn.open_table(META)?;
+            let previous: Option<LogId<NodeId>> = match meta.get(KEY_LAST_PURGED)? {
+                Some(v) => Some(serde_json::from_slice(v.value())?),
+                None => None,
+            };
+            // openraft purges monotonically; never let the recorded id move backwards anyway.
+            if previous.as_ref().is_none_or(|p| *p < upto) {
+                let bytes = serde_json::to_vec(&upto)?;
+                meta.insert(KEY_LAST_PURGED, bytes.as_slice())?;
+            }
+            let mut logs = txn.open_table(LOGS)?;
+            logs.retain_in(..=upto.index, |_, _| false)?;
+        }
+        txn.commit()?;
+        Ok(())
+    }
+
+    fn snapshot(&self) -> Result<Option<(Meta, Vec<u8>)>, DbError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(SNAPSHOT)?;
+        let meta = table.get(KEY_SNAP_META)?;
+        let data = table.get(KEY_SNAP_DATA)?;
+        match (meta, data) {
+            (Some(m), Some(d)) => Ok(Some((
+                serde_json::from_slice(m.value())?,
+                d.value().to_vec(),
+            ))),
+            _ => Ok(None),
+        }
+    }
+
+    /// Stores a snapshot durably, replacing the current one. With `only_if_newer`, a snapshot
+    /// older than the stored one is dropped: a snapshot build that raced with an installed
+    /// (newer) snapshot from the leader must not overwrite it.
+    fn put_snapshot(&self, meta: &Meta, data: &[u8], only_if_newer: bool) -> Result<(), DbError> {
+        let meta_bytes = serde_json::to_vec(meta)?;
+        let txn = self.db.begin_write()?;
+        {
+            let mut table = txn.open_table(SNAPSHOT)?;
+            if only_if_newer {
+                if let Some(cur) = table.get(KEY_SNAP_META)? {
+                    let cur: Meta = serde_json::from_slice(cur.value())?;
+                    if cur.last_log_id > meta.last_log_id {
+                        return Ok(());
+                    }
+                }
+            }
+            table.insert(KEY_SNAP_META, meta_bytes.as_slice())?;
+            table.insert(KEY_SNAP_DATA, data)?;
+        }
+        txn.commit()?;
+        Ok(())
+    }
+}
+
+fn range_is_empty(start: Bound<u64>, end: Bound<u64>) -> bool {
+    let lo = match start {
+        Bound::Included(s) => s,
+        Bound::Excluded(s) => match s.checked_add(1) {
+            Some(s) => s,
+            None => return true,
+        },
+        Bound::Unbounded => 0,
+    };
+    match end {
+        Bound::Included(e) => lo > e,
+        Bound::Excluded(e) => lo >= e,
+        Bound::Unbounded => false,
+    }
+}
+
+/// Runs a blocking database write off the async worker threads.
+async fn blocking<T, F>(f: F) -> Result<T, DbError>
+where
+    T: Send + 'static,
+    F: FnOnce() -> Result<T, DbError> + Send + 'static,
+{
+    tokio::task::spawn_blocking(f).await?
+}
+
+/// Opens (creating if needed) the store in `dir` and loads the state machine from the persisted
+/// snapshot, if any. Returns the two halves openraft wants; they share one database handle.
+pub fn open(dir: &Path) -> Result<(LogStore, StateMachineStore), StoreError> {
+    std::fs::create_dir_all(dir).map_err(|source| StoreError::CreateDir {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    let path = dir.join(DB_FILE);
+    let db = Database::create(&path).map_err(|source| StoreError::Open {
+        path: path.clone(),
+        source,
+    })?;
+    // Create the tables up front so read transactions can always open them.
+    let init = || -> Result<(), DbError> {
+        let txn = db.begin_write()?;
+        txn.open_table(LOGS)?;
+        txn.open_table(META)?;
+        txn.open_table(SNAPSHOT)?;
+        txn.commit()?;
+        Ok(())
+    };
+    init().map_err(|source| StoreError::Init {
+        path: path.clone(),
+        source,
+    })?;
+    let db = Arc::new(Db { db });
+
+    let load = || -> Result<SmData, DbError> {
+        Ok(match db.snapshot()? {
+            Some((meta, data)) => {
+                let payload: SnapshotPayload = serde_json::from_slice(&data)?;
+                SmData {
+                    state: Arc::new(payload.state),
+                    last_applied: meta.last_log_id,
+                    membership: meta.last_membership,
+                }
+            }
+            None => SmData::default(),
+        })
+    };
+    let data = load().map_err(|source| StoreError::LoadSnapshot { path, source })?;
+    let (tx, _) = watch::channel(data.applied());
+    let sm = StateMachineStore {
+        inner: Arc::new(SmInner {
+            db: db.clone(),
+            data: Mutex::new(data),
+            tx,
+        }),
+    };
+    Ok((LogStore { db }, sm))
+}
+
+/// The Raft log and vote. Cheap to clone; clones share the database (openraft's log readers for
+/// replication are clones).
+#[derive(Clone)]
+pub struct LogStore {
+    db: Arc<Db>,
+}
+
+impl RaftLogReader<TypeConfig> for LogStore {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
+        &mut self,
+        range: RB,
+    ) -> StorageResult<Vec<Entry<TypeConfig>>> {
+        self.db
+            .entries(range.start_bound().cloned(), range.end_bound().cloned())
+            .map_err(|e| StorageIOError::read_logs(any(e)).into())
+    }
+}
+
+impl RaftLogStorage<TypeConfig> for LogStore {
+    type LogReader = LogStore;
+
+    async fn get_log_state(&mut self) -> StorageResult<LogState<TypeConfig>> {
+        self.db
+            .log_state()
+            .map_err(|e| StorageIOError::read_logs(any(e)).into())
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &Vote<NodeId>) -> StorageResult<()> {
+        let db = self.db.clone();
+        let vote = *vote;
+        blocking(move || db.put_meta(KEY_VOTE, &vote))
+            .await
+            .map_err(|e| StorageIOError::write_vote(any(e)).into())
+    }
+
+    async fn read_vote(&mut self) -> StorageResult<Option<Vote<NodeId>>> {
+        self.db
+            .get_meta(KEY_VOTE)
+            .map_err(|e| StorageIOError::read_vote(any(e)).into())
+    }
+
+    /// Persisted (durably) so that a restarted node re-applies everything it had committed
+    /// before it exits `get_initial_state`, instead of starting from the last snapshot's state.
+    async fn save_committed(&mut self, committed: Option<LogId<NodeId>>) -> StorageResult<()> {
+        let db = self.db.clone();
+        blocking(move || db.put_meta(KEY_COMMITTED, &committed))
+            .await
+            .map_err(|e| StorageIOError::write(any(e)).into())
+    }
+
+    async fn read_committed(&mut self) -> StorageResult<Option<LogId<NodeId>>> {
+        self.db
+            .get_meta::<Option<LogId<NodeId>>>(KEY_COMMITTED)
+            .map(Option::flatten)
+            .map_err(|e| StorageIOError::read(any(e)).into())
+    }
+
+    /// Writes and fsyncs the entries, and only then reports them flushed: openraft counts a
+    /// flushed entry towards the commit quorum, so reporting earlier could lose a committed
+    /// write on a crash.
+    async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> StorageResult<()>
+    where
+        I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let entries: Vec<_> = entries.into_iter().collect();
+        let db = self.db.clone();
+        match blocking(move || db.append(&entries)).await {
+            Ok(()) => {
+                callback.log_io_completed(Ok(()));
+                Ok(())
+            }
+            Err(e) => {
+                callback.log_io_completed(Err(io::Error::other(e.to_string())));
+                Err(StorageIOError::write_logs(any(e)).into())
+            }
+        }
+    }
+
+    async fn truncate(&mut self, log_id: LogId<NodeId>) -> StorageResult<()> {
+        let db = self.db.clone();
+        blocking(move || db.truncate(log_id.index))
+            .await
+            .map_err(|e| StorageIOError::write_logs(any(e)).into())
+    }
+
+    async fn purge(&mut self, log_id: LogId<NodeId>) -> StorageResult<()> {
+        let db = self.db.clone();
+        blocking(move || db.purge(log_id))
+            .await
+            .map_err(|e| StorageIOError::write_logs(any(e)).into())
+    }
+}
+
+/// What the daemon sees of the state machine: the state after the last applied entry.
+#[derive(Debug, Clone)]
+pub struct Applied {
+    /// Index of the last applied log entry; 0 also before anything was applied (entry 0 is the
+    /// cluster's initial membership, which changes no `ClusterState`).
+    pub index: u64,
+    pub state: Arc<ClusterState>,
+    pub membership: StoredMembership<NodeId, Member>,
+}
+
+/// The snapshot's bytes: self-describing, so the state can be checked against the meta.
+#[derive(Serialize, Deserialize)]
+struct SnapshotPayload {
+    last_applied: Option<LogId<NodeId>>,
+    membership: Membership,
+    state: ClusterState,
+}
+
+#[derive(Default)]
+struct SmData {
+    /// Behind an `Arc` so that subscribers get the state without a copy; `apply` copies it once
+    /// per batch (copy-on-write) while subscribers still hold the previous version.
+    state: Arc<ClusterState>,
+    last_applied: Option<LogId<NodeId>>,
+    membership: Membership,
+}
+
+impl SmData {
+    fn applied(&self) -> Applied {
+        Applied {
+            index: self.last_applied.map_or(0, |l| l.index),
+            state: self.state.clone(),
+            membership: self.membership.clone(),
+        }
+    }
+}
+
+struct SmInner {
+    db: Arc<Db>,
+    data: Mutex<SmData>,
+    tx: watch::Sender<Applied>,
+}
+
+/// The state machine: `ClusterState` in memory, snapshots in the database. Cheap to clone; the
+/// snapshot builder openraft asks for is a clone.
+#[derive(Clone)]
+pub struct StateMachineStore {
+    inner: Arc<SmInner>,
+}
+
+impl StateMachineStore {
+    /// Changes to the applied state, published after every applied batch and snapshot install,
+    /// so the daemon can react to a committed change at once instead of polling.
+    pub fn subscribe(&self) -> watch::Receiver<Applied> {
+        self.inner.tx.subscribe()
+    }
+
+    /// The state as of the last applied entry.
+    pub fn current(&self) -> Applied {
+        self.inner.tx.borrow().clone()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, SmData> {
+        // A panic while holding the lock cannot leave `SmData` half-updated in a way that matters
+        // more than stopping the node would: keep serving.
+        self.inner.data.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
+    async fn build_snapshot(&mut self) -> StorageResult<Snapshot<TypeConfig>> {
+        let (payload, meta) = {
+            let data = self.lock();
+            let snapshot_id = match data.last_applied {
+                Some(l) => format!("{}-{}-{}", l.leader_id, l.index, unix_nanos()),
+                None => format!("empty-{}", unix_nanos()),
+            };
+            let meta = Meta {
+                last_log_id: data.last_applied,
+                last_membership: data.membership.clone(),
+                snapshot_id,
+            };
+            let payload = SnapshotPayload {
+                last_applied: data.last_applied,
+                membership: data.membership.clone(),
+                state: (*data.state).clone(),
+            };
+            (payload, meta)
+        };
+        let bytes = serde_json::to_vec(&payload)
+            .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &e))?;
+        let db = self.inner.db.clone();
+        let (m, b) = (meta.clone(), bytes.clone());
+        blocking(move || db.put_snapshot(&m, &b, true))
+            .await
+            .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), any(e)))?;
+        Ok(Snapshot {
+            meta,
+            snapshot: Box::new(Cursor::new(bytes)),
+        })
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachineStore {
+    type SnapshotBuilder = StateMachineStore;
+
+    async fn applied_state(&mut self) -> StorageResult<(Option<LogId<NodeId>>, Membership)> {
+        let data = self.lock();
+        Ok((data.last_applied, data.membership.clone()))
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> StorageResult<Vec<CommandResponse>>
+    where
+        I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let mut guard = self.lock();
+        let data = &mut *guard;
+        let mut responses = Vec::new();
+        for entry in entries {
+            data.last_applied = Some(entry.log_id);
+            let resp = match entry.payload {
+                EntryPayload::Blank => CommandResponse::default(),
+                EntryPayload::Normal(cmd) => Arc::make_mut(&mut data.state).apply(&cmd),
+                EntryPayload::Membership(m) => {
+                    data.membership = StoredMembership::new(Some(entry.log_id), m);
+                    CommandResponse::default()
+                }
+            };
+            responses.push(resp);
+        }
+        if !responses.is_empty() {
+            // Published under the lock so subscribers never see batches out of order.
+            self.inner.tx.send_replace(data.applied());
+        }
+        Ok(responses)
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        self.clone()
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> StorageResult<Box<Cursor<Vec<u8>>>> {
+        Ok(Box::new(Cursor::new(Vec::new())))
+    }
+
+    /// Persists the received snapshot first, then replaces the in-memory state: if persisting
+    /// fails, the node keeps its old, consistent state and openraft sees the error.
+    async fn install_snapshot(
+        &mut self,
+        meta: &Meta,
+        snapshot: Box<Cursor<Vec<u8>>>,
+    ) -> StorageResult<()> {
+        let bytes = snapshot.into_inner();
+        let payload: SnapshotPayload = serde_json::from_slice(&bytes)
+            .map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), &e))?;
+        let db = self.inner.db.clone();
+        let m = meta.clone();
+        blocking(move || db.put_snapshot(&m, &bytes, false))
+            .await
+            .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), any(e)))?;
+        let mut data = self.lock();
+        // The meta is authoritative for the log position; the payload carries the state.
+        data.state = Arc::new(payload.state);
+        data.last_applied = meta.last_log_id;
+        data.membership = meta.last_membership.clone();
+        self.inner.tx.send_replace(data.applied());
+        Ok(())
+    }
+
+    async fn get_current_snapshot(&mut self) -> StorageResult<Option<Snapshot<TypeConfig>>> {
+        let stored = self
+            .inner
+            .db
+            .snapshot()
+            .map_err(|e| StorageIOError::read_snapshot(None, any(e)))?;
+        Ok(stored.map(|(meta, bytes)| Snapshot {
+            meta,
+            snapshot: Box::new(Cursor::new(bytes)),
+        }))
+    }
+}
+
+/// Makes snapshot ids unique across rebuilds at the same log id, also across restarts.
+fn unix_nanos() -> u128 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cluster::Command;
+    use openraft::storage::RaftLogStorageExt;
+    use openraft::testing::{StoreBuilder, Suite};
+    use openraft::{CommittedLeaderId, Membership as RaftMembership};
+    use std::collections::BTreeSet;
+
+    struct TempStoreBuilder;
+
+    impl StoreBuilder<TypeConfig, LogStore, StateMachineStore, tempfile::TempDir> for TempStoreBuilder {
+        async fn build(&self) -> StorageResult<(tempfile::TempDir, LogStore, StateMachineStore)> {
+            let dir = tempfile::tempdir().map_err(|e| StorageIOError::write(&e))?;
+            let (log, sm) = open(dir.path()).map_err(|e| StorageIOError::write(&e))?;
+            Ok((dir, log, sm))
+        }
+    }
+
+    /// openraft's own conformance suite. It builds a fresh runtime per case, so it must run
+    /// outside any tokio runtime (plain `#[test]`).
+    #[test]
+    fn openraft_conformance_suite() -> StorageResult<()> {
+        Suite::test_all(TempStoreBuilder)
+    }
+
+    fn lid(term: u64, index: u64) -> LogId<NodeId> {
+        LogId::new(CommittedLeaderId::new(term, 1), index)
+    }
+
+    fn normal(term: u64, index: u64, cmd: Command) -> Entry<TypeConfig> {
+        Entry {
+            log_id: lid(term, index),
+            payload: EntryPayload::Normal(cmd),
+        }
+    }
+
+    fn membership(term: u64, index: u64) -> Entry<TypeConfig> {
+        let voters: BTreeSet<NodeId> = [1].into_iter().collect();
+        Entry {
+            log_id: lid(term, index),
+            payload: EntryPayload::Membership(RaftMembership::new(vec![voters], None)),
+        }
+    }
+
+    fn cordon(term: u64, index: u64, node: &str) -> Entry<TypeConfig> {
+        normal(term, index, Command::Cordon(node.into()))
+    }
+
+    #[tokio::test]
+    async fn log_vote_and_committed_survive_reopen() -> StorageResult<()> {
+        let dir = tempfile::tempdir().map_err(|e| StorageIOError::write(&e))?;
+        {
+            let (mut log, _sm) = open(dir.path()).map_err(|e| StorageIOError::write(&e))?;
+            log.blocking_append([membership(1, 0), cordon(1, 1, "a"), cordon(1, 2, "b")])
+                .await?;
+            log.save_vote(&Vote::new_committed(1, 1)).await?;
+            log.save_committed(Some(lid(1, 2))).await?;
+        }
+        let (mut log, _sm) = open(dir.path()).map_err(|e| StorageIOError::write(&e))?;
+        let st = log.get_log_state().await?;
+        assert_eq!(st.last_purged_log_id, None);
+        assert_eq!(st.last_log_id, Some(lid(1, 2)));
+        let got = log.try_get_log_entries(0..).await?;
+        assert_eq!(
+            got.iter().map(|e| e.log_id).collect::<Vec<_>>(),
+            [lid(1, 0), lid(1, 1), lid(1, 2)]
+        );
+        assert!(matches!(&got[2].payload, EntryPayload::Normal(Command::Cordon(n)) if n == "b"));
+        assert_eq!(log.read_vote().await?, Some(Vote::new_committed(1, 1)));
+        assert_eq!(log.read_committed().await?, Some(lid(1, 2)));
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn state_machine_reopens_from_its_snapshot_and_notifies() -> StorageResult<()> {
+        let dir = tempfile::tempdir().map_err(|e| StorageIOError::write(&e))?;
+        {
+            let (_log, mut sm) = open(dir.path()).map_err(|e| StorageIOError::write(&e))?;
+            let mut rx = sm.subscribe();
+            let resp = sm
+                .apply([membership(1, 0), cordon(1, 1, "a"), cordon(1, 2, "a")])
+                .await?;
+            assert_eq!(
+                resp.iter().map(|r| r.changed).collect::<Vec<_>>(),
+                [false, true, false]
+            );
+            assert!(rx.has_changed().unwrap_or(false));
+            let seen = rx.borrow_and_update().clone();
+            assert_eq!(seen.index, 2);
+            assert!(seen.state.cordoned.contains("a"));
+            assert_eq!(seen.membership.log_id(), &Some(lid(1, 0)));
+
+            let snap = sm.get_snapshot_builder().await.build_snapshot().await?;
+            assert_eq!(snap.meta.last_log_id, Some(lid(1, 2)));
+            // Applied after the snapshot, not in it: lost from memory on restart (openraft
+            // re-applies it from the log up to the committed id).
+            sm.apply([cordon(1, 3, "b")]).await?;
+            assert!(sm.current().state.cordoned.contains("b"));
+        }
+        let (_log, mut sm) = open(dir.path()).map_err(|e| StorageIOError::write(&e))?;
+        let (applied, mem) = sm.applied_state().await?;
+        assert_eq!(applied, Some(lid(1, 2)));
+        assert_eq!(mem.log_id(), &Some(lid(1, 0)));
+        let cur = sm.current();
+        assert_eq!(cur.index, 2);
+        assert!(cur.state.cordoned.contains("a"));
+        assert!(!cur.state.cordoned.contains("b"));
+        let snap = sm.get_current_snapshot().await?;
+        assert_eq!(snap.map(|s| s.meta.last_log_id), Some(Some(lid(1, 2))));
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn installed_snapshot_replaces_state_and_persists() -> StorageResult<()> {
+        let leader_dir = tempfile::tempdir().map_err(|e| StorageIOError::write(&e))?;
+        let follower_dir = tempfile::tempdir().map_err(|e| StorageIOError::write(&e))?;
+        let (_l, mut leader) = open(leader_dir.path()).map_err(|e| StorageIOError::write(&e))?;
+        leader.apply([membership(1, 0), cordon(1, 1, "x")]).await?;
+        let snap = leader.get_snapshot_builder().await.build_snapshot().await?;
+        {
+            let (_f, mut follower) =
+                open(follower_dir.path()).map_err(|e| StorageIOError::write(&e))?;
+            let rx = follower.subscribe();
+            follower.apply([cordon(1, 0, "stale")]).await?;
+            let mut recv = follower.begin_receiving_snapshot().await?;
+            *recv = *snap.snapshot;
+            follower.install_snapshot(&snap.meta, recv).await?;
+            let seen = rx.borrow().clone();
+            assert_eq!(seen.index, 1);
+            assert!(seen.state.cordoned.contains("x"));
+            assert!(!seen.state.cordoned.contains("stale"));
+        }
+        let (_f, follower) = open(follower_dir.path()).map_err(|e| StorageIOError::write(&e))?;
+        assert!(follower.current().state.cordoned.contains("x"));
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn purge_deletes_entries_and_reports_purged_id() -> StorageResult<()> {
+        let dir = tempfile::tempdir().map_err(|e| StorageIOError::write(&e))?;
+        {
+            let (mut log, _sm) = open(dir.path()).map_err(|e| StorageIOError::write(&e))?;
+            let entries: Vec<_> = (0..10).map(|i| cordon(1, i, "n")).collect();
+            log.blocking_append(entries).await?;
+            log.purge(lid(1, 6)).await?;
+            let st = log.get_log_state().await?;
+            assert_eq!(st.last_purged_log_id, Some(lid(1, 6)));
+            assert_eq!(st.last_log_id, Some(lid(1, 9)));
+            let left: Vec<u64> = log
+                .try_get_log_entries(0..100)
+                .await?
+                .iter()
+                .map(|e| e.log_id.index)
+                .collect();
+            assert_eq!(left, [7, 8, 9]);
+        }
+        // Really gone from the file, and the purged id is durable.
+        let (mut log, _sm) = open(dir.path()).map_err(|e| StorageIOError::write(&e))?;
+        let st = log.get_log_state().await?;
+        assert_eq!(st.last_purged_log_id, Some(lid(1, 6)));
+        let raw = log
+            .db
+            .db
+            .begin_read()
+            .map_err(|e| StorageIOError::read(&e))?;
+        let table = raw.open_table(LOGS).map_err(|e| StorageIOError::read(&e))?;
+        assert_eq!(
+            redb::ReadableTableMetadata::len(&table).map_err(|e| StorageIOError::read(&e))?,
+            3
+        );
+        Ok(())
+    }
+
+    /// Append+fsync latency of single-entry appends, as the Raft core sees it (including the
+    /// hop to the blocking pool). Run with `--ignored --nocapture`.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[ignore]
+    async fn bench_single_entry_append_latency() -> StorageResult<()> {
+        let dir = tempfile::tempdir().map_err(|e| StorageIOError::write(&e))?;
+        let (mut log, _sm) = open(dir.path()).map_err(|e| StorageIOError::write(&e))?;
+        let mut times = Vec::with_capacity(1000);
+        for i in 0..1000 {
+            let start = std::time::Instant::now();
+            log.blocking_append([cordon(1, i, "gw-node-1")]).await?;
+            times.push(start.elapsed());
+        }
+        times.sort();
+        println!(
+            "single-entry append+fsync over 1000: median {:?}, p90 {:?}, p99 {:?}, max {:?}",
+            times[500], times[900], times[990], times[999]
+        );
+        Ok(())
+    }
+}
