@@ -1191,7 +1191,10 @@ impl Walker<'_> {
             None => Some(None),
         };
         let profile = match dict.get("profile") {
-            Some(v) => match self.string(v, "cluster.profile", "\"default\" or \"fast\"")?.as_str() {
+            Some(v) => match self
+                .string(v, "cluster.profile", "\"default\" or \"fast\"")?
+                .as_str()
+            {
                 "default" => Some(Profile::Default),
                 "fast" => Some(Profile::Fast),
                 other => {
@@ -1208,8 +1211,14 @@ impl Walker<'_> {
         let mut timing_ok = true;
         for (key, slot) in [
             ("heartbeat_ms", &mut timing.heartbeat_ms),
-            ("election_timeout_min_ms", &mut timing.election_timeout_min_ms),
-            ("election_timeout_max_ms", &mut timing.election_timeout_max_ms),
+            (
+                "election_timeout_min_ms",
+                &mut timing.election_timeout_min_ms,
+            ),
+            (
+                "election_timeout_max_ms",
+                &mut timing.election_timeout_max_ms,
+            ),
             ("report_interval_ms", &mut timing.report_interval_ms),
             ("lease_ms", &mut timing.lease_ms),
             ("failover_timeout_ms", &mut timing.failover_timeout_ms),

@@ -1,22 +1,26 @@
-//! The daemon: wires config, election, reconciler and admin endpoint together, and runs the loop
-//! that re-decides and converges on every host event, signal and periodic resync.
+//! The daemon: wires the cluster member, the reconciler and the admin endpoint together. Its
+//! agent loop reports to the leader, takes the grant it answers with, and converges the data
+//! plane to it — on every host event, committed change, report tick and signal.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
-use tracing::{error, info, info_span, warn};
+use tracing::{Instrument, error, info, info_span, warn};
 
+use crate::cluster::controller::Report;
+use crate::cluster::node::ClusterNode;
+use crate::cluster::{ClusterState, Command};
 use crate::config::Config;
 use crate::dataplane::host::{HostEvents, NetlinkHost};
 use crate::dataplane::nft::NftFirewall;
-use crate::dataplane::{Firewall, Host, HostState};
-use crate::election::{Decision, ElectionInput, elect};
+use crate::dataplane::{Firewall, Host};
 use crate::model::{Assignment, Gateway, Policy};
 use crate::reconciler::{self, Reconciler, Settings};
 
@@ -27,37 +31,47 @@ pub struct Status {
     pub ready: bool,
     /// Why the node is not ready, when it is not.
     pub not_ready: Vec<String>,
+    pub cluster: ClusterStatus,
     pub gateways: Vec<GatewayStatus>,
     pub dataplane: DataplaneStatus,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ClusterStatus {
+    pub leader: Option<String>,
+    pub term: u64,
+    pub members: Vec<String>,
+    pub applied_index: u64,
+    /// How much longer this node may hold its gateways without a renewal.
+    pub lease_remaining_ms: u64,
+    /// The node's config file disagrees with the committed gateways and policies.
+    pub config_drift: bool,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct GatewayStatus {
     pub name: String,
     pub mode: String,
-    /// The address the gateway's traffic leaves with, when an active node is known here.
+    /// The address the gateway's traffic leaves with, when this node is active for it.
     pub source_ip: Option<IpAddr>,
+    /// The committed active node.
     pub active: Option<String>,
-    /// Unix time (ms) of the last change of the active node.
-    pub since_ms: u64,
+    pub epoch: u64,
+    /// Eligible nodes in selection order (known on the leader).
     pub eligible: Vec<String>,
     pub ineligible: Vec<(String, String)>,
     pub failovers: u64,
+    pub last_failover_detect_ms: u64,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct DataplaneStatus {
+    pub held_gateways: Vec<String>,
     pub held_addresses: Vec<(String, IpAddr)>,
     pub snat_elements: usize,
     pub applies: u64,
     pub last_apply_ms: Option<f64>,
     pub last_error: Option<String>,
-}
-
-fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 fn settings(config: &Config) -> Settings {
@@ -85,8 +99,7 @@ fn check_forwarding(manage: bool, policies: &[Policy]) -> Vec<String> {
     }
     let mut problems = Vec::new();
     for (name, path) in knobs {
-        let on = std::fs::read_to_string(path).is_ok_and(|v| v.trim() == "1");
-        if on {
+        if std::fs::read_to_string(path).is_ok_and(|v| v.trim() == "1") {
             continue;
         }
         if manage {
@@ -110,11 +123,27 @@ fn check_forwarding(manage: bool, policies: &[Policy]) -> Vec<String> {
     problems
 }
 
-struct Daemon<H, F> {
+/// The gateways and policies of the config file, as the cluster would hold them.
+fn file_objects(config: &Config) -> (Vec<Gateway>, Vec<Policy>) {
+    let mut g = config.gateways.clone();
+    g.sort_by(|a, b| a.name.cmp(&b.name));
+    let mut p = config.policies.clone();
+    p.sort_by(|a, b| a.name.cmp(&b.name));
+    (g, p)
+}
+
+struct Agent<H, F> {
     config: Config,
     config_path: PathBuf,
+    node: Arc<ClusterNode>,
     rec: Reconciler<H, F>,
-    assignment: Assignment,
+    boot: u64,
+    /// Gateways of the latest grant, and until when it holds.
+    granted: BTreeSet<String>,
+    lease_until: Option<Instant>,
+    /// Gateways whose data plane this node holds now (what the next report says).
+    held: BTreeSet<String>,
+    seeded: bool,
     status: Status,
     status_tx: watch::Sender<Status>,
     firewall_ok: bool,
@@ -122,26 +151,27 @@ struct Daemon<H, F> {
     startup_reported: bool,
 }
 
-impl<H: Host, F: Firewall> Daemon<H, F> {
-    fn gateways(&self) -> &[Gateway] {
-        &self.config.gateways
-    }
-
-    /// One round: observe, decide, converge, publish.
+impl<H: Host, F: Firewall> Agent<H, F> {
+    /// One round: observe, report, take the grant, converge, publish.
     async fn round(&mut self) {
         let started = Instant::now();
-        let host: HostState = match self.rec.host.observe().await {
+        let host = match self.rec.host.observe().await {
             Ok(h) => h,
             Err(e) => {
                 error!(error = %e, "cannot read interfaces; keeping the data plane as it is");
                 return;
             }
         };
-        let managed = reconciler::managed_addresses(self.gateways());
-        let mut not_ready = check_forwarding(
-            self.config.dataplane.manage_forwarding,
-            &self.config.policies,
-        );
+        let applied = self.node.applied();
+        let state: Arc<ClusterState> = applied.state.clone();
+        let gateways = state.gateway_list();
+        let policies = state.policy_list();
+        // Managed: the committed gateways' addresses and the file's, so that a VIP is released
+        // even while the node's view of the cluster is empty or behind.
+        let mut managed = reconciler::managed_addresses(&gateways);
+        managed.extend(reconciler::managed_addresses(&self.config.gateways));
+
+        let mut not_ready = check_forwarding(self.config.dataplane.manage_forwarding, &policies);
         if !self.firewall_ok {
             not_ready.push("nftables table not installed yet".into());
         }
@@ -153,44 +183,85 @@ impl<H: Host, F: Firewall> Daemon<H, F> {
             &host,
             &managed,
         );
-        let decision = elect(&ElectionInput {
-            nodes: std::slice::from_ref(&me),
-            gateways: self.gateways(),
-            current: &self.assignment,
-        });
-        self.log_changes(&decision);
+        let report = Report {
+            node: self.config.node.name.clone(),
+            boot: self.boot,
+            labels: self.config.node.labels.clone(),
+            ready: not_ready.is_empty(),
+            not_ready: not_ready.clone(),
+            interfaces: me.interfaces.clone(),
+            held: self.held.clone(),
+        };
+        let sent = Instant::now();
+        match self.node.report(report).await {
+            Ok(grant) => {
+                self.granted = grant.gateways;
+                self.lease_until = Some(sent + Duration::from_millis(grant.lease_ms));
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "report not answered; the lease runs on");
+            }
+        }
+        let now = Instant::now();
+        let lease = self
+            .lease_until
+            .map_or(Duration::ZERO, |u| u.saturating_duration_since(now));
+        if lease.is_zero() && !self.held.is_empty() {
+            warn!(
+                held = ?self.held,
+                "lease expired without renewal (no quorum or no leader): releasing everything"
+            );
+        }
+        // Hold a gateway only with a live grant and while the committed state agrees.
+        let assignment: Assignment = if lease.is_zero() {
+            Assignment::new()
+        } else {
+            self.granted
+                .iter()
+                .filter(|g| {
+                    state.assignment.get(*g).map(String::as_str)
+                        == Some(self.config.node.name.as_str())
+                })
+                .map(|g| (g.clone(), self.config.node.name.clone()))
+                .collect()
+        };
         let desired = reconciler::plan(
             &self.config.node.name,
-            &decision.assignment,
-            self.gateways(),
-            &self.config.policies,
+            &assignment,
+            &gateways,
+            &policies,
             &host,
             &managed,
         );
-        let result = self.rec.converge(&desired, &host, &managed).await;
-        let took = started.elapsed();
-        match &result {
-            Ok(changes) if !changes.is_empty() => {
-                self.firewall_ok = true;
-                info!(
-                    added = ?changes.added,
-                    removed = ?changes.removed,
-                    snat_changed = changes.snat_changed,
-                    snat_elements = desired.snat.len(),
-                    took_ms = took.as_secs_f64() * 1e3,
-                    "data plane converged"
-                );
-                self.status.dataplane.applies += 1;
-                self.status.dataplane.last_apply_ms = Some(took.as_secs_f64() * 1e3);
-                self.status.dataplane.last_error = None;
-            }
-            Ok(_) => {
+        let before = self.held.clone();
+        match self.rec.converge(&desired, &host, &managed, lease).await {
+            Ok(changes) => {
                 self.firewall_ok = true;
                 self.status.dataplane.last_error = None;
+                self.held = desired.sources.keys().cloned().collect();
+                if !changes.is_empty() {
+                    let took = started.elapsed().as_secs_f64() * 1e3;
+                    self.status.dataplane.applies += 1;
+                    self.status.dataplane.last_apply_ms = Some(took);
+                    for g in self.held.difference(&before) {
+                        info!(
+                            gateway = %g,
+                            epoch = state.epochs.get(g).copied().unwrap_or(0),
+                            took_ms = took,
+                            "took over gateway: SNAT installed, addresses held, announced"
+                        );
+                    }
+                    for g in before.difference(&self.held) {
+                        info!(gateway = %g, took_ms = took, "released gateway");
+                    }
+                }
             }
             Err(e) => {
-                error!(error = %e, "data plane change failed; retrying on the next event or resync");
+                error!(error = %e, "data plane change failed; retrying on the next round");
                 self.status.dataplane.last_error = Some(e.to_string());
+                // What is held is no longer known exactly: report the union, so the leader
+                // waits for a confirmed release rather than assume one.
+                self.held.extend(desired.sources.keys().cloned());
             }
         }
         if let Some(at) = self.rec.first_announce
@@ -202,53 +273,62 @@ impl<H: Host, F: Firewall> Daemon<H, F> {
                 "first announcement sent"
             );
         }
-        self.publish(decision, &desired, not_ready);
+        if !self.seeded {
+            self.seed().await;
+        }
+        self.publish(&state, applied.index, &desired, not_ready, lease);
     }
 
-    fn log_changes(&mut self, decision: &Decision) {
-        for (gw, from, to) in decision.changed() {
-            let _span =
-                info_span!("gateway", node = %self.config.node.name, gateway = gw, term = 0)
-                    .entered();
-            let why = match from.and_then(|f| decision.gateways.get(gw)?.ineligible.get(f)) {
-                Some(reason) => format!("{} is no longer eligible: {reason}", from.unwrap_or("")),
-                None if from.is_none() => "no node was active".to_string(),
-                None => "a node earlier in the selection order is eligible".to_string(),
-            };
-            info!(
-                from = from.unwrap_or("-"),
-                to = to.unwrap_or("-"),
-                why,
-                "active node changed"
-            );
-            if let Some(g) = self.status.gateways.iter_mut().find(|g| g.name == gw) {
-                g.failovers += 1;
-                g.since_ms = unix_ms();
+    /// Offer the config file's objects to a cluster that has none yet.
+    async fn seed(&mut self) {
+        let (gateways, policies) = file_objects(&self.config);
+        match self
+            .node
+            .write(Command::SeedObjects { gateways, policies })
+            .await
+        {
+            Ok(r) => {
+                self.seeded = true;
+                if r.changed {
+                    info!("seeded the cluster with this node's gateways and policies");
+                }
             }
+            Err(e) => tracing::debug!(error = %e, "seeding deferred"),
         }
-        self.assignment = decision.assignment.clone();
     }
 
     fn publish(
         &mut self,
-        decision: Decision,
+        state: &ClusterState,
+        applied_index: u64,
         desired: &reconciler::Desired,
         not_ready: Vec<String>,
+        lease: Duration,
     ) {
-        let previous: Vec<GatewayStatus> = std::mem::take(&mut self.status.gateways);
-        self.status.gateways = self
-            .config
+        let metrics = self.node.raft.metrics().borrow().clone();
+        let leader_view = self
+            .node
+            .leader_view
+            .lock()
+            .ok()
+            .filter(|_| metrics.current_leader == Some(self.node.id))
+            .map(|v| v.clone());
+        let decision = leader_view.as_ref().and_then(|v| v.decision.clone());
+        self.status.gateways = state
             .gateways
-            .iter()
+            .values()
             .map(|g| {
-                let prev = previous.iter().find(|p| p.name == g.name);
-                let d = decision.gateways.get(&g.name);
+                let d = decision.as_ref().and_then(|d| d.gateways.get(&g.name));
+                let f = leader_view
+                    .as_ref()
+                    .and_then(|v| v.failovers.get(&g.name).copied())
+                    .unwrap_or_default();
                 GatewayStatus {
                     name: g.name.clone(),
                     mode: g.source_ip.mode_name().to_string(),
                     source_ip: desired.sources.get(&g.name).copied(),
-                    active: d.and_then(|d| d.active.clone()),
-                    since_ms: prev.map_or_else(unix_ms, |p| p.since_ms),
+                    active: state.assignment.get(&g.name).cloned(),
+                    epoch: state.epochs.get(&g.name).copied().unwrap_or(0),
                     eligible: d.map(|d| d.eligible.clone()).unwrap_or_default(),
                     ineligible: d
                         .map(|d| {
@@ -258,30 +338,60 @@ impl<H: Host, F: Firewall> Daemon<H, F> {
                                 .collect()
                         })
                         .unwrap_or_default(),
-                    failovers: prev.map_or(0, |p| p.failovers),
+                    failovers: f.0,
+                    last_failover_detect_ms: f.1,
                 }
             })
             .collect();
+        let members = metrics.membership_config.membership();
+        let leader_name = metrics
+            .current_leader
+            .and_then(|l| members.get_node(&l).map(|m| m.name.clone()));
+        let (fg, fp) = file_objects(&self.config);
+        self.status.cluster = ClusterStatus {
+            leader: leader_name.clone(),
+            term: metrics.current_term,
+            members: members.nodes().map(|(_, m)| m.name.clone()).collect(),
+            applied_index,
+            lease_remaining_ms: lease.as_millis() as u64,
+            config_drift: state.seeded && (state.gateway_list() != fg || state.policy_list() != fp),
+        };
+        let mut not_ready = not_ready;
+        if leader_name.is_none() {
+            not_ready.push("no cluster leader known".into());
+        }
+        if let Some(e) = &self.status.dataplane.last_error {
+            not_ready.push(format!("data plane: {e}"));
+        }
         self.status.node = self.config.node.name.clone();
-        self.status.ready = not_ready.is_empty() && self.status.dataplane.last_error.is_none();
+        self.status.ready = not_ready.is_empty();
         self.status.not_ready = not_ready;
+        self.status.dataplane.held_gateways = self.held.iter().cloned().collect();
         self.status.dataplane.held_addresses = self.rec.held().iter().cloned().collect();
         self.status.dataplane.snat_elements = self.rec.installed().map_or(0, |m| m.len());
         self.status_tx.send_replace(self.status.clone());
     }
 
-    fn reload(&mut self) {
+    async fn reload(&mut self) {
         match crate::config::load(&self.config_path) {
             Ok(new) => {
                 info!(
                     gateways = new.gateways.len(),
                     policies = new.policies.len(),
-                    "configuration reloaded"
+                    "configuration reloaded; committing its gateways and policies"
                 );
-                // Identity and listeners need a restart; the cluster-wide objects do not.
+                // Identity, listeners and timing need a restart; labels and objects do not.
                 self.config.gateways = new.gateways;
                 self.config.policies = new.policies;
                 self.config.node.labels = new.node.labels;
+                let (gateways, policies) = file_objects(&self.config);
+                if let Err(e) = self
+                    .node
+                    .write(Command::ReplaceObjects { gateways, policies })
+                    .await
+                {
+                    error!(error = %e, "committing the reloaded objects failed");
+                }
             }
             Err(errors) => {
                 for e in &errors.0 {
@@ -294,22 +404,50 @@ impl<H: Host, F: Firewall> Daemon<H, F> {
 
 /// Runs the daemon until SIGTERM or SIGINT, then releases everything it holds.
 pub async fn run(config: Config, config_path: PathBuf) -> anyhow::Result<()> {
+    let span = info_span!("egressd", node = %config.node.name);
+    run_inner(config, config_path).instrument(span).await
+}
+
+async fn run_inner(config: Config, config_path: PathBuf) -> anyhow::Result<()> {
     let started = Instant::now();
-    let node = config.node.name.clone();
-    let _span = info_span!("egressd", node = %node).entered();
     info!(
         gateways = config.gateways.len(),
         policies = config.policies.len(),
         config = %config_path.display(),
+        timing = ?config.cluster.timing(),
         "starting"
     );
 
     let host = NetlinkHost::new().context("opening rtnetlink")?;
     let mut events = HostEvents::subscribe().context("subscribing to link events")?;
-    let firewall = NftFirewall::new(&config.dataplane.nft_table);
-    let resync = Duration::from_secs(config.dataplane.resync_secs);
-    let (status_tx, status_rx) = watch::channel(Status::default());
+    let mut firewall = NftFirewall::new(&config.dataplane.nft_table);
+    // Replace whatever a crashed run left (tables, leases) before anything else, and prove that
+    // nft works before the node claims to be ready.
+    let firewall_ok = match firewall.apply(&Default::default()).await {
+        Ok(()) => true,
+        Err(e) => {
+            error!(error = %e, "cannot install the nftables table; not ready");
+            false
+        }
+    };
+    let managed4 = reconciler::managed_addresses(&config.gateways)
+        .into_iter()
+        .filter_map(|ip| match ip {
+            IpAddr::V4(v4) => Some(v4),
+            IpAddr::V6(_) => None,
+        })
+        .collect();
+    if let Err(e) = firewall
+        .lease(&managed4, &BTreeSet::new(), Duration::ZERO)
+        .await
+    {
+        error!(error = %e, "cannot install the ARP fence table");
+    }
 
+    let node = ClusterNode::start(&config).await?;
+    tokio::spawn(node.clone().run_controller());
+
+    let (status_tx, status_rx) = watch::channel(Status::default());
     let admin_addr = config.admin.listen;
     let listener = tokio::net::TcpListener::bind(admin_addr)
         .await
@@ -320,36 +458,43 @@ pub async fn run(config: Config, config_path: PathBuf) -> anyhow::Result<()> {
     let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
     let mut sighup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
 
-    let mut daemon = Daemon {
+    let report_every = Duration::from_millis(config.cluster.timing().report_interval_ms);
+    let mut applied = node.subscribe();
+    let mut metrics = node.raft.metrics();
+    let mut agent = Agent {
         rec: Reconciler::new(host, firewall, settings(&config)),
         config,
         config_path,
-        assignment: Assignment::new(),
+        node,
+        boot: boot_id(),
+        granted: BTreeSet::new(),
+        lease_until: None,
+        held: BTreeSet::new(),
+        seeded: false,
         status: Status::default(),
         status_tx,
-        firewall_ok: false,
+        firewall_ok,
         started,
         startup_reported: false,
     };
-    // Install the (empty) table first: it replaces whatever a crashed run left, and proves that
-    // nft works before the node claims to be ready.
-    match daemon.rec.firewall.apply(&Default::default()).await {
-        Ok(()) => daemon.firewall_ok = true,
-        Err(e) => error!(error = %e, "cannot install the nftables table; not ready"),
-    }
 
-    let mut next_resync = Instant::now();
+    let mut next_report = Instant::now();
     loop {
         let now = Instant::now();
-        if now >= next_resync {
-            next_resync = now + resync;
+        if now >= next_report {
+            next_report = now + report_every;
         }
-        daemon.round().await;
+        agent.round().await;
         loop {
-            let wake = daemon
-                .rec
-                .next_deadline()
-                .map_or(next_resync, |d| d.min(next_resync));
+            let mut wake = next_report;
+            if let Some(d) = agent.rec.next_deadline() {
+                wake = wake.min(d);
+            }
+            if let Some(l) = agent.lease_until
+                && l > Instant::now()
+            {
+                wake = wake.min(l);
+            }
             tokio::select! {
                 ev = events.next() => {
                     if ev.is_none() {
@@ -359,30 +504,50 @@ pub async fn run(config: Config, config_path: PathBuf) -> anyhow::Result<()> {
                     tokio::time::sleep(Duration::from_millis(2)).await;
                     break;
                 }
+                r = applied.changed() => {
+                    if r.is_err() { anyhow::bail!("the Raft state machine stopped"); }
+                    break;
+                }
+                r = metrics.changed() => {
+                    if r.is_err() { anyhow::bail!("Raft stopped"); }
+                    // Leader changes matter at once; term-internal metric churn does not.
+                    continue;
+                }
                 _ = tokio::time::sleep_until(wake.into()) => {
-                    daemon.rec.announce_due(Instant::now()).await;
-                    if Instant::now() >= next_resync {
+                    agent.rec.announce_due(Instant::now()).await;
+                    let now = Instant::now();
+                    if now >= next_report || agent.lease_until.is_some_and(|l| l <= now) {
                         break;
                     }
                 }
                 _ = sighup.recv() => {
-                    daemon.reload();
+                    agent.reload().await;
                     break;
                 }
-                _ = sigterm.recv() => return shutdown(&mut daemon, "SIGTERM").await,
-                _ = sigint.recv() => return shutdown(&mut daemon, "SIGINT").await,
+                _ = sigterm.recv() => return shutdown(&mut agent, "SIGTERM").await,
+                _ = sigint.recv() => return shutdown(&mut agent, "SIGINT").await,
             }
         }
     }
 }
 
+/// A number that differs between daemon starts.
+fn boot_id() -> u64 {
+    let t = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    t ^ (u64::from(std::process::id()) << 32)
+}
+
 async fn shutdown<H: Host, F: Firewall>(
-    daemon: &mut Daemon<H, F>,
+    agent: &mut Agent<H, F>,
     signal: &str,
 ) -> anyhow::Result<()> {
-    let held: BTreeSet<_> = daemon.rec.held().clone();
-    info!(signal, held = ?held, "shutting down: releasing addresses and removing the nftables table");
-    match daemon.rec.release_all().await {
+    let held: BTreeMap<_, _> = agent.rec.held().iter().cloned().collect();
+    info!(signal, held = ?held, "shutting down: releasing addresses and removing the nftables tables");
+    let result = agent.rec.release_all().await;
+    let _ = agent.node.raft.shutdown().await;
+    match result {
         Ok(()) => {
             info!("released everything; bye");
             Ok(())

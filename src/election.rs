@@ -7,7 +7,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::model::{Assignment, Gateway, InterfaceNeed, NodeName, NodeState, Selection};
@@ -26,7 +26,7 @@ pub struct ElectionInput<'a> {
 }
 
 /// The outcome of one election round.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Decision {
     /// The new assignment: only gateways that have an active node.
     pub assignment: Assignment,
@@ -38,7 +38,7 @@ pub struct Decision {
 }
 
 /// The decision for one gateway, with enough detail to explain it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GatewayDecision {
     pub active: Option<NodeName>,
     /// The active node in `current`, if any.
@@ -52,7 +52,7 @@ pub struct GatewayDecision {
 
 /// Why a node cannot be active for a gateway. Checks run in the order of the variants and only
 /// the first failure is reported, so the explanation is stable.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "reason", rename_all = "snake_case")]
 pub enum Ineligible {
     SelectorMismatch { key: String },

@@ -153,6 +153,19 @@ async fn status(url: &str, json: bool) -> anyhow::Result<()> {
     };
     println!("node {}  {}", s.node, ready);
     println!(
+        "cluster: leader {}, term {}, members {}, applied index {}, lease {} ms{}",
+        s.cluster.leader.as_deref().unwrap_or("none"),
+        s.cluster.term,
+        s.cluster.members.join(","),
+        s.cluster.applied_index,
+        s.cluster.lease_remaining_ms,
+        if s.cluster.config_drift {
+            ", CONFIG DRIFT: this node's file differs from the committed objects"
+        } else {
+            ""
+        }
+    );
+    println!(
         "data plane: {} addresses held, {} SNAT elements, {} applies{}",
         s.dataplane.held_addresses.len(),
         s.dataplane.snat_elements,
@@ -165,8 +178,8 @@ async fn status(url: &str, json: bool) -> anyhow::Result<()> {
     );
     println!();
     println!(
-        "{:<24} {:<10} {:<18} {:<12} {:<20} INELIGIBLE",
-        "GATEWAY", "MODE", "SOURCE IP", "ACTIVE", "ELIGIBLE"
+        "{:<24} {:<8} {:<16} {:<10} {:>5} {:<20} INELIGIBLE",
+        "GATEWAY", "MODE", "SOURCE IP", "ACTIVE", "EPOCH", "ELIGIBLE"
     );
     for g in &s.gateways {
         let mode = if g.mode == "VirtualIPAddress" {

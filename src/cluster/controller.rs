@@ -183,7 +183,10 @@ impl Controller {
 
     /// How long since the node's last report (since leadership began if it never reported).
     pub fn silent_for(&self, node: &str, now: Instant) -> Duration {
-        let since = self.nodes.get(node).map_or(self.leader_since, |r| r.received);
+        let since = self
+            .nodes
+            .get(node)
+            .map_or(self.leader_since, |r| r.received);
         now.saturating_duration_since(since)
     }
 

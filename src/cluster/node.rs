@@ -11,8 +11,8 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Json, Router};
-use openraft::error::{ClientWriteError, RaftError};
 use openraft::SnapshotPolicy;
+use openraft::error::{ClientWriteError, RaftError};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, watch};
 use tracing::{Instrument, debug, info, info_span, warn};
@@ -66,8 +66,12 @@ impl ClusterNode {
         let timing = config.cluster.timing();
         let name = config.node.name.clone();
         let id = node_id(&name);
-        let (log, sm) = store::open(&config.cluster.data_dir)
-            .with_context(|| format!("opening the Raft store in {}", config.cluster.data_dir.display()))?;
+        let (log, sm) = store::open(&config.cluster.data_dir).with_context(|| {
+            format!(
+                "opening the Raft store in {}",
+                config.cluster.data_dir.display()
+            )
+        })?;
         let applied = sm.subscribe();
 
         let raft_config = openraft::Config {
@@ -86,9 +90,9 @@ impl ClusterNode {
             Some(path) => Auth::from_file(path)
                 .with_context(|| format!("reading the cluster secret {}", path.display()))?,
             // A one-node cluster talks to nobody: a secret nobody else knows keeps it that way.
-            None => Auth::new(&random_secret()),
+            None => Auth::new(&random_secret()).context("generating a secret")?,
         };
-        let client = PeerClient::new(auth.clone());
+        let client = PeerClient::new(auth.clone()).context("building the peer HTTP client")?;
         let raft = Raft::new(
             id,
             Arc::new(raft_config),
@@ -139,7 +143,12 @@ impl ClusterNode {
     /// member set, which openraft documents as safe; whichever start order, one initialization
     /// wins and the others find the cluster already initialized.
     async fn bootstrap(&self, peers: &[Peer]) -> anyhow::Result<()> {
-        if self.raft.is_initialized().await.context("reading Raft state")? {
+        if self
+            .raft
+            .is_initialized()
+            .await
+            .context("reading Raft state")?
+        {
             return Ok(());
         }
         let mut sorted: Vec<&Peer> = peers.iter().collect();
@@ -154,7 +163,10 @@ impl ClusterNode {
             return Ok(());
         }
         match self.raft.initialize(voters).await {
-            Ok(()) => info!(voters = peers.len().min(MAX_VOTERS), "initialized a new cluster"),
+            Ok(()) => info!(
+                voters = peers.len().min(MAX_VOTERS),
+                "initialized a new cluster"
+            ),
             // Another node's initialization reached us first: the same outcome.
             Err(RaftError::APIError(e)) => debug!(error = %e, "cluster already initialized"),
             Err(e) => return Err(e).context("initializing the cluster"),
@@ -285,7 +297,7 @@ impl ClusterNode {
             *c = Some(Controller::new(timing, started));
         }
         // A quorum's answer proves nobody else can be leader yet, for the lease's length.
-        if self.raft.is_leader().await.is_ok()
+        if self.raft.ensure_linearizable().await.is_ok()
             && let Ok(mut c) = self.controller.lock()
             && let Some(c) = c.as_mut()
         {
@@ -296,7 +308,9 @@ impl ClusterNode {
         let members: Vec<NodeName> = membership.nodes().map(|(_, m)| m.name.clone()).collect();
         let now = Instant::now();
         let (changes, decision) = {
-            let Ok(c) = self.controller.lock() else { return };
+            let Ok(c) = self.controller.lock() else {
+                return;
+            };
             let Some(c) = c.as_ref() else { return };
             let (changes, decision) = c.tick(&members, &applied.state, now);
             let silent: Vec<(String, u64)> = changes
@@ -304,7 +318,10 @@ impl ClusterNode {
                 .filter(|ch| ch.kind == ChangeKind::Failover)
                 .filter_map(|ch| {
                     let from = ch.from.as_ref()?;
-                    Some((ch.gateway.clone(), c.silent_for(from, now).as_millis() as u64))
+                    Some((
+                        ch.gateway.clone(),
+                        c.silent_for(from, now).as_millis() as u64,
+                    ))
                 })
                 .collect();
             if let Ok(mut v) = self.leader_view.lock() {
@@ -335,7 +352,9 @@ impl ClusterNode {
                             .as_ref()
                             .and_then(|f| decision.gateways.get(&ch.gateway)?.ineligible.get(f))
                             .map(|r| r.to_string())
-                            .unwrap_or_else(|| "a node earlier in the selection order is eligible".into());
+                            .unwrap_or_else(|| {
+                                "a node earlier in the selection order is eligible".into()
+                            });
                         format!("planned handover: {reason}; releasing first")
                     }
                     ChangeKind::Assign => "the gateway is free and this node is the choice".into(),
@@ -357,7 +376,10 @@ impl ClusterNode {
             );
             let t = Instant::now();
             match self.raft.client_write(cmd).await {
-                Ok(_) => debug!(commit_ms = t.elapsed().as_secs_f64() * 1e3, "assignment committed"),
+                Ok(_) => debug!(
+                    commit_ms = t.elapsed().as_secs_f64() * 1e3,
+                    "assignment committed"
+                ),
                 Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => {}
                 Err(e) => warn!(error = %e, "committing the assignment failed"),
             }

@@ -131,7 +131,8 @@ impl Firewall for FakeFirewall {
         _ttl: Duration,
     ) -> Result<()> {
         if *leased != self.leased {
-            self.journal.push(Op::Lease(leased.iter().copied().collect()));
+            self.journal
+                .push(Op::Lease(leased.iter().copied().collect()));
             self.leased = leased.clone();
         }
         Ok(())

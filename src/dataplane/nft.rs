@@ -421,8 +421,9 @@ impl Firewall for NftFirewall {
         // `add` then `delete` in one transaction: succeeds whether or not the table exists,
         // without parsing nft's "No such file or directory" message.
         let t = &self.table;
-        let script =
-            format!("add table inet {t}\ndelete table inet {t}\nadd table arp {t}\ndelete table arp {t}\n");
+        let script = format!(
+            "add table inet {t}\ndelete table inet {t}\nadd table arp {t}\ndelete table arp {t}\n"
+        );
         self.transaction("delete table", &script).await
     }
 }
