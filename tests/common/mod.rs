@@ -1,2 +1,3 @@
+pub mod arp;
 pub mod netns;
 pub mod topo;

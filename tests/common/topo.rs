@@ -24,6 +24,9 @@ pub struct Topo {
     pub lab: Lab,
     pub lan: String,
     pub wan: String,
+    /// The cluster network (peer traffic), a bridge of its own so that a test can cut a node
+    /// from its peers while its LAN and WAN legs stay up.
+    pub mgmt: String,
     pub client: String,
     pub server: String,
     /// Gateway node namespaces, in the order given.
@@ -34,6 +37,11 @@ pub struct Topo {
 /// LAN address of gateway node `i` (0-based).
 pub fn node_lan_ip(i: usize) -> String {
     format!("10.77.0.{}", 2 + i)
+}
+
+/// Cluster (peer) address of gateway node `i`.
+pub fn node_mgmt_ip(i: usize) -> String {
+    format!("10.78.0.{}", 2 + i)
 }
 
 /// WAN (primary) address of gateway node `i`.
@@ -49,12 +57,14 @@ impl Topo {
         let mut lab = Lab::new(tag);
         let lan = lab.ns("lan");
         let wan = lab.ns("wan");
+        let mgmt = lab.ns("mgmt");
         let client = lab.ns("cli");
         let server = lab.ns("srv");
         lab.veth(&client, "eth0", &lan, "p-cli");
         lab.veth(&server, "eth0", &wan, "p-srv");
         let mut lan_ports = vec!["p-cli".to_string()];
         let mut wan_ports = vec!["p-srv".to_string()];
+        let mgmt_ports = Vec::new();
         let mut nodes = Vec::new();
         for i in 0..n {
             let ns = lab.ns(&format!("gw{}", i + 1));
@@ -93,6 +103,10 @@ impl Topo {
         let wp: Vec<&str> = wan_ports.iter().map(String::as_str).collect();
         lab.bridge(&lan, "br0", &lp);
         lab.bridge(&wan, "br1", &wp);
+        let mp: Vec<&str> = mgmt_ports.iter().map(String::as_str).collect();
+        if !mp.is_empty() {
+            lab.bridge(&mgmt, "br2", &mp);
+        }
 
         for ip in [CLIENT_IP, CLIENT_OTHER_IP] {
             lab.exec(
@@ -120,6 +134,7 @@ impl Topo {
             lab,
             lan,
             wan,
+            mgmt,
             client,
             server,
             nodes,
@@ -188,6 +203,49 @@ impl Topo {
         .stdout(log)
         .stderr(err);
         self.lab.spawn_raw(cmd)
+    }
+
+    /// The status node `i`'s admin endpoint serves, through the real CLI; None while it does
+    /// not answer.
+    pub fn status(&self, i: usize) -> Option<serde_json::Value> {
+        let out = self.lab.try_exec(
+            &self.nodes[i],
+            [
+                env!("CARGO_BIN_EXE_egressd"),
+                "status",
+                "--json",
+                "--admin",
+                "http://127.0.0.1:7481",
+            ],
+        );
+        if !out.status.success() {
+            return None;
+        }
+        serde_json::from_slice(&out.stdout).ok()
+    }
+
+    /// The committed active node of `gateway` as node `i` sees it.
+    pub fn active(&self, i: usize, gateway: &str) -> Option<String> {
+        let s = self.status(i)?;
+        s["gateways"]
+            .as_array()?
+            .iter()
+            .find(|g| g["name"] == gateway)?["active"]
+            .as_str()
+            .map(String::from)
+    }
+
+    pub fn leader(&self, i: usize) -> Option<String> {
+        self.status(i)?["cluster"]["leader"].as_str().map(String::from)
+    }
+
+    /// Whether node `i` holds `gateway` in its data plane (by its own status).
+    pub fn node_holds(&self, i: usize, gateway: &str) -> bool {
+        self.status(i).is_some_and(|s| {
+            s["dataplane"]["held_gateways"]
+                .as_array()
+                .is_some_and(|a| a.iter().any(|g| g == gateway))
+        })
     }
 
     /// Addresses on `iface` in namespace `ns`.
