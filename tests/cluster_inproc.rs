@@ -308,6 +308,49 @@ async fn three_nodes_elect_replicate_fail_over_and_refuse_a_wrong_secret() {
     }
     assert_eq!(intruder.raft.metrics().borrow().last_log_index, Some(0));
 
+    // --- Snapshot transfer: the leader snapshots and purges its log, so a new member can only
+    // catch up by InstallSnapshot over /raft/snapshot.
+    let lead = by_id(&nodes, leader);
+    let applied = lead.raft.metrics().borrow().last_applied.unwrap();
+    lead.raft.trigger().snapshot().await.unwrap();
+    lead.raft
+        .wait(Some(Duration::from_secs(5)))
+        .snapshot(applied, "leader snapshot")
+        .await
+        .unwrap();
+    lead.raft.trigger().purge_log(applied.index).await.unwrap();
+    lead.raft
+        .wait(Some(Duration::from_secs(5)))
+        .purged(Some(applied), "leader purge")
+        .await
+        .unwrap();
+    let (l5, addr5) = bind().await;
+    let late = start("n5", l5, SECRET).await;
+    let t = Instant::now();
+    lead.raft
+        .add_learner(
+            late.id,
+            Member {
+                name: "n5".to_owned(),
+                addr: addr5,
+            },
+            true,
+        )
+        .await
+        .unwrap();
+    wait_cordoned(&late, "y", Duration::from_secs(5)).await;
+    assert!(late.sm.current().state.cordoned.contains("x"));
+    // It got the leader's snapshot (not entries: those were purged) and installed it;
+    // its state has both writes (checked above through the state machine).
+    late.raft
+        .wait(Some(Duration::from_secs(5)))
+        .snapshot(applied, "n5 installed the leader's snapshot")
+        .await
+        .unwrap();
+    println!("n5 caught up by snapshot in {:?}", t.elapsed());
+    let mut late = late;
+    late.stop().await;
+
     // Tidy up.
     let mut intruder = intruder;
     intruder.stop().await;
