@@ -112,15 +112,22 @@ impl Cluster {
     /// data plane holds the gateway.
     fn wait_active(&self, node: &str) {
         let i = self.index(node);
-        wait_for(&format!("{node} active and holding the gateway"), WAIT, || {
-            self.live()
-                .all(|j| self.topo.active(j, GW).as_deref() == Some(node))
-                && self.topo.node_holds(i, GW)
-        });
+        wait_for(
+            &format!("{node} active and holding the gateway"),
+            WAIT,
+            || {
+                self.live()
+                    .all(|j| self.topo.active(j, GW).as_deref() == Some(node))
+                    && self.topo.node_holds(i, GW)
+            },
+        );
     }
 
     fn index(&self, node: &str) -> usize {
-        node.trim_start_matches("gw").parse::<usize>().expect("node name") - 1
+        node.trim_start_matches("gw")
+            .parse::<usize>()
+            .expect("node name")
+            - 1
     }
 
     fn leader(&self) -> String {
@@ -214,10 +221,7 @@ fn kill_active(tag: &str, n: usize, active_is_leader: bool) {
     let target = if active_is_leader {
         leader.clone()
     } else {
-        (0..n)
-            .map(name)
-            .find(|m| *m != leader)
-            .expect("a follower")
+        (0..n).map(name).find(|m| *m != leader).expect("a follower")
     };
     c.make_active(&target);
     c.assert_traffic_via_vip();
@@ -245,8 +249,10 @@ fn kill_active(tag: &str, n: usize, active_is_leader: bool) {
         .collect::<Vec<_>>()
         .join(":");
     wait_for("the successor's gratuitous ARP on the WAN", WAIT, || {
-        std::fs::read_to_string(&capture)
-            .is_ok_and(|t| t.lines().any(|l| l.contains(&garp) && l.contains(&succ_mac)))
+        std::fs::read_to_string(&capture).is_ok_and(|t| {
+            t.lines()
+                .any(|l| l.contains(&garp) && l.contains(&succ_mac))
+        })
     });
     c.assert_traffic_via_vip();
     eprintln!(
@@ -290,11 +296,15 @@ fn partitioned_active_node_fences_itself_and_the_majority_takes_over() {
     std::thread::sleep(Duration::from_millis(200));
     // Cut gw1 from its peers; its LAN and WAN legs stay up.
     let mgmt = c.topo.mgmt.clone();
-    c.topo.lab.exec(&mgmt, ["ip", "link", "set", "p-gw1", "down"]);
+    c.topo
+        .lab
+        .exec(&mgmt, ["ip", "link", "set", "p-gw1", "down"]);
     wait_for("gw2 active on the majority side", WAIT, || {
         c.topo.active(1, GW).as_deref() == Some("gw2") && c.topo.node_holds(1, GW)
     });
-    wait_for("gw1 released the gateway", WAIT, || !c.topo.node_holds(0, GW));
+    wait_for("gw1 released the gateway", WAIT, || {
+        !c.topo.node_holds(0, GW)
+    });
     std::thread::sleep(Duration::from_millis(300));
     // Heal: gw1 comes back and, first in order, takes the role back by a planned handover.
     c.topo.lab.exec(&mgmt, ["ip", "link", "set", "p-gw1", "up"]);
@@ -389,7 +399,9 @@ fn committed_state_survives_a_full_restart() {
     );
     // And the drift between gw3's file and the cluster is visible.
     assert_eq!(
-        c.topo.status(2).map(|s| s["cluster"]["config_drift"].clone()),
+        c.topo
+            .status(2)
+            .map(|s| s["cluster"]["config_drift"].clone()),
         Some(serde_json::Value::Bool(true))
     );
 }

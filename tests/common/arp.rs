@@ -29,7 +29,13 @@ pub struct ArpProber {
 
 impl ArpProber {
     /// Starts probing `target` from `iface` (whose address is `sender`) in namespace `ns`.
-    pub fn start(ns: &str, iface: &str, sender: Ipv4Addr, target: Ipv4Addr, interval: Duration) -> Self {
+    pub fn start(
+        ns: &str,
+        iface: &str,
+        sender: Ipv4Addr,
+        target: Ipv4Addr,
+        interval: Duration,
+    ) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let (ns, iface) = (ns.to_string(), iface.to_string());
         let flag = stop.clone();
@@ -66,7 +72,13 @@ pub fn enter_netns(ns: &str) {
     assert_eq!(r, 0, "setns {ns}: {}", std::io::Error::last_os_error());
 }
 
-fn probe_loop(iface: &str, sender: Ipv4Addr, target: Ipv4Addr, interval: Duration, stop: &AtomicBool) -> Vec<Probe> {
+fn probe_loop(
+    iface: &str,
+    sender: Ipv4Addr,
+    target: Ipv4Addr,
+    interval: Duration,
+    stop: &AtomicBool,
+) -> Vec<Probe> {
     // /sys shows the namespace that mounted it, not this thread's: ask the kernel instead.
     let sock = Socket::new(
         Domain::PACKET,
@@ -92,8 +104,15 @@ fn probe_loop(iface: &str, sender: Ipv4Addr, target: Ipv4Addr, interval: Duratio
         while at.elapsed() < interval {
             if let Ok(n) = sock.recv(&mut buf) {
                 // SAFETY: recv initialised the first n bytes.
-                let b: Vec<u8> = buf[..n].iter().map(|x| unsafe { x.assume_init() }).collect();
-                if n >= 42 && b[12..14] == [0x08, 0x06] && b[20..22] == [0, 2] && b[28..32] == target.octets() {
+                let b: Vec<u8> = buf[..n]
+                    .iter()
+                    .map(|x| unsafe { x.assume_init() })
+                    .collect();
+                if n >= 42
+                    && b[12..14] == [0x08, 0x06]
+                    && b[20..22] == [0, 2]
+                    && b[28..32] == target.octets()
+                {
                     let mut m = [0u8; 6];
                     m.copy_from_slice(&b[22..28]);
                     answered_by.insert(m);

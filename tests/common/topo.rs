@@ -64,7 +64,7 @@ impl Topo {
         lab.veth(&server, "eth0", &wan, "p-srv");
         let mut lan_ports = vec!["p-cli".to_string()];
         let mut wan_ports = vec!["p-srv".to_string()];
-        let mgmt_ports = Vec::new();
+        let mut mgmt_ports = Vec::new();
         let mut nodes = Vec::new();
         for i in 0..n {
             let ns = lab.ns(&format!("gw{}", i + 1));
@@ -94,6 +94,11 @@ impl Topo {
                     "eth1",
                 ],
             );
+            let mp = format!("p-gw{}", i + 1);
+            lab.veth(&ns, "eth2", &mgmt, &mp);
+            let mgmt_addr = format!("{}/24", node_mgmt_ip(i));
+            lab.exec(&ns, ["ip", "addr", "add", &mgmt_addr, "dev", "eth2"]);
+            mgmt_ports.push(mp);
             lab.exec(&ns, ["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
             lan_ports.push(lp);
             wan_ports.push(wp);
@@ -236,7 +241,9 @@ impl Topo {
     }
 
     pub fn leader(&self, i: usize) -> Option<String> {
-        self.status(i)?["cluster"]["leader"].as_str().map(String::from)
+        self.status(i)?["cluster"]["leader"]
+            .as_str()
+            .map(String::from)
     }
 
     /// Whether node `i` holds `gateway` in its data plane (by its own status).
