@@ -3492,4 +3492,47 @@ bogus = true
         assert_eq!(suggest("clutser", &known), Some("cluster"));
         assert_eq!(suggest("completely-different", &known), None);
     }
+
+    #[test]
+    fn cluster_timing_profiles_and_overrides() {
+        let c = ok(BASE);
+        assert_eq!(c.cluster.profile, Profile::Default);
+        assert_eq!(c.cluster.timing().failover_timeout_ms, 250);
+        let c = ok(&[BASE, "[cluster]\nprofile = \"fast\"\nlease_ms = 80\n"].concat());
+        let t = c.cluster.timing();
+        assert_eq!(
+            (t.report_interval_ms, t.lease_ms, t.failover_timeout_ms),
+            (20, 80, 110)
+        );
+    }
+
+    #[test]
+    fn cluster_timing_must_keep_the_fencing_margin() {
+        let e = errors_with(&[
+            BASE,
+            "[cluster]\nlease_ms = 300\nfailover_timeout_ms = 250\n",
+        ]);
+        assert_error(&e, "cluster.failover_timeout_ms", "must exceed lease_ms");
+        let e = errors_with(&[BASE, "[cluster]\nreport_interval_ms = 200\n"]);
+        assert_error(&e, "cluster.lease_ms", "must exceed report_interval_ms");
+        let e = errors_with(&[BASE, "[cluster]\nheartbeat_ms = 200\n"]);
+        assert_error(&e, "cluster.election_timeout_min_ms", "heartbeat");
+        let e = errors_with(&[BASE, "[cluster]\nprofile = \"turbo\"\nlease_ms = 1\n"]);
+        assert_error(&e, "cluster.profile", "unknown profile");
+        assert_error(&e, "cluster.lease_ms", "out of range");
+    }
+
+    #[test]
+    fn a_multi_node_cluster_needs_a_secret() {
+        let peers = "[cluster]\npeers = [{ name = \"gw1\", address = \"10.0.0.1:7480\" }, { name = \"gw2\", address = \"10.0.0.2:7480\" }]\nlisten = \"10.0.0.1:7480\"\n";
+        let e = errors_with(&[BASE, peers]);
+        assert_error(&e, "cluster.secret_file", "is required");
+        let c = ok(&[
+            BASE,
+            peers,
+            "secret_file = \"/etc/egressd/cluster.secret\"\n",
+        ]
+        .concat());
+        assert!(c.cluster.secret_file.is_some());
+    }
 }
