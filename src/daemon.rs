@@ -144,6 +144,9 @@ struct Agent<H, F> {
     /// Gateways whose data plane this node holds now (what the next report says).
     held: BTreeSet<String>,
     seeded: bool,
+    /// Set by SIGTERM/SIGINT: report not ready so the leader moves the gateways away in a planned
+    /// handover, and exit once nothing is held.
+    leaving: bool,
     status: Status,
     status_tx: watch::Sender<Status>,
     firewall_ok: bool,
@@ -152,14 +155,15 @@ struct Agent<H, F> {
 }
 
 impl<H: Host, F: Firewall> Agent<H, F> {
-    /// One round: observe, report, take the grant, converge, publish.
-    async fn round(&mut self) {
+    /// One round: observe, report, take the grant, converge, publish. Returns whether the set
+    /// of held gateways changed (the leader should hear about it at once).
+    async fn round(&mut self) -> bool {
         let started = Instant::now();
         let host = match self.rec.host.observe().await {
             Ok(h) => h,
             Err(e) => {
                 error!(error = %e, "cannot read interfaces; keeping the data plane as it is");
-                return;
+                return false;
             }
         };
         let applied = self.node.applied();
@@ -174,6 +178,9 @@ impl<H: Host, F: Firewall> Agent<H, F> {
         let mut not_ready = check_forwarding(self.config.dataplane.manage_forwarding, &policies);
         if !self.firewall_ok {
             not_ready.push("nftables table not installed yet".into());
+        }
+        if self.leaving {
+            not_ready.push("shutting down: handing gateways over".into());
         }
         let me = reconciler::local_node_state(
             &self.config.node.name,
@@ -277,6 +284,7 @@ impl<H: Host, F: Firewall> Agent<H, F> {
             self.seed().await;
         }
         self.publish(&state, applied.index, &desired, not_ready, lease);
+        self.held != before
     }
 
     /// Offer the config file's objects to a cluster that has none yet.
@@ -471,6 +479,7 @@ async fn run_inner(config: Config, config_path: PathBuf) -> anyhow::Result<()> {
         lease_until: None,
         held: BTreeSet::new(),
         seeded: false,
+        leaving: false,
         status: Status::default(),
         status_tx,
         firewall_ok,
@@ -479,12 +488,24 @@ async fn run_inner(config: Config, config_path: PathBuf) -> anyhow::Result<()> {
     };
 
     let mut next_report = Instant::now();
+    let mut leave_by: Option<Instant> = None;
     loop {
         let now = Instant::now();
         if now >= next_report {
             next_report = now + report_every;
         }
-        agent.round().await;
+        // A change of what is held is reported at once: a release may be what the leader waits
+        // for to hand the gateway to its successor.
+        for _ in 0..3 {
+            if !agent.round().await {
+                break;
+            }
+        }
+        if let Some(by) = leave_by
+            && (agent.held.is_empty() || Instant::now() >= by)
+        {
+            return shutdown(&mut agent).await;
+        }
         loop {
             let mut wake = next_report;
             if let Some(d) = agent.rec.next_deadline() {
@@ -524,12 +545,26 @@ async fn run_inner(config: Config, config_path: PathBuf) -> anyhow::Result<()> {
                     agent.reload().await;
                     break;
                 }
-                _ = sigterm.recv() => return shutdown(&mut agent, "SIGTERM").await,
-                _ = sigint.recv() => return shutdown(&mut agent, "SIGINT").await,
+                _ = sigterm.recv() => {
+                    info!("SIGTERM: handing gateways over before exiting");
+                    agent.leaving = true;
+                    leave_by.get_or_insert(Instant::now() + LEAVE_TIMEOUT);
+                    break;
+                }
+                _ = sigint.recv() => {
+                    info!("SIGINT: handing gateways over before exiting");
+                    agent.leaving = true;
+                    leave_by.get_or_insert(Instant::now() + LEAVE_TIMEOUT);
+                    break;
+                }
             }
         }
     }
 }
+
+/// How long a stopping daemon waits for the leader to move its gateways before it releases
+/// them anyway (e.g. when there is no quorum to ask).
+const LEAVE_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// A number that differs between daemon starts.
 fn boot_id() -> u64 {
@@ -539,12 +574,9 @@ fn boot_id() -> u64 {
     t ^ (u64::from(std::process::id()) << 32)
 }
 
-async fn shutdown<H: Host, F: Firewall>(
-    agent: &mut Agent<H, F>,
-    signal: &str,
-) -> anyhow::Result<()> {
+async fn shutdown<H: Host, F: Firewall>(agent: &mut Agent<H, F>) -> anyhow::Result<()> {
     let held: BTreeMap<_, _> = agent.rec.held().iter().cloned().collect();
-    info!(signal, held = ?held, "shutting down: releasing addresses and removing the nftables tables");
+    info!(held = ?held, "shutting down: releasing addresses and removing the nftables tables");
     let result = agent.rec.release_all().await;
     let _ = agent.node.raft.shutdown().await;
     match result {

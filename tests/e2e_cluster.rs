@@ -405,3 +405,36 @@ fn committed_state_survives_a_full_restart() {
         Some(serde_json::Value::Bool(true))
     );
 }
+
+#[test]
+fn sigterm_hands_the_gateway_over_in_a_planned_way() {
+    if !require_root("sigterm_hands_the_gateway_over_in_a_planned_way") {
+        return;
+    }
+    let mut c = Cluster::start("term", 3);
+    c.assert_traffic_via_vip();
+    let prober = c.prober();
+    std::thread::sleep(Duration::from_millis(200));
+    let ch = c.children[0].take().expect("running");
+    signal(c.topo.lab.child(ch), "TERM");
+    let status = c.topo.lab.child(ch).wait().expect("wait");
+    assert!(status.success(), "clean exit\n{}", c.logs());
+    c.wait_active_among(&[1, 2], "gw2");
+    std::thread::sleep(Duration::from_millis(200));
+    let probes = prober.stop();
+    assert_eq!(check_probes(&c, &probes), Some(1));
+    let log = c.topo.log(0);
+    assert!(
+        log.contains("handing gateways over") && log.contains("released gateway"),
+        "gw1 must hand over before exiting:\n{log}"
+    );
+    // The leader moved it as a planned release, not as a failover after silence.
+    let all = c.logs();
+    assert!(all.contains("planned handover"), "{all}");
+    assert_eq!(
+        c.topo.snat4_elements(&c.topo.nodes[0]),
+        None,
+        "gw1's tables are gone"
+    );
+    c.assert_traffic_via_vip();
+}
