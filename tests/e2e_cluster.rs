@@ -6,213 +6,12 @@
 
 mod common;
 
-use std::net::Ipv4Addr;
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use common::arp::{self, ArpProber, Probe};
+use common::arp;
+use common::cluster::*;
 use common::netns::require_root;
 use common::topo::*;
-
-const WAIT: Duration = Duration::from_secs(20);
-const GW: &str = "vip";
-
-fn name(i: usize) -> String {
-    format!("gw{}", i + 1)
-}
-
-/// The config of node `i` in an `n`-node cluster; `labelled` says whether it carries the
-/// gateway's selector label.
-fn config(topo: &Topo, n: usize, i: usize, labelled: bool) -> String {
-    let peers: Vec<String> = (0..n)
-        .map(|j| {
-            format!(
-                "{{ name = \"{}\", address = \"{}:7480\" }}",
-                name(j),
-                node_mgmt_ip(j)
-            )
-        })
-        .collect();
-    let labels = if labelled { r#"{ egress = "" }"# } else { "{}" };
-    format!(
-        r#"
-[node]
-name = "{me}"
-labels = {labels}
-
-[cluster]
-listen = "{listen}:7480"
-peers = [{peers}]
-data_dir = "{dir}/data-{me}"
-secret_file = "{dir}/secret"
-
-[dataplane]
-garp_count = 3
-
-[[gateway]]
-name = "{GW}"
-node_selector = {{ egress = "" }}
-[gateway.source_ip]
-mode = "VirtualIPAddress"
-virtual_ip_address = {{ ip = "{VIP}", interfaces = ["eth1"] }}
-[gateway.next_hop]
-ip = "{NEXT_HOP}"
-interface = "eth0"
-
-[[policy]]
-name = "to-wan"
-egress_gateway_name = "{GW}"
-source_cidrs = ["{CLIENT_IP}/32"]
-destination_cidrs = ["203.0.113.0/24"]
-"#,
-        me = name(i),
-        listen = node_mgmt_ip(i),
-        peers = peers.join(", "),
-        dir = topo.dir.path().display()
-    )
-}
-
-struct Cluster {
-    topo: Topo,
-    n: usize,
-    children: Vec<Option<usize>>,
-    configs: Vec<PathBuf>,
-}
-
-impl Cluster {
-    fn start(tag: &str, n: usize) -> Cluster {
-        let mut topo = Topo::new(tag, n);
-        std::fs::write(
-            topo.dir.path().join("secret"),
-            "an-e2e-test-cluster-secret-0123456789\n",
-        )
-        .expect("secret");
-        topo.start_echo_server();
-        let configs: Vec<PathBuf> = (0..n)
-            .map(|i| topo.write_config(i, &config(&topo, n, i, true)))
-            .collect();
-        let children = (0..n)
-            .map(|i| Some(topo.start_egressd(i, &configs[i])))
-            .collect();
-        let c = Cluster {
-            topo,
-            n,
-            children,
-            configs,
-        };
-        c.wait_active("gw1");
-        c
-    }
-
-    fn live(&self) -> impl Iterator<Item = usize> + '_ {
-        (0..self.n).filter(|i| self.children[*i].is_some())
-    }
-
-    /// Waits until every live node sees `node` as the committed active node and that node's
-    /// data plane holds the gateway.
-    fn wait_active(&self, node: &str) {
-        let i = self.index(node);
-        wait_for(
-            &format!("{node} active and holding the gateway"),
-            WAIT,
-            || {
-                self.live()
-                    .all(|j| self.topo.active(j, GW).as_deref() == Some(node))
-                    && self.topo.node_holds(i, GW)
-            },
-        );
-    }
-
-    fn index(&self, node: &str) -> usize {
-        node.trim_start_matches("gw")
-            .parse::<usize>()
-            .expect("node name")
-            - 1
-    }
-
-    fn leader(&self) -> String {
-        let mut leader = None;
-        wait_for("a leader", WAIT, || {
-            leader = self.live().find_map(|j| self.topo.leader(j));
-            leader.is_some()
-        });
-        leader.unwrap_or_default()
-    }
-
-    /// Makes `node` the active one by removing the selector label from every node before it in
-    /// alphabetical order (their config files change and they get SIGHUP).
-    fn make_active(&mut self, node: &str) {
-        let target = self.index(node);
-        for i in 0..target {
-            let body = config(&self.topo, self.n, i, false);
-            std::fs::write(&self.configs[i], body).expect("config");
-            let c = self.children[i].expect("running");
-            signal(self.topo.lab.child(c), "HUP");
-        }
-        self.wait_active(node);
-    }
-
-    fn signal(&mut self, node: &str, sig: &str) {
-        let i = self.index(node);
-        let c = self.children[i].expect("running");
-        signal(self.topo.lab.child(c), sig);
-        if sig == "KILL" {
-            let _ = self.topo.lab.child(c).wait();
-            self.children[i] = None;
-        }
-    }
-
-    fn prober(&self) -> ArpProber {
-        ArpProber::start(
-            &self.topo.server,
-            "eth0",
-            SERVER_IP.parse::<Ipv4Addr>().expect("ip"),
-            VIP.parse::<Ipv4Addr>().expect("ip"),
-            Duration::from_millis(10),
-        )
-    }
-
-    fn macs(&self) -> Vec<[u8; 6]> {
-        (0..self.n)
-            .map(|i| arp::mac(&self.topo.nodes[i], "eth1"))
-            .collect()
-    }
-
-    fn logs(&self) -> String {
-        (0..self.n)
-            .map(|i| format!("---- {} ----\n{}", name(i), self.topo.log(i)))
-            .collect()
-    }
-
-    /// The VIP is served end to end: the client's traffic reaches the server from the VIP.
-    fn assert_traffic_via_vip(&self) {
-        let mut seen = None;
-        wait_for("client traffic SNATed to the VIP", WAIT, || {
-            seen = self.topo.seen_source(CLIENT_IP, SERVER_IP);
-            seen.as_deref() == Some(VIP)
-        });
-    }
-}
-
-/// Checks the probes: never two answers at once. Returns the index of the node whose MAC
-/// answered last.
-fn check_probes(c: &Cluster, probes: &[Probe]) -> Option<usize> {
-    let macs = c.macs();
-    let doubles = arp::double_answers(probes);
-    assert!(
-        doubles.is_empty(),
-        "{} of {} probes were answered by two nodes at once (first at {:?})\n{}",
-        doubles.len(),
-        probes.len(),
-        doubles.first().map(|p| p.at.elapsed()),
-        c.logs()
-    );
-    probes
-        .iter()
-        .rev()
-        .find_map(|p| p.answered_by.iter().next())
-        .and_then(|m| macs.iter().position(|x| x == m))
-}
 
 /// Kills the active node's daemon with SIGKILL and checks the successor takes over safely.
 fn kill_active(tag: &str, n: usize, active_is_leader: bool) {
@@ -345,19 +144,6 @@ fn hung_daemon_stops_answering_before_the_successor_takes_over() {
     c.assert_traffic_via_vip();
 }
 
-impl Cluster {
-    /// Like `wait_active`, asking only the given nodes (others may be stopped).
-    fn wait_active_among(&self, nodes: &[usize], node: &str) {
-        let i = self.index(node);
-        wait_for(&format!("{node} active (asking {nodes:?})"), WAIT, || {
-            nodes
-                .iter()
-                .all(|j| self.topo.active(*j, GW).as_deref() == Some(node))
-                && self.topo.node_holds(i, GW)
-        });
-    }
-}
-
 #[test]
 fn committed_state_survives_a_full_restart() {
     if !require_root("committed_state_survives_a_full_restart") {
@@ -365,7 +151,7 @@ fn committed_state_survives_a_full_restart() {
     }
     let mut c = Cluster::start("dura", 3);
     // A runtime change: gw3's file gains a gateway and is reloaded (committed cluster-wide).
-    let extra = config(&c.topo, 3, 2, true).replace(
+    let extra = config(&c.topo, 3, 2, true, "").replace(
         "[[policy]]",
         "[[gateway]]\nname = \"extra\"\n[gateway.source_ip]\nmode = \"PrimaryIPFromEgressGatewayNodeInterface\"\nprimary_ip_from_egress_gateway_node_interface = { interface_name = \"eth1\" }\n\n[[policy]]",
     );
@@ -387,7 +173,7 @@ fn committed_state_survives_a_full_restart() {
         let ch = c.children[i].take().expect("running");
         let _ = c.topo.lab.child(ch).wait();
     }
-    std::fs::write(&c.configs[2], config(&c.topo, 3, 2, true)).expect("config");
+    std::fs::write(&c.configs[2], config(&c.topo, 3, 2, true, "")).expect("config");
     for i in (0..3).rev() {
         c.children[i] = Some(c.topo.start_egressd(i, &c.configs[i].clone()));
     }

@@ -1,3 +1,4 @@
 pub mod arp;
+pub mod cluster;
 pub mod netns;
 pub mod topo;

@@ -1,0 +1,230 @@
+//! A running egressd cluster in a lab, for the cluster tests and benchmarks.
+#![allow(dead_code)]
+
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use super::arp::{self, ArpProber, Probe};
+use super::topo::*;
+
+pub const WAIT: Duration = Duration::from_secs(20);
+pub const GW: &str = "vip";
+
+pub fn name(i: usize) -> String {
+    format!("gw{}", i + 1)
+}
+
+/// The config of node `i` in an `n`-node cluster; `labelled` says whether it carries the
+/// gateway's selector label.
+pub fn config(topo: &Topo, n: usize, i: usize, labelled: bool, cluster_extra: &str) -> String {
+    let peers: Vec<String> = (0..n)
+        .map(|j| {
+            format!(
+                "{{ name = \"{}\", address = \"{}:7480\" }}",
+                name(j),
+                node_mgmt_ip(j)
+            )
+        })
+        .collect();
+    let labels = if labelled { r#"{ egress = "" }"# } else { "{}" };
+    format!(
+        r#"
+[node]
+name = "{me}"
+labels = {labels}
+
+[cluster]
+listen = "{listen}:7480"
+peers = [{peers}]
+data_dir = "{dir}/data-{me}"
+secret_file = "{dir}/secret"
+{cluster_extra}
+
+[dataplane]
+garp_count = 3
+
+[[gateway]]
+name = "{GW}"
+node_selector = {{ egress = "" }}
+[gateway.source_ip]
+mode = "VirtualIPAddress"
+virtual_ip_address = {{ ip = "{VIP}", interfaces = ["eth1"] }}
+[gateway.next_hop]
+ip = "{NEXT_HOP}"
+interface = "eth0"
+
+[[policy]]
+name = "to-wan"
+egress_gateway_name = "{GW}"
+source_cidrs = ["{CLIENT_IP}/32"]
+destination_cidrs = ["203.0.113.0/24"]
+"#,
+        me = name(i),
+        listen = node_mgmt_ip(i),
+        peers = peers.join(", "),
+        dir = topo.dir.path().display()
+    )
+}
+
+pub struct Cluster {
+    pub topo: Topo,
+    pub n: usize,
+    pub children: Vec<Option<usize>>,
+    pub configs: Vec<PathBuf>,
+    /// Extra `[cluster]` lines of every node's config (e.g. a timing profile).
+    pub extra: String,
+}
+
+impl Cluster {
+    pub fn start(tag: &str, n: usize) -> Cluster {
+        Cluster::start_with(tag, n, "")
+    }
+
+    pub fn start_with(tag: &str, n: usize, extra: &str) -> Cluster {
+        let mut topo = Topo::new(tag, n);
+        std::fs::write(
+            topo.dir.path().join("secret"),
+            "an-e2e-test-cluster-secret-0123456789\n",
+        )
+        .expect("secret");
+        topo.start_echo_server();
+        let configs: Vec<PathBuf> = (0..n)
+            .map(|i| topo.write_config(i, &config(&topo, n, i, true, extra)))
+            .collect();
+        let children = (0..n)
+            .map(|i| Some(topo.start_egressd(i, &configs[i])))
+            .collect();
+        let c = Cluster {
+            topo,
+            n,
+            children,
+            configs,
+            extra: extra.to_string(),
+        };
+        c.wait_active("gw1");
+        c
+    }
+
+    pub fn live(&self) -> impl Iterator<Item = usize> + '_ {
+        (0..self.n).filter(|i| self.children[*i].is_some())
+    }
+
+    /// Waits until every live node sees `node` as the committed active node and that node's
+    /// data plane holds the gateway.
+    pub fn wait_active(&self, node: &str) {
+        let i = self.index(node);
+        wait_for(
+            &format!("{node} active and holding the gateway"),
+            WAIT,
+            || {
+                self.live()
+                    .all(|j| self.topo.active(j, GW).as_deref() == Some(node))
+                    && self.topo.node_holds(i, GW)
+            },
+        );
+    }
+
+    pub fn index(&self, node: &str) -> usize {
+        node.trim_start_matches("gw")
+            .parse::<usize>()
+            .expect("node name")
+            - 1
+    }
+
+    pub fn leader(&self) -> String {
+        let mut leader = None;
+        wait_for("a leader", WAIT, || {
+            leader = self.live().find_map(|j| self.topo.leader(j));
+            leader.is_some()
+        });
+        leader.unwrap_or_default()
+    }
+
+    /// Makes `node` the active one by removing the selector label from every node before it in
+    /// alphabetical order (their config files change and they get SIGHUP).
+    pub fn make_active(&mut self, node: &str) {
+        let target = self.index(node);
+        for i in 0..target {
+            let body = config(&self.topo, self.n, i, false, &self.extra);
+            std::fs::write(&self.configs[i], body).expect("config");
+            let c = self.children[i].expect("running");
+            signal(self.topo.lab.child(c), "HUP");
+        }
+        self.wait_active(node);
+    }
+
+    pub fn signal(&mut self, node: &str, sig: &str) {
+        let i = self.index(node);
+        let c = self.children[i].expect("running");
+        signal(self.topo.lab.child(c), sig);
+        if sig == "KILL" {
+            let _ = self.topo.lab.child(c).wait();
+            self.children[i] = None;
+        }
+    }
+
+    pub fn prober(&self) -> ArpProber {
+        ArpProber::start(
+            &self.topo.server,
+            "eth0",
+            SERVER_IP.parse::<Ipv4Addr>().expect("ip"),
+            VIP.parse::<Ipv4Addr>().expect("ip"),
+            Duration::from_millis(10),
+        )
+    }
+
+    pub fn macs(&self) -> Vec<[u8; 6]> {
+        (0..self.n)
+            .map(|i| arp::mac(&self.topo.nodes[i], "eth1"))
+            .collect()
+    }
+
+    pub fn logs(&self) -> String {
+        (0..self.n)
+            .map(|i| format!("---- {} ----\n{}", name(i), self.topo.log(i)))
+            .collect()
+    }
+
+    /// The VIP is served end to end: the client's traffic reaches the server from the VIP.
+    pub fn assert_traffic_via_vip(&self) {
+        let mut seen = None;
+        wait_for("client traffic SNATed to the VIP", WAIT, || {
+            seen = self.topo.seen_source(CLIENT_IP, SERVER_IP);
+            seen.as_deref() == Some(VIP)
+        });
+    }
+}
+
+/// Checks the probes: never two answers at once. Returns the index of the node whose MAC
+/// answered last.
+pub fn check_probes(c: &Cluster, probes: &[Probe]) -> Option<usize> {
+    let macs = c.macs();
+    let doubles = arp::double_answers(probes);
+    assert!(
+        doubles.is_empty(),
+        "{} of {} probes were answered by two nodes at once (first at {:?})\n{}",
+        doubles.len(),
+        probes.len(),
+        doubles.first().map(|p| p.at.elapsed()),
+        c.logs()
+    );
+    probes
+        .iter()
+        .rev()
+        .find_map(|p| p.answered_by.iter().next())
+        .and_then(|m| macs.iter().position(|x| x == m))
+}
+
+impl Cluster {
+    /// Like `wait_active`, asking only the given nodes (others may be stopped).
+    pub fn wait_active_among(&self, nodes: &[usize], node: &str) {
+        let i = self.index(node);
+        wait_for(&format!("{node} active (asking {nodes:?})"), WAIT, || {
+            nodes
+                .iter()
+                .all(|j| self.topo.active(*j, GW).as_deref() == Some(node))
+                && self.topo.node_holds(i, GW)
+        });
+    }
+}
