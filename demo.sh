@@ -1,21 +1,25 @@
 #!/usr/bin/env bash
 # The egressd demo, in network namespaces on this machine (nothing touches the host's own
-# interfaces): a client, a LAN bridge, a gateway node running egressd, a WAN bridge and a server.
-# It shows the VIP taken and announced, which traffic is SNATed to what, a link failure
-# withdrawing everything, its return restoring it, and a clean shutdown. Needs root.
+# interfaces): a client, a LAN bridge, three gateway nodes running egressd as a Raft cluster
+# (their peer traffic on a bridge of its own), a WAN bridge and a server. It shows who is active
+# and which traffic is SNATed to what, kills the active node's daemon (kill -9), prints how long
+# the failover took on the wire and for the client, then hands over in a planned way (SIGTERM)
+# and cleans up. Needs root.
 set -euo pipefail
 cd "$(dirname "$0")"
 [ "$(id -u)" = 0 ] || { echo "demo.sh: run as root (it creates network namespaces)" >&2; exit 1; }
 scripts/deps.sh
+echo "building egressd (release)..."
 cargo build --release --locked --quiet
 BIN=$PWD/target/release/egressd
 
 P="egd$$"                       # unique per run
-NS_LAN=$P-lan NS_WAN=$P-wan NS_CLI=$P-cli NS_SRV=$P-srv NS_GW=$P-gw1
+NS_LAN=$P-lan NS_WAN=$P-wan NS_MGMT=$P-mgmt NS_CLI=$P-cli NS_SRV=$P-srv
+NODES=(gw1 gw2 gw3)
 WORK=$(mktemp -d)
 cleanup() {
   set +e
-  for ns in $NS_GW $NS_CLI $NS_SRV $NS_LAN $NS_WAN; do
+  for ns in "${NODES[@]/#/$P-}" $NS_CLI $NS_SRV $NS_LAN $NS_WAN $NS_MGMT; do
     for pid in $(ip netns pids "$ns" 2>/dev/null); do kill -9 "$pid" 2>/dev/null; done
     ip netns del "$ns" 2>/dev/null
   done
@@ -25,56 +29,58 @@ trap cleanup EXIT INT TERM
 
 say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 nsx() { local ns=$1; shift; ip netns exec "$ns" "$@"; }
-# until DESCRIPTION COMMAND...: polls every 10 ms (at most 10 s) and says how long it took.
-until_ok() {
-  local what=$1; shift
-  local t0; t0=$(date +%s%N)
-  for _ in $(seq 1000); do
-    if "$@" >/dev/null 2>&1; then
-      printf '  %s after %d ms\n' "$what" $((($(date +%s%N) - t0) / 1000000)); return 0
-    fi
-    sleep 0.01
-  done
-  echo "  $what: not within 10 s" >&2; return 1
-}
-holds_vip() { nsx $NS_GW ip -o addr show dev eth1 | grep -q 'inet 203.0.113.50/'; }
-lacks_vip() { ! holds_vip; }
-snat_empty() { ! nsx $NS_GW nft list map inet egressd snat4 | grep -q 'elements = '; }
+ms_now() { date +%s%3N; }
 
-say "building the lab: client 10.77.0.10 -> LAN -> gw1 -> WAN -> server 203.0.113.10"
-for ns in $NS_LAN $NS_WAN $NS_CLI $NS_SRV $NS_GW; do ip netns add "$ns"; nsx "$ns" ip link set lo up; done
+say "building the lab: client 10.77.0.10 -> LAN -> gw1..gw3 -> WAN -> server 203.0.113.10"
+for ns in $NS_LAN $NS_WAN $NS_MGMT $NS_CLI $NS_SRV "${NODES[@]/#/$P-}"; do
+  ip netns add "$ns"; nsx "$ns" ip link set lo up
+done
 nsx $NS_CLI ip link add eth0 type veth peer name p-cli netns $NS_LAN
 nsx $NS_SRV ip link add eth0 type veth peer name p-srv netns $NS_WAN
-nsx $NS_GW ip link add eth0 type veth peer name p-gw1a netns $NS_LAN
-nsx $NS_GW ip link add eth1 type veth peer name p-gw1b netns $NS_WAN
-for br in "$NS_LAN br0 p-cli p-gw1a" "$NS_WAN br1 p-srv p-gw1b"; do
-  set -- $br; ns=$1 b=$2; shift 2
+lan_ports=(p-cli) wan_ports=(p-srv) mgmt_ports=()
+for i in 0 1 2; do
+  n=${NODES[$i]} ns=$P-${NODES[$i]}
+  nsx "$ns" ip link add eth0 type veth peer name "p-$n" netns $NS_LAN
+  nsx "$ns" ip link add eth1 type veth peer name "p-$n" netns $NS_WAN
+  nsx "$ns" ip link add eth2 type veth peer name "p-$n" netns $NS_MGMT
+  nsx "$ns" ip addr add "10.77.0.$((2 + i))/24" dev eth0
+  nsx "$ns" ip addr add "203.0.113.$((2 + i))/24" dev eth1
+  nsx "$ns" ip addr add "10.78.0.$((2 + i))/24" dev eth2
+  for d in eth0 eth1 eth2; do nsx "$ns" ip link set $d up; done
+  lan_ports+=("p-$n") wan_ports+=("p-$n") mgmt_ports+=("p-$n")
+done
+bridge() { # ns name ports...
+  local ns=$1 b=$2; shift 2
   nsx "$ns" ip link add "$b" type bridge forward_delay 0
   for p in "$@"; do nsx "$ns" ip link set "$p" master "$b" up; done
   nsx "$ns" ip link set "$b" up
-done
+}
+bridge $NS_LAN br0 "${lan_ports[@]}"
+bridge $NS_WAN br1 "${wan_ports[@]}"
+bridge $NS_MGMT br2 "${mgmt_ports[@]}"
 nsx $NS_CLI ip addr add 10.77.0.10/24 dev eth0
-nsx $NS_CLI ip addr add 10.77.0.11/24 dev eth0
 nsx $NS_CLI ip link set eth0 up
 nsx $NS_CLI ip route add 203.0.113.0/24 via 10.77.0.1
 nsx $NS_SRV ip addr add 203.0.113.10/24 dev eth0
-nsx $NS_SRV ip addr add 203.0.113.20/24 dev eth0
 nsx $NS_SRV ip link set eth0 up
-nsx $NS_SRV ip route add 10.77.0.0/24 via 203.0.113.2
-nsx $NS_GW ip addr add 10.77.0.2/24 dev eth0
-nsx $NS_GW ip addr add 203.0.113.2/24 dev eth1
-nsx $NS_GW ip link set eth0 up
-nsx $NS_GW ip link set eth1 up
 
-cat > "$WORK/gw1.toml" <<EOF
+head -c 32 /dev/urandom | base64 > "$WORK/cluster.secret"
+for i in 0 1 2; do
+  n=${NODES[$i]}
+  cat > "$WORK/$n.toml" <<EOF
 [node]
-name = "gw1"
+name = "$n"
 labels = { "node-role.deckhouse.io/egress" = "" }
 
 [cluster]
-listen = "127.0.0.1:7480"
-peers = [{ name = "gw1", address = "127.0.0.1:7480" }]
-data_dir = "$WORK/gw1"
+listen = "10.78.0.$((2 + i)):7480"
+peers = [
+  { name = "gw1", address = "10.78.0.2:7480" },
+  { name = "gw2", address = "10.78.0.3:7480" },
+  { name = "gw3", address = "10.78.0.4:7480" },
+]
+data_dir = "$WORK/data-$n"
+secret_file = "$WORK/cluster.secret"
 
 [dataplane]
 manage_forwarding = true
@@ -92,53 +98,69 @@ interface = "eth0"
 [[policy]]
 name = "my-egressgw-policy"
 egress_gateway_name = "my-egressgw"
-source_cidrs = ["10.77.0.10/32"]
+source_cidrs = ["10.77.0.0/24"]
 destination_cidrs = ["0.0.0.0/0"]
-excluded_cidrs = ["203.0.113.20/32"]
 EOF
+done
 
 say "config check"
 $BIN check-config --config "$WORK/gw1.toml"
 
-say "server: answers every connection with the source address it sees"
+say "server: answers every TCP connection with the source address it sees"
 nsx $NS_SRV socat TCP-LISTEN:8080,reuseaddr,fork 'SYSTEM:echo $SOCAT_PEERADDR' &
-nsx $NS_WAN tcpdump -i br1 -n -l arp 2>/dev/null > "$WORK/arp.txt" &
+nsx $NS_WAN tcpdump -tt -e -i br1 -n -l arp 2>/dev/null > "$WORK/wan-arp.txt" &
 sleep 0.5
 
-say "starting egressd on gw1"
-nsx $NS_GW "$BIN" run --config "$WORK/gw1.toml" > "$WORK/gw1.log" 2>&1 &
-until_ok "VIP held" holds_vip
-sleep 0.1
-nsx $NS_GW "$BIN" status --admin http://127.0.0.1:7481
+say "starting egressd on gw1, gw2, gw3"
+for n in "${NODES[@]}"; do
+  nsx "$P-$n" "$BIN" run --config "$WORK/$n.toml" > "$WORK/$n.log" 2>&1 &
+done
+status() { nsx "$P-$1" "$BIN" status --admin http://127.0.0.1:7481; }
+active_of() { nsx "$P-$1" "$BIN" status --json --admin http://127.0.0.1:7481 2>/dev/null \
+  | grep -o '"held_gateways":\[[^]]*\]' | grep -q my-egressgw; }
+for _ in $(seq 500); do active_of gw1 && break; sleep 0.02; done
+status gw1
 
-probe() { # src dst
+probe() {
   local seen
-  seen=$(nsx $NS_CLI socat -T2 - "TCP:$2:8080,bind=$1,connect-timeout=2" 2>/dev/null || true)
-  printf '  %-12s -> %-14s  server sees %s\n' "$1" "$2" "${seen:-(no connection)}"
+  seen=$(nsx $NS_CLI socat -T2 - "TCP:203.0.113.10:8080,connect-timeout=2" 2>/dev/null || true)
+  echo "  client 10.77.0.10 -> server: the server sees ${seen:-(no connection)}"
 }
-say "traffic: the policy source is SNATed to the VIP, the excluded destination and other sources are not"
-probe 10.77.0.10 203.0.113.10
-probe 10.77.0.10 203.0.113.20
-probe 10.77.0.11 203.0.113.10
-say "gratuitous ARP seen on the WAN"
-grep "who-has 203.0.113.50 tell 203.0.113.50" "$WORK/arp.txt" | sed 's/^/  /' | head -5
+say "traffic: SNATed to the VIP"
+probe
 
-say "cutting gw1's WAN link: the VIP, next hop and SNAT are withdrawn"
-nsx $NS_GW ip link set eth1 down
-until_ok "VIP withdrawn" lacks_vip
-until_ok "SNAT map emptied" snat_empty
-nsx $NS_GW "$BIN" status --admin http://127.0.0.1:7481
-say "link back: restored and re-announced"
-nsx $NS_GW ip link set eth1 up
-until_ok "VIP held again" holds_vip
-probe 10.77.0.10 203.0.113.10
+say "kill -9 of the active node's daemon (gw1), with the client pinging the server every 10 ms"
+nsx $NS_CLI ping -D -n -i 0.01 -W 1 203.0.113.10 > "$WORK/ping.txt" 2>/dev/null &
+PING=$!
+sleep 1
+T0=$(date +%s.%N)
+pkill -KILL -f "$BIN run --config $WORK/gw1.toml"
+for _ in $(seq 500); do active_of gw2 && break; sleep 0.01; done
+sleep 1
+kill $PING 2>/dev/null || true
+MAC2=$(nsx "$P-gw2" cat /sys/class/net/eth1/address)
+awk -v t0="$T0" -v mac="$MAC2" '$0 ~ "who-has 203.0.113.50 tell 203.0.113.50" && index($0, mac) && $1 >= t0 {
+  printf "  gw2 took the VIP: first gratuitous ARP on the wire %.0f ms after the kill\n", ($1 - t0) * 1000; exit }' "$WORK/wan-arp.txt"
+awk -v t0="$T0" -F'[][]' '/bytes from/ { t = $2; if (p && t >= t0 - 0.05 && t - p > gap) gap = t - p; p = t }
+  END { printf "  client-visible outage (longest gap between ping replies): %.0f ms\n", gap * 1000 }' "$WORK/ping.txt"
+grep -h "assignment change" "$WORK"/gw[23].log | sed 's/^/  leader log: /' | tail -1
+status gw2
+probe
 
-say "SIGTERM: egressd releases everything"
-pkill -TERM -f "$BIN run --config $WORK/gw1.toml" || true
-until_ok "VIP released" lacks_vip
-for _ in $(seq 100); do pgrep -f "$BIN run --config $WORK/gw1.toml" >/dev/null || break; sleep 0.05; done
-echo "  addresses on eth1: $(nsx $NS_GW ip -o addr show dev eth1 | awk '{print $4}' | xargs)"
-echo "  egressd table: $(nsx $NS_GW nft list tables | grep -c egressd || true) left"
-say "what egressd logged"
-sed 's/^/  /' "$WORK/gw1.log"
+say "planned handover: SIGTERM on gw2 (the leader moves the gateway before gw2 exits)"
+nsx $NS_CLI ping -D -n -i 0.01 -W 1 203.0.113.10 > "$WORK/ping2.txt" 2>/dev/null &
+PING=$!
+sleep 1
+T0=$(date +%s.%N)
+pkill -TERM -f "$BIN run --config $WORK/gw2.toml"
+for _ in $(seq 500); do active_of gw3 && break; sleep 0.01; done
+sleep 1
+kill $PING 2>/dev/null || true
+awk -v t0="$T0" -F'[][]' '/bytes from/ { t = $2; if (p && t >= t0 - 0.05 && t - p > gap) gap = t - p; p = t }
+  END { printf "  client-visible outage: %.0f ms\n", gap * 1000 }' "$WORK/ping2.txt"
+status gw3
+probe
+
+say "what the leaders decided, from the daemons' logs"
+grep -h "assignment change" "$WORK"/gw*.log | sed -E 's/^([^ ]+) +INFO /\1 /' | cut -c1-220 | sed 's/^/  /'
 say "done (the lab is removed on exit)"

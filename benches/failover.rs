@@ -6,8 +6,10 @@
 //! - client outage: the longest gap between ping replies around the event;
 //! - two holders: probes answered by two MACs (must be zero).
 //!
-//! Scenarios: kill -9 of the active node when it is a follower and when it is the Raft leader,
-//! at the default and the fast profile, and a planned handover (SIGTERM). Prints a table of
+//! Scenarios: all links of the active node cut (the host is gone) and kill -9 of its daemon (the
+//! host's kernel still forwards until the successor's announcement moves the traffic), with the
+//! active node a follower or the Raft leader, at the default and the fast profile; and a planned
+//! handover (SIGTERM). Prints a table of
 //! medians and maxima. Also: the resident size of an idle node holding 10 000 policies.
 
 #[path = "../tests/common/mod.rs"]
@@ -41,10 +43,11 @@ fn mac_text(m: [u8; 6]) -> String {
         .join(":")
 }
 
-/// Runs one trial: `leader` picks whether the active node is the Raft leader; `sig` is KILL or
-/// TERM.
-fn trial(tag: &str, extra: &str, leader: bool, sig: &str) -> Trial {
+/// Runs one trial: `leader` picks whether the active node is the Raft leader; `how` is KILL or
+/// TERM (a signal to the daemon) or CUT (every link of the node goes down).
+fn trial(tag: &str, extra: &str, leader: bool, how: &str) -> Trial {
     let mut c = Cluster::start_with(tag, 3, extra);
+    c.ensure_leader_is_not("gw3");
     let l = c.leader();
     let target = if leader {
         l.clone()
@@ -99,7 +102,11 @@ fn trial(tag: &str, extra: &str, leader: bool, sig: &str) -> Trial {
     std::thread::sleep(Duration::from_millis(700));
 
     let t0 = unix_now();
-    c.signal(&target, sig);
+    if how == "CUT" {
+        c.cut_links(&target);
+    } else {
+        c.signal(&target, how);
+    }
     wait_for("successor active", WAIT, || {
         c.topo.active(c.index(&successor), GW).as_deref() == Some(successor.as_str())
             && c.topo.node_holds(c.index(&successor), GW)
@@ -223,9 +230,9 @@ fn main() {
         "\n| scenario | trials | failover to first GARP: median | max | client outage (10 ms ping): median | max | probes answered twice |"
     );
     println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: |");
-    for (k, (what, extra, leader, sig)) in scenarios.iter().enumerate() {
+    for (k, (what, extra, leader, how)) in scenarios.iter().enumerate() {
         let trials: Vec<Trial> = (0..TRIALS)
-            .map(|t| trial(&format!("fo{k}{t}"), extra, *leader, sig))
+            .map(|t| trial(&format!("fo{k}{t}"), extra, *leader, how))
             .collect();
         let (fm, fx) = stats(trials.iter().map(|t| t.failover_ms).collect());
         let (om, ox) = stats(trials.iter().map(|t| t.outage_ms).collect());

@@ -16,6 +16,8 @@ use common::topo::*;
 /// Kills the active node's daemon with SIGKILL and checks the successor takes over safely.
 fn kill_active(tag: &str, n: usize, active_is_leader: bool) {
     let mut c = Cluster::start(tag, n);
+    // The last node has no successor once the ones before it are unlabelled.
+    c.ensure_leader_is_not(&name(n - 1));
     let leader = c.leader();
     let target = if active_is_leader {
         leader.clone()

@@ -141,6 +141,35 @@ impl Cluster {
         leader.unwrap_or_default()
     }
 
+    /// Restarts the leader until it is not `node` (elections pick a random winner), so that a
+    /// test can make a chosen node the active one and still have a successor after it.
+    pub fn ensure_leader_is_not(&mut self, node: &str) {
+        for _ in 0..10 {
+            let l = self.leader();
+            if l != node {
+                return;
+            }
+            let i = self.index(&l);
+            self.signal(&l, "KILL");
+            wait_for("a new leader", WAIT, || {
+                self.live()
+                    .any(|j| self.topo.leader(j).is_some_and(|x| x != l))
+            });
+            let cfg = self.configs[i].clone();
+            self.children[i] = Some(self.topo.start_egressd(i, &cfg));
+        }
+        panic!("{node} kept winning the election");
+    }
+
+    /// Cuts every link of `node` (LAN, WAN and cluster network): to the rest of the lab the
+    /// host is gone, though its daemon runs on.
+    pub fn cut_links(&self, node: &str) {
+        let port = format!("p-{node}");
+        for ns in [&self.topo.lan, &self.topo.wan, &self.topo.mgmt] {
+            self.topo.lab.exec(ns, ["ip", "link", "set", &port, "down"]);
+        }
+    }
+
     /// Makes `node` the active one by removing the selector label from every node before it in
     /// alphabetical order (their config files change and they get SIGHUP).
     pub fn make_active(&mut self, node: &str) {
