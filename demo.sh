@@ -19,6 +19,7 @@ NODES=(gw1 gw2 gw3)
 WORK=$(mktemp -d)
 cleanup() {
   set +e
+  disown -a 2>/dev/null
   for ns in "${NODES[@]/#/$P-}" $NS_CLI $NS_SRV $NS_LAN $NS_WAN $NS_MGMT; do
     for pid in $(ip netns pids "$ns" 2>/dev/null); do kill -9 "$pid" 2>/dev/null; done
     ip netns del "$ns" 2>/dev/null
@@ -147,18 +148,34 @@ grep -h "assignment change" "$WORK"/gw[23].log | sed 's/^/  leader log: /' | tai
 status gw2
 probe
 
-say "planned handover: SIGTERM on gw2 (the leader moves the gateway before gw2 exits)"
+outage() { # ping log, start time
+  awk -v t0="$2" -F'[][]' '/bytes from/ { t = $2; if (p && t >= t0 - 0.05 && t - p > gap) gap = t - p; p = t }
+    END { printf "  client-visible outage: %.0f ms\n", gap * 1000 }' "$1"
+}
+
+say "gw1 comes back: first in order, it takes the role back (preemption, a planned handover)"
 nsx $NS_CLI ping -D -n -i 0.01 -W 1 203.0.113.10 > "$WORK/ping2.txt" 2>/dev/null &
 PING=$!
-sleep 1
+sleep 0.5
 T0=$(date +%s.%N)
-pkill -TERM -f "$BIN run --config $WORK/gw2.toml"
-for _ in $(seq 500); do active_of gw3 && break; sleep 0.01; done
+nsx "$P-gw1" "$BIN" run --config "$WORK/gw1.toml" >> "$WORK/gw1.log" 2>&1 &
+for _ in $(seq 1000); do active_of gw1 && break; sleep 0.01; done
 sleep 1
 kill $PING 2>/dev/null || true
-awk -v t0="$T0" -F'[][]' '/bytes from/ { t = $2; if (p && t >= t0 - 0.05 && t - p > gap) gap = t - p; p = t }
-  END { printf "  client-visible outage: %.0f ms\n", gap * 1000 }' "$WORK/ping2.txt"
-status gw3
+outage "$WORK/ping2.txt" "$T0"
+status gw1
+
+say "planned handover: SIGTERM on gw1 (the leader moves the gateway before gw1 exits)"
+nsx $NS_CLI ping -D -n -i 0.01 -W 1 203.0.113.10 > "$WORK/ping3.txt" 2>/dev/null &
+PING=$!
+sleep 0.5
+T0=$(date +%s.%N)
+pkill -TERM -f "$BIN run --config $WORK/gw1.toml"
+for _ in $(seq 500); do active_of gw2 && break; sleep 0.01; done
+sleep 1
+kill $PING 2>/dev/null || true
+outage "$WORK/ping3.txt" "$T0"
+status gw2
 probe
 
 say "what the leaders decided, from the daemons' logs"

@@ -143,18 +143,20 @@ pub struct ClusterTiming {
 impl ClusterConfig {
     pub fn timing(&self) -> ClusterTiming {
         let base = match self.profile {
+            // openraft 0.9 adds its leader lease (= election_timeout_max) to a follower's
+            // election timeout, so a dead leader is replaced after max + rand(min, max).
             Profile::Default => ClusterTiming {
                 heartbeat_ms: 50,
-                election_timeout_min_ms: 150,
-                election_timeout_max_ms: 300,
+                election_timeout_min_ms: 100,
+                election_timeout_max_ms: 150,
                 report_interval_ms: 50,
                 lease_ms: 150,
                 failover_timeout_ms: 250,
             },
             Profile::Fast => ClusterTiming {
                 heartbeat_ms: 25,
-                election_timeout_min_ms: 75,
-                election_timeout_max_ms: 150,
+                election_timeout_min_ms: 50,
+                election_timeout_max_ms: 75,
                 report_interval_ms: 20,
                 lease_ms: 70,
                 failover_timeout_ms: 110,

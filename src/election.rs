@@ -105,13 +105,15 @@ impl Decision {
 
 /// Why `node` cannot serve `gateway`, or `None` when it is eligible.
 pub fn ineligibility(gateway: &Gateway, node: &NodeState) -> Option<Ineligible> {
+    // Liveness first: what a silent node reported last (labels, interfaces) is not known to
+    // hold any more, so any other reason would mislead.
+    if !node.alive {
+        return Some(Ineligible::NotAlive);
+    }
     if let Some(key) = gateway.selector_mismatch(&node.labels) {
         return Some(Ineligible::SelectorMismatch {
             key: key.to_owned(),
         });
-    }
-    if !node.alive {
-        return Some(Ineligible::NotAlive);
     }
     if node.cordoned {
         return Some(Ineligible::Cordoned);
@@ -286,6 +288,10 @@ mod tests {
         let mut n = node("a");
         n.labels.clear();
         n.alive = false; // later checks fail too: the first reason wins
+        assert_eq!(reason(n, g.clone()), Some(Ineligible::NotAlive));
+        let mut n = node("a");
+        n.labels.clear();
+        n.cordoned = true;
         assert_eq!(
             reason(n, g.clone()),
             Some(Ineligible::SelectorMismatch { key: ROLE.into() })

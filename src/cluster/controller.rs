@@ -54,6 +54,7 @@ pub struct Grant {
 pub struct Timing {
     pub lease: Duration,
     pub failover_timeout: Duration,
+    pub settle_margin: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -164,8 +165,12 @@ impl Controller {
         now.saturating_duration_since(rec.received) >= self.timing.failover_timeout
     }
 
+    /// A new leader cannot know what its predecessor granted. Those grants end within `lease`
+    /// of the predecessor's last quorum confirmation, which preceded this leader's election;
+    /// the extra `settle_margin` covers timer granularity.
     fn settled(&self, now: Instant) -> bool {
-        now.saturating_duration_since(self.leader_since) >= self.timing.failover_timeout
+        now.saturating_duration_since(self.leader_since)
+            >= self.timing.lease + self.timing.settle_margin
     }
 
     /// Whether `node` may still hold `gateway` (see the module docs).
@@ -258,6 +263,9 @@ impl Controller {
                     to: None,
                     kind: ChangeKind::Release,
                 }),
+                // A holder this new leader has not heard from yet: wait until it reports or
+                // its possible lease is over.
+                (Some(x), _) if !self.nodes.contains_key(x) && !self.settled(now) => {}
                 (Some(x), to) => {
                     // Silent for failover_timeout: its lease is over. Move straight to the
                     // successor unless someone else may still hold the gateway.
@@ -289,7 +297,8 @@ impl Controller {
             .values()
             .map(|r| r.received + self.timing.failover_timeout)
             .filter(|t| *t > now);
-        let settle = Some(self.leader_since + self.timing.failover_timeout).filter(|t| *t > now);
+        let settle = Some(self.leader_since + self.timing.lease + self.timing.settle_margin)
+            .filter(|t| *t > now);
         silent.chain(settle).min()
     }
 }
@@ -303,6 +312,7 @@ mod tests {
     const T: Timing = Timing {
         lease: Duration::from_millis(150),
         failover_timeout: Duration::from_millis(250),
+        settle_margin: Duration::from_millis(50),
     };
 
     fn ms(n: u64) -> Duration {

@@ -249,6 +249,7 @@ impl ClusterNode {
         let timing = Timing {
             lease: Duration::from_millis(self.timing.lease_ms),
             failover_timeout: Duration::from_millis(self.timing.failover_timeout_ms),
+            settle_margin: Duration::from_millis(self.timing.report_interval_ms),
         };
         let mut metrics = self.raft.metrics();
         let mut applied = self.applied.clone();
@@ -338,7 +339,8 @@ impl ClusterNode {
             for ch in &changes {
                 let why = match ch.kind {
                     ChangeKind::Failover => format!(
-                        "{} went silent (no report for {} ms; its lease has expired)",
+                        "{} went silent (no report for {} ms, or none since this leader took \
+                         over; its lease has expired)",
                         ch.from.as_deref().unwrap_or("-"),
                         self.leader_view
                             .lock()
