@@ -41,6 +41,8 @@ pub struct ClusterStatus {
     pub leader: Option<String>,
     pub term: u64,
     pub members: Vec<String>,
+    /// Raft voters (at most five); the other members are non-voting learners.
+    pub voters: Vec<String>,
     pub applied_index: u64,
     /// How much longer this node may hold its gateways without a renewal.
     pub lease_remaining_ms: u64,
@@ -144,6 +146,8 @@ struct Agent<H, F> {
     /// Gateways whose data plane this node holds now (what the next report says).
     held: BTreeSet<String>,
     seeded: bool,
+    /// Applied index at the last return of freed memory to the system.
+    trimmed_at: u64,
     /// Set by SIGTERM/SIGINT: report not ready so the leader moves the gateways away in a planned
     /// handover, and exit once nothing is held.
     leaving: bool,
@@ -283,6 +287,10 @@ impl<H: Host, F: Firewall> Agent<H, F> {
         if !self.seeded {
             self.seed().await;
         }
+        if applied.index != self.trimmed_at {
+            self.trimmed_at = applied.index;
+            release_free_memory();
+        }
         self.publish(&state, applied.index, &desired, not_ready, lease);
         self.held != before
     }
@@ -360,6 +368,10 @@ impl<H: Host, F: Firewall> Agent<H, F> {
             leader: leader_name.clone(),
             term: metrics.current_term,
             members: members.nodes().map(|(_, m)| m.name.clone()).collect(),
+            voters: members
+                .voter_ids()
+                .filter_map(|id| members.get_node(&id).map(|m| m.name.clone()))
+                .collect(),
             applied_index,
             lease_remaining_ms: lease.as_millis() as u64,
             config_drift: state.seeded && (state.gateway_list() != fg || state.policy_list() != fp),
@@ -479,6 +491,7 @@ async fn run_inner(config: Config, config_path: PathBuf) -> anyhow::Result<()> {
         lease_until: None,
         held: BTreeSet::new(),
         seeded: false,
+        trimmed_at: 0,
         leaving: false,
         status: Status::default(),
         status_tx,
@@ -559,6 +572,16 @@ async fn run_inner(config: Config, config_path: PathBuf) -> anyhow::Result<()> {
                 }
             }
         }
+    }
+}
+
+/// Parsing a config or a committed change of many objects leaves freed heap that glibc keeps:
+/// give it back, so that an idle node's resident size reflects what it holds.
+fn release_free_memory() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only returns free heap pages to the kernel.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }
 

@@ -226,3 +226,77 @@ fn sigterm_hands_the_gateway_over_in_a_planned_way() {
     );
     c.assert_traffic_via_vip();
 }
+
+#[test]
+fn without_preemption_a_returning_node_does_not_take_the_role_back() {
+    if !require_root("without_preemption_a_returning_node_does_not_take_the_role_back") {
+        return;
+    }
+    let mut c = Cluster::start("nopre", 3);
+    // Switch the gateway to preempt = false in every file and reload: the reloaded objects are
+    // committed cluster-wide.
+    for i in 0..3 {
+        let body = config(&c.topo, 3, i, true, "").replace(
+            "node_selector = { egress = \"\" }\n[gateway.source_ip]",
+            "node_selector = { egress = \"\" }\npreempt = false\n[gateway.source_ip]",
+        );
+        std::fs::write(&c.configs[i], body).expect("config");
+    }
+    for n in ["gw1", "gw2", "gw3"] {
+        c.signal(n, "HUP");
+    }
+    wait_for("preempt = false committed, no drift anywhere", WAIT, || {
+        (0..3).all(|i| {
+            c.topo.log(i).contains("configuration reloaded")
+                && c.topo
+                    .status(i)
+                    .is_some_and(|s| s["cluster"]["config_drift"] == serde_json::Value::Bool(false))
+        })
+    });
+    c.signal("gw1", "KILL");
+    c.wait_active_among(&[1, 2], "gw2");
+    let epoch = c.topo.status(1).map(|s| s["gateways"][0]["epoch"].clone());
+    let cfg = c.configs[0].clone();
+    c.children[0] = Some(c.topo.start_egressd(0, &cfg));
+    wait_for("gw1 back in the cluster", WAIT, || {
+        c.topo.leader(0).is_some()
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(c.topo.active(0, GW).as_deref(), Some("gw2"), "{}", c.logs());
+    assert_eq!(
+        c.topo.status(1).map(|s| s["gateways"][0]["epoch"].clone()),
+        epoch,
+        "the assignment must not move while gw2 stays eligible\n{}",
+        c.logs()
+    );
+}
+
+#[test]
+fn peers_beyond_five_join_as_learners_and_can_be_active() {
+    if !require_root("peers_beyond_five_join_as_learners_and_can_be_active") {
+        return;
+    }
+    let mut c = Cluster::start("learn", 6);
+    wait_for("five voters and one learner", WAIT, || {
+        c.topo.status(5).is_some_and(|s| {
+            s["cluster"]["members"]
+                .as_array()
+                .is_some_and(|m| m.len() == 6)
+                && s["cluster"]["voters"]
+                    .as_array()
+                    .is_some_and(|v| v.len() == 5)
+        })
+    });
+    let voters = c.topo.status(0).map(|s| s["cluster"]["voters"].clone());
+    assert!(
+        !voters
+            .as_ref()
+            .and_then(|v| v.as_array())
+            .is_some_and(|v| v.iter().any(|n| n == "gw6")),
+        "gw6 is the learner: {voters:?}"
+    );
+    // The learner is a gateway node like any other: make it the active one.
+    c.ensure_leader_is_not("gw6");
+    c.make_active("gw6");
+    c.assert_traffic_via_vip();
+}

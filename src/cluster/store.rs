@@ -50,6 +50,7 @@ const KEY_SNAP_DATA: &str = "data";
 
 /// File name of the database inside the store directory.
 pub const DB_FILE: &str = "raft.redb";
+const CACHE_BYTES: usize = 4 << 20;
 
 type StorageResult<T> = Result<T, StorageError<NodeId>>;
 type Meta = SnapshotMeta<NodeId, Member>;
@@ -291,10 +292,15 @@ pub fn open(dir: &Path) -> Result<(LogStore, StateMachineStore), StoreError> {
         source,
     })?;
     let path = dir.join(DB_FILE);
-    let db = Database::create(&path).map_err(|source| StoreError::Open {
-        path: path.clone(),
-        source,
-    })?;
+    // The log is read back only after a restart or for a lagging follower; a small cache keeps
+    // an idle node's memory down (redb's default is 1 GiB).
+    let db = redb::Builder::new()
+        .set_cache_size(CACHE_BYTES)
+        .create(&path)
+        .map_err(|source| StoreError::Open {
+            path: path.clone(),
+            source,
+        })?;
     // Create the tables up front so read transactions can always open them.
     let init = || -> Result<(), DbError> {
         let txn = db.begin_write()?;
