@@ -145,6 +145,68 @@ fn stats(mut v: Vec<f64>) -> (f64, f64) {
     (v[v.len() / 2], v[v.len() - 1])
 }
 
+/// Seconds since midnight of a tracing timestamp at the start of a log line
+/// (`2026-11-26T15:24:34.785991Z ...`).
+fn log_time(line: &str) -> Option<f64> {
+    let t = line
+        .split_whitespace()
+        .next()?
+        .split('T')
+        .nth(1)?
+        .trim_end_matches('Z');
+    let mut parts = t.split(':');
+    let h: f64 = parts.next()?.parse().ok()?;
+    let m: f64 = parts.next()?.parse().ok()?;
+    let s: f64 = parts.next()?.parse().ok()?;
+    Some(h * 3600.0 + m * 60.0 + s)
+}
+
+/// A policy change reloaded on the leader: from its commit (logged when the write returns) to
+/// the active follower's SNAT map update (logged when nft returns). Median and max in ms.
+fn config_change_latency(rounds: usize) -> (f64, f64) {
+    let mut c = Cluster::start("cfg", 3);
+    c.ensure_leader_is_not("gw3");
+    let leader = c.leader();
+    let active = (0..3).map(name).find(|m| *m != leader).expect("a follower");
+    c.make_active(&active);
+    let (li, ai) = (c.index(&leader), c.index(&active));
+    let extra = "[[policy]]\nname = \"extra\"\negress_gateway_name = \"vip\"\nsource_cidrs = [\"10.77.0.99/32\"]\ndestination_cidrs = [\"203.0.113.0/24\"]\n";
+    let base = std::fs::read_to_string(&c.configs[li]).expect("config");
+    let mut lat = Vec::new();
+    for r in 0..rounds {
+        let body = if r % 2 == 0 {
+            format!("{base}{extra}")
+        } else {
+            base.clone()
+        };
+        std::fs::write(&c.configs[li], body).expect("config");
+        let seen = c.topo.log(ai).matches("SNAT map updated").count();
+        c.signal(&leader, "HUP");
+        wait_for("change applied on the active node", WAIT, || {
+            c.topo.log(ai).matches("SNAT map updated").count() > seen
+        });
+        let commit = c
+            .topo
+            .log(li)
+            .lines()
+            .filter(|l| l.contains("committed the reloaded objects"))
+            .last()
+            .and_then(log_time);
+        let applied = c
+            .topo
+            .log(ai)
+            .lines()
+            .filter(|l| l.contains("SNAT map updated"))
+            .last()
+            .and_then(log_time);
+        if let (Some(a), Some(b)) = (commit, applied) {
+            lat.push((b - a) * 1e3);
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    stats(lat)
+}
+
 fn idle_rss_with_policies(n: usize) -> u64 {
     let mut topo = Topo::new("rss", 1);
     let mut cfg = format!(
@@ -174,7 +236,6 @@ virtual_ip_address = {{ ip = "{VIP}", interfaces = ["eth1"] }}
     }
     let path = topo.write_config(0, &cfg);
     let idx = topo.start_egressd(0, &path);
-    let gw = topo.nodes[0].clone();
     // Consecutive /32 sources with one target merge into few map elements: wait for the log.
     wait_for("policies installed", Duration::from_secs(60), || {
         topo.log(0).contains("took over gateway")
@@ -193,6 +254,13 @@ fn main() {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         eprintln!("!!! SKIPPED benches/failover.rs: needs root for network namespaces");
+        return;
+    }
+    if std::env::args().any(|a| a == "--config-change-only") {
+        let (m, x) = config_change_latency(10);
+        println!(
+            "config change committed -> applied on the active follower: median {m:.1} ms, max {x:.1} ms"
+        );
         return;
     }
     let fast = "profile = \"fast\"";
@@ -255,6 +323,10 @@ fn main() {
             "| {what} | {TRIALS} | {fm:.0} ms | {fx:.0} ms | {om:.0} ms | {ox:.0} ms | {doubles} |"
         );
     }
+    let (m, x) = config_change_latency(10);
+    println!(
+        "\nconfig change (one policy) committed on the leader -> SNAT updated on the active follower: median {m:.1} ms, max {x:.1} ms (10 rounds)"
+    );
     let rss = idle_rss_with_policies(10_000);
     println!(
         "\nresident size of an idle single node with 10 000 policies: {:.1} MiB",

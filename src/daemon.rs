@@ -265,6 +265,14 @@ impl<H: Host, F: Firewall> Agent<H, F> {
                     for g in before.difference(&self.held) {
                         info!(gateway = %g, took_ms = took, "released gateway");
                     }
+                    if changes.snat_changed && self.held == before {
+                        info!(
+                            applied_index = applied.index,
+                            snat_elements = desired.snat.len(),
+                            took_ms = took,
+                            "SNAT map updated"
+                        );
+                    }
                 }
             }
             Err(e) => {
@@ -405,12 +413,13 @@ impl<H: Host, F: Firewall> Agent<H, F> {
                 self.config.policies = new.policies;
                 self.config.node.labels = new.node.labels;
                 let (gateways, policies) = file_objects(&self.config);
-                if let Err(e) = self
+                match self
                     .node
                     .write(Command::ReplaceObjects { gateways, policies })
                     .await
                 {
-                    error!(error = %e, "committing the reloaded objects failed");
+                    Ok(r) => info!(changed = r.changed, "committed the reloaded objects"),
+                    Err(e) => error!(error = %e, "committing the reloaded objects failed"),
                 }
             }
             Err(errors) => {

@@ -13,8 +13,9 @@ use common::cluster::*;
 use common::netns::require_root;
 use common::topo::*;
 
-/// Kills the active node's daemon with SIGKILL and checks the successor takes over safely.
-fn kill_active(tag: &str, n: usize, active_is_leader: bool) {
+/// Kills the active node's daemon with SIGKILL (or, with `cut`, cuts every link of its host)
+/// and checks the successor takes over safely.
+fn fail_active(tag: &str, n: usize, active_is_leader: bool, cut: bool) {
     let mut c = Cluster::start(tag, n);
     // The last node has no successor once the ones before it are unlabelled.
     c.ensure_leader_is_not(&name(n - 1));
@@ -30,9 +31,15 @@ fn kill_active(tag: &str, n: usize, active_is_leader: bool) {
     let prober = c.prober();
     std::thread::sleep(Duration::from_millis(200));
     let killed_at = Instant::now();
-    c.signal(&target, "KILL");
+    if cut {
+        c.cut_links(&target);
+    } else {
+        c.signal(&target, "KILL");
+    }
     let successor = name(c.index(&target) + 1);
-    c.wait_active(&successor);
+    // A host whose links are cut still runs, but sees nothing: ask the others.
+    let others: Vec<usize> = (0..n).filter(|i| *i != c.index(&target)).collect();
+    c.wait_active_among(&others, &successor);
     let took = killed_at.elapsed();
     std::thread::sleep(Duration::from_millis(300));
     let probes = prober.stop();
@@ -57,8 +64,8 @@ fn kill_active(tag: &str, n: usize, active_is_leader: bool) {
     });
     c.assert_traffic_via_vip();
     eprintln!(
-        "{tag}: {target} killed (leader: {active_is_leader}); {successor} active after {took:?} \
-         (status polling included)"
+        "{tag}: {target} failed (leader: {active_is_leader}, links cut: {cut}); {successor} \
+         active after {took:?} (status polling included)"
     );
 }
 
@@ -67,7 +74,7 @@ fn three_nodes_kill_active_follower() {
     if !require_root("three_nodes_kill_active_follower") {
         return;
     }
-    kill_active("k3f", 3, false);
+    fail_active("k3f", 3, false, false);
 }
 
 #[test]
@@ -75,7 +82,7 @@ fn three_nodes_kill_active_leader() {
     if !require_root("three_nodes_kill_active_leader") {
         return;
     }
-    kill_active("k3l", 3, true);
+    fail_active("k3l", 3, true, false);
 }
 
 #[test]
@@ -83,7 +90,31 @@ fn five_nodes_kill_active_follower() {
     if !require_root("five_nodes_kill_active_follower") {
         return;
     }
-    kill_active("k5f", 5, false);
+    fail_active("k5f", 5, false, false);
+}
+
+#[test]
+fn three_nodes_links_of_active_follower_cut() {
+    if !require_root("three_nodes_links_of_active_follower_cut") {
+        return;
+    }
+    fail_active("c3f", 3, false, true);
+}
+
+#[test]
+fn three_nodes_links_of_active_leader_cut() {
+    if !require_root("three_nodes_links_of_active_leader_cut") {
+        return;
+    }
+    fail_active("c3l", 3, true, true);
+}
+
+#[test]
+fn five_nodes_kill_active_leader() {
+    if !require_root("five_nodes_kill_active_leader") {
+        return;
+    }
+    fail_active("k5l", 5, true, false);
 }
 
 #[test]
