@@ -189,15 +189,13 @@ fn config_change_latency(rounds: usize) -> (f64, f64) {
             .topo
             .log(li)
             .lines()
-            .filter(|l| l.contains("committed the reloaded objects"))
-            .last()
+            .rfind(|l| l.contains("committed the reloaded objects"))
             .and_then(log_time);
         let applied = c
             .topo
             .log(ai)
             .lines()
-            .filter(|l| l.contains("SNAT map updated"))
-            .last()
+            .rfind(|l| l.contains("SNAT map updated"))
             .and_then(log_time);
         if let (Some(a), Some(b)) = (commit, applied) {
             lat.push((b - a) * 1e3);
