@@ -255,25 +255,42 @@ impl ClusterNode {
         let mut applied = self.applied.clone();
         let mut next = Instant::now();
         let mut learners_added: BTreeSet<NodeId> = BTreeSet::new();
+        let mut was_leader = false;
+        let mut last_confirm: Option<Instant> = None;
         loop {
             tokio::select! {
                 _ = tokio::time::sleep_until(next.into()) => {}
                 _ = self.controller_wake.notified() => {}
-                r = metrics.changed() => if r.is_err() { return },
                 r = applied.changed() => if r.is_err() { return },
+                r = metrics.changed() => {
+                    if r.is_err() { return }
+                    // Replication progress changes the metrics all the time; only a change of
+                    // leadership matters here.
+                    if self.is_leader_locally() == was_leader {
+                        continue;
+                    }
+                }
             }
             let now = Instant::now();
-            if !self.is_leader_locally() {
+            was_leader = self.is_leader_locally();
+            if !was_leader {
                 if let Ok(mut c) = self.controller.lock() {
                     *c = None;
                 }
+                last_confirm = None;
                 next = now + tick;
                 continue;
+            }
+            // Reports wake the controller several times per interval; a quorum round per
+            // interval is enough to keep the lease fresh.
+            let confirm = last_confirm.is_none_or(|t| now.duration_since(t) >= tick);
+            if confirm {
+                last_confirm = Some(now);
             }
             let term = self.raft.metrics().borrow().current_term;
             let span = info_span!("controller", node = %self.name, term);
             self.clone()
-                .controller_round(timing, &mut learners_added)
+                .controller_round(timing, confirm, &mut learners_added)
                 .instrument(span)
                 .await;
             let deadline = self
@@ -288,6 +305,7 @@ impl ClusterNode {
     async fn controller_round(
         self: Arc<Self>,
         timing: Timing,
+        confirm: bool,
         learners_added: &mut BTreeSet<NodeId>,
     ) {
         let started = Instant::now();
@@ -298,7 +316,8 @@ impl ClusterNode {
             *c = Some(Controller::new(timing, started));
         }
         // A quorum's answer proves nobody else can be leader yet, for the lease's length.
-        if self.raft.ensure_linearizable().await.is_ok()
+        if confirm
+            && self.raft.ensure_linearizable().await.is_ok()
             && let Ok(mut c) = self.controller.lock()
             && let Some(c) = c.as_mut()
         {

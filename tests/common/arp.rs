@@ -97,26 +97,43 @@ fn probe_loop(
     let frame = request(mac, sender, target);
     let mut probes = Vec::new();
     let mut buf = [std::mem::MaybeUninit::<u8>::uninit(); 128];
+    let read_reply = |buf: &mut [std::mem::MaybeUninit<u8>]| -> Option<[u8; 6]> {
+        let n = sock.recv(buf).ok()?;
+        // SAFETY: recv initialised the first n bytes.
+        let b: Vec<u8> = buf[..n]
+            .iter()
+            .map(|x| unsafe { x.assume_init() })
+            .collect();
+        let is_reply = n >= 42
+            && b[12..14] == [0x08, 0x06]
+            && b[20..22] == [0, 2]
+            && b[28..32] == target.octets();
+        is_reply.then(|| {
+            let mut m = [0u8; 6];
+            m.copy_from_slice(&b[22..28]);
+            m
+        })
+    };
     while !stop.load(Ordering::SeqCst) {
+        // Whatever is still queued answered an earlier probe (this thread may have been
+        // descheduled past its window): give it to that probe, not to the next one.
+        sock.set_nonblocking(true).expect("nonblocking");
+        while let Ok(n) = sock.peek(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            if let (Some(m), Some(last)) = (read_reply(&mut buf), probes.last_mut()) {
+                let last: &mut Probe = last;
+                last.answered_by.insert(m);
+            }
+        }
+        sock.set_nonblocking(false).expect("blocking");
         let at = Instant::now();
         send(&sock, index, &frame);
         let mut answered_by = BTreeSet::new();
         while at.elapsed() < interval {
-            if let Ok(n) = sock.recv(&mut buf) {
-                // SAFETY: recv initialised the first n bytes.
-                let b: Vec<u8> = buf[..n]
-                    .iter()
-                    .map(|x| unsafe { x.assume_init() })
-                    .collect();
-                if n >= 42
-                    && b[12..14] == [0x08, 0x06]
-                    && b[20..22] == [0, 2]
-                    && b[28..32] == target.octets()
-                {
-                    let mut m = [0u8; 6];
-                    m.copy_from_slice(&b[22..28]);
-                    answered_by.insert(m);
-                }
+            if let Some(m) = read_reply(&mut buf) {
+                answered_by.insert(m);
             }
         }
         probes.push(Probe { at, answered_by });
