@@ -245,7 +245,12 @@ impl<H: Host, F: Firewall> Agent<H, F> {
             &managed,
         );
         let before = self.held.clone();
-        match self.rec.converge(&desired, &host, &managed, lease).await {
+        let lease_until = self.lease_until.unwrap_or(now);
+        match self
+            .rec
+            .converge(&desired, &host, &managed, lease_until)
+            .await
+        {
             Ok(changes) => {
                 self.firewall_ok = true;
                 self.status.dataplane.last_error = None;
@@ -467,7 +472,7 @@ async fn run_inner(config: Config, config_path: PathBuf) -> anyhow::Result<()> {
         })
         .collect();
     if let Err(e) = firewall
-        .lease(&managed4, &BTreeSet::new(), Duration::ZERO)
+        .lease(&managed4, &BTreeSet::new(), Instant::now())
         .await
     {
         error!(error = %e, "cannot install the ARP fence table");

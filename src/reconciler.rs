@@ -196,15 +196,15 @@ impl<H: Host, F: Firewall> Reconciler<H, F> {
         self.installed.as_ref()
     }
 
-    /// Makes the host match `desired`, with the ARP lease of the held IPv4 addresses renewed for
-    /// `lease` from now. `host` is a fresh observation; `managed` are the addresses egressd may
+    /// Makes the host match `desired`, with the ARP lease of the held IPv4 addresses renewed
+    /// until `lease_until`. `host` is a fresh observation; `managed` are the addresses egressd may
     /// remove. Stops at the first error (the next round retries).
     pub async fn converge(
         &mut self,
         desired: &Desired,
         host: &HostState,
         managed: &BTreeSet<IpAddr>,
-        lease: Duration,
+        lease_until: Instant,
     ) -> dataplane::Result<Changes> {
         let mut changes = Changes::default();
         let managed4 = ipv4s(managed.iter());
@@ -216,7 +216,7 @@ impl<H: Host, F: Firewall> Reconciler<H, F> {
             .copied()
             .collect();
         if keep4.len() < ipv4s(self.held.iter().map(|(_, ip)| ip)).len() {
-            self.firewall.lease(&managed4, &keep4, lease).await?;
+            self.firewall.lease(&managed4, &keep4, lease_until).await?;
         }
 
         // 1. Release: managed or held addresses present but not wanted.
@@ -265,7 +265,9 @@ impl<H: Host, F: Firewall> Reconciler<H, F> {
         }
 
         // 4. Answer ARP for what is held (and renew the lease), then tell the LAN.
-        self.firewall.lease(&managed4, &wanted4, lease).await?;
+        self.firewall
+            .lease(&managed4, &wanted4, lease_until)
+            .await?;
         for (iface, ip) in changes.added.clone() {
             self.announce_now(&iface, ip, self.settings.garp_count, now)
                 .await;
@@ -461,9 +463,14 @@ mod tests {
         let managed = managed_addresses(&gws);
         let state = rec.host.observe().await.unwrap();
         let desired = plan("gw1", assignment, &gws, &policies(), &state, &managed);
-        rec.converge(&desired, &state, &managed, Duration::from_millis(150))
-            .await
-            .unwrap()
+        rec.converge(
+            &desired,
+            &state,
+            &managed,
+            Instant::now() + Duration::from_millis(150),
+        )
+        .await
+        .unwrap()
     }
 
     #[test]

@@ -3,7 +3,7 @@
 use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::{Error, Firewall, Host, HostInterface, HostState, Result};
 use crate::policy::SnatMap;
@@ -128,9 +128,14 @@ impl Firewall for FakeFirewall {
         &mut self,
         _managed: &BTreeSet<Ipv4Addr>,
         leased: &BTreeSet<Ipv4Addr>,
-        _ttl: Duration,
+        until: Instant,
     ) -> Result<()> {
-        if *leased != self.leased {
+        let leased = if until > Instant::now() {
+            leased.clone()
+        } else {
+            BTreeSet::new()
+        };
+        if leased != self.leased {
             self.journal
                 .push(Op::Lease(leased.iter().copied().collect()));
             self.leased = leased.clone();

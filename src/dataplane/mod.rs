@@ -8,7 +8,7 @@ pub mod nft;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
@@ -41,13 +41,13 @@ pub trait Firewall: Send {
     /// elements that differ, also in one transaction.
     fn apply(&mut self, map: &SnatMap) -> impl Future<Output = Result<()>> + Send;
     /// Fence ARP: the kernel answers ARP for an address of `managed` only while it is in
-    /// `leased`, and only for `ttl` from now unless this is called again. A daemon that dies or
+    /// `leased`, and only until `until` unless this is called again. A daemon that dies or
     /// hangs stops renewing, and its node stops answering for its VIPs when the lease runs out.
     fn lease(
         &mut self,
         managed: &BTreeSet<Ipv4Addr>,
         leased: &BTreeSet<Ipv4Addr>,
-        ttl: Duration,
+        until: Instant,
     ) -> impl Future<Output = Result<()>> + Send;
     /// Delete egressd's tables (clean shutdown). Other tables are never touched.
     fn remove(&mut self) -> impl Future<Output = Result<()>> + Send;

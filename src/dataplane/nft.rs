@@ -41,7 +41,7 @@ use std::fmt::{self, Display, Write as _};
 use std::net::{Ipv4Addr, Ipv6Addr};
 use std::process::Stdio;
 use std::str::FromStr;
-use std::time::Duration;
+use std::time::Instant;
 
 use serde_json::Value;
 use tokio::io::AsyncWriteExt;
@@ -55,6 +55,12 @@ pub const MAP4: &str = "snat4";
 pub const MAP6: &str = "snat6";
 /// Name of the nat chain inside egressd's table.
 pub const CHAIN: &str = "postrouting";
+/// A script for nft's stdin: ready, or made at the moment it is written.
+enum Script<'a> {
+    Text(&'a str),
+    Late(Box<dyn FnOnce() -> String + Send + 'a>),
+}
+
 /// Sets of the ARP fence table (`arp <table>`).
 pub const MANAGED: &str = "managed";
 pub const LEASE: &str = "lease";
@@ -212,6 +218,16 @@ impl NftFirewall {
 
     /// Runs the nft command with `args`, feeding `stdin` when given; returns stdout.
     async fn run(&self, op: &'static str, args: &[&str], stdin: Option<&str>) -> Result<String> {
+        self.run_script(op, args, stdin.map(Script::Text)).await
+    }
+
+    /// Like `run`, with a script that may be written only once nft has started (see `Script`).
+    async fn run_script(
+        &self,
+        op: &'static str,
+        args: &[&str],
+        stdin: Option<Script<'_>>,
+    ) -> Result<String> {
         let Some((program, prefix)) = self.command.split_first() else {
             return Err(Error::Nft {
                 op,
@@ -237,7 +253,11 @@ impl NftFirewall {
         // Feed stdin while collecting output: nft may report an error (and fill the stderr
         // pipe) before it has read the whole script.
         let write = async {
-            if let (Some(mut pipe), Some(text)) = (input, stdin) {
+            if let (Some(mut pipe), Some(script)) = (input, stdin) {
+                let text = match script {
+                    Script::Text(t) => std::borrow::Cow::Borrowed(t),
+                    Script::Late(f) => std::borrow::Cow::Owned(f()),
+                };
                 // A write error (broken pipe) means nft exited early; its exit status and
                 // stderr below say why, so this error is only kept when nft "succeeded".
                 let r = pipe.write_all(text.as_bytes()).await;
@@ -371,45 +391,67 @@ impl Firewall for NftFirewall {
         &mut self,
         managed: &BTreeSet<Ipv4Addr>,
         leased: &BTreeSet<Ipv4Addr>,
-        ttl: Duration,
+        until: Instant,
     ) -> Result<()> {
         validate_table_name(&self.table)?;
-        let ttl_ms = ttl.as_millis().min(u128::from(u32::MAX)) as u64;
-        let leased: BTreeSet<Ipv4Addr> = if ttl_ms == 0 {
-            BTreeSet::new()
-        } else {
-            leased.intersection(managed).copied().collect()
-        };
-        let mut s = String::new();
-        let t = &self.table;
-        if self.fence.as_ref() != Some(managed) {
-            s.push_str(&fence_script(t, managed));
-        } else {
-            // `add` first so that `delete` cannot fail on an element that already expired.
-            for ip in self.leased.difference(&leased) {
-                let _ = writeln!(
-                    s,
-                    "add element arp {t} {LEASE} {{ {ip} timeout 1ms }}\n\
-                     delete element arp {t} {LEASE} {{ {ip} }}"
-                );
-            }
-        }
-        // Re-adding an element does not restart its timeout; delete and add again does.
-        for ip in &leased {
-            let _ = writeln!(
-                s,
-                "add element arp {t} {LEASE} {{ {ip} timeout {ttl_ms}ms }}\n\
-                 delete element arp {t} {LEASE} {{ {ip} }}\n\
-                 add element arp {t} {LEASE} {{ {ip} timeout {ttl_ms}ms }}"
-            );
-        }
-        if s.is_empty() {
+        let wanted: BTreeSet<Ipv4Addr> = leased.intersection(managed).copied().collect();
+        let replace = self.fence.as_ref() != Some(managed);
+        if !replace && wanted.is_empty() && self.leased.is_empty() {
             return Ok(());
         }
+        let t = self.table.clone();
+        let previous = self.leased.clone();
+        let written: std::sync::Mutex<BTreeSet<Ipv4Addr>> = std::sync::Mutex::new(BTreeSet::new());
+        // The timeout is computed when the script is written to nft, not before nft starts: a
+        // daemon paused in between (SIGSTOP, an overloaded host) must not wake up and hand its
+        // kernel a lease that was computed before the pause.
+        let script = || {
+            let ttl_ms = until
+                .saturating_duration_since(Instant::now())
+                .as_millis()
+                .min(u128::from(u32::MAX)) as u64;
+            let leased = if ttl_ms == 0 {
+                BTreeSet::new()
+            } else {
+                wanted.clone()
+            };
+            let mut s = String::new();
+            if replace {
+                s.push_str(&fence_script(&t, managed));
+            } else {
+                // `add` first so that `delete` cannot fail on an element that already expired.
+                for ip in previous.difference(&leased) {
+                    let _ = writeln!(
+                        s,
+                        "add element arp {t} {LEASE} {{ {ip} timeout 1ms }}\n\
+                         delete element arp {t} {LEASE} {{ {ip} }}"
+                    );
+                }
+            }
+            // Re-adding an element does not restart its timeout; delete and add again does.
+            for ip in &leased {
+                let _ = writeln!(
+                    s,
+                    "add element arp {t} {LEASE} {{ {ip} timeout {ttl_ms}ms }}\n\
+                     delete element arp {t} {LEASE} {{ {ip} }}\n\
+                     add element arp {t} {LEASE} {{ {ip} timeout {ttl_ms}ms }}"
+                );
+            }
+            if s.is_empty() {
+                // Nothing to change after all; an empty script is a valid no-op for nft.
+                s.push('\n');
+            }
+            if let Ok(mut w) = written.lock() {
+                *w = leased;
+            }
+            s
+        };
         self.fence = None;
-        self.transaction("lease", &s).await?;
+        self.transactions += 1;
+        self.run_script("lease", &["-f", "-"], Some(Script::Late(Box::new(script))))
+            .await?;
         self.fence = Some(managed.clone());
-        self.leased = leased;
+        self.leased = written.into_inner().unwrap_or_default();
         Ok(())
     }
 
