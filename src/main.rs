@@ -120,8 +120,14 @@ fn report(r: anyhow::Result<()>) -> ExitCode {
 }
 
 fn init_logging(cfg: &Config) {
+    // openraft logs every vote and election step at info; keep it to warnings unless asked.
+    let level = if cfg.log.level.contains("openraft") {
+        cfg.log.level.clone()
+    } else {
+        format!("{},openraft=warn", cfg.log.level)
+    };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .or_else(|_| tracing_subscriber::EnvFilter::try_new(&cfg.log.level))
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(&level))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)

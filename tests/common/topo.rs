@@ -204,7 +204,7 @@ impl Topo {
             "--config",
         ])
         .arg(config)
-        .env("RUST_LOG", "info")
+        .env("RUST_LOG", "info,openraft=warn")
         .stdout(log)
         .stderr(err);
         self.lab.spawn_raw(cmd)
