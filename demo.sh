@@ -130,6 +130,11 @@ probe() {
 say "traffic: SNATed to the VIP"
 probe
 
+outage() { # ping log, start time
+  awk -v t0="$2" -F'[][]' '/bytes from/ { t = $2; if (p && t >= t0 - 0.05 && t - p > gap) gap = t - p; p = t }
+    END { printf "  client-visible outage: %.0f ms\n", gap * 1000 }' "$1"
+}
+
 say "kill -9 of the active node's daemon (gw1), with the client pinging the server every 10 ms"
 nsx $NS_CLI ping -D -n -i 0.01 -W 1 203.0.113.10 > "$WORK/ping.txt" 2>/dev/null &
 PING=$!
@@ -142,16 +147,10 @@ kill $PING 2>/dev/null || true
 MAC2=$(nsx "$P-gw2" cat /sys/class/net/eth1/address)
 awk -v t0="$T0" -v mac="$MAC2" '$0 ~ "who-has 203.0.113.50 tell 203.0.113.50" && index($0, mac) && $1 >= t0 {
   printf "  gw2 took the VIP: first gratuitous ARP on the wire %.0f ms after the kill\n", ($1 - t0) * 1000; exit }' "$WORK/wan-arp.txt"
-awk -v t0="$T0" -F'[][]' '/bytes from/ { t = $2; if (p && t >= t0 - 0.05 && t - p > gap) gap = t - p; p = t }
-  END { printf "  client-visible outage (longest gap between ping replies): %.0f ms\n", gap * 1000 }' "$WORK/ping.txt"
+outage "$WORK/ping.txt" "$T0"
 grep -h "assignment change" "$WORK"/gw[23].log | sed 's/^/  leader log: /' | tail -1
 status gw2
 probe
-
-outage() { # ping log, start time
-  awk -v t0="$2" -F'[][]' '/bytes from/ { t = $2; if (p && t >= t0 - 0.05 && t - p > gap) gap = t - p; p = t }
-    END { printf "  client-visible outage: %.0f ms\n", gap * 1000 }' "$1"
-}
 
 say "gw1 comes back: first in order, it takes the role back (preemption, a planned handover)"
 nsx $NS_CLI ping -D -n -i 0.01 -W 1 203.0.113.10 > "$WORK/ping2.txt" 2>/dev/null &
