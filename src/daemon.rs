@@ -134,6 +134,31 @@ fn file_objects(config: &Config) -> (Vec<Gateway>, Vec<Policy>) {
     (g, p)
 }
 
+/// The committed gateways and policies as lists, rebuilt only when the applied index moves
+/// (a node plans every report interval; copying 10 000 policies each time is waste).
+#[derive(Default)]
+struct CommittedObjects {
+    version: u64,
+    gateways: Arc<Vec<Gateway>>,
+    policies: Arc<Vec<Policy>>,
+    /// The node's config file disagrees with them.
+    drift: bool,
+}
+
+impl CommittedObjects {
+    fn new(version: u64, state: &ClusterState, config: &Config) -> Self {
+        let (fg, fp) = file_objects(config);
+        let gateways = state.gateway_list();
+        let policies = state.policy_list();
+        CommittedObjects {
+            version,
+            drift: state.seeded && (gateways != fg || policies != fp),
+            gateways: Arc::new(gateways),
+            policies: Arc::new(policies),
+        }
+    }
+}
+
 struct Agent<H, F> {
     config: Config,
     config_path: PathBuf,
@@ -146,6 +171,8 @@ struct Agent<H, F> {
     /// Gateways whose data plane this node holds now (what the next report says).
     held: BTreeSet<String>,
     seeded: bool,
+    objects: CommittedObjects,
+    snat_cache: reconciler::SnatCache,
     /// Applied index at the last return of freed memory to the system.
     trimmed_at: u64,
     /// Set by SIGTERM/SIGINT: report not ready so the leader moves the gateways away in a planned
@@ -172,8 +199,11 @@ impl<H: Host, F: Firewall> Agent<H, F> {
         };
         let applied = self.node.applied();
         let state: Arc<ClusterState> = applied.state.clone();
-        let gateways = state.gateway_list();
-        let policies = state.policy_list();
+        if self.objects.version != applied.index || self.objects.gateways.is_empty() {
+            self.objects = CommittedObjects::new(applied.index, &state, &self.config);
+        }
+        let gateways = self.objects.gateways.clone();
+        let policies = self.objects.policies.clone();
         // Managed: the committed gateways' addresses and the file's, so that a VIP is released
         // even while the node's view of the cluster is empty or behind.
         let mut managed = reconciler::managed_addresses(&gateways);
@@ -239,10 +269,14 @@ impl<H: Host, F: Firewall> Agent<H, F> {
         let desired = reconciler::plan(
             &self.config.node.name,
             &assignment,
-            &gateways,
-            &policies,
+            &reconciler::Objects {
+                version: self.objects.version,
+                gateways: &gateways,
+                policies: &policies,
+            },
             &host,
             &managed,
+            &mut self.snat_cache,
         );
         let before = self.held.clone();
         let lease_until = self.lease_until.unwrap_or(now);
@@ -376,7 +410,6 @@ impl<H: Host, F: Firewall> Agent<H, F> {
         let leader_name = metrics
             .current_leader
             .and_then(|l| members.get_node(&l).map(|m| m.name.clone()));
-        let (fg, fp) = file_objects(&self.config);
         self.status.cluster = ClusterStatus {
             leader: leader_name.clone(),
             term: metrics.current_term,
@@ -387,7 +420,7 @@ impl<H: Host, F: Firewall> Agent<H, F> {
                 .collect(),
             applied_index,
             lease_remaining_ms: lease.as_millis() as u64,
-            config_drift: state.seeded && (state.gateway_list() != fg || state.policy_list() != fp),
+            config_drift: self.objects.drift,
         };
         let mut not_ready = not_ready;
         if leader_name.is_none() {
@@ -417,6 +450,8 @@ impl<H: Host, F: Firewall> Agent<H, F> {
                 self.config.gateways = new.gateways;
                 self.config.policies = new.policies;
                 self.config.node.labels = new.node.labels;
+                // The drift against the new file is computed afresh.
+                self.objects = CommittedObjects::default();
                 let (gateways, policies) = file_objects(&self.config);
                 match self
                     .node
@@ -505,6 +540,8 @@ async fn run_inner(config: Config, config_path: PathBuf) -> anyhow::Result<()> {
         lease_until: None,
         held: BTreeSet::new(),
         seeded: false,
+        objects: CommittedObjects::default(),
+        snat_cache: reconciler::SnatCache::default(),
         trimmed_at: 0,
         leaving: false,
         status: Status::default(),

@@ -8,6 +8,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
@@ -85,7 +86,42 @@ pub struct Desired {
     pub addresses: BTreeSet<(String, IpAddr)>,
     /// Gateway → the source address its traffic is SNATed to, for the gateways active here.
     pub sources: BTreeMap<String, IpAddr>,
-    pub snat: SnatMap,
+    pub snat: Arc<SnatMap>,
+}
+
+/// The last compiled SNAT map, reused while neither the policies (by version) nor this node's
+/// source addresses change: a node plans every report interval, and compiling 100 000 policies
+/// takes about 0.15 s.
+#[derive(Debug, Default)]
+pub struct SnatCache {
+    key: Option<(u64, BTreeMap<String, IpAddr>)>,
+    map: Arc<SnatMap>,
+}
+
+impl SnatCache {
+    pub fn get(
+        &mut self,
+        version: u64,
+        policies: &[Policy],
+        sources: &BTreeMap<String, IpAddr>,
+    ) -> Arc<SnatMap> {
+        let fresh = self
+            .key
+            .as_ref()
+            .is_some_and(|(v, s)| *v == version && s == sources);
+        if !fresh {
+            self.map = Arc::new(policy::compile(policies, sources));
+            self.key = Some((version, sources.clone()));
+        }
+        self.map.clone()
+    }
+}
+
+/// What the plan is made of: the committed objects, with the version they come from.
+pub struct Objects<'a> {
+    pub version: u64,
+    pub gateways: &'a [Gateway],
+    pub policies: &'a [Policy],
 }
 
 /// The data plane this node needs for `assignment`. A PrimaryIP gateway whose interface has no
@@ -94,11 +130,12 @@ pub struct Desired {
 pub fn plan(
     node: &str,
     assignment: &Assignment,
-    gateways: &[Gateway],
-    policies: &[Policy],
+    objects: &Objects,
     host: &HostState,
     managed: &BTreeSet<IpAddr>,
+    cache: &mut SnatCache,
 ) -> Desired {
+    let gateways = objects.gateways;
     let mut d = Desired::default();
     for g in gateways {
         if assignment.get(&g.name).map(String::as_str) != Some(node) {
@@ -124,7 +161,7 @@ pub fn plan(
             d.addresses.insert((nh.interface.clone(), nh.ip));
         }
     }
-    d.snat = policy::compile(policies, &d.sources);
+    d.snat = cache.get(objects.version, objects.policies, &d.sources);
     d
 }
 
@@ -164,7 +201,7 @@ pub struct Reconciler<H, F> {
     pub host: H,
     pub firewall: F,
     settings: Settings,
-    installed: Option<SnatMap>,
+    installed: Option<Arc<SnatMap>>,
     /// Addresses this process added, so that they are released even if the config that named
     /// them is gone.
     held: BTreeSet<(String, IpAddr)>,
@@ -193,7 +230,7 @@ impl<H: Host, F: Firewall> Reconciler<H, F> {
     }
 
     pub fn installed(&self) -> Option<&SnatMap> {
-        self.installed.as_ref()
+        self.installed.as_deref()
     }
 
     /// Makes the host match `desired`, with the ARP lease of the held IPv4 addresses renewed
@@ -240,7 +277,7 @@ impl<H: Host, F: Firewall> Reconciler<H, F> {
         self.held.retain(|(i, _)| host.contains_key(i));
 
         // 2. SNAT map.
-        if self.installed.as_ref() != Some(&desired.snat) {
+        if self.installed.as_deref() != Some(&*desired.snat) {
             self.installed = None;
             self.firewall.apply(&desired.snat).await?;
             self.installed = Some(desired.snat.clone());
@@ -462,7 +499,20 @@ mod tests {
         let gws = gateways();
         let managed = managed_addresses(&gws);
         let state = rec.host.observe().await.unwrap();
-        let desired = plan("gw1", assignment, &gws, &policies(), &state, &managed);
+        let pols = policies();
+        let objects = Objects {
+            version: 1,
+            gateways: &gws,
+            policies: &pols,
+        };
+        let desired = plan(
+            "gw1",
+            assignment,
+            &objects,
+            &state,
+            &managed,
+            &mut SnatCache::default(),
+        );
         rec.converge(
             &desired,
             &state,
@@ -484,7 +534,14 @@ mod tests {
             .unwrap()
             .addresses
             .insert(0, (ip(VIP), 32));
-        let d = plan("gw1", &all_here(), &gws, &policies(), &h.state, &managed);
+        let pols = policies();
+        let objects = Objects {
+            version: 1,
+            gateways: &gws,
+            policies: &pols,
+        };
+        let mut cache = SnatCache::default();
+        let d = plan("gw1", &all_here(), &objects, &h.state, &managed, &mut cache);
         assert_eq!(d.sources["vip"], ip(VIP));
         assert_eq!(d.sources["basic"], ip("198.18.0.2"));
         assert!(d.addresses.contains(&("eth1".into(), ip(VIP))));
@@ -496,12 +553,16 @@ mod tests {
         let other = plan(
             "gw1",
             &Assignment::new(),
-            &gws,
-            &policies(),
+            &objects,
             &h.state,
             &managed,
+            &mut cache,
         );
         assert!(other.addresses.is_empty() && other.snat.is_empty());
+        // Same version and sources: the compiled map is reused, not rebuilt.
+        let again = plan("gw1", &all_here(), &objects, &h.state, &managed, &mut cache);
+        let third = plan("gw1", &all_here(), &objects, &h.state, &managed, &mut cache);
+        assert!(Arc::ptr_eq(&again.snat, &third.snat));
     }
 
     #[tokio::test]
