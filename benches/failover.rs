@@ -254,6 +254,14 @@ fn main() {
         eprintln!("!!! SKIPPED benches/failover.rs: needs root for network namespaces");
         return;
     }
+    if std::env::args().any(|a| a == "--rss-only") {
+        let rss = idle_rss_with_policies(10_000);
+        println!(
+            "idle single node with 10 000 policies: {:.1} MiB resident",
+            rss as f64 / 1024.0
+        );
+        return;
+    }
     if std::env::args().any(|a| a == "--config-change-only") {
         let (m, x) = config_change_latency(10);
         println!(
