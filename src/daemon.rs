@@ -44,6 +44,9 @@ pub struct ClusterStatus {
     /// Raft voters (at most five); the other members are non-voting learners.
     pub voters: Vec<String>,
     pub applied_index: u64,
+    /// Committed objects.
+    pub gateways: usize,
+    pub policies: usize,
     /// How much longer this node may hold its gateways without a renewal.
     pub lease_remaining_ms: u64,
     /// The node's config file disagrees with the committed gateways and policies.
@@ -419,6 +422,8 @@ impl<H: Host, F: Firewall> Agent<H, F> {
                 .filter_map(|id| members.get_node(&id).map(|m| m.name.clone()))
                 .collect(),
             applied_index,
+            gateways: self.objects.gateways.len(),
+            policies: self.objects.policies.len(),
             lease_remaining_ms: lease.as_millis() as u64,
             config_drift: self.objects.drift,
         };
@@ -458,7 +463,11 @@ impl<H: Host, F: Firewall> Agent<H, F> {
                     .write(Command::ReplaceObjects { gateways, policies })
                     .await
                 {
-                    Ok(r) => info!(changed = r.changed, "committed the reloaded objects"),
+                    Ok(r) => info!(
+                        changed = r.changed,
+                        policies = self.config.policies.len(),
+                        "committed the reloaded objects"
+                    ),
                     Err(e) => error!(error = %e, "committing the reloaded objects failed"),
                 }
             }
@@ -479,6 +488,12 @@ pub async fn run(config: Config, config_path: PathBuf) -> anyhow::Result<()> {
 
 async fn run_inner(config: Config, config_path: PathBuf) -> anyhow::Result<()> {
     let started = Instant::now();
+    // First: a reload or stop request during start-up must not kill the process (the default
+    // action); it is handled once the loop runs.
+    let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+    let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+    let mut sighup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
+
     info!(
         gateways = config.gateways.len(),
         policies = config.policies.len(),
@@ -522,10 +537,6 @@ async fn run_inner(config: Config, config_path: PathBuf) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding the admin endpoint to {admin_addr}"))?;
     tokio::spawn(crate::admin::serve(listener, status_rx));
-
-    let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
-    let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
-    let mut sighup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
 
     let report_every = Duration::from_millis(config.cluster.timing().report_interval_ms);
     let mut applied = node.subscribe();

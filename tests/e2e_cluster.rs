@@ -331,3 +331,68 @@ fn peers_beyond_five_join_as_learners_and_can_be_active() {
     c.make_active("gw6");
     c.assert_traffic_via_vip();
 }
+
+/// Writes (SIGHUP reloads on gw2, each committed through the leader and logged once
+/// acknowledged) keep coming while the leader is killed with SIGKILL and restarted; then every
+/// node is killed and restarted. The last acknowledged write must be there.
+#[test]
+fn kill_9_during_writes_loses_no_acknowledged_write() {
+    if !require_root("kill_9_during_writes_loses_no_acknowledged_write") {
+        return;
+    }
+    let mut c = Cluster::start("writes", 3);
+    c.ensure_leader_is_not("gw2");
+    let base = config(&c.topo, 3, 1, true, "");
+    let mut extra = String::new();
+    for k in 1..=16 {
+        extra.push_str(&format!(
+            "[[policy]]\nname = \"w{k}\"\negress_gateway_name = \"{GW}\"\nsource_cidrs = [\"10.79.{k}.0/24\"]\ndestination_cidrs = [\"0.0.0.0/0\"]\n"
+        ));
+        std::fs::write(&c.configs[1], format!("{base}{extra}")).expect("config");
+        c.signal("gw2", "HUP");
+        std::thread::sleep(Duration::from_millis(40));
+        if k == 6 {
+            let leader = c.leader();
+            c.signal(&leader, "KILL");
+            let i = c.index(&leader);
+            let cfg = c.configs[i].clone();
+            c.children[i] = Some(c.topo.start_egressd(i, &cfg));
+        }
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    // Acknowledged: the writer logged the commit, with the number of policies written.
+    let acked = c
+        .topo
+        .log(1)
+        .lines()
+        .filter(|l| l.contains("committed the reloaded objects"))
+        .filter_map(|l| {
+            l.split("policies=")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse::<usize>()
+                .ok()
+        })
+        .max()
+        .unwrap_or_else(|| panic!("no write was acknowledged\n{}", c.topo.log(1)));
+    for i in 0..3 {
+        c.signal(&name(i), "KILL");
+    }
+    for i in 0..3 {
+        let cfg = c.configs[i].clone();
+        c.children[i] = Some(c.topo.start_egressd(i, &cfg));
+    }
+    let mut seen: Vec<u64> = Vec::new();
+    wait_for(
+        "every node back with the acknowledged policies",
+        WAIT,
+        || {
+            seen = (0..3)
+                .filter_map(|i| c.topo.status(i)?["cluster"]["policies"].as_u64())
+                .collect();
+            seen.len() == 3 && seen.iter().all(|n| *n as usize >= acked)
+        },
+    );
+    eprintln!("acknowledged up to {acked} policies; after kill -9 of every node: {seen:?}");
+}

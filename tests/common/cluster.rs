@@ -157,6 +157,9 @@ impl Cluster {
             });
             let cfg = self.configs[i].clone();
             self.children[i] = Some(self.topo.start_egressd(i, &cfg));
+            wait_for("the restarted node back in the cluster", WAIT, || {
+                self.topo.leader(i).is_some()
+            });
         }
         panic!("{node} kept winning the election");
     }
