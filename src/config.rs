@@ -200,7 +200,6 @@ pub struct DataplaneConfig {
     pub garp_refresh_secs: u64,
     /// Off by default: forwarding is a host-wide setting an operator may want to own.
     pub manage_forwarding: bool,
-    pub resync_secs: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -248,7 +247,6 @@ impl Default for DataplaneConfig {
             garp_interval_ms: 10,
             garp_refresh_secs: 0,
             manage_forwarding: false,
-            resync_secs: 10,
         }
     }
 }
@@ -1436,7 +1434,6 @@ impl Walker<'_> {
                     "garp_interval_ms",
                     "garp_refresh_secs",
                     "manage_forwarding",
-                    "resync_secs",
                 ],
             )?,
             None => &empty,
@@ -1476,17 +1473,12 @@ impl Walker<'_> {
             Some(v) => self.boolean(v, "dataplane.manage_forwarding"),
             None => Some(d.manage_forwarding),
         };
-        let resync_secs = match dict.get("resync_secs") {
-            Some(v) => self.uint(v, "dataplane.resync_secs", 1..=86_400, " seconds"),
-            None => Some(d.resync_secs),
-        };
         Some(DataplaneConfig {
             nft_table: nft_table?,
             garp_count: garp_count?,
             garp_interval_ms: garp_interval_ms?,
             garp_refresh_secs: garp_refresh_secs?,
             manage_forwarding: manage_forwarding?,
-            resync_secs: resync_secs?,
         })
     }
 
@@ -2492,7 +2484,6 @@ primary_ip_from_egress_gateway_node_interface = { interface_name = "eth1" }
         assert_eq!(c.admin.token_file, None);
         assert_eq!(c.dataplane, DataplaneConfig::default());
         assert_eq!(c.dataplane.garp_count, 5);
-        assert_eq!(c.dataplane.resync_secs, 10);
         assert_eq!(c.log, LogConfig::default());
         assert!(c.gateways.is_empty() && c.policies.is_empty());
         assert_eq!(
@@ -3308,7 +3299,7 @@ peers = [
     fn dataplane_ranges_are_checked() {
         let e = errors_with(&[
             BASE,
-            "[dataplane]\nnft_table = \"1egress-d\"\ngarp_count = 0\ngarp_interval_ms = 10001\nresync_secs = 0\ngarp_refresh_secs = -1\n",
+            "[dataplane]\nnft_table = \"1egress-d\"\ngarp_count = 0\ngarp_interval_ms = 10001\ngarp_refresh_secs = -1\n",
         ]);
         assert_error(&e, "dataplane.nft_table", "not a valid nftables table name");
         assert_error(
@@ -3321,7 +3312,6 @@ peers = [
             "dataplane.garp_interval_ms",
             "10001 is out of range; expected an integer between 0 and 10000 milliseconds",
         );
-        assert_error(&e, "dataplane.resync_secs", "0 is out of range");
         assert_error(&e, "dataplane.garp_refresh_secs", "-1 is out of range");
         let e = errors_with(&[
             BASE,
@@ -3329,14 +3319,14 @@ peers = [
         ]);
         assert_error(&e, "dataplane.garp_count", "101 is out of range");
         assert_error(&e, "dataplane.garp_interval_ms", "found the number 1.5");
-        let c = ok(&[BASE, "[dataplane]\ngarp_count = 100\ngarp_interval_ms = 0\nresync_secs = 1\nmanage_forwarding = true\n"].concat());
+        let c = ok(&[
+            BASE,
+            "[dataplane]\ngarp_count = 100\ngarp_interval_ms = 0\nmanage_forwarding = true\n",
+        ]
+        .concat());
         assert_eq!(
-            (
-                c.dataplane.garp_count,
-                c.dataplane.garp_interval_ms,
-                c.dataplane.resync_secs
-            ),
-            (100, 0, 1)
+            (c.dataplane.garp_count, c.dataplane.garp_interval_ms),
+            (100, 0)
         );
     }
 

@@ -24,7 +24,6 @@ data_dir = "{dir}/gw1"
 
 [dataplane]
 garp_count = 3
-resync_secs = 2
 
 [[gateway]]
 name = "vip"
@@ -190,7 +189,7 @@ fn restart_after_kill_replaces_instead_of_duplicating() {
     wait_for("restarted daemon converged", WAIT, || {
         topo.log(0).matches("starting").count() >= 2 && topo.snat4_elements(&gw) == elements
     });
-    // Give the restarted daemon a resync period to do anything it would wrongly do twice.
+    // Give the restarted daemon many rounds to do anything it would wrongly do twice.
     std::thread::sleep(Duration::from_millis(2500));
     let ruleset = topo.ruleset(&gw);
     assert_eq!(
