@@ -999,37 +999,30 @@ impl Walker<'_> {
         ok.then_some(out)
     }
 
+    /// A string value run through `parse`, whose error message is recorded under `key`.
+    fn parsed<T>(
+        &mut self,
+        v: &Value,
+        key: &str,
+        expected: &str,
+        parse: impl FnOnce(&str) -> Result<T, String>,
+    ) -> Option<T> {
+        let s = self.string(v, key, expected)?;
+        parse(&s).map_err(|m| self.push(key, m)).ok()
+    }
+
     fn socket_addr(&mut self, v: &Value, key: &str) -> Option<SocketAddr> {
-        let s = self.string(v, key, "an address:port string")?;
-        match parse_socket_addr(&s) {
-            Ok(a) => Some(a),
-            Err(m) => {
-                self.push(key, m);
-                None
-            }
-        }
+        self.parsed(v, key, "an address:port string", parse_socket_addr)
     }
 
     fn ip(&mut self, v: &Value, key: &str) -> Option<IpAddr> {
-        let s = self.string(v, key, "an IP address string")?;
-        match parse_ip(&s) {
-            Ok(a) => Some(a),
-            Err(m) => {
-                self.push(key, m);
-                None
-            }
-        }
+        self.parsed(v, key, "an IP address string", parse_ip)
     }
 
     fn interface(&mut self, v: &Value, key: &str) -> Option<String> {
-        let s = self.string(v, key, "an interface name string")?;
-        match check_interface_name(&s) {
-            Ok(()) => Some(s),
-            Err(m) => {
-                self.push(key, m);
-                None
-            }
-        }
+        self.parsed(v, key, "an interface name string", |s| {
+            check_interface_name(s).map(|()| s.to_string())
+        })
     }
 
     fn object_name(&mut self, v: &Value, key: &str) -> Option<String> {
