@@ -514,15 +514,9 @@ async fn run_inner(config: Config, config_path: PathBuf) -> anyhow::Result<()> {
             false
         }
     };
-    let managed4 = reconciler::managed_addresses(&config.gateways)
-        .into_iter()
-        .filter_map(|ip| match ip {
-            IpAddr::V4(v4) => Some(v4),
-            IpAddr::V6(_) => None,
-        })
-        .collect();
+    let managed = reconciler::managed_addresses(&config.gateways);
     if let Err(e) = firewall
-        .lease(&managed4, &BTreeSet::new(), Instant::now())
+        .lease(&managed, &BTreeSet::new(), Instant::now())
         .await
     {
         error!(error = %e, "cannot install the ARP fence table");

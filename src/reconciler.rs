@@ -33,14 +33,6 @@ pub fn managed_addresses(gateways: &[Gateway]) -> BTreeSet<IpAddr> {
     out
 }
 
-fn ipv4s<'a>(ips: impl Iterator<Item = &'a IpAddr>) -> BTreeSet<Ipv4Addr> {
-    ips.filter_map(|ip| match ip {
-        IpAddr::V4(v4) => Some(*v4),
-        IpAddr::V6(_) => None,
-    })
-    .collect()
-}
-
 /// The primary IPv4 of an interface: its first IPv4 address that egressd does not manage.
 fn primary_ipv4(addrs: &[(IpAddr, u8)], managed: &BTreeSet<IpAddr>) -> Option<Ipv4Addr> {
     addrs.iter().find_map(|(a, _)| match a {
@@ -244,16 +236,13 @@ impl<H: Host, F: Firewall> Reconciler<H, F> {
         lease_until: Instant,
     ) -> dataplane::Result<Changes> {
         let mut changes = Changes::default();
-        let managed4 = ipv4s(managed.iter());
-        let wanted4 = ipv4s(desired.addresses.iter().map(|(_, ip)| ip));
+        let wanted: BTreeSet<IpAddr> = desired.addresses.iter().map(|(_, ip)| *ip).collect();
 
-        // 0. Stop answering ARP for what is released, before anything else.
-        let keep4: BTreeSet<Ipv4Addr> = ipv4s(self.held.iter().map(|(_, ip)| ip))
-            .intersection(&wanted4)
-            .copied()
-            .collect();
-        if keep4.len() < ipv4s(self.held.iter().map(|(_, ip)| ip)).len() {
-            self.firewall.lease(&managed4, &keep4, lease_until).await?;
+        // 0. Stop answering ARP/NDP for what is released, before anything else.
+        let held: BTreeSet<IpAddr> = self.held.iter().map(|(_, ip)| *ip).collect();
+        let keep: BTreeSet<IpAddr> = held.intersection(&wanted).copied().collect();
+        if keep.len() < held.len() {
+            self.firewall.lease(managed, &keep, lease_until).await?;
         }
 
         // 1. Release: managed or held addresses present but not wanted.
@@ -301,10 +290,8 @@ impl<H: Host, F: Firewall> Reconciler<H, F> {
             }
         }
 
-        // 4. Answer ARP for what is held (and renew the lease), then tell the LAN.
-        self.firewall
-            .lease(&managed4, &wanted4, lease_until)
-            .await?;
+        // 4. Answer ARP/NDP for what is held (and renew the lease), then tell the LAN.
+        self.firewall.lease(managed, &wanted, lease_until).await?;
         for (iface, ip) in changes.added.clone() {
             self.announce_now(&iface, ip, self.settings.garp_count, now)
                 .await;

@@ -178,6 +178,7 @@ async fn foreign_tables_untouched() {
     if !require_root("foreign_tables_untouched") {
         return;
     }
+    // egressd owns `inet`, `arp` and `ip6` tables of its name; an `ip` one is somebody else's.
     let mut lab = Lab::new("nftfor");
     let ns = lab.ns("a");
     let foreign = "table inet foreign {\n\
@@ -188,7 +189,7 @@ async fn foreign_tables_untouched() {
                    \tchain postrouting { type nat hook postrouting priority srcnat; policy accept;\n\
                    \t\tip saddr 10.9.0.0/16 masquerade; }\n\
                    }\n\
-                   table ip6 egressd { chain c { type filter hook output priority 0; }; }\n";
+                   table ip egressd { chain c { type filter hook output priority 0; }; }\n";
     let mut cmd = Command::new("ip");
     cmd.args(["netns", "exec", &ns, "nft", "-f", "-"]);
     common_stdin(cmd, foreign);
@@ -196,7 +197,7 @@ async fn foreign_tables_untouched() {
         [
             text(lab, &ns, &["list", "table", "inet", "foreign"]),
             text(lab, &ns, &["list", "table", "ip", "nat"]),
-            text(lab, &ns, &["list", "table", "ip6", "egressd"]),
+            text(lab, &ns, &["list", "table", "ip", "egressd"]),
         ]
     };
     let before = snapshot(&lab);
@@ -440,4 +441,96 @@ async fn real_packets_are_snated() {
     // Removing the table stops the SNAT.
     fw.remove().await.unwrap();
     assert_eq!(seen_from("10.201.0.2"), "10.201.0.2", "after remove");
+}
+
+/// The fence: the kernel answers ARP (IPv4) and neighbour solicitations (IPv6) for a managed
+/// address only while it is leased, and stops by itself when the lease runs out.
+#[tokio::test]
+async fn fence_answers_only_while_leased_ipv4_and_ipv6() {
+    if !require_root("fence_answers_only_while_leased_ipv4_and_ipv6") {
+        return;
+    }
+    let mut lab = Lab::new("fence");
+    let holder = lab.ns("holder");
+    let peer = lab.ns("peer");
+    lab.veth(&holder, "eth0", &peer, "eth0");
+    for (ns, v4, v6) in [
+        (&holder, "10.203.0.1/24", "2001:db8:203::1/64"),
+        (&peer, "10.203.0.2/24", "2001:db8:203::2/64"),
+    ] {
+        lab.exec(ns, ["ip", "addr", "add", v4, "dev", "eth0"]);
+        lab.exec(ns, ["ip", "addr", "add", v6, "dev", "eth0", "nodad"]);
+    }
+    lab.exec(
+        &holder,
+        ["ip", "addr", "add", "10.203.0.50/32", "dev", "eth0"],
+    );
+    lab.exec(
+        &holder,
+        [
+            "ip",
+            "addr",
+            "add",
+            "2001:db8:203::50/128",
+            "dev",
+            "eth0",
+            "nodad",
+        ],
+    );
+    let vips: std::collections::BTreeSet<std::net::IpAddr> = ["10.203.0.50", "2001:db8:203::50"]
+        .iter()
+        .map(|s| s.parse().unwrap())
+        .collect();
+    let reachable = |ip: &str| {
+        // Forget what the peer learnt, so that every try resolves the address afresh.
+        lab.try_exec(&peer, ["ip", "neigh", "flush", "dev", "eth0"]);
+        lab.try_exec(&peer, ["ping", "-c", "1", "-W", "1", ip])
+            .status
+            .success()
+    };
+    let mut f = fw(&holder);
+
+    f.lease(&vips, &Default::default(), Instant::now())
+        .await
+        .unwrap();
+    assert!(
+        !reachable("10.203.0.50"),
+        "no lease: ARP must not be answered"
+    );
+    assert!(
+        !reachable("2001:db8:203::50"),
+        "no lease: NS must not be answered"
+    );
+    assert!(
+        reachable("10.203.0.1"),
+        "the host's own address is not fenced"
+    );
+    assert!(
+        reachable("2001:db8:203::1"),
+        "the host's own address is not fenced"
+    );
+
+    f.lease(&vips, &vips, Instant::now() + Duration::from_secs(3))
+        .await
+        .unwrap();
+    assert!(reachable("10.203.0.50"));
+    assert!(reachable("2001:db8:203::50"));
+
+    // A short lease runs out by itself, without another call.
+    f.lease(&vips, &vips, Instant::now() + Duration::from_millis(300))
+        .await
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(400));
+    assert!(
+        !reachable("10.203.0.50"),
+        "an expired lease must not be answered"
+    );
+    assert!(
+        !reachable("2001:db8:203::50"),
+        "an expired lease must not be answered"
+    );
+
+    f.remove().await.unwrap();
+    let rules = lab.exec(&holder, ["nft", "list", "ruleset"]);
+    assert!(String::from_utf8_lossy(&rules.stdout).trim().is_empty());
 }

@@ -1,7 +1,7 @@
 //! In-memory stand-ins for the kernel, so that the reconciler's behaviour is tested without root.
 
 use std::collections::BTreeSet;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -15,7 +15,7 @@ pub enum Op {
     DelAddress(String, IpAddr),
     Announce(String, IpAddr),
     Snat(usize),
-    Lease(Vec<std::net::Ipv4Addr>),
+    Lease(Vec<IpAddr>),
     RemoveTable,
 }
 
@@ -111,7 +111,7 @@ impl Host for FakeHost {
 #[derive(Debug, Default)]
 pub struct FakeFirewall {
     pub map: Option<SnatMap>,
-    pub leased: BTreeSet<Ipv4Addr>,
+    pub leased: BTreeSet<IpAddr>,
     pub journal: Journal,
 }
 
@@ -126,8 +126,8 @@ impl Firewall for FakeFirewall {
 
     async fn lease(
         &mut self,
-        _managed: &BTreeSet<Ipv4Addr>,
-        leased: &BTreeSet<Ipv4Addr>,
+        _managed: &BTreeSet<IpAddr>,
+        leased: &BTreeSet<IpAddr>,
         until: Instant,
     ) -> Result<()> {
         let leased = if until > Instant::now() {

@@ -7,7 +7,7 @@ pub mod host;
 pub mod nft;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
@@ -40,13 +40,13 @@ pub trait Firewall: Send {
     /// replaces any stale egressd table in one transaction; later calls change only the
     /// elements that differ, also in one transaction.
     fn apply(&mut self, map: &SnatMap) -> impl Future<Output = Result<()>> + Send;
-    /// Fence ARP: the kernel answers ARP for an address of `managed` only while it is in
+    /// Fence ARP and NDP: the kernel answers for an address of `managed` only while it is in
     /// `leased`, and only until `until` unless this is called again. A daemon that dies or
     /// hangs stops renewing, and its node stops answering for its VIPs when the lease runs out.
     fn lease(
         &mut self,
-        managed: &BTreeSet<Ipv4Addr>,
-        leased: &BTreeSet<Ipv4Addr>,
+        managed: &BTreeSet<IpAddr>,
+        leased: &BTreeSet<IpAddr>,
         until: Instant,
     ) -> impl Future<Output = Result<()>> + Send;
     /// Delete egressd's tables (clean shutdown). Other tables are never touched.

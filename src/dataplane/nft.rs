@@ -38,7 +38,7 @@
 
 use std::collections::BTreeSet;
 use std::fmt::{self, Display, Write as _};
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::process::Stdio;
 use std::str::FromStr;
 use std::time::Instant;
@@ -133,8 +133,8 @@ pub struct NftFirewall {
     command: Vec<String>,
     installed: Option<Installed>,
     /// The managed set of the installed ARP fence table, `None` when not installed.
-    fence: Option<BTreeSet<Ipv4Addr>>,
-    leased: BTreeSet<Ipv4Addr>,
+    fence: Option<BTreeSet<IpAddr>>,
+    leased: BTreeSet<IpAddr>,
     transactions: u64,
 }
 
@@ -389,19 +389,19 @@ impl Firewall for NftFirewall {
 
     async fn lease(
         &mut self,
-        managed: &BTreeSet<Ipv4Addr>,
-        leased: &BTreeSet<Ipv4Addr>,
+        managed: &BTreeSet<IpAddr>,
+        leased: &BTreeSet<IpAddr>,
         until: Instant,
     ) -> Result<()> {
         validate_table_name(&self.table)?;
-        let wanted: BTreeSet<Ipv4Addr> = leased.intersection(managed).copied().collect();
+        let wanted: BTreeSet<IpAddr> = leased.intersection(managed).copied().collect();
         let replace = self.fence.as_ref() != Some(managed);
         if !replace && wanted.is_empty() && self.leased.is_empty() {
             return Ok(());
         }
         let t = self.table.clone();
         let previous = self.leased.clone();
-        let written: std::sync::Mutex<BTreeSet<Ipv4Addr>> = std::sync::Mutex::new(BTreeSet::new());
+        let written: std::sync::Mutex<BTreeSet<IpAddr>> = std::sync::Mutex::new(BTreeSet::new());
         // The timeout is computed when the script is written to nft, not before nft starts: a
         // daemon paused in between (SIGSTOP, an overloaded host) must not wake up and hand its
         // kernel a lease that was computed before the pause.
@@ -421,20 +421,22 @@ impl Firewall for NftFirewall {
             } else {
                 // `add` first so that `delete` cannot fail on an element that already expired.
                 for ip in previous.difference(&leased) {
+                    let (family, key) = fence_key(ip);
                     let _ = writeln!(
                         s,
-                        "add element arp {t} {LEASE} {{ {ip} timeout 1ms }}\n\
-                         delete element arp {t} {LEASE} {{ {ip} }}"
+                        "add element {family} {t} {LEASE} {{ {key} timeout 1ms }}\n\
+                         delete element {family} {t} {LEASE} {{ {key} }}"
                     );
                 }
             }
             // Re-adding an element does not restart its timeout; delete and add again does.
             for ip in &leased {
+                let (family, key) = fence_key(ip);
                 let _ = writeln!(
                     s,
-                    "add element arp {t} {LEASE} {{ {ip} timeout {ttl_ms}ms }}\n\
-                     delete element arp {t} {LEASE} {{ {ip} }}\n\
-                     add element arp {t} {LEASE} {{ {ip} timeout {ttl_ms}ms }}"
+                    "add element {family} {t} {LEASE} {{ {key} timeout {ttl_ms}ms }}\n\
+                     delete element {family} {t} {LEASE} {{ {key} }}\n\
+                     add element {family} {t} {LEASE} {{ {key} timeout {ttl_ms}ms }}"
                 );
             }
             if s.is_empty() {
@@ -464,17 +466,20 @@ impl Firewall for NftFirewall {
         // without parsing nft's "No such file or directory" message.
         let t = &self.table;
         let script = format!(
-            "add table inet {t}\ndelete table inet {t}\nadd table arp {t}\ndelete table arp {t}\n"
+            "add table inet {t}\ndelete table inet {t}\nadd table arp {t}\ndelete table arp {t}\n\
+             add table ip6 {t}\ndelete table ip6 {t}\n"
         );
         self.transaction("delete table", &script).await
     }
 }
 
-/// The ARP fence table, replacing any earlier one: ARP requests for a managed address are
-/// dropped unless the address is in the lease set, whose elements time out by themselves; and
-/// this node never sends ARP with a managed sender address it has no lease for, so a fenced node
-/// cannot poison its neighbours' caches either.
-fn fence_script(t: &str, managed: &BTreeSet<Ipv4Addr>) -> String {
+/// The fence tables, replacing any earlier ones. `arp <t>`: ARP requests for a managed IPv4
+/// address are dropped unless the address is in the lease set, whose elements time out by
+/// themselves; and this host never sends ARP with a managed sender address it has no lease for,
+/// so a fenced node cannot poison its neighbours' caches either. `ip6 <t>`: the same for
+/// neighbour solicitations and advertisements, keyed by their target address (nft 1.0.6 has no
+/// named field for it, hence the raw payload: bytes 8 to 23 of the ICMPv6 message).
+fn fence_script(t: &str, managed: &BTreeSet<IpAddr>) -> String {
     let mut s = format!(
         "add table arp {t}\n\
          delete table arp {t}\n\
@@ -489,13 +494,36 @@ fn fence_script(t: &str, managed: &BTreeSet<Ipv4Addr>) -> String {
          \t\ttype filter hook output priority 0; policy accept;\n\
          \t\tarp saddr ip @{MANAGED} arp saddr ip != @{LEASE} drop\n\
          \t}}\n\
+         }}\n\
+         add table ip6 {t}\n\
+         delete table ip6 {t}\n\
+         table ip6 {t} {{\n\
+         \tset {MANAGED} {{ typeof @th,64,128; }}\n\
+         \tset {LEASE} {{ typeof @th,64,128; flags timeout; }}\n\
+         \tchain input {{\n\
+         \t\ttype filter hook input priority 0; policy accept;\n\
+         \t\ticmpv6 type nd-neighbor-solicit @th,64,128 @{MANAGED} @th,64,128 != @{LEASE} drop\n\
+         \t}}\n\
+         \tchain output {{\n\
+         \t\ttype filter hook output priority 0; policy accept;\n\
+         \t\ticmpv6 type nd-neighbor-advert @th,64,128 @{MANAGED} @th,64,128 != @{LEASE} drop\n\
+         \t}}\n\
          }}\n"
     );
-    if !managed.is_empty() {
-        let list: Vec<String> = managed.iter().map(|ip| ip.to_string()).collect();
-        let _ = writeln!(s, "add element arp {t} {MANAGED} {{ {} }}", list.join(", "));
+    for ip in managed {
+        let (family, key) = fence_key(ip);
+        let _ = writeln!(s, "add element {family} {t} {MANAGED} {{ {key} }}");
     }
     s
+}
+
+/// The fence table family and set key of an address: IPv4 as is, IPv6 as the 128-bit integer the
+/// raw-payload sets hold.
+fn fence_key(ip: &IpAddr) -> (&'static str, String) {
+    match ip {
+        IpAddr::V4(v4) => ("arp", v4.to_string()),
+        IpAddr::V6(v6) => ("ip6", format!("0x{:032x}", u128::from(*v6))),
+    }
 }
 
 /// Appends `verb element inet T M { e1,\n e2,\n ... }` statements, [`CHUNK`] elements each.
