@@ -128,6 +128,15 @@ fn check_forwarding(manage: bool, policies: &[Policy]) -> Vec<String> {
     problems
 }
 
+/// The members of the config file, as the cluster holds them.
+fn peer_list(config: &Config) -> Vec<(String, String)> {
+    config
+        .voters()
+        .into_iter()
+        .map(|p| (p.name, p.address.to_string()))
+        .collect()
+}
+
 /// The gateways and policies of the config file, as the cluster would hold them.
 fn file_objects(config: &Config) -> (Vec<Gateway>, Vec<Policy>) {
     let mut g = config.gateways.clone();
@@ -345,18 +354,26 @@ impl<H: Host, F: Firewall> Agent<H, F> {
         self.held != before
     }
 
-    /// Offer the config file's objects to a cluster that has none yet.
+    /// Offer the config file's objects and members to a cluster that has none yet.
     async fn seed(&mut self) {
         let (gateways, policies) = file_objects(&self.config);
-        match self
-            .node
-            .write(Command::SeedObjects { gateways, policies })
-            .await
-        {
-            Ok(r) => {
+        let result = async {
+            let objects = self
+                .node
+                .write(Command::SeedObjects { gateways, policies })
+                .await?;
+            let members = self
+                .node
+                .write(Command::SeedMembers(peer_list(&self.config)))
+                .await?;
+            anyhow::Ok(objects.changed || members.changed)
+        }
+        .await;
+        match result {
+            Ok(changed) => {
                 self.seeded = true;
-                if r.changed {
-                    info!("seeded the cluster with this node's gateways and policies");
+                if changed {
+                    info!("seeded the cluster with this node's gateways, policies and members");
                 }
             }
             Err(e) => tracing::debug!(error = %e, "seeding deferred"),
@@ -451,7 +468,15 @@ impl<H: Host, F: Firewall> Agent<H, F> {
                     policies = new.policies.len(),
                     "configuration reloaded; committing its gateways and policies"
                 );
-                // Identity, listeners and timing need a restart; labels and objects do not.
+                // Identity, listeners and timing need a restart; labels, objects and the member
+                // list do not.
+                if new.voters() != self.config.voters() {
+                    match self.node.write(Command::SetMembers(peer_list(&new))).await {
+                        Ok(_) => info!(peers = new.voters().len(), "committed the new member list"),
+                        Err(e) => error!(error = %e, "committing the new member list failed"),
+                    }
+                    self.config.cluster.peers = new.cluster.peers.clone();
+                }
                 self.config.gateways = new.gateways;
                 self.config.policies = new.policies;
                 self.config.node.labels = new.node.labels;
@@ -524,6 +549,7 @@ async fn run_inner(config: Config, config_path: PathBuf) -> anyhow::Result<()> {
 
     let node = ClusterNode::start(&config).await?;
     tokio::spawn(node.clone().run_controller());
+    tokio::spawn(node.clone().run_membership());
 
     let (status_tx, status_rx) = watch::channel(Status::default());
     let admin_addr = config.admin.listen;

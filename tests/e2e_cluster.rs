@@ -396,3 +396,102 @@ fn kill_9_during_writes_loses_no_acknowledged_write() {
     );
     eprintln!("acknowledged up to {acked} policies; after kill -9 of every node: {seen:?}");
 }
+
+/// Membership at run time, without restarting anybody: a fourth node joins (its own empty store
+/// must not found a second cluster), becomes a voter, and then a member leaves — each by a
+/// changed `cluster.peers` reloaded with SIGHUP.
+#[test]
+fn members_join_and_leave_at_run_time() {
+    if !require_root("members_join_and_leave_at_run_time") {
+        return;
+    }
+    let mut topo = Topo::new("member", 4);
+    std::fs::write(
+        topo.dir.path().join("secret"),
+        "an-e2e-test-cluster-secret-0123456789\n",
+    )
+    .expect("secret");
+    topo.start_echo_server();
+    let configs: Vec<_> = (0..4)
+        .map(|i| topo.write_config(i, &config(&topo, 3.max(i + 1), i, true, "")))
+        .collect();
+    let children = (0..3)
+        .map(|i| Some(topo.start_egressd(i, &configs[i])))
+        .chain([None])
+        .collect();
+    let mut c = Cluster {
+        topo,
+        n: 4,
+        children,
+        configs,
+        extra: String::new(),
+    };
+    c.wait_active("gw1");
+    let voters = |c: &Cluster, i: usize| -> Vec<String> {
+        c.topo
+            .status(i)
+            .and_then(|s| {
+                s["cluster"]["voters"].as_array().map(|a| {
+                    a.iter()
+                        .filter_map(|v| v.as_str().map(String::from))
+                        .collect()
+                })
+            })
+            .unwrap_or_default()
+    };
+    let members = |c: &Cluster, i: usize| -> Vec<String> {
+        c.topo
+            .status(i)
+            .and_then(|s| {
+                s["cluster"]["members"].as_array().map(|a| {
+                    a.iter()
+                        .filter_map(|v| v.as_str().map(String::from))
+                        .collect()
+                })
+            })
+            .unwrap_or_default()
+    };
+    assert_eq!(voters(&c, 0).len(), 3);
+
+    // Join: every file lists four peers; gw4 starts with an empty store; gw1 reloads.
+    for i in 0..4 {
+        std::fs::write(&c.configs[i], config(&c.topo, 4, i, true, "")).expect("config");
+    }
+    let cfg = c.configs[3].clone();
+    c.children[3] = Some(c.topo.start_egressd(3, &cfg));
+    c.signal("gw1", "HUP");
+    wait_for("gw4 a voter", WAIT, || {
+        voters(&c, 0).len() == 4 && c.topo.leader(3).is_some()
+    });
+    assert!(
+        c.topo.log(3).contains("joining the running cluster"),
+        "{}",
+        c.topo.log(3)
+    );
+
+    // Leave: gw2 is dropped from every file; gw1 reloads.
+    let without_gw2 = |i: usize| {
+        config(&c.topo, 4, i, true, "").replace(
+            &format!(
+                "{{ name = \"gw2\", address = \"{}:7480\" }}, ",
+                node_mgmt_ip(1)
+            ),
+            "",
+        )
+    };
+    for i in [0, 2, 3] {
+        std::fs::write(&c.configs[i], without_gw2(i)).expect("config");
+    }
+    c.signal("gw1", "HUP");
+    wait_for("gw2 gone from the membership", WAIT, || {
+        let m = members(&c, 0);
+        m.len() == 3 && !m.iter().any(|n| n == "gw2")
+    });
+    c.signal("gw2", "KILL");
+    // The three remaining voters keep a quorum and the gateway where it was.
+    c.wait_active_among(&[0, 2, 3], "gw1");
+    c.assert_traffic_via_vip();
+    let mut v = voters(&c, 2);
+    v.sort();
+    assert_eq!(v, ["gw1", "gw3", "gw4"], "{}", c.logs());
+}

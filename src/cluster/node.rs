@@ -27,6 +27,7 @@ use crate::model::NodeName;
 
 /// At most this many voters; further peers join as learners so the quorum stays small.
 pub const MAX_VOTERS: usize = 5;
+const MEMBERSHIP_EVERY: Duration = Duration::from_millis(300);
 
 /// What the leader last decided, for status pages.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -42,7 +43,6 @@ pub struct ClusterNode {
     pub id: NodeId,
     pub raft: Raft,
     pub timing: ClusterTiming,
-    peers: Vec<Peer>,
     client: PeerClient,
     applied: watch::Receiver<Applied>,
     controller: Mutex<Option<Controller>>,
@@ -108,7 +108,6 @@ impl ClusterNode {
             id,
             raft,
             timing,
-            peers: config.voters(),
             client,
             applied,
             controller: Mutex::new(None),
@@ -120,6 +119,7 @@ impl ClusterNode {
             transport::raft_routes(node.raft.clone()).merge(
                 Router::new()
                     .route("/cluster/report", post(report_handler))
+                    .route("/cluster/hello", post(hello_handler))
                     .route("/cluster/write", post(write_handler))
                     .with_state(node.clone()),
             ),
@@ -161,6 +161,19 @@ impl ClusterNode {
         if !voters.contains_key(&self.id) {
             // A learner never initializes; the leader adds it.
             return Ok(());
+        }
+        // A node added to a running cluster starts with an empty store too: it must wait to be
+        // added, not found a cluster of its own.
+        for p in peers.iter().filter(|p| node_id(&p.name) != self.id) {
+            let addr = p.address.to_string();
+            let hello: Result<Hello, _> = self
+                .client
+                .post(&addr, "/cluster/hello", &(), Duration::from_millis(300))
+                .await;
+            if hello.is_ok_and(|h| h.initialized) {
+                info!(peer = %p.name, "joining the running cluster; waiting to be added");
+                return Ok(());
+            }
         }
         match self.raft.initialize(voters).await {
             Ok(()) => info!(
@@ -242,6 +255,83 @@ impl ClusterNode {
             .with_context(|| format!("forwarding the write to leader {}", member.name))
     }
 
+    /// The leader moves Raft's membership towards the committed member list: new members join
+    /// as learners, the first `MAX_VOTERS` by name vote once they have caught up, and members
+    /// no longer listed leave. A task of its own, so that a slow change never holds up leases.
+    pub async fn run_membership(self: Arc<Self>) {
+        let mut applied = self.applied.clone();
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(MEMBERSHIP_EVERY) => {}
+                r = applied.changed() => if r.is_err() { return },
+            }
+            if self.is_leader_locally()
+                && let Err(e) = self.reconcile_membership().await
+            {
+                warn!(error = %e, "membership change failed; retrying");
+            }
+        }
+    }
+
+    async fn reconcile_membership(&self) -> anyhow::Result<()> {
+        let state = self.applied().state.clone();
+        if state.members.is_empty() {
+            return Ok(());
+        }
+        let metrics = self.raft.metrics().borrow().clone();
+        let membership = metrics.membership_config.membership().clone();
+        let want: BTreeMap<NodeId, Member> = state
+            .members
+            .iter()
+            .map(|(name, addr)| {
+                let m = Member {
+                    name: name.clone(),
+                    addr: addr.clone(),
+                };
+                (node_id(name), m)
+            })
+            .collect();
+        for (id, m) in &want {
+            if membership.get_node(id).is_none() {
+                self.raft.add_learner(*id, m.clone(), false).await?;
+                info!(member = %m.name, "added as a learner");
+                return Ok(());
+            }
+        }
+        let mut names: Vec<&String> = state.members.keys().collect();
+        names.sort();
+        let target: BTreeSet<NodeId> = names.iter().take(MAX_VOTERS).map(|n| node_id(n)).collect();
+        let current: BTreeSet<NodeId> = membership.voter_ids().collect();
+        if target != current {
+            let last = metrics.last_log_index.unwrap_or(0);
+            let caught_up = |id: &NodeId| {
+                current.contains(id)
+                    || metrics
+                        .replication
+                        .as_ref()
+                        .and_then(|r| r.get(id).cloned().flatten())
+                        .is_some_and(|m| m.index + 10 >= last)
+            };
+            if target.iter().all(caught_up) {
+                self.raft.change_membership(target.clone(), false).await?;
+                info!(voters = ?names.iter().take(MAX_VOTERS).collect::<Vec<_>>(), "voters changed");
+            }
+            return Ok(());
+        }
+        let gone: BTreeSet<NodeId> = membership
+            .nodes()
+            .map(|(id, _)| *id)
+            .filter(|id| !want.contains_key(id) && !current.contains(id))
+            .collect();
+        if !gone.is_empty() {
+            self.raft
+                .change_membership(openraft::ChangeMembers::RemoveNodes(gone), false)
+                .await?;
+            info!("removed members no longer listed");
+        }
+        Ok(())
+    }
+
     /// The leader's loop: confirm the quorum, decide, commit assignment changes. Runs on every
     /// node and does nothing while the node is not the leader.
     pub async fn run_controller(self: Arc<Self>) {
@@ -254,7 +344,6 @@ impl ClusterNode {
         let mut metrics = self.raft.metrics();
         let mut applied = self.applied.clone();
         let mut next = Instant::now();
-        let mut learners_added: BTreeSet<NodeId> = BTreeSet::new();
         let mut was_leader = false;
         let mut last_confirm: Option<Instant> = None;
         loop {
@@ -290,7 +379,7 @@ impl ClusterNode {
             let term = self.raft.metrics().borrow().current_term;
             let span = info_span!("controller", node = %self.name, term);
             self.clone()
-                .controller_round(timing, confirm, &mut learners_added)
+                .controller_round(timing, confirm)
                 .instrument(span)
                 .await;
             let deadline = self
@@ -302,12 +391,7 @@ impl ClusterNode {
         }
     }
 
-    async fn controller_round(
-        self: Arc<Self>,
-        timing: Timing,
-        confirm: bool,
-        learners_added: &mut BTreeSet<NodeId>,
-    ) {
+    async fn controller_round(self: Arc<Self>, timing: Timing, confirm: bool) {
         let started = Instant::now();
         if let Ok(mut c) = self.controller.lock()
             && c.is_none()
@@ -405,29 +489,18 @@ impl ClusterNode {
                 Err(e) => warn!(error = %e, "committing the assignment failed"),
             }
         }
-        self.add_learners(&membership, learners_added).await;
     }
+}
 
-    /// Peers beyond the first `MAX_VOTERS` join as learners, added by the leader.
-    async fn add_learners(
-        &self,
-        membership: &openraft::Membership<NodeId, Member>,
-        added: &mut BTreeSet<NodeId>,
-    ) {
-        for p in &self.peers {
-            let id = node_id(&p.name);
-            if membership.get_node(&id).is_some() || added.contains(&id) {
-                continue;
-            }
-            match self.raft.add_learner(id, member(p), false).await {
-                Ok(_) => {
-                    info!(peer = %p.name, "added as a learner");
-                    added.insert(id);
-                }
-                Err(e) => warn!(peer = %p.name, error = %e, "adding a learner failed"),
-            }
-        }
-    }
+/// A peer's answer to a node that starts with an empty store.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Hello {
+    initialized: bool,
+}
+
+async fn hello_handler(State(node): State<Arc<ClusterNode>>) -> Response {
+    let initialized = node.raft.is_initialized().await.unwrap_or(false);
+    Json(Hello { initialized }).into_response()
 }
 
 fn member(p: &Peer) -> Member {

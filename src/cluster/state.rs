@@ -22,6 +22,9 @@ pub struct ClusterState {
     pub assignment: Assignment,
     /// Bumped on every assignment change of a gateway; lets nodes and logs tell changes apart.
     pub epochs: BTreeMap<String, u64>,
+    /// The desired cluster members, name → peer address. The leader moves Raft's membership
+    /// towards it (the first five by name vote, the others are learners).
+    pub members: BTreeMap<NodeName, String>,
 }
 
 /// A change to the cluster state, committed through Raft.
@@ -52,6 +55,10 @@ pub enum Command {
     },
     /// Set (or clear, with `None`) the active node of gateways.
     Assign(Vec<(String, Option<NodeName>)>),
+    /// The member list of a node's file at start-up: applied only while none is known.
+    SeedMembers(Vec<(NodeName, String)>),
+    /// Replace the desired member list (a reloaded `cluster.peers`, or the admin API).
+    SetMembers(Vec<(NodeName, String)>),
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -97,6 +104,16 @@ impl ClusterState {
                     .or_default()
                     .insert(key.clone(), value.clone());
             }
+            Command::SeedMembers(members) => {
+                if self.members.is_empty() {
+                    self.members = members.iter().cloned().collect();
+                }
+            }
+            Command::SetMembers(members) if !members.is_empty() => {
+                self.members = members.iter().cloned().collect();
+            }
+            // An empty member list would leave no cluster: ignored.
+            Command::SetMembers(_) => {}
             Command::Assign(changes) => {
                 for (gw, node) in changes {
                     if !self.gateways.contains_key(gw) {
@@ -247,6 +264,22 @@ mod tests {
         assert!(!l.contains_key("egress"));
         assert_eq!(l["zone"], "b");
         assert_eq!(s.effective_labels("gw2", &file), file);
+    }
+
+    #[test]
+    fn members_seed_once_and_never_empty() {
+        let mut s = ClusterState::default();
+        let m = |names: &[&str]| {
+            names
+                .iter()
+                .map(|n| (n.to_string(), format!("{n}:7480")))
+                .collect::<Vec<_>>()
+        };
+        assert!(s.apply(&Command::SeedMembers(m(&["gw1", "gw2"]))).changed);
+        assert!(!s.apply(&Command::SeedMembers(m(&["gw9"]))).changed);
+        assert!(s.apply(&Command::SetMembers(m(&["gw1", "gw3"]))).changed);
+        assert!(!s.apply(&Command::SetMembers(vec![])).changed);
+        assert_eq!(s.members.keys().collect::<Vec<_>>(), ["gw1", "gw3"]);
     }
 
     #[test]

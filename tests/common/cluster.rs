@@ -114,15 +114,20 @@ impl Cluster {
     /// data plane holds the gateway.
     pub fn wait_active(&self, node: &str) {
         let i = self.index(node);
-        wait_for(
-            &format!("{node} active and holding the gateway"),
-            WAIT,
-            || {
-                self.live()
-                    .all(|j| self.topo.active(j, GW).as_deref() == Some(node))
-                    && self.topo.node_holds(i, GW)
-            },
-        );
+        let start = std::time::Instant::now();
+        while !(self
+            .live()
+            .all(|j| self.topo.active(j, GW).as_deref() == Some(node))
+            && self.topo.node_holds(i, GW))
+        {
+            if start.elapsed() > WAIT {
+                panic!(
+                    "timed out after {WAIT:?} waiting for {node} active and holding the gateway\n{}",
+                    self.logs()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 
     pub fn index(&self, node: &str) -> usize {
