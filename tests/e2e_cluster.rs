@@ -125,6 +125,8 @@ fn partitioned_active_node_fences_itself_and_the_majority_takes_over() {
     let c = Cluster::start("part", 3);
     c.assert_traffic_via_vip();
     let prober = c.prober();
+    // While its daemon runs, a partitioned node also removes the address itself.
+    let sampler = AddressSampler::start(c.topo.nodes.clone(), Duration::from_millis(10));
     std::thread::sleep(Duration::from_millis(200));
     // Cut gw1 from its peers; its LAN and WAN legs stay up.
     let mgmt = c.topo.mgmt.clone();
@@ -152,6 +154,14 @@ fn partitioned_active_node_fences_itself_and_the_majority_takes_over() {
     );
     let probes = prober.stop();
     assert_eq!(check_probes(&c, &probes), Some(0));
+    let (samples, doubles) = sampler.stop();
+    assert!(samples > 50, "the address sampler ran ({samples} samples)");
+    assert!(
+        doubles.is_empty(),
+        "{} of {samples} address samples had the VIP on two nodes: {doubles:?}\n{}",
+        doubles.len(),
+        c.logs()
+    );
     c.assert_traffic_via_vip();
 }
 

@@ -265,3 +265,62 @@ impl Cluster {
         });
     }
 }
+
+/// Samples, every `interval` until stopped, which nodes have the VIP on eth1 (`ip addr`); returns
+/// the samples in which more than one did.
+pub struct AddressSampler {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    handle: Option<std::thread::JoinHandle<(usize, Vec<Vec<usize>>)>>,
+}
+
+impl AddressSampler {
+    pub fn start(nodes: Vec<String>, interval: Duration) -> Self {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let handle = std::thread::spawn(move || {
+            let mut samples = 0;
+            let mut doubles = Vec::new();
+            while !flag.load(std::sync::atomic::Ordering::SeqCst) {
+                let t = std::time::Instant::now();
+                let holders: Vec<usize> = nodes
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, ns)| {
+                        std::process::Command::new("ip")
+                            .args(["-n", ns, "-o", "addr", "show", "dev", "eth1"])
+                            .output()
+                            .is_ok_and(|o| {
+                                String::from_utf8_lossy(&o.stdout).contains(&format!("inet {VIP}/"))
+                            })
+                    })
+                    .map(|(i, _)| i)
+                    .collect();
+                samples += 1;
+                if holders.len() > 1 {
+                    doubles.push(holders);
+                }
+                std::thread::sleep(interval.saturating_sub(t.elapsed()));
+            }
+            (samples, doubles)
+        });
+        AddressSampler {
+            stop,
+            handle: Some(handle),
+        }
+    }
+
+    /// Stops and returns (samples taken, the samples with two or more holders).
+    pub fn stop(mut self) -> (usize, Vec<Vec<usize>>) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.handle
+            .take()
+            .map(|h| h.join().expect("sampler thread"))
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for AddressSampler {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
