@@ -556,7 +556,26 @@ async fn run_inner(config: Config, config_path: PathBuf) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(admin_addr)
         .await
         .with_context(|| format!("binding the admin endpoint to {admin_addr}"))?;
-    tokio::spawn(crate::admin::serve(listener, status_rx));
+    let token = match &config.admin.token_file {
+        Some(path) => Some(Arc::new(
+            std::fs::read_to_string(path)
+                .with_context(|| format!("reading the admin token {}", path.display()))?
+                .trim()
+                .to_string(),
+        )),
+        None => None,
+    };
+    if token.as_ref().is_some_and(|t| t.len() < 16) {
+        anyhow::bail!("the admin token in admin.token_file must be at least 16 characters");
+    }
+    tokio::spawn(crate::admin::serve(
+        listener,
+        crate::admin::AdminState {
+            status: status_rx,
+            node: node.clone(),
+            token,
+        },
+    ));
 
     let report_every = Duration::from_millis(config.cluster.timing().report_interval_ms);
     let mut applied = node.subscribe();

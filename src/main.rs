@@ -29,6 +29,16 @@ enum Command {
         #[arg(long, env = "EGRESSD_CONFIG", default_value = DEFAULT_CONFIG)]
         config: PathBuf,
     },
+    /// Maintenance of a cluster member: cordon, uncordon, label.
+    Node {
+        #[command(subcommand)]
+        action: NodeAction,
+        #[command(flatten)]
+        target: AdminTarget,
+        /// File holding the admin token; default: the config file's admin.token_file.
+        #[arg(long, global = true)]
+        token_file: Option<PathBuf>,
+    },
     /// Show the node, its gateways and the data plane.
     Status {
         /// Print the JSON the admin endpoint serves.
@@ -39,12 +49,22 @@ enum Command {
     },
 }
 
+#[derive(Subcommand)]
+enum NodeAction {
+    /// Make the node ineligible: its gateways move to the next eligible node (planned handover).
+    Cordon { name: String },
+    /// Make the node eligible again.
+    Uncordon { name: String },
+    /// Set a label (KEY=VALUE) or remove one (KEY-); runtime labels override the node's file.
+    Label { name: String, label: String },
+}
+
 #[derive(clap::Args)]
 struct AdminTarget {
     /// Admin endpoint URL; default: from the config file's admin.listen.
-    #[arg(long)]
+    #[arg(long, global = true)]
     admin: Option<String>,
-    #[arg(long, env = "EGRESSD_CONFIG", default_value = DEFAULT_CONFIG)]
+    #[arg(long, global = true, env = "EGRESSD_CONFIG", default_value = DEFAULT_CONFIG)]
     config: PathBuf,
 }
 
@@ -98,6 +118,13 @@ fn main() -> ExitCode {
         Command::Status { json, target } => {
             report(runtime().and_then(|rt| rt.block_on(status(&target.url(), json))))
         }
+        Command::Node {
+            action,
+            target,
+            token_file,
+        } => {
+            report(runtime().and_then(|rt| rt.block_on(node_command(action, &target, token_file))))
+        }
     }
 }
 
@@ -145,6 +172,68 @@ fn init_logging(cfg: &Config) {
     } else {
         builder.init();
     }
+}
+
+async fn node_command(
+    action: NodeAction,
+    target: &AdminTarget,
+    token_file: Option<PathBuf>,
+) -> anyhow::Result<()> {
+    let token_file = token_file
+        .or_else(|| config::load(&target.config).ok()?.admin.token_file)
+        .context("no admin token: pass --token-file or set admin.token_file in the config")?;
+    let token = std::fs::read_to_string(&token_file)
+        .with_context(|| format!("reading the admin token {}", token_file.display()))?;
+    let url = target.url();
+    let (name, path, body) = match action {
+        NodeAction::Cordon { name } => (name, "cordon", None),
+        NodeAction::Uncordon { name } => (name, "uncordon", None),
+        NodeAction::Label { name, label } => {
+            let change = if let Some(key) = label.strip_suffix('-') {
+                egressd::admin::LabelChange {
+                    key: key.to_string(),
+                    value: None,
+                }
+            } else if let Some((key, value)) = label.split_once('=') {
+                egressd::admin::LabelChange {
+                    key: key.to_string(),
+                    value: Some(value.to_string()),
+                }
+            } else {
+                anyhow::bail!("label {label:?}: expected KEY=VALUE to set or KEY- to remove");
+            };
+            (name, "labels", Some(change))
+        }
+    };
+    let mut req = reqwest::Client::new()
+        .post(format!("{url}/v1/nodes/{name}/{path}"))
+        .bearer_auth(token.trim());
+    if let Some(body) = &body {
+        req = req.json(body);
+    }
+    let resp = req
+        .send()
+        .await
+        .with_context(|| format!("cannot reach the admin endpoint at {url}"))?;
+    if !resp.status().is_success() {
+        let status = resp.status();
+        let msg = resp
+            .json::<egressd::admin::ApiError>()
+            .await
+            .map(|e| e.error)
+            .unwrap_or_default();
+        anyhow::bail!("{status}: {msg}");
+    }
+    let done: egressd::admin::Committed = resp.json().await.context("reading the answer")?;
+    println!(
+        "{name}: {path} {}",
+        if done.changed {
+            "committed"
+        } else {
+            "(already so)"
+        }
+    );
+    Ok(())
 }
 
 async fn status(url: &str, json: bool) -> anyhow::Result<()> {

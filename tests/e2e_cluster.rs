@@ -505,3 +505,84 @@ fn members_join_and_leave_at_run_time() {
     v.sort();
     assert_eq!(v, ["gw1", "gw3", "gw4"], "{}", c.logs());
 }
+
+/// The maintenance procedure through the real CLI and admin endpoint: cordon moves the gateway
+/// by a planned handover, uncordon brings it back (preemption), removing and restoring the
+/// selector label does the same; a mutation with a wrong token is refused and changes nothing.
+#[test]
+fn maintenance_through_the_cli() {
+    if !require_root("maintenance_through_the_cli") {
+        return;
+    }
+    let token = tempfile::NamedTempFile::new().expect("token file");
+    std::fs::write(token.path(), "e2e-admin-token-0123456789\n").expect("token");
+    let wrong = tempfile::NamedTempFile::new().expect("token file");
+    std::fs::write(wrong.path(), "not-the-admin-token-000000\n").expect("token");
+    let extra = format!("[admin]\ntoken_file = \"{}\"", token.path().display());
+    let c = Cluster::start_with("maint", 3, &extra);
+    let prober = c.prober();
+    // Run from gw2: the mutation is forwarded to the leader wherever it is.
+    let cli = |args: &[&str], token: &std::path::Path| {
+        let mut full: Vec<String> = vec![env!("CARGO_BIN_EXE_egressd").into(), "node".into()];
+        full.extend(args.iter().map(|s| s.to_string()));
+        full.extend([
+            "--admin".into(),
+            "http://127.0.0.1:7481".into(),
+            "--token-file".into(),
+            token.display().to_string(),
+        ]);
+        c.topo.lab.try_exec(&c.topo.nodes[1], &full)
+    };
+
+    let out = cli(&["cordon", "gw1"], token.path());
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    c.wait_active("gw2");
+    assert!(
+        c.logs().contains("planned handover: cordoned"),
+        "{}",
+        c.logs()
+    );
+
+    let out = cli(&["uncordon", "gw1"], wrong.path());
+    assert!(!out.status.success(), "a wrong token must be refused");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("wrong admin token"));
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        c.topo.active(0, GW).as_deref(),
+        Some("gw2"),
+        "nothing changed"
+    );
+
+    let out = cli(&["uncordon", "gw1"], token.path());
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    c.wait_active("gw1");
+
+    let out = cli(&["label", "gw1", "egress-"], token.path());
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    c.wait_active("gw2");
+    let out = cli(&["label", "gw1", "egress="], token.path());
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    c.wait_active("gw1");
+
+    let out = cli(&["cordon", "gw9"], token.path());
+    assert!(!out.status.success(), "an unknown node is refused");
+    let probes = prober.stop();
+    assert_eq!(check_probes(&c, &probes), Some(0));
+    c.assert_traffic_via_vip();
+}
