@@ -55,6 +55,13 @@ enum NodeAction {
     Cordon { name: String },
     /// Make the node eligible again.
     Uncordon { name: String },
+    /// Cordon, then wait until no gateway is active on the node; says where each one went.
+    Drain {
+        name: String,
+        /// Give up after this many seconds.
+        #[arg(long, default_value_t = 30)]
+        timeout: u64,
+    },
     /// Set a label (KEY=VALUE) or remove one (KEY-); runtime labels override the node's file.
     Label { name: String, label: String },
 }
@@ -185,8 +192,13 @@ async fn node_command(
     let token = std::fs::read_to_string(&token_file)
         .with_context(|| format!("reading the admin token {}", token_file.display()))?;
     let url = target.url();
+    let mut drain = None;
     let (name, path, body) = match action {
         NodeAction::Cordon { name } => (name, "cordon", None),
+        NodeAction::Drain { name, timeout } => {
+            drain = Some(std::time::Duration::from_secs(timeout));
+            (name, "cordon", None)
+        }
         NodeAction::Uncordon { name } => (name, "uncordon", None),
         NodeAction::Label { name, label } => {
             let change = if let Some(key) = label.strip_suffix('-') {
@@ -204,6 +216,11 @@ async fn node_command(
             };
             (name, "labels", Some(change))
         }
+    };
+    // What the node holds before it is cordoned, to say afterwards where each gateway went.
+    let before = match drain {
+        Some(_) => active_on(&fetch_status(&url).await?, &name),
+        None => Vec::new(),
     };
     let mut req = reqwest::Client::new()
         .post(format!("{url}/v1/nodes/{name}/{path}"))
@@ -225,6 +242,9 @@ async fn node_command(
         anyhow::bail!("{status}: {msg}");
     }
     let done: egressd::admin::Committed = resp.json().await.context("reading the answer")?;
+    if let Some(timeout) = drain {
+        return wait_drained(&url, &name, before, timeout).await;
+    }
     println!(
         "{name}: {path} {}",
         if done.changed {
@@ -236,14 +256,78 @@ async fn node_command(
     Ok(())
 }
 
-async fn status(url: &str, json: bool) -> anyhow::Result<()> {
-    let s: Status = reqwest::get(format!("{url}/v1/status"))
+async fn fetch_status(url: &str) -> anyhow::Result<Status> {
+    reqwest::get(format!("{url}/v1/status"))
         .await
         .with_context(|| format!("cannot reach the admin endpoint at {url}"))?
         .error_for_status()?
         .json()
         .await
-        .context("the admin endpoint answered something that is not a status")?;
+        .context("the admin endpoint answered something that is not a status")
+}
+
+/// The gateways whose committed active node is `name`.
+fn active_on(s: &Status, name: &str) -> Vec<String> {
+    s.gateways
+        .iter()
+        .filter(|g| g.active.as_deref() == Some(name))
+        .map(|g| g.name.clone())
+        .collect()
+}
+
+/// Polls the status until no gateway is active on `name`, then prints where each of `had`
+/// went.
+async fn wait_drained(
+    url: &str,
+    name: &str,
+    had: Vec<String>,
+    timeout: std::time::Duration,
+) -> anyhow::Result<()> {
+    let started = std::time::Instant::now();
+    loop {
+        let mut s = fetch_status(url).await?;
+        let still = active_on(&s, name);
+        if still.is_empty() {
+            // A planned handover releases first and assigns the successor a moment later.
+            let placed = std::time::Instant::now();
+            while placed.elapsed() < std::time::Duration::from_secs(2)
+                && had.iter().any(|g| {
+                    s.gateways
+                        .iter()
+                        .any(|x| &x.name == g && x.active.is_none())
+                })
+            {
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                s = fetch_status(url).await?;
+            }
+            for g in &had {
+                let to = s
+                    .gateways
+                    .iter()
+                    .find(|x| &x.name == g)
+                    .and_then(|x| x.active.clone())
+                    .unwrap_or_else(|| "no eligible node".into());
+                println!("{g}: {name} -> {to}");
+            }
+            println!(
+                "{name}: drained in {:.1} s",
+                started.elapsed().as_secs_f64()
+            );
+            return Ok(());
+        }
+        if started.elapsed() > timeout {
+            anyhow::bail!(
+                "{name} still active for {} after {} s (it stays cordoned)",
+                still.join(", "),
+                timeout.as_secs()
+            );
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+async fn status(url: &str, json: bool) -> anyhow::Result<()> {
+    let s = fetch_status(url).await?;
     if json {
         println!("{}", serde_json::to_string_pretty(&s)?);
         return Ok(());

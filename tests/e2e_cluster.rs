@@ -580,6 +580,20 @@ fn maintenance_through_the_cli() {
     );
     c.wait_active("gw1");
 
+    // Drain: cordon and wait; it says where the gateway went.
+    let out = cli(&["drain", "gw1"], token.path());
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let said = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(said.contains(&format!("{GW}: gw1 -> gw2")), "{said}");
+    assert_eq!(c.topo.active(2, GW).as_deref(), Some("gw2"));
+    let out = cli(&["uncordon", "gw1"], token.path());
+    assert!(out.status.success());
+    c.wait_active("gw1");
+
     let out = cli(&["cordon", "gw9"], token.path());
     assert!(!out.status.success(), "an unknown node is refused");
     let probes = prober.stop();
