@@ -85,7 +85,6 @@ fn settings(config: &Config) -> Settings {
         garp_count: d.garp_count,
         garp_interval: Duration::from_millis(d.garp_interval_ms),
         garp_refresh: (d.garp_refresh_secs > 0).then(|| Duration::from_secs(d.garp_refresh_secs)),
-        address_lifetime: None,
     }
 }
 

@@ -163,8 +163,6 @@ pub struct Settings {
     pub garp_interval: Duration,
     /// Re-announce held addresses this often; `None` = only on takeover.
     pub garp_refresh: Option<Duration>,
-    /// Kernel lifetime of held addresses, refreshed on every convergence; `None` = permanent.
-    pub address_lifetime: Option<Duration>,
 }
 
 struct PendingAnnounce {
@@ -279,15 +277,11 @@ impl<H: Host, F: Firewall> Reconciler<H, F> {
             let present = host
                 .get(iface)
                 .is_some_and(|i| i.addresses.iter().any(|(a, _)| a == ip));
-            if !present || self.settings.address_lifetime.is_some() {
-                self.host
-                    .add_address(iface, *ip, self.settings.address_lifetime)
-                    .await?;
-            }
-            self.held.insert((iface.clone(), *ip));
             if !present {
+                self.host.add_address(iface, *ip).await?;
                 changes.added.push((iface.clone(), *ip));
             }
+            self.held.insert((iface.clone(), *ip));
         }
 
         // 4. Answer ARP/NDP for what is held (and renew the lease), then tell the LAN.
@@ -460,7 +454,6 @@ mod tests {
             garp_count,
             garp_interval: Duration::from_millis(10),
             garp_refresh: None,
-            address_lifetime: None,
         }
     }
 

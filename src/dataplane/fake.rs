@@ -3,7 +3,7 @@
 use std::collections::BTreeSet;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use super::{Error, Firewall, Host, HostInterface, HostState, Result};
 use crate::policy::SnatMap;
@@ -87,7 +87,7 @@ impl Host for FakeHost {
         Ok(self.state.clone())
     }
 
-    async fn add_address(&mut self, iface: &str, ip: IpAddr, _: Option<Duration>) -> Result<()> {
+    async fn add_address(&mut self, iface: &str, ip: IpAddr) -> Result<()> {
         self.journal.push(Op::AddAddress(iface.to_string(), ip));
         let i = self.iface(iface)?;
         if !i.addresses.iter().any(|(a, _)| *a == ip) {

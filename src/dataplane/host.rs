@@ -3,12 +3,11 @@
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
-use std::time::Duration;
 
 use futures::TryStreamExt;
 use futures::channel::mpsc::UnboundedReceiver;
 use futures::stream::StreamExt;
-use rtnetlink::packet_route::address::{AddressAttribute, AddressFlags, AddressMessage, CacheInfo};
+use rtnetlink::packet_route::address::{AddressAttribute, AddressFlags, AddressMessage};
 use rtnetlink::packet_route::link::{LinkAttribute, LinkFlags};
 use rtnetlink::{Handle, MulticastGroup};
 
@@ -130,12 +129,7 @@ impl Host for NetlinkHost {
         Ok(state)
     }
 
-    async fn add_address(
-        &mut self,
-        iface: &str,
-        ip: IpAddr,
-        lifetime: Option<Duration>,
-    ) -> Result<()> {
+    async fn add_address(&mut self, iface: &str, ip: IpAddr) -> Result<()> {
         let (index, _) = self.link("adding address", iface)?;
         let mut req = self
             .handle
@@ -147,13 +141,6 @@ impl Host for NetlinkHost {
             // Duplicate address detection would keep the VIP tentative (unusable) for a second.
             msg.attributes
                 .push(AddressAttribute::Flags(AddressFlags::Nodad));
-        }
-        if let Some(l) = lifetime {
-            let secs = u32::try_from(l.as_secs()).unwrap_or(u32::MAX - 1).max(1);
-            let mut info = CacheInfo::default();
-            info.ifa_preferred = secs;
-            info.ifa_valid = secs;
-            msg.attributes.push(AddressAttribute::CacheInfo(info));
         }
         req.execute().await.map_err(nl_err("adding address", iface))
     }

@@ -8,7 +8,7 @@ pub mod nft;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use serde::Serialize;
 
@@ -71,14 +71,8 @@ pub type HostState = BTreeMap<String, HostInterface>;
 pub trait Host: Send {
     /// Reads every interface with its state and addresses.
     fn observe(&mut self) -> impl Future<Output = Result<HostState>> + Send;
-    /// Adds `ip` as a host address (/32 or /128), idempotently. With a lifetime the kernel drops
-    /// the address by itself unless it is added again before the lifetime ends.
-    fn add_address(
-        &mut self,
-        iface: &str,
-        ip: IpAddr,
-        lifetime: Option<Duration>,
-    ) -> impl Future<Output = Result<()>> + Send;
+    /// Adds `ip` as a host address (/32 or /128), idempotently.
+    fn add_address(&mut self, iface: &str, ip: IpAddr) -> impl Future<Output = Result<()>> + Send;
     /// Removes `ip` from `iface`; absent already is success.
     fn del_address(&mut self, iface: &str, ip: IpAddr) -> impl Future<Output = Result<()>> + Send;
     /// Sends one gratuitous ARP (IPv4) or unsolicited neighbour advertisement (IPv6).
