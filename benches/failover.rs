@@ -59,25 +59,7 @@ fn trial(tag: &str, extra: &str, leader: bool, how: &str) -> Trial {
     let successor = name(c.index(&target) + 1);
     let succ_mac = mac_text(arp::mac(&c.topo.nodes[c.index(&successor)], "eth1"));
 
-    let cap = c.topo.dir.path().join("wan.txt");
-    let mut tcpdump = Command::new("ip");
-    tcpdump
-        .args([
-            "netns",
-            "exec",
-            &c.topo.wan,
-            "tcpdump",
-            "-tt",
-            "-e",
-            "-i",
-            "br1",
-            "-n",
-            "-l",
-            "arp",
-        ])
-        .stdout(std::fs::File::create(&cap).expect("capture"))
-        .stderr(Stdio::null());
-    c.topo.lab.spawn_raw(tcpdump);
+    let cap = c.topo.start_arp_capture("wan");
     let pings = c.topo.dir.path().join("ping.txt");
     let mut ping = Command::new("ip");
     ping.args([

@@ -335,20 +335,7 @@ fn conn_rate(rt: &tokio::runtime::Runtime, rows: &mut Vec<Row>) {
     const ROUNDS: usize = 5;
     const SECS: &str = "3";
     let mut lab = Lab::new("bconn");
-    let cli = lab.ns("cli");
-    let gw = lab.ns("gw");
-    let srv = lab.ns("srv");
-    lab.veth(&cli, "eth0", &gw, "c0");
-    lab.veth(&gw, "s0", &srv, "eth0");
-    lab.exec(&cli, ["ip", "addr", "add", "10.201.0.2/24", "dev", "eth0"]);
-    lab.exec(&gw, ["ip", "addr", "add", "10.201.0.1/24", "dev", "c0"]);
-    lab.exec(&gw, ["ip", "addr", "add", "10.202.0.1/24", "dev", "s0"]);
-    lab.exec(&srv, ["ip", "addr", "add", "10.202.0.2/24", "dev", "eth0"]);
-    lab.exec(
-        &cli,
-        ["ip", "route", "add", "10.202.0.0/24", "via", "10.201.0.1"],
-    );
-    lab.exec(&gw, ["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"]);
+    let (cli, gw, srv) = lab.three_hop();
 
     let me = std::env::current_exe().expect("current exe");
     let mut server = Command::new(&me);

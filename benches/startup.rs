@@ -5,7 +5,6 @@
 #[path = "../tests/common/mod.rs"]
 mod common;
 
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use common::topo::{Topo, VIP, wait_for};
@@ -48,16 +47,7 @@ fn main() {
     let mut to_addr = Vec::new();
     for trial in 0..TRIALS {
         let mut topo = Topo::new(&format!("st{trial}"), 1);
-        let cap = topo.dir.path().join("arp.txt");
-        let mut tcpdump = Command::new("ip");
-        tcpdump
-            .args([
-                "netns", "exec", &topo.wan, "tcpdump", "-tt", "-i", "br1", "-n", "-l", "arp",
-            ])
-            .stdout(std::fs::File::create(&cap).expect("capture file"))
-            .stderr(Stdio::null());
-        topo.lab.spawn_raw(tcpdump);
-        std::thread::sleep(Duration::from_millis(500));
+        let cap = topo.start_arp_capture("arp");
         let cfg = topo.write_config(0, &config(&topo));
         let gw = topo.nodes[0].clone();
         let t0_wall = SystemTime::now();

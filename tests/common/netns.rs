@@ -69,6 +69,27 @@ impl Lab {
         self.exec(ns_b, ["ip", "link", "set", if_b, "up"]);
     }
 
+    /// Client (10.201.0.2) — gateway (10.201.0.1 | 10.202.0.1, forwarding on) — server
+    /// (10.202.0.2), the client routing the server's network through the gateway. Returns the
+    /// three namespaces.
+    pub fn three_hop(&mut self) -> (String, String, String) {
+        let cli = self.ns("cli");
+        let gw = self.ns("gw");
+        let srv = self.ns("srv");
+        self.veth(&cli, "eth0", &gw, "c0");
+        self.veth(&gw, "s0", &srv, "eth0");
+        self.exec(&cli, ["ip", "addr", "add", "10.201.0.2/24", "dev", "eth0"]);
+        self.exec(&gw, ["ip", "addr", "add", "10.201.0.1/24", "dev", "c0"]);
+        self.exec(&gw, ["ip", "addr", "add", "10.202.0.1/24", "dev", "s0"]);
+        self.exec(&srv, ["ip", "addr", "add", "10.202.0.2/24", "dev", "eth0"]);
+        self.exec(
+            &cli,
+            ["ip", "route", "add", "10.202.0.0/24", "via", "10.201.0.1"],
+        );
+        self.exec(&gw, ["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"]);
+        (cli, gw, srv)
+    }
+
     /// A bridge inside `ns` with the given (already existing) ports.
     pub fn bridge(&self, ns: &str, name: &str, ports: &[&str]) {
         self.exec(ns, ["ip", "link", "add", name, "type", "bridge"]);

@@ -299,13 +299,14 @@ impl Topo {
         )
     }
 
-    /// Starts a capture of ARP on the WAN bridge into a text file, and returns its path.
+    /// Starts a capture of ARP on the WAN bridge into a text file, and returns its path. Lines
+    /// start with tcpdump's Unix timestamp and carry the sender MAC (`-tt -e`).
     pub fn start_arp_capture(&mut self, name: &str) -> PathBuf {
         let path = self.dir.path().join(format!("{name}.txt"));
         let file = std::fs::File::create(&path).expect("capture file");
         let mut cmd = Command::new("ip");
         cmd.args([
-            "netns", "exec", &self.wan, "tcpdump", "-i", "br1", "-n", "-l", "-e", "arp",
+            "netns", "exec", &self.wan, "tcpdump", "-tt", "-i", "br1", "-n", "-l", "-e", "arp",
         ])
         .stdout(file)
         .stderr(Stdio::null());
