@@ -135,45 +135,37 @@ outage() { # ping log, start time
     END { printf "  client-visible outage: %.0f ms\n", gap * 1000 }' "$1"
 }
 
+# disrupt NAME SUCCESSOR COMMAND...: runs COMMAND while the client pings the server every 10 ms,
+# waits until SUCCESSOR holds the gateway, and prints the client-visible outage. Sets T0.
+disrupt() {
+  local name=$1 next=$2; shift 2
+  nsx $NS_CLI ping -D -n -i 0.01 -W 1 203.0.113.10 > "$WORK/ping-$name.txt" 2>/dev/null &
+  local ping=$!
+  sleep 0.5
+  T0=$(date +%s.%N)
+  "$@"
+  for _ in $(seq 1000); do active_of "$next" && break; sleep 0.01; done
+  sleep 1
+  kill $ping 2>/dev/null || true
+  outage "$WORK/ping-$name.txt" "$T0"
+}
+start_gw1() { nsx "$P-gw1" "$BIN" run --config "$WORK/gw1.toml" >> "$WORK/gw1.log" 2>&1 & }
+
 say "kill -9 of the active node's daemon (gw1), with the client pinging the server every 10 ms"
-nsx $NS_CLI ping -D -n -i 0.01 -W 1 203.0.113.10 > "$WORK/ping.txt" 2>/dev/null &
-PING=$!
-sleep 1
-T0=$(date +%s.%N)
-pkill -KILL -f "$BIN run --config $WORK/gw1.toml"
-for _ in $(seq 500); do active_of gw2 && break; sleep 0.01; done
-sleep 1
-kill $PING 2>/dev/null || true
+disrupt kill gw2 pkill -KILL -f "$BIN run --config $WORK/gw1.toml"
 MAC2=$(nsx "$P-gw2" cat /sys/class/net/eth1/address)
 awk -v t0="$T0" -v mac="$MAC2" '$0 ~ "who-has 203.0.113.50 tell 203.0.113.50" && index($0, mac) && $1 >= t0 {
   printf "  gw2 took the VIP: first gratuitous ARP on the wire %.0f ms after the kill\n", ($1 - t0) * 1000; exit }' "$WORK/wan-arp.txt"
-outage "$WORK/ping.txt" "$T0"
 grep -h "assignment change" "$WORK"/gw[23].log | sed 's/^/  leader log: /' | tail -1
 status gw2
 probe
 
 say "gw1 comes back: first in order, it takes the role back (preemption, a planned handover)"
-nsx $NS_CLI ping -D -n -i 0.01 -W 1 203.0.113.10 > "$WORK/ping2.txt" 2>/dev/null &
-PING=$!
-sleep 0.5
-T0=$(date +%s.%N)
-nsx "$P-gw1" "$BIN" run --config "$WORK/gw1.toml" >> "$WORK/gw1.log" 2>&1 &
-for _ in $(seq 1000); do active_of gw1 && break; sleep 0.01; done
-sleep 1
-kill $PING 2>/dev/null || true
-outage "$WORK/ping2.txt" "$T0"
+disrupt rejoin gw1 start_gw1
 status gw1
 
 say "planned handover: SIGTERM on gw1 (the leader moves the gateway before gw1 exits)"
-nsx $NS_CLI ping -D -n -i 0.01 -W 1 203.0.113.10 > "$WORK/ping3.txt" 2>/dev/null &
-PING=$!
-sleep 0.5
-T0=$(date +%s.%N)
-pkill -TERM -f "$BIN run --config $WORK/gw1.toml"
-for _ in $(seq 500); do active_of gw2 && break; sleep 0.01; done
-sleep 1
-kill $PING 2>/dev/null || true
-outage "$WORK/ping3.txt" "$T0"
+disrupt term gw2 pkill -TERM -f "$BIN run --config $WORK/gw1.toml"
 status gw2
 probe
 
