@@ -240,7 +240,6 @@ impl<H: Host, F: Firewall> Agent<H, F> {
             boot: self.boot,
             labels: self.config.node.labels.clone(),
             ready: not_ready.is_empty(),
-            not_ready: not_ready.clone(),
             interfaces: me.interfaces.clone(),
             held: self.held.clone(),
         };

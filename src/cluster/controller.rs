@@ -33,7 +33,6 @@ pub struct Report {
     /// The labels of the node's config file (runtime overrides are in the cluster state).
     pub labels: Labels,
     pub ready: bool,
-    pub not_ready: Vec<String>,
     pub interfaces: BTreeMap<String, InterfaceState>,
     /// Gateways whose addresses and SNAT this node holds right now.
     pub held: BTreeSet<String>,
@@ -345,7 +344,6 @@ mod tests {
             boot: 1,
             labels: Labels::new(),
             ready: true,
-            not_ready: vec![],
             interfaces: [(
                 "eth1".to_string(),
                 InterfaceState {

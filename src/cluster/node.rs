@@ -411,13 +411,13 @@ impl ClusterNode {
         let membership = applied.membership.membership().clone();
         let members: Vec<NodeName> = membership.nodes().map(|(_, m)| m.name.clone()).collect();
         let now = Instant::now();
-        let (changes, decision) = {
+        let (changes, decision, silent) = {
             let Ok(c) = self.controller.lock() else {
                 return;
             };
             let Some(c) = c.as_ref() else { return };
             let (changes, decision) = c.tick(&members, &applied.state, now);
-            let silent: Vec<(String, u64)> = changes
+            let silent: BTreeMap<String, u64> = changes
                 .iter()
                 .filter(|ch| ch.kind == ChangeKind::Failover)
                 .filter_map(|ch| {
@@ -429,14 +429,14 @@ impl ClusterNode {
                 })
                 .collect();
             if let Ok(mut v) = self.leader_view.lock() {
-                for (g, ms) in silent {
-                    let e = v.failovers.entry(g).or_default();
+                for (g, ms) in &silent {
+                    let e = v.failovers.entry(g.clone()).or_default();
                     e.0 += 1;
-                    e.1 = ms;
+                    e.1 = *ms;
                 }
                 v.decision = Some(decision.clone());
             }
-            (changes, decision)
+            (changes, decision, silent)
         };
         if !changes.is_empty() {
             for ch in &changes {
@@ -445,11 +445,7 @@ impl ClusterNode {
                         "{} went silent (no report for {} ms, or none since this leader took \
                          over; its lease has expired)",
                         ch.from.as_deref().unwrap_or("-"),
-                        self.leader_view
-                            .lock()
-                            .ok()
-                            .and_then(|v| v.failovers.get(&ch.gateway).map(|f| f.1))
-                            .unwrap_or(0)
+                        silent.get(&ch.gateway).copied().unwrap_or(0)
                     ),
                     ChangeKind::Release => {
                         let reason = ch
