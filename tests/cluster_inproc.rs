@@ -311,12 +311,20 @@ async fn three_nodes_elect_replicate_fail_over_and_refuse_a_wrong_secret() {
     // --- Snapshot transfer: the leader snapshots and purges its log, so a new member can only
     // catch up by InstallSnapshot over /raft/snapshot.
     let lead = by_id(&nodes, leader);
-    let applied = lead.raft.metrics().borrow().last_applied.unwrap();
+    // The snapshot covers whatever is applied when it is built, which may be past what we read
+    // here (the new leader's own entries can still be applying), so wait for "at least".
+    let floor = lead.raft.metrics().borrow().last_applied.unwrap().index;
     lead.raft.trigger().snapshot().await.unwrap();
-    lead.raft
+    let applied = lead
+        .raft
         .wait(Some(Duration::from_secs(5)))
-        .snapshot(applied, "leader snapshot")
+        .metrics(
+            |m| m.snapshot.is_some_and(|s| s.index >= floor),
+            "leader snapshot",
+        )
         .await
+        .unwrap()
+        .snapshot
         .unwrap();
     lead.raft.trigger().purge_log(applied.index).await.unwrap();
     lead.raft
