@@ -394,6 +394,66 @@ pub fn parse_str(text: &str, source_name: &str) -> Result<Config, ConfigErrors> 
     )
 }
 
+/// Parses the input of `egressd apply`: a TOML document of `[[gateway]]` and `[[policy]]`
+/// tables only, in the configuration file's syntax, checked by the same rules except that a
+/// policy may name a gateway that is not in the document (the server checks it against the
+/// committed objects). `source_name` names the input in errors.
+pub fn parse_objects(
+    text: &str,
+    source_name: &str,
+) -> Result<(Vec<Gateway>, Vec<Policy>), ConfigErrors> {
+    let error = |key: &str, message: String| ConfigError {
+        file: source_name.to_string(),
+        key: key.to_string(),
+        message,
+    };
+    let dict: Dict = Toml::from_str(text).map_err(|e| {
+        ConfigErrors(vec![error(
+            "",
+            format!(
+                "not valid TOML: {}",
+                e.to_string().trim_end().replace('\n', "\n    ")
+            ),
+        )])
+    })?;
+    let figment = Figment::new().merge(Layer {
+        metadata: Metadata::from("TOML file", Source::Custom(source_name.to_string())),
+        dict,
+    });
+    let root = figment
+        .find_value("")
+        .unwrap_or_else(|_| Value::from(Dict::new()));
+    let mut walker = Walker {
+        figment: &figment,
+        issues: Vec::new(),
+    };
+    let parsed = walker
+        .table(&root, "", &["gateway", "policy"])
+        .map(|t| walker.objects(t, false));
+    match parsed {
+        Some((Some(g), Some(p))) if walker.issues.is_empty() => {
+            if g.is_empty() && p.is_empty() {
+                return Err(ConfigErrors(vec![error(
+                    "",
+                    "nothing to apply: expected [[gateway]] or [[policy]] tables".into(),
+                )]));
+            }
+            Ok((g, p))
+        }
+        _ => {
+            let mut errors: Vec<ConfigError> = walker
+                .issues
+                .into_iter()
+                .map(|i| error(&i.key, i.message))
+                .collect();
+            if errors.is_empty() {
+                errors.push(error("", "the objects could not be read".into()));
+            }
+            Err(ConfigErrors(errors))
+        }
+    }
+}
+
 /// The object-level rules for gateways and policies that did not come from the file (admin API,
 /// Kubernetes adapter, the merge of several sources): names, interfaces, CIDRs, address
 /// families, duplicates, shared VIPs and references. Key paths use the slice indices.
@@ -1052,29 +1112,12 @@ impl Walker<'_> {
 
     // ---- sections ----
 
-    fn config(&mut self, root: &Value, hostname: &dyn Fn() -> Option<String>) -> Option<Config> {
-        let root = self.table(
-            root,
-            "",
-            &[
-                "node",
-                "cluster",
-                "admin",
-                "dataplane",
-                "log",
-                "gateway",
-                "policy",
-            ],
-        )?;
-        let node = self.node(root.get("node"), hostname);
-        let cluster = self.cluster(root.get("cluster"));
-        let admin = self.admin(root.get("admin"));
-        let dataplane = self.dataplane(root.get("dataplane"));
-        let log = self.log(root.get("log"));
-        if let (Some(node), Some(cluster)) = (&node, &cluster) {
-            self.check_membership(node, cluster);
-        }
-
+    /// The `[[gateway]]` and `[[policy]]` tables of `root`, checked as a set.
+    fn objects(
+        &mut self,
+        root: &Dict,
+        check_references: bool,
+    ) -> (Option<Vec<Gateway>>, Option<Vec<Policy>>) {
         let mut parsed_gateways = Vec::new();
         if let Some(v) = root.get("gateway")
             && let Some(items) = self.array(v, "gateway", "tables ([[gateway]])")
@@ -1109,7 +1152,9 @@ impl Walker<'_> {
             .map(|p| PolicyHeader {
                 index: p.index,
                 name: p.name.as_deref(),
-                gateway_name: p.gateway_name.as_deref(),
+                // An applied policy may name a gateway the cluster already has: the server
+                // checks that reference against the committed objects.
+                gateway_name: p.gateway_name.as_deref().filter(|_| check_references),
             })
             .collect();
         object_checks(&mut self.issues, &gws, &pols, &names, &headers);
@@ -1117,6 +1162,33 @@ impl Walker<'_> {
         let gateways: Option<Vec<Gateway>> =
             parsed_gateways.into_iter().map(|p| p.gateway).collect();
         let policies: Option<Vec<Policy>> = parsed_policies.into_iter().map(|p| p.policy).collect();
+        (gateways, policies)
+    }
+
+    fn config(&mut self, root: &Value, hostname: &dyn Fn() -> Option<String>) -> Option<Config> {
+        let root = self.table(
+            root,
+            "",
+            &[
+                "node",
+                "cluster",
+                "admin",
+                "dataplane",
+                "log",
+                "gateway",
+                "policy",
+            ],
+        )?;
+        let node = self.node(root.get("node"), hostname);
+        let cluster = self.cluster(root.get("cluster"));
+        let admin = self.admin(root.get("admin"));
+        let dataplane = self.dataplane(root.get("dataplane"));
+        let log = self.log(root.get("log"));
+        if let (Some(node), Some(cluster)) = (&node, &cluster) {
+            self.check_membership(node, cluster);
+        }
+
+        let (gateways, policies) = self.objects(root, true);
         Some(Config {
             node: node?,
             cluster: cluster?,
@@ -3519,5 +3591,41 @@ bogus = true
         ]
         .concat());
         assert!(c.cluster.secret_file.is_some());
+    }
+
+    #[test]
+    fn apply_input_takes_objects_only_and_defers_gateway_references() {
+        let text = r#"
+[[policy]]
+name = "p"
+egress_gateway_name = "committed-elsewhere"
+source_cidrs = ["10.0.0.0/24"]
+destination_cidrs = ["0.0.0.0/0"]
+"#;
+        let (g, p) = parse_objects(text, "apply.toml").unwrap();
+        assert!(g.is_empty());
+        assert_eq!(p[0].egress_gateway_name, "committed-elsewhere");
+
+        let errs = parse_objects("[node]\nname = \"x\"\n", "apply.toml").unwrap_err();
+        assert_eq!(errs.0.len(), 1, "{errs}");
+        assert_eq!(errs.0[0].key, "node");
+        assert_eq!(errs.0[0].file, "apply.toml");
+
+        let errs = parse_objects("", "apply.toml").unwrap_err();
+        assert!(errs.to_string().contains("nothing to apply"), "{errs}");
+
+        let bad = r#"
+[[policy]]
+name = "p"
+egress_gateway_name = "g"
+source_cidrs = ["10.0.0.0/33"]
+destination_cidrs = ["0.0.0.0/0"]
+"#;
+        let errs = parse_objects(bad, "apply.toml").unwrap_err();
+        assert!(
+            errs.0.iter().any(|e| e.key == "policy[0].source_cidrs[0]"),
+            "{errs}"
+        );
+        assert!(parse_objects("[[gateway]\n", "apply.toml").is_err());
     }
 }

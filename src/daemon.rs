@@ -15,12 +15,13 @@ use tokio::sync::watch;
 use tracing::{Instrument, error, info, info_span, warn};
 
 use crate::cluster::controller::Report;
-use crate::cluster::node::ClusterNode;
+use crate::cluster::node::{ClusterNode, LeaderView};
 use crate::cluster::{ClusterState, Command};
 use crate::config::Config;
 use crate::dataplane::host::{HostEvents, NetlinkHost};
 use crate::dataplane::nft::NftFirewall;
 use crate::dataplane::{Firewall, Host};
+use crate::events::EventKind;
 use crate::model::{Assignment, Gateway, Policy};
 use crate::reconciler::{self, Reconciler, Settings};
 
@@ -34,6 +35,24 @@ pub struct Status {
     pub cluster: ClusterStatus,
     pub gateways: Vec<GatewayStatus>,
     pub dataplane: DataplaneStatus,
+    pub config: ConfigStatus,
+    /// Every member with its role, liveness, readiness, labels and cordon (the leader's view;
+    /// empty when no leader answered).
+    pub members: Vec<MemberStatus>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ConfigStatus {
+    pub path: String,
+    /// The last SIGHUP reload: when, and its errors if it was rejected (the running config
+    /// then stays).
+    pub last_reload_unix_ms: Option<u64>,
+    pub last_reload_errors: Vec<String>,
+    /// How this node's file disagrees with the committed objects (see README, "Where gateways
+    /// and policies come from").
+    pub drift: Vec<String>,
+    /// Committed policies that name a gateway that does not exist.
+    pub orphaned_policies: Vec<String>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -62,11 +81,15 @@ pub struct GatewayStatus {
     /// The committed active node.
     pub active: Option<String>,
     pub epoch: u64,
+    /// When the active node was assigned (leader's clock, ms since the Unix epoch).
+    pub active_since_unix_ms: Option<u64>,
     /// Eligible nodes in selection order (known on the leader).
     pub eligible: Vec<String>,
     pub ineligible: Vec<(String, String)>,
     pub failovers: u64,
-    pub last_failover_detect_ms: u64,
+    /// How long the failed node had been silent when the leader moved the gateway away.
+    pub last_failover_detect_ms: Option<u64>,
+    pub handovers: u64,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -77,6 +100,60 @@ pub struct DataplaneStatus {
     pub applies: u64,
     pub last_apply_ms: Option<f64>,
     pub last_error: Option<String>,
+}
+
+/// A member of the cluster as status shows it.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct MemberStatus {
+    pub name: String,
+    /// "leader", "voter" or "learner".
+    pub role: String,
+    pub alive: bool,
+    pub ready: bool,
+    pub silent_ms: u64,
+    pub labels: crate::model::Labels,
+    pub cordoned: bool,
+}
+
+impl Status {
+    /// Fills in what only the leader knows: eligibility, reasons, members' liveness. A
+    /// follower's admin endpoint asks the leader for its view and calls this.
+    pub fn add_view(&mut self, view: &LeaderView) {
+        if let Some(d) = &view.decision {
+            for g in &mut self.gateways {
+                if let Some(d) = d.gateways.get(&g.name) {
+                    g.eligible = d.eligible.clone();
+                    g.ineligible = d
+                        .ineligible
+                        .iter()
+                        .map(|(n, r)| (n.clone(), r.to_string()))
+                        .collect();
+                }
+            }
+        }
+        let leader = self.cluster.leader.as_deref();
+        let voters = &self.cluster.voters;
+        self.members = view
+            .members
+            .iter()
+            .map(|m| MemberStatus {
+                name: m.name.clone(),
+                role: if Some(m.name.as_str()) == leader {
+                    "leader"
+                } else if voters.contains(&m.name) {
+                    "voter"
+                } else {
+                    "learner"
+                }
+                .into(),
+                alive: m.alive,
+                ready: m.ready,
+                silent_ms: m.silent_ms,
+                labels: m.labels.clone(),
+                cordoned: m.cordoned,
+            })
+            .collect();
+    }
 }
 
 fn settings(config: &Config) -> Settings {
@@ -152,8 +229,8 @@ struct CommittedObjects {
     version: u64,
     gateways: Arc<Vec<Gateway>>,
     policies: Arc<Vec<Policy>>,
-    /// The node's config file disagrees with them.
-    drift: bool,
+    /// Where the node's config file disagrees with them.
+    drift: Vec<String>,
 }
 
 impl CommittedObjects {
@@ -163,7 +240,11 @@ impl CommittedObjects {
         let policies = state.policy_list();
         CommittedObjects {
             version,
-            drift: state.seeded && (gateways != fg || policies != fp),
+            drift: if state.seeded {
+                state.drift(&fg, &fp)
+            } else {
+                Vec::new()
+            },
             gateways: Arc::new(gateways),
             policies: Arc::new(policies),
         }
@@ -304,15 +385,22 @@ impl<H: Host, F: Firewall> Agent<H, F> {
                     self.status.dataplane.applies += 1;
                     self.status.dataplane.last_apply_ms = Some(took);
                     for g in self.held.difference(&before) {
-                        info!(
-                            gateway = %g,
-                            epoch = state.epochs.get(g).copied().unwrap_or(0),
-                            took_ms = took,
-                            "took over gateway: SNAT installed, addresses held, announced"
+                        let epoch = state.epochs.get(g).copied().unwrap_or(0);
+                        self.node.events.local(
+                            EventKind::Takeover,
+                            Some(g),
+                            format!(
+                                "took over (epoch {epoch}): SNAT installed, addresses held, \
+                                 announced in {took:.1} ms"
+                            ),
                         );
                     }
                     for g in before.difference(&self.held) {
-                        info!(gateway = %g, took_ms = took, "released gateway");
+                        self.node.events.local(
+                            EventKind::Release,
+                            Some(g),
+                            format!("released in {took:.1} ms"),
+                        );
                     }
                     if changes.snat_changed && self.held == before {
                         info!(
@@ -387,40 +475,23 @@ impl<H: Host, F: Firewall> Agent<H, F> {
         lease: Duration,
     ) {
         let metrics = self.node.raft.metrics().borrow().clone();
-        let leader_view = self
-            .node
-            .leader_view
-            .lock()
-            .ok()
-            .filter(|_| metrics.current_leader == Some(self.node.id))
-            .map(|v| v.clone());
-        let decision = leader_view.as_ref().and_then(|v| v.decision.clone());
         self.status.gateways = state
             .gateways
             .values()
             .map(|g| {
-                let d = decision.as_ref().and_then(|d| d.gateways.get(&g.name));
-                let f = leader_view
-                    .as_ref()
-                    .and_then(|v| v.failovers.get(&g.name).copied())
-                    .unwrap_or_default();
+                let stats = state.stats.get(&g.name).cloned().unwrap_or_default();
                 GatewayStatus {
                     name: g.name.clone(),
                     mode: g.source_ip.mode_name().to_string(),
                     source_ip: desired.sources.get(&g.name).copied(),
                     active: state.assignment.get(&g.name).cloned(),
                     epoch: state.epochs.get(&g.name).copied().unwrap_or(0),
-                    eligible: d.map(|d| d.eligible.clone()).unwrap_or_default(),
-                    ineligible: d
-                        .map(|d| {
-                            d.ineligible
-                                .iter()
-                                .map(|(n, r)| (n.clone(), r.to_string()))
-                                .collect()
-                        })
-                        .unwrap_or_default(),
-                    failovers: f.0,
-                    last_failover_detect_ms: f.1,
+                    active_since_unix_ms: stats.active_since_unix_ms,
+                    eligible: Vec::new(),
+                    ineligible: Vec::new(),
+                    failovers: stats.failovers,
+                    last_failover_detect_ms: stats.last_failover_detect_ms,
+                    handovers: stats.handovers,
                 }
             })
             .collect();
@@ -440,14 +511,27 @@ impl<H: Host, F: Firewall> Agent<H, F> {
             gateways: self.objects.gateways.len(),
             policies: self.objects.policies.len(),
             lease_remaining_ms: lease.as_millis() as u64,
-            config_drift: self.objects.drift,
+            config_drift: !self.objects.drift.is_empty(),
         };
+        self.status.config.path = self.config_path.display().to_string();
+        self.status.config.drift = self.objects.drift.clone();
+        self.status.config.orphaned_policies = state
+            .orphaned_policies()
+            .iter()
+            .map(|p| p.name.clone())
+            .collect();
         let mut not_ready = not_ready;
         if leader_name.is_none() {
             not_ready.push("no cluster leader known".into());
         }
         if let Some(e) = &self.status.dataplane.last_error {
             not_ready.push(format!("data plane: {e}"));
+        }
+        self.status.members.clear();
+        if metrics.current_leader == Some(self.node.id)
+            && let Ok(view) = self.node.leader_view.lock()
+        {
+            self.status.add_view(&view);
         }
         self.status.node = self.config.node.name.clone();
         self.status.ready = not_ready.is_empty();
@@ -459,8 +543,10 @@ impl<H: Host, F: Firewall> Agent<H, F> {
     }
 
     async fn reload(&mut self) {
+        self.status.config.last_reload_unix_ms = Some(crate::events::unix_ms());
         match crate::config::load(&self.config_path) {
             Ok(new) => {
+                self.status.config.last_reload_errors.clear();
                 info!(
                     gateways = new.gateways.len(),
                     policies = new.policies.len(),
@@ -498,6 +584,18 @@ impl<H: Host, F: Firewall> Agent<H, F> {
                 for e in &errors.0 {
                     error!(error = %e, "configuration reload rejected; keeping the running config");
                 }
+                self.status.config.last_reload_errors =
+                    errors.0.iter().map(|e| e.to_string()).collect();
+                self.node.events.local(
+                    EventKind::ConfigRejected,
+                    None,
+                    format!(
+                        "reload of {} rejected ({} errors); the running config stays: {}",
+                        self.config_path.display(),
+                        errors.0.len(),
+                        errors.0.first().map(|e| e.to_string()).unwrap_or_default()
+                    ),
+                );
             }
         }
     }

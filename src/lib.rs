@@ -7,6 +7,7 @@ pub mod config;
 pub mod daemon;
 pub mod dataplane;
 pub mod election;
+pub mod events;
 pub mod model;
 pub mod policy;
 pub mod reconciler;

@@ -320,17 +320,20 @@ mod tests {
 
     fn state() -> ClusterState {
         let mut s = ClusterState::default();
-        s.apply(&Command::PutGateway(Gateway {
-            name: "g".into(),
-            node_selector: Labels::new(),
-            selection: Selection::Alphabetical,
-            preempt: true,
-            source_ip: SourceIp::VirtualIp {
-                ip: "198.18.0.50".parse().unwrap(),
-                interfaces: vec!["eth1".into()],
-            },
-            next_hop: None,
-        }));
+        s.apply(&Command::Apply {
+            gateways: vec![Gateway {
+                name: "g".into(),
+                node_selector: Labels::new(),
+                selection: Selection::Alphabetical,
+                preempt: true,
+                source_ip: SourceIp::VirtualIp {
+                    ip: "198.18.0.50".parse().unwrap(),
+                    interfaces: vec!["eth1".into()],
+                },
+                next_hop: None,
+            }],
+            policies: vec![],
+        });
         s
     }
 
@@ -358,12 +361,17 @@ mod tests {
     }
 
     fn apply(s: &mut ClusterState, changes: &[Change]) {
-        s.apply(&Command::Assign(
-            changes
+        s.apply(&Command::Assign {
+            changes: changes
                 .iter()
-                .map(|c| (c.gateway.clone(), c.to.clone()))
+                .map(|c| crate::cluster::state::AssignChange {
+                    gateway: c.gateway.clone(),
+                    to: c.to.clone(),
+                    reason: crate::cluster::state::Reason::Elected,
+                })
                 .collect(),
-        ));
+            at_unix_ms: 1,
+        });
     }
 
     /// Everyone reports; the leader has a quorum; settle time has passed.
@@ -522,7 +530,7 @@ mod tests {
     fn preemption_takes_the_role_back_through_a_release() {
         let t0 = Instant::now();
         let (mut c, mut s) = steady(t0);
-        s.apply(&Command::Assign(vec![("g".into(), Some("gw2".into()))]));
+        s.apply(&crate::cluster::state::tests::elect("g", Some("gw2")));
         c.on_report(report("gw2", &["g"]), t0, &s);
         let (ch, _) = c.tick(&members(), &s, t0 + ms(1));
         assert_eq!(ch[0].kind, ChangeKind::Release);

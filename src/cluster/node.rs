@@ -18,11 +18,13 @@ use tokio::sync::{Notify, watch};
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::cluster::controller::{ChangeKind, Controller, Grant, Report, Timing};
+use crate::cluster::state::{AssignChange, Reason};
 use crate::cluster::store::{self, Applied};
 use crate::cluster::transport::{self, Auth, Network, PeerClient};
 use crate::cluster::{Command, CommandResponse, Member, NodeId, Raft, node_id};
 use crate::config::{ClusterTiming, Config, Peer};
 use crate::election::Decision;
+use crate::events::EventLog;
 use crate::model::NodeName;
 
 /// At most this many voters; further peers join as learners so the quorum stays small.
@@ -33,9 +35,23 @@ const MEMBERSHIP_EVERY: Duration = Duration::from_millis(300);
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct LeaderView {
     pub decision: Option<Decision>,
-    /// Failovers (assignment moves away from a silent node) per gateway, and the last one's
-    /// detection time in ms.
-    pub failovers: BTreeMap<String, (u64, u64)>,
+    /// Every member as the leader sees it.
+    pub members: Vec<MemberView>,
+}
+
+/// A member as the leader sees it: liveness and readiness from its reports.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberView {
+    pub name: NodeName,
+    /// Reported within the failure timeout.
+    pub alive: bool,
+    /// Its daemon said it is ready in its last report.
+    pub ready: bool,
+    /// Since its last report (since this leader took over, if none yet).
+    pub silent_ms: u64,
+    /// Its file's labels with the runtime overrides.
+    pub labels: crate::model::Labels,
+    pub cordoned: bool,
 }
 
 pub struct ClusterNode {
@@ -48,6 +64,8 @@ pub struct ClusterNode {
     controller: Mutex<Option<Controller>>,
     controller_wake: Notify,
     pub leader_view: Mutex<LeaderView>,
+    /// Committed changes as this node applied them, and the daemon's own events.
+    pub events: EventLog,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -73,6 +91,7 @@ impl ClusterNode {
             )
         })?;
         let applied = sm.subscribe();
+        let events = sm.events();
 
         let raft_config = openraft::Config {
             cluster_name: "egressd".into(),
@@ -113,6 +132,7 @@ impl ClusterNode {
             controller: Mutex::new(None),
             controller_wake: Notify::new(),
             leader_view: Mutex::new(LeaderView::default()),
+            events,
         });
 
         let router = transport::authenticated(
@@ -121,6 +141,7 @@ impl ClusterNode {
                     .route("/cluster/report", post(report_handler))
                     .route("/cluster/hello", post(hello_handler))
                     .route("/cluster/write", post(write_handler))
+                    .route("/cluster/view", post(view_handler))
                     .with_state(node.clone()),
             ),
             auth,
@@ -240,6 +261,27 @@ impl ClusterNode {
         // A report may confirm a release the controller is waiting for.
         self.controller_wake.notify_one();
         Ok(grant)
+    }
+
+    /// The leader's view (decision, members' liveness), from wherever the leader is.
+    pub async fn leader_view(&self) -> anyhow::Result<LeaderView> {
+        let (leader, member) = self.leader().context("no leader known")?;
+        if leader == self.id {
+            return self
+                .leader_view
+                .lock()
+                .map(|v| v.clone())
+                .map_err(|_| anyhow::anyhow!("leader view lock poisoned"));
+        }
+        self.client
+            .post(
+                &member.addr,
+                "/cluster/view",
+                &(),
+                Duration::from_millis(500),
+            )
+            .await
+            .with_context(|| format!("asking leader {} for its view", member.name))
     }
 
     /// Commits a command through the leader, wherever it is.
@@ -396,7 +438,11 @@ impl ClusterNode {
         if let Ok(mut c) = self.controller.lock()
             && c.is_none()
         {
-            info!("became leader: taking over the controller");
+            self.events.local(
+                crate::events::EventKind::Leadership,
+                None,
+                format!("{} became leader: taking over the controller", self.name),
+            );
             *c = Some(Controller::new(timing, started));
         }
         // A quorum's answer proves nobody else can be leader yet, for the lease's length.
@@ -428,37 +474,55 @@ impl ClusterNode {
                     ))
                 })
                 .collect();
+            let views = c
+                .node_states(&members, &applied.state, now)
+                .into_iter()
+                .map(|n| MemberView {
+                    silent_ms: c.silent_for(&n.name, now).as_millis() as u64,
+                    name: n.name,
+                    alive: n.alive,
+                    ready: n.ready,
+                    labels: n.labels,
+                    cordoned: n.cordoned,
+                })
+                .collect();
             if let Ok(mut v) = self.leader_view.lock() {
-                for (g, ms) in &silent {
-                    let e = v.failovers.entry(g.clone()).or_default();
-                    e.0 += 1;
-                    e.1 = *ms;
-                }
                 v.decision = Some(decision.clone());
+                v.members = views;
             }
             (changes, decision, silent)
         };
         if !changes.is_empty() {
+            let mut assign = Vec::new();
             for ch in &changes {
-                let why = match ch.kind {
-                    ChangeKind::Failover => format!(
-                        "{} went silent (no report for {} ms, or none since this leader took \
-                         over; its lease has expired)",
-                        ch.from.as_deref().unwrap_or("-"),
-                        silent.get(&ch.gateway).copied().unwrap_or(0)
-                    ),
-                    ChangeKind::Release => {
-                        let reason = ch
+                let from = ch.from.clone().unwrap_or_default();
+                let reason = match ch.kind {
+                    ChangeKind::Failover => Reason::Failover {
+                        from,
+                        silent_ms: silent.get(&ch.gateway).copied().unwrap_or(0),
+                    },
+                    ChangeKind::Release => Reason::Handover {
+                        from,
+                        why: ch
                             .from
                             .as_ref()
                             .and_then(|f| decision.gateways.get(&ch.gateway)?.ineligible.get(f))
                             .map(|r| r.to_string())
                             .unwrap_or_else(|| {
                                 "a node earlier in the selection order is eligible".into()
-                            });
-                        format!("planned handover: {reason}; releasing first")
+                            }),
+                    },
+                    ChangeKind::Assign => Reason::Elected,
+                };
+                let why = match &reason {
+                    Reason::Failover { from, silent_ms } => format!(
+                        "{from} went silent (no report for {silent_ms} ms, or none since this \
+                         leader took over; its lease has expired)"
+                    ),
+                    Reason::Handover { why, .. } => {
+                        format!("planned handover: {why}; releasing first")
                     }
-                    ChangeKind::Assign => "the gateway is free and this node is the choice".into(),
+                    Reason::Elected => "the gateway is free and this node is the choice".into(),
                 };
                 info!(
                     gateway = %ch.gateway,
@@ -468,13 +532,16 @@ impl ClusterNode {
                     why,
                     "assignment change"
                 );
+                assign.push(AssignChange {
+                    gateway: ch.gateway.clone(),
+                    to: ch.to.clone(),
+                    reason,
+                });
             }
-            let cmd = Command::Assign(
-                changes
-                    .iter()
-                    .map(|c| (c.gateway.clone(), c.to.clone()))
-                    .collect(),
-            );
+            let cmd = Command::Assign {
+                changes: assign,
+                at_unix_ms: crate::events::unix_ms(),
+            };
             let t = Instant::now();
             match self.raft.client_write(cmd).await {
                 Ok(_) => debug!(
@@ -525,6 +592,24 @@ async fn report_handler(
             StatusCode::MISDIRECTED_REQUEST,
             e.to_string(),
             node.leader().map(|(_, m)| m.name),
+        ),
+    }
+}
+
+async fn view_handler(State(node): State<Arc<ClusterNode>>) -> Response {
+    if !node.is_leader_locally() {
+        return api_error(
+            StatusCode::MISDIRECTED_REQUEST,
+            "not the leader".into(),
+            node.leader().map(|(_, m)| m.name),
+        );
+    }
+    match node.leader_view.lock() {
+        Ok(v) => Json(v.clone()).into_response(),
+        Err(_) => api_error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "view lock poisoned".into(),
+            None,
         ),
     }
 }

@@ -20,6 +20,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use crate::events::EventLog;
 use openraft::storage::{LogFlushed, RaftLogStorage, RaftStateMachine};
 use openraft::{
     AnyError, Entry, EntryPayload, LogId, LogState, OptionalSend, RaftLogReader,
@@ -336,6 +337,7 @@ pub fn open(dir: &Path) -> Result<(LogStore, StateMachineStore), StoreError> {
             db: db.clone(),
             data: Mutex::new(data),
             tx,
+            events: EventLog::default(),
         }),
     };
     Ok((LogStore { db }, sm))
@@ -480,6 +482,7 @@ struct SmInner {
     db: Arc<Db>,
     data: Mutex<SmData>,
     tx: watch::Sender<Applied>,
+    events: EventLog,
 }
 
 /// The state machine: `ClusterState` in memory, snapshots in the database. Cheap to clone; the
@@ -494,6 +497,11 @@ impl StateMachineStore {
     /// so the daemon can react to a committed change at once instead of polling.
     pub fn subscribe(&self) -> watch::Receiver<Applied> {
         self.inner.tx.subscribe()
+    }
+
+    /// The events of the changes this node applied (and the daemon's own).
+    pub fn events(&self) -> EventLog {
+        self.inner.events.clone()
     }
 
     /// The state as of the last applied entry.
@@ -562,7 +570,13 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             data.last_applied = Some(entry.log_id);
             let resp = match entry.payload {
                 EntryPayload::Blank => CommandResponse::default(),
-                EntryPayload::Normal(cmd) => Arc::make_mut(&mut data.state).apply(&cmd),
+                EntryPayload::Normal(cmd) => {
+                    let (resp, events) = Arc::make_mut(&mut data.state).apply_described(&cmd);
+                    for e in events {
+                        self.inner.events.push(e, Some(entry.log_id.index));
+                    }
+                    resp
+                }
                 EntryPayload::Membership(m) => {
                     data.membership = StoredMembership::new(Some(entry.log_id), m);
                     CommandResponse::default()
