@@ -1,14 +1,16 @@
-//! The HTTP admin endpoint: health, readiness and status, and the maintenance mutations (cordon,
-//! uncordon, labels), which require the bearer token of `admin.token_file` and return once the
-//! change is committed.
+//! The HTTP admin endpoint: health, readiness, metrics, status and events, and the mutations
+//! (maintenance, apply, delete), which require the bearer token of `admin.token_file`, are
+//! forwarded to the Raft leader and return once the change is committed. `ROUTES` lists every
+//! route; `docs/openapi.json` documents the same list (a test holds them together).
 
 use std::sync::Arc;
 
-use axum::extract::{Path, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::http::{HeaderMap, Method, StatusCode, header};
 use axum::response::{IntoResponse, Json, Response};
-use axum::routing::{get, post};
-use axum::{Router, extract::DefaultBodyLimit};
+use axum::routing::{MethodRouter, delete, get, post};
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -16,10 +18,15 @@ use tracing::{error, info};
 
 use crate::cluster::Command;
 use crate::cluster::node::ClusterNode;
+use crate::cluster::state::ObjectRef;
 use crate::daemon::Status;
+use crate::events::Event;
+use crate::metrics::Metrics;
+use crate::model::{Gateway, Policy};
 
-/// Largest request body the admin endpoint reads.
-const MAX_BODY: usize = 64 * 1024;
+/// Largest request body the admin endpoint reads. An `apply` of many policies is the largest
+/// legitimate body (about 150 bytes per policy in JSON).
+const MAX_BODY: usize = 16 * 1024 * 1024;
 
 #[derive(Clone)]
 pub struct AdminState {
@@ -27,6 +34,7 @@ pub struct AdminState {
     pub node: Arc<ClusterNode>,
     /// The bearer token mutations need; `None`: mutations are refused.
     pub token: Option<Arc<String>>,
+    pub metrics: Arc<Metrics>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -47,6 +55,32 @@ pub struct LabelChange {
     pub value: Option<String>,
 }
 
+/// The body of `POST /v1/apply` in JSON (TOML in the configuration file's syntax is accepted
+/// with `Content-Type: application/toml`).
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct ApplyRequest {
+    #[serde(default)]
+    pub gateways: Vec<Gateway>,
+    #[serde(default)]
+    pub policies: Vec<Policy>,
+}
+
+/// A committed object and where it came from.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Listed<T> {
+    /// "file" (a node's configuration file) or "api" (`egressd apply`).
+    pub origin: String,
+    pub object: T,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct EventsQuery {
+    /// Only events with a larger sequence number.
+    pub since: Option<u64>,
+    /// At most this many (the newest); default 100.
+    pub limit: Option<usize>,
+}
+
 fn error(status: StatusCode, message: impl Into<String>) -> Response {
     (
         status,
@@ -57,16 +91,58 @@ fn error(status: StatusCode, message: impl Into<String>) -> Response {
         .into_response()
 }
 
+/// Every route of the endpoint: (method, path). `router` is built from this list and
+/// `docs/openapi.json` must list the same.
+pub const ROUTES: &[(&str, &str)] = &[
+    ("GET", "/healthz"),
+    ("GET", "/readyz"),
+    ("GET", "/metrics"),
+    ("GET", "/v1/status"),
+    ("GET", "/v1/events"),
+    ("POST", "/v1/nodes/{name}/cordon"),
+    ("POST", "/v1/nodes/{name}/uncordon"),
+    ("POST", "/v1/nodes/{name}/labels"),
+    ("GET", "/v1/gateways"),
+    ("GET", "/v1/policies"),
+    ("POST", "/v1/apply"),
+    ("DELETE", "/v1/gateways/{name}"),
+    ("DELETE", "/v1/policies/{name}"),
+];
+
+fn handler(method: &str, path: &str) -> Option<MethodRouter<AdminState>> {
+    Some(match (method, path) {
+        ("GET", "/healthz") => get(|| async { "ok\n" }),
+        ("GET", "/readyz") => get(readyz),
+        ("GET", "/metrics") => get(metrics),
+        ("GET", "/v1/status") => get(status_json),
+        ("GET", "/v1/events") => get(events),
+        ("POST", "/v1/nodes/{name}/cordon") => post(cordon),
+        ("POST", "/v1/nodes/{name}/uncordon") => post(uncordon),
+        ("POST", "/v1/nodes/{name}/labels") => post(label),
+        ("GET", "/v1/gateways") => get(list_gateways),
+        ("GET", "/v1/policies") => get(list_policies),
+        ("POST", "/v1/apply") => post(apply),
+        ("DELETE", "/v1/gateways/{name}") => delete(delete_gateway),
+        ("DELETE", "/v1/policies/{name}") => delete(delete_policy),
+        _ => return None,
+    })
+}
+
 pub fn router(state: AdminState) -> Router {
-    Router::new()
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route("/readyz", get(readyz))
-        .route("/v1/status", get(status_json))
-        .route("/v1/nodes/{name}/cordon", post(cordon))
-        .route("/v1/nodes/{name}/uncordon", post(uncordon))
-        .route("/v1/nodes/{name}/labels", post(label))
-        .layer(DefaultBodyLimit::max(MAX_BODY))
-        .with_state(state)
+    let mut r = Router::new();
+    for (method, path) in ROUTES {
+        if let Some(h) = handler(method, path) {
+            r = r.route(path, h);
+        }
+    }
+    r.fallback(|method: Method, uri: axum::http::Uri| async move {
+        error(
+            StatusCode::NOT_FOUND,
+            format!("no route {method} {uri}; see docs/openapi.json"),
+        )
+    })
+    .layer(DefaultBodyLimit::max(MAX_BODY))
+    .with_state(state)
 }
 
 pub async fn serve(listener: TcpListener, state: AdminState) {
@@ -92,8 +168,65 @@ async fn readyz(State(state): State<AdminState>) -> impl IntoResponse {
     }
 }
 
+async fn metrics(State(state): State<AdminState>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        state.metrics.encode(),
+    )
+        .into_response()
+}
+
+/// The status; a follower adds what only the leader knows (eligibility, members' liveness).
 async fn status_json(State(state): State<AdminState>) -> Json<Status> {
-    Json(state.status.borrow().clone())
+    let mut s = state.status.borrow().clone();
+    if s.cluster.leader.is_some()
+        && s.cluster.leader.as_deref() != Some(s.node.as_str())
+        && let Ok(view) = state.node.leader_view().await
+    {
+        s.add_view(&view);
+    }
+    Json(s)
+}
+
+async fn events(State(state): State<AdminState>, Query(q): Query<EventsQuery>) -> Json<Vec<Event>> {
+    Json(state.node.events.list(q.since, q.limit.unwrap_or(100)))
+}
+
+fn origin(state: &crate::cluster::ClusterState, r: ObjectRef) -> String {
+    if state.api_objects.contains(&r) {
+        "api".into()
+    } else {
+        "file".into()
+    }
+}
+
+async fn list_gateways(State(state): State<AdminState>) -> Json<Vec<Listed<Gateway>>> {
+    let st = state.node.applied().state;
+    Json(
+        st.gateways
+            .values()
+            .map(|g| Listed {
+                origin: origin(&st, ObjectRef::Gateway(g.name.clone())),
+                object: g.clone(),
+            })
+            .collect(),
+    )
+}
+
+async fn list_policies(State(state): State<AdminState>) -> Json<Vec<Listed<Policy>>> {
+    let st = state.node.applied().state;
+    Json(
+        st.policies
+            .values()
+            .map(|p| Listed {
+                origin: origin(&st, ObjectRef::Policy(p.name.clone())),
+                object: p.clone(),
+            })
+            .collect(),
+    )
 }
 
 /// Equal in constant time, so that the comparison does not tell how much of a guess was right.
@@ -137,17 +270,161 @@ async fn mutate(state: AdminState, headers: HeaderMap, name: &str, cmd: Command)
             format!("no member named {name:?}; members: {}", members.join(", ")),
         );
     }
+    commit(&state, cmd).await
+}
+
+/// Commits `cmd` through the leader; answers once it is committed, or why it was not.
+async fn commit(state: &AdminState, cmd: Command) -> Response {
     let what = format!("{cmd:?}");
+    let what: String = what.chars().take(200).collect();
     match state.node.write(cmd).await {
-        Ok(r) => {
-            info!(node = name, change = %what, changed = r.changed, "maintenance change committed");
-            Json(Committed { changed: r.changed }).into_response()
-        }
+        Ok(r) => match r.refused {
+            Some(why) => error(
+                StatusCode::CONFLICT,
+                format!("refused, nothing changed: {why}"),
+            ),
+            None => {
+                info!(change = %what, changed = r.changed, "admin change committed");
+                Json(Committed { changed: r.changed }).into_response()
+            }
+        },
         Err(e) => error(
             StatusCode::SERVICE_UNAVAILABLE,
             format!("not committed: {e:#}; retry once the cluster has a leader"),
         ),
     }
+}
+
+async fn apply(State(state): State<AdminState>, headers: HeaderMap, body: Bytes) -> Response {
+    if let Err((status, message)) = authorize(&state, &headers) {
+        return error(status, message);
+    }
+    let toml = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/toml"));
+    let req = if toml {
+        let Ok(text) = std::str::from_utf8(&body) else {
+            return error(StatusCode::BAD_REQUEST, "the TOML body is not UTF-8");
+        };
+        match crate::config::parse_objects(text, "request body") {
+            Ok((gateways, policies)) => ApplyRequest { gateways, policies },
+            Err(errors) => return error(StatusCode::UNPROCESSABLE_ENTITY, errors.to_string()),
+        }
+    } else {
+        match serde_json::from_slice::<ApplyRequest>(&body) {
+            Ok(r) => r,
+            Err(e) => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    format!(
+                        "expected JSON {{\"gateways\": [...], \"policies\": [...]}} or a TOML \
+                         body with Content-Type: application/toml: {e}"
+                    ),
+                );
+            }
+        }
+    };
+    if req.gateways.is_empty() && req.policies.is_empty() {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "nothing to apply: no gateways, no policies",
+        );
+    }
+    // The objects' own rules, checked against the committed set they join.
+    let committed = state.node.applied().state;
+    let problems = check_merged(&committed, &req);
+    if !problems.is_empty() {
+        return error(StatusCode::UNPROCESSABLE_ENTITY, problems.join("\n"));
+    }
+    commit(
+        &state,
+        Command::Apply {
+            gateways: req.gateways,
+            policies: req.policies,
+        },
+    )
+    .await
+}
+
+/// The configuration rules (names, CIDRs, shared VIPs, references) over the committed objects
+/// with `req` applied, as messages that name the objects.
+fn check_merged(committed: &crate::cluster::ClusterState, req: &ApplyRequest) -> Vec<String> {
+    let mut gateways = committed.gateways.clone();
+    for g in &req.gateways {
+        gateways.insert(g.name.clone(), g.clone());
+    }
+    let mut policies = committed.policies.clone();
+    for p in &req.policies {
+        policies.insert(p.name.clone(), p.clone());
+    }
+    // Names in `req` that repeat would be hidden by the maps: refused by the state machine.
+    let gateways: Vec<Gateway> = gateways.into_values().collect();
+    let policies: Vec<Policy> = policies.into_values().collect();
+    crate::config::check_objects(&gateways, &policies)
+        .into_iter()
+        .map(|e| {
+            let key = name_key(&e.key, &gateways, &policies);
+            format!("{key}: {}", e.message)
+        })
+        .collect()
+}
+
+/// `gateway[3].name` → `gateway "office".name`.
+fn name_key(key: &str, gateways: &[Gateway], policies: &[Policy]) -> String {
+    let named = |prefix: &str, name_of: &dyn Fn(usize) -> Option<String>| {
+        let rest = key.strip_prefix(prefix)?.strip_prefix('[')?;
+        let (idx, tail) = rest.split_once(']')?;
+        let name = name_of(idx.parse().ok()?)?;
+        Some(format!("{prefix} {name:?}{tail}"))
+    };
+    named("gateway", &|i| gateways.get(i).map(|g| g.name.clone()))
+        .or_else(|| named("policy", &|i| policies.get(i).map(|p| p.name.clone())))
+        .unwrap_or_else(|| key.to_string())
+}
+
+async fn delete_object(state: AdminState, headers: HeaderMap, r: ObjectRef) -> Response {
+    if let Err((status, message)) = authorize(&state, &headers) {
+        return error(status, message);
+    }
+    let st = state.node.applied().state;
+    let (exists, known): (bool, Vec<&str>) = match &r {
+        ObjectRef::Gateway(n) => (
+            st.gateways.contains_key(n),
+            st.gateways.keys().map(String::as_str).collect(),
+        ),
+        ObjectRef::Policy(n) => (
+            st.policies.contains_key(n),
+            st.policies.keys().map(String::as_str).collect(),
+        ),
+    };
+    if !exists {
+        return error(
+            StatusCode::NOT_FOUND,
+            format!("no {r}; committed: {}", known.join(", ")),
+        );
+    }
+    let cmd = match r {
+        ObjectRef::Gateway(n) => Command::DeleteGateway(n),
+        ObjectRef::Policy(n) => Command::DeletePolicy(n),
+    };
+    commit(&state, cmd).await
+}
+
+async fn delete_gateway(
+    State(state): State<AdminState>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    delete_object(state, headers, ObjectRef::Gateway(name)).await
+}
+
+async fn delete_policy(
+    State(state): State<AdminState>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    delete_object(state, headers, ObjectRef::Policy(name)).await
 }
 
 async fn cordon(

@@ -275,6 +275,8 @@ struct Agent<H, F> {
     firewall_ok: bool,
     started: Instant,
     startup_reported: bool,
+    /// The leader at the last publish, to count leader changes.
+    last_leader: Option<u64>,
 }
 
 impl<H: Host, F: Firewall> Agent<H, F> {
@@ -539,6 +541,16 @@ impl<H: Host, F: Firewall> Agent<H, F> {
         self.status.dataplane.held_gateways = self.held.iter().cloned().collect();
         self.status.dataplane.held_addresses = self.rec.held().iter().cloned().collect();
         self.status.dataplane.snat_elements = self.rec.installed().map_or(0, |m| m.len());
+        let m = &self.rec.metrics;
+        if metrics.current_leader != self.last_leader {
+            self.last_leader = metrics.current_leader;
+            m.raft_leader_changes.inc();
+        }
+        let last_log = metrics.last_log_index.unwrap_or(0);
+        m.raft_last_log_index.set(last_log as i64);
+        m.raft_apply_lag
+            .set(last_log.saturating_sub(applied_index) as i64);
+        m.observe(&self.status, state);
         self.status_tx.send_replace(self.status.clone());
     }
 
@@ -648,6 +660,7 @@ async fn run_inner(config: Config, config_path: PathBuf) -> anyhow::Result<()> {
     tokio::spawn(node.clone().run_membership());
 
     let (status_tx, status_rx) = watch::channel(Status::default());
+    let prometheus = Arc::new(crate::metrics::Metrics::new());
     let admin_addr = config.admin.listen;
     let listener = tokio::net::TcpListener::bind(admin_addr)
         .await
@@ -670,6 +683,7 @@ async fn run_inner(config: Config, config_path: PathBuf) -> anyhow::Result<()> {
             status: status_rx,
             node: node.clone(),
             token,
+            metrics: prometheus.clone(),
         },
     ));
 
@@ -677,7 +691,7 @@ async fn run_inner(config: Config, config_path: PathBuf) -> anyhow::Result<()> {
     let mut applied = node.subscribe();
     let mut metrics = node.raft.metrics();
     let mut agent = Agent {
-        rec: Reconciler::new(host, firewall, settings(&config)),
+        rec: Reconciler::new(host, firewall, settings(&config)).with_metrics(prometheus),
         config,
         config_path,
         node,
@@ -695,6 +709,7 @@ async fn run_inner(config: Config, config_path: PathBuf) -> anyhow::Result<()> {
         firewall_ok,
         started,
         startup_reported: false,
+        last_leader: None,
     };
 
     let mut next_report = Instant::now();

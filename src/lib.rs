@@ -8,6 +8,7 @@ pub mod daemon;
 pub mod dataplane;
 pub mod election;
 pub mod events;
+pub mod metrics;
 pub mod model;
 pub mod policy;
 pub mod reconciler;

@@ -15,6 +15,7 @@ use serde::Serialize;
 use tracing::{info, warn};
 
 use crate::dataplane::{self, Firewall, Host, HostState};
+use crate::metrics::Metrics;
 use crate::model::{Assignment, Gateway, InterfaceState, Labels, NodeState, Policy, SourceIp};
 use crate::policy::{self, SnatMap};
 
@@ -196,12 +197,30 @@ pub struct Reconciler<H, F> {
     /// them is gone.
     held: BTreeSet<(String, IpAddr)>,
     pending: Vec<PendingAnnounce>,
+    /// Where announcements and nftables applies are counted.
+    pub metrics: Arc<Metrics>,
     next_refresh: Option<Instant>,
     /// When the first announcement went out (start-up measurement).
     pub first_announce: Option<Instant>,
 }
 
 impl<H: Host, F: Firewall> Reconciler<H, F> {
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = metrics;
+        self
+    }
+
+    async fn announce(&mut self, iface: &str, ip: IpAddr) -> crate::dataplane::Result<()> {
+        let r = self.host.announce(iface, ip).await;
+        match &r {
+            Ok(()) => self.metrics.announced(ip.is_ipv6()),
+            Err(_) => {
+                self.metrics.announcement_errors.inc();
+            }
+        }
+        r
+    }
+
     pub fn new(host: H, firewall: F, settings: Settings) -> Self {
         Reconciler {
             host,
@@ -210,6 +229,7 @@ impl<H: Host, F: Firewall> Reconciler<H, F> {
             installed: None,
             held: BTreeSet::new(),
             pending: Vec::new(),
+            metrics: Arc::default(),
             next_refresh: None,
             first_announce: None,
         }
@@ -266,7 +286,14 @@ impl<H: Host, F: Firewall> Reconciler<H, F> {
         // 2. SNAT map.
         if self.installed.as_deref() != Some(&*desired.snat) {
             self.installed = None;
-            self.firewall.apply(&desired.snat).await?;
+            let started = Instant::now();
+            if let Err(e) = self.firewall.apply(&desired.snat).await {
+                self.metrics.nft_apply_errors.inc();
+                return Err(e);
+            }
+            self.metrics
+                .nft_apply
+                .observe(started.elapsed().as_secs_f64());
             self.installed = Some(desired.snat.clone());
             changes.snat_changed = true;
         }
@@ -300,7 +327,7 @@ impl<H: Host, F: Firewall> Reconciler<H, F> {
         if count == 0 {
             return;
         }
-        match self.host.announce(iface, ip).await {
+        match self.announce(iface, ip).await {
             Ok(()) => {
                 self.first_announce.get_or_insert(now);
             }
@@ -336,7 +363,7 @@ impl<H: Host, F: Firewall> Reconciler<H, F> {
             .map(|p| (p.iface.clone(), p.ip))
             .collect();
         for (iface, ip) in due {
-            if let Err(e) = self.host.announce(&iface, ip).await {
+            if let Err(e) = self.announce(&iface, ip).await {
                 warn!(interface = %iface, %ip, error = %e, "announcement failed");
             }
             if let Some(p) = self
@@ -354,7 +381,7 @@ impl<H: Host, F: Firewall> Reconciler<H, F> {
         {
             let held: Vec<_> = self.held.iter().cloned().collect();
             for (iface, ip) in held {
-                if let Err(e) = self.host.announce(&iface, ip).await {
+                if let Err(e) = self.announce(&iface, ip).await {
                     warn!(interface = %iface, %ip, error = %e, "announcement refresh failed");
                 }
             }

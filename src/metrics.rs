@@ -1,0 +1,352 @@
+//! Prometheus metrics, served as text at `/metrics`. Values that the cluster state or the
+//! status already hold are copied in when the daemon publishes its status; counters of things
+//! that happen (announcements, nftables applies) are counted where they happen.
+
+use std::sync::atomic::AtomicU64;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::{Registry, Unit};
+
+use crate::cluster::ClusterState;
+use crate::daemon::Status;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct GatewayLabels {
+    pub gateway: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct GatewayNodeLabels {
+    pub gateway: String,
+    pub node: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FamilyLabels {
+    /// "ipv4" (gratuitous ARP) or "ipv6" (unsolicited neighbour advertisement).
+    pub family: String,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    pub gateway_active: Family<GatewayNodeLabels, Gauge>,
+    pub gateway_held: Family<GatewayLabels, Gauge>,
+    pub gateway_eligible_nodes: Family<GatewayLabels, Gauge>,
+    pub gateway_failovers: Family<GatewayLabels, Counter>,
+    pub gateway_handovers: Family<GatewayLabels, Counter>,
+    pub gateway_last_failover: Family<GatewayLabels, Gauge<f64, AtomicU64>>,
+    pub announcements: Family<FamilyLabels, Counter>,
+    pub announcement_errors: Counter,
+    pub nft_apply: Histogram,
+    pub nft_apply_errors: Counter,
+    pub raft_term: Gauge,
+    pub raft_is_leader: Gauge,
+    pub raft_leader_changes: Counter,
+    pub raft_last_log_index: Gauge,
+    pub raft_applied_index: Gauge,
+    pub raft_apply_lag: Gauge,
+    pub lease_remaining: Gauge<f64, AtomicU64>,
+    pub ready: Gauge,
+    pub config_drift: Gauge,
+    pub config_reload_failed: Gauge,
+    pub policies_orphaned: Gauge,
+    pub gateways: Gauge,
+    pub policies: Gauge,
+    pub snat_elements: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut r = Registry::with_prefix("egressd");
+        let m = Metrics {
+            registry: Registry::default(),
+            gateway_active: Family::default(),
+            gateway_held: Family::default(),
+            gateway_eligible_nodes: Family::default(),
+            gateway_failovers: Family::default(),
+            gateway_handovers: Family::default(),
+            gateway_last_failover: Family::default(),
+            announcements: Family::default(),
+            announcement_errors: Counter::default(),
+            // 1 ms .. ~8 s: one-element deltas take milliseconds, a 100 000-policy load seconds.
+            nft_apply: Histogram::new(exponential_buckets(0.001, 2.0, 14)),
+            nft_apply_errors: Counter::default(),
+            raft_term: Gauge::default(),
+            raft_is_leader: Gauge::default(),
+            raft_leader_changes: Counter::default(),
+            raft_last_log_index: Gauge::default(),
+            raft_applied_index: Gauge::default(),
+            raft_apply_lag: Gauge::default(),
+            lease_remaining: Gauge::default(),
+            ready: Gauge::default(),
+            config_drift: Gauge::default(),
+            config_reload_failed: Gauge::default(),
+            policies_orphaned: Gauge::default(),
+            gateways: Gauge::default(),
+            policies: Gauge::default(),
+            snat_elements: Gauge::default(),
+        };
+        r.register(
+            "gateway_active",
+            "1 for the node the cluster committed as the gateway's active node, 0 for the other members",
+            m.gateway_active.clone(),
+        );
+        r.register(
+            "gateway_held",
+            "1 while this node's data plane holds the gateway (SNAT, addresses, ARP answers)",
+            m.gateway_held.clone(),
+        );
+        r.register(
+            "gateway_eligible_nodes",
+            "Eligible nodes of the gateway (exported by the leader, which decides)",
+            m.gateway_eligible_nodes.clone(),
+        );
+        r.register(
+            "gateway_failovers",
+            "Moves of the gateway away from an active node that went silent",
+            m.gateway_failovers.clone(),
+        );
+        r.register(
+            "gateway_handovers",
+            "Planned moves of the gateway (cordon, label, preemption, shutdown)",
+            m.gateway_handovers.clone(),
+        );
+        r.register_with_unit(
+            "gateway_last_failover",
+            "How long the failed node had been silent when its gateway was moved",
+            Unit::Seconds,
+            m.gateway_last_failover.clone(),
+        );
+        r.register(
+            "announcements",
+            "Gratuitous ARPs and unsolicited neighbour advertisements sent",
+            m.announcements.clone(),
+        );
+        r.register(
+            "announcement_errors",
+            "Announcements that could not be sent",
+            m.announcement_errors.clone(),
+        );
+        r.register_with_unit(
+            "nft_apply_duration",
+            "Time to apply a change of the SNAT map through nft",
+            Unit::Seconds,
+            m.nft_apply.clone(),
+        );
+        r.register(
+            "nft_apply_errors",
+            "SNAT map changes that nft refused or that failed",
+            m.nft_apply_errors.clone(),
+        );
+        r.register("raft_term", "Current Raft term", m.raft_term.clone());
+        r.register(
+            "raft_is_leader",
+            "1 while this node is the Raft leader",
+            m.raft_is_leader.clone(),
+        );
+        r.register(
+            "raft_leader_changes",
+            "Changes of the leader this node has seen (including to none)",
+            m.raft_leader_changes.clone(),
+        );
+        r.register(
+            "raft_last_log_index",
+            "Index of the last entry in this node's Raft log",
+            m.raft_last_log_index.clone(),
+        );
+        r.register(
+            "raft_applied_index",
+            "Index of the last entry this node applied",
+            m.raft_applied_index.clone(),
+        );
+        r.register(
+            "raft_apply_lag",
+            "Log entries this node has but has not applied yet",
+            m.raft_apply_lag.clone(),
+        );
+        r.register_with_unit(
+            "lease_remaining",
+            "How much longer this node may hold its gateways without a renewal from the leader",
+            Unit::Seconds,
+            m.lease_remaining.clone(),
+        );
+        r.register(
+            "ready",
+            "1 when the node is ready (leader known, data plane converged)",
+            m.ready.clone(),
+        );
+        r.register(
+            "config_drift",
+            "Differences between this node's configuration file and the committed objects",
+            m.config_drift.clone(),
+        );
+        r.register(
+            "config_reload_failed",
+            "1 when the last reload of the configuration file was rejected",
+            m.config_reload_failed.clone(),
+        );
+        r.register(
+            "policies_orphaned",
+            "Committed policies that name a gateway that does not exist",
+            m.policies_orphaned.clone(),
+        );
+        r.register("gateways", "Committed gateways", m.gateways.clone());
+        r.register("policies", "Committed policies", m.policies.clone());
+        r.register(
+            "snat_elements",
+            "Elements of the SNAT maps installed on this node",
+            m.snat_elements.clone(),
+        );
+        Metrics { registry: r, ..m }
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+
+    pub fn announced(&self, ipv6: bool) {
+        let family = if ipv6 { "ipv6" } else { "ipv4" };
+        self.announcements
+            .get_or_create(&FamilyLabels {
+                family: family.into(),
+            })
+            .inc();
+    }
+
+    /// Copies what the status and the committed state say into the gauges and counters.
+    pub fn observe(&self, status: &Status, state: &ClusterState) {
+        let g = |name: &str| GatewayLabels {
+            gateway: name.to_owned(),
+        };
+        self.gateway_active.clear();
+        self.gateway_held.clear();
+        self.gateway_eligible_nodes.clear();
+        self.gateway_last_failover.clear();
+        let is_leader = status.cluster.leader.as_deref() == Some(status.node.as_str());
+        for gw in &status.gateways {
+            for member in &status.cluster.members {
+                let labels = GatewayNodeLabels {
+                    gateway: gw.name.clone(),
+                    node: member.clone(),
+                };
+                let active = gw.active.as_deref() == Some(member.as_str());
+                self.gateway_active
+                    .get_or_create(&labels)
+                    .set(i64::from(active));
+            }
+            let held = status.dataplane.held_gateways.contains(&gw.name);
+            self.gateway_held
+                .get_or_create(&g(&gw.name))
+                .set(i64::from(held));
+            if is_leader {
+                self.gateway_eligible_nodes
+                    .get_or_create(&g(&gw.name))
+                    .set(gw.eligible.len() as i64);
+            }
+            if let Some(ms) = gw.last_failover_detect_ms {
+                self.gateway_last_failover
+                    .get_or_create(&g(&gw.name))
+                    .set(ms as f64 / 1e3);
+            }
+        }
+        // Counters follow the replicated counts, which only grow while a gateway exists.
+        for (name, st) in &state.stats {
+            raise(
+                &self.gateway_failovers.get_or_create(&g(name)),
+                st.failovers,
+            );
+            raise(
+                &self.gateway_handovers.get_or_create(&g(name)),
+                st.handovers,
+            );
+        }
+        self.raft_term.set(status.cluster.term as i64);
+        self.raft_is_leader.set(i64::from(is_leader));
+        self.raft_applied_index
+            .set(status.cluster.applied_index as i64);
+        self.lease_remaining
+            .set(status.cluster.lease_remaining_ms as f64 / 1e3);
+        self.ready.set(i64::from(status.ready));
+        self.config_drift.set(status.config.drift.len() as i64);
+        self.config_reload_failed
+            .set(i64::from(!status.config.last_reload_errors.is_empty()));
+        self.policies_orphaned
+            .set(status.config.orphaned_policies.len() as i64);
+        self.gateways.set(status.cluster.gateways as i64);
+        self.policies.set(status.cluster.policies as i64);
+        self.snat_elements
+            .set(status.dataplane.snat_elements as i64);
+    }
+}
+
+fn raise(counter: &Counter, to: u64) {
+    let now = counter.get();
+    if to > now {
+        counter.inc_by(to - now);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::daemon::GatewayStatus;
+
+    #[test]
+    fn exposition_names_and_values() {
+        let m = Metrics::new();
+        let mut s = Status {
+            node: "gw1".into(),
+            ready: true,
+            ..Default::default()
+        };
+        s.cluster.leader = Some("gw1".into());
+        s.cluster.members = vec!["gw1".into(), "gw2".into()];
+        s.gateways = vec![GatewayStatus {
+            name: "g".into(),
+            active: Some("gw2".into()),
+            eligible: vec!["gw2".into()],
+            last_failover_detect_ms: Some(270),
+            ..Default::default()
+        }];
+        let mut state = ClusterState::default();
+        state.stats.insert(
+            "g".into(),
+            crate::cluster::state::GatewayStats {
+                failovers: 3,
+                ..Default::default()
+            },
+        );
+        m.observe(&s, &state);
+        m.observe(&s, &state);
+        m.announced(false);
+        m.nft_apply.observe(0.004);
+        let text = m.encode();
+        for line in [
+            "egressd_gateway_active{gateway=\"g\",node=\"gw2\"} 1",
+            "egressd_gateway_active{gateway=\"g\",node=\"gw1\"} 0",
+            "egressd_gateway_failovers_total{gateway=\"g\"} 3",
+            "egressd_gateway_last_failover_seconds{gateway=\"g\"} 0.27",
+            "egressd_gateway_eligible_nodes{gateway=\"g\"} 1",
+            "egressd_announcements_total{family=\"ipv4\"} 1",
+            "egressd_nft_apply_duration_seconds_count 1",
+            "egressd_ready 1",
+            "egressd_raft_is_leader 1",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} missing in\n{text}");
+        }
+    }
+}
