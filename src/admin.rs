@@ -468,7 +468,46 @@ async fn label(
 
 #[cfg(test)]
 mod tests {
-    use super::same;
+    use super::*;
+
+    #[test]
+    fn every_route_has_a_handler_and_the_openapi_document_lists_exactly_the_routes() {
+        for (m, p) in ROUTES {
+            assert!(handler(m, p).is_some(), "{m} {p} has no handler");
+        }
+        let doc: serde_json::Value = serde_json::from_str(include_str!("../docs/openapi.json"))
+            .expect("docs/openapi.json is JSON");
+        let mut documented: Vec<(String, String)> = Vec::new();
+        for (path, ops) in doc["paths"].as_object().expect("paths") {
+            for method in ops.as_object().expect("operations").keys() {
+                documented.push((method.to_uppercase(), path.clone()));
+            }
+        }
+        documented.sort();
+        let mut served: Vec<(String, String)> = ROUTES
+            .iter()
+            .map(|(m, p)| (m.to_string(), p.to_string()))
+            .collect();
+        served.sort();
+        assert_eq!(served, documented);
+    }
+
+    #[test]
+    fn error_keys_name_the_objects() {
+        let p = Policy {
+            name: "office".into(),
+            egress_gateway_name: "g".into(),
+            source_cidrs: vec![],
+            destination_cidrs: vec![],
+            excluded_cidrs: vec![],
+        };
+        assert_eq!(
+            name_key("policy[0].source_cidrs[1]", &[], &[p]),
+            "policy \"office\".source_cidrs[1]"
+        );
+        assert_eq!(name_key("gateway[7].name", &[], &[]), "gateway[7].name");
+        assert_eq!(name_key("", &[], &[]), "");
+    }
 
     #[test]
     fn token_comparison() {

@@ -392,8 +392,8 @@ impl<H: Host, F: Firewall> Agent<H, F> {
                             EventKind::Takeover,
                             Some(g),
                             format!(
-                                "took over (epoch {epoch}): SNAT installed, addresses held, \
-                                 announced in {took:.1} ms"
+                                "took over gateway (epoch {epoch}): SNAT installed, addresses \
+                                 held, announced in {took:.1} ms"
                             ),
                         );
                     }
@@ -401,7 +401,7 @@ impl<H: Host, F: Firewall> Agent<H, F> {
                         self.node.events.local(
                             EventKind::Release,
                             Some(g),
-                            format!("released in {took:.1} ms"),
+                            format!("released gateway in {took:.1} ms"),
                         );
                     }
                     if changes.snat_changed && self.held == before {

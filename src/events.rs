@@ -49,7 +49,7 @@ impl EventLog {
     pub fn push(&self, draft: EventDraft, index: Option<u64>) {
         tracing::info!(
             target: "egressd::event",
-            kind = ?draft.kind,
+            kind = draft.kind.as_str(),
             node = draft.node.as_deref().unwrap_or(""),
             gateway = draft.gateway.as_deref().unwrap_or(""),
             index,

@@ -44,9 +44,60 @@ enum Command {
         /// Print the JSON the admin endpoint serves.
         #[arg(long)]
         json: bool,
+        /// Show the recent events (elections, failovers, handovers, cordons, config changes).
+        #[arg(long)]
+        events: bool,
         #[command(flatten)]
         target: AdminTarget,
     },
+    /// Create or replace gateways and policies cluster-wide from a TOML file of [[gateway]] and
+    /// [[policy]] tables (the configuration file's syntax); "-" reads standard input.
+    Apply {
+        /// The TOML file, or "-" for standard input.
+        #[arg(short = 'f', long = "filename")]
+        file: PathBuf,
+        #[command(flatten)]
+        target: AdminTarget,
+        /// File holding the admin token; default: the config file's admin.token_file.
+        #[arg(long)]
+        token_file: Option<PathBuf>,
+    },
+    /// List the committed gateways or policies.
+    Get {
+        kind: Kind,
+        /// Print the JSON the admin endpoint serves.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        target: AdminTarget,
+    },
+    /// Delete a gateway or a policy cluster-wide (a gateway only once no policy names it).
+    Delete {
+        kind: Kind,
+        name: String,
+        #[command(flatten)]
+        target: AdminTarget,
+        /// File holding the admin token; default: the config file's admin.token_file.
+        #[arg(long)]
+        token_file: Option<PathBuf>,
+    },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum Kind {
+    #[value(alias = "gateways")]
+    Gateway,
+    #[value(alias = "policies")]
+    Policy,
+}
+
+impl Kind {
+    fn plural(self) -> &'static str {
+        match self {
+            Kind::Gateway => "gateways",
+            Kind::Policy => "policies",
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -122,9 +173,25 @@ fn main() -> ExitCode {
             init_logging(&cfg);
             report(runtime().and_then(|rt| rt.block_on(daemon::run(cfg, config))))
         }
-        Command::Status { json, target } => {
-            report(runtime().and_then(|rt| rt.block_on(status(&target.url(), json))))
+        Command::Status {
+            json,
+            events,
+            target,
+        } => report(runtime().and_then(|rt| rt.block_on(status(&target.url(), json, events)))),
+        Command::Apply {
+            file,
+            target,
+            token_file,
+        } => report(runtime().and_then(|rt| rt.block_on(apply(&file, &target, token_file)))),
+        Command::Get { kind, json, target } => {
+            report(runtime().and_then(|rt| rt.block_on(get(kind, json, &target.url()))))
         }
+        Command::Delete {
+            kind,
+            name,
+            target,
+            token_file,
+        } => report(runtime().and_then(|rt| rt.block_on(delete(kind, &name, &target, token_file)))),
         Command::Node {
             action,
             target,
@@ -186,11 +253,7 @@ async fn node_command(
     target: &AdminTarget,
     token_file: Option<PathBuf>,
 ) -> anyhow::Result<()> {
-    let token_file = token_file
-        .or_else(|| config::load(&target.config).ok()?.admin.token_file)
-        .context("no admin token: pass --token-file or set admin.token_file in the config")?;
-    let token = std::fs::read_to_string(&token_file)
-        .with_context(|| format!("reading the admin token {}", token_file.display()))?;
+    let token = read_token(target, token_file)?;
     let url = target.url();
     let mut drain = None;
     let (name, path, body) = match action {
@@ -224,7 +287,7 @@ async fn node_command(
     };
     let mut req = reqwest::Client::new()
         .post(format!("{url}/v1/nodes/{name}/{path}"))
-        .bearer_auth(token.trim());
+        .bearer_auth(&token);
     if let Some(body) = &body {
         req = req.json(body);
     }
@@ -232,16 +295,7 @@ async fn node_command(
         .send()
         .await
         .with_context(|| format!("cannot reach the admin endpoint at {url}"))?;
-    if !resp.status().is_success() {
-        let status = resp.status();
-        let msg = resp
-            .json::<egressd::admin::ApiError>()
-            .await
-            .map(|e| e.error)
-            .unwrap_or_default();
-        anyhow::bail!("{status}: {msg}");
-    }
-    let done: egressd::admin::Committed = resp.json().await.context("reading the answer")?;
+    let done = committed(resp).await?;
     if let Some(timeout) = drain {
         return wait_drained(&url, &name, before, timeout).await;
     }
@@ -253,6 +307,178 @@ async fn node_command(
             "(already so)"
         }
     );
+    Ok(())
+}
+
+fn read_token(target: &AdminTarget, token_file: Option<PathBuf>) -> anyhow::Result<String> {
+    let token_file = token_file
+        .or_else(|| config::load(&target.config).ok()?.admin.token_file)
+        .context("no admin token: pass --token-file or set admin.token_file in the config")?;
+    let token = std::fs::read_to_string(&token_file)
+        .with_context(|| format!("reading the admin token {}", token_file.display()))?;
+    Ok(token.trim().to_string())
+}
+
+/// The answer to a mutation: committed, or the endpoint's reason as the error.
+async fn committed(resp: reqwest::Response) -> anyhow::Result<egressd::admin::Committed> {
+    if !resp.status().is_success() {
+        let status = resp.status();
+        let msg = resp
+            .json::<egressd::admin::ApiError>()
+            .await
+            .map(|e| e.error)
+            .unwrap_or_default();
+        anyhow::bail!("{status}: {msg}");
+    }
+    resp.json().await.context("reading the answer")
+}
+
+async fn apply(
+    file: &std::path::Path,
+    target: &AdminTarget,
+    token_file: Option<PathBuf>,
+) -> anyhow::Result<()> {
+    let (name, text) = if file == std::path::Path::new("-") {
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut std::io::stdin(), &mut text)
+            .context("reading standard input")?;
+        ("<stdin>".to_string(), text)
+    } else {
+        let text =
+            std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+        (file.display().to_string(), text)
+    };
+    // Checked here first, so that errors name the file and its keys.
+    let (gateways, policies) = match config::parse_objects(&text, &name) {
+        Ok(o) => o,
+        Err(errors) => {
+            eprintln!("{errors}");
+            anyhow::bail!("{name}: {} error(s), nothing applied", errors.0.len());
+        }
+    };
+    let token = read_token(target, token_file)?;
+    let url = target.url();
+    let body = egressd::admin::ApplyRequest { gateways, policies };
+    let resp = reqwest::Client::new()
+        .post(format!("{url}/v1/apply"))
+        .bearer_auth(&token)
+        .json(&body)
+        .send()
+        .await
+        .with_context(|| format!("cannot reach the admin endpoint at {url}"))?;
+    let done = committed(resp).await?;
+    let names: Vec<String> = body
+        .gateways
+        .iter()
+        .map(|g| format!("gateway/{}", g.name))
+        .chain(body.policies.iter().map(|p| format!("policy/{}", p.name)))
+        .collect();
+    println!(
+        "{}: {}",
+        names.join(", "),
+        if done.changed { "applied" } else { "unchanged" }
+    );
+    Ok(())
+}
+
+async fn get(kind: Kind, json: bool, url: &str) -> anyhow::Result<()> {
+    let resp = reqwest::get(format!("{url}/v1/{}", kind.plural()))
+        .await
+        .with_context(|| format!("cannot reach the admin endpoint at {url}"))?
+        .error_for_status()?;
+    let text = resp.text().await.context("reading the answer")?;
+    if json {
+        println!("{text}");
+        return Ok(());
+    }
+    use egressd::admin::Listed;
+    match kind {
+        Kind::Gateway => {
+            let list: Vec<Listed<egressd::model::Gateway>> =
+                serde_json::from_str(&text).context("the answer is not a gateway list")?;
+            println!(
+                "{:<24} {:<6} {:<8} {:<26} {:<12} SELECTOR",
+                "NAME", "ORIGIN", "MODE", "SOURCE", "SELECTION"
+            );
+            for Listed { origin, object: g } in list {
+                let (mode, source) = match &g.source_ip {
+                    egressd::model::SourceIp::PrimaryIp { interface } => {
+                        ("primary", format!("primary IPv4 of {interface}"))
+                    }
+                    egressd::model::SourceIp::VirtualIp { ip, interfaces } => {
+                        ("vip", format!("{ip} on {}", interfaces.join(",")))
+                    }
+                };
+                let selector: Vec<String> = g
+                    .node_selector
+                    .iter()
+                    .map(|(k, v)| format!("{k}={v}"))
+                    .collect();
+                println!(
+                    "{:<24} {:<6} {:<8} {:<26} {:<12} {}",
+                    g.name,
+                    origin,
+                    mode,
+                    source,
+                    format!(
+                        "{:?}{}",
+                        g.selection,
+                        if g.preempt { "" } else { ",sticky" }
+                    )
+                    .to_lowercase(),
+                    selector.join(",")
+                );
+            }
+        }
+        Kind::Policy => {
+            let list: Vec<Listed<egressd::model::Policy>> =
+                serde_json::from_str(&text).context("the answer is not a policy list")?;
+            println!(
+                "{:<24} {:<6} {:<20} {:<20} {:<20} EXCLUDED",
+                "NAME", "ORIGIN", "GATEWAY", "SOURCES", "DESTINATIONS"
+            );
+            let join = |v: &[ipnet::IpNet]| {
+                v.iter()
+                    .map(|n| n.to_string())
+                    .collect::<Vec<_>>()
+                    .join(",")
+            };
+            for Listed { origin, object: p } in list {
+                println!(
+                    "{:<24} {:<6} {:<20} {:<20} {:<20} {}",
+                    p.name,
+                    origin,
+                    p.egress_gateway_name,
+                    join(&p.source_cidrs),
+                    join(&p.destination_cidrs),
+                    join(&p.excluded_cidrs)
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn delete(
+    kind: Kind,
+    name: &str,
+    target: &AdminTarget,
+    token_file: Option<PathBuf>,
+) -> anyhow::Result<()> {
+    let token = read_token(target, token_file)?;
+    let url = target.url();
+    let resp = reqwest::Client::new()
+        .delete(format!("{url}/v1/{}/{name}", kind.plural()))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .with_context(|| format!("cannot reach the admin endpoint at {url}"))?;
+    committed(resp).await?;
+    let kind = match kind {
+        Kind::Gateway => "gateway",
+        Kind::Policy => "policy",
+    };
+    println!("{kind}/{name}: deleted");
     Ok(())
 }
 
@@ -326,10 +552,26 @@ async fn wait_drained(
     }
 }
 
-async fn status(url: &str, json: bool) -> anyhow::Result<()> {
+async fn status(url: &str, json: bool, events: bool) -> anyhow::Result<()> {
     let s = fetch_status(url).await?;
+    let event_list: Vec<egressd::events::Event> = if events {
+        reqwest::get(format!("{url}/v1/events?limit=50"))
+            .await
+            .with_context(|| format!("cannot reach the admin endpoint at {url}"))?
+            .error_for_status()?
+            .json()
+            .await
+            .context("the admin endpoint answered something that is not an event list")?
+    } else {
+        Vec::new()
+    };
     if json {
-        println!("{}", serde_json::to_string_pretty(&s)?);
+        if events {
+            let both = serde_json::json!({ "status": s, "events": event_list });
+            println!("{}", serde_json::to_string_pretty(&both)?);
+        } else {
+            println!("{}", serde_json::to_string_pretty(&s)?);
+        }
         return Ok(());
     }
     let ready = if s.ready {
@@ -339,33 +581,65 @@ async fn status(url: &str, json: bool) -> anyhow::Result<()> {
     };
     println!("node {}  {}", s.node, ready);
     println!(
-        "cluster: leader {}, term {}, members {}, applied index {}, lease {} ms{}",
+        "cluster: leader {}, term {}, applied index {}, lease {} ms",
         s.cluster.leader.as_deref().unwrap_or("none"),
         s.cluster.term,
-        s.cluster.members.join(","),
         s.cluster.applied_index,
         s.cluster.lease_remaining_ms,
-        if s.cluster.config_drift {
-            ", CONFIG DRIFT: this node's file differs from the committed objects"
-        } else {
-            ""
-        }
     );
     println!(
-        "data plane: {} addresses held, {} SNAT elements, {} applies{}",
+        "data plane: {} addresses held, {} SNAT elements, {} applies{}{}",
         s.dataplane.held_addresses.len(),
         s.dataplane.snat_elements,
         s.dataplane.applies,
+        s.dataplane
+            .last_apply_ms
+            .map(|ms| format!(" (last took {ms:.1} ms)"))
+            .unwrap_or_default(),
         s.dataplane
             .last_error
             .as_ref()
             .map(|e| format!(", last error: {e}"))
             .unwrap_or_default()
     );
+    for d in &s.config.drift {
+        println!("CONFIG DRIFT: {d}");
+    }
+    if !s.config.last_reload_errors.is_empty() {
+        println!(
+            "LAST RELOAD REJECTED (running config kept): {}",
+            s.config.last_reload_errors.join("; ")
+        );
+    }
+    for p in &s.config.orphaned_policies {
+        println!("POLICY WITHOUT GATEWAY: {p} names a gateway that does not exist");
+    }
+    println!();
+    if s.members.is_empty() {
+        println!("members: {} (no leader view)", s.cluster.members.join(", "));
+    } else {
+        println!(
+            "{:<16} {:<8} {:<6} {:<6} {:<9} {:<9} LABELS",
+            "MEMBER", "ROLE", "ALIVE", "READY", "SILENT", "CORDONED"
+        );
+        for m in &s.members {
+            let labels: Vec<String> = m.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            println!(
+                "{:<16} {:<8} {:<6} {:<6} {:<9} {:<9} {}",
+                m.name,
+                m.role,
+                yes(m.alive),
+                yes(m.ready),
+                format!("{} ms", m.silent_ms),
+                yes(m.cordoned),
+                labels.join(",")
+            );
+        }
+    }
     println!();
     println!(
-        "{:<24} {:<8} {:<16} {:<10} {:>5} {:<20} INELIGIBLE",
-        "GATEWAY", "MODE", "SOURCE IP", "ACTIVE", "EPOCH", "ELIGIBLE"
+        "{:<20} {:<8} {:<16} {:<10} {:<25} {:<9} {:<20} INELIGIBLE",
+        "GATEWAY", "MODE", "SOURCE IP", "ACTIVE", "SINCE", "FAILOVERS", "ELIGIBLE"
     );
     for g in &s.gateways {
         let mode = if g.mode == "VirtualIPAddress" {
@@ -373,14 +647,22 @@ async fn status(url: &str, json: bool) -> anyhow::Result<()> {
         } else {
             "primary"
         };
+        let failovers = match g.last_failover_detect_ms {
+            Some(ms) => format!("{} ({ms} ms)", g.failovers),
+            None => g.failovers.to_string(),
+        };
         println!(
-            "{:<24} {:<10} {:<18} {:<12} {:<20} {}",
+            "{:<20} {:<8} {:<16} {:<10} {:<25} {:<9} {:<20} {}",
             g.name,
             mode,
             g.source_ip
                 .map(|i| i.to_string())
                 .unwrap_or_else(|| "-".into()),
             g.active.as_deref().unwrap_or("-"),
+            g.active_since_unix_ms
+                .map(egressd::events::format_utc)
+                .unwrap_or_else(|| "-".into()),
+            failovers,
             g.eligible.join(","),
             g.ineligible
                 .iter()
@@ -389,5 +671,26 @@ async fn status(url: &str, json: bool) -> anyhow::Result<()> {
                 .join("; ")
         );
     }
+    if events {
+        println!();
+        println!("EVENTS (newest last)");
+        for e in &event_list {
+            let scope = match (&e.gateway, e.index) {
+                (Some(g), _) => format!("{g}: "),
+                (None, None) => format!("{}: ", s.node),
+                _ => String::new(),
+            };
+            println!(
+                "{}  {:<15} {scope}{}",
+                egressd::events::format_utc(e.at_unix_ms),
+                e.kind.as_str(),
+                e.message
+            );
+        }
+    }
     Ok(())
+}
+
+fn yes(b: bool) -> &'static str {
+    if b { "yes" } else { "no" }
 }

@@ -555,6 +555,26 @@ pub enum EventKind {
     Leadership,
 }
 
+impl EventKind {
+    /// The name in the API and in `status --events` (snake_case, as serialized).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventKind::Elected => "elected",
+            EventKind::Failover => "failover",
+            EventKind::Handover => "handover",
+            EventKind::Cordon => "cordon",
+            EventKind::Uncordon => "uncordon",
+            EventKind::Label => "label",
+            EventKind::Config => "config",
+            EventKind::Members => "members",
+            EventKind::Takeover => "takeover",
+            EventKind::Release => "release",
+            EventKind::ConfigRejected => "config_rejected",
+            EventKind::Leadership => "leadership",
+        }
+    }
+}
+
 /// An event before it gets its sequence number and time.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EventDraft {
@@ -859,6 +879,9 @@ pub(crate) mod tests {
             (1, Some(260), 1)
         );
         assert_eq!(st.active_since_unix_ms, Some(50));
+        for k in [EventKind::ConfigRejected, EventKind::Takeover] {
+            assert_eq!(serde_json::to_value(k).unwrap(), k.as_str());
+        }
         let (_, ev) = s.apply_described(&Command::Cordon("gw1".into()));
         assert_eq!(
             (ev[0].kind, ev[0].node.as_deref()),
