@@ -2,7 +2,7 @@
 # Installs the system packages egressd's demo, tests and benchmarks use, when any is missing.
 # Debian/Ubuntu; needs root. Rust itself comes from rustup (https://rustup.rs).
 set -euo pipefail
-pkgs=(nftables iproute2 tcpdump socat procps curl)
+pkgs=(nftables iproute2 tcpdump socat procps curl prometheus)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
