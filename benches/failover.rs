@@ -9,8 +9,11 @@
 //! Scenarios: all links of the active node cut (the host is gone) and kill -9 of its daemon (the
 //! host's kernel still forwards until the successor's announcement moves the traffic), with the
 //! active node a follower or the Raft leader, at the default and the fast profile; and a planned
-//! handover (SIGTERM). Prints a table of
-//! medians and maxima. Also: the resident size of an idle node holding 10 000 policies.
+//! handover (SIGTERM, and `egressd node cordon` through the CLI). Prints a table of
+//! medians and maxima. Also: operator command latency (status, apply, delete through the CLI),
+//! the commit-to-SNAT latency of a config change, and the resident size of an idle node holding
+//! 10 000 policies. `--admin-only`, `--planned-only`, `--config-change-only` and `--rss-only` run
+//! one part.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -46,7 +49,13 @@ fn mac_text(m: [u8; 6]) -> String {
 /// Runs one trial: `leader` picks whether the active node is the Raft leader; `how` is KILL or
 /// TERM (a signal to the daemon) or CUT (every link of the node goes down).
 fn trial(tag: &str, extra: &str, leader: bool, how: &str) -> Trial {
-    let mut c = Cluster::start_with(tag, 3, extra);
+    let token = tempfile::NamedTempFile::new().expect("token file");
+    std::fs::write(token.path(), "bench-admin-token-0123456789\n").expect("token");
+    let extra = format!(
+        "{extra}\n[admin]\ntoken_file = \"{}\"",
+        token.path().display()
+    );
+    let mut c = Cluster::start_with(tag, 3, &extra);
     c.ensure_leader_is_not("gw3");
     let l = c.leader();
     let target = if leader {
@@ -86,6 +95,18 @@ fn trial(tag: &str, extra: &str, leader: bool, how: &str) -> Trial {
     let t0 = unix_now();
     if how == "CUT" {
         c.cut_links(&target);
+    } else if how == "CORDON" {
+        let out = cli(
+            &c,
+            c.index(&successor),
+            &["node", "cordon", &target],
+            token.path(),
+        );
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     } else {
         c.signal(&target, how);
     }
@@ -119,6 +140,84 @@ fn trial(tag: &str, extra: &str, leader: bool, how: &str) -> Trial {
         failover_ms: (first_garp - t0) * 1e3,
         outage_ms: outage * 1e3,
         doubles: arp::double_answers(&probes).len(),
+    }
+}
+
+/// The egressd CLI in node `i`'s namespace against its admin endpoint, with the admin token.
+fn cli(c: &Cluster, i: usize, args: &[&str], token: &std::path::Path) -> std::process::Output {
+    let mut full: Vec<String> = vec![env!("CARGO_BIN_EXE_egressd").into()];
+    full.extend(args.iter().map(|s| s.to_string()));
+    full.extend([
+        "--admin".into(),
+        "http://127.0.0.1:7481".into(),
+        "--token-file".into(),
+        token.display().to_string(),
+    ]);
+    c.topo.lab.try_exec(&c.topo.nodes[i], &full)
+}
+
+/// Operator round trips through the real CLI against a three-node cluster: `status` on the
+/// leader and on a follower (which asks the leader for its view), and `apply` of one policy
+/// sent to a follower (forwarded to the leader, answered once committed). Medians and maxima
+/// in ms, process start included.
+fn admin_latency(rounds: usize) -> Vec<(&'static str, f64, f64)> {
+    let token = tempfile::NamedTempFile::new().expect("token file");
+    std::fs::write(token.path(), "bench-admin-token-0123456789\n").expect("token");
+    let extra = format!("[admin]\ntoken_file = \"{}\"", token.path().display());
+    let mut c = Cluster::start_with("adm", 3, &extra);
+    c.ensure_leader_is_not("gw3");
+    let li = c.index(&c.leader());
+    let fi = 2;
+    let file = c.topo.dir.path().join("apply.toml");
+    std::fs::write(
+        &file,
+        "[[policy]]\nname = \"bench\"\negress_gateway_name = \"vip\"\nsource_cidrs = [\"10.77.0.99/32\"]\ndestination_cidrs = [\"203.0.113.0/24\"]\n",
+    )
+    .expect("apply file");
+    let file = file.display().to_string();
+    let time = |i: usize, args: &[&str]| {
+        let t = std::time::Instant::now();
+        let out = cli(&c, i, args, token.path());
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        t.elapsed().as_secs_f64() * 1e3
+    };
+    let (mut sl, mut sf, mut ap, mut de) = (vec![], vec![], vec![], vec![]);
+    for _ in 0..rounds {
+        sl.push(time(li, &["status", "--json"]));
+        sf.push(time(fi, &["status", "--json"]));
+        ap.push(time(fi, &["apply", "-f", &file]));
+        de.push(time(fi, &["delete", "policy", "bench"]));
+    }
+    let (a, b) = stats(sl);
+    let (c1, d) = stats(sf);
+    let (e, f) = stats(ap);
+    let (g, h) = stats(de);
+    vec![
+        ("egressd status --json on the leader", a, b),
+        (
+            "egressd status --json on a follower (asks the leader)",
+            c1,
+            d,
+        ),
+        (
+            "egressd apply -f (one policy) on a follower, until committed",
+            e,
+            f,
+        ),
+        ("egressd delete policy on a follower, until committed", g, h),
+    ]
+}
+
+fn print_admin_latency() {
+    let rounds = 20;
+    println!("\n| operator command (real CLI, {rounds} rounds) | median | max |");
+    println!("| --- | ---: | ---: |");
+    for (what, m, x) in admin_latency(rounds) {
+        println!("| {what} | {m:.1} ms | {x:.1} ms |");
     }
 }
 
@@ -230,6 +329,24 @@ virtual_ip_address = {{ ip = "{VIP}", interfaces = ["eth1"] }}
         .unwrap_or(0)
 }
 
+fn print_table(scenarios: &[(&str, &str, bool, &str)]) {
+    println!(
+        "\n| scenario | trials | failover to first GARP: median | max | client outage (10 ms ping): median | max | probes answered twice |"
+    );
+    println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: |");
+    for (k, (what, extra, leader, how)) in scenarios.iter().enumerate() {
+        let trials: Vec<Trial> = (0..TRIALS)
+            .map(|t| trial(&format!("fo{k}{t}"), extra, *leader, how))
+            .collect();
+        let (fm, fx) = stats(trials.iter().map(|t| t.failover_ms).collect());
+        let (om, ox) = stats(trials.iter().map(|t| t.outage_ms).collect());
+        let doubles: usize = trials.iter().map(|t| t.doubles).sum();
+        println!(
+            "| {what} | {TRIALS} | {fm:.0} ms | {fx:.0} ms | {om:.0} ms | {ox:.0} ms | {doubles} |"
+        );
+    }
+}
+
 fn main() {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
@@ -242,6 +359,27 @@ fn main() {
             "idle single node with 10 000 policies: {:.1} MiB resident",
             rss as f64 / 1024.0
         );
+        return;
+    }
+    if std::env::args().any(|a| a == "--admin-only") {
+        print_admin_latency();
+        return;
+    }
+    if std::env::args().any(|a| a == "--planned-only") {
+        print_table(&[
+            (
+                "SIGTERM (planned handover), default profile",
+                "",
+                false,
+                "TERM",
+            ),
+            (
+                "egressd node cordon (planned handover), default profile",
+                "",
+                false,
+                "CORDON",
+            ),
+        ]);
         return;
     }
     if std::env::args().any(|a| a == "--config-change-only") {
@@ -295,22 +433,15 @@ fn main() {
             false,
             "TERM",
         ),
+        (
+            "egressd node cordon (planned handover), default profile",
+            "",
+            false,
+            "CORDON",
+        ),
     ];
-    println!(
-        "\n| scenario | trials | failover to first GARP: median | max | client outage (10 ms ping): median | max | probes answered twice |"
-    );
-    println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: |");
-    for (k, (what, extra, leader, how)) in scenarios.iter().enumerate() {
-        let trials: Vec<Trial> = (0..TRIALS)
-            .map(|t| trial(&format!("fo{k}{t}"), extra, *leader, how))
-            .collect();
-        let (fm, fx) = stats(trials.iter().map(|t| t.failover_ms).collect());
-        let (om, ox) = stats(trials.iter().map(|t| t.outage_ms).collect());
-        let doubles: usize = trials.iter().map(|t| t.doubles).sum();
-        println!(
-            "| {what} | {TRIALS} | {fm:.0} ms | {fx:.0} ms | {om:.0} ms | {ox:.0} ms | {doubles} |"
-        );
-    }
+    print_table(&scenarios);
+    print_admin_latency();
     let (m, x) = config_change_latency(10);
     println!(
         "\nconfig change (one policy) committed on the leader -> SNAT updated on the active follower: median {m:.1} ms, max {x:.1} ms (10 rounds)"
