@@ -50,8 +50,8 @@ impl EventLog {
         tracing::info!(
             target: "egressd::event",
             kind = draft.kind.as_str(),
-            node = draft.node.as_deref().unwrap_or(""),
-            gateway = draft.gateway.as_deref().unwrap_or(""),
+            node = draft.node.as_deref(),
+            gateway = draft.gateway.as_deref(),
             index,
             "{}",
             draft.message

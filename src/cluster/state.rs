@@ -10,6 +10,8 @@ use crate::model::{Assignment, Gateway, Labels, NodeName, Policy};
 /// Everything the cluster agrees on. Every node applies the same commands in the same order and
 /// so holds the same value.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+// A snapshot written by an older version lacks the newer fields: they start empty.
+#[serde(default)]
 pub struct ClusterState {
     pub gateways: BTreeMap<String, Gateway>,
     pub policies: BTreeMap<String, Policy>,
