@@ -147,12 +147,10 @@ fn trial(tag: &str, extra: &str, leader: bool, how: &str) -> Trial {
 fn cli(c: &Cluster, i: usize, args: &[&str], token: &std::path::Path) -> std::process::Output {
     let mut full: Vec<String> = vec![env!("CARGO_BIN_EXE_egressd").into()];
     full.extend(args.iter().map(|s| s.to_string()));
-    full.extend([
-        "--admin".into(),
-        "http://127.0.0.1:7481".into(),
-        "--token-file".into(),
-        token.display().to_string(),
-    ]);
+    full.extend(["--admin".into(), "http://127.0.0.1:7481".into()]);
+    if !matches!(args.first(), Some(&"status" | &"get")) {
+        full.extend(["--token-file".into(), token.display().to_string()]);
+    }
     c.topo.lab.try_exec(&c.topo.nodes[i], &full)
 }
 
