@@ -7,6 +7,8 @@ use clap::{Parser, Subcommand};
 use egressd::config::{self, Config};
 use egressd::daemon::{self, Status};
 
+mod cli_docs;
+
 const DEFAULT_CONFIG: &str = "/etc/egressd/egressd.toml";
 
 /// egressd: a high-availability egress gateway (virtual IPs and SNAT decided by Raft).
@@ -46,6 +48,15 @@ enum Command {
         json: bool,
         #[command(flatten)]
         target: AdminTarget,
+    },
+    /// Print the shell completion script (for packaging).
+    #[command(hide = true)]
+    Completions { shell: clap_complete::Shell },
+    /// Write the man pages into a directory (for packaging).
+    #[command(hide = true)]
+    Man {
+        #[arg(long)]
+        out_dir: PathBuf,
     },
 }
 
@@ -125,6 +136,8 @@ fn main() -> ExitCode {
         Command::Status { json, target } => {
             report(runtime().and_then(|rt| rt.block_on(status(&target.url(), json))))
         }
+        Command::Completions { shell } => cli_docs::completions::<Cli>(shell),
+        Command::Man { out_dir } => report(cli_docs::man::<Cli>(&out_dir)),
         Command::Node {
             action,
             target,
