@@ -516,6 +516,7 @@ async fn run_inner(config: Config, config_path: PathBuf) -> anyhow::Result<()> {
     let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
     let mut sighup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
+    let mut notifier = crate::notify::Notifier::from_env();
 
     info!(
         gateways = config.gateways.len(),
@@ -613,6 +614,7 @@ async fn run_inner(config: Config, config_path: PathBuf) -> anyhow::Result<()> {
                 break;
             }
         }
+        notifier.round_done(&agent.status);
         if let Some(by) = leave_by
             && (agent.held.is_empty() || Instant::now() >= by)
         {
@@ -654,17 +656,21 @@ async fn run_inner(config: Config, config_path: PathBuf) -> anyhow::Result<()> {
                     }
                 }
                 _ = sighup.recv() => {
+                    notifier.reloading();
                     agent.reload().await;
+                    notifier.reloaded();
                     break;
                 }
                 _ = sigterm.recv() => {
                     info!("SIGTERM: handing gateways over before exiting");
+                    notifier.stopping();
                     agent.leaving = true;
                     leave_by.get_or_insert(Instant::now() + LEAVE_TIMEOUT);
                     break;
                 }
                 _ = sigint.recv() => {
                     info!("SIGINT: handing gateways over before exiting");
+                    notifier.stopping();
                     agent.leaving = true;
                     leave_by.get_or_insert(Instant::now() + LEAVE_TIMEOUT);
                     break;

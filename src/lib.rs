@@ -8,5 +8,6 @@ pub mod daemon;
 pub mod dataplane;
 pub mod election;
 pub mod model;
+pub mod notify;
 pub mod policy;
 pub mod reconciler;
