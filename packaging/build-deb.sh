@@ -28,6 +28,8 @@ done
 version=$(sed -n 's/^version = "\(.*\)"/\1/p' "$top/Cargo.toml" | head -1)
 [ -n "$version" ] || { echo "no version in Cargo.toml" >&2; exit 1; }
 arch=$(dpkg --print-architecture)
+# Debian's usual variables name the maintainer; set them for packages you distribute.
+maintainer="${DEBFULLNAME:-egressd maintainers} <${DEBEMAIL:-egressd@example.com}>"
 deb_version=$version-$revision
 
 stage=$(mktemp -d)
@@ -67,9 +69,21 @@ install -m 0644 "$here/copyright" "$root/$doc/copyright"
   echo
   echo "  * Package built from egressd $version (git $(git -C "$top" rev-parse --short HEAD 2>/dev/null || echo unknown))."
   echo
-  echo " -- egressd maintainers <egressd@localhost>  $(date -R -d "@${SOURCE_DATE_EPOCH:-$(git -C "$top" log -1 --format=%ct 2>/dev/null || date +%s)}")"
+  echo " -- $maintainer  $(date -R -d "@${SOURCE_DATE_EPOCH:-$(git -C "$top" log -1 --format=%ct 2>/dev/null || date +%s)}")"
 } | gzip -9n > "$root/$doc/changelog.Debian.gz"
 chmod 0644 "$root/$doc"/*.gz
+
+# Deliberate departures from lintian's defaults.
+d usr/share/lintian/overrides
+cat > "$root/usr/share/lintian/overrides/egressd" <<'OVERRIDES'
+# The configuration names the cluster secret and the admin token files: readable by the
+# daemon's group only.
+egressd: non-standard-dir-perm 0750 != 0755 [etc/egressd/]
+egressd: non-standard-file-perm 0640 != 0644 [etc/egressd/egressd.toml]
+# Not uploaded to Debian.
+egressd: initial-upload-closes-no-bugs
+OVERRIDES
+chmod 0644 "$root/usr/share/lintian/overrides/egressd"
 
 # Monitoring files (Prometheus rules, dashboards), when the tree has them.
 if [ -d "$here/monitoring" ]; then
@@ -90,21 +104,22 @@ cat > "$ctl/control" <<CONTROL
 Package: egressd
 Version: $deb_version
 Architecture: $arch
-Maintainer: egressd maintainers <egressd@localhost>
+Maintainer: $maintainer
 Installed-Size: $installed_size
 Depends: $shlibs, nftables, iproute2, procps, adduser, init-system-helpers (>= 1.54~)
 Section: net
 Priority: optional
 Homepage: https://github.com/egressd/egressd
-Description: high-availability egress gateway (virtual IPs and SNAT decided by Raft)
- egressd runs on each gateway host. The daemons form a Raft cluster that decides, per
- gateway, which eligible node is active; the active node holds the gateway's virtual IP
- (announced with gratuitous ARP) and SNATs the selected client traffic with nftables.
- A failed node's gateways move to the next eligible node in about a quarter of a second.
+Description: high-availability egress gateway (VIPs and SNAT decided by Raft)
+ egressd runs on each gateway host. The daemons form a Raft cluster that
+ decides, per gateway, which eligible node is active; the active node holds
+ the gateway's virtual IP (announced with gratuitous ARP) and SNATs the
+ selected client traffic with nftables. A failed node's gateways move to the
+ next eligible node in about a quarter of a second.
  .
- It is the standalone form of the Deckhouse/Cilium EgressGateway and EgressGatewayPolicy
- model. This package ships the daemon and CLI, a hardened systemd unit, an example
- configuration, man pages and shell completions.
+ It is the standalone form of the Deckhouse/Cilium EgressGateway and
+ EgressGatewayPolicy model. This package ships the daemon and CLI, a hardened
+ systemd unit, an example configuration, man pages and shell completions.
 CONTROL
 echo /etc/egressd/egressd.toml > "$ctl/conffiles"
 install -m 0755 "$here/deb/postinst" "$here/deb/prerm" "$here/deb/postrm" "$ctl/"
