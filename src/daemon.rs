@@ -566,31 +566,42 @@ impl<H: Host, F: Firewall> Agent<H, F> {
                 );
                 // Identity, listeners and timing need a restart; labels, objects and the member
                 // list do not.
-                if new.voters() != self.config.voters() {
-                    match self.node.write(Command::SetMembers(peer_list(&new))).await {
-                        Ok(_) => info!(peers = new.voters().len(), "committed the new member list"),
-                        Err(e) => error!(error = %e, "committing the new member list failed"),
-                    }
+                let members = (new.voters() != self.config.voters()).then(|| {
                     self.config.cluster.peers = new.cluster.peers.clone();
-                }
+                    Command::SetMembers(peer_list(&new))
+                });
                 self.config.gateways = new.gateways;
                 self.config.policies = new.policies;
                 self.config.node.labels = new.node.labels;
                 // The drift against the new file is computed afresh.
                 self.objects = CommittedObjects::default();
                 let (gateways, policies) = file_objects(&self.config);
-                match self
-                    .node
-                    .write(Command::ReplaceObjects { gateways, policies })
-                    .await
-                {
-                    Ok(r) => info!(
-                        changed = r.changed,
-                        policies = self.config.policies.len(),
-                        "committed the reloaded objects"
-                    ),
-                    Err(e) => error!(error = %e, "committing the reloaded objects failed"),
-                }
+                let objects = Command::ReplaceObjects { gateways, policies };
+                let count = self.config.policies.len();
+                // Committing waits for a quorum (up to the write timeout): not in the agent
+                // loop, which must keep renewing leases and feeding the watchdog meanwhile.
+                let node = self.node.clone();
+                tokio::spawn(
+                    async move {
+                        if let Some(cmd) = members {
+                            match node.write(cmd).await {
+                                Ok(_) => info!("committed the new member list"),
+                                Err(e) => {
+                                    error!(error = %e, "committing the new member list failed")
+                                }
+                            }
+                        }
+                        match node.write(objects).await {
+                            Ok(r) => info!(
+                                changed = r.changed,
+                                policies = count,
+                                "committed the reloaded objects"
+                            ),
+                            Err(e) => error!(error = %e, "committing the reloaded objects failed"),
+                        }
+                    }
+                    .instrument(tracing::Span::current()),
+                );
             }
             Err(errors) => {
                 for e in &errors.0 {
@@ -626,6 +637,7 @@ async fn run_inner(config: Config, config_path: PathBuf) -> anyhow::Result<()> {
     let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
     let mut sighup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
+    let mut notifier = crate::notify::Notifier::from_env();
 
     info!(
         gateways = config.gateways.len(),
@@ -726,6 +738,7 @@ async fn run_inner(config: Config, config_path: PathBuf) -> anyhow::Result<()> {
                 break;
             }
         }
+        notifier.round_done(&agent.status);
         if let Some(by) = leave_by
             && (agent.held.is_empty() || Instant::now() >= by)
         {
@@ -767,17 +780,21 @@ async fn run_inner(config: Config, config_path: PathBuf) -> anyhow::Result<()> {
                     }
                 }
                 _ = sighup.recv() => {
+                    notifier.reloading();
                     agent.reload().await;
+                    notifier.reloaded();
                     break;
                 }
                 _ = sigterm.recv() => {
                     info!("SIGTERM: handing gateways over before exiting");
+                    notifier.stopping();
                     agent.leaving = true;
                     leave_by.get_or_insert(Instant::now() + LEAVE_TIMEOUT);
                     break;
                 }
                 _ = sigint.recv() => {
                     info!("SIGINT: handing gateways over before exiting");
+                    notifier.stopping();
                     agent.leaving = true;
                     leave_by.get_or_insert(Instant::now() + LEAVE_TIMEOUT);
                     break;

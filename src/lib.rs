@@ -10,5 +10,6 @@ pub mod election;
 pub mod events;
 pub mod metrics;
 pub mod model;
+pub mod notify;
 pub mod policy;
 pub mod reconciler;

@@ -7,6 +7,8 @@ use clap::{Parser, Subcommand};
 use egressd::config::{self, Config};
 use egressd::daemon::{self, Status};
 
+mod cli_docs;
+
 const DEFAULT_CONFIG: &str = "/etc/egressd/egressd.toml";
 
 /// egressd: a high-availability egress gateway (virtual IPs and SNAT decided by Raft).
@@ -80,6 +82,15 @@ enum Command {
         /// File holding the admin token; default: the config file's admin.token_file.
         #[arg(long)]
         token_file: Option<PathBuf>,
+    },
+    /// Print the shell completion script (for packaging).
+    #[command(hide = true)]
+    Completions { shell: clap_complete::Shell },
+    /// Write the man pages into a directory (for packaging).
+    #[command(hide = true)]
+    Man {
+        #[arg(long)]
+        out_dir: PathBuf,
     },
 }
 
@@ -192,6 +203,8 @@ fn main() -> ExitCode {
             target,
             token_file,
         } => report(runtime().and_then(|rt| rt.block_on(delete(kind, &name, &target, token_file)))),
+        Command::Completions { shell } => cli_docs::completions::<Cli>(shell),
+        Command::Man { out_dir } => report(cli_docs::man::<Cli>(&out_dir)),
         Command::Node {
             action,
             target,

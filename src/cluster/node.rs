@@ -30,6 +30,8 @@ use crate::model::NodeName;
 /// At most this many voters; further peers join as learners so the quorum stays small.
 pub const MAX_VOTERS: usize = 5;
 const MEMBERSHIP_EVERY: Duration = Duration::from_millis(300);
+/// How long a write (admin mutation, reload, seed) waits to be committed.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// What the leader last decided, for status pages.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -288,11 +290,21 @@ impl ClusterNode {
     pub async fn write(&self, cmd: Command) -> anyhow::Result<CommandResponse> {
         let (leader, member) = self.leader().context("no leader known")?;
         if leader == self.id {
-            let resp = self.raft.client_write(cmd).await.context("committing")?;
+            // Without a quorum a write never commits: give up like a forwarded write does, so
+            // that a caller in the agent loop (a reload) cannot stall it.
+            let resp = tokio::time::timeout(WRITE_TIMEOUT, self.raft.client_write(cmd))
+                .await
+                .map_err(|_| {
+                    anyhow::anyhow!(
+                        "not committed within {} s (no quorum?)",
+                        WRITE_TIMEOUT.as_secs()
+                    )
+                })?
+                .context("committing")?;
             return Ok(resp.data);
         }
         self.client
-            .post(&member.addr, "/cluster/write", &cmd, Duration::from_secs(5))
+            .post(&member.addr, "/cluster/write", &cmd, WRITE_TIMEOUT)
             .await
             .with_context(|| format!("forwarding the write to leader {}", member.name))
     }
