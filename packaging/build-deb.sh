@@ -85,12 +85,10 @@ egressd: initial-upload-closes-no-bugs
 OVERRIDES
 chmod 0644 "$root/usr/share/lintian/overrides/egressd"
 
-# Monitoring files (Prometheus rules, dashboards), when the tree has them.
-if [ -d "$here/monitoring" ]; then
-  d usr/share/egressd
-  cp -r "$here/monitoring" "$root/usr/share/egressd/monitoring"
-  find "$root/usr/share/egressd/monitoring" -type d -exec chmod 0755 {} + -o -type f -exec chmod 0644 {} +
-fi
+# Monitoring files: Prometheus alert rules and the Grafana dashboard.
+d usr/share/egressd
+cp -r "$here/monitoring" "$root/usr/share/egressd/monitoring"
+find "$root/usr/share/egressd/monitoring" -type d -exec chmod 0755 {} + -o -type f -exec chmod 0644 {} +
 
 # Dependencies of the binary: glibc at the newest symbol version it uses, and libgcc.
 glibc=$(objdump -T "$binary" | grep -o 'GLIBC_[0-9.]*' | sed 's/GLIBC_//' | sort -uV | tail -1)
