@@ -263,6 +263,7 @@ struct Agent<H, F> {
     /// Gateways whose data plane this node holds now (what the next report says).
     held: BTreeSet<String>,
     seeded: bool,
+    seeding: Option<tokio::task::JoinHandle<anyhow::Result<bool>>>,
     objects: CommittedObjects,
     snat_cache: reconciler::SnatCache,
     /// Applied index at the last return of freed memory to the system.
@@ -443,28 +444,33 @@ impl<H: Host, F: Firewall> Agent<H, F> {
     }
 
     /// Offer the config file's objects and members to a cluster that has none yet.
+    /// Offer the config file's objects and members to a cluster that has none yet. The writes
+    /// wait for a quorum, so they run in a task of their own; each round looks at the result.
     async fn seed(&mut self) {
-        let (gateways, policies) = file_objects(&self.config);
-        let result = async {
-            let objects = self
-                .node
-                .write(Command::SeedObjects { gateways, policies })
-                .await?;
-            let members = self
-                .node
-                .write(Command::SeedMembers(peer_list(&self.config)))
-                .await?;
-            anyhow::Ok(objects.changed || members.changed)
-        }
-        .await;
-        match result {
-            Ok(changed) => {
-                self.seeded = true;
-                if changed {
-                    info!("seeded the cluster with this node's gateways, policies and members");
+        match self.seeding.take() {
+            Some(task) if task.is_finished() => match task.await {
+                Ok(Ok(changed)) => {
+                    self.seeded = true;
+                    if changed {
+                        info!("seeded the cluster with this node's gateways, policies and members");
+                    }
                 }
+                Ok(Err(e)) => tracing::debug!(error = %e, "seeding deferred"),
+                Err(e) => tracing::debug!(error = %e, "seeding task failed"),
+            },
+            Some(task) => self.seeding = Some(task),
+            None => {
+                let node = self.node.clone();
+                let (gateways, policies) = file_objects(&self.config);
+                let members = peer_list(&self.config);
+                self.seeding = Some(tokio::spawn(async move {
+                    let objects = node
+                        .write(Command::SeedObjects { gateways, policies })
+                        .await?;
+                    let members = node.write(Command::SeedMembers(members)).await?;
+                    anyhow::Ok(objects.changed || members.changed)
+                }));
             }
-            Err(e) => tracing::debug!(error = %e, "seeding deferred"),
         }
     }
 
@@ -712,6 +718,7 @@ async fn run_inner(config: Config, config_path: PathBuf) -> anyhow::Result<()> {
         lease_until: None,
         held: BTreeSet::new(),
         seeded: false,
+        seeding: None,
         objects: CommittedObjects::default(),
         snat_cache: reconciler::SnatCache::default(),
         trimmed_at: 0,
