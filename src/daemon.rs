@@ -153,6 +153,7 @@ impl Status {
                 cordoned: m.cordoned,
             })
             .collect();
+        self.members.sort_by(|a, b| a.name.cmp(&b.name));
     }
 }
 
