@@ -74,8 +74,9 @@ impl Partition {
             let Some(lo) = open else { break };
             let (a, b) = src;
             if group.len() > target {
-                // A slice of its own, cut along destinations.
-                if count > 0 && a > lo {
+                // A slice of exactly its own sources, cut along destinations: an element added
+                // later from other sources then does not span all of its cells.
+                if a > lo {
                     cuts.push((lo, vec![0]));
                     open = Some(a);
                 }
@@ -234,8 +235,8 @@ mod tests {
         let p = Partition::build(&els, 100, MAX);
         assert_eq!(
             p.len(),
-            10 + 1,
-            "ten destination cells, and the rest of the sources"
+            1 + 10 + 1,
+            "the sources before, ten destination cells, the sources after"
         );
         check_tiling(&p);
         let mut per_cell = vec![0; p.len()];
@@ -246,6 +247,10 @@ mod tests {
             });
         }
         assert_eq!(per_cell.iter().filter(|&&c| c == 100).count(), 10);
+        // An element from another source lands in one cell, not in the ten.
+        let mut n = 0;
+        p.pieces(((5, 5), (0, MAX)), |_, _| n += 1);
+        assert_eq!(n, 1);
     }
 
     #[test]
