@@ -500,10 +500,10 @@ impl Socket {
         }
     }
 
-    /// Sends `batch` as one transaction and waits for the kernel's verdict. An `Err` carries a
-    /// message naming the failing message's set and, when the kernel points at one, the element.
-    /// `Ok(false)` never happens: success is `Ok(())`. The I/O error kind `Other` is a rejected
-    /// batch; anything else is a socket problem (and the socket should be reopened).
+    /// Sends `batch` as one transaction and waits for the kernel's verdict: `Ok` once the
+    /// kernel acknowledged it; `Rejected` (nothing changed) naming the failing message's set
+    /// and, when the kernel points at one, the element; `Socket` when the socket failed (the
+    /// outcome is unknown, and the socket should be reopened).
     pub fn send(&mut self, batch: Batch) -> Result<(), SendError> {
         let (buf, msgs, ack_seq) = batch.finish();
         if msgs.is_empty() {
