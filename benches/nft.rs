@@ -10,7 +10,7 @@
 //! Then a lease renewal (netlink vs an `nft` process), and new TCP connections per second
 //! through a gateway namespace with 1 vs 10 000 elements.
 //!
-//! A full run takes about 3 minutes here. The one-map 100 000-element "Dests" load is skipped:
+//! A full run takes about 4 minutes here. The one-map 100 000-element "Dests" load is skipped:
 //! the kernel inserts elements sharing their first key field quadratically (~31 s per load).
 //!
 //! The binary re-executes itself inside namespaces as the TCP server or client of the last part
