@@ -13,15 +13,8 @@ use egressd::dataplane::Firewall;
 use egressd::dataplane::nft::NftFirewall;
 use egressd::policy::{SnatElement, SnatMap};
 
-fn nft_cmd(ns: &str) -> Vec<String> {
-    ["ip", "netns", "exec", ns, "nft"]
-        .iter()
-        .map(|s| s.to_string())
-        .collect()
-}
-
 fn fw(ns: &str) -> NftFirewall {
-    NftFirewall::with_command("egressd", nft_cmd(ns))
+    NftFirewall::in_netns("egressd", ns)
 }
 
 fn ip4(s: &str) -> Ipv4Addr {
@@ -49,6 +42,21 @@ fn e6(src: (&str, &str), dst: (&str, &str), to: &str) -> SnatElement<Ipv6Addr> {
 }
 
 const ANY4: (&str, &str) = ("0.0.0.0", "255.255.255.255");
+
+/// `n` elements with consecutive single sources from `first`, each toward `dst`.
+fn sources(n: u32, first: &str, dst: (&str, &str), to: &str) -> Vec<SnatElement<Ipv4Addr>> {
+    let base = u32::from(ip4(first));
+    (0..n)
+        .map(|i| {
+            let s = Ipv4Addr::from(base + i);
+            SnatElement {
+                src: (s, s),
+                dst: (ip4(dst.0), ip4(dst.1)),
+                to: ip4(to),
+            }
+        })
+        .collect()
+}
 
 fn sorted(mut m: SnatMap) -> SnatMap {
     m.v4.sort();
@@ -132,14 +140,20 @@ async fn apply_then_list_and_empty_diff() {
     let mut fw = fw(&ns);
     fw.apply(&map_a()).await.unwrap();
     assert_eq!(fw.list_elements().await.unwrap(), map_a());
-    assert_eq!(fw.transactions(), 1);
+    assert_eq!(fw.full_replaces(), 1);
+    let after_first = fw.transactions();
+    assert_eq!(after_first, 3, "create maps, load elements, switch");
     fw.apply(&map_a()).await.unwrap();
-    assert_eq!(fw.transactions(), 1, "an unchanged map must not call nft");
+    assert_eq!(
+        fw.transactions(),
+        after_first,
+        "an unchanged map must not touch the kernel"
+    );
     // The same elements in another order are the same map.
     let mut shuffled = map_a();
     shuffled.v4.reverse();
     fw.apply(&shuffled).await.unwrap();
-    assert_eq!(fw.transactions(), 1);
+    assert_eq!(fw.transactions(), after_first);
     let c = fw.counters().await.unwrap();
     assert_eq!(c.snated(), 0);
 }
@@ -154,9 +168,10 @@ async fn incremental_apply() {
     let mut fw = fw(&ns);
     fw.apply(&map_a()).await.unwrap();
     let handle = table_handle(&lab, &ns);
+    let first = fw.transactions();
     fw.apply(&map_b()).await.unwrap();
     assert_eq!(fw.list_elements().await.unwrap(), map_b());
-    assert_eq!(fw.transactions(), 2);
+    assert_eq!(fw.transactions(), first + 1, "a delta is one transaction");
     assert_eq!(
         table_handle(&lab, &ns),
         handle,
@@ -169,7 +184,8 @@ async fn incremental_apply() {
     assert_eq!(fw.list_elements().await.unwrap(), SnatMap::default());
     fw.apply(&map_b()).await.unwrap();
     assert_eq!(fw.list_elements().await.unwrap(), map_b());
-    assert_eq!(fw.transactions(), 5);
+    assert_eq!(fw.transactions(), first + 4);
+    assert_eq!(fw.full_replaces(), 1);
     assert_eq!(table_handle(&lab, &ns), handle);
 }
 
@@ -292,31 +308,42 @@ async fn bad_element_keeps_previous_ruleset() {
     let before = text(&lab, &ns, &["list", "ruleset"]);
     let handle = table_handle(&lab, &ns);
 
-    // A reversed range (nft: "Range has zero or negative size"), on the incremental path.
+    // A reversed range, on the incremental path: refused before anything is sent, so the
+    // installed state stays known and no full replace follows.
     let mut bad = map_b();
     bad.v4.push(e4(("10.0.9.9", "10.0.9.1"), ANY4, "192.0.2.1"));
+    let sent = fw.transactions();
     let err = fw.apply(&bad).await.unwrap_err().to_string();
     assert!(err.contains("Range has zero or negative size"), "{err}");
     assert!(err.contains("10.0.9.9-10.0.9.1"), "{err}");
     assert_eq!(text(&lab, &ns, &["list", "ruleset"]), before);
+    assert_eq!(fw.transactions(), sent);
 
-    // After a failure the next apply is a full replace; a failing one keeps the old table too.
-    let err = fw.apply(&bad).await.unwrap_err().to_string();
-    assert!(err.contains("Range has zero or negative size"), "{err}");
-    assert_eq!(text(&lab, &ns, &["list", "ruleset"]), before);
-    assert_eq!(table_handle(&lab, &ns), handle);
-
-    // The same key twice with different targets: the kernel refuses the second.
+    // The same key twice with different targets: the kernel refuses the second, and the
+    // error names it. On the delta path...
     let mut dup = map_a();
     dup.v4.push(e4(("10.0.0.1", "10.0.0.1"), ANY4, "192.0.2.7"));
     let err = fw.apply(&dup).await.unwrap_err().to_string();
     assert!(err.contains("File exists"), "{err}");
+    assert!(
+        err.contains("10.0.0.1 . 0.0.0.0-255.255.255.255 : 192.0.2.7"),
+        "{err}"
+    );
+    assert_eq!(text(&lab, &ns, &["list", "ruleset"]), before);
+    // ... and, after that failure, on the full-replace path: the new generation's maps are
+    // deleted again and the old one stays in force.
+    let replaces = fw.full_replaces();
+    let err = fw.apply(&dup).await.unwrap_err().to_string();
+    assert!(err.contains("File exists"), "{err}");
+    assert_eq!(fw.full_replaces(), replaces + 1);
     assert_eq!(text(&lab, &ns, &["list", "ruleset"]), before);
 
-    // A good map then goes through (as a full replace).
+    // A good map then goes through (as a full replace: a new generation, the same table).
     fw.apply(&map_b()).await.unwrap();
+    assert_eq!(fw.full_replaces(), replaces + 2);
     assert_eq!(fw.list_elements().await.unwrap(), map_b());
-    assert_ne!(table_handle(&lab, &ns), handle);
+    assert_eq!(table_handle(&lab, &ns), handle);
+    assert_ne!(text(&lab, &ns, &["list", "ruleset"]), before);
 }
 
 #[tokio::test]
@@ -353,7 +380,8 @@ async fn ipv6_elements() {
     let b = sorted(b);
     fw.apply(&b).await.unwrap();
     assert_eq!(fw.list_elements().await.unwrap(), b);
-    assert_eq!(fw.transactions(), 2);
+    assert_eq!(fw.transactions(), 4);
+    assert_eq!(fw.full_replaces(), 1);
 }
 
 /// client ns — gw ns (forwarding, egressd's table) — server ns. The server echoes the peer
@@ -374,16 +402,19 @@ async fn real_packets_are_snated() {
     );
 
     let mut fw = fw(&gw);
-    fw.apply(&SnatMap {
-        v4: vec![e4(
-            ("10.201.0.2", "10.201.0.2"),
-            ("10.202.0.0", "10.202.0.255"),
-            "10.202.0.1",
-        )],
-        v6: vec![],
-    })
-    .await
-    .unwrap();
+    // The client's element among 3 000 others, so that it sits in a cell of its own in the
+    // middle of the selector, not in the first or only one.
+    let mut v4 = vec![e4(
+        ("10.201.0.2", "10.201.0.2"),
+        ("10.202.0.0", "10.202.0.255"),
+        "10.202.0.1",
+    )];
+    v4.extend(sources(2000, "10.200.0.0", ANY4, "192.0.2.1"));
+    v4.extend(sources(1000, "10.210.0.0", ANY4, "192.0.2.1"));
+    let map = sorted(SnatMap { v4, v6: vec![] });
+    fw.apply(&map).await.unwrap();
+    let (cells4, _) = fw.cells().unwrap();
+    assert!(cells4 >= 4, "{cells4} cells");
 
     let mut server = Command::new("socat");
     server.args([
@@ -520,4 +551,157 @@ async fn fence_answers_only_while_leased_ipv4_and_ipv6() {
     f.remove().await.unwrap();
     let rules = lab.exec(&holder, ["nft", "list", "ruleset"]);
     assert!(String::from_utf8_lossy(&rules.stdout).trim().is_empty());
+}
+
+/// Many elements over several cells, an element spanning every cell, and changes on both
+/// sides of a cell boundary: each change is one transaction and the kernel holds exactly the
+/// map's pieces.
+#[tokio::test]
+async fn sharded_maps_and_cell_boundaries() {
+    if !require_root("sharded_maps_and_cell_boundaries") {
+        return;
+    }
+    let mut lab = Lab::new("nftsh");
+    let ns = lab.ns("a");
+    let mut fw = fw(&ns);
+    let low = ("0.0.0.0", "127.255.255.255");
+    let mut v4 = sources(3000, "10.64.0.0", low, "192.0.2.1");
+    // From every source to 200.0.0.0/8: a piece in every cell.
+    let wide = e4(ANY4, ("200.0.0.0", "200.255.255.255"), "192.0.2.9");
+    v4.push(wide);
+    let any6 = ("::", "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff");
+    let a = sorted(SnatMap {
+        v4,
+        v6: vec![e6(("fd00::1", "fd00::1"), any6, "2001:db8::1")],
+    });
+    fw.apply(&a).await.unwrap();
+    let (cells4, cells6) = fw.cells().unwrap();
+    assert!(cells4 >= 5, "{cells4}");
+    assert_eq!(cells6, 1);
+    assert_eq!(fw.list_elements().await.unwrap(), a);
+    let listing = text(&lab, &ns, &["list", "table", "inet", "egressd"]);
+    assert_eq!(
+        listing.matches("200.0.0.0/8 : 192.0.2.9").count(),
+        cells4,
+        "one piece of the wide element per cell"
+    );
+
+    // The wide element goes, and the elements on both sides of the first cell boundary change
+    // their target: one transaction.
+    let mut b = a.clone();
+    b.v4.retain(|e| *e != wide);
+    for e in b.v4.iter_mut() {
+        let i = u32::from(e.src.0) - u32::from(ip4("10.64.0.0"));
+        if i == 511 || i == 512 {
+            e.to = ip4("192.0.2.77");
+        }
+    }
+    b.v6.push(e6(("fd00::2", "fd00::2"), any6, "2001:db8::2"));
+    let b = sorted(b);
+    let before = fw.transactions();
+    fw.apply(&b).await.unwrap();
+    assert_eq!(fw.transactions(), before + 1);
+    assert_eq!(fw.full_replaces(), 1);
+    assert_eq!(fw.list_elements().await.unwrap(), b);
+    fw.apply(&a).await.unwrap();
+    assert_eq!(fw.list_elements().await.unwrap(), a);
+    assert_eq!(fw.full_replaces(), 1);
+}
+
+/// A delta that touches two cells commits as one transaction or not at all; the next apply
+/// after a failed one is a full replace that repairs whatever was changed behind egressd's back.
+#[tokio::test]
+async fn two_cell_delta_is_atomic_and_recovers() {
+    if !require_root("two_cell_delta_is_atomic_and_recovers") {
+        return;
+    }
+    let mut lab = Lab::new("nftat");
+    let ns = lab.ns("a");
+    let mut fw = fw(&ns);
+    let a = sorted(SnatMap {
+        v4: sources(1200, "10.64.0.0", ANY4, "192.0.2.1"),
+        v6: vec![],
+    });
+    fw.apply(&a).await.unwrap();
+    assert!(fw.cells().unwrap().0 >= 2);
+    // b: the first element (first cell) gone, one added beyond the last (last cell).
+    let mut b = a.clone();
+    b.v4.remove(0);
+    b.v4.push(e4(("10.99.0.1", "10.99.0.1"), ANY4, "192.0.2.5"));
+    let b = sorted(b);
+    // Someone deletes the first element behind egressd's back: the delta's delete fails.
+    let listing = text(&lab, &ns, &["list", "table", "inet", "egressd"]);
+    let first_map = listing
+        .split_whitespace()
+        .find(|w| w.starts_with("m4_") && w.ends_with("_0"))
+        .unwrap()
+        .to_owned();
+    lab.exec(
+        &ns,
+        [
+            "nft",
+            &format!(
+                "delete element inet egressd {first_map} {{ 10.64.0.0 . 0.0.0.0-255.255.255.255 }}"
+            ),
+        ],
+    );
+    let before = text(&lab, &ns, &["list", "table", "inet", "egressd"]);
+    let sent = fw.transactions();
+    let err = fw.apply(&b).await.unwrap_err().to_string();
+    assert_eq!(
+        fw.transactions(),
+        sent + 1,
+        "one transaction for both cells"
+    );
+    assert!(err.contains("No such file or directory"), "{err}");
+    assert!(err.contains(&first_map), "{err}");
+    let after = text(&lab, &ns, &["list", "table", "inet", "egressd"]);
+    assert_eq!(
+        after, before,
+        "the addition in the other cell must not be there"
+    );
+    assert!(!after.contains("10.99.0.1"));
+    // Recovery: a full replace.
+    fw.apply(&b).await.unwrap();
+    assert_eq!(fw.full_replaces(), 2);
+    assert_eq!(fw.list_elements().await.unwrap(), b);
+    // And deltas again afterwards.
+    fw.apply(&a).await.unwrap();
+    assert_eq!(fw.full_replaces(), 2);
+    assert_eq!(fw.list_elements().await.unwrap(), a);
+}
+
+/// A table in the layout of an older egressd (one map per family, a `postrouting` chain) left
+/// by a crash is replaced in one switch, nothing of it left.
+#[tokio::test]
+async fn replaces_an_older_layout() {
+    if !require_root("replaces_an_older_layout") {
+        return;
+    }
+    let mut lab = Lab::new("nftold");
+    let ns = lab.ns("a");
+    let old = "table inet egressd {\n\
+               \tmap snat4 { type ipv4_addr . ipv4_addr : ipv4_addr; flags interval;\n\
+               \t\telements = { 10.9.0.1 . 0.0.0.0/0 : 192.0.2.1 } }\n\
+               \tmap snat6 { type ipv6_addr . ipv6_addr : ipv6_addr; flags interval; }\n\
+               \tchain postrouting { type nat hook postrouting priority srcnat; policy accept;\n\
+               \t\tcounter comment \"seen\"\n\
+               \t\tsnat ip to ip saddr . ip daddr map @snat4\n\
+               \t\tsnat ip6 to ip6 saddr . ip6 daddr map @snat6\n\
+               \t\tcounter comment \"not-snated\"; }\n\
+               }\n";
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", &ns, "nft", "-f", "-"]);
+    common_stdin(cmd, old);
+    let mut fw = fw(&ns);
+    fw.apply(&map_b()).await.unwrap();
+    assert_eq!(fw.list_elements().await.unwrap(), map_b());
+    let listing = text(&lab, &ns, &["list", "table", "inet", "egressd"]);
+    assert!(
+        !listing.contains("snat4") && !listing.contains("10.9.0.1"),
+        "{listing}"
+    );
+    assert!(!listing.contains("chain postrouting {"), "{listing}");
+    assert_eq!(egressd_tables(&lab, &ns), 1);
+    assert_eq!(fw.counters().await.unwrap().seen, 0);
 }

@@ -4,7 +4,9 @@
 pub mod announce;
 pub mod fake;
 pub mod host;
+pub mod nfnl;
 pub mod nft;
+pub mod shard;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;

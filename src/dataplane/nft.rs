@@ -1,42 +1,51 @@
-//! egressd's nftables table, driven through the `nft` command in its native syntax.
+//! egressd's nftables tables: structure through the `nft` command (native syntax), elements
+//! through hand-built netlink batches on a persistent socket (`nfnl.rs`).
 //!
-//! Why `nft -f -` with native syntax rather than the JSON API or netlink crates: the netlink
-//! crates cannot express concatenated interval maps, the `nftables` crate hides nft's stderr
-//! (the only place that says *which* element was rejected and why), and the native parser is
-//! faster and leaner than the JSON one for large element lists (see `benches/nft.rs`).
-//!
-//! The table (family `inet`, name from the config, default `egressd`):
+//! The SNAT table (family `inet`, name from the config, default `egressd`), generation `G`:
 //!
 //! ```text
 //! table inet egressd {
-//!   map snat4 { type ipv4_addr . ipv4_addr : ipv4_addr; flags interval; }
-//!   map snat6 { type ipv6_addr . ipv6_addr : ipv6_addr; flags interval; }
-//!   chain postrouting {
+//!   counter seen { }                      # new connections through the chain
+//!   counter not_snated { }                # ... that no element matched
+//!   map sel4_G { type ipv4_addr . ipv4_addr : verdict; flags interval; }   # cell → chain
+//!   map m4_G_0 { type ipv4_addr . ipv4_addr : ipv4_addr; flags interval; } # cell 0's elements
+//!   chain c4_G_0 { snat ip to ip saddr . ip daddr map @m4_G_0 }
+//!   ... one map and chain per cell, and the same for IPv6 (sel6_G, m6_G_K, c6_G_K)
+//!   chain postrouting_G {
 //!     type nat hook postrouting priority srcnat; policy accept;
-//!     counter comment "seen"
-//!     snat ip to ip saddr . ip daddr map @snat4
-//!     snat ip6 to ip6 saddr . ip6 daddr map @snat6
-//!     counter comment "not-snated"
+//!     counter name "seen"
+//!     ip saddr . ip daddr vmap @sel4_G
+//!     ip6 saddr . ip6 daddr vmap @sel6_G
+//!     counter name "not_snated"
 //!   }
 //! }
 //! ```
 //!
+//! The cells (`shard.rs`) tile the (source, destination) plane; the selector map sends a packet
+//! to its cell's chain, whose map holds the elements (or the pieces of elements) of that cell.
+//! Why: the kernel's set backend for concatenated ranges deletes an element in time linear in
+//! its set's size (~5 µs per element here), so one change in a single 100 000-element map cost
+//! ~90 ms; with cells of at most a few hundred elements it costs a few milliseconds. Lookups stay
+//! two map lookups whatever the number of policies.
+//!
 //! A nat chain sees only the first packet of each connection, so the counters count new
-//! connections. A `snat` whose map lookup succeeds ends the chain, and one whose lookup fails
-//! falls through; so "seen" minus "not-snated" is the number of connections egressd SNATed. (A
-//! counter on the snat rule itself would run before the lookup and count everything.)
+//! connections. A `snat` whose lookup succeeds ends the hook; one that fails returns from the
+//! cell chain and falls through; so `seen - not_snated` is the number of connections SNATed.
 //!
-//! Measured costs (kernel 6.18, nft 1.0.6, `benches/nft.rs`): the kernel's pipapo set backend
-//! copies the whole map on every transaction, so even a one-element change costs time growing
-//! with the map (about 20 ms at 1 000 elements, 70 ms at 10 000, 90 ms at 100 000). Inserting
-//! many elements that share the same *first* key field (one source range × many destinations)
-//! is quadratic in the kernel (10 000: 0.45 s, 100 000: 31 s), while distinct first fields are
-//! linear (100 000: 1.4 s); the key order `saddr . daddr` therefore favours many sources.
+//! Changes:
+//! - **delta** (the usual case): the element pieces that differ, deleted and added in one
+//!   netlink batch = one kernel transaction, whatever cells they touch.
+//! - **full replace** (first apply, after any error, or when a delta would overfill a cell or
+//!   cost more than a reload): (1) `nft` creates generation G+1's maps and chains, unreferenced;
+//!   (2) one netlink batch loads all their elements; (3) one `nft` transaction adds G+1's base
+//!   chain and deletes every other chain and map of the table (generation G, or whatever a
+//!   crashed or older egressd left). Packets see the switch in (3) only, atomically; a failure
+//!   in (1)–(3) leaves the old generation in force, and the new one is deleted again.
 //!
-//! Every change is one `nft -f -` script, and nft applies a script as one kernel transaction:
-//! a rejected element leaves the previous ruleset untouched.
+//! Every nft script and netlink batch is one kernel transaction: a rejected element leaves the
+//! previous state untouched.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::{self, Display, Write as _};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::process::Stdio;
@@ -46,69 +55,249 @@ use std::time::Instant;
 use serde_json::Value;
 use tokio::io::AsyncWriteExt;
 
+use super::nfnl::{self, Batch, Data, Element, KeyBytes, Op};
+use super::shard::{Partition, Rect};
 use super::{Error, Firewall, Result};
 use crate::policy::{SnatElement, SnatMap};
 
-/// Name of the IPv4 map inside egressd's table.
-pub const MAP4: &str = "snat4";
-/// Name of the IPv6 map inside egressd's table.
-pub const MAP6: &str = "snat6";
-/// Name of the nat chain inside egressd's table.
-pub const CHAIN: &str = "postrouting";
+/// Named counter: new connections through the chain.
+pub const COUNTER_SEEN: &str = "seen";
+/// Named counter: new connections no element matched.
+pub const COUNTER_NOT_SNATED: &str = "not_snated";
+
+/// Sets of the ARP/NDP fence tables (`arp <table>`, `ip6 <table>`).
+pub const MANAGED: &str = "managed";
+pub const LEASE: &str = "lease";
+
+/// Elements per cell when the cells are (re)computed.
+pub const CELL_TARGET: usize = 512;
+/// A delta that would leave a cell with more elements than this is done as a full replace
+/// instead (which recomputes the cells): deleting from a cell costs ~5 µs per element in it.
+pub const CELL_MAX: usize = 2048;
+/// A full replace costs about as much as this many element deletions on top of its elements
+/// (three nft runs, ~50 ms, against ~5 µs per element in a deleted element's cell).
+const FULL_REPLACE_FIXED: usize = 10_000;
+
+/// Longest nft stderr kept in an error: enough for a few error messages, not for a flood.
+const MAX_DETAIL: usize = 4000;
+
 /// A script for nft's stdin: ready, or made at the moment it is written.
 enum Script<'a> {
     Text(&'a str),
     Late(Box<dyn FnOnce() -> String + Send + 'a>),
 }
 
-/// Sets of the ARP fence table (`arp <table>`).
-pub const MANAGED: &str = "managed";
-pub const LEASE: &str = "lease";
+/// An address family's address type as nft and the kernel see it.
+trait NftAddr: Copy + Ord + Display + FromStr + KeyBytes + Send + Sync + 'static {
+    /// "4" or "6": the suffix of the family's map and chain names.
+    const V: &'static str;
+    /// `ip` or `ip6`.
+    const PROTO: &'static str;
+    /// `ipv4_addr` or `ipv6_addr`.
+    const TYPE: &'static str;
+    const MAX: u128;
+    fn to_u128(self) -> u128;
+    fn from_u128(v: u128) -> Self;
 
-/// Elements per `add element`/`delete element` statement. nft accepts much longer statements
-/// (100 000 elements in one statement loaded fine here), but bounded statements keep nft's
-/// memory per statement bounded. Elements are written one per line so that nft's error message,
-/// which echoes the offending line, names one element instead of a megabyte of them.
-const CHUNK: usize = 1024;
-
-/// Longest nft stderr kept in an error: enough for a few error messages, not for a flood.
-const MAX_DETAIL: usize = 4000;
-
-/// An address family's address type as nft writes it.
-trait NftAddr: Copy + Ord + Display + FromStr {
     /// The last address of `self/len`.
-    fn prefix_last(self, len: u32) -> Option<Self>;
+    fn prefix_last(self, len: u32) -> Option<Self> {
+        let bits = Self::MAX.count_ones();
+        if len > bits {
+            return None;
+        }
+        let host = Self::MAX.checked_shr(len).unwrap_or(0);
+        Some(Self::from_u128(self.to_u128() | host))
+    }
 }
 
 impl NftAddr for Ipv4Addr {
-    fn prefix_last(self, len: u32) -> Option<Self> {
-        if len > 32 {
-            return None;
-        }
-        let host = u32::MAX.checked_shr(len).unwrap_or(0);
-        Some(Ipv4Addr::from(u32::from(self) | host))
+    const V: &'static str = "4";
+    const PROTO: &'static str = "ip";
+    const TYPE: &'static str = "ipv4_addr";
+    const MAX: u128 = u32::MAX as u128;
+    fn to_u128(self) -> u128 {
+        u128::from(u32::from(self))
+    }
+    fn from_u128(v: u128) -> Self {
+        Ipv4Addr::from(v as u32)
     }
 }
 
 impl NftAddr for Ipv6Addr {
-    fn prefix_last(self, len: u32) -> Option<Self> {
-        if len > 128 {
-            return None;
-        }
-        let host = u128::MAX.checked_shr(len).unwrap_or(0);
-        Some(Ipv6Addr::from(u128::from(self) | host))
+    const V: &'static str = "6";
+    const PROTO: &'static str = "ip6";
+    const TYPE: &'static str = "ipv6_addr";
+    const MAX: u128 = u128::MAX;
+    fn to_u128(self) -> u128 {
+        u128::from(self)
+    }
+    fn from_u128(v: u128) -> Self {
+        Ipv6Addr::from(v)
     }
 }
 
-/// What this struct last installed successfully; `None` in `NftFirewall` means "unknown", so the
-/// next apply replaces the whole table.
-#[derive(Debug, Clone, Default)]
-struct Installed {
-    v4: BTreeSet<SnatElement<Ipv4Addr>>,
-    v6: BTreeSet<SnatElement<Ipv6Addr>>,
+fn rect<A: NftAddr>(e: &SnatElement<A>) -> Rect {
+    (
+        (e.src.0.to_u128(), e.src.1.to_u128()),
+        (e.dst.0.to_u128(), e.dst.1.to_u128()),
+    )
 }
 
-/// The two chain counters (new connections, i.e. packets through the nat chain).
+fn map_name<A: NftAddr>(generation: u64, cell: usize) -> String {
+    format!("m{}_{generation}_{cell}", A::V)
+}
+
+fn chain_name<A: NftAddr>(generation: u64, cell: usize) -> String {
+    format!("c{}_{generation}_{cell}", A::V)
+}
+
+fn selector_name<A: NftAddr>(generation: u64) -> String {
+    format!("sel{}_{generation}", A::V)
+}
+
+fn base_chain_name(generation: u64) -> String {
+    format!("postrouting_{generation}")
+}
+
+/// The generation a name of ours carries (`m4_7_12` → 7), if it is one of ours.
+fn generation_of(name: &str) -> Option<u64> {
+    let mut parts = name.split('_');
+    let kind = parts.next()?;
+    let known = ["postrouting", "sel4", "sel6", "m4", "m6", "c4", "c6"];
+    if !known.contains(&kind) {
+        return None;
+    }
+    parts.next()?.parse().ok()
+}
+
+/// One address family as installed: its elements, its cells and how many pieces each holds.
+#[derive(Debug, Clone)]
+struct Family<A> {
+    elements: BTreeSet<SnatElement<A>>,
+    partition: Partition,
+    counts: Vec<usize>,
+}
+
+impl<A: NftAddr> Family<A> {
+    /// Cells computed for `elements` (sorted, as `SnatMap` keeps them).
+    fn build(elements: &[SnatElement<A>]) -> Family<A> {
+        let mut rects: Vec<Rect> = elements.iter().map(rect).collect();
+        rects.sort_unstable();
+        let partition = if rects.is_empty() {
+            Partition::whole(A::MAX)
+        } else {
+            Partition::build(&rects, CELL_TARGET, A::MAX)
+        };
+        let mut counts = vec![0; partition.len()];
+        for r in &rects {
+            partition.pieces(*r, |c, _| counts[c] += 1);
+        }
+        Family {
+            elements: elements.iter().copied().collect(),
+            partition,
+            counts,
+        }
+    }
+
+    /// The pieces of `elements`, grouped by cell.
+    fn pieces<'e>(
+        &self,
+        elements: impl IntoIterator<Item = &'e SnatElement<A>>,
+    ) -> BTreeMap<usize, Vec<(Rect, A)>> {
+        let mut out: BTreeMap<usize, Vec<(Rect, A)>> = BTreeMap::new();
+        for e in elements {
+            self.partition
+                .pieces(rect(e), |c, r| out.entry(c).or_default().push((r, e.to)));
+        }
+        out
+    }
+}
+
+/// Adds `pieces` (per cell) of generation `g` to `batch`.
+fn add_pieces<A: NftAddr>(
+    batch: &mut Batch,
+    op: Op,
+    table: &str,
+    generation: u64,
+    pieces: &BTreeMap<usize, Vec<(Rect, A)>>,
+) {
+    for (cell, list) in pieces {
+        let map = map_name::<A>(generation, *cell);
+        batch.elements(
+            op,
+            nfnl::NFPROTO_INET,
+            table,
+            &map,
+            list.iter().map(|&(((s0, s1), (d0, d1)), to)| Element {
+                key: (A::from_u128(s0), Some(A::from_u128(d0))),
+                key_end: Some((A::from_u128(s1), Some(A::from_u128(d1)))),
+                data: if op == Op::Delete {
+                    Data::None
+                } else {
+                    Data::Addr(to)
+                },
+                timeout_ms: None,
+            }),
+        );
+    }
+}
+
+/// Adds the selector elements of `partition` (cell rectangle → jump to the cell's chain).
+fn add_selector<A: NftAddr>(
+    batch: &mut Batch,
+    table: &str,
+    generation: u64,
+    partition: &Partition,
+) {
+    let chains: Vec<(Rect, String)> = partition
+        .cells()
+        .map(|(c, r)| (r, chain_name::<A>(generation, c)))
+        .collect();
+    batch.elements(
+        Op::Add { exclusive: true },
+        nfnl::NFPROTO_INET,
+        table,
+        &selector_name::<A>(generation),
+        chains
+            .iter()
+            .map(|(((s0, s1), (d0, d1)), chain)| Element::<A> {
+                key: (A::from_u128(*s0), Some(A::from_u128(*d0))),
+                key_end: Some((A::from_u128(*s1), Some(A::from_u128(*d1)))),
+                data: Data::Jump(chain),
+                timeout_ms: None,
+            }),
+    );
+}
+
+/// Refuses a range whose end is before its start (the kernel would reject it with a less
+/// helpful message), naming the element as nft would print it.
+fn validate<A: NftAddr>(elements: &[SnatElement<A>]) -> Result<()> {
+    for e in elements {
+        if e.src.0 > e.src.1 || e.dst.0 > e.dst.1 {
+            return Err(Error::Nft {
+                op: "check elements",
+                detail: format!(
+                    "Range has zero or negative size: {} . {} : {}",
+                    Range(e.src),
+                    Range(e.dst),
+                    e.to
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// What this struct last installed successfully; `None` in `NftFirewall` means "unknown", so the
+/// next apply replaces everything.
+#[derive(Debug, Clone)]
+struct Installed {
+    generation: u64,
+    v4: Family<Ipv4Addr>,
+    v6: Family<Ipv6Addr>,
+}
+
+/// The two named counters (new connections, i.e. packets through the nat chain).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct NftCounters {
     /// New connections (IPv4 and IPv6) that went through egressd's postrouting chain.
@@ -124,18 +313,32 @@ impl NftCounters {
     }
 }
 
-/// The nftables [`Firewall`]: owns one `inet` table and nothing else.
+/// A chain or set of egressd's table, as listed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Object {
+    /// `chain`, `set` or `map`.
+    kind: &'static str,
+    name: String,
+}
+
+/// The nftables [`Firewall`]: owns one `inet`, one `arp` and one `ip6` table and nothing else.
 #[derive(Debug)]
 pub struct NftFirewall {
     table: String,
     /// Program and leading arguments; `["nft"]` for the daemon, e.g.
     /// `["ip", "netns", "exec", NS, "nft"]` for tests and benchmarks.
     command: Vec<String>,
+    /// Network namespace (`/run/netns/NAME`) of the netlink socket; `None`: this process's.
+    netns: Option<String>,
+    /// The persistent netlink socket, opened on first use and after a socket error.
+    socket: Option<nfnl::Socket>,
     installed: Option<Installed>,
-    /// The managed set of the installed ARP fence table, `None` when not installed.
+    next_generation: u64,
+    /// The managed set of the installed fence tables, `None` when not installed.
     fence: Option<BTreeSet<IpAddr>>,
     leased: BTreeSet<IpAddr>,
     transactions: u64,
+    full_replaces: u64,
 }
 
 /// Checks that `name` can be written into an nft script as a table name as is: a letter, then
@@ -159,22 +362,45 @@ pub fn validate_table_name(name: &str) -> Result<()> {
     }
 }
 
+/// Whether nft's native syntax can name `name` as is (it has no quoting for chain names).
+fn plain_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.chars().next().is_some_and(|c| c.is_ascii_alphabetic())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-' || c == '.')
+}
+
 impl NftFirewall {
-    /// The daemon's firewall: runs `nft` from `PATH` on table `inet <table>`.
+    /// The daemon's firewall: runs `nft` from `PATH` and opens its netlink socket in this
+    /// process's network namespace; table `<table>` of families inet, arp and ip6.
     pub fn new(table: &str) -> NftFirewall {
-        NftFirewall::with_command(table, vec!["nft".to_owned()])
+        NftFirewall::build(table, vec!["nft".to_owned()], None)
     }
 
-    /// Runs `command[0] command[1..] -f -` instead of `nft -f -`, e.g.
-    /// `["ip", "netns", "exec", "lab", "nft"]` so tests and benchmarks act in a namespace.
-    pub fn with_command(table: &str, command: Vec<String>) -> NftFirewall {
+    /// The same inside network namespace `netns` (as `ip netns` names it): `nft` runs through
+    /// `ip netns exec`, and the netlink socket is opened in the namespace. For tests and
+    /// benchmarks.
+    pub fn in_netns(table: &str, netns: &str) -> NftFirewall {
+        let command = ["ip", "netns", "exec", netns, "nft"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        NftFirewall::build(table, command, Some(netns.to_owned()))
+    }
+
+    fn build(table: &str, command: Vec<String>, netns: Option<String>) -> NftFirewall {
         NftFirewall {
             table: table.to_owned(),
             command,
+            netns,
+            socket: None,
             installed: None,
+            next_generation: 1,
             fence: None,
             leased: BTreeSet::new(),
             transactions: 0,
+            full_replaces: 0,
         }
     }
 
@@ -182,38 +408,22 @@ impl NftFirewall {
         &self.table
     }
 
-    /// How many nft transactions (scripts) this struct has sent, successful or not. Tests use it
-    /// to check that an unchanged map costs no nft call.
+    /// How many kernel transactions (nft scripts and netlink batches) this struct has sent,
+    /// successful or not. A delta is one; a full replace is three.
     pub fn transactions(&self) -> u64 {
         self.transactions
     }
 
-    /// The script that replaces the whole table with one holding exactly `map`. `add table`
-    /// before `delete table` makes the delete succeed whether or not a (stale) table exists, and
-    /// since the script is one transaction a failure leaves the old table in place.
-    pub fn replace_script(&self, map: &SnatMap) -> String {
-        let t = &self.table;
-        let mut s = String::with_capacity(256 + 60 * map.len());
-        // Writing to a String cannot fail.
-        let _ = write!(
-            s,
-            "add table inet {t}\n\
-             delete table inet {t}\n\
-             table inet {t} {{\n\
-             \tmap {MAP4} {{ type ipv4_addr . ipv4_addr : ipv4_addr; flags interval; }}\n\
-             \tmap {MAP6} {{ type ipv6_addr . ipv6_addr : ipv6_addr; flags interval; }}\n\
-             \tchain {CHAIN} {{\n\
-             \t\ttype nat hook postrouting priority srcnat; policy accept;\n\
-             \t\tcounter comment \"seen\"\n\
-             \t\tsnat ip to ip saddr . ip daddr map @{MAP4}\n\
-             \t\tsnat ip6 to ip6 saddr . ip6 daddr map @{MAP6}\n\
-             \t\tcounter comment \"not-snated\"\n\
-             \t}}\n\
-             }}\n"
-        );
-        push_elements(&mut s, "add", t, MAP4, map.v4.iter(), true);
-        push_elements(&mut s, "add", t, MAP6, map.v6.iter(), true);
-        s
+    /// How many full replaces `apply` has started.
+    pub fn full_replaces(&self) -> u64 {
+        self.full_replaces
+    }
+
+    /// The number of cells of the installed IPv4 and IPv6 maps, when known.
+    pub fn cells(&self) -> Option<(usize, usize)> {
+        self.installed
+            .as_ref()
+            .map(|i| (i.v4.partition.len(), i.v6.partition.len()))
     }
 
     /// Runs the nft command with `args`, feeding `stdin` when given; returns stdout.
@@ -302,88 +512,384 @@ impl NftFirewall {
         self.run(op, &["-f", "-"], Some(script)).await.map(|_| ())
     }
 
-    /// The elements now in the kernel's maps, read back with `nft -j list map`. Ranges that nft
-    /// prints as prefixes are turned back into first/last addresses, so the result compares
-    /// equal to the map that was applied (sorted).
-    pub async fn list_elements(&self) -> Result<SnatMap> {
-        let v4 = self.list_map::<Ipv4Addr>(MAP4).await?;
-        let v6 = self.list_map::<Ipv6Addr>(MAP6).await?;
-        Ok(SnatMap { v4, v6 })
+    /// Sends the batch that `make` builds as one kernel transaction, on the persistent socket,
+    /// off the async threads (a 100 000-element batch keeps the kernel busy ~0.6 s). `make`
+    /// runs just before the send, so a timeout it computes is fresh.
+    async fn send_batch(
+        &mut self,
+        op: &'static str,
+        make: impl FnOnce() -> Batch + Send + 'static,
+    ) -> Result<()> {
+        self.transactions += 1;
+        let socket = match self.socket.take() {
+            Some(s) => s,
+            None => nfnl::Socket::open(self.netns.as_deref()).map_err(|e| Error::Nft {
+                op,
+                detail: format!("opening a netfilter netlink socket: {e}"),
+            })?,
+        };
+        let (socket, result) = tokio::task::spawn_blocking(move || {
+            let mut socket = socket;
+            let r = socket.send(make());
+            (socket, r)
+        })
+        .await
+        .map_err(|e| Error::Nft {
+            op,
+            detail: format!("the netlink sender failed: {e}"),
+        })?;
+        match result {
+            Ok(()) => {
+                self.socket = Some(socket);
+                Ok(())
+            }
+            Err(e) => {
+                // A rejected batch leaves the socket usable; a socket error does not.
+                if matches!(e, nfnl::SendError::Rejected(_)) {
+                    self.socket = Some(socket);
+                }
+                Err(Error::Nft {
+                    op,
+                    detail: e.to_string(),
+                })
+            }
+        }
     }
 
-    async fn list_map<A: NftAddr>(&self, map: &str) -> Result<Vec<SnatElement<A>>> {
+    /// The chains, sets and maps of egressd's inet table (empty when there is no table).
+    async fn list_objects(&self) -> Result<Vec<Object>> {
         let out = self
             .run(
-                "list map",
-                &["-j", "list", "map", "inet", &self.table, map],
+                "list ruleset",
+                &["-t", "-j", "list", "ruleset", "inet"],
                 None,
             )
             .await?;
-        parse_map_json(&out).map_err(|detail| Error::Nft {
-            op: "list map",
-            detail: format!("map {map}: {detail}"),
+        parse_objects(&out, &self.table).map_err(|detail| Error::Nft {
+            op: "list ruleset",
+            detail,
         })
     }
 
-    /// Reads the chain's two counters.
+    /// Replaces everything in the inet table with generation `G+1` holding exactly `map`; see
+    /// the module documentation for the three steps.
+    async fn full_replace(&mut self, map: &SnatMap) -> Result<()> {
+        self.installed = None;
+        self.full_replaces += 1;
+        validate(&map.v4)?;
+        validate(&map.v6)?;
+        let existing = self.list_objects().await?;
+        let generation = existing
+            .iter()
+            .filter_map(|o| generation_of(&o.name))
+            .max()
+            .map_or(self.next_generation, |g| self.next_generation.max(g + 1));
+        self.next_generation = generation + 1;
+        let v4 = Family::build(&map.v4);
+        let v6 = Family::build(&map.v6);
+
+        let create = self.create_script(generation, v4.partition.len(), v6.partition.len());
+        self.transaction("create maps", &create).await?;
+
+        let t = self.table.clone();
+        let (p4, p6) = (v4.partition.clone(), v6.partition.clone());
+        let pieces4 = v4.pieces(v4.elements.iter());
+        let pieces6 = v6.pieces(v6.elements.iter());
+        let loaded = self
+            .send_batch("load elements", move || {
+                let mut b = Batch::new();
+                add_selector::<Ipv4Addr>(&mut b, &t, generation, &p4);
+                add_selector::<Ipv6Addr>(&mut b, &t, generation, &p6);
+                add_pieces(
+                    &mut b,
+                    Op::Add { exclusive: true },
+                    &t,
+                    generation,
+                    &pieces4,
+                );
+                add_pieces(
+                    &mut b,
+                    Op::Add { exclusive: true },
+                    &t,
+                    generation,
+                    &pieces6,
+                );
+                b
+            })
+            .await;
+        let switched = match loaded {
+            Ok(()) => {
+                let switch = self.switch_script(generation, &existing);
+                self.transaction("switch maps", &switch).await
+            }
+            Err(e) => Err(e),
+        };
+        if let Err(e) = switched {
+            // The old generation is still in force; drop the new one (if this fails too, the
+            // next full replace deletes it).
+            let cleanup = self.drop_script(generation, v4.partition.len(), v6.partition.len());
+            if let Err(c) = self.transaction("drop new maps", &cleanup).await {
+                tracing::warn!(error = %c, "could not delete the maps of a failed replace");
+            }
+            return Err(e);
+        }
+        self.installed = Some(Installed { generation, v4, v6 });
+        Ok(())
+    }
+
+    /// Step 1 of a full replace: the table (if missing), the counters, and generation `g`'s
+    /// selectors, cell maps and cell chains, referenced by nothing yet.
+    fn create_script(&self, g: u64, cells4: usize, cells6: usize) -> String {
+        let t = &self.table;
+        let mut s = String::with_capacity(256 + 200 * (cells4 + cells6));
+        let _ = writeln!(
+            s,
+            "add table inet {t}\n\
+             add counter inet {t} {COUNTER_SEEN}\n\
+             add counter inet {t} {COUNTER_NOT_SNATED}"
+        );
+        create_family::<Ipv4Addr>(&mut s, t, g, cells4);
+        create_family::<Ipv6Addr>(&mut s, t, g, cells6);
+        s
+    }
+
+    /// Step 3: generation `g`'s base chain, and every other chain and map of the table gone.
+    /// Rules go first (they hold the references to maps and chains), then maps (whose jump
+    /// elements hold references to chains), then chains.
+    fn switch_script(&self, g: u64, existing: &[Object]) -> String {
+        let t = &self.table;
+        let base = base_chain_name(g);
+        let mut s = format!(
+            "add chain inet {t} {base} {{ type nat hook postrouting priority srcnat; policy accept; }}\n\
+             add rule inet {t} {base} counter name \"{COUNTER_SEEN}\"\n\
+             add rule inet {t} {base} ip saddr . ip daddr vmap @{}\n\
+             add rule inet {t} {base} ip6 saddr . ip6 daddr vmap @{}\n\
+             add rule inet {t} {base} counter name \"{COUNTER_NOT_SNATED}\"\n",
+            selector_name::<Ipv4Addr>(g),
+            selector_name::<Ipv6Addr>(g),
+        );
+        // Objects named so that nft's syntax cannot name them (made through JSON by someone
+        // else) are left alone; if they hold a reference to ours, this transaction fails and
+        // says so.
+        let old: Vec<&Object> = existing.iter().filter(|o| plain_name(&o.name)).collect();
+        for o in old.iter().filter(|o| o.kind == "chain") {
+            let _ = writeln!(s, "flush chain inet {t} {}", o.name);
+        }
+        for o in old.iter().filter(|o| o.kind != "chain") {
+            let _ = writeln!(s, "delete {} inet {t} {}", o.kind, o.name);
+        }
+        for o in old.iter().filter(|o| o.kind == "chain") {
+            let _ = writeln!(s, "delete chain inet {t} {}", o.name);
+        }
+        s
+    }
+
+    /// Deletes generation `g`'s unreferenced objects again (after a failed replace).
+    fn drop_script(&self, g: u64, cells4: usize, cells6: usize) -> String {
+        let t = &self.table;
+        let mut s = String::new();
+        for (v, cells) in [("4", cells4), ("6", cells6)] {
+            for c in 0..cells {
+                let _ = writeln!(s, "flush chain inet {t} c{v}_{g}_{c}");
+            }
+        }
+        for (v, cells) in [("4", cells4), ("6", cells6)] {
+            let _ = writeln!(s, "delete map inet {t} sel{v}_{g}");
+            for c in 0..cells {
+                let _ = writeln!(s, "delete map inet {t} m{v}_{g}_{c}");
+            }
+        }
+        for (v, cells) in [("4", cells4), ("6", cells6)] {
+            for c in 0..cells {
+                let _ = writeln!(s, "delete chain inet {t} c{v}_{g}_{c}");
+            }
+        }
+        s
+    }
+
+    /// The elements now in the kernel's maps (read back with `nft -j list table`), in terms of
+    /// the elements this struct installed: an installed element whose pieces are all present
+    /// (under the kernel's own selector cells) is reported as itself; any other piece as is.
+    /// So the result equals the applied map (sorted) exactly when the kernel holds exactly its
+    /// pieces.
+    pub async fn list_elements(&self) -> Result<SnatMap> {
+        let out = self
+            .run(
+                "list table",
+                &["-j", "list", "table", "inet", &self.table],
+                None,
+            )
+            .await?;
+        let listing = parse_listing(&out).map_err(|detail| Error::Nft {
+            op: "list table",
+            detail,
+        })?;
+        let installed = self.installed.as_ref();
+        Ok(SnatMap {
+            v4: reassemble(&listing.v4, installed.map(|i| &i.v4.elements)),
+            v6: reassemble(&listing.v6, installed.map(|i| &i.v6.elements)),
+        })
+    }
+
+    /// Reads the two named counters.
     pub async fn counters(&self) -> Result<NftCounters> {
         let out = self
             .run(
-                "list chain",
-                &["-j", "list", "chain", "inet", &self.table, CHAIN],
+                "list counters",
+                &["-j", "list", "counters", "table", "inet", &self.table],
                 None,
             )
             .await?;
         parse_counters_json(&out).map_err(|detail| Error::Nft {
-            op: "list chain",
+            op: "list counters",
             detail,
         })
     }
+
+    /// A delta from `old` to `map` in one batch, or `Err(None)` when a full replace is the
+    /// better way (a cell would overfill, or the deletions would cost more than a reload).
+    fn plan_delta(
+        &self,
+        old: &Installed,
+        map: &SnatMap,
+    ) -> std::result::Result<Option<DeltaPlan>, Option<Error>> {
+        let wanted4: BTreeSet<SnatElement<Ipv4Addr>> = map.v4.iter().copied().collect();
+        let wanted6: BTreeSet<SnatElement<Ipv6Addr>> = map.v6.iter().copied().collect();
+        let d4 = FamilyDelta::new(&old.v4, &wanted4)?;
+        let d6 = FamilyDelta::new(&old.v6, &wanted6)?;
+        if d4.is_empty() && d6.is_empty() {
+            return Ok(None);
+        }
+        let cost = d4.delete_cost + d6.delete_cost;
+        if cost > map.len() + FULL_REPLACE_FIXED {
+            return Err(None);
+        }
+        Ok(Some(DeltaPlan {
+            v4: (d4, wanted4),
+            v6: (d6, wanted6),
+        }))
+    }
+}
+
+fn create_family<A: NftAddr>(s: &mut String, t: &str, g: u64, cells: usize) {
+    let (ty, proto) = (A::TYPE, A::PROTO);
+    let _ = writeln!(
+        s,
+        "add map inet {t} {} {{ type {ty} . {ty} : verdict; flags interval; }}",
+        selector_name::<A>(g)
+    );
+    for c in 0..cells {
+        let (m, ch) = (map_name::<A>(g, c), chain_name::<A>(g, c));
+        let _ = writeln!(
+            s,
+            "add map inet {t} {m} {{ type {ty} . {ty} : {ty}; flags interval; }}\n\
+             add chain inet {t} {ch}\n\
+             add rule inet {t} {ch} snat {proto} to {proto} saddr . {proto} daddr map @{m}"
+        );
+    }
+}
+
+/// One family's change: pieces to delete and to add, per cell, and the resulting cell sizes.
+#[derive(Debug)]
+struct FamilyDelta<A> {
+    delete: BTreeMap<usize, Vec<(Rect, A)>>,
+    add: BTreeMap<usize, Vec<(Rect, A)>>,
+    counts: Vec<usize>,
+    /// Sum over deleted pieces of the size of their cell: what the deletions cost the kernel.
+    delete_cost: usize,
+}
+
+impl<A: NftAddr> FamilyDelta<A> {
+    fn new(
+        old: &Family<A>,
+        wanted: &BTreeSet<SnatElement<A>>,
+    ) -> std::result::Result<FamilyDelta<A>, Option<Error>> {
+        let added: Vec<SnatElement<A>> = wanted.difference(&old.elements).copied().collect();
+        validate(&added).map_err(Some)?;
+        let delete = old.pieces(old.elements.difference(wanted));
+        let add = old.pieces(added.iter());
+        let mut counts = old.counts.clone();
+        let mut delete_cost = 0;
+        for (c, list) in &delete {
+            delete_cost += counts[*c] * list.len();
+            counts[*c] -= list.len();
+        }
+        for (c, list) in &add {
+            counts[*c] += list.len();
+            if counts[*c] > CELL_MAX {
+                return Err(None);
+            }
+        }
+        Ok(FamilyDelta {
+            delete,
+            add,
+            counts,
+            delete_cost,
+        })
+    }
+
+    fn is_empty(&self) -> bool {
+        self.delete.is_empty() && self.add.is_empty()
+    }
+}
+
+#[derive(Debug)]
+struct DeltaPlan {
+    v4: (FamilyDelta<Ipv4Addr>, BTreeSet<SnatElement<Ipv4Addr>>),
+    v6: (FamilyDelta<Ipv6Addr>, BTreeSet<SnatElement<Ipv6Addr>>),
 }
 
 impl Firewall for NftFirewall {
     async fn apply(&mut self, map: &SnatMap) -> Result<()> {
         validate_table_name(&self.table)?;
-        let wanted = Installed {
-            v4: map.v4.iter().copied().collect(),
-            v6: map.v6.iter().copied().collect(),
+        let Some(old) = self.installed.take() else {
+            return self.full_replace(map).await;
         };
-        let (op, script) = match &self.installed {
-            None => ("replace table", self.replace_script(map)),
-            Some(old) => {
-                let mut s = String::new();
-                let t = &self.table;
-                // Deletes first: an element whose target changed is deleted and re-added with
-                // the same key, which must not collide with the old one.
-                push_elements(
-                    &mut s,
-                    "delete",
-                    t,
-                    MAP4,
-                    old.v4.difference(&wanted.v4),
-                    false,
-                );
-                push_elements(
-                    &mut s,
-                    "delete",
-                    t,
-                    MAP6,
-                    old.v6.difference(&wanted.v6),
-                    false,
-                );
-                push_elements(&mut s, "add", t, MAP4, wanted.v4.difference(&old.v4), true);
-                push_elements(&mut s, "add", t, MAP6, wanted.v6.difference(&old.v6), true);
-                if s.is_empty() {
-                    return Ok(());
-                }
-                ("update elements", s)
+        let plan = match self.plan_delta(&old, map) {
+            Ok(None) => {
+                self.installed = Some(old);
+                return Ok(());
             }
+            Ok(Some(plan)) => plan,
+            // A bad element: nothing was sent, the kernel still holds `old`.
+            Err(Some(e)) => {
+                self.installed = Some(old);
+                return Err(e);
+            }
+            Err(None) => return self.full_replace(map).await,
         };
-        // Until the script succeeds the kernel's state is not known to be `old` (e.g. a timeout
-        // could kill nft after the commit): forget it, so that the next apply replaces all.
-        self.installed = None;
-        self.transaction(op, &script).await?;
-        self.installed = Some(wanted);
+        let DeltaPlan {
+            v4: (d4, wanted4),
+            v6: (d6, wanted6),
+        } = plan;
+        let (t, g) = (self.table.clone(), old.generation);
+        let (del4, add4, del6, add6) = (d4.delete, d4.add, d6.delete, d6.add);
+        // Until the batch is known to have committed, the kernel's state is not known: `old`
+        // stays dropped on any error, so that the next apply replaces everything.
+        self.send_batch("update elements", move || {
+            let mut b = Batch::new();
+            // Deletes first: an element whose target changed is deleted and re-added with the
+            // same key, which must not collide with the old one.
+            add_pieces(&mut b, Op::Delete, &t, g, &del4);
+            add_pieces(&mut b, Op::Delete, &t, g, &del6);
+            add_pieces(&mut b, Op::Add { exclusive: true }, &t, g, &add4);
+            add_pieces(&mut b, Op::Add { exclusive: true }, &t, g, &add6);
+            b
+        })
+        .await?;
+        self.installed = Some(Installed {
+            generation: g,
+            v4: Family {
+                elements: wanted4,
+                partition: old.v4.partition,
+                counts: d4.counts,
+            },
+            v6: Family {
+                elements: wanted6,
+                partition: old.v6.partition,
+                counts: d6.counts,
+            },
+        });
         Ok(())
     }
 
@@ -395,53 +901,31 @@ impl Firewall for NftFirewall {
     ) -> Result<()> {
         validate_table_name(&self.table)?;
         let wanted: BTreeSet<IpAddr> = leased.intersection(managed).copied().collect();
-        let replace = self.fence.as_ref() != Some(managed);
-        if !replace && wanted.is_empty() && self.leased.is_empty() {
-            return Ok(());
+        if self.fence.as_ref() == Some(managed) {
+            if wanted.is_empty() && self.leased.is_empty() {
+                return Ok(());
+            }
+            return self.renew(wanted, until).await;
         }
         let t = self.table.clone();
-        let previous = self.leased.clone();
         let written: std::sync::Mutex<BTreeSet<IpAddr>> = std::sync::Mutex::new(BTreeSet::new());
         // The timeout is computed when the script is written to nft, not before nft starts: a
         // daemon paused in between (SIGSTOP, an overloaded host) must not wake up and hand its
         // kernel a lease that was computed before the pause.
         let script = || {
-            let ttl_ms = until
-                .saturating_duration_since(Instant::now())
-                .as_millis()
-                .min(u128::from(u32::MAX)) as u64;
+            let ttl_ms = ttl_ms(until);
             let leased = if ttl_ms == 0 {
                 BTreeSet::new()
             } else {
                 wanted.clone()
             };
-            let mut s = String::new();
-            if replace {
-                s.push_str(&fence_script(&t, managed));
-            } else {
-                // `add` first so that `delete` cannot fail on an element that already expired.
-                for ip in previous.difference(&leased) {
-                    let (family, key) = fence_key(ip);
-                    let _ = writeln!(
-                        s,
-                        "add element {family} {t} {LEASE} {{ {key} timeout 1ms }}\n\
-                         delete element {family} {t} {LEASE} {{ {key} }}"
-                    );
-                }
-            }
-            // Re-adding an element does not restart its timeout; delete and add again does.
+            let mut s = fence_script(&t, managed);
             for ip in &leased {
                 let (family, key) = fence_key(ip);
                 let _ = writeln!(
                     s,
-                    "add element {family} {t} {LEASE} {{ {key} timeout {ttl_ms}ms }}\n\
-                     delete element {family} {t} {LEASE} {{ {key} }}\n\
-                     add element {family} {t} {LEASE} {{ {key} timeout {ttl_ms}ms }}"
+                    "add element {family} {t} {LEASE} {{ {key} timeout {ttl_ms}ms }}"
                 );
-            }
-            if s.is_empty() {
-                // Nothing to change after all; an empty script is a valid no-op for nft.
-                s.push('\n');
             }
             if let Ok(mut w) = written.lock() {
                 *w = leased;
@@ -470,6 +954,87 @@ impl Firewall for NftFirewall {
              add table ip6 {t}\ndelete table ip6 {t}\n"
         );
         self.transaction("delete table", &script).await
+    }
+}
+
+/// Milliseconds from now until `until` (0 when past).
+fn ttl_ms(until: Instant) -> u64 {
+    until
+        .saturating_duration_since(Instant::now())
+        .as_millis()
+        .min(u128::from(u32::MAX)) as u64
+}
+
+impl NftFirewall {
+    /// Renews the leases in the installed fence tables through netlink: one small batch, no
+    /// process. An element that is re-added keeps its old timeout, so each leased address is
+    /// added (in case it expired), deleted and added again with the new timeout; an address
+    /// no longer leased is added with a 1 ms timeout (in case it expired, so the delete cannot
+    /// fail) and deleted.
+    async fn renew(&mut self, wanted: BTreeSet<IpAddr>, until: Instant) -> Result<()> {
+        let t = self.table.clone();
+        let previous = self.leased.clone();
+        let written = std::sync::Arc::new(std::sync::Mutex::new(BTreeSet::new()));
+        let record = written.clone();
+        // Unknown until the batch commits: a failure makes the next call rebuild the tables.
+        let managed = self.fence.take();
+        self.send_batch("lease", move || {
+            let ttl = ttl_ms(until);
+            let leased = if ttl == 0 { BTreeSet::new() } else { wanted };
+            let mut b = Batch::new();
+            for ip in previous.difference(&leased) {
+                lease_ops(&mut b, &t, *ip, &[(Some(1), true), (None, false)]);
+            }
+            for ip in &leased {
+                let steps = [(Some(ttl), true), (None, false), (Some(ttl), true)];
+                lease_ops(&mut b, &t, *ip, &steps);
+            }
+            if let Ok(mut w) = record.lock() {
+                *w = leased;
+            }
+            b
+        })
+        .await?;
+        self.fence = managed;
+        self.leased = written.lock().map(|w| w.clone()).unwrap_or_default();
+        Ok(())
+    }
+}
+
+/// Appends `(timeout, add?)` steps on `ip` in its fence table's lease set.
+fn lease_ops(b: &mut Batch, t: &str, ip: IpAddr, steps: &[(Option<u64>, bool)]) {
+    for &(timeout_ms, add) in steps {
+        let op = if add {
+            Op::Add { exclusive: false }
+        } else {
+            Op::Delete
+        };
+        match ip {
+            IpAddr::V4(a) => b.elements(
+                op,
+                nfnl::NFPROTO_ARP,
+                t,
+                LEASE,
+                [Element::<Ipv4Addr> {
+                    key: (a, None),
+                    key_end: None,
+                    data: Data::None,
+                    timeout_ms,
+                }],
+            ),
+            IpAddr::V6(a) => b.elements(
+                op,
+                nfnl::NFPROTO_IPV6,
+                t,
+                LEASE,
+                [Element::<Ipv6Addr> {
+                    key: (a, None),
+                    key_end: None,
+                    data: Data::None,
+                    timeout_ms,
+                }],
+            ),
+        }
     }
 }
 
@@ -526,38 +1091,6 @@ fn fence_key(ip: &IpAddr) -> (&'static str, String) {
     }
 }
 
-/// Appends `verb element inet T M { e1,\n e2,\n ... }` statements, [`CHUNK`] elements each.
-/// With `with_value` false only the keys are written (what `delete element` takes).
-fn push_elements<'a, A: NftAddr + 'a>(
-    s: &mut String,
-    verb: &str,
-    table: &str,
-    map: &str,
-    elements: impl Iterator<Item = &'a SnatElement<A>>,
-    with_value: bool,
-) {
-    let mut in_chunk = 0;
-    for e in elements {
-        if in_chunk == 0 {
-            let _ = writeln!(s, "{verb} element inet {table} {map} {{");
-        } else {
-            s.push_str(",\n");
-        }
-        let _ = write!(s, "{} . {}", Range(e.src), Range(e.dst));
-        if with_value {
-            let _ = write!(s, " : {}", e.to);
-        }
-        in_chunk += 1;
-        if in_chunk == CHUNK {
-            s.push_str("\n}\n");
-            in_chunk = 0;
-        }
-    }
-    if in_chunk > 0 {
-        s.push_str("\n}\n");
-    }
-}
-
 /// An inclusive range written as nft wants it: `a` when it is one address, else `a-b`.
 struct Range<A>((A, A));
 
@@ -572,6 +1105,205 @@ impl<A: NftAddr> Display for Range<A> {
     }
 }
 
+/// The cells and pieces of one family as the kernel holds them.
+#[derive(Debug)]
+struct Listed<A> {
+    /// Selector elements: cell rectangle → cell number (from the jump target's name).
+    cells: Vec<(Rect, usize)>,
+    /// Cell number → the pieces in its map.
+    pieces: BTreeMap<usize, Vec<SnatElement<A>>>,
+}
+
+impl<A> Default for Listed<A> {
+    fn default() -> Self {
+        Listed {
+            cells: Vec::new(),
+            pieces: BTreeMap::new(),
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct Listing {
+    v4: Listed<Ipv4Addr>,
+    v6: Listed<Ipv6Addr>,
+}
+
+/// Splits `m4_7_12` / `c4_7_12` into ("4", 7, 12).
+fn cell_of(name: &str) -> Option<(&str, u64, usize)> {
+    let mut parts = name.split('_');
+    let kind = parts.next()?;
+    let v = kind.get(1..)?;
+    let g = parts.next()?.parse().ok()?;
+    let c = parts.next()?.parse().ok()?;
+    Some((v, g, c))
+}
+
+/// Parses `nft -j list table` output of egressd's inet table: the newest generation's selector
+/// and cell maps.
+fn parse_listing(text: &str) -> std::result::Result<Listing, String> {
+    let doc: Value = serde_json::from_str(text).map_err(|e| format!("bad JSON from nft: {e}"))?;
+    let items = doc
+        .get("nftables")
+        .and_then(Value::as_array)
+        .ok_or("no \"nftables\" array in nft's output")?;
+    let maps: Vec<&Value> = items.iter().filter_map(|i| i.get("map")).collect();
+    let name = |m: &Value| {
+        m.get("name")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_owned()
+    };
+    let generation = maps.iter().filter_map(|m| generation_of(&name(m))).max();
+    let mut out = Listing::default();
+    let Some(generation) = generation else {
+        return Ok(out);
+    };
+    for m in maps {
+        let n = name(m);
+        if generation_of(&n) != Some(generation) {
+            continue;
+        }
+        let elems = match m.get("elem") {
+            None => continue,
+            Some(e) => e.as_array().ok_or("\"elem\" is not an array")?,
+        };
+        if n.starts_with("sel") {
+            for elem in elems {
+                let (rect, target) =
+                    parse_selector(elem).map_err(|e| format!("map {n}, element {elem}: {e}"))?;
+                let (v, _, cell) =
+                    cell_of(&target).ok_or(format!("map {n}: unexpected jump to {target}"))?;
+                match v {
+                    "4" => out.v4.cells.push((rect, cell)),
+                    _ => out.v6.cells.push((rect, cell)),
+                }
+            }
+        } else if let Some((v, _, cell)) = cell_of(&n) {
+            for elem in elems {
+                let bad = |e: String| format!("map {n}, element {elem}: {e}");
+                match v {
+                    "4" => out
+                        .v4
+                        .pieces
+                        .entry(cell)
+                        .or_default()
+                        .push(parse_elem(elem).map_err(bad)?),
+                    _ => out
+                        .v6
+                        .pieces
+                        .entry(cell)
+                        .or_default()
+                        .push(parse_elem(elem).map_err(bad)?),
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// One selector element: its rectangle and the chain it jumps to.
+fn parse_selector(elem: &Value) -> std::result::Result<(Rect, String), String> {
+    let pair = elem.as_array().ok_or("not a [key, value] pair")?;
+    let [key, value] = pair.as_slice() else {
+        return Err("not a [key, value] pair".to_owned());
+    };
+    let parts = key
+        .get("concat")
+        .and_then(Value::as_array)
+        .ok_or("key is not a concatenation")?;
+    let [src, dst] = parts.as_slice() else {
+        return Err("key does not have two parts".to_owned());
+    };
+    let target = value
+        .get("jump")
+        .and_then(|j| j.get("target"))
+        .and_then(Value::as_str)
+        .ok_or("value is not a jump")?;
+    // Parse as IPv6 if it is one, else IPv4; the rectangle is in u128 either way.
+    let span = |v: &Value| -> std::result::Result<(u128, u128), String> {
+        match parse_range::<Ipv4Addr>(v) {
+            Ok((a, b)) => Ok((a.to_u128(), b.to_u128())),
+            Err(_) => parse_range::<Ipv6Addr>(v).map(|(a, b)| (a.to_u128(), b.to_u128())),
+        }
+    };
+    Ok(((span(src)?, span(dst)?), target.to_owned()))
+}
+
+fn intersect(a: Rect, b: Rect) -> Option<Rect> {
+    let s = (a.0.0.max(b.0.0), a.0.1.min(b.0.1));
+    let d = (a.1.0.max(b.1.0), a.1.1.min(b.1.1));
+    (s.0 <= s.1 && d.0 <= d.1).then_some((s, d))
+}
+
+/// The listed pieces in terms of `installed` elements; see [`NftFirewall::list_elements`].
+fn reassemble<A: NftAddr>(
+    listed: &Listed<A>,
+    installed: Option<&BTreeSet<SnatElement<A>>>,
+) -> Vec<SnatElement<A>> {
+    let mut pool: BTreeSet<(usize, SnatElement<A>)> = listed
+        .pieces
+        .iter()
+        .flat_map(|(c, list)| list.iter().map(move |e| (*c, *e)))
+        .collect();
+    let mut out = Vec::new();
+    let mut cells = listed.cells.clone();
+    cells.sort_unstable();
+    for e in installed.into_iter().flatten() {
+        let r = rect(e);
+        let expected: Vec<(usize, SnatElement<A>)> = cells
+            .iter()
+            .filter_map(|(cell_rect, c)| {
+                let ((s0, s1), (d0, d1)) = intersect(r, *cell_rect)?;
+                Some((
+                    *c,
+                    SnatElement {
+                        src: (A::from_u128(s0), A::from_u128(s1)),
+                        dst: (A::from_u128(d0), A::from_u128(d1)),
+                        to: e.to,
+                    },
+                ))
+            })
+            .collect();
+        if !expected.is_empty() && expected.iter().all(|p| pool.contains(p)) {
+            for p in &expected {
+                pool.remove(p);
+            }
+            out.push(*e);
+        }
+    }
+    out.extend(pool.into_iter().map(|(_, e)| e));
+    out.sort();
+    out
+}
+
+/// Parses the objects of `table` from `nft -t -j list ruleset inet` output.
+fn parse_objects(text: &str, table: &str) -> std::result::Result<Vec<Object>, String> {
+    let doc: Value = serde_json::from_str(text).map_err(|e| format!("bad JSON from nft: {e}"))?;
+    let items = doc
+        .get("nftables")
+        .and_then(Value::as_array)
+        .ok_or("no \"nftables\" array in nft's output")?;
+    let mut out = Vec::new();
+    for item in items {
+        for kind in ["chain", "set", "map"] {
+            let Some(o) = item.get(kind) else { continue };
+            if o.get("table").and_then(Value::as_str) != Some(table)
+                || o.get("family").and_then(Value::as_str) != Some("inet")
+            {
+                continue;
+            }
+            if let Some(name) = o.get("name").and_then(Value::as_str) {
+                out.push(Object {
+                    kind,
+                    name: name.to_owned(),
+                });
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// Keeps the start of a long stderr (the first errors are the useful ones).
 fn clip(s: &str) -> String {
     if s.len() <= MAX_DETAIL {
@@ -582,28 +1314,6 @@ fn clip(s: &str) -> String {
         end -= 1;
     }
     format!("{} […{} more bytes]", &s[..end], s.len() - end)
-}
-
-/// Parses `nft -j list map` output into sorted elements.
-fn parse_map_json<A: NftAddr>(text: &str) -> std::result::Result<Vec<SnatElement<A>>, String> {
-    let doc: Value = serde_json::from_str(text).map_err(|e| format!("bad JSON from nft: {e}"))?;
-    let items = doc
-        .get("nftables")
-        .and_then(Value::as_array)
-        .ok_or("no \"nftables\" array in nft's output")?;
-    let mut out = Vec::new();
-    for item in items {
-        let Some(map) = item.get("map") else { continue };
-        let Some(elems) = map.get("elem") else {
-            continue;
-        };
-        let elems = elems.as_array().ok_or("\"elem\" is not an array")?;
-        for elem in elems {
-            out.push(parse_elem(elem).map_err(|e| format!("element {elem}: {e}"))?);
-        }
-    }
-    out.sort();
-    Ok(out)
 }
 
 fn parse_elem<A: NftAddr>(elem: &Value) -> std::result::Result<SnatElement<A>, String> {
@@ -662,7 +1372,7 @@ fn parse_addr<A: NftAddr>(s: &str) -> std::result::Result<A, String> {
     s.parse().map_err(|_| format!("bad address {s:?}"))
 }
 
-/// Finds the chain's two counters by their comments in `nft -j list chain` output.
+/// Finds the two named counters in `nft -j list counters` output.
 fn parse_counters_json(text: &str) -> std::result::Result<NftCounters, String> {
     let doc: Value = serde_json::from_str(text).map_err(|e| format!("bad JSON from nft: {e}"))?;
     let items = doc
@@ -672,30 +1382,34 @@ fn parse_counters_json(text: &str) -> std::result::Result<NftCounters, String> {
     let mut seen = None;
     let mut not_snated = None;
     for item in items {
-        let Some(rule) = item.get("rule") else {
+        let Some(counter) = item.get("counter") else {
             continue;
         };
-        let packets = rule
-            .get("expr")
-            .and_then(Value::as_array)
-            .into_iter()
-            .flatten()
-            .find_map(|e| e.get("counter")?.get("packets")?.as_u64());
-        match (rule.get("comment").and_then(Value::as_str), packets) {
-            (Some("seen"), Some(p)) => seen = Some(p),
-            (Some("not-snated"), Some(p)) => not_snated = Some(p),
+        let packets = counter.get("packets").and_then(Value::as_u64);
+        match (counter.get("name").and_then(Value::as_str), packets) {
+            (Some(COUNTER_SEEN), Some(p)) => seen = Some(p),
+            (Some(COUNTER_NOT_SNATED), Some(p)) => not_snated = Some(p),
             _ => {}
         }
     }
     match (seen, not_snated) {
         (Some(seen), Some(not_snated)) => Ok(NftCounters { seen, not_snated }),
-        _ => Err("the chain lacks egressd's counters".to_owned()),
+        _ => Err("the table lacks egressd's counters".to_owned()),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn v4_range(s: (&str, &str), d: (&str, &str), to: &str) -> SnatElement<Ipv4Addr> {
+        let p = |x: &str| -> Ipv4Addr { x.parse().unwrap() };
+        SnatElement {
+            src: (p(s.0), p(s.1)),
+            dst: (p(d.0), p(d.1)),
+            to: p(to),
+        }
+    }
 
     fn v4(s: &str, d: (&str, &str), to: &str) -> SnatElement<Ipv4Addr> {
         let p = |x: &str| -> Ipv4Addr { x.parse().unwrap() };
@@ -707,38 +1421,128 @@ mod tests {
     }
 
     #[test]
-    fn replace_script_shape() {
+    fn create_and_switch_scripts() {
         let fw = NftFirewall::new("egressd");
-        let map = SnatMap {
-            v4: vec![
-                v4("10.0.0.1", ("0.0.0.0", "255.255.255.255"), "192.0.2.1"),
-                v4("10.0.0.2", ("8.8.8.8", "8.8.8.8"), "192.0.2.1"),
-            ],
-            v6: vec![],
-        };
-        let s = fw.replace_script(&map);
-        assert!(s.starts_with("add table inet egressd\ndelete table inet egressd\n"));
+        let s = fw.create_script(7, 2, 1);
+        assert!(s.starts_with("add table inet egressd\nadd counter inet egressd seen\n"));
         assert!(s.contains(
-            "add element inet egressd snat4 {\n\
-             10.0.0.1 . 0.0.0.0-255.255.255.255 : 192.0.2.1,\n\
-             10.0.0.2 . 8.8.8.8 : 192.0.2.1\n}\n"
+            "add map inet egressd sel4_7 { type ipv4_addr . ipv4_addr : verdict; flags interval; }"
         ));
-        assert!(!s.contains("snat6 {\n"));
+        assert!(s.contains(
+            "add map inet egressd m4_7_1 { type ipv4_addr . ipv4_addr : ipv4_addr; flags interval; }\n\
+             add chain inet egressd c4_7_1\n\
+             add rule inet egressd c4_7_1 snat ip to ip saddr . ip daddr map @m4_7_1\n"
+        ));
+        assert!(s.contains("snat ip6 to ip6 saddr . ip6 daddr map @m6_7_0"));
+        assert!(!s.contains("m6_7_1"));
+
+        let old = [
+            Object {
+                kind: "chain",
+                name: "postrouting".into(),
+            },
+            Object {
+                kind: "map",
+                name: "snat4".into(),
+            },
+            Object {
+                kind: "chain",
+                name: "c4_6_0".into(),
+            },
+            Object {
+                kind: "set",
+                name: "odd name".into(),
+            },
+        ];
+        let s = fw.switch_script(7, &old);
+        let pos = |needle: &str| s.find(needle).unwrap_or_else(|| panic!("{needle} in {s}"));
+        assert!(
+            pos("add chain inet egressd postrouting_7 { type nat hook postrouting")
+                < pos("flush chain inet egressd postrouting\n")
+        );
+        assert!(pos("vmap @sel4_7") < pos("vmap @sel6_7"));
+        assert!(pos("flush chain inet egressd c4_6_0") < pos("delete map inet egressd snat4"));
+        assert!(
+            pos("delete map inet egressd snat4") < pos("delete chain inet egressd postrouting\n")
+        );
+        assert!(!s.contains("odd name"));
     }
 
     #[test]
-    fn chunks() {
-        let els: Vec<_> = (0..(CHUNK as u32 * 2 + 1))
+    fn names_and_generations() {
+        assert_eq!(generation_of("m4_12_3"), Some(12));
+        assert_eq!(generation_of("postrouting_5"), Some(5));
+        assert_eq!(generation_of("sel6_9"), Some(9));
+        assert_eq!(generation_of("postrouting"), None);
+        assert_eq!(generation_of("snat4"), None);
+        assert_eq!(generation_of("leftover_3"), None);
+        assert_eq!(cell_of("c6_12_3"), Some(("6", 12, 3)));
+        assert!(plain_name("c4_1_0") && plain_name("leftover"));
+        assert!(!plain_name("odd name") && !plain_name("a\"b") && !plain_name(""));
+    }
+
+    #[test]
+    fn bad_ranges_are_named() {
+        let e = v4("10.0.0.1", ("1.0.0.9", "1.0.0.1"), "192.0.2.1");
+        let err = validate(&[e]).unwrap_err().to_string();
+        assert!(
+            err.contains("Range has zero or negative size: 10.0.0.1 . 1.0.0.9-1.0.0.1"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn delta_plans() {
+        let els: Vec<_> = (0..3000u32)
             .map(|i| SnatElement {
                 src: (Ipv4Addr::from(i), Ipv4Addr::from(i)),
-                dst: (Ipv4Addr::from(0), Ipv4Addr::from(u32::MAX)),
-                to: Ipv4Addr::from(1),
+                dst: (Ipv4Addr::UNSPECIFIED, Ipv4Addr::BROADCAST),
+                to: Ipv4Addr::LOCALHOST,
             })
             .collect();
-        let mut s = String::new();
-        push_elements(&mut s, "delete", "t", MAP4, els.iter(), false);
-        assert_eq!(s.matches("delete element").count(), 3);
-        assert!(!s.contains(" : "));
+        let fam = Family::build(&els);
+        assert_eq!(fam.partition.len(), 3000usize.div_ceil(CELL_TARGET));
+        assert_eq!(fam.counts.iter().sum::<usize>(), 3000);
+        let installed = Installed {
+            generation: 1,
+            v4: fam,
+            v6: Family::build(&[]),
+        };
+        let fw = NftFirewall::new("egressd");
+        // One element replaced: a small delta, touching one or two cells.
+        let mut m = SnatMap {
+            v4: els.clone(),
+            v6: vec![],
+        };
+        m.v4[1500].to = Ipv4Addr::new(127, 0, 0, 2);
+        let plan = fw.plan_delta(&installed, &m).unwrap().unwrap();
+        assert_eq!(plan.v4.0.delete.values().map(Vec::len).sum::<usize>(), 1);
+        assert_eq!(plan.v4.0.add.values().map(Vec::len).sum::<usize>(), 1);
+        // Unchanged: nothing to do.
+        let same = SnatMap {
+            v4: els.clone(),
+            v6: vec![],
+        };
+        assert!(fw.plan_delta(&installed, &same).unwrap().is_none());
+        // Many new elements in one cell: a full replace recomputes the cells.
+        let mut grown = same.clone();
+        grown.v4.extend((0..CELL_MAX as u32).map(|i| SnatElement {
+            src: (Ipv4Addr::from(1 << 30 | i), Ipv4Addr::from(1 << 30 | i)),
+            dst: (Ipv4Addr::UNSPECIFIED, Ipv4Addr::BROADCAST),
+            to: Ipv4Addr::LOCALHOST,
+        }));
+        assert!(matches!(fw.plan_delta(&installed, &grown), Err(None)));
+        // Deleting most elements costs more than reloading the rest.
+        let shrunk = SnatMap {
+            v4: els[..100].to_vec(),
+            v6: vec![],
+        };
+        assert!(matches!(fw.plan_delta(&installed, &shrunk), Err(None)));
+        // A reversed range is refused before anything is sent.
+        let mut bad = same.clone();
+        bad.v4
+            .push(v4("10.0.9.9", ("1.0.0.9", "1.0.0.1"), "192.0.2.1"));
+        assert!(matches!(fw.plan_delta(&installed, &bad), Err(Some(_))));
     }
 
     #[test]
@@ -751,25 +1555,47 @@ mod tests {
     }
 
     #[test]
-    fn parses_listing() {
-        let json = r#"{"nftables": [{"metainfo": {}}, {"map": {"family": "inet", "name": "snat4",
-          "elem": [[{"concat": ["10.0.0.1", {"prefix": {"addr": "0.0.0.0", "len": 0}}]}, "1.2.3.4"],
-                   [{"concat": [{"prefix": {"addr": "10.0.1.0", "len": 24}}, {"range": ["1.0.0.0", "1.0.0.5"]}]}, "1.2.3.5"]]}}]}"#;
-        let got: Vec<SnatElement<Ipv4Addr>> = parse_map_json(json).unwrap();
+    fn parses_listing_and_reassembles() {
+        let json = r#"{"nftables": [{"metainfo": {}},
+          {"map": {"family": "inet", "name": "sel4_3", "elem": [
+            [{"concat": [{"range": ["0.0.0.0", "10.0.0.255"]}, {"prefix": {"addr": "0.0.0.0", "len": 0}}]}, {"jump": {"target": "c4_3_0"}}],
+            [{"concat": [{"range": ["10.0.1.0", "255.255.255.255"]}, {"prefix": {"addr": "0.0.0.0", "len": 0}}]}, {"jump": {"target": "c4_3_1"}}]]}},
+          {"map": {"family": "inet", "name": "m4_3_0", "elem": [
+            [{"concat": ["10.0.0.1", {"prefix": {"addr": "0.0.0.0", "len": 0}}]}, "1.2.3.4"],
+            [{"concat": [{"range": ["10.0.0.200", "10.0.0.255"]}, {"range": ["1.0.0.0", "1.0.0.5"]}]}, "1.2.3.5"]]}},
+          {"map": {"family": "inet", "name": "m4_3_1", "elem": [
+            [{"concat": [{"prefix": {"addr": "10.0.1.0", "len": 24}}, {"range": ["1.0.0.0", "1.0.0.5"]}]}, "1.2.3.5"],
+            [{"concat": ["10.9.9.9", "9.9.9.9"]}, "1.2.3.6"]]}},
+          {"map": {"family": "inet", "name": "m4_2_0", "elem": [
+            [{"concat": ["10.7.7.7", "9.9.9.9"]}, "1.2.3.6"]]}},
+          {"map": {"family": "inet", "name": "sel6_3"}}]}"#;
+        let listing = parse_listing(json).unwrap();
+        assert_eq!(listing.v4.cells.len(), 2);
         assert_eq!(
-            got,
-            vec![
-                v4("10.0.0.1", ("0.0.0.0", "255.255.255.255"), "1.2.3.4"),
-                SnatElement {
-                    src: ("10.0.1.0".parse().unwrap(), "10.0.1.255".parse().unwrap()),
-                    dst: ("1.0.0.0".parse().unwrap(), "1.0.0.5".parse().unwrap()),
-                    to: "1.2.3.5".parse().unwrap(),
-                }
-            ]
+            listing.v4.pieces.values().map(Vec::len).sum::<usize>(),
+            4,
+            "generation 2 is ignored"
         );
-        let empty: Vec<SnatElement<Ipv6Addr>> =
-            parse_map_json(r#"{"nftables": [{"map": {"name": "snat6"}}]}"#).unwrap();
-        assert!(empty.is_empty());
+        // Installed: one element split by the cell boundary, one whole, and one that the kernel
+        // lacks; the kernel has an extra piece.
+        let split = v4_range(
+            ("10.0.0.200", "10.0.1.255"),
+            ("1.0.0.0", "1.0.0.5"),
+            "1.2.3.5",
+        );
+        let whole = v4("10.0.0.1", ("0.0.0.0", "255.255.255.255"), "1.2.3.4");
+        let missing = v4("10.8.8.8", ("0.0.0.0", "255.255.255.255"), "1.2.3.4");
+        let installed: BTreeSet<_> = [split, whole, missing].into_iter().collect();
+        let got = reassemble(&listing.v4, Some(&installed));
+        let extra = v4("10.9.9.9", ("9.9.9.9", "9.9.9.9"), "1.2.3.6");
+        let mut want = vec![split, whole, extra];
+        want.sort();
+        assert_eq!(got, want);
+        // Without knowledge of what was installed, the pieces as they are.
+        assert_eq!(reassemble(&listing.v4, None).len(), 4);
+
+        let empty = parse_listing(r#"{"nftables": [{"map": {"name": "sel4_1"}}]}"#).unwrap();
+        assert!(empty.v4.pieces.is_empty());
         assert_eq!(
             Ipv6Addr::UNSPECIFIED.prefix_last(0),
             Some(Ipv6Addr::from(u128::MAX))
@@ -778,5 +1604,26 @@ mod tests {
             "10.1.2.3".parse::<Ipv4Addr>().unwrap().prefix_last(32),
             Some("10.1.2.3".parse().unwrap())
         );
+    }
+
+    #[test]
+    fn parses_objects_and_counters() {
+        let json = r#"{"nftables": [{"table": {"family": "inet", "name": "egressd"}},
+          {"chain": {"family": "inet", "table": "egressd", "name": "postrouting_1"}},
+          {"map": {"family": "inet", "table": "egressd", "name": "m4_1_0"}},
+          {"set": {"family": "inet", "table": "egressd", "name": "s"}},
+          {"chain": {"family": "inet", "table": "other", "name": "x"}},
+          {"chain": {"family": "ip", "table": "egressd", "name": "y"}}]}"#;
+        let objs = parse_objects(json, "egressd").unwrap();
+        let names: Vec<_> = objs.iter().map(|o| (o.kind, o.name.as_str())).collect();
+        assert_eq!(
+            names,
+            [("chain", "postrouting_1"), ("map", "m4_1_0"), ("set", "s")]
+        );
+        let json = r#"{"nftables": [{"counter": {"name": "seen", "packets": 7}},
+          {"counter": {"name": "not_snated", "packets": 2}}]}"#;
+        let c = parse_counters_json(json).unwrap();
+        assert_eq!((c.seen, c.not_snated, c.snated()), (7, 2, 5));
+        assert!(parse_counters_json(r#"{"nftables": []}"#).is_err());
     }
 }

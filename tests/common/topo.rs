@@ -281,21 +281,32 @@ impl Topo {
         String::from_utf8_lossy(&out.stdout).to_string()
     }
 
-    /// Number of elements in egressd's snat4 map in `ns`, None when the table is absent.
+    /// Number of IPv4 SNAT elements (pieces, when an element spans several cells) in egressd's
+    /// cell maps (`m4_*`) in `ns`, None when the table is absent.
     pub fn snat4_elements(&self, ns: &str) -> Option<usize> {
         let out = self
             .lab
-            .try_exec(ns, ["nft", "-j", "list", "map", "inet", "egressd", "snat4"]);
+            .try_exec(ns, ["nft", "-j", "list", "table", "inet", "egressd"]);
         if !out.status.success() {
             return None;
         }
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
         let items = v.get("nftables")?.as_array()?;
-        let map = items.iter().find_map(|i| i.get("map"))?;
         Some(
-            map.get("elem")
-                .and_then(|e| e.as_array())
-                .map_or(0, |a| a.len()),
+            items
+                .iter()
+                .filter_map(|i| i.get("map"))
+                .filter(|m| {
+                    m.get("name")
+                        .and_then(|n| n.as_str())
+                        .is_some_and(|n| n.starts_with("m4_"))
+                })
+                .map(|m| {
+                    m.get("elem")
+                        .and_then(|e| e.as_array())
+                        .map_or(0, |a| a.len())
+                })
+                .sum(),
         )
     }
 
