@@ -4,10 +4,11 @@
 //! joined, watchdog pings while healthy, no pings while the reconciler is wedged in an `nft`
 //! call, RELOADING=1/READY=1 around SIGHUP, STOPPING=1 on SIGTERM.
 //!
-//! The wedge is real: the daemon runs `nft` from PATH, and the test puts a wrapper `nft` first
-//! in PATH that blocks while a flag file exists. A held VIP makes every round renew its ARP
-//! lease through nft, so the agent loop hangs inside the data plane call, as it would on a
-//! stuck nft or a kernel lock.
+//! The wedge is real: the daemon runs `nft` from PATH for its tables, and the test puts a wrapper
+//! `nft` first in PATH that blocks while a flag file exists. Lease renewals go over netlink, so
+//! the test then deletes egressd's ARP fence table from outside (what an operator's
+//! `nft flush ruleset` does): the next renewal fails, the round after rebuilds the table through
+//! `nft`, and the agent loop hangs inside that data plane call, as it would on a stuck nft.
 //!
 //! Root only: skips loudly otherwise, fails instead when EGRESSD_E2E=1.
 
@@ -253,8 +254,18 @@ fn notifies_systemd_and_stops_pinging_when_the_reconciler_is_wedged() {
         show(&inbox)
     );
 
-    // Wedge the reconciler: the next nft call (the ARP lease renewal) hangs.
+    // Wedge the reconciler: the fence table is gone, and rebuilding it runs nft, which hangs.
     std::fs::write(&flag, "").expect("flag");
+    lab.exec(
+        &ns,
+        [
+            real_nft().to_str().expect("path"),
+            "delete",
+            "table",
+            "arp",
+            "egressd",
+        ],
+    );
     let wedged = Instant::now();
     std::thread::sleep(WATCHDOG + WATCHDOG / 2);
     let last = pings(&inbox).last().copied().unwrap_or(wedged);
