@@ -734,6 +734,7 @@ async fn run_inner(config: Config, config_path: PathBuf) -> anyhow::Result<()> {
 
     let mut next_report = Instant::now();
     let mut leave_by: Option<Instant> = None;
+    let mut seen_leader = None;
     loop {
         let now = Instant::now();
         if now >= next_report {
@@ -777,7 +778,15 @@ async fn run_inner(config: Config, config_path: PathBuf) -> anyhow::Result<()> {
                 }
                 r = metrics.changed() => {
                     if r.is_err() { anyhow::bail!("Raft stopped"); }
-                    // Leader changes matter at once; term-internal metric churn does not.
+                    // A new leader matters at once (report to it, seed through it); the
+                    // replication churn of the metrics does not.
+                    let leader = metrics.borrow_and_update().current_leader;
+                    if leader != seen_leader {
+                        seen_leader = leader;
+                        if leader.is_some() {
+                            break;
+                        }
+                    }
                     continue;
                 }
                 _ = tokio::time::sleep_until(wake.into()) => {
