@@ -63,6 +63,9 @@ pub struct ClusterStatus {
     /// Raft voters (at most five); the other members are non-voting learners.
     pub voters: Vec<String>,
     pub applied_index: u64,
+    /// The last entry of this node's Raft log (openraft 0.9 does not expose the commit index;
+    /// on the leader this is the newest proposed entry, on a follower the newest replicated).
+    pub last_log_index: u64,
     /// Committed objects.
     pub gateways: usize,
     pub policies: usize,
@@ -98,7 +101,9 @@ pub struct DataplaneStatus {
     pub held_addresses: Vec<(String, IpAddr)>,
     pub snat_elements: usize,
     pub applies: u64,
+    /// How long the last change of the data plane took, and when it finished.
     pub last_apply_ms: Option<f64>,
+    pub last_apply_unix_ms: Option<u64>,
     pub last_error: Option<String>,
 }
 
@@ -388,6 +393,7 @@ impl<H: Host, F: Firewall> Agent<H, F> {
                     let took = started.elapsed().as_secs_f64() * 1e3;
                     self.status.dataplane.applies += 1;
                     self.status.dataplane.last_apply_ms = Some(took);
+                    self.status.dataplane.last_apply_unix_ms = Some(crate::events::unix_ms());
                     for g in self.held.difference(&before) {
                         let epoch = state.epochs.get(g).copied().unwrap_or(0);
                         self.node.events.local(
@@ -517,6 +523,7 @@ impl<H: Host, F: Firewall> Agent<H, F> {
                 .filter_map(|id| members.get_node(&id).map(|m| m.name.clone()))
                 .collect(),
             applied_index,
+            last_log_index: metrics.last_log_index.unwrap_or(0),
             gateways: self.objects.gateways.len(),
             policies: self.objects.policies.len(),
             lease_remaining_ms: lease.as_millis() as u64,

@@ -594,9 +594,10 @@ async fn status(url: &str, json: bool, events: bool) -> anyhow::Result<()> {
     };
     println!("node {}  {}", s.node, ready);
     println!(
-        "cluster: leader {}, term {}, applied index {}, lease {} ms",
+        "cluster: leader {}, term {}, last log index {}, applied index {}, lease {} ms",
         s.cluster.leader.as_deref().unwrap_or("none"),
         s.cluster.term,
+        s.cluster.last_log_index,
         s.cluster.applied_index,
         s.cluster.lease_remaining_ms,
     );
@@ -607,7 +608,11 @@ async fn status(url: &str, json: bool, events: bool) -> anyhow::Result<()> {
         s.dataplane.applies,
         s.dataplane
             .last_apply_ms
-            .map(|ms| format!(" (last took {ms:.1} ms)"))
+            .zip(s.dataplane.last_apply_unix_ms)
+            .map(|(ms, at)| format!(
+                " (last at {}, took {ms:.1} ms)",
+                egressd::events::format_utc(at)
+            ))
             .unwrap_or_default(),
         s.dataplane
             .last_error
