@@ -331,12 +331,9 @@ async fn apply(State(state): State<AdminState>, headers: HeaderMap, body: Bytes)
             "nothing to apply: no gateways, no policies",
         );
     }
-    // The objects' own rules, checked against the committed set they join.
-    let committed = state.node.applied().state;
-    let problems = check_merged(&committed, &req);
-    if !problems.is_empty() {
-        return error(StatusCode::UNPROCESSABLE_ENTITY, problems.join("\n"));
-    }
+    // The configuration rules over the committed set with these objects are checked by the
+    // state machine as it applies the command (so a race with another change cannot slip
+    // past): a broken rule comes back as a refusal, 409.
     commit(
         &state,
         Command::Apply {
@@ -345,42 +342,6 @@ async fn apply(State(state): State<AdminState>, headers: HeaderMap, body: Bytes)
         },
     )
     .await
-}
-
-/// The configuration rules (names, CIDRs, shared VIPs, references) over the committed objects
-/// with `req` applied, as messages that name the objects.
-fn check_merged(committed: &crate::cluster::ClusterState, req: &ApplyRequest) -> Vec<String> {
-    let mut gateways = committed.gateways.clone();
-    for g in &req.gateways {
-        gateways.insert(g.name.clone(), g.clone());
-    }
-    let mut policies = committed.policies.clone();
-    for p in &req.policies {
-        policies.insert(p.name.clone(), p.clone());
-    }
-    // Names in `req` that repeat would be hidden by the maps: refused by the state machine.
-    let gateways: Vec<Gateway> = gateways.into_values().collect();
-    let policies: Vec<Policy> = policies.into_values().collect();
-    crate::config::check_objects(&gateways, &policies)
-        .into_iter()
-        .map(|e| {
-            let key = name_key(&e.key, &gateways, &policies);
-            format!("{key}: {}", e.message)
-        })
-        .collect()
-}
-
-/// `gateway[3].name` → `gateway "office".name`.
-fn name_key(key: &str, gateways: &[Gateway], policies: &[Policy]) -> String {
-    let named = |prefix: &str, name_of: &dyn Fn(usize) -> Option<String>| {
-        let rest = key.strip_prefix(prefix)?.strip_prefix('[')?;
-        let (idx, tail) = rest.split_once(']')?;
-        let name = name_of(idx.parse().ok()?)?;
-        Some(format!("{prefix} {name:?}{tail}"))
-    };
-    named("gateway", &|i| gateways.get(i).map(|g| g.name.clone()))
-        .or_else(|| named("policy", &|i| policies.get(i).map(|p| p.name.clone())))
-        .unwrap_or_else(|| key.to_string())
 }
 
 async fn delete_object(state: AdminState, headers: HeaderMap, r: ObjectRef) -> Response {
@@ -490,23 +451,6 @@ mod tests {
             .collect();
         served.sort();
         assert_eq!(served, documented);
-    }
-
-    #[test]
-    fn error_keys_name_the_objects() {
-        let p = Policy {
-            name: "office".into(),
-            egress_gateway_name: "g".into(),
-            source_cidrs: vec![],
-            destination_cidrs: vec![],
-            excluded_cidrs: vec![],
-        };
-        assert_eq!(
-            name_key("policy[0].source_cidrs[1]", &[], &[p]),
-            "policy \"office\".source_cidrs[1]"
-        );
-        assert_eq!(name_key("gateway[7].name", &[], &[]), "gateway[7].name");
-        assert_eq!(name_key("", &[], &[]), "");
     }
 
     #[test]

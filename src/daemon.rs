@@ -270,6 +270,8 @@ struct Agent<H, F> {
     held: BTreeSet<String>,
     seeded: bool,
     seeding: Option<tokio::task::JoinHandle<anyhow::Result<bool>>>,
+    /// The commit of the last reload: `Some(problem)` when it did not happen.
+    reloading: Option<tokio::task::JoinHandle<Option<String>>>,
     objects: CommittedObjects,
     snat_cache: reconciler::SnatCache,
     /// Applied index at the last return of freed memory to the system.
@@ -442,6 +444,7 @@ impl<H: Host, F: Firewall> Agent<H, F> {
         if !self.seeded {
             self.seed().await;
         }
+        self.reload_committed().await;
         if applied.index != self.trimmed_at {
             self.trimmed_at = applied.index;
             release_free_memory();
@@ -568,6 +571,37 @@ impl<H: Host, F: Firewall> Agent<H, F> {
         self.status_tx.send_replace(self.status.clone());
     }
 
+    /// A reload failed (an invalid file, or objects the cluster refused): the committed config
+    /// stays; say so in the log, the status and the events.
+    fn reload_rejected(&mut self, errors: Vec<String>) {
+        for e in &errors {
+            error!(error = %e, "configuration reload rejected; keeping the running config");
+        }
+        self.node.events.local(
+            EventKind::ConfigRejected,
+            None,
+            format!(
+                "reload of {} rejected ({} errors); the running config stays: {}",
+                self.config_path.display(),
+                errors.len(),
+                errors.first().cloned().unwrap_or_default()
+            ),
+        );
+        self.status.config.last_reload_errors = errors;
+    }
+
+    /// Looks at the commit of the last reload, once it has finished.
+    async fn reload_committed(&mut self) {
+        let Some(task) = self.reloading.take_if(|t| t.is_finished()) else {
+            return;
+        };
+        match task.await {
+            Ok(None) => {}
+            Ok(Some(problem)) => self.reload_rejected(vec![problem]),
+            Err(e) => self.reload_rejected(vec![format!("the reload task failed: {e}")]),
+        }
+    }
+
     async fn reload(&mut self) {
         self.status.config.last_reload_unix_ms = Some(crate::events::unix_ms());
         match crate::config::load(&self.config_path) {
@@ -595,44 +629,32 @@ impl<H: Host, F: Firewall> Agent<H, F> {
                 // Committing waits for a quorum (up to the write timeout): not in the agent
                 // loop, which must keep renewing leases and feeding the watchdog meanwhile.
                 let node = self.node.clone();
-                tokio::spawn(
-                    async move {
-                        if let Some(cmd) = members {
-                            match node.write(cmd).await {
-                                Ok(_) => info!("committed the new member list"),
-                                Err(e) => {
-                                    error!(error = %e, "committing the new member list failed")
-                                }
-                            }
-                        }
-                        match node.write(objects).await {
-                            Ok(r) => info!(
-                                changed = r.changed,
-                                policies = count,
-                                "committed the reloaded objects"
-                            ),
-                            Err(e) => error!(error = %e, "committing the reloaded objects failed"),
+                let task = async move {
+                    if let Some(cmd) = members {
+                        match node.write(cmd).await {
+                            Ok(_) => info!("committed the new member list"),
+                            Err(e) => error!(error = %e, "committing the new member list failed"),
                         }
                     }
-                    .instrument(tracing::Span::current()),
-                );
+                    match node.write(objects).await {
+                        Ok(r) => match r.refused {
+                            Some(why) => Some(format!("refused by the cluster: {why}")),
+                            None => {
+                                info!(
+                                    changed = r.changed,
+                                    policies = count,
+                                    "committed the reloaded objects"
+                                );
+                                None
+                            }
+                        },
+                        Err(e) => Some(format!("not committed: {e:#}")),
+                    }
+                };
+                self.reloading = Some(tokio::spawn(task.instrument(tracing::Span::current())));
             }
             Err(errors) => {
-                for e in &errors.0 {
-                    error!(error = %e, "configuration reload rejected; keeping the running config");
-                }
-                self.status.config.last_reload_errors =
-                    errors.0.iter().map(|e| e.to_string()).collect();
-                self.node.events.local(
-                    EventKind::ConfigRejected,
-                    None,
-                    format!(
-                        "reload of {} rejected ({} errors); the running config stays: {}",
-                        self.config_path.display(),
-                        errors.0.len(),
-                        errors.0.first().map(|e| e.to_string()).unwrap_or_default()
-                    ),
-                );
+                self.reload_rejected(errors.0.iter().map(|e| e.to_string()).collect());
             }
         }
     }
@@ -727,6 +749,7 @@ async fn run_inner(config: Config, config_path: PathBuf) -> anyhow::Result<()> {
         held: BTreeSet::new(),
         seeded: false,
         seeding: None,
+        reloading: None,
         objects: CommittedObjects::default(),
         snat_cache: reconciler::SnatCache::default(),
         trimmed_at: 0,

@@ -205,7 +205,7 @@ fn admin_api_and_cli_against_a_running_cluster() {
     assert!(!out.status.success(), "{}", text(&out));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains("no gateway named \"missing-gw\""),
+        err.contains("409") && err.contains("names gateway missing-gw"),
         "{}",
         text(&out)
     );
@@ -279,6 +279,81 @@ fn admin_api_and_cli_against_a_running_cluster() {
     let out = cli(&c, 1, &["get", "policies", "--json"]);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
     assert_eq!(v.as_array().map(|a| a.len()), Some(2), "{v}");
+
+    // --- The cluster refuses, whole, what would break a rule across sources: an applied
+    // gateway with the file gateway's VIP, and a reload that would leave an applied policy
+    // without its gateway.
+    let clash = dir.path().join("clash.toml");
+    std::fs::write(
+        &clash,
+        format!(
+            "[[gateway]]\nname = \"clash\"\nnode_selector = {{ egress = \"\" }}\n[gateway.source_ip]\nmode = \"VirtualIPAddress\"\nvirtual_ip_address = {{ ip = \"{VIP}\", interfaces = [\"eth1\"] }}\n"
+        ),
+    )
+    .expect("file");
+    let out = cli(
+        &c,
+        2,
+        &[
+            "apply",
+            "-f",
+            &clash.display().to_string(),
+            "--token-file",
+            &tok,
+        ],
+    );
+    assert!(!out.status.success(), "{}", text(&out));
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(err.contains("409") && err.contains(VIP), "{}", text(&out));
+    let on_vip = dir.path().join("on-vip.toml");
+    std::fs::write(
+        &on_vip,
+        "[[policy]]\nname = \"api-on-vip\"\negress_gateway_name = \"vip\"\nsource_cidrs = [\"10.77.0.99/32\"]\ndestination_cidrs = [\"203.0.113.0/24\"]\n",
+    )
+    .expect("file");
+    let out = cli(
+        &c,
+        2,
+        &[
+            "apply",
+            "-f",
+            &on_vip.display().to_string(),
+            "--token-file",
+            &tok,
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let original = std::fs::read_to_string(&c.configs[1]).expect("config");
+    let no_objects = original
+        .split("[[gateway]]")
+        .next()
+        .expect("config head")
+        .to_string();
+    std::fs::write(&c.configs[1], &no_objects).expect("config");
+    c.signal("gw2", "HUP");
+    wait_for("the cluster's refusal in gw2's status", WAIT, || {
+        c.topo.status(1).is_some_and(|s| {
+            s["config"]["last_reload_errors"]
+                .to_string()
+                .contains("refused")
+        })
+    });
+    let errs = c.topo.status(1).expect("status")["config"]["last_reload_errors"].to_string();
+    assert!(errs.contains("api-on-vip"), "{errs}");
+    assert_eq!(gateway_names(&c, 0), ["api-gw", "vip"], "nothing changed");
+    std::fs::write(&c.configs[1], &original).expect("config");
+    c.signal("gw2", "HUP");
+    wait_for("the next good reload clears the error", WAIT, || {
+        c.topo
+            .status(1)
+            .is_some_and(|s| s["config"]["last_reload_errors"] == serde_json::json!([]))
+    });
+    let out = cli(
+        &c,
+        2,
+        &["delete", "policy", "api-on-vip", "--token-file", &tok],
+    );
+    assert!(out.status.success(), "{}", text(&out));
 
     // A gateway in use cannot be deleted; the policy first, then the gateway.
     let out = cli(

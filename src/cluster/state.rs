@@ -208,6 +208,21 @@ impl ClusterState {
             }
         }
         let changed = *self != before;
+        let objects_changed = matches!(
+            cmd,
+            Command::SeedObjects { .. } | Command::ReplaceObjects { .. } | Command::Apply { .. }
+        );
+        if changed
+            && objects_changed
+            && let Err(why) = self.check_object_rules()
+        {
+            *self = before;
+            let response = CommandResponse {
+                changed: false,
+                refused: Some(why),
+            };
+            return (response, Vec::new());
+        }
         let events = if changed {
             describe(cmd, &before, self)
         } else {
@@ -276,6 +291,27 @@ impl ClusterState {
             }
             _ => Ok(()),
         }
+    }
+
+    /// The configuration file's rules (names, interfaces, CIDRs, shared VIPs, references) over
+    /// the whole committed set, whatever source each object came from.
+    fn check_object_rules(&self) -> Result<(), String> {
+        let gateways = self.gateway_list();
+        let policies = self.policy_list();
+        let errors = crate::config::check_objects(&gateways, &policies);
+        if errors.is_empty() {
+            return Ok(());
+        }
+        const SHOWN: usize = 10;
+        let mut out: Vec<String> = errors
+            .iter()
+            .take(SHOWN)
+            .map(|e| format!("{}: {}", name_key(&e.key, &gateways, &policies), e.message))
+            .collect();
+        if errors.len() > SHOWN {
+            out.push(format!("and {} more", errors.len() - SHOWN));
+        }
+        Err(out.join("; "))
     }
 
     fn assign(&mut self, ch: &AssignChange, at_unix_ms: u64) {
@@ -415,6 +451,20 @@ impl ClusterState {
     pub fn policy_list(&self) -> Vec<Policy> {
         self.policies.values().cloned().collect()
     }
+}
+
+/// `gateway[3].name` → `gateway "office".name`: the index into the committed lists means nothing
+/// to an operator.
+fn name_key(key: &str, gateways: &[Gateway], policies: &[Policy]) -> String {
+    let named = |prefix: &str, name_of: &dyn Fn(usize) -> Option<String>| {
+        let rest = key.strip_prefix(prefix)?.strip_prefix('[')?;
+        let (idx, tail) = rest.split_once(']')?;
+        let name = name_of(idx.parse().ok()?)?;
+        Some(format!("{prefix} {name:?}{tail}"))
+    };
+    named("gateway", &|i| gateways.get(i).map(|g| g.name.clone()))
+        .or_else(|| named("policy", &|i| policies.get(i).map(|p| p.name.clone())))
+        .unwrap_or_else(|| key.to_string())
 }
 
 /// What an applied command that changed the state did, for the event list and its log line.
@@ -612,6 +662,16 @@ pub(crate) mod tests {
                 interface: "eth1".into(),
             },
             next_hop: None,
+        }
+    }
+
+    fn vip(name: &str, ip: &str) -> Gateway {
+        Gateway {
+            source_ip: SourceIp::VirtualIp {
+                ip: ip.parse().unwrap(),
+                interfaces: vec!["eth1".into()],
+            },
+            ..gw(name)
         }
     }
 
@@ -815,27 +875,47 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn a_reload_that_drops_a_gateway_orphans_the_api_policies_naming_it() {
+    fn a_reload_that_would_orphan_an_api_policy_or_share_a_vip_is_refused_whole() {
         let mut s = ClusterState::default();
         s.apply(&Command::SeedObjects {
             gateways: vec![gw("f1")],
             policies: vec![],
         });
         s.apply(&Command::Apply {
-            gateways: vec![],
+            gateways: vec![vip("api", "198.18.0.50")],
             policies: vec![policy("ap", "f1")],
         });
-        s.apply(&Command::ReplaceObjects {
+        let before = s.clone();
+        let r = s.apply(&Command::ReplaceObjects {
             gateways: vec![],
             policies: vec![],
         });
-        assert_eq!(
-            s.orphaned_policies()
-                .iter()
-                .map(|p| &p.name)
-                .collect::<Vec<_>>(),
-            ["ap"]
+        let why = r.refused.unwrap_or_default();
+        assert!(
+            why.contains("policy \"ap\".egress_gateway_name") && why.contains("f1"),
+            "{why}"
         );
+        assert_eq!(s, before, "a refused reload changes nothing");
+        // A file gateway with the api gateway's VIP: two nodes could hold one address.
+        let r = s.apply(&Command::ReplaceObjects {
+            gateways: vec![gw("f1"), vip("file-vip", "198.18.0.50")],
+            policies: vec![],
+        });
+        let why = r.refused.unwrap_or_default();
+        assert!(why.contains("198.18.0.50"), "{why}");
+        assert_eq!(s, before);
+        assert!(s.orphaned_policies().is_empty());
+    }
+
+    #[test]
+    fn error_keys_name_the_objects() {
+        let p = policy("office", "g");
+        assert_eq!(
+            name_key("policy[0].source_cidrs[1]", &[], &[p]),
+            "policy \"office\".source_cidrs[1]"
+        );
+        assert_eq!(name_key("gateway[7].name", &[], &[]), "gateway[7].name");
+        assert_eq!(name_key("", &[], &[]), "");
     }
 
     #[test]
