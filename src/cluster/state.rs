@@ -2,6 +2,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -13,8 +14,10 @@ use crate::model::{Assignment, Gateway, Labels, NodeName, Policy};
 // A snapshot written by an older version lacks the newer fields: they start empty.
 #[serde(default)]
 pub struct ClusterState {
-    pub gateways: BTreeMap<String, Gateway>,
-    pub policies: BTreeMap<String, Policy>,
+    /// Shared (copy on write): every command clones the state to tell whether it changed, and
+    /// with many policies a deep copy would hold up the assignments behind it in the log.
+    pub gateways: Arc<BTreeMap<String, Gateway>>,
+    pub policies: Arc<BTreeMap<String, Policy>>,
     /// Objects written through the admin API (`egressd apply`). A reloaded configuration file
     /// replaces only the file's objects and never overwrites these (see `Command::ReplaceObjects`).
     pub api_objects: BTreeSet<ObjectRef>,
@@ -159,21 +162,21 @@ impl ClusterState {
             }
             Command::Apply { gateways, policies } => {
                 for g in gateways {
-                    self.gateways.insert(g.name.clone(), g.clone());
+                    Arc::make_mut(&mut self.gateways).insert(g.name.clone(), g.clone());
                     self.api_objects.insert(ObjectRef::Gateway(g.name.clone()));
                 }
                 for p in policies {
-                    self.policies.insert(p.name.clone(), p.clone());
+                    Arc::make_mut(&mut self.policies).insert(p.name.clone(), p.clone());
                     self.api_objects.insert(ObjectRef::Policy(p.name.clone()));
                 }
             }
             Command::DeleteGateway(name) => {
-                self.gateways.remove(name);
+                Arc::make_mut(&mut self.gateways).remove(name);
                 self.api_objects.remove(&ObjectRef::Gateway(name.clone()));
                 self.drop_orphans();
             }
             Command::DeletePolicy(name) => {
-                self.policies.remove(name);
+                Arc::make_mut(&mut self.policies).remove(name);
                 self.api_objects.remove(&ObjectRef::Policy(name.clone()));
             }
             Command::Cordon(node) => {
@@ -342,17 +345,17 @@ impl ClusterState {
     /// The file's objects replace the file's objects; API objects stay and win on a name clash.
     fn replace_file_objects(&mut self, gateways: &[Gateway], policies: &[Policy]) {
         let api = &self.api_objects;
-        self.gateways
-            .retain(|n, _| api.contains(&ObjectRef::Gateway(n.clone())));
-        self.policies
-            .retain(|n, _| api.contains(&ObjectRef::Policy(n.clone())));
+        let own_gateways = Arc::make_mut(&mut self.gateways);
+        own_gateways.retain(|n, _| api.contains(&ObjectRef::Gateway(n.clone())));
         for g in gateways {
-            self.gateways
+            own_gateways
                 .entry(g.name.clone())
                 .or_insert_with(|| g.clone());
         }
+        let own_policies = Arc::make_mut(&mut self.policies);
+        own_policies.retain(|n, _| api.contains(&ObjectRef::Policy(n.clone())));
         for p in policies {
-            self.policies
+            own_policies
                 .entry(p.name.clone())
                 .or_insert_with(|| p.clone());
         }
