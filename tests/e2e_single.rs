@@ -299,8 +299,6 @@ fn ipv6_virtual_ip_end_to_end() {
         &server,
         ["ip", "-6", "route", "add", "fd00:77::/64", "via", NODE6_WAN],
     );
-    topo.lab
-        .exec(&gw, ["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"]);
     let mut echo = std::process::Command::new("socat");
     echo.args([
         &format!("TCP6-LISTEN:{PORT6},reuseaddr,fork"),

@@ -100,6 +100,7 @@ impl Topo {
             lab.exec(&ns, ["ip", "addr", "add", &mgmt_addr, "dev", "eth2"]);
             mgmt_ports.push(mp);
             lab.exec(&ns, ["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+            lab.exec(&ns, ["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"]);
             lan_ports.push(lp);
             wan_ports.push(wp);
             nodes.push(ns);
