@@ -233,6 +233,20 @@ systemd-analyze verify --man=no /lib/systemd/system/egressd.service
 echo "verify-rc=$?"
 echo "== security"
 systemd-analyze security --no-pager egressd.service | tail -1
+echo "== watchdog"
+# A hung daemon (stopped: no round, no ping): after WatchdogSec=10s systemd aborts it (and
+# sends SIGCONT so that the abort lands) and Restart=on-failure brings it back.
+old=$(systemctl show -p MainPID --value egressd.service)
+kill -STOP "$old"
+new=$old
+for _ in $(seq 1 40); do
+  sleep 1
+  new=$(systemctl show -p MainPID --value egressd.service)
+  st=$(systemctl show -p ActiveState --value egressd.service)
+  [ "$new" != "$old" ] && [ "$new" != 0 ] && [ "$st" = active ] && break
+done
+echo "watchdog-restarted=$([ "$new" != "$old" ] && [ "$new" != 0 ] && echo yes || echo no)"
+systemctl show -p NRestarts -p ActiveState -p StatusText egressd.service | sed 's/^/after-watchdog-/'
 echo "== stop"
 systemctl stop egressd.service
 systemctl show -p ActiveState -p Result egressd.service | sed 's/^/after-stop-/'
@@ -267,6 +281,10 @@ PROBE
   has '^verify-rc=0$'
   # systemd-analyze verify says nothing about a good unit.
   [ "$(sed -n '/^== verify$/,/^verify-rc=/p' "$probe" | wc -l)" = 2 ] || fail "systemd-analyze verify printed something"
+  has '^watchdog-restarted=yes$'
+  has '^after-watchdog-NRestarts=1$'
+  has '^after-watchdog-ActiveState=active$'
+  has 'Watchdog timeout'
   has '^after-stop-ActiveState=inactive$'
   has '^after-stop-Result=success$'
   has '^tables-after-stop=0$'
