@@ -280,7 +280,8 @@ impl ClusterNode {
                 &member.addr,
                 "/cluster/view",
                 &(),
-                Duration::from_millis(500),
+                // Status waits for it: an unreachable leader must not make status hang.
+                Duration::from_millis(200),
             )
             .await
             .with_context(|| format!("asking leader {} for its view", member.name))
