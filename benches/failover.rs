@@ -39,13 +39,6 @@ fn unix_now() -> f64 {
         .map_or(0.0, |d| d.as_secs_f64())
 }
 
-fn mac_text(m: [u8; 6]) -> String {
-    m.iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
-}
-
 /// Runs one trial: `leader` picks whether the active node is the Raft leader; `how` is KILL or
 /// TERM (a signal to the daemon) or CUT (every link of the node goes down).
 fn trial(tag: &str, extra: &str, leader: bool, how: &str) -> Trial {
@@ -66,7 +59,7 @@ fn trial(tag: &str, extra: &str, leader: bool, how: &str) -> Trial {
     c.make_active(&target);
     c.assert_traffic_via_vip();
     let successor = name(c.index(&target) + 1);
-    let succ_mac = mac_text(arp::mac(&c.topo.nodes[c.index(&successor)], "eth1"));
+    let succ_mac = arp::mac_text(arp::mac(&c.topo.nodes[c.index(&successor)], "eth1"));
 
     let cap = c.topo.start_arp_capture("wan");
     let pings = c.topo.dir.path().join("ping.txt");

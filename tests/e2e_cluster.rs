@@ -50,12 +50,7 @@ fn fail_active(tag: &str, n: usize, active_is_leader: bool, cut: bool) {
         "the successor answers ARP for the VIP"
     );
     let garp = format!("Request who-has {VIP} tell {VIP}");
-    let succ_mac = arp::mac(&c.topo.nodes[c.index(&successor)], "eth1");
-    let succ_mac = succ_mac
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":");
+    let succ_mac = arp::mac_text(arp::mac(&c.topo.nodes[c.index(&successor)], "eth1"));
     wait_for("the successor's gratuitous ARP on the WAN", WAIT, || {
         std::fs::read_to_string(&capture).is_ok_and(|t| {
             t.lines()

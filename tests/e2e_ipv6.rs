@@ -14,37 +14,8 @@ use common::cluster::*;
 use common::netns::require_root;
 use common::topo::*;
 
-const CLIENT6: &str = "fd00:77::10";
 const NEXT_HOP6: &str = "fd00:77::1";
-const SERVER6: &str = "fd00:203::10";
-const VIP6: &str = "fd00:203::50";
 const GW6: &str = "vip6";
-const PORT6: u16 = 8086;
-
-fn mac_text(m: [u8; 6]) -> String {
-    m.iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
-}
-
-/// The source address the server saw for a connection from the client over IPv6.
-fn seen6(c: &Cluster) -> Option<Ipv6Addr> {
-    let out = c.topo.lab.try_exec(
-        &c.topo.client,
-        [
-            "socat",
-            "-T2",
-            "-",
-            &format!("TCP6:[{SERVER6}]:{PORT6},bind=[{CLIENT6}],connect-timeout=2"),
-        ],
-    );
-    String::from_utf8_lossy(&out.stdout)
-        .trim()
-        .trim_matches(|c| c == '[' || c == ']')
-        .parse()
-        .ok()
-}
 
 fn wait_active6(c: &Cluster, node: &str) {
     let i = c.index(node);
@@ -89,86 +60,15 @@ destination_cidrs = ["fd00:203::/64"]
 "#
     );
     let mut c = Cluster::start_with("v6fo", 3, &extra);
-    let (client, server) = (c.topo.client.clone(), c.topo.server.clone());
-    c.topo.lab.exec(
-        &client,
-        [
-            "ip",
-            "-6",
-            "addr",
-            "add",
-            &format!("{CLIENT6}/64"),
-            "dev",
-            "eth0",
-            "nodad",
-        ],
-    );
-    c.topo.lab.exec(
-        &client,
-        [
-            "ip",
-            "-6",
-            "route",
-            "add",
-            "fd00:203::/64",
-            "via",
-            NEXT_HOP6,
-        ],
-    );
-    c.topo.lab.exec(
-        &server,
-        [
-            "ip",
-            "-6",
-            "addr",
-            "add",
-            &format!("{SERVER6}/64"),
-            "dev",
-            "eth0",
-            "nodad",
-        ],
-    );
-    for i in 0..3 {
-        let ns = c.topo.nodes[i].clone();
-        for (addr, dev) in [
-            (format!("fd00:77::{}/64", i + 2), "eth0"),
-            (format!("fd00:203::{}/64", i + 2), "eth1"),
-        ] {
-            c.topo
-                .lab
-                .exec(&ns, ["ip", "-6", "addr", "add", &addr, "dev", dev, "nodad"]);
-        }
-    }
-    let mut echo = std::process::Command::new("socat");
-    echo.args([
-        &format!("TCP6-LISTEN:{PORT6},reuseaddr,fork"),
-        "SYSTEM:echo $SOCAT_PEERADDR",
-    ]);
-    c.topo.lab.spawn(&server, echo);
-    // Neighbour advertisements (ICMPv6 type 136) on the WAN, with the sender's MAC.
-    let na = c.topo.dir.path().join("na.txt");
-    let mut dump = std::process::Command::new("ip");
-    dump.args([
-        "netns",
-        "exec",
-        &c.topo.wan,
-        "tcpdump",
-        "-l",
-        "-tt",
-        "-e",
-        "-n",
-        "-i",
-        "br1",
-        "icmp6 and ip6[40] == 136",
-    ])
-    .stdout(std::fs::File::create(&na).expect("capture file"))
-    .stderr(std::process::Stdio::null());
-    c.topo.lab.spawn_raw(dump);
+    let server = c.topo.server.clone();
+    c.topo.add_ipv6(NEXT_HOP6);
+    // Neighbour advertisements on the WAN, with the sender's MAC.
+    let na = c.topo.start_na_capture("na");
 
     wait_active6(&c, "gw1");
     let vip6: Ipv6Addr = VIP6.parse().expect("VIP6");
     wait_for("the server sees the IPv6 VIP through gw1", WAIT, || {
-        seen6(&c) == Some(vip6)
+        c.topo.seen_source6() == Some(vip6)
     });
 
     // gw1's daemon dies; its kernel keeps the VIP, the next hop and forwarding.
@@ -176,7 +76,7 @@ destination_cidrs = ["fd00:203::/64"]
     c.signal("gw1", "KILL");
     wait_active6(&c, "gw2");
     wait_for("the server sees the IPv6 VIP through gw2", WAIT, || {
-        seen6(&c) == Some(vip6)
+        c.topo.seen_source6() == Some(vip6)
     });
 
     // The server forgets the VIP's MAC and asks again: only gw2 may answer, although gw1's
@@ -185,8 +85,8 @@ destination_cidrs = ["fd00:203::/64"]
         c.topo.holds(&c.topo.nodes[0], "eth1", VIP6),
         "the test needs gw1's kernel to keep the VIP after kill -9"
     );
-    let gw1_mac = mac_text(arp::mac(&c.topo.nodes[0], "eth1"));
-    let gw2_mac = mac_text(arp::mac(&c.topo.nodes[1], "eth1"));
+    let gw1_mac = arp::mac_text(arp::mac(&c.topo.nodes[0], "eth1"));
+    let gw2_mac = arp::mac_text(arp::mac(&c.topo.nodes[1], "eth1"));
     std::thread::sleep(Duration::from_millis(300));
     let asked = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -197,7 +97,7 @@ destination_cidrs = ["fd00:203::/64"]
     wait_for(
         "the server sees the IPv6 VIP after re-resolving it",
         WAIT,
-        || seen6(&c) == Some(vip6),
+        || c.topo.seen_source6() == Some(vip6),
     );
     std::thread::sleep(Duration::from_millis(300));
     let text = std::fs::read_to_string(&na).unwrap_or_default();

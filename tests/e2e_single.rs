@@ -245,13 +245,6 @@ fn interface_down_withdraws_and_up_restores() {
     assert_policies_apply(&topo);
 }
 
-const CLIENT6: &str = "fd00:77::10";
-const NODE6_LAN: &str = "fd00:77::2";
-const NODE6_WAN: &str = "fd00:203::2";
-const SERVER6: &str = "fd00:203::10";
-const VIP6: &str = "fd00:203::50";
-const PORT6: u16 = 8086;
-
 /// An IPv6 virtual IP end to end: the server sees the VIP, it finds the VIP's MAC by neighbour
 /// solicitation (answered through egressd's NDP fence while the node holds the lease), and the
 /// takeover sends unsolicited neighbour advertisements.
@@ -262,67 +255,10 @@ fn ipv6_virtual_ip_end_to_end() {
     }
     let mut topo = Topo::new("v6", 1);
     let gw = topo.nodes[0].clone();
-    let (client, server) = (topo.client.clone(), topo.server.clone());
-    for (ns, addr, dev) in [
-        (&client, CLIENT6, "eth0"),
-        (&gw, NODE6_LAN, "eth0"),
-        (&gw, NODE6_WAN, "eth1"),
-        (&server, SERVER6, "eth0"),
-    ] {
-        topo.lab.exec(
-            ns,
-            [
-                "ip",
-                "-6",
-                "addr",
-                "add",
-                &format!("{addr}/64"),
-                "dev",
-                dev,
-                "nodad",
-            ],
-        );
-    }
-    topo.lab.exec(
-        &client,
-        [
-            "ip",
-            "-6",
-            "route",
-            "add",
-            "fd00:203::/64",
-            "via",
-            NODE6_LAN,
-        ],
-    );
-    topo.lab.exec(
-        &server,
-        ["ip", "-6", "route", "add", "fd00:77::/64", "via", NODE6_WAN],
-    );
-    let mut echo = std::process::Command::new("socat");
-    echo.args([
-        &format!("TCP6-LISTEN:{PORT6},reuseaddr,fork"),
-        "SYSTEM:echo $SOCAT_PEERADDR",
-    ]);
-    topo.lab.spawn(&server, echo);
+    let server = topo.server.clone();
+    topo.add_ipv6(&node_lan6(0));
     // Unsolicited neighbour advertisements (ICMPv6 type 136) on the WAN.
-    let na = topo.dir.path().join("na.txt");
-    let mut dump = std::process::Command::new("ip");
-    dump.args([
-        "netns",
-        "exec",
-        &topo.wan,
-        "tcpdump",
-        "-l",
-        "-n",
-        "-i",
-        "br1",
-        "icmp6 and ip6[40] == 136",
-    ])
-    .stdout(std::fs::File::create(&na).expect("capture file"))
-    .stderr(std::process::Stdio::null());
-    topo.lab.spawn_raw(dump);
-    std::thread::sleep(Duration::from_millis(300));
+    let na = topo.start_na_capture("na");
 
     let cfg = format!(
         r#"
@@ -351,33 +287,15 @@ destination_cidrs = ["fd00:203::/64"]
     let path = topo.write_config(0, &cfg);
     topo.start_egressd(0, &path);
     wait_for("IPv6 VIP held", WAIT, || topo.holds(&gw, "eth1", VIP6));
-    let seen = || {
-        let out = topo.lab.try_exec(
-            &client,
-            [
-                "socat",
-                "-T2",
-                "-",
-                &format!("TCP6:[{SERVER6}]:{PORT6},bind=[{CLIENT6}],connect-timeout=2"),
-            ],
-        );
-        String::from_utf8_lossy(&out.stdout).trim().to_string()
-    };
-    // socat prints the address in full ("fd00:0203:0000:...").
     let vip6: std::net::Ipv6Addr = VIP6.parse().expect("VIP6");
-    let is_vip = |s: &str| {
-        s.trim_matches(|c| c == '[' || c == ']')
-            .parse::<std::net::Ipv6Addr>()
-            .is_ok_and(|a| a == vip6)
-    };
     let deadline = std::time::Instant::now() + WAIT;
-    let mut last = seen();
-    while !is_vip(&last) && std::time::Instant::now() < deadline {
+    let mut last = topo.seen_source6();
+    while last != Some(vip6) && std::time::Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(100));
-        last = seen();
+        last = topo.seen_source6();
     }
     assert!(
-        is_vip(&last),
+        last == Some(vip6),
         "the server must see the IPv6 VIP, saw {last:?}\nruleset:\n{}\nserver neighbours: {}\nlog:\n{}",
         topo.ruleset(&gw),
         String::from_utf8_lossy(&topo.lab.try_exec(&server, ["ip", "-6", "neigh"]).stdout),

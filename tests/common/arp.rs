@@ -217,6 +217,14 @@ pub fn double_answers(probes: &[Probe]) -> Vec<&Probe> {
 }
 
 /// Reads the MAC of `iface` in `ns`.
+/// `aa:bb:cc:dd:ee:ff`, as tcpdump and `ip neigh` print a MAC.
+pub fn mac_text(m: [u8; 6]) -> String {
+    m.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
 pub fn mac(ns: &str, iface: &str) -> [u8; 6] {
     let out = std::process::Command::new("ip")
         .args(["-n", ns, "-o", "link", "show", iface])

@@ -20,6 +20,12 @@ pub const SERVER_OTHER_IP: &str = "203.0.113.30";
 pub const VIP: &str = "203.0.113.50";
 pub const SERVER_PORT: u16 = 8080;
 
+/// IPv6 beside the IPv4 addresses (see `Topo::add_ipv6`).
+pub const CLIENT6: &str = "fd00:77::10";
+pub const SERVER6: &str = "fd00:203::10";
+pub const VIP6: &str = "fd00:203::50";
+pub const SERVER6_PORT: u16 = 8086;
+
 pub struct Topo {
     pub lab: Lab,
     pub lan: String,
@@ -37,6 +43,15 @@ pub struct Topo {
 /// LAN address of gateway node `i` (0-based).
 pub fn node_lan_ip(i: usize) -> String {
     format!("10.77.0.{}", 2 + i)
+}
+
+/// IPv6 LAN and WAN addresses of gateway node `i`.
+pub fn node_lan6(i: usize) -> String {
+    format!("fd00:77::{}", i + 2)
+}
+
+pub fn node_wan6(i: usize) -> String {
+    format!("fd00:203::{}", i + 2)
 }
 
 /// Cluster (peer) address of gateway node `i`.
@@ -179,6 +194,58 @@ impl Topo {
         (!s.is_empty()).then_some(s)
     }
 
+    /// Adds IPv6 to the lab: the client, the server and every node's LAN and WAN legs get
+    /// addresses (without duplicate address detection), the client routes the server's network
+    /// through `via`, the server routes the LAN back through node 0, and a TCP6 echo server
+    /// answers on `SERVER6_PORT`.
+    pub fn add_ipv6(&mut self, via: &str) {
+        let mut addrs = vec![
+            (self.client.clone(), CLIENT6.to_string(), "eth0"),
+            (self.server.clone(), SERVER6.to_string(), "eth0"),
+        ];
+        for (i, ns) in self.nodes.iter().enumerate() {
+            addrs.push((ns.clone(), node_lan6(i), "eth0"));
+            addrs.push((ns.clone(), node_wan6(i), "eth1"));
+        }
+        for (ns, addr, dev) in addrs {
+            let addr = format!("{addr}/64");
+            self.lab
+                .exec(&ns, ["ip", "-6", "addr", "add", &addr, "dev", dev, "nodad"]);
+        }
+        let route = ["ip", "-6", "route", "add", "fd00:203::/64", "via", via];
+        self.lab.exec(&self.client, route);
+        let back = node_wan6(0);
+        let route = ["ip", "-6", "route", "add", "fd00:77::/64", "via", &back];
+        self.lab.exec(&self.server, route);
+        let mut cmd = Command::new("socat");
+        cmd.args([
+            &format!("TCP6-LISTEN:{SERVER6_PORT},reuseaddr,fork"),
+            "SYSTEM:echo $SOCAT_PEERADDR",
+        ]);
+        let server = self.server.clone();
+        self.lab.spawn(&server, cmd);
+    }
+
+    /// The source address the server saw for an IPv6 connection from `CLIENT6`, or None when
+    /// the connection failed.
+    pub fn seen_source6(&self) -> Option<std::net::Ipv6Addr> {
+        let out = self.lab.try_exec(
+            &self.client,
+            [
+                "socat",
+                "-T2",
+                "-",
+                &format!("TCP6:[{SERVER6}]:{SERVER6_PORT},bind=[{CLIENT6}],connect-timeout=2"),
+            ],
+        );
+        // socat prints the address in full ("[fd00:0203:0000:...]").
+        String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .trim_matches(|c| c == '[' || c == ']')
+            .parse()
+            .ok()
+    }
+
     /// Writes a config file for node `i` and returns its path.
     pub fn write_config(&self, i: usize, body: &str) -> PathBuf {
         let path = self.dir.path().join(format!("gw{}.toml", i + 1));
@@ -314,11 +381,20 @@ impl Topo {
     /// Starts a capture of ARP on the WAN bridge into a text file, and returns its path. Lines
     /// start with tcpdump's Unix timestamp and carry the sender MAC (`-tt -e`).
     pub fn start_arp_capture(&mut self, name: &str) -> PathBuf {
+        self.start_capture(name, "arp")
+    }
+
+    /// Like `start_arp_capture`, for neighbour advertisements (ICMPv6 type 136).
+    pub fn start_na_capture(&mut self, name: &str) -> PathBuf {
+        self.start_capture(name, "icmp6 and ip6[40] == 136")
+    }
+
+    fn start_capture(&mut self, name: &str, filter: &str) -> PathBuf {
         let path = self.dir.path().join(format!("{name}.txt"));
         let file = std::fs::File::create(&path).expect("capture file");
         let mut cmd = Command::new("ip");
         cmd.args([
-            "netns", "exec", &self.wan, "tcpdump", "-tt", "-i", "br1", "-n", "-l", "-e", "arp",
+            "netns", "exec", &self.wan, "tcpdump", "-tt", "-i", "br1", "-n", "-l", "-e", filter,
         ])
         .stdout(file)
         .stderr(Stdio::null());
