@@ -42,13 +42,8 @@ fn unix_now() -> f64 {
 /// Runs one trial: `leader` picks whether the active node is the Raft leader; `how` is KILL or
 /// TERM (a signal to the daemon) or CUT (every link of the node goes down).
 fn trial(tag: &str, extra: &str, leader: bool, how: &str) -> Trial {
-    let token = tempfile::NamedTempFile::new().expect("token file");
-    std::fs::write(token.path(), "bench-admin-token-0123456789\n").expect("token");
-    let extra = format!(
-        "{extra}\n[admin]\ntoken_file = \"{}\"",
-        token.path().display()
-    );
-    let mut c = Cluster::start_with(tag, 3, &extra);
+    let (token, admin) = admin_token(TOKEN);
+    let mut c = Cluster::start_with(tag, 3, &format!("{extra}\n{admin}"));
     c.ensure_leader_is_not("gw3");
     let l = c.leader();
     let target = if leader {
@@ -136,15 +131,16 @@ fn trial(tag: &str, extra: &str, leader: bool, how: &str) -> Trial {
     }
 }
 
-/// The egressd CLI in node `i`'s namespace against its admin endpoint, with the admin token.
+const TOKEN: &str = "bench-admin-token-0123456789";
+
+/// The egressd CLI in node `i`'s namespace, with the admin token for mutations.
 fn cli(c: &Cluster, i: usize, args: &[&str], token: &std::path::Path) -> std::process::Output {
-    let mut full: Vec<String> = vec![env!("CARGO_BIN_EXE_egressd").into()];
-    full.extend(args.iter().map(|s| s.to_string()));
-    full.extend(["--admin".into(), "http://127.0.0.1:7481".into()]);
+    let token = token.display().to_string();
+    let mut full = args.to_vec();
     if !matches!(args.first(), Some(&"status" | &"get")) {
-        full.extend(["--token-file".into(), token.display().to_string()]);
+        full.extend(["--token-file", &token]);
     }
-    c.topo.lab.try_exec(&c.topo.nodes[i], &full)
+    c.topo.cli(i, &full)
 }
 
 /// Operator round trips through the real CLI against a three-node cluster: `status` on the
@@ -152,9 +148,7 @@ fn cli(c: &Cluster, i: usize, args: &[&str], token: &std::path::Path) -> std::pr
 /// sent to a follower (forwarded to the leader, answered once committed). Medians and maxima
 /// in ms, process start included.
 fn admin_latency(rounds: usize) -> Vec<(&'static str, f64, f64)> {
-    let token = tempfile::NamedTempFile::new().expect("token file");
-    std::fs::write(token.path(), "bench-admin-token-0123456789\n").expect("token");
-    let extra = format!("[admin]\ntoken_file = \"{}\"", token.path().display());
+    let (token, extra) = admin_token(TOKEN);
     let mut c = Cluster::start_with("adm", 3, &extra);
     c.ensure_leader_is_not("gw3");
     let li = c.index(&c.leader());

@@ -24,14 +24,6 @@ fn text(o: &Output) -> String {
     )
 }
 
-/// Runs the egressd CLI in node `i`'s namespace against its admin endpoint.
-fn cli(c: &Cluster, i: usize, args: &[&str]) -> Output {
-    let mut full: Vec<String> = vec![env!("CARGO_BIN_EXE_egressd").into()];
-    full.extend(args.iter().map(|s| s.to_string()));
-    full.extend(["--admin".into(), ADMIN.into()]);
-    c.topo.lab.try_exec(&c.topo.nodes[i], &full)
-}
-
 /// `curl` in node `i`'s namespace: the status code and the body.
 fn curl(c: &Cluster, i: usize, args: &[&str]) -> (u16, String) {
     let mut full: Vec<String> = ["curl", "-s", "-o", "-", "-w", "\n%{http_code}"]
@@ -103,11 +95,9 @@ fn admin_api_and_cli_against_a_running_cluster() {
         return;
     }
     let dir = tempfile::tempdir().expect("tempdir");
-    let token = dir.path().join("token");
-    std::fs::write(&token, format!("{TOKEN}\n")).expect("token");
-    let extra = format!("[admin]\ntoken_file = \"{}\"", token.display());
+    let (token, extra) = admin_token(TOKEN);
     let mut c = Cluster::start_with("adm", 3, &extra);
-    let tok = token.display().to_string();
+    let tok = token.path().display().to_string();
 
     // --- Served routes agree with the OpenAPI document: every documented operation is routed
     // (no 404/405), and a method the document does not list on a path is 405.
@@ -191,8 +181,7 @@ fn admin_api_and_cli_against_a_running_cluster() {
         "[[policy]]\nname = \"p\"\negress_gateway_name = \"missing-gw\"\nsource_cidrs = [\"10.77.0.11/32\"]\ndestination_cidrs = [\"0.0.0.0/0\"]\n",
     )
     .expect("file");
-    let out = cli(
-        &c,
+    let out = c.topo.cli(
         2,
         &[
             "apply",
@@ -211,8 +200,7 @@ fn admin_api_and_cli_against_a_running_cluster() {
     );
     let bad_cidr = dir.path().join("bad-cidr.toml");
     std::fs::write(&bad_cidr, APPLY.replace("10.77.0.11/32", "10.77.0.11/33")).expect("file");
-    let out = cli(
-        &c,
+    let out = c.topo.cli(
         2,
         &[
             "apply",
@@ -235,8 +223,7 @@ fn admin_api_and_cli_against_a_running_cluster() {
     let file = dir.path().join("apply.toml");
     std::fs::write(&file, APPLY).expect("file");
     let t = std::time::Instant::now();
-    let out = cli(
-        &c,
+    let out = c.topo.cli(
         2,
         &[
             "apply",
@@ -261,7 +248,7 @@ fn admin_api_and_cli_against_a_running_cluster() {
     wait_for("the applied policy SNATs to gw1's eth1", WAIT, || {
         c.topo.seen_source(CLIENT_OTHER_IP, SERVER_IP).as_deref() == Some(gw1_wan.as_str())
     });
-    let out = cli(&c, 1, &["get", "gateways"]);
+    let out = c.topo.cli(1, &["get", "gateways"]);
     assert!(out.status.success(), "{}", text(&out));
     let listing = String::from_utf8_lossy(&out.stdout).to_string();
     assert!(
@@ -276,7 +263,7 @@ fn admin_api_and_cli_against_a_running_cluster() {
             .any(|l| l.starts_with("vip") && l.contains(" file ")),
         "{listing}"
     );
-    let out = cli(&c, 1, &["get", "policies", "--json"]);
+    let out = c.topo.cli(1, &["get", "policies", "--json"]);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
     assert_eq!(v.as_array().map(|a| a.len()), Some(2), "{v}");
 
@@ -291,8 +278,7 @@ fn admin_api_and_cli_against_a_running_cluster() {
         ),
     )
     .expect("file");
-    let out = cli(
-        &c,
+    let out = c.topo.cli(
         2,
         &[
             "apply",
@@ -311,8 +297,7 @@ fn admin_api_and_cli_against_a_running_cluster() {
         "[[policy]]\nname = \"api-on-vip\"\negress_gateway_name = \"vip\"\nsource_cidrs = [\"10.77.0.99/32\"]\ndestination_cidrs = [\"203.0.113.0/24\"]\n",
     )
     .expect("file");
-    let out = cli(
-        &c,
+    let out = c.topo.cli(
         2,
         &[
             "apply",
@@ -348,45 +333,35 @@ fn admin_api_and_cli_against_a_running_cluster() {
             .status(1)
             .is_some_and(|s| s["config"]["last_reload_errors"] == serde_json::json!([]))
     });
-    let out = cli(
-        &c,
-        2,
-        &["delete", "policy", "api-on-vip", "--token-file", &tok],
-    );
+    let out = c
+        .topo
+        .cli(2, &["delete", "policy", "api-on-vip", "--token-file", &tok]);
     assert!(out.status.success(), "{}", text(&out));
 
     // A gateway in use cannot be deleted; the policy first, then the gateway.
-    let out = cli(
-        &c,
-        2,
-        &["delete", "gateway", "api-gw", "--token-file", &tok],
-    );
+    let out = c
+        .topo
+        .cli(2, &["delete", "gateway", "api-gw", "--token-file", &tok]);
     assert!(!out.status.success());
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("used by policies api-pol"),
         "{}",
         text(&out)
     );
-    let out = cli(
-        &c,
-        2,
-        &["delete", "policy", "api-pol", "--token-file", &tok],
-    );
+    let out = c
+        .topo
+        .cli(2, &["delete", "policy", "api-pol", "--token-file", &tok]);
     assert!(out.status.success(), "{}", text(&out));
     wait_for("the deleted policy no longer SNATs", WAIT, || {
         c.topo.seen_source(CLIENT_OTHER_IP, SERVER_IP).as_deref() == Some(CLIENT_OTHER_IP)
     });
-    let out = cli(
-        &c,
-        2,
-        &["delete", "gateway", "api-gw", "--token-file", &tok],
-    );
+    let out = c
+        .topo
+        .cli(2, &["delete", "gateway", "api-gw", "--token-file", &tok]);
     assert!(out.status.success(), "{}", text(&out));
-    let out = cli(
-        &c,
-        2,
-        &["delete", "gateway", "api-gw", "--token-file", &tok],
-    );
+    let out = c
+        .topo
+        .cli(2, &["delete", "gateway", "api-gw", "--token-file", &tok]);
     assert!(!out.status.success(), "deleting twice: {}", text(&out));
     wait_for("only the file's gateway left", WAIT, || {
         (0..3).all(|i| gateway_names(&c, i) == ["vip"])
@@ -426,7 +401,7 @@ fn admin_api_and_cli_against_a_running_cluster() {
     c.signal("gw2", "HUP");
     wait_for("the valid reload committed everywhere", WAIT, || {
         (0..3).all(|i| {
-            let out = cli(&c, i, &["get", "policies", "--json"]);
+            let out = c.topo.cli(i, &["get", "policies", "--json"]);
             String::from_utf8_lossy(&out.stdout).contains("203.0.113.20/32")
         })
     });
@@ -476,7 +451,7 @@ fn admin_api_and_cli_against_a_running_cluster() {
         s["gateways"][0]["eligible"],
         serde_json::json!(["gw1", "gw2", "gw3"])
     );
-    let out = cli(&c, follower, &["status", "--events"]);
+    let out = c.topo.cli(follower, &["status", "--events"]);
     assert!(out.status.success(), "{}", text(&out));
     let shown = String::from_utf8_lossy(&out.stdout).to_string();
     for needle in [
@@ -488,7 +463,7 @@ fn admin_api_and_cli_against_a_running_cluster() {
     ] {
         assert!(shown.contains(needle), "{needle} not in\n{shown}");
     }
-    let rejected = cli(&c, 1, &["status", "--events"]);
+    let rejected = c.topo.cli(1, &["status", "--events"]);
     assert!(
         String::from_utf8_lossy(&rejected.stdout).contains("config_rejected"),
         "{}",

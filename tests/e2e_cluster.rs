@@ -509,24 +509,18 @@ fn maintenance_through_the_cli() {
     if !require_root("maintenance_through_the_cli") {
         return;
     }
-    let token = tempfile::NamedTempFile::new().expect("token file");
-    std::fs::write(token.path(), "e2e-admin-token-0123456789\n").expect("token");
+    let (token, extra) = admin_token("e2e-admin-token-0123456789");
     let wrong = tempfile::NamedTempFile::new().expect("token file");
     std::fs::write(wrong.path(), "not-the-admin-token-000000\n").expect("token");
-    let extra = format!("[admin]\ntoken_file = \"{}\"", token.path().display());
     let c = Cluster::start_with("maint", 3, &extra);
     let prober = c.prober();
     // Run from gw2: the mutation is forwarded to the leader wherever it is.
     let cli = |args: &[&str], token: &std::path::Path| {
-        let mut full: Vec<String> = vec![env!("CARGO_BIN_EXE_egressd").into(), "node".into()];
-        full.extend(args.iter().map(|s| s.to_string()));
-        full.extend([
-            "--admin".into(),
-            "http://127.0.0.1:7481".into(),
-            "--token-file".into(),
-            token.display().to_string(),
-        ]);
-        c.topo.lab.try_exec(&c.topo.nodes[1], &full)
+        let token = token.display().to_string();
+        let mut full = vec!["node"];
+        full.extend(args);
+        full.extend(["--token-file", &token]);
+        c.topo.cli(1, &full)
     };
 
     let out = cli(&["cordon", "gw1"], token.path());

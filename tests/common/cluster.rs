@@ -67,6 +67,15 @@ destination_cidrs = ["203.0.113.0/24"]
     )
 }
 
+/// A file holding `token`, and the config lines that make the nodes require it for mutations
+/// (the `extra` of `Cluster::start_with`). Keep the file alive while the cluster runs.
+pub fn admin_token(token: &str) -> (tempfile::NamedTempFile, String) {
+    let file = tempfile::NamedTempFile::new().expect("token file");
+    std::fs::write(file.path(), format!("{token}\n")).expect("token");
+    let extra = format!("[admin]\ntoken_file = \"{}\"", file.path().display());
+    (file, extra)
+}
+
 pub struct Cluster {
     pub topo: Topo,
     pub n: usize,

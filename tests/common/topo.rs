@@ -278,19 +278,18 @@ impl Topo {
         self.lab.spawn_raw(cmd)
     }
 
+    /// The egressd CLI in node `i`'s namespace, against that node's admin endpoint.
+    pub fn cli(&self, i: usize, args: &[&str]) -> std::process::Output {
+        let mut full: Vec<&str> = vec![env!("CARGO_BIN_EXE_egressd")];
+        full.extend(args);
+        full.extend(["--admin", "http://127.0.0.1:7481"]);
+        self.lab.try_exec(&self.nodes[i], full)
+    }
+
     /// The status node `i`'s admin endpoint serves, through the real CLI; None while it does
     /// not answer.
     pub fn status(&self, i: usize) -> Option<serde_json::Value> {
-        let out = self.lab.try_exec(
-            &self.nodes[i],
-            [
-                env!("CARGO_BIN_EXE_egressd"),
-                "status",
-                "--json",
-                "--admin",
-                "http://127.0.0.1:7481",
-            ],
-        );
+        let out = self.cli(i, &["status", "--json"]);
         if !out.status.success() {
             return None;
         }
