@@ -558,16 +558,12 @@ impl<H: Host, F: Firewall> Agent<H, F> {
         self.status.dataplane.held_gateways = self.held.iter().cloned().collect();
         self.status.dataplane.held_addresses = self.rec.held().iter().cloned().collect();
         self.status.dataplane.snat_elements = self.rec.installed().map_or(0, |m| m.len());
-        let m = &self.rec.metrics;
+        // Counted here, where every change is seen; the rest of the metrics are copied from the
+        // status when they are scraped.
         if metrics.current_leader != self.last_leader {
             self.last_leader = metrics.current_leader;
-            m.raft_leader_changes.inc();
+            self.rec.metrics.raft_leader_changes.inc();
         }
-        let last_log = metrics.last_log_index.unwrap_or(0);
-        m.raft_last_log_index.set(last_log as i64);
-        m.raft_apply_lag
-            .set(last_log.saturating_sub(applied_index) as i64);
-        m.observe(&self.status, state);
         self.status_tx.send_replace(self.status.clone());
     }
 

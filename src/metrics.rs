@@ -1,6 +1,6 @@
 //! Prometheus metrics, served as text at `/metrics`. Values that the cluster state or the
-//! status already hold are copied in when the daemon publishes its status; counters of things
-//! that happen (announcements, nftables applies) are counted where they happen.
+//! status already hold are copied in at each scrape (`observe`); counters of things that happen
+//! (announcements, nftables applies, leader changes) are counted where they happen.
 
 use std::sync::atomic::AtomicU64;
 
@@ -33,6 +33,8 @@ pub struct FamilyLabels {
 
 pub struct Metrics {
     registry: Registry,
+    /// One scrape at a time: `observe` clears and refills the gateway families.
+    scraping: std::sync::Mutex<()>,
     pub gateway_active: Family<GatewayNodeLabels, Gauge>,
     pub gateway_held: Family<GatewayLabels, Gauge>,
     pub gateway_eligible_nodes: Family<GatewayLabels, Gauge>,
@@ -70,6 +72,7 @@ impl Metrics {
         let mut r = Registry::with_prefix("egressd");
         let m = Metrics {
             registry: Registry::default(),
+            scraping: std::sync::Mutex::new(()),
             gateway_active: Family::default(),
             gateway_held: Family::default(),
             gateway_eligible_nodes: Family::default(),
@@ -218,6 +221,13 @@ impl Metrics {
         out
     }
 
+    /// `observe`, then `encode`, as one scrape.
+    pub fn scrape(&self, status: &Status, state: &ClusterState) -> String {
+        let _one = self.scraping.lock().unwrap_or_else(|p| p.into_inner());
+        self.observe(status, state);
+        self.encode()
+    }
+
     pub fn announced(&self, ipv6: bool) {
         let family = if ipv6 { "ipv6" } else { "ipv4" };
         self.announcements
@@ -278,6 +288,14 @@ impl Metrics {
         self.raft_is_leader.set(i64::from(is_leader));
         self.raft_applied_index
             .set(status.cluster.applied_index as i64);
+        self.raft_last_log_index
+            .set(status.cluster.last_log_index as i64);
+        self.raft_apply_lag.set(
+            status
+                .cluster
+                .last_log_index
+                .saturating_sub(status.cluster.applied_index) as i64,
+        );
         self.lease_remaining
             .set(status.cluster.lease_remaining_ms as f64 / 1e3);
         self.ready.set(i64::from(status.ready));
