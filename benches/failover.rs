@@ -314,6 +314,22 @@ virtual_ip_address = {{ ip = "{VIP}", interfaces = ["eth1"] }}
         .unwrap_or(0)
 }
 
+/// The planned handovers: (what, extra config, active is the leader, how).
+const PLANNED: [(&str, &str, bool, &str); 2] = [
+    (
+        "SIGTERM (planned handover), default profile",
+        "",
+        false,
+        "TERM",
+    ),
+    (
+        "egressd node cordon (planned handover), default profile",
+        "",
+        false,
+        "CORDON",
+    ),
+];
+
 fn print_table(scenarios: &[(&str, &str, bool, &str)]) {
     println!(
         "\n| scenario | trials | failover to first GARP: median | max | client outage (10 ms ping): median | max | probes answered twice |"
@@ -351,20 +367,7 @@ fn main() {
         return;
     }
     if std::env::args().any(|a| a == "--planned-only") {
-        print_table(&[
-            (
-                "SIGTERM (planned handover), default profile",
-                "",
-                false,
-                "TERM",
-            ),
-            (
-                "egressd node cordon (planned handover), default profile",
-                "",
-                false,
-                "CORDON",
-            ),
-        ]);
+        print_table(&PLANNED);
         return;
     }
     if std::env::args().any(|a| a == "--config-change-only") {
@@ -412,20 +415,9 @@ fn main() {
             true,
             "CUT",
         ),
-        (
-            "SIGTERM (planned handover), default profile",
-            "",
-            false,
-            "TERM",
-        ),
-        (
-            "egressd node cordon (planned handover), default profile",
-            "",
-            false,
-            "CORDON",
-        ),
     ];
-    print_table(&scenarios);
+    let all: Vec<_> = scenarios.iter().chain(&PLANNED).copied().collect();
+    print_table(&all);
     print_admin_latency();
     let (m, x) = config_change_latency(10);
     println!(

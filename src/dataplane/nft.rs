@@ -1003,6 +1003,22 @@ impl NftFirewall {
 
 /// Appends `(timeout, add?)` steps on `ip` in its fence table's lease set.
 fn lease_ops(b: &mut Batch, t: &str, ip: IpAddr, steps: &[(Option<u64>, bool)]) {
+    fn one<A: nfnl::KeyBytes>(
+        b: &mut Batch,
+        op: Op,
+        family: u8,
+        t: &str,
+        a: A,
+        timeout_ms: Option<u64>,
+    ) {
+        let element = Element::<A> {
+            key: (a, None),
+            key_end: None,
+            data: Data::None,
+            timeout_ms,
+        };
+        b.elements(op, family, t, LEASE, [element]);
+    }
     for &(timeout_ms, add) in steps {
         let op = if add {
             Op::Add { exclusive: false }
@@ -1010,30 +1026,8 @@ fn lease_ops(b: &mut Batch, t: &str, ip: IpAddr, steps: &[(Option<u64>, bool)]) 
             Op::Delete
         };
         match ip {
-            IpAddr::V4(a) => b.elements(
-                op,
-                nfnl::NFPROTO_ARP,
-                t,
-                LEASE,
-                [Element::<Ipv4Addr> {
-                    key: (a, None),
-                    key_end: None,
-                    data: Data::None,
-                    timeout_ms,
-                }],
-            ),
-            IpAddr::V6(a) => b.elements(
-                op,
-                nfnl::NFPROTO_IPV6,
-                t,
-                LEASE,
-                [Element::<Ipv6Addr> {
-                    key: (a, None),
-                    key_end: None,
-                    data: Data::None,
-                    timeout_ms,
-                }],
-            ),
+            IpAddr::V4(a) => one(b, op, nfnl::NFPROTO_ARP, t, a, timeout_ms),
+            IpAddr::V6(a) => one(b, op, nfnl::NFPROTO_IPV6, t, a, timeout_ms),
         }
     }
 }
@@ -1202,8 +1196,8 @@ fn parse_listing(text: &str) -> std::result::Result<Listing, String> {
     Ok(out)
 }
 
-/// One selector element: its rectangle and the chain it jumps to.
-fn parse_selector(elem: &Value) -> std::result::Result<(Rect, String), String> {
+/// A map element of nft's JSON listing, `[{"concat": [src, dst]}, value]`, in its parts.
+fn concat_pair(elem: &Value) -> std::result::Result<(&Value, &Value, &Value), String> {
     let pair = elem.as_array().ok_or("not a [key, value] pair")?;
     let [key, value] = pair.as_slice() else {
         return Err("not a [key, value] pair".to_owned());
@@ -1215,6 +1209,12 @@ fn parse_selector(elem: &Value) -> std::result::Result<(Rect, String), String> {
     let [src, dst] = parts.as_slice() else {
         return Err("key does not have two parts".to_owned());
     };
+    Ok((src, dst, value))
+}
+
+/// One selector element: its rectangle and the chain it jumps to.
+fn parse_selector(elem: &Value) -> std::result::Result<(Rect, String), String> {
+    let (src, dst, value) = concat_pair(elem)?;
     let target = value
         .get("jump")
         .and_then(|j| j.get("target"))
@@ -1317,17 +1317,7 @@ fn clip(s: &str) -> String {
 }
 
 fn parse_elem<A: NftAddr>(elem: &Value) -> std::result::Result<SnatElement<A>, String> {
-    let pair = elem.as_array().ok_or("not a [key, value] pair")?;
-    let [key, value] = pair.as_slice() else {
-        return Err("not a [key, value] pair".to_owned());
-    };
-    let parts = key
-        .get("concat")
-        .and_then(Value::as_array)
-        .ok_or("key is not a concatenation")?;
-    let [src, dst] = parts.as_slice() else {
-        return Err("key does not have two parts".to_owned());
-    };
+    let (src, dst, value) = concat_pair(elem)?;
     let to = value.as_str().ok_or("value is not an address")?;
     Ok(SnatElement {
         src: parse_range(src)?,
