@@ -284,7 +284,7 @@ struct Agent<H, F> {
     firewall_ok: bool,
     started: Instant,
     startup_reported: bool,
-    /// The leader at the last publish, to count leader changes.
+    /// The leader the loop last saw, to wake on and count leader changes.
     last_leader: Option<u64>,
 }
 
@@ -558,12 +558,6 @@ impl<H: Host, F: Firewall> Agent<H, F> {
         self.status.dataplane.held_gateways = self.held.iter().cloned().collect();
         self.status.dataplane.held_addresses = self.rec.held().iter().cloned().collect();
         self.status.dataplane.snat_elements = self.rec.installed().map_or(0, |m| m.len());
-        // Counted here, where every change is seen; the rest of the metrics are copied from the
-        // status when they are scraped.
-        if metrics.current_leader != self.last_leader {
-            self.last_leader = metrics.current_leader;
-            self.rec.metrics.raft_leader_changes.inc();
-        }
         self.status_tx.send_replace(self.status.clone());
     }
 
@@ -760,7 +754,6 @@ async fn run_inner(config: Config, config_path: PathBuf) -> anyhow::Result<()> {
 
     let mut next_report = Instant::now();
     let mut leave_by: Option<Instant> = None;
-    let mut seen_leader = None;
     loop {
         let now = Instant::now();
         if now >= next_report {
@@ -805,10 +798,13 @@ async fn run_inner(config: Config, config_path: PathBuf) -> anyhow::Result<()> {
                 r = metrics.changed() => {
                     if r.is_err() { anyhow::bail!("Raft stopped"); }
                     // A new leader matters at once (report to it, seed through it); the
-                    // replication churn of the metrics does not.
+                    // replication churn of the metrics does not. The other metrics are copied
+                    // from the status when scraped; leader changes are counted here, where
+                    // each one is seen.
                     let leader = metrics.borrow_and_update().current_leader;
-                    if leader != seen_leader {
-                        seen_leader = leader;
+                    if leader != agent.last_leader {
+                        agent.last_leader = leader;
+                        agent.rec.metrics.raft_leader_changes.inc();
                         if leader.is_some() {
                             break;
                         }
