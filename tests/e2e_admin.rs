@@ -241,6 +241,13 @@ fn admin_api_and_cli_against_a_running_cluster() {
         text(&out)
     );
     println!("apply through a follower: {apply_took:?} (CLI start to committed answer)");
+    // Read your writes: the follower that took the apply answered once it had applied it.
+    let out = c.topo.cli(2, &["get", "gateways", "--json"]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("\"api-gw\""),
+        "{}",
+        text(&out)
+    );
     wait_for("the applied gateway everywhere", WAIT, || {
         (0..3).all(|i| gateway_names(&c, i) == ["api-gw", "vip"])
     });

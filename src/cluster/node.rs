@@ -304,10 +304,25 @@ impl ClusterNode {
                 .context("committing")?;
             return Ok(resp.data);
         }
-        self.client
+        let resp: CommandResponse = self
+            .client
             .post(&member.addr, "/cluster/write", &cmd, WRITE_TIMEOUT)
             .await
-            .with_context(|| format!("forwarding the write to leader {}", member.name))
+            .with_context(|| format!("forwarding the write to leader {}", member.name))?;
+        // Committed on the leader; answer once this node has applied it too, so that a read
+        // here right after (`egressd apply`, then `get` or `delete`) sees the change.
+        let mut applied = self.applied.clone();
+        tokio::time::timeout(WRITE_TIMEOUT, applied.wait_for(|a| a.index >= resp.index))
+            .await
+            .map_err(|_| {
+                anyhow::anyhow!(
+                    "committed as entry {}, but not applied on this node within {} s",
+                    resp.index,
+                    WRITE_TIMEOUT.as_secs()
+                )
+            })?
+            .context("the state machine stopped")?;
+        Ok(resp)
     }
 
     /// The leader moves Raft's membership towards the committed member list: new members join

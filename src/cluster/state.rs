@@ -134,6 +134,10 @@ pub struct CommandResponse {
     /// Why the command was refused; a refused command changes nothing.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub refused: Option<String>,
+    /// The log index of the entry (set by the store): a node that forwarded the command waits
+    /// until it has applied this far, so that its own reads see the change.
+    #[serde(default)]
+    pub index: u64,
 }
 
 impl ClusterState {
@@ -147,6 +151,7 @@ impl ClusterState {
             let response = CommandResponse {
                 changed: false,
                 refused: Some(why),
+                index: 0,
             };
             return (response, Vec::new());
         }
@@ -223,6 +228,7 @@ impl ClusterState {
             let response = CommandResponse {
                 changed: false,
                 refused: Some(why),
+                index: 0,
             };
             return (response, Vec::new());
         }
@@ -234,6 +240,7 @@ impl ClusterState {
         let response = CommandResponse {
             changed,
             refused: None,
+            index: 0,
         };
         (response, events)
     }

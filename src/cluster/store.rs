@@ -571,10 +571,11 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             let resp = match entry.payload {
                 EntryPayload::Blank => CommandResponse::default(),
                 EntryPayload::Normal(cmd) => {
-                    let (resp, events) = Arc::make_mut(&mut data.state).apply_described(&cmd);
+                    let (mut resp, events) = Arc::make_mut(&mut data.state).apply_described(&cmd);
                     for e in events {
                         self.inner.events.push(e, Some(entry.log_id.index));
                     }
+                    resp.index = entry.log_id.index;
                     resp
                 }
                 EntryPayload::Membership(m) => {
