@@ -8,7 +8,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 [ "$(id -u)" = 0 ] || { echo "demo.sh: run as root (it creates network namespaces)" >&2; exit 1; }
-scripts/deps.sh
+scripts/deps.sh demo
 echo "building egressd (release)..."
 cargo build --release --locked --quiet
 BIN=$PWD/target/release/egressd

@@ -11,7 +11,7 @@ skipping() {
     echo "!!! without checking anything). Run ./test.sh as root to run them." >&2
   fi
 }
-if [ "$(id -u)" = 0 ]; then scripts/deps.sh; fi
+if [ "$(id -u)" = 0 ]; then scripts/deps.sh test; else scripts/deps.sh --check test || true; fi
 skipping
 cargo fmt --all -- --check
 cargo clippy --locked --all-targets -- -D warnings

@@ -18,7 +18,7 @@
 #[path = "../tests/common/mod.rs"]
 mod common;
 
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use common::arp;
@@ -58,7 +58,8 @@ fn trial(tag: &str, extra: &str, leader: bool, how: &str) -> Trial {
 
     let cap = c.topo.start_arp_capture("wan");
     let pings = c.topo.dir.path().join("ping.txt");
-    let mut ping = Command::new("ip");
+    common::tools::need("ping");
+    let mut ping = common::tools::cmd("ip");
     ping.args([
         "netns",
         "exec",

@@ -18,6 +18,8 @@
 
 #[path = "../tests/common/netns.rs"]
 mod netns;
+#[path = "../tests/common/tools.rs"]
+mod tools;
 
 use std::collections::BTreeSet;
 use std::io::{Read, Write};

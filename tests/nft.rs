@@ -206,7 +206,7 @@ async fn foreign_tables_untouched() {
                    \t\tip saddr 10.9.0.0/16 masquerade; }\n\
                    }\n\
                    table ip egressd { chain c { type filter hook output priority 0; }; }\n";
-    let mut cmd = Command::new("ip");
+    let mut cmd = common::tools::cmd("ip");
     cmd.args(["netns", "exec", &ns, "nft", "-f", "-"]);
     common_stdin(cmd, foreign);
     let snapshot = |lab: &Lab| {
@@ -416,7 +416,7 @@ async fn real_packets_are_snated() {
     let (cells4, _) = fw.cells().unwrap();
     assert!(cells4 >= 4, "{cells4} cells");
 
-    let mut server = Command::new("socat");
+    let mut server = common::tools::cmd("socat");
     server.args([
         "TCP-LISTEN:7000,bind=10.202.0.2,reuseaddr,fork",
         "SYSTEM:echo $SOCAT_PEERADDR",
@@ -502,9 +502,18 @@ async fn fence_answers_only_while_leased_ipv4_and_ipv6() {
     let reachable = |ip: &str| {
         // Forget what the peer learnt, so that every try resolves the address afresh.
         lab.try_exec(&peer, ["ip", "neigh", "flush", "dev", "eth0"]);
-        lab.try_exec(&peer, ["ping", "-c", "1", "-W", "1", ip])
-            .status
-            .success()
+        let out = lab.try_exec(&peer, ["ping", "-c", "1", "-W", "1", ip]);
+        // ping: 0 = answered, 1 = no answer; anything else means it could not try, which must
+        // never pass for "not answered".
+        match out.status.code() {
+            Some(0) => true,
+            Some(1) => false,
+            _ => panic!(
+                "ping {ip} could not run: {:?} {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        }
     };
     let mut f = fw(&holder);
 
@@ -690,7 +699,7 @@ async fn replaces_an_older_layout() {
                \t\tsnat ip6 to ip6 saddr . ip6 daddr map @snat6\n\
                \t\tcounter comment \"not-snated\"; }\n\
                }\n";
-    let mut cmd = Command::new("ip");
+    let mut cmd = common::tools::cmd("ip");
     cmd.args(["netns", "exec", &ns, "nft", "-f", "-"]);
     common_stdin(cmd, old);
     let mut fw = fw(&ns);

@@ -16,7 +16,7 @@ mod common;
 
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -78,7 +78,7 @@ fn wedgeable_nft(dir: &Path, flag: &Path) -> PathBuf {
     );
     let nft = bin.join("nft");
     std::fs::write(&nft, script).expect("writing the nft wrapper");
-    let _ = Command::new("chmod").arg("0755").arg(&nft).status();
+    let _ = common::tools::cmd("chmod").arg("0755").arg(&nft).status();
     bin
 }
 
@@ -162,7 +162,7 @@ fn notifies_systemd_and_stops_pinging_when_the_reconciler_is_wedged() {
         bin.display(),
         std::env::var("PATH").unwrap_or_default()
     );
-    let mut cmd = Command::new("ip");
+    let mut cmd = common::tools::cmd("ip");
     cmd.args(["netns", "exec", &ns, env!("CARGO_BIN_EXE_egressd"), "run"])
         .arg("--config")
         .arg(&cfg)

@@ -1,4 +1,5 @@
 pub mod arp;
 pub mod cluster;
 pub mod netns;
+pub mod tools;
 pub mod topo;

@@ -9,6 +9,8 @@ use std::ffi::OsStr;
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 
+use super::tools;
+
 static NEXT_LAB: AtomicU32 = AtomicU32::new(0);
 
 /// True when the test may run. When not root: skip loudly, or fail when `EGRESSD_E2E=1`.
@@ -50,7 +52,7 @@ impl Lab {
     /// Creates a namespace with `lo` up and returns its full name.
     pub fn ns(&mut self, short: &str) -> String {
         let name = format!("{}-{}", self.prefix, short);
-        run(Command::new("ip").args(["netns", "add", &name]));
+        run(tools::cmd("ip").args(["netns", "add", &name]));
         self.namespaces.push(name.clone());
         self.exec(&name, ["ip", "link", "set", "lo", "up"]);
         name
@@ -119,7 +121,11 @@ impl Lab {
         I: IntoIterator<Item = S>,
         S: AsRef<OsStr>,
     {
-        run(Command::new("ip").args(["netns", "exec", ns]).args(args))
+        let args: Vec<S> = args.into_iter().collect();
+        if let Some(prog) = args.first() {
+            tools::need(&prog.as_ref().to_string_lossy());
+        }
+        run(tools::cmd("ip").args(["netns", "exec", ns]).args(args))
     }
 
     /// Runs a command in `ns` and returns its output whatever its exit code.
@@ -128,17 +134,36 @@ impl Lab {
         I: IntoIterator<Item = S>,
         S: AsRef<OsStr>,
     {
-        Command::new("ip")
+        let args: Vec<S> = args.into_iter().collect();
+        if let Some(prog) = args.first() {
+            tools::need(&prog.as_ref().to_string_lossy());
+        }
+        let out = tools::cmd("ip")
             .args(["netns", "exec", ns])
-            .args(args)
+            .args(&args)
             .output()
-            .unwrap_or_else(|e| panic!("cannot run ip netns exec: {e}"))
+            .unwrap_or_else(|e| panic!("cannot run ip netns exec: {e}"));
+        // `ip netns exec` exits 255 when it cannot run the program at all: that is never an
+        // answer a test may interpret.
+        if out.status.code() == Some(255)
+            && String::from_utf8_lossy(&out.stderr).contains("exec of")
+        {
+            panic!(
+                "could not run {:?} in {ns}: {}",
+                args.iter()
+                    .map(|a| a.as_ref().to_string_lossy())
+                    .collect::<Vec<_>>(),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        out
     }
 
     /// Starts a long-running process in `ns`; it is killed when the lab is dropped. Returns its
     /// index for `child`.
     pub fn spawn(&mut self, ns: &str, cmd: Command) -> usize {
         let prog = cmd.get_program().to_owned();
+        tools::need(&prog.to_string_lossy());
         let args: Vec<_> = cmd.get_args().map(|a| a.to_owned()).collect();
         let mut wrapped = Command::new("ip");
         wrapped.args(["netns", "exec", ns]).arg(prog).args(args);

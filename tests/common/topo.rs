@@ -391,7 +391,8 @@ impl Topo {
     fn start_capture(&mut self, name: &str, filter: &str) -> PathBuf {
         let path = self.dir.path().join(format!("{name}.txt"));
         let file = std::fs::File::create(&path).expect("capture file");
-        let mut cmd = Command::new("ip");
+        super::tools::need("tcpdump");
+        let mut cmd = super::tools::cmd("ip");
         cmd.args([
             "netns", "exec", &self.wan, "tcpdump", "-tt", "-i", "br1", "-n", "-l", "-e", filter,
         ])
