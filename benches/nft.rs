@@ -28,6 +28,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use egressd::dataplane::Firewall;
+use egressd::dataplane::fence::Fence;
 use egressd::dataplane::nft::NftFirewall;
 use egressd::policy::{SnatElement, SnatMap};
 use netns::Lab;
@@ -336,13 +337,19 @@ fn lease_renewal(rt: &tokio::runtime::Runtime) -> Vec<(String, (Duration, Durati
         .iter()
         .map(|s| s.parse().expect("address"))
         .collect();
-    let mut fw = NftFirewall::in_netns("egressd", &ns);
-    let until = || Instant::now() + Duration::from_millis(150);
-    rt.block_on(fw.lease(&vips, &vips, until())).expect("fence");
+    let mut fence = egressd::dataplane::fence::NftFence::in_netns("egressd", &ns);
+    let devices = BTreeSet::new();
+    rt.block_on(fence.rebuild(&vips, &devices)).expect("fence");
+    let leases = || {
+        let until = egressd::clock::now() + Duration::from_millis(150);
+        vips.iter()
+            .map(|a| (*a, until))
+            .collect::<std::collections::BTreeMap<_, _>>()
+    };
     let mut new = Vec::new();
     for _ in 0..50 {
         let start = Instant::now();
-        rt.block_on(fw.lease(&vips, &vips, until())).expect("renew");
+        rt.block_on(fence.write(&leases())).expect("renew");
         new.push(start.elapsed());
         std::thread::sleep(Duration::from_millis(20));
     }

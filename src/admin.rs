@@ -19,10 +19,10 @@ use tracing::{error, info};
 use crate::cluster::Command;
 use crate::cluster::node::ClusterNode;
 use crate::cluster::state::ObjectRef;
-use crate::daemon::Status;
 use crate::events::Event;
 use crate::metrics::Metrics;
 use crate::model::{Gateway, Policy};
+use crate::status::Status;
 
 /// Largest request body the admin endpoint reads. An `apply` of many policies is the largest
 /// legitimate body (about 150 bytes per policy in JSON).

@@ -5,7 +5,8 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 
 use egressd::config::{self, Config};
-use egressd::daemon::{self, Status};
+use egressd::daemon;
+use egressd::status::Status;
 
 mod cli_docs;
 

@@ -12,7 +12,7 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::{Registry, Unit};
 
 use crate::cluster::ClusterState;
-use crate::daemon::Status;
+use crate::status::Status;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct GatewayLabels {
@@ -321,7 +321,7 @@ fn raise(counter: &Counter, to: u64) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::daemon::GatewayStatus;
+    use crate::status::GatewayStatus;
 
     #[test]
     fn exposition_names_and_values() {

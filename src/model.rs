@@ -79,6 +79,17 @@ impl Gateway {
             .map(|(k, _)| k.as_str())
     }
 
+    /// The addresses its active node holds and answers for: the VIP and the next hop.
+    pub fn addresses(&self) -> Vec<IpAddr> {
+        let vip = match &self.source_ip {
+            SourceIp::VirtualIp { ip, .. } => Some(*ip),
+            SourceIp::PrimaryIp { .. } => None,
+        };
+        vip.into_iter()
+            .chain(self.next_hop.as_ref().map(|n| n.ip))
+            .collect()
+    }
+
     /// The interfaces this gateway needs on its active node, each with what it needs.
     pub fn required_interfaces(&self) -> Vec<(&str, InterfaceNeed)> {
         let mut out: Vec<(&str, InterfaceNeed)> = match &self.source_ip {

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use sd_notify::NotifyState;
 use tracing::{debug, error, info, warn};
 
-use crate::daemon::Status;
+use crate::status::Status;
 
 /// Without a watchdog, the loop counts as stuck (for start-up extensions) after this.
 const STALE_WITHOUT_WATCHDOG: Duration = Duration::from_secs(10);
@@ -64,11 +64,11 @@ impl Default for Heartbeat {
     }
 }
 
-/// The daemon's side of the systemd notification protocol. Call sites: `round_done` after
-/// every agent round, `reloading`/`reloaded` around a reload, `stopping` on SIGTERM/SIGINT.
+/// The daemon's side of the systemd notification protocol. Call sites: `round_done` whenever the
+/// status changes, `reloading`/`reloaded` around a reload, `stopping` on SIGTERM/SIGINT. The
+/// agent's tasks beat their own heartbeats; the watchdog is fed while all of them are fresh.
 pub struct Notifier {
     enabled: bool,
-    heartbeat: Arc<Heartbeat>,
     ready: Arc<std::sync::atomic::AtomicBool>,
     status: String,
 }
@@ -76,31 +76,25 @@ pub struct Notifier {
 impl Notifier {
     /// Reads `NOTIFY_SOCKET` and `WATCHDOG_USEC`/`WATCHDOG_PID`; when notifications are on,
     /// spawns the watchdog task (call inside the tokio runtime).
-    pub fn from_env() -> Notifier {
+    pub fn from_env(heartbeats: Vec<Arc<Heartbeat>>) -> Notifier {
         let enabled = std::env::var_os("NOTIFY_SOCKET").is_some();
         let notifier = Notifier {
             enabled,
-            heartbeat: Arc::new(Heartbeat::new()),
             ready: Arc::default(),
             status: String::new(),
         };
         if enabled {
             let watchdog = sd_notify::watchdog_enabled();
             info!(watchdog = ?watchdog, "systemd notifications on");
-            tokio::spawn(supervise(
-                notifier.heartbeat.clone(),
-                notifier.ready.clone(),
-                watchdog,
-            ));
+            tokio::spawn(supervise(heartbeats, notifier.ready.clone(), watchdog));
             notifier.send(&[NotifyState::Status("starting: joining the cluster")]);
         }
         notifier
     }
 
-    /// After an agent round: records progress, updates `STATUS=` when the summary changed, and
-    /// sends `READY=1` the first time the node has converged with a leader known.
+    /// After a status change: updates `STATUS=` when the summary changed, and sends `READY=1`
+    /// the first time the node has converged with a leader known.
     pub fn round_done(&mut self, status: &Status) {
-        self.heartbeat.beat();
         if !self.enabled {
             return;
         }
@@ -197,7 +191,7 @@ pub fn status_line(s: &Status) -> String {
 
 /// The watchdog and start-up extension task: pings only while the heartbeat is fresh.
 async fn supervise(
-    heartbeat: Arc<Heartbeat>,
+    heartbeats: Vec<Arc<Heartbeat>>,
     ready: Arc<std::sync::atomic::AtomicBool>,
     watchdog: Option<Duration>,
 ) {
@@ -211,7 +205,7 @@ async fn supervise(
     let mut last_extend: Option<Instant> = None;
     loop {
         ticker.tick().await;
-        let age = heartbeat.age();
+        let age = heartbeats.iter().map(|h| h.age()).max().unwrap_or_default();
         let fresh = age < stale_after;
         if fresh != healthy {
             healthy = fresh;
@@ -250,7 +244,7 @@ async fn supervise(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::daemon::{ClusterStatus, DataplaneStatus};
+    use crate::status::{ClusterStatus, DataplaneStatus};
 
     fn status(leader: Option<&str>, held: &[&str], not_ready: &[&str]) -> Status {
         Status {

@@ -9,7 +9,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use serde::Serialize;
 use tracing::{info, warn};
@@ -158,21 +158,6 @@ pub fn plan(
     d
 }
 
-#[derive(Debug, Clone)]
-pub struct Settings {
-    pub garp_count: u32,
-    pub garp_interval: Duration,
-    /// Re-announce held addresses this often; `None` = only on takeover.
-    pub garp_refresh: Option<Duration>,
-}
-
-struct PendingAnnounce {
-    iface: String,
-    ip: IpAddr,
-    remaining: u32,
-    due: Instant,
-}
-
 /// What one convergence did.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct Changes {
@@ -187,21 +172,17 @@ impl Changes {
     }
 }
 
-/// Drives a host and a firewall to a `Desired` state, and keeps the announcement schedule.
+/// Drives a host and a firewall to a `Desired` state. Answering for the addresses (the fence)
+/// and announcing them is the lease task's: it does so once `converge` reports them in place.
 pub struct Reconciler<H, F> {
     pub host: H,
     pub firewall: F,
-    settings: Settings,
     installed: Option<Arc<SnatMap>>,
     /// Addresses this process added, so that they are released even if the config that named
     /// them is gone.
     held: BTreeSet<(String, IpAddr)>,
-    pending: Vec<PendingAnnounce>,
-    /// Where announcements and nftables applies are counted.
+    /// Where nftables applies are counted.
     pub metrics: Arc<Metrics>,
-    next_refresh: Option<Instant>,
-    /// When the first announcement went out (start-up measurement).
-    pub first_announce: Option<Instant>,
 }
 
 impl<H: Host, F: Firewall> Reconciler<H, F> {
@@ -210,28 +191,13 @@ impl<H: Host, F: Firewall> Reconciler<H, F> {
         self
     }
 
-    async fn announce(&mut self, iface: &str, ip: IpAddr) -> crate::dataplane::Result<()> {
-        let r = self.host.announce(iface, ip).await;
-        match &r {
-            Ok(()) => self.metrics.announced(ip.is_ipv6()),
-            Err(_) => {
-                self.metrics.announcement_errors.inc();
-            }
-        }
-        r
-    }
-
-    pub fn new(host: H, firewall: F, settings: Settings) -> Self {
+    pub fn new(host: H, firewall: F) -> Self {
         Reconciler {
             host,
             firewall,
-            settings,
             installed: None,
             held: BTreeSet::new(),
-            pending: Vec::new(),
             metrics: Arc::default(),
-            next_refresh: None,
-            first_announce: None,
         }
     }
 
@@ -243,32 +209,25 @@ impl<H: Host, F: Firewall> Reconciler<H, F> {
         self.installed.as_deref()
     }
 
-    /// Makes the host match `desired`, with the ARP lease of the held IPv4 addresses renewed
-    /// until `lease_until`. `host` is a fresh observation; `managed` are the addresses egressd may
-    /// remove. Stops at the first error (the next round retries).
+    /// Makes the host match `desired`. `host` is a fresh observation; `managed` are the
+    /// addresses egressd may remove (besides those it tagged as its own). Stops at the first
+    /// error (the next round retries).
     pub async fn converge(
         &mut self,
         desired: &Desired,
         host: &HostState,
         managed: &BTreeSet<IpAddr>,
-        lease_until: Instant,
     ) -> dataplane::Result<Changes> {
         let mut changes = Changes::default();
-        let wanted: BTreeSet<IpAddr> = desired.addresses.iter().map(|(_, ip)| *ip).collect();
 
-        // 0. Stop answering ARP/NDP for what is released, before anything else.
-        let held: BTreeSet<IpAddr> = self.held.iter().map(|(_, ip)| *ip).collect();
-        let keep: BTreeSet<IpAddr> = held.intersection(&wanted).copied().collect();
-        if keep.len() < held.len() {
-            self.firewall.lease(managed, &keep, lease_until).await?;
-        }
-
-        // 1. Release: managed or held addresses present but not wanted.
+        // 1. Release: managed, tagged or held addresses present but not wanted. The lease task
+        //    stopped answering for them before the lease was gone from `desired`.
         let mut to_remove = Vec::new();
         for (name, iface) in host {
             for (ip, _) in &iface.addresses {
                 let key = (name.clone(), *ip);
-                let ours = managed.contains(ip) || self.held.contains(&key);
+                let ours =
+                    managed.contains(ip) || iface.tagged.contains(ip) || self.held.contains(&key);
                 if ours && !desired.addresses.contains(&key) {
                     to_remove.push(key);
                 }
@@ -276,7 +235,6 @@ impl<H: Host, F: Firewall> Reconciler<H, F> {
         }
         for (iface, ip) in to_remove {
             self.host.del_address(&iface, ip).await?;
-            self.pending.retain(|p| !(p.iface == iface && p.ip == ip));
             self.held.remove(&(iface.clone(), ip));
             changes.removed.push((iface, ip));
         }
@@ -298,8 +256,8 @@ impl<H: Host, F: Firewall> Reconciler<H, F> {
             changes.snat_changed = true;
         }
 
-        // 3. Take over: add missing addresses and announce them.
-        let now = Instant::now();
+        // 3. Take over: add missing addresses (after their SNAT, so that no attracted packet
+        //    leaves un-SNATed).
         for (iface, ip) in &desired.addresses {
             let present = host
                 .get(iface)
@@ -310,86 +268,10 @@ impl<H: Host, F: Firewall> Reconciler<H, F> {
             }
             self.held.insert((iface.clone(), *ip));
         }
-
-        // 4. Answer ARP/NDP for what is held (and renew the lease), then tell the LAN.
-        self.firewall.lease(managed, &wanted, lease_until).await?;
-        for (iface, ip) in changes.added.clone() {
-            self.announce_now(&iface, ip, self.settings.garp_count, now)
-                .await;
-        }
-        if self.next_refresh.is_none() {
-            self.next_refresh = self.settings.garp_refresh.map(|r| now + r);
-        }
         Ok(changes)
     }
 
-    async fn announce_now(&mut self, iface: &str, ip: IpAddr, count: u32, now: Instant) {
-        if count == 0 {
-            return;
-        }
-        match self.announce(iface, ip).await {
-            Ok(()) => {
-                self.first_announce.get_or_insert(now);
-            }
-            Err(e) => warn!(interface = iface, %ip, error = %e, "announcement failed"),
-        }
-        self.pending.retain(|p| !(p.iface == iface && p.ip == ip));
-        if count > 1 {
-            self.pending.push(PendingAnnounce {
-                iface: iface.to_string(),
-                ip,
-                remaining: count - 1,
-                due: now + self.settings.garp_interval,
-            });
-        }
-    }
-
-    /// When `announce_due` has work next.
-    pub fn next_deadline(&self) -> Option<Instant> {
-        self.pending
-            .iter()
-            .map(|p| p.due)
-            .chain(self.next_refresh)
-            .min()
-    }
-
-    /// Sends the announcements that are due: the rest of each takeover burst, and the periodic
-    /// refresh of every held address.
-    pub async fn announce_due(&mut self, now: Instant) {
-        let due: Vec<(String, IpAddr)> = self
-            .pending
-            .iter()
-            .filter(|p| p.due <= now)
-            .map(|p| (p.iface.clone(), p.ip))
-            .collect();
-        for (iface, ip) in due {
-            if let Err(e) = self.announce(&iface, ip).await {
-                warn!(interface = %iface, %ip, error = %e, "announcement failed");
-            }
-            if let Some(p) = self
-                .pending
-                .iter_mut()
-                .find(|p| p.iface == iface && p.ip == ip)
-            {
-                p.remaining -= 1;
-                p.due = now + self.settings.garp_interval;
-            }
-        }
-        self.pending.retain(|p| p.remaining > 0);
-        if let (Some(at), Some(every)) = (self.next_refresh, self.settings.garp_refresh)
-            && at <= now
-        {
-            let held: Vec<_> = self.held.iter().cloned().collect();
-            for (iface, ip) in held {
-                if let Err(e) = self.announce(&iface, ip).await {
-                    warn!(interface = %iface, %ip, error = %e, "announcement refresh failed");
-                }
-            }
-            self.next_refresh = Some(now + every);
-        }
-    }
-
-    /// Clean shutdown: give up every held address, then delete egressd's table.
+    /// Clean shutdown: give up every held address, then delete egressd's SNAT table.
     pub async fn release_all(&mut self) -> dataplane::Result<()> {
         let held: Vec<_> = self.held.iter().cloned().collect();
         let mut first_err = None;
@@ -405,7 +287,6 @@ impl<H: Host, F: Firewall> Reconciler<H, F> {
                 }
             }
         }
-        self.pending.clear();
         if let Err(e) = self.firewall.remove().await {
             first_err.get_or_insert(e);
         }
@@ -476,14 +357,6 @@ mod tests {
             .with_interface("eth1", &[("198.18.0.2", 24)])
     }
 
-    fn settings(garp_count: u32) -> Settings {
-        Settings {
-            garp_count,
-            garp_interval: Duration::from_millis(10),
-            garp_refresh: None,
-        }
-    }
-
     fn all_here() -> Assignment {
         [("vip", "gw1"), ("basic", "gw1")]
             .iter()
@@ -491,12 +364,12 @@ mod tests {
             .collect()
     }
 
-    fn reconciler(h: FakeHost, garp_count: u32) -> Reconciler<FakeHost, FakeFirewall> {
+    fn reconciler(h: FakeHost) -> Reconciler<FakeHost, FakeFirewall> {
         let fw = FakeFirewall {
             journal: h.journal.clone(),
             ..Default::default()
         };
-        Reconciler::new(h, fw, settings(garp_count))
+        Reconciler::new(h, fw)
     }
 
     async fn converge_to(
@@ -520,14 +393,7 @@ mod tests {
             &managed,
             &mut SnatCache::default(),
         );
-        rec.converge(
-            &desired,
-            &state,
-            &managed,
-            Instant::now() + Duration::from_millis(150),
-        )
-        .await
-        .unwrap()
+        rec.converge(&desired, &state, &managed).await.unwrap()
     }
 
     #[test]
@@ -573,8 +439,8 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn takeover_installs_snat_before_adding_and_announcing() {
-        let mut rec = reconciler(host(), 1);
+    async fn takeover_installs_snat_before_adding() {
+        let mut rec = reconciler(host());
         let changes = converge_to(&mut rec, &all_here()).await;
         assert_eq!(changes.added.len(), 2);
         let n = rec.installed().map_or(0, |m| m.len());
@@ -585,16 +451,13 @@ mod tests {
                 Op::Snat(n),
                 Op::AddAddress("eth0".into(), ip(NH)),
                 Op::AddAddress("eth1".into(), ip(VIP)),
-                Op::Lease(vec![NH.parse().unwrap(), VIP.parse().unwrap()]),
-                Op::Announce("eth0".into(), ip(NH)),
-                Op::Announce("eth1".into(), ip(VIP)),
             ]
         );
     }
 
     #[tokio::test]
     async fn converging_twice_changes_nothing() {
-        let mut rec = reconciler(host(), 1);
+        let mut rec = reconciler(host());
         converge_to(&mut rec, &all_here()).await;
         rec.host.journal.clear();
         let changes = converge_to(&mut rec, &all_here()).await;
@@ -604,7 +467,7 @@ mod tests {
 
     #[tokio::test]
     async fn release_removes_addresses_and_empties_snat() {
-        let mut rec = reconciler(host(), 1);
+        let mut rec = reconciler(host());
         converge_to(&mut rec, &all_here()).await;
         rec.host.journal.clear();
         let changes = converge_to(&mut rec, &Assignment::new()).await;
@@ -639,7 +502,7 @@ mod tests {
             .unwrap()
             .addresses
             .push((ip("192.0.2.9"), 32));
-        let mut rec = reconciler(h, 1);
+        let mut rec = reconciler(h);
         converge_to(&mut rec, &Assignment::new()).await;
         assert!(
             !rec.host.holds("eth1", ip(VIP)),
@@ -652,14 +515,14 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn an_address_already_present_is_adopted_without_announcing() {
+    async fn an_address_already_present_is_adopted() {
         let mut h = host();
         h.state
             .get_mut("eth1")
             .unwrap()
             .addresses
             .push((ip(VIP), 32));
-        let mut rec = reconciler(h, 1);
+        let mut rec = reconciler(h);
         converge_to(&mut rec, &all_here()).await;
         assert!(
             !rec.host
@@ -667,43 +530,27 @@ mod tests {
                 .ops()
                 .contains(&Op::AddAddress("eth1".into(), ip(VIP)))
         );
-        assert!(
-            !rec.host
-                .journal
-                .ops()
-                .contains(&Op::Announce("eth1".into(), ip(VIP)))
-        );
         assert!(rec.held().contains(&("eth1".into(), ip(VIP))));
     }
 
     #[tokio::test]
-    async fn announcement_burst_is_spread_over_the_interval() {
-        let mut rec = reconciler(host(), 3);
-        converge_to(&mut rec, &all_here()).await;
-        let count = |rec: &Reconciler<FakeHost, FakeFirewall>| {
-            rec.host
-                .journal
-                .ops()
-                .iter()
-                .filter(|o| **o == Op::Announce("eth1".into(), ip(VIP)))
-                .count()
-        };
-        assert_eq!(count(&rec), 1, "the first announcement goes out at once");
-        let mut now = Instant::now();
-        for _ in 0..5 {
-            let Some(due) = rec.next_deadline() else {
-                break;
-            };
-            now = now.max(due);
-            rec.announce_due(now).await;
-        }
-        assert_eq!(count(&rec), 3);
-        assert_eq!(rec.next_deadline(), None);
+    async fn a_tagged_address_no_config_names_is_removed() {
+        let mut h = host();
+        let stray = ip("192.0.2.77");
+        let eth1 = h.state.get_mut("eth1").unwrap();
+        eth1.addresses.push((stray, 32));
+        eth1.tagged.push(stray);
+        let mut rec = reconciler(h);
+        converge_to(&mut rec, &Assignment::new()).await;
+        assert!(
+            !rec.host.holds("eth1", stray),
+            "egressd's own leftover is removed"
+        );
     }
 
     #[tokio::test]
     async fn release_all_gives_up_everything() {
-        let mut rec = reconciler(host(), 1);
+        let mut rec = reconciler(host());
         converge_to(&mut rec, &all_here()).await;
         rec.release_all().await.unwrap();
         assert!(!rec.host.holds("eth1", ip(VIP)));

@@ -11,13 +11,13 @@ const DASHBOARD: &str = include_str!("../packaging/monitoring/grafana-dashboard.
 fn exported() -> BTreeSet<String> {
     // Families print nothing until they have a series: give each one.
     let m = egressd::metrics::Metrics::new();
-    let mut status = egressd::daemon::Status {
+    let mut status = egressd::status::Status {
         node: "gw1".into(),
         ..Default::default()
     };
     status.cluster.leader = Some("gw1".into());
     status.cluster.members = vec!["gw1".into()];
-    status.gateways = vec![egressd::daemon::GatewayStatus {
+    status.gateways = vec![egressd::status::GatewayStatus {
         name: "g".into(),
         last_failover_detect_ms: Some(1),
         ..Default::default()

@@ -36,7 +36,9 @@ fn programs_in_rust(text: &str) -> BTreeSet<String> {
                 .take(120)
                 .filter(|c| !c.is_whitespace())
                 .collect();
-            let Some(comma) = window.find(',') else { continue };
+            let Some(comma) = window.find(',') else {
+                continue;
+            };
             let ns = &window[..comma];
             if ns.is_empty() || !ns.chars().all(|c| c.is_alphanumeric() || "&._".contains(c)) {
                 continue;

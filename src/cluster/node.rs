@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, watch};
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use crate::cluster::controller::{ChangeKind, Controller, Grant, Report, Timing};
+use crate::cluster::controller::{ChangeKind, Controller, Reply, Report};
 use crate::cluster::state::{AssignChange, Reason};
 use crate::cluster::store::{self, Applied};
 use crate::cluster::transport::{self, Auth, Network, PeerClient};
@@ -25,6 +25,7 @@ use crate::cluster::{Command, CommandResponse, Member, NodeId, Raft, node_id};
 use crate::config::{ClusterTiming, Config, Peer};
 use crate::election::Decision;
 use crate::events::EventLog;
+use crate::lease;
 use crate::model::NodeName;
 
 /// At most this many voters; further peers join as learners so the quorum stays small.
@@ -63,7 +64,8 @@ pub struct ClusterNode {
     pub timing: ClusterTiming,
     client: PeerClient,
     applied: watch::Receiver<Applied>,
-    controller: Mutex<Option<Controller>>,
+    /// The controller of the term this node leads, if it leads.
+    controller: Mutex<Option<(u64, Controller)>>,
     controller_wake: Notify,
     pub leader_view: Mutex<LeaderView>,
     /// Committed changes as this node applied them, and the daemon's own events.
@@ -230,8 +232,8 @@ impl ClusterNode {
         self.raft.metrics().borrow().current_leader == Some(self.id)
     }
 
-    /// Sends a report to the leader (in-process when that is us) and returns its grant.
-    pub async fn report(&self, report: Report) -> anyhow::Result<Grant> {
+    /// Sends a report to the leader (in-process when that is us) and returns its reply.
+    pub async fn report(&self, report: Report) -> anyhow::Result<Reply> {
         let (leader, member) = self.leader().context("no leader known")?;
         if leader == self.id {
             return self.handle_report(report);
@@ -247,22 +249,26 @@ impl ClusterNode {
             .with_context(|| format!("reporting to leader {}", member.name))
     }
 
-    fn handle_report(&self, report: Report) -> anyhow::Result<Grant> {
+    fn handle_report(&self, report: Report) -> anyhow::Result<Reply> {
         let state = self.applied.borrow().state.clone();
+        let term = self.raft.metrics().borrow().current_term;
         let mut guard = self
             .controller
             .lock()
             .map_err(|_| anyhow::anyhow!("controller lock poisoned"))?;
-        let Some(ctl) = guard.as_mut() else {
+        let Some((t, ctl)) = guard.as_mut().filter(|(t, _)| *t == term) else {
             anyhow::bail!("not the leader (yet)");
         };
-        let mut grant = ctl.on_report(report, Instant::now(), &state);
+        let grant = ctl.on_report(&report, crate::clock::now(), &state);
+        let term = *t;
         drop(guard);
-        grant.leader = self.name.clone();
-        grant.term = self.raft.metrics().borrow().current_term;
         // A report may confirm a release the controller is waiting for.
         self.controller_wake.notify_one();
-        Ok(grant)
+        Ok(Reply {
+            grant,
+            leader: self.name.clone(),
+            term,
+        })
     }
 
     /// The leader's view (decision, members' liveness), from wherever the leader is.
@@ -403,19 +409,15 @@ impl ClusterNode {
     }
 
     /// The leader's loop: confirm the quorum, decide, commit assignment changes. Runs on every
-    /// node and does nothing while the node is not the leader.
+    /// node and does nothing while the node is not the leader. A new controller (and so a new
+    /// settling period) starts with every term this node leads.
     pub async fn run_controller(self: Arc<Self>) {
         let tick = Duration::from_millis(self.timing.report_interval_ms);
-        let timing = Timing {
-            lease: Duration::from_millis(self.timing.lease_ms),
-            failover_timeout: Duration::from_millis(self.timing.failover_timeout_ms),
-            settle_margin: Duration::from_millis(self.timing.report_interval_ms),
-        };
+        let timing = lease_timing(&self.timing);
         let mut metrics = self.raft.metrics();
         let mut applied = self.applied.clone();
         let mut next = Instant::now();
-        let mut was_leader = false;
-        let mut last_confirm: Option<Instant> = None;
+        let mut led: Option<u64> = None;
         loop {
             tokio::select! {
                 _ = tokio::time::sleep_until(next.into()) => {}
@@ -424,72 +426,97 @@ impl ClusterNode {
                 r = metrics.changed() => {
                     if r.is_err() { return }
                     // Replication progress changes the metrics all the time; only a change of
-                    // leadership matters here.
-                    if self.is_leader_locally() == was_leader {
+                    // leadership or term matters here.
+                    if self.leading_term() == led {
                         continue;
                     }
                 }
             }
             let now = Instant::now();
-            was_leader = self.is_leader_locally();
-            if !was_leader {
+            led = self.leading_term();
+            let Some(term) = led else {
                 if let Ok(mut c) = self.controller.lock() {
                     *c = None;
                 }
-                last_confirm = None;
                 next = now + tick;
                 continue;
-            }
-            // Reports wake the controller several times per interval; a quorum round per
-            // interval is enough to keep the lease fresh.
-            let confirm = last_confirm.is_none_or(|t| now.duration_since(t) >= tick);
-            if confirm {
-                last_confirm = Some(now);
-            }
-            let term = self.raft.metrics().borrow().current_term;
+            };
             let span = info_span!("controller", node = %self.name, term);
             self.clone()
-                .controller_round(timing, confirm)
+                .controller_round(timing, term)
                 .instrument(span)
                 .await;
-            let deadline = self
-                .controller
-                .lock()
-                .ok()
-                .and_then(|c| c.as_ref().and_then(|c| c.next_deadline(Instant::now())));
+            let at = crate::clock::now();
+            let deadline = self.controller.lock().ok().and_then(|c| {
+                c.as_ref()
+                    .and_then(|(_, c)| c.next_deadline(at))
+                    .map(|d| Instant::now() + d.saturating_sub(at))
+            });
             next = deadline.map_or(now + tick, |d| d.min(now + tick));
         }
     }
 
-    async fn controller_round(self: Arc<Self>, timing: Timing, confirm: bool) {
-        let started = Instant::now();
+    /// While this node leads `term`: a quorum round every `every`. A quorum's answer proves this
+    /// leadership and that the applied state holds everything committed before it; grants may
+    /// last `lease` from the start of the round.
+    async fn confirm_loop(self: Arc<Self>, term: u64, every: Duration) {
+        while self.leading_term() == Some(term) {
+            let begun = Instant::now();
+            let started = crate::clock::now();
+            if self.raft.ensure_linearizable().await.is_ok()
+                && let Ok(mut c) = self.controller.lock()
+                && let Some((t, c)) = c.as_mut()
+                && *t == term
+            {
+                c.confirmed(started);
+            }
+            tokio::time::sleep_until((begun + every).into()).await;
+        }
+    }
+
+    /// The term this node leads, if it is the leader.
+    fn leading_term(&self) -> Option<u64> {
+        let m = self.raft.metrics().borrow().clone();
+        (m.current_leader == Some(self.id)).then_some(m.current_term)
+    }
+
+    async fn controller_round(self: Arc<Self>, timing: lease::Timing, term: u64) {
+        let started = crate::clock::now();
         if let Ok(mut c) = self.controller.lock()
-            && c.is_none()
+            && c.as_ref().is_none_or(|(t, _)| *t != term)
         {
+            // Twice per report interval: a grant is never much shorter than the lease.
+            let every = Duration::from_millis(self.timing.report_interval_ms.max(2) / 2);
+            tokio::spawn(
+                self.clone()
+                    .confirm_loop(term, every)
+                    .instrument(tracing::Span::current()),
+            );
             self.events.local(
                 crate::events::EventKind::Leadership,
                 None,
-                format!("{} became leader: taking over the controller", self.name),
+                format!(
+                    "{} became leader (term {term}): taking over the controller; assignments \
+                     wait {} ms for the previous leader's grants to end",
+                    self.name,
+                    timing.settle().as_millis()
+                ),
             );
-            *c = Some(Controller::new(timing, started));
-        }
-        // A quorum's answer proves nobody else can be leader yet, for the lease's length.
-        if confirm
-            && self.raft.ensure_linearizable().await.is_ok()
-            && let Ok(mut c) = self.controller.lock()
-            && let Some(c) = c.as_mut()
-        {
-            c.confirmed(started);
+            *c = Some((term, Controller::new(timing, started)));
         }
         let applied = self.applied();
         let membership = applied.membership.membership().clone();
         let members: Vec<NodeName> = membership.nodes().map(|(_, m)| m.name.clone()).collect();
-        let now = Instant::now();
+        let now = crate::clock::now();
         let (changes, decision, silent) = {
-            let Ok(c) = self.controller.lock() else {
+            let Ok(mut c) = self.controller.lock() else {
                 return;
             };
-            let Some(c) = c.as_ref() else { return };
+            let Some((t, c)) = c.as_mut() else { return };
+            if *t != term {
+                return;
+            }
+            c.lease.applied(applied.index);
             let (changes, decision) = c.tick(&members, &applied.state, now);
             let silent: BTreeMap<String, u64> = changes
                 .iter()
@@ -502,6 +529,10 @@ impl ClusterNode {
                     ))
                 })
                 .collect();
+            // Granted to nobody from here until the change is applied.
+            for ch in &changes {
+                c.lease.start_move(&ch.gateway);
+            }
             let views = c
                 .node_states(&members, &applied.state, now)
                 .into_iter()
@@ -520,66 +551,99 @@ impl ClusterNode {
             }
             (changes, decision, silent)
         };
-        if !changes.is_empty() {
-            let mut assign = Vec::new();
-            for ch in &changes {
-                let from = ch.from.clone().unwrap_or_default();
-                let reason = match ch.kind {
-                    ChangeKind::Failover => Reason::Failover {
-                        from,
-                        silent_ms: silent.get(&ch.gateway).copied().unwrap_or(0),
-                    },
-                    ChangeKind::Release => Reason::Handover {
-                        from,
-                        why: ch
-                            .from
-                            .as_ref()
-                            .and_then(|f| decision.gateways.get(&ch.gateway)?.ineligible.get(f))
-                            .map(|r| r.to_string())
-                            .unwrap_or_else(|| {
-                                "a node earlier in the selection order is eligible".into()
-                            }),
-                    },
-                    ChangeKind::Assign => Reason::Elected,
-                };
-                let why = match &reason {
-                    Reason::Failover { from, silent_ms } => format!(
-                        "{from} went silent (no report for {silent_ms} ms, or none since this \
-                         leader took over; its lease has expired)"
-                    ),
-                    Reason::Handover { why, .. } => {
-                        format!("planned handover: {why}; releasing first")
-                    }
-                    Reason::Elected => "the gateway is free and this node is the choice".into(),
-                };
-                info!(
-                    gateway = %ch.gateway,
-                    from = ch.from.as_deref().unwrap_or("-"),
-                    to = ch.to.as_deref().unwrap_or("-"),
-                    kind = ?ch.kind,
-                    why,
-                    "assignment change"
-                );
-                assign.push(AssignChange {
-                    gateway: ch.gateway.clone(),
-                    to: ch.to.clone(),
-                    reason,
-                });
-            }
-            let cmd = Command::Assign {
-                changes: assign,
-                at_unix_ms: crate::events::unix_ms(),
-            };
-            let t = Instant::now();
-            match self.raft.client_write(cmd).await {
-                Ok(_) => debug!(
-                    commit_ms = t.elapsed().as_secs_f64() * 1e3,
-                    "assignment committed"
-                ),
-                Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => {}
-                Err(e) => warn!(error = %e, "committing the assignment failed"),
-            }
+        if changes.is_empty() {
+            return;
         }
+        let mut assign = Vec::new();
+        for ch in &changes {
+            let from = ch.from.clone().unwrap_or_default();
+            let reason = match ch.kind {
+                ChangeKind::Failover => Reason::Failover {
+                    from,
+                    silent_ms: silent.get(&ch.gateway).copied().unwrap_or(0),
+                },
+                ChangeKind::Release => Reason::Handover {
+                    from,
+                    why: ch
+                        .from
+                        .as_ref()
+                        .and_then(|f| decision.gateways.get(&ch.gateway)?.ineligible.get(f))
+                        .map(|r| r.to_string())
+                        .unwrap_or_else(|| {
+                            "a node earlier in the selection order is eligible".into()
+                        }),
+                },
+                ChangeKind::Assign => Reason::Elected,
+            };
+            let why = match &reason {
+                Reason::Failover { from, silent_ms } => format!(
+                    "{from} went silent (no report for {silent_ms} ms, or none since this \
+                     leader took over; its lease has expired)"
+                ),
+                Reason::Handover { why, .. } => {
+                    format!("planned handover: {why}; releasing first")
+                }
+                Reason::Elected => "the gateway is free and this node is the choice".into(),
+            };
+            info!(
+                gateway = %ch.gateway,
+                from = ch.from.as_deref().unwrap_or("-"),
+                to = ch.to.as_deref().unwrap_or("-"),
+                kind = ?ch.kind,
+                why,
+                "assignment change"
+            );
+            assign.push(AssignChange {
+                gateway: ch.gateway.clone(),
+                to: ch.to.clone(),
+                reason,
+            });
+        }
+        let cmd = Command::Assign {
+            changes: assign,
+            at_unix_ms: crate::events::unix_ms(),
+        };
+        // Committing waits for a quorum: in a task of its own, so that the loop keeps deciding
+        // (the gateways in flight are skipped until the change is applied).
+        let node = self.clone();
+        let gateways: Vec<String> = changes.iter().map(|c| c.gateway.clone()).collect();
+        tokio::spawn(
+            async move {
+                let t = Instant::now();
+                match node.raft.client_write(cmd).await {
+                    Ok(resp) => {
+                        debug!(
+                            commit_ms = t.elapsed().as_secs_f64() * 1e3,
+                            "assignment committed"
+                        );
+                        if let Ok(mut c) = node.controller.lock()
+                            && let Some((t, c)) = c.as_mut()
+                            && *t == term
+                        {
+                            for g in &gateways {
+                                c.lease.move_logged(g, resp.log_id.index);
+                            }
+                        }
+                        node.controller_wake.notify_one();
+                    }
+                    // Leadership is lost: the next controller starts afresh.
+                    Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => {}
+                    Err(e) => warn!(error = %e, "committing the assignment failed"),
+                }
+            }
+            .instrument(tracing::Span::current()),
+        );
+    }
+}
+
+/// The lease protocol's timing from the cluster's: drift of 1 ms per second between any two
+/// clocks (a hundred times what NTP-disciplined clocks drift), 10 ms for timers and scheduling.
+pub fn lease_timing(t: &ClusterTiming) -> lease::Timing {
+    lease::Timing {
+        lease: Duration::from_millis(t.lease_ms),
+        failover_timeout: Duration::from_millis(t.failover_timeout_ms),
+        drift: 0.001,
+        margin: Duration::from_millis(10),
     }
 }
 

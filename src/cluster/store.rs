@@ -46,6 +46,8 @@ const SNAPSHOT: TableDefinition<&str, &[u8]> = TableDefinition::new("raft_snapsh
 const KEY_VOTE: &str = "vote";
 const KEY_COMMITTED: &str = "committed";
 const KEY_LAST_PURGED: &str = "last_purged";
+/// The daemon start counter (the lease protocol's epoch).
+const KEY_EPOCH: &str = "epoch";
 const KEY_SNAP_META: &str = "meta";
 const KEY_SNAP_DATA: &str = "data";
 
@@ -285,9 +287,8 @@ where
     tokio::task::spawn_blocking(f).await?
 }
 
-/// Opens (creating if needed) the store in `dir` and loads the state machine from the persisted
-/// snapshot, if any. Returns the two halves openraft wants; they share one database handle.
-pub fn open(dir: &Path) -> Result<(LogStore, StateMachineStore), StoreError> {
+/// Opens (creating if needed) the database in `dir`, with its tables.
+fn open_db(dir: &Path) -> Result<Arc<Db>, StoreError> {
     std::fs::create_dir_all(dir).map_err(|source| StoreError::CreateDir {
         path: dir.to_path_buf(),
         source,
@@ -311,26 +312,63 @@ pub fn open(dir: &Path) -> Result<(LogStore, StateMachineStore), StoreError> {
         txn.commit()?;
         Ok(())
     };
-    init().map_err(|source| StoreError::Init {
-        path: path.clone(),
-        source,
-    })?;
-    let db = Arc::new(Db { db });
+    init().map_err(|source| StoreError::Init { path, source })?;
+    Ok(Arc::new(Db { db }))
+}
 
-    let load = || -> Result<SmData, DbError> {
-        Ok(match db.snapshot()? {
-            Some((meta, data)) => {
-                let payload: SnapshotPayload = serde_json::from_slice(&data)?;
-                SmData {
-                    state: Arc::new(payload.state),
-                    last_applied: meta.last_log_id,
-                    membership: meta.last_membership,
+/// The state machine as of the persisted snapshot.
+fn load_snapshot(db: &Db) -> Result<SmData, DbError> {
+    Ok(match db.snapshot()? {
+        Some((meta, data)) => {
+            let payload: SnapshotPayload = serde_json::from_slice(&data)?;
+            SmData {
+                state: Arc::new(payload.state),
+                last_applied: meta.last_log_id,
+                membership: meta.last_membership,
+            }
+        }
+        None => SmData::default(),
+    })
+}
+
+/// What a starting daemon needs before anything else, read from the store in `dir` and closed
+/// again: a new epoch for its lease reports (bumped durably, so that every start has a higher
+/// one), and the last committed state (the snapshot with the committed log entries after it
+/// applied), whose gateways' addresses the fence must cover at once.
+pub fn startup(dir: &Path) -> Result<(u64, ClusterState), StoreError> {
+    let db = open_db(dir)?;
+    let path = dir.join(DB_FILE);
+    let read = || -> Result<(u64, ClusterState), DbError> {
+        let epoch = db.get_meta::<u64>(KEY_EPOCH)?.unwrap_or(0) + 1;
+        db.put_meta(KEY_EPOCH, &epoch)?;
+        let data = load_snapshot(&db)?;
+        let mut state = (*data.state).clone();
+        let from = data.last_applied.map_or(0, |l| l.index + 1);
+        let committed: Option<LogId<NodeId>> = db
+            .get_meta::<Option<LogId<NodeId>>>(KEY_COMMITTED)?
+            .flatten();
+        if let Some(c) = committed
+            && c.index >= from
+        {
+            for e in db.entries(Bound::Included(from), Bound::Included(c.index))? {
+                if let EntryPayload::Normal(cmd) = e.payload {
+                    state.apply(&cmd);
                 }
             }
-            None => SmData::default(),
-        })
+        }
+        Ok((epoch, state))
     };
-    let data = load().map_err(|source| StoreError::LoadSnapshot { path, source })?;
+    read().map_err(|source| StoreError::LoadSnapshot { path, source })
+}
+
+/// Opens (creating if needed) the store in `dir` and loads the state machine from the persisted
+/// snapshot, if any. Returns the two halves openraft wants; they share one database handle.
+pub fn open(dir: &Path) -> Result<(LogStore, StateMachineStore), StoreError> {
+    let db = open_db(dir)?;
+    let data = load_snapshot(&db).map_err(|source| StoreError::LoadSnapshot {
+        path: dir.join(DB_FILE),
+        source,
+    })?;
     let (tx, _) = watch::channel(data.applied());
     let sm = StateMachineStore {
         inner: Arc::new(SmInner {

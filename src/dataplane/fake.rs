@@ -1,11 +1,12 @@
 //! In-memory stand-ins for the kernel, so that the reconciler's behaviour is tested without root.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
 
-use super::{Error, Firewall, Host, HostInterface, HostState, Result};
+use super::fence::Fence;
+use super::{Announcer, Error, Firewall, Host, HostInterface, HostState, Result};
+use crate::lease::Time;
 use crate::policy::SnatMap;
 
 /// What the reconciler asked of the fake, in order.
@@ -15,8 +16,11 @@ pub enum Op {
     DelAddress(String, IpAddr),
     Announce(String, IpAddr),
     Snat(usize),
+    /// The fence's lease elements were written: these addresses are answered for.
     Lease(Vec<IpAddr>),
+    BuildFence(Vec<IpAddr>),
     RemoveTable,
+    RemoveFence,
 }
 
 /// One ordered record shared by a fake host and a fake firewall, so that tests see the order of
@@ -62,6 +66,7 @@ impl FakeHost {
                     .iter()
                     .map(|(a, p)| (a.parse().unwrap_or(IpAddr::from([0, 0, 0, 0])), *p))
                     .collect(),
+                tagged: Vec::new(),
             },
         );
         self
@@ -92,26 +97,23 @@ impl Host for FakeHost {
         let i = self.iface(iface)?;
         if !i.addresses.iter().any(|(a, _)| *a == ip) {
             i.addresses.push((ip, if ip.is_ipv4() { 32 } else { 128 }));
+            i.tagged.push(ip);
         }
         Ok(())
     }
 
     async fn del_address(&mut self, iface: &str, ip: IpAddr) -> Result<()> {
         self.journal.push(Op::DelAddress(iface.to_string(), ip));
-        self.iface(iface)?.addresses.retain(|(a, _)| *a != ip);
+        let i = self.iface(iface)?;
+        i.addresses.retain(|(a, _)| *a != ip);
+        i.tagged.retain(|a| *a != ip);
         Ok(())
-    }
-
-    async fn announce(&mut self, iface: &str, ip: IpAddr) -> Result<()> {
-        self.journal.push(Op::Announce(iface.to_string(), ip));
-        self.iface(iface).map(|_| ())
     }
 }
 
 #[derive(Debug, Default)]
 pub struct FakeFirewall {
     pub map: Option<SnatMap>,
-    pub leased: BTreeSet<IpAddr>,
     pub journal: Journal,
 }
 
@@ -124,29 +126,80 @@ impl Firewall for FakeFirewall {
         Ok(())
     }
 
-    async fn lease(
-        &mut self,
-        _managed: &BTreeSet<IpAddr>,
-        leased: &BTreeSet<IpAddr>,
-        until: Instant,
-    ) -> Result<()> {
-        let leased = if until > Instant::now() {
-            leased.clone()
-        } else {
-            BTreeSet::new()
-        };
-        if leased != self.leased {
-            self.journal
-                .push(Op::Lease(leased.iter().copied().collect()));
-            self.leased = leased.clone();
-        }
-        Ok(())
-    }
-
     async fn remove(&mut self) -> Result<()> {
         self.journal.push(Op::RemoveTable);
         self.map = None;
-        self.leased.clear();
+        Ok(())
+    }
+}
+
+/// A fence that records what it was told; `leases` is what the kernel would answer for (until
+/// each lease ends).
+#[derive(Debug, Default)]
+pub struct FakeFence {
+    pub built: Option<(BTreeSet<IpAddr>, BTreeSet<String>)>,
+    pub leases: BTreeMap<IpAddr, Time>,
+    pub journal: Journal,
+    /// Make the next write fail.
+    pub fail_next: bool,
+}
+
+impl Fence for FakeFence {
+    async fn rebuild(
+        &mut self,
+        managed: &BTreeSet<IpAddr>,
+        devices: &BTreeSet<String>,
+    ) -> Result<()> {
+        self.journal
+            .push(Op::BuildFence(managed.iter().copied().collect()));
+        self.built = Some((managed.clone(), devices.clone()));
+        self.leases.clear();
+        Ok(())
+    }
+
+    async fn write(&mut self, leases: &BTreeMap<IpAddr, Time>) -> Result<()> {
+        if std::mem::take(&mut self.fail_next) {
+            return Err(Error::Nft {
+                op: "fake",
+                detail: "write failed".into(),
+            });
+        }
+        let managed = self.built.as_ref().map(|b| b.0.clone()).unwrap_or_default();
+        let leases: BTreeMap<IpAddr, Time> = leases
+            .iter()
+            .filter(|(a, _)| managed.contains(*a))
+            .map(|(a, t)| (*a, *t))
+            .collect();
+        let before: Vec<IpAddr> = self.leases.keys().copied().collect();
+        let after: Vec<IpAddr> = leases.keys().copied().collect();
+        if before != after {
+            self.journal.push(Op::Lease(after));
+        }
+        self.leases = leases;
+        Ok(())
+    }
+
+    fn built(&self) -> Option<&(BTreeSet<IpAddr>, BTreeSet<String>)> {
+        self.built.as_ref()
+    }
+
+    async fn remove(&mut self) -> Result<()> {
+        self.journal.push(Op::RemoveFence);
+        self.built = None;
+        self.leases.clear();
+        Ok(())
+    }
+}
+
+/// An announcer that records what it sent.
+#[derive(Debug, Default)]
+pub struct FakeAnnouncer {
+    pub journal: Journal,
+}
+
+impl Announcer for FakeAnnouncer {
+    fn announce(&mut self, name: &str, _iface: &HostInterface, ip: IpAddr) -> Result<()> {
+        self.journal.push(Op::Announce(name.to_string(), ip));
         Ok(())
     }
 }

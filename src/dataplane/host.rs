@@ -11,7 +11,7 @@ use rtnetlink::packet_route::address::{AddressAttribute, AddressFlags, AddressMe
 use rtnetlink::packet_route::link::{LinkAttribute, LinkFlags};
 use rtnetlink::{Handle, MulticastGroup};
 
-use super::{Error, Host, HostInterface, HostState, Result, announce};
+use super::{ADDRESS_PROTOCOL, Error, Host, HostInterface, HostState, Result};
 
 /// The kernel's view of this host, through one rtnetlink connection.
 pub struct NetlinkHost {
@@ -61,6 +61,13 @@ fn host_prefix(ip: IpAddr) -> u8 {
 }
 
 impl Host for NetlinkHost {
+    fn learn(&mut self, state: &HostState) {
+        self.links = state
+            .iter()
+            .map(|(n, i)| (n.clone(), (i.index, i.mac)))
+            .collect();
+    }
+
     async fn observe(&mut self) -> Result<HostState> {
         let mut state = HostState::new();
         let mut by_index = BTreeMap::new();
@@ -96,6 +103,7 @@ impl Host for NetlinkHost {
                     up,
                     mac,
                     addresses: Vec::new(),
+                    tagged: Vec::new(),
                 },
             );
         }
@@ -111,15 +119,20 @@ impl Host for NetlinkHost {
             // IFA_LOCAL is the interface's own address on point-to-point links, IFA_ADDRESS
             // otherwise; prefer LOCAL when present.
             let mut ip = None;
+            let mut ours = false;
             for attr in &msg.attributes {
                 match attr {
                     AddressAttribute::Local(a) => ip = Some(*a),
                     AddressAttribute::Address(a) if ip.is_none() => ip = Some(*a),
+                    AddressAttribute::Protocol(p) => ours = u8::from(*p) == ADDRESS_PROTOCOL,
                     _ => {}
                 }
             }
             if let (Some(ip), Some(iface)) = (ip, state.get_mut(name)) {
                 iface.addresses.push((ip, msg.header.prefix_len));
+                if ours {
+                    iface.tagged.push(ip);
+                }
             }
         }
         self.links = state
@@ -137,6 +150,10 @@ impl Host for NetlinkHost {
             .add(index, ip, host_prefix(ip))
             .replace();
         let msg = req.message_mut();
+        // Tagged, so that a later run finds egressd's addresses whatever its configuration
+        // says by then (kernels before 6.1 ignore the attribute).
+        msg.attributes
+            .push(AddressAttribute::Protocol(ADDRESS_PROTOCOL.into()));
         if ip.is_ipv6() {
             // Duplicate address detection would keep the VIP tentative (unusable) for a second.
             msg.attributes
@@ -173,18 +190,6 @@ impl Host for NetlinkHost {
             }
         }
         Ok(())
-    }
-
-    async fn announce(&mut self, iface: &str, ip: IpAddr) -> Result<()> {
-        let (index, mac) = self.link("announcing", iface)?;
-        let Some(mac) = mac else {
-            // No link-layer address (e.g. a tun device): nothing to announce on.
-            return Ok(());
-        };
-        match ip {
-            IpAddr::V4(v4) => announce::send_garp(index, mac, v4),
-            IpAddr::V6(v6) => announce::send_na(index, mac, v6),
-        }
     }
 }
 

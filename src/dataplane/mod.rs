@@ -3,14 +3,15 @@
 
 pub mod announce;
 pub mod fake;
+pub mod fence;
 pub mod host;
 pub mod nfnl;
 pub mod nft;
+pub mod runner;
 pub mod shard;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::net::IpAddr;
-use std::time::Instant;
 
 use serde::Serialize;
 
@@ -42,15 +43,6 @@ pub trait Firewall: Send {
     /// replaces any stale egressd table in one transaction; later calls change only the
     /// elements that differ, also in one transaction.
     fn apply(&mut self, map: &SnatMap) -> impl Future<Output = Result<()>> + Send;
-    /// Fence ARP and NDP: the kernel answers for an address of `managed` only while it is in
-    /// `leased`, and only until `until` unless this is called again. A daemon that dies or
-    /// hangs stops renewing, and its node stops answering for its VIPs when the lease runs out.
-    fn lease(
-        &mut self,
-        managed: &BTreeSet<IpAddr>,
-        leased: &BTreeSet<IpAddr>,
-        until: Instant,
-    ) -> impl Future<Output = Result<()>> + Send;
     /// Delete egressd's tables (clean shutdown). Other tables are never touched.
     fn remove(&mut self) -> impl Future<Output = Result<()>> + Send;
 }
@@ -64,7 +56,14 @@ pub struct HostInterface {
     pub mac: Option<[u8; 6]>,
     /// Addresses with their prefix length, in the kernel's order (primary first).
     pub addresses: Vec<(IpAddr, u8)>,
+    /// The addresses egressd added (tagged with its address protocol, `ADDRESS_PROTOCOL`), also
+    /// those a crashed run left behind.
+    pub tagged: Vec<IpAddr>,
 }
+
+/// The address protocol (`IFA_PROTO`, as `ip address show` prints `proto`) egressd tags the
+/// addresses it adds with, so that a later run finds them whatever the configuration says now.
+pub const ADDRESS_PROTOCOL: u8 = 0xe6;
 
 /// Every interface of the host by name.
 pub type HostState = BTreeMap<String, HostInterface>;
@@ -73,10 +72,34 @@ pub type HostState = BTreeMap<String, HostInterface>;
 pub trait Host: Send {
     /// Reads every interface with its state and addresses.
     fn observe(&mut self) -> impl Future<Output = Result<HostState>> + Send;
+    /// Takes what another reader observed (interface indexes) without asking the kernel.
+    fn learn(&mut self, _state: &HostState) {}
     /// Adds `ip` as a host address (/32 or /128), idempotently.
     fn add_address(&mut self, iface: &str, ip: IpAddr) -> impl Future<Output = Result<()>> + Send;
     /// Removes `ip` from `iface`; absent already is success.
     fn del_address(&mut self, iface: &str, ip: IpAddr) -> impl Future<Output = Result<()>> + Send;
-    /// Sends one gratuitous ARP (IPv4) or unsolicited neighbour advertisement (IPv6).
-    fn announce(&mut self, iface: &str, ip: IpAddr) -> impl Future<Output = Result<()>> + Send;
+}
+
+/// Gratuitous ARP and unsolicited neighbour advertisements.
+pub trait Announcer: Send {
+    /// Sends one gratuitous ARP (IPv4) or unsolicited neighbour advertisement (IPv6) for `ip`
+    /// on `iface` (named `name`).
+    fn announce(&mut self, name: &str, iface: &HostInterface, ip: IpAddr) -> Result<()>;
+}
+
+/// The real announcer: raw sockets (see `announce.rs`).
+#[derive(Debug, Default)]
+pub struct RawAnnouncer;
+
+impl Announcer for RawAnnouncer {
+    fn announce(&mut self, _name: &str, iface: &HostInterface, ip: IpAddr) -> Result<()> {
+        let Some(mac) = iface.mac else {
+            // No link-layer address (e.g. a tun device): nothing to announce on.
+            return Ok(());
+        };
+        match ip {
+            IpAddr::V4(v4) => announce::send_garp(iface.index, mac, v4),
+            IpAddr::V6(v6) => announce::send_na(iface.index, mac, v6),
+        }
+    }
 }

@@ -52,10 +52,12 @@ const NFTA_DATA_VERDICT: u16 = 2;
 const NFTA_VERDICT_CODE: u16 = 1;
 const NFTA_VERDICT_CHAIN: u16 = 2;
 const NFT_JUMP: i32 = -3;
+const NFT_GOTO: i32 = -4;
 
 /// Netfilter protocol families of the tables egressd owns.
 pub const NFPROTO_INET: u8 = 1;
 pub const NFPROTO_ARP: u8 = 3;
+pub const NFPROTO_NETDEV: u8 = 5;
 pub const NFPROTO_IPV6: u8 = 10;
 
 /// Largest element list in one message: an attribute's length is 16 bits.
@@ -94,6 +96,29 @@ impl KeyBytes for Ipv6Addr {
     }
 }
 
+/// An address with a wall-clock time beside it (nanoseconds since the Unix epoch, big-endian as
+/// nft keeps `meta time` in a concatenation): the keys of the fence's lease sets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stamped<A>(pub A, pub u64);
+
+impl<A: KeyBytes> KeyBytes for Stamped<A> {
+    fn put(self, out: &mut Vec<u8>) {
+        self.0.put(out);
+        out.extend_from_slice(&self.1.to_be_bytes());
+    }
+    const WIDTH: usize = A::WIDTH + 8;
+    fn show(b: &[u8]) -> String {
+        let (a, t) = b.split_at(b.len().min(A::WIDTH));
+        let ns = <[u8; 8]>::try_from(t).map_or(0, u64::from_be_bytes);
+        format!(
+            "{} . {}.{:09}",
+            A::show(a),
+            ns / 1_000_000_000,
+            ns % 1_000_000_000
+        )
+    }
+}
+
 /// The value of a map element.
 #[derive(Debug, Clone, Copy)]
 pub enum Data<'a, A> {
@@ -103,6 +128,8 @@ pub enum Data<'a, A> {
     Addr(A),
     /// `jump CHAIN` (the selector verdict maps).
     Jump(&'a str),
+    /// `goto CHAIN` (the classification maps: to the gateway's chain).
+    Goto(&'a str),
 }
 
 /// One element: `key` (a concatenation of one or two addresses) up to `key_end` when the set has
@@ -329,12 +356,17 @@ fn encode_element<A: KeyBytes>(buf: &mut Vec<u8>, e: &Element<'_, A>) {
     match e.data {
         Data::None => {}
         Data::Addr(a) => put_value(buf, NFTA_SET_ELEM_DATA, (a, None)),
-        Data::Jump(chain) => {
+        Data::Jump(chain) | Data::Goto(chain) => {
+            let code = if matches!(e.data, Data::Jump(_)) {
+                NFT_JUMP
+            } else {
+                NFT_GOTO
+            };
             let data = buf.len();
             put_attr_header(buf, NFTA_SET_ELEM_DATA | NLA_F_NESTED);
             let verdict = buf.len();
             put_attr_header(buf, NFTA_DATA_VERDICT | NLA_F_NESTED);
-            put_attr(buf, NFTA_VERDICT_CODE, &NFT_JUMP.to_be_bytes());
+            put_attr(buf, NFTA_VERDICT_CODE, &code.to_be_bytes());
             put_attr(buf, NFTA_VERDICT_CHAIN, &cstr(chain));
             set_len(buf, verdict);
             set_len(buf, data);
@@ -382,10 +414,11 @@ fn describe_element(msg: &[u8], at: usize, width: usize) -> Option<String> {
             .map(|(_, v, _)| v)
     };
     let show = |b: &[u8]| -> String {
-        if width == 4 {
-            Ipv4Addr::show(b)
-        } else {
-            Ipv6Addr::show(b)
+        match width {
+            4 => Ipv4Addr::show(b),
+            12 => Stamped::<Ipv4Addr>::show(b),
+            24 => Stamped::<Ipv6Addr>::show(b),
+            _ => Ipv6Addr::show(b),
         }
     };
     let key = value(NFTA_SET_ELEM_KEY)?;

@@ -47,15 +47,13 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::{self, Display, Write as _};
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
-use std::process::Stdio;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::str::FromStr;
-use std::time::Instant;
 
 use serde_json::Value;
-use tokio::io::AsyncWriteExt;
 
 use super::nfnl::{self, Batch, Data, Element, KeyBytes, Op};
+use super::runner::NftRunner;
 use super::shard::{Partition, Rect};
 use super::{Error, Firewall, Result};
 use crate::policy::{SnatElement, SnatMap};
@@ -65,10 +63,6 @@ pub const COUNTER_SEEN: &str = "seen";
 /// Named counter: new connections no element matched.
 pub const COUNTER_NOT_SNATED: &str = "not_snated";
 
-/// Sets of the ARP/NDP fence tables (`arp <table>`, `ip6 <table>`).
-pub const MANAGED: &str = "managed";
-pub const LEASE: &str = "lease";
-
 /// Elements per cell when the cells are (re)computed.
 pub const CELL_TARGET: usize = 512;
 /// A delta that would leave a cell with more elements than this is done as a full replace
@@ -77,15 +71,6 @@ pub const CELL_MAX: usize = 2048;
 /// A full replace costs about as much as this many element deletions on top of its elements
 /// (three nft runs, ~50 ms, against ~5 µs per element in a deleted element's cell).
 const FULL_REPLACE_FIXED: usize = 10_000;
-
-/// Longest nft stderr kept in an error: enough for a few error messages, not for a flood.
-const MAX_DETAIL: usize = 4000;
-
-/// A script for nft's stdin: ready, or made at the moment it is written.
-enum Script<'a> {
-    Text(&'a str),
-    Late(Box<dyn FnOnce() -> String + Send + 'a>),
-}
 
 /// An address family's address type as nft and the kernel see it.
 trait NftAddr: Copy + Ord + Display + FromStr + KeyBytes + Send + Sync + 'static {
@@ -321,23 +306,13 @@ struct Object {
     name: String,
 }
 
-/// The nftables [`Firewall`]: owns one `inet`, one `arp` and one `ip6` table and nothing else.
+/// The nftables [`Firewall`]: owns the `inet` table of its name and nothing else.
 #[derive(Debug)]
 pub struct NftFirewall {
     table: String,
-    /// Program and leading arguments; `["nft"]` for the daemon, e.g.
-    /// `["ip", "netns", "exec", NS, "nft"]` for tests and benchmarks.
-    command: Vec<String>,
-    /// Network namespace (`/run/netns/NAME`) of the netlink socket; `None`: this process's.
-    netns: Option<String>,
-    /// The persistent netlink socket, opened on first use and after a socket error.
-    socket: Option<nfnl::Socket>,
+    nft: NftRunner,
     installed: Option<Installed>,
     next_generation: u64,
-    /// The managed set of the installed fence tables, `None` when not installed.
-    fence: Option<BTreeSet<IpAddr>>,
-    leased: BTreeSet<IpAddr>,
-    transactions: u64,
     full_replaces: u64,
 }
 
@@ -373,33 +348,23 @@ fn plain_name(name: &str) -> bool {
 
 impl NftFirewall {
     /// The daemon's firewall: runs `nft` from `PATH` and opens its netlink socket in this
-    /// process's network namespace; table `<table>` of families inet, arp and ip6.
+    /// process's network namespace; table `inet <table>`.
     pub fn new(table: &str) -> NftFirewall {
-        NftFirewall::build(table, vec!["nft".to_owned()], None)
+        NftFirewall::build(table, NftRunner::new())
     }
 
-    /// The same inside network namespace `netns` (as `ip netns` names it): `nft` runs through
-    /// `ip netns exec`, and the netlink socket is opened in the namespace. For tests and
+    /// The same inside network namespace `netns` (as `ip netns` names it). For tests and
     /// benchmarks.
     pub fn in_netns(table: &str, netns: &str) -> NftFirewall {
-        let command = ["ip", "netns", "exec", netns, "nft"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
-        NftFirewall::build(table, command, Some(netns.to_owned()))
+        NftFirewall::build(table, NftRunner::in_netns(netns))
     }
 
-    fn build(table: &str, command: Vec<String>, netns: Option<String>) -> NftFirewall {
+    fn build(table: &str, nft: NftRunner) -> NftFirewall {
         NftFirewall {
             table: table.to_owned(),
-            command,
-            netns,
-            socket: None,
+            nft,
             installed: None,
             next_generation: 1,
-            fence: None,
-            leased: BTreeSet::new(),
-            transactions: 0,
             full_replaces: 0,
         }
     }
@@ -411,7 +376,7 @@ impl NftFirewall {
     /// How many kernel transactions (nft scripts and netlink batches) this struct has sent,
     /// successful or not. A delta is one; a full replace is three.
     pub fn transactions(&self) -> u64 {
-        self.transactions
+        self.nft.transactions()
     }
 
     /// How many full replaces `apply` has started.
@@ -426,139 +391,10 @@ impl NftFirewall {
             .map(|i| (i.v4.partition.len(), i.v6.partition.len()))
     }
 
-    /// Runs the nft command with `args`, feeding `stdin` when given; returns stdout.
-    async fn run(&self, op: &'static str, args: &[&str], stdin: Option<&str>) -> Result<String> {
-        self.run_script(op, args, stdin.map(Script::Text)).await
-    }
-
-    /// Like `run`, with a script that may be written only once nft has started (see `Script`).
-    async fn run_script(
-        &self,
-        op: &'static str,
-        args: &[&str],
-        stdin: Option<Script<'_>>,
-    ) -> Result<String> {
-        let Some((program, prefix)) = self.command.split_first() else {
-            return Err(Error::Nft {
-                op,
-                detail: "the nft command is empty".to_owned(),
-            });
-        };
-        let mut cmd = tokio::process::Command::new(program);
-        cmd.args(prefix)
-            .args(args)
-            .stdin(if stdin.is_some() {
-                Stdio::piped()
-            } else {
-                Stdio::null()
-            })
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true);
-        let mut child = cmd.spawn().map_err(|e| Error::Nft {
-            op,
-            detail: format!("cannot start {}: {e}", self.command.join(" ")),
-        })?;
-        let input = child.stdin.take();
-        // Feed stdin while collecting output: nft may report an error (and fill the stderr
-        // pipe) before it has read the whole script.
-        let write = async {
-            if let (Some(mut pipe), Some(script)) = (input, stdin) {
-                let text = match script {
-                    Script::Text(t) => std::borrow::Cow::Borrowed(t),
-                    Script::Late(f) => std::borrow::Cow::Owned(f()),
-                };
-                // A write error (broken pipe) means nft exited early; its exit status and
-                // stderr below say why, so this error is only kept when nft "succeeded".
-                let r = pipe.write_all(text.as_bytes()).await;
-                drop(pipe);
-                r
-            } else {
-                Ok(())
-            }
-        };
-        let (written, output) = tokio::join!(write, child.wait_with_output());
-        let output = output.map_err(|e| Error::Nft {
-            op,
-            detail: format!("waiting for {}: {e}", self.command.join(" ")),
-        })?;
-        if !output.status.success() {
-            let stderr = String::from_utf8_lossy(&output.stderr);
-            return Err(Error::Nft {
-                op,
-                detail: format!(
-                    "{} ({}): {}",
-                    self.command.join(" "),
-                    output.status,
-                    clip(stderr.trim())
-                ),
-            });
-        }
-        if let Err(e) = written {
-            return Err(Error::Nft {
-                op,
-                detail: format!("writing the script to {}: {e}", self.command.join(" ")),
-            });
-        }
-        String::from_utf8(output.stdout).map_err(|e| Error::Nft {
-            op,
-            detail: format!("nft printed non-UTF-8 output: {e}"),
-        })
-    }
-
-    /// Sends one script (one transaction) and counts it.
-    async fn transaction(&mut self, op: &'static str, script: &str) -> Result<()> {
-        self.transactions += 1;
-        self.run(op, &["-f", "-"], Some(script)).await.map(|_| ())
-    }
-
-    /// Sends the batch that `make` builds as one kernel transaction, on the persistent socket,
-    /// off the async threads (a 100 000-element batch keeps the kernel busy ~0.6 s). `make`
-    /// runs just before the send, so a timeout it computes is fresh.
-    async fn send_batch(
-        &mut self,
-        op: &'static str,
-        make: impl FnOnce() -> Batch + Send + 'static,
-    ) -> Result<()> {
-        self.transactions += 1;
-        let socket = match self.socket.take() {
-            Some(s) => s,
-            None => nfnl::Socket::open(self.netns.as_deref()).map_err(|e| Error::Nft {
-                op,
-                detail: format!("opening a netfilter netlink socket: {e}"),
-            })?,
-        };
-        let (socket, result) = tokio::task::spawn_blocking(move || {
-            let mut socket = socket;
-            let r = socket.send(make());
-            (socket, r)
-        })
-        .await
-        .map_err(|e| Error::Nft {
-            op,
-            detail: format!("the netlink sender failed: {e}"),
-        })?;
-        match result {
-            Ok(()) => {
-                self.socket = Some(socket);
-                Ok(())
-            }
-            Err(e) => {
-                // A rejected batch leaves the socket usable; a socket error does not.
-                if matches!(e, nfnl::SendError::Rejected(_)) {
-                    self.socket = Some(socket);
-                }
-                Err(Error::Nft {
-                    op,
-                    detail: e.to_string(),
-                })
-            }
-        }
-    }
-
     /// The chains, sets and maps of egressd's inet table (empty when there is no table).
     async fn list_objects(&self) -> Result<Vec<Object>> {
         let out = self
+            .nft
             .run(
                 "list ruleset",
                 &["-t", "-j", "list", "ruleset", "inet"],
@@ -589,13 +425,14 @@ impl NftFirewall {
         let v6 = Family::build(&map.v6);
 
         let create = self.create_script(generation, v4.partition.len(), v6.partition.len());
-        self.transaction("create maps", &create).await?;
+        self.nft.transaction("create maps", &create).await?;
 
         let t = self.table.clone();
         let (p4, p6) = (v4.partition.clone(), v6.partition.clone());
         let pieces4 = v4.pieces(v4.elements.iter());
         let pieces6 = v6.pieces(v6.elements.iter());
         let loaded = self
+            .nft
             .send_batch("load elements", move || {
                 let mut b = Batch::new();
                 add_selector::<Ipv4Addr>(&mut b, &t, generation, &p4);
@@ -620,7 +457,7 @@ impl NftFirewall {
         let switched = match loaded {
             Ok(()) => {
                 let switch = self.switch_script(generation, &existing);
-                self.transaction("switch maps", &switch).await
+                self.nft.transaction("switch maps", &switch).await
             }
             Err(e) => Err(e),
         };
@@ -628,7 +465,7 @@ impl NftFirewall {
             // The old generation is still in force; drop the new one (if this fails too, the
             // next full replace deletes it).
             let cleanup = self.drop_script(generation, v4.partition.len(), v6.partition.len());
-            if let Err(c) = self.transaction("drop new maps", &cleanup).await {
+            if let Err(c) = self.nft.transaction("drop new maps", &cleanup).await {
                 tracing::warn!(error = %c, "could not delete the maps of a failed replace");
             }
             return Err(e);
@@ -714,6 +551,7 @@ impl NftFirewall {
     /// pieces.
     pub async fn list_elements(&self) -> Result<SnatMap> {
         let out = self
+            .nft
             .run(
                 "list table",
                 &["-j", "list", "table", "inet", &self.table],
@@ -734,6 +572,7 @@ impl NftFirewall {
     /// Reads the two named counters.
     pub async fn counters(&self) -> Result<NftCounters> {
         let out = self
+            .nft
             .run(
                 "list counters",
                 &["-j", "list", "counters", "table", "inet", &self.table],
@@ -866,17 +705,18 @@ impl Firewall for NftFirewall {
         let (del4, add4, del6, add6) = (d4.delete, d4.add, d6.delete, d6.add);
         // Until the batch is known to have committed, the kernel's state is not known: `old`
         // stays dropped on any error, so that the next apply replaces everything.
-        self.send_batch("update elements", move || {
-            let mut b = Batch::new();
-            // Deletes first: an element whose target changed is deleted and re-added with the
-            // same key, which must not collide with the old one.
-            add_pieces(&mut b, Op::Delete, &t, g, &del4);
-            add_pieces(&mut b, Op::Delete, &t, g, &del6);
-            add_pieces(&mut b, Op::Add { exclusive: true }, &t, g, &add4);
-            add_pieces(&mut b, Op::Add { exclusive: true }, &t, g, &add6);
-            b
-        })
-        .await?;
+        self.nft
+            .send_batch("update elements", move || {
+                let mut b = Batch::new();
+                // Deletes first: an element whose target changed is deleted and re-added with the
+                // same key, which must not collide with the old one.
+                add_pieces(&mut b, Op::Delete, &t, g, &del4);
+                add_pieces(&mut b, Op::Delete, &t, g, &del6);
+                add_pieces(&mut b, Op::Add { exclusive: true }, &t, g, &add4);
+                add_pieces(&mut b, Op::Add { exclusive: true }, &t, g, &add6);
+                b
+            })
+            .await?;
         self.installed = Some(Installed {
             generation: g,
             v4: Family {
@@ -893,195 +733,14 @@ impl Firewall for NftFirewall {
         Ok(())
     }
 
-    async fn lease(
-        &mut self,
-        managed: &BTreeSet<IpAddr>,
-        leased: &BTreeSet<IpAddr>,
-        until: Instant,
-    ) -> Result<()> {
-        validate_table_name(&self.table)?;
-        let wanted: BTreeSet<IpAddr> = leased.intersection(managed).copied().collect();
-        if self.fence.as_ref() == Some(managed) {
-            if wanted.is_empty() && self.leased.is_empty() {
-                return Ok(());
-            }
-            return self.renew(wanted, until).await;
-        }
-        let t = self.table.clone();
-        let written: std::sync::Mutex<BTreeSet<IpAddr>> = std::sync::Mutex::new(BTreeSet::new());
-        // The timeout is computed when the script is written to nft, not before nft starts: a
-        // daemon paused in between (SIGSTOP, an overloaded host) must not wake up and hand its
-        // kernel a lease that was computed before the pause.
-        let script = || {
-            let ttl_ms = ttl_ms(until);
-            let leased = if ttl_ms == 0 {
-                BTreeSet::new()
-            } else {
-                wanted.clone()
-            };
-            let mut s = fence_script(&t, managed);
-            for ip in &leased {
-                let (family, key) = fence_key(ip);
-                let _ = writeln!(
-                    s,
-                    "add element {family} {t} {LEASE} {{ {key} timeout {ttl_ms}ms }}"
-                );
-            }
-            if let Ok(mut w) = written.lock() {
-                *w = leased;
-            }
-            s
-        };
-        self.fence = None;
-        self.transactions += 1;
-        self.run_script("lease", &["-f", "-"], Some(Script::Late(Box::new(script))))
-            .await?;
-        self.fence = Some(managed.clone());
-        self.leased = written.into_inner().unwrap_or_default();
-        Ok(())
-    }
-
     async fn remove(&mut self) -> Result<()> {
         validate_table_name(&self.table)?;
         self.installed = None;
-        self.fence = None;
-        self.leased.clear();
         // `add` then `delete` in one transaction: succeeds whether or not the table exists,
         // without parsing nft's "No such file or directory" message.
         let t = &self.table;
-        let script = format!(
-            "add table inet {t}\ndelete table inet {t}\nadd table arp {t}\ndelete table arp {t}\n\
-             add table ip6 {t}\ndelete table ip6 {t}\n"
-        );
-        self.transaction("delete table", &script).await
-    }
-}
-
-/// Milliseconds from now until `until` (0 when past).
-fn ttl_ms(until: Instant) -> u64 {
-    until
-        .saturating_duration_since(Instant::now())
-        .as_millis()
-        .min(u128::from(u32::MAX)) as u64
-}
-
-impl NftFirewall {
-    /// Renews the leases in the installed fence tables through netlink: one small batch, no
-    /// process. An element that is re-added keeps its old timeout, so each leased address is
-    /// added (in case it expired), deleted and added again with the new timeout; an address
-    /// no longer leased is added with a 1 ms timeout (in case it expired, so the delete cannot
-    /// fail) and deleted.
-    async fn renew(&mut self, wanted: BTreeSet<IpAddr>, until: Instant) -> Result<()> {
-        let t = self.table.clone();
-        let previous = self.leased.clone();
-        let written = std::sync::Arc::new(std::sync::Mutex::new(BTreeSet::new()));
-        let record = written.clone();
-        // Unknown until the batch commits: a failure makes the next call rebuild the tables.
-        let managed = self.fence.take();
-        self.send_batch("lease", move || {
-            let ttl = ttl_ms(until);
-            let leased = if ttl == 0 { BTreeSet::new() } else { wanted };
-            let mut b = Batch::new();
-            for ip in previous.difference(&leased) {
-                lease_ops(&mut b, &t, *ip, &[(Some(1), true), (None, false)]);
-            }
-            for ip in &leased {
-                let steps = [(Some(ttl), true), (None, false), (Some(ttl), true)];
-                lease_ops(&mut b, &t, *ip, &steps);
-            }
-            if let Ok(mut w) = record.lock() {
-                *w = leased;
-            }
-            b
-        })
-        .await?;
-        self.fence = managed;
-        self.leased = written.lock().map(|w| w.clone()).unwrap_or_default();
-        Ok(())
-    }
-}
-
-/// Appends `(timeout, add?)` steps on `ip` in its fence table's lease set.
-fn lease_ops(b: &mut Batch, t: &str, ip: IpAddr, steps: &[(Option<u64>, bool)]) {
-    fn one<A: nfnl::KeyBytes>(
-        b: &mut Batch,
-        op: Op,
-        family: u8,
-        t: &str,
-        a: A,
-        timeout_ms: Option<u64>,
-    ) {
-        let element = Element::<A> {
-            key: (a, None),
-            key_end: None,
-            data: Data::None,
-            timeout_ms,
-        };
-        b.elements(op, family, t, LEASE, [element]);
-    }
-    for &(timeout_ms, add) in steps {
-        let op = if add {
-            Op::Add { exclusive: false }
-        } else {
-            Op::Delete
-        };
-        match ip {
-            IpAddr::V4(a) => one(b, op, nfnl::NFPROTO_ARP, t, a, timeout_ms),
-            IpAddr::V6(a) => one(b, op, nfnl::NFPROTO_IPV6, t, a, timeout_ms),
-        }
-    }
-}
-
-/// The fence tables, replacing any earlier ones. `arp <t>`: ARP requests for a managed IPv4
-/// address are dropped unless the address is in the lease set, whose elements time out by
-/// themselves; and this host never sends ARP with a managed sender address it has no lease for,
-/// so a fenced node cannot poison its neighbours' caches either. `ip6 <t>`: the same for
-/// neighbour solicitations and advertisements, keyed by their target address (nft 1.0.6 has no
-/// named field for it, hence the raw payload: bytes 8 to 23 of the ICMPv6 message).
-fn fence_script(t: &str, managed: &BTreeSet<IpAddr>) -> String {
-    let mut s = format!(
-        "add table arp {t}\n\
-         delete table arp {t}\n\
-         table arp {t} {{\n\
-         \tset {MANAGED} {{ type ipv4_addr; }}\n\
-         \tset {LEASE} {{ type ipv4_addr; flags timeout; }}\n\
-         \tchain input {{\n\
-         \t\ttype filter hook input priority 0; policy accept;\n\
-         \t\tarp operation request arp daddr ip @{MANAGED} arp daddr ip != @{LEASE} drop\n\
-         \t}}\n\
-         \tchain output {{\n\
-         \t\ttype filter hook output priority 0; policy accept;\n\
-         \t\tarp saddr ip @{MANAGED} arp saddr ip != @{LEASE} drop\n\
-         \t}}\n\
-         }}\n\
-         add table ip6 {t}\n\
-         delete table ip6 {t}\n\
-         table ip6 {t} {{\n\
-         \tset {MANAGED} {{ typeof @th,64,128; }}\n\
-         \tset {LEASE} {{ typeof @th,64,128; flags timeout; }}\n\
-         \tchain input {{\n\
-         \t\ttype filter hook input priority 0; policy accept;\n\
-         \t\ticmpv6 type nd-neighbor-solicit @th,64,128 @{MANAGED} @th,64,128 != @{LEASE} drop\n\
-         \t}}\n\
-         \tchain output {{\n\
-         \t\ttype filter hook output priority 0; policy accept;\n\
-         \t\ticmpv6 type nd-neighbor-advert @th,64,128 @{MANAGED} @th,64,128 != @{LEASE} drop\n\
-         \t}}\n\
-         }}\n"
-    );
-    for ip in managed {
-        let (family, key) = fence_key(ip);
-        let _ = writeln!(s, "add element {family} {t} {MANAGED} {{ {key} }}");
-    }
-    s
-}
-
-/// The fence table family and set key of an address: IPv4 as is, IPv6 as the 128-bit integer the
-/// raw-payload sets hold.
-fn fence_key(ip: &IpAddr) -> (&'static str, String) {
-    match ip {
-        IpAddr::V4(v4) => ("arp", v4.to_string()),
-        IpAddr::V6(v6) => ("ip6", format!("0x{:032x}", u128::from(*v6))),
+        let script = format!("add table inet {t}\ndelete table inet {t}\n");
+        self.nft.transaction("delete table", &script).await
     }
 }
 
@@ -1305,17 +964,6 @@ fn parse_objects(text: &str, table: &str) -> std::result::Result<Vec<Object>, St
 }
 
 /// Keeps the start of a long stderr (the first errors are the useful ones).
-fn clip(s: &str) -> String {
-    if s.len() <= MAX_DETAIL {
-        return s.to_owned();
-    }
-    let mut end = MAX_DETAIL;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{} […{} more bytes]", &s[..end], s.len() - end)
-}
-
 fn parse_elem<A: NftAddr>(elem: &Value) -> std::result::Result<SnatElement<A>, String> {
     let (src, dst, value) = concat_pair(elem)?;
     let to = value.as_str().ok_or("value is not an address")?;

@@ -1,0 +1,363 @@
+//! The data-plane task: from the leased gateways and the committed objects to SNAT maps and
+//! addresses (`crate::reconciler`), and back to the lease task the addresses that are in place.
+//! It also says whether the node is ready (forwarding, nftables) for the reports.
+
+use std::collections::BTreeSet;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
+use tracing::{error, info};
+
+use super::{AgentConfig, Facts, Leased, Ready};
+use crate::cluster::store::Applied;
+use crate::dataplane::{Firewall, Host, HostState};
+use crate::events::{EventKind, EventLog};
+use crate::model::{Assignment, Gateway, Policy};
+use crate::notify::Heartbeat;
+use crate::reconciler::{self, Reconciler};
+use crate::status::StatusBoard;
+
+/// The committed gateways and policies as lists, rebuilt only when the applied index moves.
+#[derive(Default)]
+struct Objects {
+    version: u64,
+    gateways: Arc<Vec<Gateway>>,
+    policies: Arc<Vec<Policy>>,
+}
+
+/// The inputs and outputs of the data-plane task.
+pub struct Channels {
+    pub config: watch::Receiver<Arc<AgentConfig>>,
+    pub leased: watch::Receiver<Leased>,
+    pub host: watch::Receiver<Arc<HostState>>,
+    pub applied: watch::Receiver<Applied>,
+    /// Set on SIGTERM: report not ready, so the leader moves the gateways away.
+    pub leaving: watch::Receiver<bool>,
+    pub stop: watch::Receiver<bool>,
+    pub facts: watch::Sender<Facts>,
+    pub ready: watch::Sender<Ready>,
+}
+
+pub struct DataplaneTask<H, F> {
+    rec: Reconciler<H, F>,
+    ch: Channels,
+    board: Arc<StatusBoard>,
+    events: EventLog,
+    heartbeat: Arc<Heartbeat>,
+    objects: Objects,
+    snat_cache: reconciler::SnatCache,
+    firewall_ok: bool,
+    held: BTreeSet<String>,
+    /// Applied index at the last return of freed memory to the system.
+    trimmed_at: u64,
+}
+
+/// Forwarding must be on for the node to pass traffic; IPv6 forwarding only when a policy needs
+/// it. Returns the problems, after fixing them when the config allows it.
+fn check_forwarding(manage: bool, policies: &[Policy]) -> Vec<String> {
+    let needs_v6 = policies
+        .iter()
+        .any(|p| p.destination_cidrs.iter().any(|c| c.addr().is_ipv6()));
+    let mut knobs = vec![("net.ipv4.ip_forward", "/proc/sys/net/ipv4/ip_forward")];
+    if needs_v6 {
+        knobs.push((
+            "net.ipv6.conf.all.forwarding",
+            "/proc/sys/net/ipv6/conf/all/forwarding",
+        ));
+    }
+    let mut problems = Vec::new();
+    for (name, path) in knobs {
+        if std::fs::read_to_string(path).is_ok_and(|v| v.trim() == "1") {
+            continue;
+        }
+        if manage {
+            match std::fs::write(path, "1") {
+                Ok(()) => {
+                    info!(
+                        sysctl = name,
+                        "enabled forwarding (dataplane.manage_forwarding)"
+                    );
+                    continue;
+                }
+                Err(e) => problems.push(format!("{name} is 0 and setting it failed: {e}")),
+            }
+        } else {
+            problems.push(format!(
+                "{name} is 0: this node cannot forward client traffic; set it to 1 \
+                 (or dataplane.manage_forwarding = true)"
+            ));
+        }
+    }
+    problems
+}
+
+/// Parsing a config or a committed change of many objects leaves freed heap that glibc keeps:
+/// give it back, so that an idle node's resident size reflects what it holds.
+fn release_free_memory() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only returns free heap pages to the kernel.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+impl<H: Host, F: Firewall> DataplaneTask<H, F> {
+    pub fn new(
+        rec: Reconciler<H, F>,
+        firewall_ok: bool,
+        ch: Channels,
+        board: Arc<StatusBoard>,
+        events: EventLog,
+        heartbeat: Arc<Heartbeat>,
+    ) -> Self {
+        DataplaneTask {
+            rec,
+            ch,
+            board,
+            events,
+            heartbeat,
+            objects: Objects::default(),
+            snat_cache: reconciler::SnatCache::default(),
+            firewall_ok,
+            held: BTreeSet::new(),
+            trimmed_at: 0,
+        }
+    }
+
+    /// The reconciler, once the task has stopped (for the clean shutdown).
+    pub fn into_reconciler(self) -> Reconciler<H, F> {
+        self.rec
+    }
+
+    /// One round: readiness, plan, converge, publish.
+    async fn round(&mut self) {
+        let started = Instant::now();
+        let cfg = self.ch.config.borrow().clone();
+        let host = self.ch.host.borrow().clone();
+        let applied = self.ch.applied.borrow().clone();
+        let leased = self.ch.leased.borrow().clone();
+        if self.objects.version != applied.index || self.objects.gateways.is_empty() {
+            self.objects = Objects {
+                version: applied.index,
+                gateways: Arc::new(applied.state.gateway_list()),
+                policies: Arc::new(applied.state.policy_list()),
+            };
+        }
+        let gateways = self.objects.gateways.clone();
+        let policies = self.objects.policies.clone();
+        let managed = super::managed(&gateways, &cfg.file_gateways, &host);
+
+        let mut not_ready = check_forwarding(cfg.manage_forwarding, &policies);
+        if !self.firewall_ok {
+            not_ready.push("nftables table not installed yet".into());
+        }
+        if *self.ch.leaving.borrow() {
+            not_ready.push("shutting down: handing gateways over".into());
+        }
+        let me = reconciler::local_node_state(
+            &cfg.node,
+            &cfg.labels,
+            false,
+            not_ready.is_empty(),
+            &host,
+            &managed,
+        );
+        let facts = Facts {
+            labels: cfg.labels.clone(),
+            ready: not_ready.is_empty(),
+            interfaces: me.interfaces,
+        };
+        self.ch.facts.send_if_modified(|f| {
+            if *f == facts {
+                false
+            } else {
+                *f = facts;
+                true
+            }
+        });
+
+        // Hold a leased gateway only as the leader granted it: a definition whose addresses
+        // differ (this node has not applied a change yet) waits.
+        let assignment: Assignment = leased
+            .iter()
+            .filter(|(g, addrs)| {
+                gateways
+                    .iter()
+                    .find(|d| &d.name == *g)
+                    .is_some_and(|d| d.addresses() == **addrs)
+            })
+            .map(|(g, _)| (g.clone(), cfg.node.clone()))
+            .collect();
+        let desired = reconciler::plan(
+            &cfg.node,
+            &assignment,
+            &reconciler::Objects {
+                version: self.objects.version,
+                gateways: &gateways,
+                policies: &policies,
+            },
+            &host,
+            &managed,
+            &mut self.snat_cache,
+        );
+        let before = self.held.clone();
+        let mut error = None;
+        self.rec.host.learn(&host);
+        match self.rec.converge(&desired, &host, &managed).await {
+            Ok(changes) => {
+                self.firewall_ok = true;
+                self.held = desired.sources.keys().cloned().collect();
+                let ready: Ready = desired.addresses.clone();
+                self.ch.ready.send_if_modified(|r| {
+                    if *r == ready {
+                        false
+                    } else {
+                        *r = ready;
+                        true
+                    }
+                });
+                if !changes.is_empty() {
+                    self.changed(&applied, &before, &desired, started);
+                }
+            }
+            Err(e) => {
+                error!(error = %e, "data plane change failed; retrying");
+                error = Some(e.to_string());
+                // Only what was in place before and is still wanted stays answerable.
+                let keep: Ready = self
+                    .ch
+                    .ready
+                    .borrow()
+                    .intersection(&desired.addresses)
+                    .cloned()
+                    .collect();
+                self.ch.ready.send_replace(keep);
+            }
+        }
+        if applied.index != self.trimmed_at {
+            self.trimmed_at = applied.index;
+            release_free_memory();
+        }
+        self.publish(&applied, &desired, not_ready, error, started);
+    }
+
+    fn changed(
+        &mut self,
+        applied: &Applied,
+        before: &BTreeSet<String>,
+        desired: &reconciler::Desired,
+        started: Instant,
+    ) {
+        let took = started.elapsed().as_secs_f64() * 1e3;
+        for g in self.held.difference(before) {
+            let epoch = applied.state.epochs.get(g).copied().unwrap_or(0);
+            self.events.local(
+                EventKind::Takeover,
+                Some(g),
+                format!(
+                    "took over gateway (epoch {epoch}): SNAT installed and addresses held in \
+                     {took:.1} ms; answering once fenced"
+                ),
+            );
+        }
+        for g in before.difference(&self.held) {
+            self.events.local(
+                EventKind::Release,
+                Some(g),
+                format!("released gateway in {took:.1} ms"),
+            );
+        }
+        if self.held == *before {
+            info!(
+                applied_index = applied.index,
+                snat_elements = desired.snat.len(),
+                took_ms = took,
+                "SNAT map updated"
+            );
+        }
+        self.board.update(|s| {
+            s.dataplane.applies += 1;
+            s.dataplane.last_apply_ms = Some(took);
+            s.dataplane.last_apply_unix_ms = Some(crate::events::unix_ms());
+        });
+    }
+
+    fn publish(
+        &mut self,
+        applied: &Applied,
+        desired: &reconciler::Desired,
+        not_ready: Vec<String>,
+        error: Option<String>,
+        _started: Instant,
+    ) {
+        let state = &applied.state;
+        let gateways = state
+            .gateways
+            .values()
+            .map(|g| {
+                let stats = state.stats.get(&g.name).cloned().unwrap_or_default();
+                crate::status::GatewayStatus {
+                    name: g.name.clone(),
+                    mode: g.source_ip.mode_name().to_string(),
+                    source_ip: desired.sources.get(&g.name).copied(),
+                    active: state.assignment.get(&g.name).cloned(),
+                    epoch: state.epochs.get(&g.name).copied().unwrap_or(0),
+                    active_since_unix_ms: stats.active_since_unix_ms,
+                    eligible: Vec::new(),
+                    ineligible: Vec::new(),
+                    failovers: stats.failovers,
+                    last_failover_detect_ms: stats.last_failover_detect_ms,
+                    handovers: stats.handovers,
+                }
+            })
+            .collect();
+        let held: Vec<String> = self.held.iter().cloned().collect();
+        let held_addresses: Vec<(String, IpAddr)> = self.rec.held().iter().cloned().collect();
+        let snat_elements = self.rec.installed().map_or(0, |m| m.len());
+        let orphaned: Vec<String> = state
+            .orphaned_policies()
+            .iter()
+            .map(|p| p.name.clone())
+            .collect();
+        let mut reasons = not_ready;
+        if let Some(e) = &error {
+            reasons.push(format!("data plane: {e}"));
+        }
+        self.board.update(|s| {
+            s.gateways = gateways;
+            s.dataplane.held_gateways = held;
+            s.dataplane.held_addresses = held_addresses;
+            s.dataplane.snat_elements = snat_elements;
+            s.dataplane.last_error = error;
+            s.config.orphaned_policies = orphaned;
+            s.set_not_ready("dataplane", reasons);
+        });
+    }
+
+    /// Runs until `stop` turns true.
+    pub async fn run(&mut self) {
+        loop {
+            self.round().await;
+            self.heartbeat.beat();
+            // Idle is healthy: beat at least once a second while waiting.
+            tokio::select! {
+                r = self.ch.leased.changed() => if r.is_err() { return },
+                r = self.ch.applied.changed() => if r.is_err() { return },
+                r = self.ch.host.changed() => if r.is_err() { return },
+                r = self.ch.config.changed() => if r.is_err() { return },
+                r = self.ch.leaving.changed() => if r.is_err() { return },
+                r = self.ch.stop.changed() => {
+                    if r.is_err() || *self.ch.stop.borrow() { return; }
+                }
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+        }
+    }
+
+    /// Gateways whose data plane is in place.
+    pub fn held(&self) -> &BTreeSet<String> {
+        &self.held
+    }
+}

@@ -1,0 +1,108 @@
+//! The node agent: three tasks that never wait for each other.
+//!
+//! - [`host`]: watches the host's interfaces and addresses (rtnetlink events) and publishes what
+//!   it sees.
+//! - [`lease`]: reports to the leader every report interval, applies its grants, keeps the
+//!   kernel fence equal to the leases whose data plane is in place, and announces. Cheap work
+//!   only (one small netlink batch per renewal), so a lease is never late because the data plane
+//!   is busy.
+//! - [`dataplane`]: turns the leased gateways and the committed objects into SNAT maps and
+//!   addresses (the slow work: compiling, loading maps, rtnetlink) and says which addresses are
+//!   in place.
+//!
+//! A takeover goes lease (grant) → data plane (SNAT, then address) → lease (fence element, then
+//! announcement); a release goes lease (fence element gone, at once) → data plane (address, then
+//! SNAT). So a node never answers for an address whose translation is missing, and stops
+//! answering the moment its lease ends, however busy its data plane is.
+
+pub mod dataplane;
+pub mod host;
+pub mod lease;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use crate::config::Config;
+use crate::model::{Gateway, InterfaceState, Labels};
+
+/// The gateways this node holds a lease for now, with the addresses of each.
+pub type Leased = BTreeMap<String, Vec<IpAddr>>;
+
+/// `(interface, address)` pairs whose data plane is in place (SNAT installed, address added):
+/// the lease task may answer for them.
+pub type Ready = BTreeSet<(String, IpAddr)>;
+
+/// What a node reports about itself besides its leases.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Facts {
+    pub labels: Labels,
+    pub ready: bool,
+    pub interfaces: BTreeMap<String, InterfaceState>,
+}
+
+/// The parts of the configuration the tasks use; replaced on a reload.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    pub node: String,
+    pub labels: Labels,
+    /// The file's gateways: their addresses are fenced even before the cluster knows them.
+    pub file_gateways: Vec<Gateway>,
+    pub manage_forwarding: bool,
+    pub garp_count: u32,
+    pub garp_interval: std::time::Duration,
+    pub garp_refresh: Option<std::time::Duration>,
+}
+
+impl AgentConfig {
+    pub fn from_config(c: &Config) -> Arc<AgentConfig> {
+        let d = &c.dataplane;
+        Arc::new(AgentConfig {
+            node: c.node.name.clone(),
+            labels: c.node.labels.clone(),
+            file_gateways: c.gateways.clone(),
+            manage_forwarding: d.manage_forwarding,
+            garp_count: d.garp_count,
+            garp_interval: std::time::Duration::from_millis(d.garp_interval_ms),
+            garp_refresh: (d.garp_refresh_secs > 0)
+                .then(|| std::time::Duration::from_secs(d.garp_refresh_secs)),
+        })
+    }
+}
+
+/// Every address egressd may hold on this host: the committed gateways', the file's, and the
+/// ones tagged as egressd's on the host (a crashed run's, a deleted gateway's).
+pub fn managed(
+    committed: &[Gateway],
+    file: &[Gateway],
+    host: &crate::dataplane::HostState,
+) -> BTreeSet<IpAddr> {
+    committed
+        .iter()
+        .chain(file)
+        .flat_map(Gateway::addresses)
+        .chain(host.values().flat_map(|i| i.tagged.iter().copied()))
+        .collect()
+}
+
+/// The interfaces the fence's egress hook watches: those of `managed` gateways, and those that
+/// carry a tagged address, that exist now.
+pub fn fence_devices(
+    committed: &[Gateway],
+    file: &[Gateway],
+    host: &crate::dataplane::HostState,
+) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    for g in committed.iter().chain(file) {
+        for (iface, _) in g.required_interfaces() {
+            out.insert(iface.to_string());
+        }
+    }
+    for (name, i) in host {
+        if !i.tagged.is_empty() {
+            out.insert(name.clone());
+        }
+    }
+    out.retain(|d| host.contains_key(d));
+    out
+}

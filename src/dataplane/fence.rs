@@ -1,0 +1,357 @@
+//! The fence: the kernel answers for a managed address (ARP, NDP) and lets an announcement of it
+//! leave only while the address holds a live lease element. The lease is the kernel's to enforce,
+//! so a daemon that dies, hangs or is paused stops answering when its lease ends, whether or not
+//! it ever runs again.
+//!
+//! Tables (`<t>` is `dataplane.nft_table`):
+//!
+//! ```text
+//! table arp <t> {                       # ARP requests in, ARP out (the kernel's own replies)
+//!   set managed { type ipv4_addr }                                       # every VIP/next hop
+//!   set lease { typeof arp daddr ip . meta time; flags interval,timeout } # VIP . [0, end]
+//!   chain input  { arp operation request arp daddr ip @managed
+//!                  arp daddr ip . meta time != @lease drop }
+//!   chain output { arp saddr ip @managed arp saddr ip . meta time != @lease drop }
+//! }
+//! table netdev <t> {                    # every frame that leaves the VIP interfaces, also the
+//!   set managed, set lease as above     #   gratuitous ARPs egressd sends from a packet socket,
+//!   chain egress { type filter hook egress devices = { <interfaces> } priority 0;
+//!                  ether type arp arp saddr ip @managed arp saddr ip . meta time != @lease drop }
+//! }
+//! table ip6 <t> {                       # neighbour solicitations in, advertisements out
+//!   set managed { typeof @th,64,128 }   # (the target address: bytes 8..23 of the message)
+//!   set lease { typeof @th,64,128 . meta time; flags interval,timeout }
+//!   chain input  { icmpv6 type nd-neighbor-solicit @th,64,128 @managed
+//!                  @th,64,128 . meta time != @lease drop }
+//!   chain output { icmpv6 type nd-neighbor-advert  @th,64,128 @managed
+//!                  @th,64,128 . meta time != @lease drop }
+//! }
+//! ```
+//!
+//! A lease element covers the wall-clock interval from the epoch to the lease's end (`meta time`,
+//! CLOCK_REALTIME), and also carries a timeout of the lease's remaining length. The absolute end
+//! means a daemon paused between computing an element and writing it cannot extend the lease by
+//! the pause; the timeout means a wall clock stepped backwards cannot either. Either bound ends
+//! the answer.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Write as _;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::time::Duration;
+
+use super::nfnl::{self, Batch, Data, Element, Op, Stamped};
+use super::nft::validate_table_name;
+use super::runner::NftRunner;
+use super::{Error, Result};
+use crate::lease::Time;
+
+pub const MANAGED: &str = "managed";
+pub const LEASE: &str = "lease";
+
+/// The fence, behind a trait so the agent runs the same against the kernel and a fake.
+pub trait Fence: Send {
+    /// Builds (or rebuilds) the fence tables for `managed` addresses, the egress hook on
+    /// `devices` (the existing interfaces that may carry them), with no address leased: from
+    /// here the kernel answers for none of them.
+    fn rebuild(
+        &mut self,
+        managed: &BTreeSet<IpAddr>,
+        devices: &BTreeSet<String>,
+    ) -> impl Future<Output = Result<()>> + Send;
+    /// Makes the lease elements exactly `leases`: each address answered for until its lease ends
+    /// (on the lease clock), every other address not at all. One kernel transaction.
+    fn write(&mut self, leases: &BTreeMap<IpAddr, Time>)
+    -> impl Future<Output = Result<()>> + Send;
+    /// What the tables were built for, `None` when they are not (known to be) in place.
+    fn built(&self) -> Option<&(BTreeSet<IpAddr>, BTreeSet<String>)>;
+    /// Deletes the fence tables (clean shutdown).
+    fn remove(&mut self) -> impl Future<Output = Result<()>> + Send;
+}
+
+/// The nftables fence.
+#[derive(Debug)]
+pub struct NftFence {
+    table: String,
+    nft: NftRunner,
+    built: Option<(BTreeSet<IpAddr>, BTreeSet<String>)>,
+    /// The wall-clock end (ns since the epoch) of each element written, as its key holds it.
+    written: BTreeMap<IpAddr, u64>,
+}
+
+impl NftFence {
+    pub fn new(table: &str) -> NftFence {
+        NftFence::with(table, NftRunner::new())
+    }
+
+    /// Inside network namespace `netns`, for tests.
+    pub fn in_netns(table: &str, netns: &str) -> NftFence {
+        NftFence::with(table, NftRunner::in_netns(netns))
+    }
+
+    fn with(table: &str, nft: NftRunner) -> NftFence {
+        NftFence {
+            table: table.to_owned(),
+            nft,
+            built: None,
+            written: BTreeMap::new(),
+        }
+    }
+
+    pub fn transactions(&self) -> u64 {
+        self.nft.transactions()
+    }
+}
+
+/// The script that replaces the fence tables.
+pub fn script(t: &str, managed: &BTreeSet<IpAddr>, devices: &BTreeSet<String>) -> String {
+    let mut s = format!(
+        "add table arp {t}\n\
+         delete table arp {t}\n\
+         table arp {t} {{\n\
+         \tset {MANAGED} {{ type ipv4_addr; }}\n\
+         \tset {LEASE} {{ typeof arp daddr ip . meta time; flags interval,timeout; }}\n\
+         \tchain input {{\n\
+         \t\ttype filter hook input priority 0; policy accept;\n\
+         \t\tarp operation request arp daddr ip @{MANAGED} arp daddr ip . meta time != @{LEASE} drop\n\
+         \t}}\n\
+         \tchain output {{\n\
+         \t\ttype filter hook output priority 0; policy accept;\n\
+         \t\tarp saddr ip @{MANAGED} arp saddr ip . meta time != @{LEASE} drop\n\
+         \t}}\n\
+         }}\n\
+         add table ip6 {t}\n\
+         delete table ip6 {t}\n\
+         table ip6 {t} {{\n\
+         \tset {MANAGED} {{ typeof @th,64,128; }}\n\
+         \tset {LEASE} {{ typeof @th,64,128 . meta time; flags interval,timeout; }}\n\
+         \tchain input {{\n\
+         \t\ttype filter hook input priority 0; policy accept;\n\
+         \t\ticmpv6 type nd-neighbor-solicit @th,64,128 @{MANAGED} @th,64,128 . meta time != @{LEASE} drop\n\
+         \t}}\n\
+         \tchain output {{\n\
+         \t\ttype filter hook output priority 0; policy accept;\n\
+         \t\ticmpv6 type nd-neighbor-advert @th,64,128 @{MANAGED} @th,64,128 . meta time != @{LEASE} drop\n\
+         \t}}\n\
+         }}\n\
+         add table netdev {t}\n\
+         delete table netdev {t}\n"
+    );
+    if !devices.is_empty() {
+        let list = devices
+            .iter()
+            .map(|d| format!("\"{d}\""))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let _ = write!(
+            s,
+            "table netdev {t} {{\n\
+             \tset {MANAGED} {{ type ipv4_addr; }}\n\
+             \tset {LEASE} {{ typeof arp saddr ip . meta time; flags interval,timeout; }}\n\
+             \tchain egress {{\n\
+             \t\ttype filter hook egress devices = {{ {list} }} priority 0; policy accept;\n\
+             \t\tether type arp arp saddr ip @{MANAGED} arp saddr ip . meta time != @{LEASE} drop\n\
+             \t}}\n\
+             }}\n"
+        );
+    }
+    for ip in managed {
+        match ip {
+            IpAddr::V4(v4) => {
+                let _ = writeln!(s, "add element arp {t} {MANAGED} {{ {v4} }}");
+                if !devices.is_empty() {
+                    let _ = writeln!(s, "add element netdev {t} {MANAGED} {{ {v4} }}");
+                }
+            }
+            IpAddr::V6(v6) => {
+                let _ = writeln!(
+                    s,
+                    "add element ip6 {t} {MANAGED} {{ 0x{:032x} }}",
+                    u128::from(*v6)
+                );
+            }
+        }
+    }
+    s
+}
+
+/// Appends the operations on one address's lease elements: `(element end, op, timeout)`.
+fn lease_ops(b: &mut Batch, t: &str, netdev: bool, ip: IpAddr, steps: &[(u64, Op, Option<u64>)]) {
+    fn one<A: nfnl::KeyBytes>(
+        b: &mut Batch,
+        family: u8,
+        t: &str,
+        a: A,
+        (end, op, timeout_ms): (u64, Op, Option<u64>),
+    ) {
+        let element = Element::<Stamped<A>> {
+            key: (Stamped(a, 0), None),
+            key_end: Some((Stamped(a, end), None)),
+            data: Data::None,
+            timeout_ms,
+        };
+        b.elements(op, family, t, LEASE, [element]);
+    }
+    for &step in steps {
+        match ip {
+            IpAddr::V4(a) => {
+                one::<Ipv4Addr>(b, nfnl::NFPROTO_ARP, t, a, step);
+                if netdev {
+                    one::<Ipv4Addr>(b, nfnl::NFPROTO_NETDEV, t, a, step);
+                }
+            }
+            IpAddr::V6(a) => one::<Ipv6Addr>(b, nfnl::NFPROTO_IPV6, t, a, step),
+        }
+    }
+}
+
+impl Fence for NftFence {
+    async fn rebuild(
+        &mut self,
+        managed: &BTreeSet<IpAddr>,
+        devices: &BTreeSet<String>,
+    ) -> Result<()> {
+        validate_table_name(&self.table)?;
+        self.built = None;
+        self.written.clear();
+        let script = script(&self.table, managed, devices);
+        self.nft.transaction("build fence", &script).await?;
+        self.built = Some((managed.clone(), devices.clone()));
+        Ok(())
+    }
+
+    async fn write(&mut self, leases: &BTreeMap<IpAddr, Time>) -> Result<()> {
+        let Some((managed, devices)) = self.built.clone() else {
+            return Err(Error::Nft {
+                op: "lease",
+                detail: "the fence tables are not built".into(),
+            });
+        };
+        let t = self.table.clone();
+        let netdev = !devices.is_empty();
+        let previous = self.written.clone();
+        let wanted: BTreeMap<IpAddr, Time> = leases
+            .iter()
+            .filter(|(a, _)| managed.contains(*a))
+            .map(|(a, u)| (*a, *u))
+            .collect();
+        let record = std::sync::Arc::new(std::sync::Mutex::new(BTreeMap::new()));
+        let out = record.clone();
+        // Unknown until the batch commits: a failure makes the next write rebuild the tables.
+        self.built = None;
+        self.nft
+            .send_batch("lease", move || {
+                // Computed at the last moment, from the clocks read now: the wall-clock end is
+                // absolute, so a pause before the kernel gets it cannot make it later.
+                let now = crate::clock::now();
+                let mut b = Batch::new();
+                let mut written = BTreeMap::new();
+                for (ip, old_end) in &previous {
+                    if !wanted.contains_key(ip) {
+                        // Re-add first (a no-op when present) so the delete cannot fail on an
+                        // element that timed out meanwhile.
+                        let steps = [
+                            (*old_end, Op::Add { exclusive: false }, Some(1)),
+                            (*old_end, Op::Delete, None),
+                        ];
+                        lease_ops(&mut b, &t, netdev, *ip, &steps);
+                    }
+                }
+                for (ip, until) in &wanted {
+                    let remaining = until.saturating_sub(now);
+                    if remaining.is_zero() {
+                        if let Some(old_end) = previous.get(ip) {
+                            let steps = [
+                                (*old_end, Op::Add { exclusive: false }, Some(1)),
+                                (*old_end, Op::Delete, None),
+                            ];
+                            lease_ops(&mut b, &t, netdev, *ip, &steps);
+                        }
+                        continue;
+                    }
+                    let end = wall_ns(crate::clock::wall_at(*until));
+                    let timeout = Some(ms_ceil(remaining));
+                    let mut steps = Vec::with_capacity(3);
+                    if let Some(old_end) = previous.get(ip) {
+                        steps.push((*old_end, Op::Add { exclusive: false }, Some(1)));
+                        steps.push((*old_end, Op::Delete, None));
+                    }
+                    steps.push((end, Op::Add { exclusive: false }, timeout));
+                    lease_ops(&mut b, &t, netdev, *ip, &steps);
+                    written.insert(*ip, end);
+                }
+                if let Ok(mut w) = record.lock() {
+                    *w = written;
+                }
+                b
+            })
+            .await?;
+        self.written = out.lock().map(|w| w.clone()).unwrap_or_default();
+        self.built = Some((managed, devices));
+        Ok(())
+    }
+
+    fn built(&self) -> Option<&(BTreeSet<IpAddr>, BTreeSet<String>)> {
+        self.built.as_ref()
+    }
+
+    async fn remove(&mut self) -> Result<()> {
+        validate_table_name(&self.table)?;
+        self.built = None;
+        self.written.clear();
+        let t = &self.table;
+        let script = format!(
+            "add table arp {t}\ndelete table arp {t}\nadd table ip6 {t}\ndelete table ip6 {t}\n\
+             add table netdev {t}\ndelete table netdev {t}\n"
+        );
+        self.nft.transaction("delete fence", &script).await
+    }
+}
+
+fn wall_ns(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// Milliseconds, rounded up so that an element never ends before its absolute end does.
+fn ms_ceil(d: Duration) -> u64 {
+    let ms = d.as_millis();
+    let ms = if Duration::from_millis(ms as u64) < d {
+        ms + 1
+    } else {
+        ms
+    };
+    u64::try_from(ms).unwrap_or(u64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_script_fences_every_managed_address_and_the_egress_devices() {
+        let managed: BTreeSet<IpAddr> = ["198.18.0.50", "fd00::50"]
+            .iter()
+            .map(|s| s.parse().unwrap())
+            .collect();
+        let devices: BTreeSet<String> = ["eth1".to_string()].into_iter().collect();
+        let s = script("egressd", &managed, &devices);
+        assert!(
+            s.contains("add element arp egressd managed { 198.18.0.50 }"),
+            "{s}"
+        );
+        assert!(
+            s.contains("add element netdev egressd managed { 198.18.0.50 }"),
+            "{s}"
+        );
+        assert!(s.contains("0xfd000000000000000000000000000050"), "{s}");
+        assert!(s.contains("devices = { \"eth1\" }"), "{s}");
+        let none = script("egressd", &managed, &BTreeSet::new());
+        assert!(!none.contains("table netdev egressd {"), "{none}");
+        assert!(none.contains("delete table netdev egressd"), "{none}");
+    }
+
+    #[test]
+    fn timeouts_round_up() {
+        assert_eq!(ms_ceil(Duration::from_micros(1500)), 2);
+        assert_eq!(ms_ceil(Duration::from_millis(3)), 3);
+    }
+}

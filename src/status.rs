@@ -1,0 +1,229 @@
+//! The node's status: what `/v1/status` serves, `egressd status` shows, the metrics copy and the
+//! systemd status line summarises. The daemon's tasks each fill in their part on a
+//! [`StatusBoard`]; readers get whole, consistent copies.
+
+use std::net::IpAddr;
+use std::sync::Mutex;
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use crate::cluster::node::LeaderView;
+
+/// What `/v1/status` serves and `egressd status` shows.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Status {
+    pub node: String,
+    pub ready: bool,
+    /// Why the node is not ready, when it is not.
+    pub not_ready: Vec<String>,
+    pub cluster: ClusterStatus,
+    pub gateways: Vec<GatewayStatus>,
+    pub dataplane: DataplaneStatus,
+    pub config: ConfigStatus,
+    /// The node's leases (see `crate::lease`).
+    #[serde(default)]
+    pub lease: LeaseStatus,
+    /// Every member with its role, liveness, readiness, labels and cordon (the leader's view;
+    /// empty when no leader answered).
+    pub members: Vec<MemberStatus>,
+    /// The reasons of each part of the daemon, which `not_ready` joins.
+    #[serde(skip)]
+    pub not_ready_parts: std::collections::BTreeMap<String, Vec<String>>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ConfigStatus {
+    pub path: String,
+    /// The last SIGHUP reload: when, and its errors if it was rejected (the running config
+    /// then stays).
+    pub last_reload_unix_ms: Option<u64>,
+    pub last_reload_errors: Vec<String>,
+    /// How this node's file disagrees with the committed objects (see README, "Where gateways
+    /// and policies come from").
+    pub drift: Vec<String>,
+    /// Committed policies that name a gateway that does not exist.
+    pub orphaned_policies: Vec<String>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ClusterStatus {
+    pub leader: Option<String>,
+    pub term: u64,
+    pub members: Vec<String>,
+    /// Raft voters (at most five); the other members are non-voting learners.
+    pub voters: Vec<String>,
+    pub applied_index: u64,
+    /// The last entry of this node's Raft log (openraft 0.9 does not expose the commit index;
+    /// on the leader this is the newest proposed entry, on a follower the newest replicated).
+    pub last_log_index: u64,
+    /// Committed objects.
+    pub gateways: usize,
+    pub policies: usize,
+    /// How much longer this node may hold its gateways without a renewal.
+    pub lease_remaining_ms: u64,
+    /// The node's config file disagrees with the committed gateways and policies.
+    pub config_drift: bool,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct GatewayStatus {
+    pub name: String,
+    pub mode: String,
+    /// The address the gateway's traffic leaves with, when this node is active for it.
+    pub source_ip: Option<IpAddr>,
+    /// The committed active node.
+    pub active: Option<String>,
+    pub epoch: u64,
+    /// When the active node was assigned (leader's clock, ms since the Unix epoch).
+    pub active_since_unix_ms: Option<u64>,
+    /// Eligible nodes in selection order (known on the leader).
+    pub eligible: Vec<String>,
+    pub ineligible: Vec<(String, String)>,
+    pub failovers: u64,
+    /// How long the failed node had been silent when the leader moved the gateway away.
+    pub last_failover_detect_ms: Option<u64>,
+    pub handovers: u64,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct DataplaneStatus {
+    pub held_gateways: Vec<String>,
+    pub held_addresses: Vec<(String, IpAddr)>,
+    pub snat_elements: usize,
+    pub applies: u64,
+    /// How long the last change of the data plane took, and when it finished.
+    pub last_apply_ms: Option<f64>,
+    pub last_apply_unix_ms: Option<u64>,
+    pub last_error: Option<String>,
+}
+
+/// What this node may hold, and until when.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct LeaseStatus {
+    /// Bumped at every start of the daemon.
+    pub epoch: u64,
+    /// Leased gateways, each with its addresses and how much longer the lease runs without a
+    /// renewal.
+    pub leased: Vec<LeasedGateway>,
+    /// Addresses the kernel fence answers for now.
+    pub fenced: Vec<IpAddr>,
+    /// Reports sent, and answered with a renewing grant.
+    pub reports: u64,
+    pub renewals: u64,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct LeasedGateway {
+    pub gateway: String,
+    pub addresses: Vec<IpAddr>,
+    pub remaining_ms: u64,
+}
+
+/// A member of the cluster as status shows it.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct MemberStatus {
+    pub name: String,
+    /// "leader", "voter" or "learner".
+    pub role: String,
+    pub alive: bool,
+    pub ready: bool,
+    pub silent_ms: u64,
+    pub labels: crate::model::Labels,
+    pub cordoned: bool,
+}
+
+impl Status {
+    /// Replaces the not-ready reasons of one part of the daemon.
+    pub fn set_not_ready(&mut self, part: &str, reasons: Vec<String>) {
+        if reasons.is_empty() {
+            self.not_ready_parts.remove(part);
+        } else {
+            self.not_ready_parts.insert(part.to_string(), reasons);
+        }
+        self.not_ready = self.not_ready_parts.values().flatten().cloned().collect();
+        self.ready = self.not_ready.is_empty();
+    }
+
+    /// Fills in what only the leader knows: eligibility, reasons, members' liveness. A
+    /// follower's admin endpoint asks the leader for its view and calls this.
+    pub fn add_view(&mut self, view: &LeaderView) {
+        if let Some(d) = &view.decision {
+            for g in &mut self.gateways {
+                if let Some(d) = d.gateways.get(&g.name) {
+                    g.eligible = d.eligible.clone();
+                    g.ineligible = d
+                        .ineligible
+                        .iter()
+                        .map(|(n, r)| (n.clone(), r.to_string()))
+                        .collect();
+                }
+            }
+        }
+        let leader = self.cluster.leader.as_deref();
+        let voters = &self.cluster.voters;
+        self.members = view
+            .members
+            .iter()
+            .map(|m| MemberStatus {
+                name: m.name.clone(),
+                role: if Some(m.name.as_str()) == leader {
+                    "leader"
+                } else if voters.contains(&m.name) {
+                    "voter"
+                } else {
+                    "learner"
+                }
+                .into(),
+                alive: m.alive,
+                ready: m.ready,
+                silent_ms: m.silent_ms,
+                labels: m.labels.clone(),
+                cordoned: m.cordoned,
+            })
+            .collect();
+        self.members.sort_by(|a, b| a.name.cmp(&b.name));
+    }
+}
+
+/// Where the daemon's tasks publish their parts of the status.
+pub struct StatusBoard {
+    status: Mutex<Status>,
+    tx: watch::Sender<Status>,
+}
+
+impl StatusBoard {
+    pub fn new(node: &str) -> (StatusBoard, watch::Receiver<Status>) {
+        let status = Status {
+            node: node.to_string(),
+            ..Status::default()
+        };
+        let (tx, rx) = watch::channel(status.clone());
+        (
+            StatusBoard {
+                status: Mutex::new(status),
+                tx,
+            },
+            rx,
+        )
+    }
+
+    /// Changes the status and publishes a copy.
+    pub fn update(&self, f: impl FnOnce(&mut Status)) {
+        let mut s = self.status.lock().unwrap_or_else(|p| p.into_inner());
+        f(&mut s);
+        s.ready = s.not_ready.is_empty();
+        self.tx.send_replace(s.clone());
+    }
+
+    pub fn get(&self) -> Status {
+        self.status
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<Status> {
+        self.tx.subscribe()
+    }
+}
