@@ -225,7 +225,7 @@ async fn list_policies(State(state): State<AdminState>) -> Json<Vec<Listed<Polic
             .values()
             .map(|p| Listed {
                 origin: origin(&st, ObjectRef::Policy(p.name.clone())),
-                object: p.clone(),
+                object: (**p).clone(),
             })
             .collect(),
     )

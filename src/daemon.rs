@@ -515,7 +515,11 @@ impl Main {
                 // The drift against the new file is computed afresh.
                 self.drift_at = None;
                 let (gateways, policies) = file_objects(&self.config);
-                let objects = Command::ReplaceObjects { gateways, policies };
+                let objects = self.node.applied().state.file_change(
+                    &self.config.node.name,
+                    &gateways,
+                    &policies,
+                );
                 let count = self.config.policies.len();
                 // Committing waits for a quorum (up to the write timeout): not in the main
                 // loop, which must keep handling signals meanwhile.
@@ -527,6 +531,10 @@ impl Main {
                             Err(e) => error!(error = %e, "committing the new member list failed"),
                         }
                     }
+                    let Some(objects) = objects else {
+                        info!("the file's gateways and policies are committed already");
+                        return None;
+                    };
                     match node.write(objects).await {
                         Ok(r) => match r.refused {
                             Some(why) => Some(format!("refused by the cluster: {why}")),

@@ -31,7 +31,13 @@ pub enum SourceIp {
     PrimaryIp { interface: String },
     /// The active node holds `ip` on each of `interfaces`, announces it and SNATs to it.
     #[serde(rename = "VirtualIPAddress")]
-    VirtualIp { ip: IpAddr, interfaces: Vec<String> },
+    VirtualIp {
+        // As text: the tag makes serde buffer the variant, which only keeps text for an address
+        // in binary formats (the cluster's MessagePack).
+        #[serde(with = "ip_text")]
+        ip: IpAddr,
+        interfaces: Vec<String>,
+    },
 }
 
 impl SourceIp {
@@ -40,6 +46,21 @@ impl SourceIp {
             SourceIp::PrimaryIp { .. } => "PrimaryIPFromEgressGatewayNodeInterface",
             SourceIp::VirtualIp { .. } => "VirtualIPAddress",
         }
+    }
+}
+
+mod ip_text {
+    use std::net::IpAddr;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(ip: &IpAddr, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(ip)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<IpAddr, D::Error> {
+        let text = String::deserialize(d)?;
+        text.parse().map_err(serde::de::Error::custom)
     }
 }
 

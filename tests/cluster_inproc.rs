@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use egressd::cluster::codec::Versioned;
 use egressd::cluster::store::{self, StateMachineStore};
 use egressd::cluster::transport::{
     Auth, Network, PeerClient, TransportError, VOTE_PATH, authenticated, raft_routes,
@@ -179,7 +180,7 @@ async fn three_nodes_elect_replicate_fail_over_and_refuse_a_wrong_secret() {
     // --- A write on the leader is applied everywhere.
     let resp = by_id(&nodes, leader)
         .raft
-        .client_write(Command::Cordon("x".to_owned()))
+        .client_write(Versioned(Command::Cordon("x".to_owned())))
         .await
         .unwrap();
     assert!(resp.data.changed);
@@ -193,11 +194,11 @@ async fn three_nodes_elect_replicate_fail_over_and_refuse_a_wrong_secret() {
         let t = Instant::now();
         by_id(&nodes, leader)
             .raft
-            .client_write(Command::SetLabel {
+            .client_write(Versioned(Command::SetLabel {
                 node: "n1".to_owned(),
                 key: "k".to_owned(),
                 value: Some(i.to_string()),
-            })
+            }))
             .await
             .unwrap();
         lat.push(t.elapsed());
@@ -300,7 +301,7 @@ async fn three_nodes_elect_replicate_fail_over_and_refuse_a_wrong_secret() {
     );
     by_id(&nodes, leader)
         .raft
-        .client_write(Command::Cordon("y".to_owned()))
+        .client_write(Versioned(Command::Cordon("y".to_owned())))
         .await
         .unwrap();
     for n in &rest {

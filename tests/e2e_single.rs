@@ -73,6 +73,9 @@ fn start(tag: &str) -> (Topo, usize) {
     wait_for("VIP and next hop held", WAIT, || {
         topo.holds(&gw, "eth1", VIP) && topo.holds(&gw, "eth0", NEXT_HOP)
     });
+    wait_for("both gateways held", WAIT, || {
+        topo.node_holds(0, "vip") && topo.node_holds(0, "basic")
+    });
     wait_for("SNAT elements installed", WAIT, || {
         topo.snat4_elements(&gw).is_some_and(|n| n >= 2)
     });

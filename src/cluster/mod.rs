@@ -1,6 +1,7 @@
 //! The cluster: Raft (openraft) replicating the desired state and the assignment, its durable
 //! store, its authenticated HTTP transport, and the leader's controller.
 
+pub mod codec;
 pub mod controller;
 pub mod node;
 pub mod state;
@@ -30,7 +31,7 @@ impl fmt::Display for Member {
 
 openraft::declare_raft_types!(
     pub TypeConfig:
-        D = Command,
+        D = codec::Versioned,
         R = CommandResponse,
         NodeId = NodeId,
         Node = Member,

@@ -17,10 +17,11 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, watch};
 use tracing::{Instrument, debug, info, info_span, warn};
 
+use crate::cluster::codec::Versioned;
 use crate::cluster::controller::{ChangeKind, Controller, Reply, Report};
 use crate::cluster::state::{AssignChange, Reason};
 use crate::cluster::store::{self, Applied};
-use crate::cluster::transport::{self, Auth, Network, PeerClient};
+use crate::cluster::transport::{self, Auth, Msg, Network, PeerClient};
 use crate::cluster::{Command, CommandResponse, Member, NodeId, Raft, node_id};
 use crate::config::{ClusterTiming, Config, Peer};
 use crate::election::Decision;
@@ -33,6 +34,9 @@ pub const MAX_VOTERS: usize = 5;
 const MEMBERSHIP_EVERY: Duration = Duration::from_millis(300);
 /// How long a write (admin mutation, reload, seed) waits to be committed.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Objects per log entry of a large change (~100 KB encoded): small enough for a follower to
+/// receive, decode and persist within one heartbeat.
+pub const OBJECTS_PER_ENTRY: usize = 2000;
 
 /// What the leader last decided, for status pages.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -104,6 +108,11 @@ impl ClusterNode {
             election_timeout_max: timing.election_timeout_max_ms,
             snapshot_policy: SnapshotPolicy::LogsSinceLast(1000),
             max_in_snapshot_log_to_keep: 100,
+            // Every append and snapshot chunk must be taken by a follower within a heartbeat
+            // (appends) or this long (chunks), also with 100 000 policies: small ones.
+            max_payload_entries: 64,
+            snapshot_max_chunk_size: 256 * 1024,
+            install_snapshot_timeout: 3000,
             ..Default::default()
         }
         .validate()
@@ -293,13 +302,38 @@ impl ClusterNode {
             .with_context(|| format!("asking leader {} for its view", member.name))
     }
 
-    /// Commits a command through the leader, wherever it is.
+    /// Commits a command through the leader, wherever it is. A large object change goes in
+    /// parts (`Stage`) and is applied whole, or refused whole, by a final `Commit`, so that no
+    /// log entry is large: a follower must take any entry within a heartbeat.
     pub async fn write(&self, cmd: Command) -> anyhow::Result<CommandResponse> {
+        if !cmd.is_object_change() || cmd.object_count() <= OBJECTS_PER_ENTRY {
+            return self.write_one(cmd).await;
+        }
+        let txn = rand_u64() ^ self.id;
+        let parts = cmd.split(OBJECTS_PER_ENTRY);
+        let n = parts.len() as u32;
+        for (i, part) in parts.into_iter().enumerate() {
+            let r = self
+                .write_one(Command::Stage {
+                    txn,
+                    part: i as u32,
+                    command: Box::new(part),
+                })
+                .await
+                .with_context(|| format!("staging part {} of {n}", i + 1))?;
+            if r.refused.is_some() {
+                return Ok(r);
+            }
+        }
+        self.write_one(Command::Commit { txn, parts: n }).await
+    }
+
+    async fn write_one(&self, cmd: Command) -> anyhow::Result<CommandResponse> {
         let (leader, member) = self.leader().context("no leader known")?;
         if leader == self.id {
             // Without a quorum a write never commits: give up like a forwarded write does, so
             // that a caller in the agent loop (a reload) cannot stall it.
-            let resp = tokio::time::timeout(WRITE_TIMEOUT, self.raft.client_write(cmd))
+            let resp = tokio::time::timeout(WRITE_TIMEOUT, self.raft.client_write(Versioned(cmd)))
                 .await
                 .map_err(|_| {
                     anyhow::anyhow!(
@@ -610,7 +644,7 @@ impl ClusterNode {
         tokio::spawn(
             async move {
                 let t = Instant::now();
-                match node.raft.client_write(cmd).await {
+                match node.raft.client_write(Versioned(cmd)).await {
                     Ok(resp) => {
                         debug!(
                             commit_ms = t.elapsed().as_secs_f64() * 1e3,
@@ -655,7 +689,7 @@ struct Hello {
 
 async fn hello_handler(State(node): State<Arc<ClusterNode>>) -> Response {
     let initialized = node.raft.is_initialized().await.unwrap_or(false);
-    Json(Hello { initialized }).into_response()
+    Msg(Hello { initialized }).into_response()
 }
 
 fn member(p: &Peer) -> Member {
@@ -663,6 +697,12 @@ fn member(p: &Peer) -> Member {
         name: p.name.clone(),
         addr: p.address.to_string(),
     }
+}
+
+fn rand_u64() -> u64 {
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&random_secret()[..8]);
+    u64::from_ne_bytes(b)
 }
 
 fn random_secret() -> Vec<u8> {
@@ -676,10 +716,10 @@ fn random_secret() -> Vec<u8> {
 
 async fn report_handler(
     State(node): State<Arc<ClusterNode>>,
-    Json(report): Json<Report>,
+    Msg(report): Msg<Report>,
 ) -> Response {
     match node.handle_report(report) {
-        Ok(grant) => Json(grant).into_response(),
+        Ok(grant) => Msg(grant).into_response(),
         Err(e) => api_error(
             StatusCode::MISDIRECTED_REQUEST,
             e.to_string(),
@@ -697,7 +737,7 @@ async fn view_handler(State(node): State<Arc<ClusterNode>>) -> Response {
         );
     }
     match node.leader_view.lock() {
-        Ok(v) => Json(v.clone()).into_response(),
+        Ok(v) => Msg(v.clone()).into_response(),
         Err(_) => api_error(
             StatusCode::INTERNAL_SERVER_ERROR,
             "view lock poisoned".into(),
@@ -706,9 +746,9 @@ async fn view_handler(State(node): State<Arc<ClusterNode>>) -> Response {
     }
 }
 
-async fn write_handler(State(node): State<Arc<ClusterNode>>, Json(cmd): Json<Command>) -> Response {
-    match node.raft.client_write(cmd).await {
-        Ok(resp) => Json(resp.data).into_response(),
+async fn write_handler(State(node): State<Arc<ClusterNode>>, Msg(cmd): Msg<Command>) -> Response {
+    match node.raft.client_write(Versioned(cmd)).await {
+        Ok(resp) => Msg(resp.data).into_response(),
         Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => api_error(
             StatusCode::MISDIRECTED_REQUEST,
             "not the leader".into(),

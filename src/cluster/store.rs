@@ -32,6 +32,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
+use super::codec::{from_store, to_store};
 use super::{ClusterState, CommandResponse, Member, NodeId, TypeConfig};
 
 /// Log entries, keyed by index; values are JSON-serialized `Entry<TypeConfig>`. The u64 key keeps
@@ -82,8 +83,8 @@ pub enum StoreError {
 pub enum DbError {
     #[error(transparent)]
     Redb(#[from] redb::Error),
-    #[error("encoding/decoding: {0}")]
-    Codec(#[from] serde_json::Error),
+    #[error("{0}")]
+    Codec(#[from] super::codec::CodecError),
     #[error("storage task failed: {0}")]
     Task(#[from] tokio::task::JoinError),
 }
@@ -121,14 +122,14 @@ impl Db {
         let txn = self.db.begin_read()?;
         let table = txn.open_table(META)?;
         match table.get(key)? {
-            Some(v) => Ok(Some(serde_json::from_slice(v.value())?)),
+            Some(v) => Ok(Some(from_store(v.value())?)),
             None => Ok(None),
         }
     }
 
     /// Writes one META value durably (fsync before returning).
     fn put_meta<T: Serialize>(&self, key: &str, value: &T) -> Result<(), DbError> {
-        let bytes = serde_json::to_vec(value)?;
+        let bytes = to_store(value)?;
         let txn = self.db.begin_write()?;
         {
             let mut table = txn.open_table(META)?;
@@ -142,12 +143,12 @@ impl Db {
         let txn = self.db.begin_read()?;
         let meta = txn.open_table(META)?;
         let last_purged: Option<LogId<NodeId>> = match meta.get(KEY_LAST_PURGED)? {
-            Some(v) => Some(serde_json::from_slice(v.value())?),
+            Some(v) => Some(from_store(v.value())?),
             None => None,
         };
         let logs = txn.open_table(LOGS)?;
         let last_log = match logs.last()? {
-            Some((_, v)) => Some(serde_json::from_slice::<Entry<TypeConfig>>(v.value())?.log_id),
+            Some((_, v)) => Some(from_store::<Entry<TypeConfig>>(v.value())?.log_id),
             None => None,
         };
         Ok(LogState {
@@ -170,7 +171,7 @@ impl Db {
         let mut out = Vec::new();
         for item in logs.range::<u64>((start, end))? {
             let (_, v) = item?;
-            out.push(serde_json::from_slice(v.value())?);
+            out.push(from_store(v.value())?);
         }
         Ok(out)
     }
@@ -180,7 +181,7 @@ impl Db {
     fn append(&self, entries: &[Entry<TypeConfig>]) -> Result<(), DbError> {
         let encoded = entries
             .iter()
-            .map(|e| Ok((e.log_id.index, serde_json::to_vec(e)?)))
+            .map(|e| Ok((e.log_id.index, to_store(e)?)))
             .collect::<Result<Vec<_>, DbError>>()?;
         let txn = self.db.begin_write()?;
         {
@@ -211,12 +212,12 @@ impl Db {
         {
             let mut meta = txn.open_table(META)?;
             let previous: Option<LogId<NodeId>> = match meta.get(KEY_LAST_PURGED)? {
-                Some(v) => Some(serde_json::from_slice(v.value())?),
+                Some(v) => Some(from_store(v.value())?),
                 None => None,
             };
             // openraft purges monotonically; never let the recorded id move backwards anyway.
             if previous.as_ref().is_none_or(|p| *p < upto) {
-                let bytes = serde_json::to_vec(&upto)?;
+                let bytes = to_store(&upto)?;
                 meta.insert(KEY_LAST_PURGED, bytes.as_slice())?;
             }
             let mut logs = txn.open_table(LOGS)?;
@@ -232,10 +233,7 @@ impl Db {
         let meta = table.get(KEY_SNAP_META)?;
         let data = table.get(KEY_SNAP_DATA)?;
         match (meta, data) {
-            (Some(m), Some(d)) => Ok(Some((
-                serde_json::from_slice(m.value())?,
-                d.value().to_vec(),
-            ))),
+            (Some(m), Some(d)) => Ok(Some((from_store(m.value())?, d.value().to_vec()))),
             _ => Ok(None),
         }
     }
@@ -244,12 +242,12 @@ impl Db {
     /// older than the stored one is dropped: a snapshot build that raced with an installed
     /// (newer) snapshot from the leader must not overwrite it.
     fn put_snapshot(&self, meta: &Meta, data: &[u8], only_if_newer: bool) -> Result<(), DbError> {
-        let meta_bytes = serde_json::to_vec(meta)?;
+        let meta_bytes = to_store(meta)?;
         let txn = self.db.begin_write()?;
         {
             let mut table = txn.open_table(SNAPSHOT)?;
             if only_if_newer && let Some(cur) = table.get(KEY_SNAP_META)? {
-                let cur: Meta = serde_json::from_slice(cur.value())?;
+                let cur: Meta = from_store(cur.value())?;
                 if cur.last_log_id > meta.last_log_id {
                     return Ok(());
                 }
@@ -320,7 +318,7 @@ fn open_db(dir: &Path) -> Result<Arc<Db>, StoreError> {
 fn load_snapshot(db: &Db) -> Result<SmData, DbError> {
     Ok(match db.snapshot()? {
         Some((meta, data)) => {
-            let payload: SnapshotPayload = serde_json::from_slice(&data)?;
+            let payload: SnapshotPayload = from_store(&data)?;
             SmData {
                 state: Arc::new(payload.state),
                 last_applied: meta.last_log_id,
@@ -351,7 +349,7 @@ pub fn startup(dir: &Path) -> Result<(u64, ClusterState), StoreError> {
             && c.index >= from
         {
             for e in db.entries(Bound::Included(from), Bound::Included(c.index))? {
-                if let EntryPayload::Normal(cmd) = e.payload {
+                if let EntryPayload::Normal(super::codec::Versioned(cmd)) = e.payload {
                     state.apply(&cmd);
                 }
             }
@@ -574,13 +572,16 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
             };
             (payload, meta)
         };
-        let bytes = serde_json::to_vec(&payload)
-            .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &e))?;
+        // Encoding 100 000 policies takes tens of milliseconds: not on the async threads.
         let db = self.inner.db.clone();
-        let (m, b) = (meta.clone(), bytes.clone());
-        blocking(move || db.put_snapshot(&m, &b, true))
-            .await
-            .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), any(e)))?;
+        let m = meta.clone();
+        let bytes = blocking(move || {
+            let bytes = to_store(&payload)?;
+            db.put_snapshot(&m, &bytes, true)?;
+            Ok(bytes)
+        })
+        .await
+        .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), any(e)))?;
         Ok(Snapshot {
             meta,
             snapshot: Box::new(Cursor::new(bytes)),
@@ -608,8 +609,9 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             data.last_applied = Some(entry.log_id);
             let resp = match entry.payload {
                 EntryPayload::Blank => CommandResponse::default(),
-                EntryPayload::Normal(cmd) => {
-                    let (mut resp, events) = Arc::make_mut(&mut data.state).apply_described(&cmd);
+                EntryPayload::Normal(super::codec::Versioned(cmd)) => {
+                    let (mut resp, events) =
+                        Arc::make_mut(&mut data.state).apply_described(&cmd, entry.log_id.index);
                     for e in events {
                         self.inner.events.push(e, Some(entry.log_id.index));
                     }
@@ -646,13 +648,15 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         snapshot: Box<Cursor<Vec<u8>>>,
     ) -> StorageResult<()> {
         let bytes = snapshot.into_inner();
-        let payload: SnapshotPayload = serde_json::from_slice(&bytes)
-            .map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), &e))?;
         let db = self.inner.db.clone();
         let m = meta.clone();
-        blocking(move || db.put_snapshot(&m, &bytes, false))
-            .await
-            .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), any(e)))?;
+        let payload: SnapshotPayload = blocking(move || {
+            let payload = from_store(&bytes)?;
+            db.put_snapshot(&m, &bytes, false)?;
+            Ok(payload)
+        })
+        .await
+        .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), any(e)))?;
         let mut data = self.lock();
         // The meta is authoritative for the log position; the payload carries the state.
         data.state = Arc::new(payload.state);
@@ -716,7 +720,7 @@ mod tests {
     fn normal(term: u64, index: u64, cmd: Command) -> Entry<TypeConfig> {
         Entry {
             log_id: lid(term, index),
-            payload: EntryPayload::Normal(cmd),
+            payload: EntryPayload::Normal(crate::cluster::codec::Versioned(cmd)),
         }
     }
 
@@ -751,7 +755,9 @@ mod tests {
             got.iter().map(|e| e.log_id).collect::<Vec<_>>(),
             [lid(1, 0), lid(1, 1), lid(1, 2)]
         );
-        assert!(matches!(&got[2].payload, EntryPayload::Normal(Command::Cordon(n)) if n == "b"));
+        assert!(
+            matches!(&got[2].payload, EntryPayload::Normal(crate::cluster::codec::Versioned(Command::Cordon(n))) if n == "b")
+        );
         assert_eq!(log.read_vote().await?, Some(Vote::new_committed(1, 1)));
         assert_eq!(log.read_committed().await?, Some(lid(1, 2)));
         Ok(())

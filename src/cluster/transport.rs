@@ -39,7 +39,8 @@ use axum::routing::post;
 use axum::{Json, Router};
 use hmac::{Hmac, KeyInit, Mac};
 use openraft::error::{
-    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
+    InstallSnapshotError, NetworkError, PayloadTooLarge, RPCError, RaftError, RemoteError,
+    Unreachable,
 };
 use openraft::network::{Backoff, RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
@@ -71,6 +72,8 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_millis(200);
 pub const PEER_BACKOFF: Duration = Duration::from_millis(100);
 
 pub const APPEND_PATH: &str = "/raft/append";
+/// The most an append carries when it holds more than one entry (see `append_entries`).
+pub const APPEND_BUDGET_BYTES: usize = 256 * 1024;
 pub const VOTE_PATH: &str = "/raft/vote";
 pub const SNAPSHOT_PATH: &str = "/raft/snapshot";
 
@@ -291,6 +294,59 @@ fn hex_decode(s: &str) -> Option<Vec<u8>> {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Bodies: MessagePack (see `codec`)
+
+/// The content type of every peer RPC body.
+pub const CONTENT_TYPE: &str = "application/msgpack";
+
+/// Bodies above this are decoded off the async threads (a 100 KB log entry, a snapshot chunk).
+const BLOCKING_DECODE_BYTES: usize = 64 * 1024;
+
+/// A MessagePack request body (extractor) or response (`IntoResponse`).
+pub struct Msg<T>(pub T);
+
+impl<S, T> axum::extract::FromRequest<S> for Msg<T>
+where
+    S: Send + Sync,
+    T: DeserializeOwned + Send + 'static,
+{
+    type Rejection = Response;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let bytes = Bytes::from_request(req, state)
+            .await
+            .map_err(IntoResponse::into_response)?;
+        let decoded = if bytes.len() > BLOCKING_DECODE_BYTES {
+            tokio::task::spawn_blocking(move || super::codec::from_wire::<T>(&bytes))
+                .await
+                .map_err(|e| {
+                    json_error(StatusCode::INTERNAL_SERVER_ERROR, format!("decoder: {e}"))
+                })?
+        } else {
+            super::codec::from_wire::<T>(&bytes)
+        };
+        decoded.map(Msg).map_err(|e| {
+            json_error(
+                StatusCode::BAD_REQUEST,
+                format!("cannot decode the request: {e}"),
+            )
+        })
+    }
+}
+
+impl<T: Serialize> IntoResponse for Msg<T> {
+    fn into_response(self) -> Response {
+        match super::codec::to_wire(&self.0) {
+            Ok(b) => ([(axum::http::header::CONTENT_TYPE, CONTENT_TYPE)], b).into_response(),
+            Err(e) => json_error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("cannot encode the answer: {e}"),
+            ),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Server side
 
 /// Puts `router` behind the cluster-secret check: a request is buffered (at most
@@ -359,23 +415,23 @@ pub fn raft_routes(raft: Raft) -> Router {
 
 async fn append_handler(
     State(raft): State<Raft>,
-    Json(req): Json<AppendEntriesRequest<TypeConfig>>,
-) -> Json<Result<AppendEntriesResponse<NodeId>, RaftError<NodeId>>> {
-    Json(raft.append_entries(req).await)
+    Msg(req): Msg<AppendEntriesRequest<TypeConfig>>,
+) -> Msg<Result<AppendEntriesResponse<NodeId>, RaftError<NodeId>>> {
+    Msg(raft.append_entries(req).await)
 }
 
 async fn vote_handler(
     State(raft): State<Raft>,
-    Json(req): Json<VoteRequest<NodeId>>,
-) -> Json<Result<VoteResponse<NodeId>, RaftError<NodeId>>> {
-    Json(raft.vote(req).await)
+    Msg(req): Msg<VoteRequest<NodeId>>,
+) -> Msg<Result<VoteResponse<NodeId>, RaftError<NodeId>>> {
+    Msg(raft.vote(req).await)
 }
 
 async fn snapshot_handler(
     State(raft): State<Raft>,
-    Json(req): Json<InstallSnapshotRequest<TypeConfig>>,
-) -> Json<Result<InstallSnapshotResponse<NodeId>, RaftError<NodeId, InstallSnapshotError>>> {
-    Json(raft.install_snapshot(req).await)
+    Msg(req): Msg<InstallSnapshotRequest<TypeConfig>>,
+) -> Msg<Result<InstallSnapshotResponse<NodeId>, RaftError<NodeId, InstallSnapshotError>>> {
+    Msg(raft.install_snapshot(req).await)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -391,7 +447,7 @@ pub enum TransportError {
     #[error("cannot encode the request for {path}: {source}")]
     Encode {
         path: String,
-        source: serde_json::Error,
+        source: super::codec::CodecError,
     },
     #[error("cannot connect to peer {addr}: {detail}")]
     Connect { addr: String, detail: String },
@@ -424,7 +480,7 @@ pub enum TransportError {
     Decode {
         addr: String,
         path: String,
-        source: serde_json::Error,
+        source: super::codec::CodecError,
     },
 }
 
@@ -495,15 +551,29 @@ impl PeerClient {
     ) -> Result<Resp, TransportError>
     where
         Req: Serialize + ?Sized,
-        Resp: DeserializeOwned,
+        Resp: DeserializeOwned + Send + 'static,
+    {
+        let body = super::codec::to_wire(req).map_err(|source| TransportError::Encode {
+            path: path.to_owned(),
+            source,
+        })?;
+        self.post_encoded(addr, path, body, timeout).await
+    }
+
+    /// `post` with a body already encoded.
+    pub async fn post_encoded<Resp>(
+        &self,
+        addr: &str,
+        path: &str,
+        body: Vec<u8>,
+        timeout: Duration,
+    ) -> Result<Resp, TransportError>
+    where
+        Resp: DeserializeOwned + Send + 'static,
     {
         if !path.starts_with('/') {
             return Err(TransportError::InvalidPath(path.to_owned()));
         }
-        let body = serde_json::to_vec(req).map_err(|source| TransportError::Encode {
-            path: path.to_owned(),
-            source,
-        })?;
         let header = self.inner.auth.sign("POST", path, &body);
         let classify = |e: reqwest::Error| {
             if e.is_connect() {
@@ -530,7 +600,7 @@ impl PeerClient {
             .http
             .post(format!("http://{addr}{path}"))
             .header(AUTH_HEADER, header)
-            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .header(reqwest::header::CONTENT_TYPE, CONTENT_TYPE)
             .body(body)
             .timeout(timeout)
             .send()
@@ -566,7 +636,19 @@ impl PeerClient {
                 body,
             });
         }
-        serde_json::from_slice(&bytes).map_err(|source| TransportError::Decode {
+        let decode = move |bytes: Bytes| super::codec::from_wire::<Resp>(&bytes);
+        let decoded = if bytes.len() > BLOCKING_DECODE_BYTES {
+            tokio::task::spawn_blocking(move || decode(bytes))
+                .await
+                .map_err(|e| TransportError::Request {
+                    addr: addr.to_owned(),
+                    path: path.to_owned(),
+                    detail: format!("the decoder failed: {e}"),
+                })?
+        } else {
+            decode(bytes)
+        };
+        decoded.map_err(|source| TransportError::Decode {
             addr: addr.to_owned(),
             path: path.to_owned(),
             source,
@@ -618,14 +700,36 @@ impl PeerConnection {
     ) -> Result<Resp, RPCError<NodeId, Member, RaftError<NodeId, E>>>
     where
         Req: Serialize,
-        Resp: DeserializeOwned,
-        E: StdError + DeserializeOwned,
+        Resp: DeserializeOwned + Send + 'static,
+        E: StdError + DeserializeOwned + Send + 'static,
+    {
+        let body = super::codec::to_wire(req).map_err(|e| {
+            RPCError::Network(NetworkError::new(&PeerError {
+                member: self.member.clone(),
+                source: TransportError::Encode {
+                    path: path.to_owned(),
+                    source: e,
+                },
+            }))
+        })?;
+        self.call_encoded(path, body, option).await
+    }
+
+    async fn call_encoded<Resp, E>(
+        &self,
+        path: &str,
+        body: Vec<u8>,
+        option: &RPCOption,
+    ) -> Result<Resp, RPCError<NodeId, Member, RaftError<NodeId, E>>>
+    where
+        Resp: DeserializeOwned + Send + 'static,
+        E: StdError + DeserializeOwned + Send + 'static,
     {
         // soft_ttl: answer before openraft cancels the call at hard_ttl, so that the error is
         // ours (and classified) rather than a bare cancellation.
         let res: Result<Resp, RaftError<NodeId, E>> = self
             .client
-            .post(&self.member.addr, path, req, option.soft_ttl())
+            .post_encoded(&self.member.addr, path, body, option.soft_ttl())
             .await
             .map_err(|e| {
                 let e = PeerError {
@@ -665,7 +769,25 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, Member, RaftError<NodeId>>> {
-        self.call(APPEND_PATH, &rpc, &option).await
+        // openraft waits one heartbeat interval for an append: one that carries much must be
+        // cut into smaller ones, or it would time out and be sent again forever.
+        let entries = rpc.entries.len() as u64;
+        let body = super::codec::to_wire(&rpc).map_err(|e| {
+            RPCError::Network(NetworkError::new(&PeerError {
+                member: self.member.clone(),
+                source: TransportError::Encode {
+                    path: APPEND_PATH.to_owned(),
+                    source: e,
+                },
+            }))
+        })?;
+        if entries > 1 && body.len() > APPEND_BUDGET_BYTES {
+            let hint = (entries * APPEND_BUDGET_BYTES as u64 / body.len() as u64).max(1);
+            return Err(RPCError::PayloadTooLarge(
+                PayloadTooLarge::new_entries_hint(hint),
+            ));
+        }
+        self.call_encoded(APPEND_PATH, body, &option).await
     }
 
     async fn install_snapshot(
@@ -866,16 +988,21 @@ mod tests {
         let counted = calls.clone();
         let app = Router::new().nest(
             "/app",
-            Router::new().route(
-                "/echo",
-                post(move |Json(e): Json<Echo>| {
-                    let counted = counted.clone();
-                    async move {
-                        counted.fetch_add(1, Ordering::SeqCst);
-                        Json(Echo { n: e.n + 1 })
-                    }
-                }),
-            ),
+            Router::new()
+                .route(
+                    "/echo",
+                    post(move |Msg(e): Msg<Echo>| {
+                        let counted = counted.clone();
+                        async move {
+                            counted.fetch_add(1, Ordering::SeqCst);
+                            Msg(Echo { n: e.n + 1 })
+                        }
+                    }),
+                )
+                .route(
+                    "/sum",
+                    post(|Msg(v): Msg<Vec<Echo>>| async move { Msg(Echo { n: v.len() as u64 }) }),
+                ),
         );
         let addr = serve(authenticated(app, auth())).await;
         let url = format!("http://{addr}/app/echo");
@@ -929,24 +1056,12 @@ mod tests {
         assert_eq!(calls.load(Ordering::SeqCst), 1);
 
         // A large body (over axum's default 2 MB limit) gets through too.
-        #[derive(serde::Serialize)]
-        struct Big {
-            n: u64,
-            pad: String,
-        }
+        let big: Vec<Echo> = (0..1_000_000).map(|n| Echo { n }).collect();
         let got: Echo = good
-            .post(
-                &addr,
-                "/app/echo",
-                &Big {
-                    n: 1,
-                    pad: "x".repeat(5 << 20),
-                },
-                Duration::from_secs(5),
-            )
+            .post(&addr, "/app/sum", &big, Duration::from_secs(5))
             .await
             .unwrap();
-        assert_eq!(got, Echo { n: 2 });
+        assert_eq!(got, Echo { n: 1_000_000 });
     }
 
     #[tokio::test]
@@ -975,7 +1090,7 @@ mod tests {
             "/slow",
             post(|| async {
                 tokio::time::sleep(Duration::from_secs(2)).await;
-                Json(Echo { n: 0 })
+                Msg(Echo { n: 0 })
             }),
         );
         let addr = serve(authenticated(app, auth())).await;
@@ -1056,7 +1171,7 @@ mod tests {
             post(|| async {
                 let r: Result<AppendEntriesResponse<NodeId>, RaftError<NodeId>> =
                     Err(RaftError::Fatal(openraft::error::Fatal::Stopped));
-                Json(r)
+                Msg(r)
             }),
         );
         let addr = serve(authenticated(remote, auth())).await;
