@@ -186,10 +186,9 @@ async fn run_inner(config: Config, config_path: PathBuf) -> anyhow::Result<()> {
         }
         .instrument(info_span!("lease")),
     );
-    let rec = Reconciler::new(NetlinkHost::new().context("opening rtnetlink")?, firewall)
-        .with_metrics(prometheus.clone());
-    let mut dataplane = agent::dataplane::DataplaneTask::new(
-        rec,
+    let (release_tx, release_rx) = tokio::sync::oneshot::channel::<()>();
+    let dataplane_task = spawn_dataplane(
+        firewall,
         firewall_ok,
         agent::dataplane::Channels {
             config: config_rx,
@@ -204,14 +203,9 @@ async fn run_inner(config: Config, config_path: PathBuf) -> anyhow::Result<()> {
         board.clone(),
         node.events.clone(),
         dataplane_beat,
-    );
-    let dataplane_task: JoinHandle<_> = tokio::spawn(
-        async move {
-            dataplane.run().await;
-            dataplane
-        }
-        .instrument(info_span!("dataplane")),
-    );
+        prometheus.clone(),
+        release_rx,
+    )?;
 
     let mut main = Main {
         config,
@@ -300,15 +294,14 @@ async fn run_inner(config: Config, config_path: PathBuf) -> anyhow::Result<()> {
             first_err.get_or_insert(anyhow::anyhow!("the lease task failed: {e}"));
         }
     }
+    let _ = release_tx.send(());
     match dataplane_task.await {
-        Ok(dataplane) => {
-            let mut rec = dataplane.into_reconciler();
-            if let Err(e) = rec.release_all().await {
-                first_err.get_or_insert(anyhow::Error::new(e).context("releasing the data plane"));
-            }
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            first_err.get_or_insert(anyhow::Error::new(e).context("releasing the data plane"));
         }
-        Err(e) => {
-            first_err.get_or_insert(anyhow::anyhow!("the data-plane task failed: {e}"));
+        Err(_) => {
+            first_err.get_or_insert(anyhow::anyhow!("the data-plane thread stopped"));
         }
     }
     let _ = node.raft.shutdown().await;
@@ -321,6 +314,78 @@ async fn run_inner(config: Config, config_path: PathBuf) -> anyhow::Result<()> {
             warn!(error = %e, "shutdown left something behind");
             Err(e)
         }
+    }
+}
+
+/// The data-plane task on a thread of its own, with a runtime of its own, at a lower scheduling
+/// priority: compiling and loading 100 000 policies must never take CPU from Raft's heartbeats
+/// and votes or from lease renewals. After `stop`, it waits for `release` (the fence first) and
+/// then gives up its addresses and SNAT table.
+#[allow(clippy::too_many_arguments)]
+fn spawn_dataplane(
+    firewall: NftFirewall,
+    firewall_ok: bool,
+    ch: agent::dataplane::Channels,
+    board: Arc<StatusBoard>,
+    events: crate::events::EventLog,
+    heartbeat: Arc<Heartbeat>,
+    metrics: Arc<crate::metrics::Metrics>,
+    release: tokio::sync::oneshot::Receiver<()>,
+) -> anyhow::Result<tokio::sync::oneshot::Receiver<crate::dataplane::Result<()>>> {
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+    let span = tracing::Span::current();
+    std::thread::Builder::new()
+        .name("dataplane".into())
+        .spawn(move || {
+            let _enter = span.enter();
+            lower_priority();
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    error!(error = %e, "cannot start the data-plane runtime");
+                    return;
+                }
+            };
+            let result = rt.block_on(
+                async move {
+                    let host = NetlinkHost::new()?;
+                    let rec = Reconciler::new(host, firewall).with_metrics(metrics);
+                    let mut task = agent::dataplane::DataplaneTask::new(
+                        rec,
+                        firewall_ok,
+                        ch,
+                        board,
+                        events,
+                        heartbeat,
+                    );
+                    task.run().await;
+                    let _ = release.await;
+                    task.into_reconciler().release_all().await
+                }
+                .instrument(info_span!("dataplane")),
+            );
+            let _ = done_tx.send(result);
+        })
+        .context("starting the data-plane thread")?;
+    Ok(done_rx)
+}
+
+/// Nice 10 for the calling thread only (and what it starts: threads, `nft`).
+fn lower_priority() {
+    // SAFETY: gettid and setpriority have no memory effects; with PRIO_PROCESS and a thread id,
+    // Linux changes that thread's nice value only.
+    let r = unsafe {
+        let tid = libc::gettid();
+        libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, 10)
+    };
+    if r != 0 {
+        warn!(
+            error = %std::io::Error::last_os_error(),
+            "cannot lower the data-plane thread's priority"
+        );
     }
 }
 
@@ -492,7 +557,16 @@ impl Main {
         let now = crate::events::unix_ms();
         self.board
             .update(|s| s.config.last_reload_unix_ms = Some(now));
-        match crate::config::load(&self.config_path) {
+        // A file of 100 000 policies takes a while to parse: not on the async threads.
+        let path = self.config_path.clone();
+        let loaded = match tokio::task::spawn_blocking(move || crate::config::load(&path)).await {
+            Ok(r) => r,
+            Err(e) => {
+                self.reload_rejected(vec![format!("the config loader failed: {e}")]);
+                return;
+            }
+        };
+        match loaded {
             Ok(new) => {
                 self.board.update(|s| s.config.last_reload_errors.clear());
                 info!(

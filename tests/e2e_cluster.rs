@@ -430,6 +430,7 @@ fn members_join_and_leave_at_run_time() {
         children,
         configs,
         extra: String::new(),
+        objects: String::new(),
     };
     c.wait_active("gw1");
     let voters = |c: &Cluster, i: usize| -> Vec<String> {

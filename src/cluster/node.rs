@@ -34,9 +34,9 @@ pub const MAX_VOTERS: usize = 5;
 const MEMBERSHIP_EVERY: Duration = Duration::from_millis(300);
 /// How long a write (admin mutation, reload, seed) waits to be committed.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
-/// Objects per log entry of a large change (~100 KB encoded): small enough for a follower to
+/// Objects per log entry of a large change (~25 KB encoded): small enough for a follower to
 /// receive, decode and persist within one heartbeat.
-pub const OBJECTS_PER_ENTRY: usize = 2000;
+pub const OBJECTS_PER_ENTRY: usize = 500;
 
 /// What the leader last decided, for status pages.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]

@@ -73,7 +73,7 @@ pub const PEER_BACKOFF: Duration = Duration::from_millis(100);
 
 pub const APPEND_PATH: &str = "/raft/append";
 /// The most an append carries when it holds more than one entry (see `append_entries`).
-pub const APPEND_BUDGET_BYTES: usize = 256 * 1024;
+pub const APPEND_BUDGET_BYTES: usize = 64 * 1024;
 pub const VOTE_PATH: &str = "/raft/vote";
 pub const SNAPSHOT_PATH: &str = "/raft/snapshot";
 

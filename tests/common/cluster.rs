@@ -83,6 +83,8 @@ pub struct Cluster {
     pub configs: Vec<PathBuf>,
     /// Extra `[cluster]` lines of every node's config (e.g. a timing profile).
     pub extra: String,
+    /// More gateways and policies (TOML) at the end of every node's config.
+    pub objects: String,
 }
 
 impl Cluster {
@@ -91,6 +93,11 @@ impl Cluster {
     }
 
     pub fn start_with(tag: &str, n: usize, extra: &str) -> Cluster {
+        Cluster::start_full(tag, n, extra, "")
+    }
+
+    /// A cluster whose nodes' files also hold `objects` (TOML gateways and policies).
+    pub fn start_full(tag: &str, n: usize, extra: &str, objects: &str) -> Cluster {
         let mut topo = Topo::new(tag, n);
         std::fs::write(
             topo.dir.path().join("secret"),
@@ -99,7 +106,10 @@ impl Cluster {
         .expect("secret");
         topo.start_echo_server();
         let configs: Vec<PathBuf> = (0..n)
-            .map(|i| topo.write_config(i, &config(&topo, n, i, true, extra)))
+            .map(|i| {
+                let body = config(&topo, n, i, true, extra) + objects;
+                topo.write_config(i, &body)
+            })
             .collect();
         let children = (0..n)
             .map(|i| Some(topo.start_egressd(i, &configs[i])))
@@ -110,6 +120,7 @@ impl Cluster {
             children,
             configs,
             extra: extra.to_string(),
+            objects: objects.to_string(),
         };
         c.wait_active("gw1");
         c
@@ -192,7 +203,7 @@ impl Cluster {
     pub fn make_active(&mut self, node: &str) {
         let target = self.index(node);
         for i in 0..target {
-            let body = config(&self.topo, self.n, i, false, &self.extra);
+            let body = config(&self.topo, self.n, i, false, &self.extra) + &self.objects;
             std::fs::write(&self.configs[i], body).expect("config");
             let c = self.children[i].expect("running");
             signal(self.topo.lab.child(c), "HUP");
@@ -332,4 +343,40 @@ impl Drop for AddressSampler {
     fn drop(&mut self) {
         self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
     }
+}
+
+/// `n` policies of the gateway `vip`, each selecting one /32 source (from 10.100.0.0/14, never
+/// the test clients) to everywhere: an allow-list of many client hosts.
+pub fn many_sources(n: usize) -> String {
+    let mut s = String::with_capacity(n * 130);
+    for i in 0..n {
+        s.push_str(&format!(
+            "[[policy]]\nname = \"src-{i:06}\"\negress_gateway_name = \"{GW}\"\n\
+             source_cidrs = [\"10.{}.{}.{}/32\"]\ndestination_cidrs = [\"0.0.0.0/0\"]\n",
+            100 + (i >> 16),
+            (i >> 8) & 255,
+            i & 255
+        ));
+    }
+    s
+}
+
+/// One policy of the gateway `vip` from the client's LAN to `n` distinct /24 destinations (in
+/// 100.64.0.0/10 and beyond, never the server's network): an allow-list of cloud ranges.
+pub fn many_destinations(n: usize) -> String {
+    let dests: Vec<String> = (0..n)
+        .map(|i| {
+            format!(
+                "\"{}.{}.{}.0/24\"",
+                100 + (i >> 16),
+                (i >> 8) & 255,
+                i & 255
+            )
+        })
+        .collect();
+    format!(
+        "[[policy]]\nname = \"cloud\"\negress_gateway_name = \"{GW}\"\n\
+         source_cidrs = [\"{LAN_NET}\"]\ndestination_cidrs = [{}]\n",
+        dests.join(", ")
+    )
 }

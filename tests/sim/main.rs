@@ -231,6 +231,7 @@ struct Stats {
     grants: u64,
     heals: u64,
     liveness_checked: u64,
+    simulated_ms: u64,
 }
 
 struct Sim {
@@ -359,6 +360,7 @@ impl Sim {
                 grants: 0,
                 heals: 0,
                 liveness_checked: 0,
+                simulated_ms: 0,
             },
             failure: None,
         };
@@ -895,6 +897,10 @@ impl Sim {
                 self.nodes[i].alive = false;
                 self.nodes[i].ctl = None;
                 self.nodes[i].inc += 1;
+                // A killed leader's term is over: the others elect after a timeout.
+                if self.leader == Some(i) {
+                    self.leader = None;
+                }
             }
             2 if f > 0.0 && self.partitioned.len() < (n - 1) / 2 => {
                 self.fault("partition");
@@ -1031,6 +1037,28 @@ impl Sim {
         self.after(MS, Ev::Wake { node: i, inc });
     }
 
+    /// Who leads and what each node thinks, for a failure message.
+    fn describe(&self) -> String {
+        let mut out = format!(
+            "raft leader {:?} term {} (can lead: {}); ",
+            self.leader.map(|l| self.nodes[l].name.clone()),
+            self.term,
+            self.leader_ok()
+        );
+        for n in &self.nodes {
+            out.push_str(&format!(
+                "{}: alive {} paused {} leads {:?} sees {:?}; ",
+                n.name,
+                n.alive,
+                n.paused(self.now),
+                n.ctl.as_ref().map(|(t, _)| *t),
+                n.leader_view.map(|l| self.nodes[l].name.clone())
+            ));
+        }
+        out.push_str(&format!("assignment {:?}", self.committed.assignment));
+        out
+    }
+
     fn check_liveness(&mut self, heal_id: u64) {
         if heal_id != self.heal_id || self.failure.is_some() {
             return;
@@ -1055,8 +1083,9 @@ impl Sim {
                     .get(&a)
                     .is_some_and(|(_, e)| *e > self.now);
                 if !live {
+                    let state = self.describe();
                     self.fail(format!(
-                        "liveness: {} is assigned {} but does not answer for {a} {} ms after the heal",
+                        "liveness: {} is assigned {} but does not answer for {a} {} ms after the heal; {state}",
                         holder,
                         g.name,
                         LIVENESS_BOUND / MS
@@ -1257,6 +1286,7 @@ impl Sim {
 fn run(seed: u64, cfg: Config) -> (Result<(), String>, Stats) {
     let mut sim = Sim::new(seed, cfg);
     let r = sim.run();
+    sim.stats.simulated_ms = sim.now / MS;
     (r, sim.stats)
 }
 
@@ -1275,8 +1305,9 @@ const REGRESSIONS: &[u64] = &[];
 
 fn report(kind: &str, runs: &[(u64, Stats)]) {
     let mut faults: BTreeMap<&str, u64> = BTreeMap::new();
-    let (mut events, mut elections, mut grants, mut heals) = (0, 0, 0, 0);
+    let (mut events, mut elections, mut grants, mut heals, mut ms) = (0, 0, 0, 0, 0);
     for (_, s) in runs {
+        ms += s.simulated_ms;
         events += s.events;
         elections += s.elections;
         grants += s.grants;
@@ -1286,9 +1317,10 @@ fn report(kind: &str, runs: &[(u64, Stats)]) {
         }
     }
     println!(
-        "simulation ({kind}): {} seeds, {events} events, {elections} elections, {grants} grants, \
-         {heals} heals checked for liveness, 0 violations",
-        runs.len()
+        "simulation ({kind}): {} seeds, {events} events, {:.1} simulated hours, {elections} \
+         elections, {grants} grants, {heals} heals checked for liveness, 0 violations",
+        runs.len(),
+        ms as f64 / 3_600_000.0
     );
     for (k, v) in faults {
         println!("  {k}: {v}");

@@ -1,0 +1,139 @@
+//! A three-node cluster at a realistic size, in network namespaces (root only): 10 000 policies
+//! in every node's file. Timings are the benchmark's (`cargo bench --bench scale`); this test
+//! checks that the cluster settles and stays settled, that the data plane holds every element,
+//! and that a failover and a one-policy change work at this size.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::cluster::*;
+use common::netns::require_root;
+use common::topo::*;
+
+/// `wait_for`, with the nodes' logs in the failure.
+fn wait(c: &Cluster, what: &str, mut f: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !f() {
+        if start.elapsed() > WAIT {
+            panic!("timed out after {WAIT:?} waiting for {what}\n{}", c.logs());
+        }
+        // Gently: listing 10 000 elements costs nft a lot of CPU on a small machine.
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+/// The sources of the first and the last of `many_sources(10_000)`.
+const FIRST_SOURCE: &str = "10.100.0.0";
+const LAST_SOURCE: &str = "10.100.39.15";
+
+fn term(c: &Cluster, i: usize) -> u64 {
+    c.topo
+        .status(i)
+        .and_then(|s| s["cluster"]["term"].as_u64())
+        .unwrap_or(0)
+}
+
+fn failovers(c: &Cluster, i: usize) -> u64 {
+    c.topo
+        .status(i)
+        .and_then(|s| {
+            s["gateways"].as_array()?.iter().find(|g| g["name"] == GW)?["failovers"].as_u64()
+        })
+        .unwrap_or(0)
+}
+
+#[test]
+fn three_nodes_with_10k_policies_settle_fail_over_and_apply() {
+    if !require_root("three_nodes_with_10k_policies_settle_fail_over_and_apply") {
+        return;
+    }
+    let (token, extra) = admin_token("scale-test-admin-token-0123");
+    let mut c = Cluster::start_full("scale", 3, &extra, &many_sources(10_000));
+    c.assert_traffic_via_vip();
+    // Two of the 10 000 sources (the first and the last policy's) on the client, routed back
+    // to it by every node: their traffic leaves with the VIP.
+    for src in [FIRST_SOURCE, LAST_SOURCE] {
+        c.topo.lab.exec(
+            &c.topo.client,
+            ["ip", "addr", "add", &format!("{src}/32"), "dev", "eth0"],
+        );
+    }
+    for ns in &c.topo.nodes {
+        c.topo.lab.exec(
+            ns,
+            ["ip", "route", "add", "10.100.0.0/14", "via", CLIENT_IP],
+        );
+    }
+    let snated = |c: &Cluster| {
+        [FIRST_SOURCE, LAST_SOURCE]
+            .iter()
+            .all(|s| c.topo.seen_source(s, SERVER_IP).as_deref() == Some(VIP))
+    };
+    wait(&c, "the first and the last policy SNATed on gw1", || {
+        snated(&c)
+    });
+
+    // Settled: for three seconds no election, no failover, gw1 holds the gateway throughout.
+    let t0 = term(&c, 0);
+    let f0 = failovers(&c, 0);
+    let until = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < until {
+        assert!(
+            c.topo.node_holds(0, GW),
+            "gw1 lost the gateway\n{}",
+            c.logs()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(term(&c, 0), t0, "elections went on\n{}", c.logs());
+    assert_eq!(
+        failovers(&c, 0),
+        f0,
+        "the active node was failed over\n{}",
+        c.logs()
+    );
+
+    // A failover of the active node at this size.
+    c.ensure_leader_is_not("gw1");
+    c.signal("gw1", "KILL");
+    c.wait_active("gw2");
+    c.assert_traffic_via_vip();
+    wait(&c, "the first and the last policy SNATed on gw2", || {
+        snated(&c)
+    });
+
+    // One more policy through the API reaches the active node's kernel.
+    let dir = c.topo.dir.path().to_path_buf();
+    let file = dir.join("one.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "[[policy]]\nname = \"one-more\"\negress_gateway_name = \"{GW}\"\n\
+             source_cidrs = [\"{CLIENT_OTHER_IP}/32\"]\ndestination_cidrs = [\"203.0.113.0/24\"]\n"
+        ),
+    )
+    .expect("apply file");
+    let tok = token.path().display().to_string();
+    let out = c.topo.cli(
+        1,
+        &[
+            "apply",
+            "-f",
+            &file.display().to_string(),
+            "--token-file",
+            &tok,
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait(&c, "the applied policy in gw2's kernel", || {
+        c.topo
+            .seen_source(CLIENT_OTHER_IP, SERVER_IP)
+            .is_some_and(|s| s == VIP)
+    });
+}
