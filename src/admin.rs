@@ -19,10 +19,12 @@ use tracing::{error, info};
 use crate::cluster::Command;
 use crate::cluster::node::ClusterNode;
 use crate::cluster::state::ObjectRef;
+use crate::config::rules::quote;
+use crate::config::schema::{GatewaySpec, PolicySpec};
+use crate::config::{self, BodyError};
 use crate::daemon::Status;
 use crate::events::Event;
 use crate::metrics::Metrics;
-use crate::model::{Gateway, Policy};
 
 /// Largest request body the admin endpoint reads. An `apply` of many policies is the largest
 /// legitimate body (about 150 bytes per policy in JSON).
@@ -48,24 +50,16 @@ pub struct Committed {
     pub changed: bool,
 }
 
-/// A label change: `value: None` removes the label.
-#[derive(Debug, Serialize, Deserialize)]
-pub struct LabelChange {
-    pub key: String,
-    pub value: Option<String>,
-}
+/// A label change (`POST /v1/nodes/{name}/labels`): `value` null or left out removes the label.
+pub use crate::config::schema::LabelChange;
 
-/// The body of `POST /v1/apply` in JSON (TOML in the configuration file's syntax is accepted
-/// with `Content-Type: application/toml`).
-#[derive(Debug, Default, Serialize, Deserialize)]
-pub struct ApplyRequest {
-    #[serde(default)]
-    pub gateways: Vec<Gateway>,
-    #[serde(default)]
-    pub policies: Vec<Policy>,
-}
+/// The body of `POST /v1/apply` in JSON: the objects in the configuration file's shape (TOML in
+/// the file's syntax is accepted with `Content-Type: application/toml`). Both are read by the
+/// configuration's reader and rules (`config::parse_apply_body`).
+pub use crate::config::schema::ApplySpec as ApplyRequest;
 
-/// A committed object and where it came from.
+/// A committed object (in the configuration file's shape, so that it can be applied again) and
+/// where it came from.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Listed<T> {
     /// "file" (a node's configuration file) or "api" (`egressd apply`).
@@ -138,7 +132,10 @@ pub fn router(state: AdminState) -> Router {
     r.fallback(|method: Method, uri: axum::http::Uri| async move {
         error(
             StatusCode::NOT_FOUND,
-            format!("no route {method} {uri}; see docs/openapi.json"),
+            format!(
+                "no route {method} {}; see docs/openapi.json",
+                quote(&uri.to_string())
+            ),
         )
     })
     .layer(DefaultBodyLimit::max(MAX_BODY))
@@ -205,27 +202,27 @@ fn origin(state: &crate::cluster::ClusterState, r: ObjectRef) -> String {
     }
 }
 
-async fn list_gateways(State(state): State<AdminState>) -> Json<Vec<Listed<Gateway>>> {
+async fn list_gateways(State(state): State<AdminState>) -> Json<Vec<Listed<GatewaySpec>>> {
     let st = state.node.applied().state;
     Json(
         st.gateways
             .values()
             .map(|g| Listed {
                 origin: origin(&st, ObjectRef::Gateway(g.name.clone())),
-                object: g.clone(),
+                object: GatewaySpec::from(g),
             })
             .collect(),
     )
 }
 
-async fn list_policies(State(state): State<AdminState>) -> Json<Vec<Listed<Policy>>> {
+async fn list_policies(State(state): State<AdminState>) -> Json<Vec<Listed<PolicySpec>>> {
     let st = state.node.applied().state;
     Json(
         st.policies
             .values()
             .map(|p| Listed {
                 origin: origin(&st, ObjectRef::Policy(p.name.clone())),
-                object: p.clone(),
+                object: PolicySpec::from(p),
             })
             .collect(),
     )
@@ -269,7 +266,11 @@ async fn mutate(state: AdminState, headers: HeaderMap, name: &str, cmd: Command)
     if !members.iter().any(|m| m == name) {
         return error(
             StatusCode::NOT_FOUND,
-            format!("no member named {name:?}; members: {}", members.join(", ")),
+            format!(
+                "no member named {}; members: {}",
+                quote(name),
+                members.join(", ")
+            ),
         );
     }
     commit(&state, cmd).await
@@ -297,6 +298,15 @@ async fn commit(state: &AdminState, cmd: Command) -> Response {
     }
 }
 
+/// A refused body: 400 when it cannot be read at all, 422 when it breaks the schema or a rule
+/// (the message names each offending key).
+fn refused(e: BodyError) -> Response {
+    match e {
+        BodyError::Syntax(m) => error(StatusCode::BAD_REQUEST, m),
+        BodyError::Invalid(errors) => error(StatusCode::UNPROCESSABLE_ENTITY, errors.to_string()),
+    }
+}
+
 async fn apply(State(state): State<AdminState>, headers: HeaderMap, body: Bytes) -> Response {
     if let Err((status, message)) = authorize(&state, &headers) {
         return error(status, message);
@@ -305,45 +315,14 @@ async fn apply(State(state): State<AdminState>, headers: HeaderMap, body: Bytes)
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("application/toml"));
-    let req = if toml {
-        let Ok(text) = std::str::from_utf8(&body) else {
-            return error(StatusCode::BAD_REQUEST, "the TOML body is not UTF-8");
-        };
-        match crate::config::parse_objects(text, "request body") {
-            Ok((gateways, policies)) => ApplyRequest { gateways, policies },
-            Err(errors) => return error(StatusCode::UNPROCESSABLE_ENTITY, errors.to_string()),
-        }
-    } else {
-        match serde_json::from_slice::<ApplyRequest>(&body) {
-            Ok(r) => r,
-            Err(e) => {
-                return error(
-                    StatusCode::BAD_REQUEST,
-                    format!(
-                        "expected JSON {{\"gateways\": [...], \"policies\": [...]}} or a TOML \
-                         body with Content-Type: application/toml: {e}"
-                    ),
-                );
-            }
-        }
+    let (gateways, policies) = match config::parse_apply_body(&body, toml, "request body") {
+        Ok(objects) => objects,
+        Err(e) => return refused(e),
     };
-    if req.gateways.is_empty() && req.policies.is_empty() {
-        return error(
-            StatusCode::BAD_REQUEST,
-            "nothing to apply: no gateways, no policies",
-        );
-    }
     // The configuration rules over the committed set with these objects are checked by the
     // state machine as it applies the command (so a race with another change cannot slip
     // past): a broken rule comes back as a refusal, 409.
-    commit(
-        &state,
-        Command::Apply {
-            gateways: req.gateways,
-            policies: req.policies,
-        },
-    )
-    .await
+    commit(&state, Command::Apply { gateways, policies }).await
 }
 
 async fn delete_object(state: AdminState, headers: HeaderMap, r: ObjectRef) -> Response {
@@ -362,9 +341,24 @@ async fn delete_object(state: AdminState, headers: HeaderMap, r: ObjectRef) -> R
         ),
     };
     if !exists {
+        const SHOWN: usize = 10;
+        let (kind, name) = match &r {
+            ObjectRef::Gateway(n) => ("gateway", n),
+            ObjectRef::Policy(n) => ("policy", n),
+        };
+        let more = known.len().saturating_sub(SHOWN);
         return error(
             StatusCode::NOT_FOUND,
-            format!("no {r}; committed: {}", known.join(", ")),
+            format!(
+                "no {kind} {}; committed: {}{}",
+                quote(name),
+                known[..known.len().min(SHOWN)].join(", "),
+                if more > 0 {
+                    format!(" and {more} more")
+                } else {
+                    String::new()
+                }
+            ),
         );
     }
     let cmd = match r {
@@ -410,17 +404,15 @@ async fn label(
     State(state): State<AdminState>,
     Path(name): Path<String>,
     headers: HeaderMap,
-    body: Result<Json<LabelChange>, axum::extract::rejection::JsonRejection>,
+    body: Bytes,
 ) -> Response {
-    let Ok(Json(change)) = body else {
-        return error(
-            StatusCode::BAD_REQUEST,
-            "expected a JSON body {\"key\": \"...\", \"value\": \"...\" or null}",
-        );
-    };
-    if change.key.is_empty() {
-        return error(StatusCode::BAD_REQUEST, "the label key must not be empty");
+    if let Err((status, message)) = authorize(&state, &headers) {
+        return error(status, message);
     }
+    let change = match config::parse_label_change(&body, "request body") {
+        Ok(c) => c,
+        Err(e) => return refused(e),
+    };
     let cmd = Command::SetLabel {
         node: name.clone(),
         key: change.key,

@@ -213,6 +213,18 @@ pub(super) fn parse_objects(
     objects_body(&dict, &["gateway", "policy"], source_name)
 }
 
+/// The TOML body of `POST /v1/apply`: unreadable text is a syntax error, the rest as
+/// [`parse_objects`].
+pub(super) fn parse_toml_body(
+    body: &[u8],
+    source_name: &str,
+) -> Result<(Vec<Gateway>, Vec<Policy>), BodyError> {
+    let text = std::str::from_utf8(body)
+        .map_err(|e| BodyError::Syntax(format!("the TOML body is not UTF-8: {e}")))?;
+    let dict = toml_dict(text, source_name).map_err(|e| BodyError::Syntax(e.to_string()))?;
+    objects_body(&dict, &["gateway", "policy"], source_name).map_err(BodyError::Invalid)
+}
+
 /// The JSON body of `POST /v1/apply`: `{"gateways": [...], "policies": [...]}`.
 pub(super) fn parse_json_objects(
     body: &[u8],
@@ -1221,7 +1233,7 @@ pub(super) fn read_file(path: &Path) -> Result<String, ConfigErrors> {
 mod tests {
     use super::*;
     use crate::config::{LogFormat, Profile, load_with_env};
-    use crate::model::Selection;
+    use crate::model::{Gateway, Policy, Selection};
 
     const FILE: &str = "/etc/egressd/egressd.toml";
 
@@ -2366,5 +2378,330 @@ destination_cidrs = ["0.0.0.0/0"]
             "{errs}"
         );
         assert!(parse_objects("[[gateway]\n", "apply.toml").is_err());
+    }
+
+    // ---- issue 18: one schema, label rules, short quotes ----
+
+    #[test]
+    fn the_root_keys_are_the_schema_s() {
+        assert_eq!(
+            de::fields_of::<schema::FileSpec>(),
+            [
+                "node",
+                "cluster",
+                "admin",
+                "dataplane",
+                "log",
+                "gateway",
+                "policy"
+            ]
+        );
+    }
+
+    #[test]
+    fn label_rules_apply_to_node_labels_and_selectors() {
+        let e = errors_with(&[
+            "[node]\nname = \"gw1\"\nlabels = { \"bad key!\" = \"\", zone = \"a\\nb\", \"Example.com/x\" = \"y\" }\n",
+            &VIP_GATEWAY.replace(
+                "name = \"vip\"",
+                "name = \"vip\"\nnode_selector = { \"egress/\" = \"\", ok = \"-x\" }",
+            ),
+        ]);
+        assert_error(&e, "node.labels.\"bad key!\"", "contains ' '");
+        assert_error(
+            &e,
+            "node.labels.zone",
+            "the label value \"a\\nb\" contains '\\n'",
+        );
+        assert_error(&e, "node.labels.\"Example.com/x\"", "prefix");
+        assert_error(
+            &e,
+            "gateway[0].node_selector.\"egress/\"",
+            "no name after '/'",
+        );
+        assert_error(&e, "gateway[0].node_selector.ok", "start and end");
+        assert_eq!(e.len(), 5, "{}", ConfigErrors(e.clone()));
+    }
+
+    #[test]
+    fn a_long_name_is_not_echoed_whole() {
+        let long = "p".repeat(100_000);
+        let e = errors_with(&[
+            BASE,
+            &VIP_GATEWAY.replace("name = \"vip\"", &format!("name = \"{long}\"")),
+            &format!("{long} = 1\n"),
+        ]);
+        let shown = ConfigErrors(e.clone()).to_string();
+        assert!(
+            shown.len() < 1_000,
+            "{} characters:\n{}",
+            shown.len(),
+            &shown[..2000]
+        );
+        assert_error(&e, "gateway[0].name", "is 100000 characters long");
+        assert!(shown.contains("…(99936 more characters)"), "{shown}");
+        let body = format!(
+            r#"{{"policies": [{{"name": "{long}", "egress_gateway_name": "{long}", "source_cidrs": ["{long}"], "destination_cidrs": ["0.0.0.0/0"], "{long}": 1}}]}}"#
+        );
+        let Err(BodyError::Invalid(e)) = parse_json_objects(body.as_bytes(), "request body") else {
+            panic!("refused")
+        };
+        let shown = e.to_string();
+        assert!(shown.len() < 2_000, "{} characters", shown.len());
+        assert_eq!(e.len(), 4, "{shown}");
+    }
+
+    const JSON_APPLY: &str = r#"{
+  "gateways": [{
+    "name": "vip",
+    "node_selector": {"egress": ""},
+    "source_ip": {"mode": "VirtualIPAddress", "virtual_ip_address": {"ip": "198.18.0.50", "interfaces": ["eth1"]}},
+    "next_hop": {"ip": "10.77.0.1", "interface": "eth0"}
+  }],
+  "policies": [{
+    "name": "p",
+    "egress_gateway_name": "vip",
+    "source_cidrs": ["10.77.0.0/24"],
+    "destination_cidrs": ["0.0.0.0/0"]
+  }]
+}"#;
+
+    const TOML_APPLY: &str = r#"
+[[gateway]]
+name = "vip"
+node_selector = { egress = "" }
+[gateway.source_ip]
+mode = "VirtualIPAddress"
+virtual_ip_address = { ip = "198.18.0.50", interfaces = ["eth1"] }
+[gateway.next_hop]
+ip = "10.77.0.1"
+interface = "eth0"
+
+[[policy]]
+name = "p"
+egress_gateway_name = "vip"
+source_cidrs = ["10.77.0.0/24"]
+destination_cidrs = ["0.0.0.0/0"]
+"#;
+
+    fn json_errors(body: &str) -> Vec<ConfigError> {
+        match parse_json_objects(body.as_bytes(), "request body") {
+            Err(BodyError::Invalid(e)) => e.0,
+            other => panic!("expected errors, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn json_and_toml_bodies_read_the_same_objects_with_the_same_defaults() {
+        let from_json = parse_json_objects(JSON_APPLY.as_bytes(), "request body").unwrap();
+        let from_toml = parse_objects(TOML_APPLY, "apply.toml").unwrap();
+        assert_eq!(from_json, from_toml);
+        let (g, p) = from_json;
+        assert_eq!(g[0].selection, Selection::Alphabetical);
+        assert!(g[0].preempt);
+        assert!(p[0].excluded_cidrs.is_empty());
+        // Objects as the admin API lists them apply again, null next_hop included.
+        let listed = serde_json::json!({
+            "gateways": g.iter().map(schema::GatewaySpec::from).collect::<Vec<_>>(),
+            "policies": p.iter().map(schema::PolicySpec::from).collect::<Vec<_>>(),
+        });
+        let again = parse_json_objects(listed.to_string().as_bytes(), "request body").unwrap();
+        assert_eq!(again, (g, p));
+        let with_null = JSON_APPLY.replace(
+            r#""next_hop": {"ip": "10.77.0.1", "interface": "eth0"}"#,
+            r#""next_hop": null, "selection": "spread", "preempt": false"#,
+        );
+        let (g, _) = parse_json_objects(with_null.as_bytes(), "request body").unwrap();
+        assert_eq!(
+            (g[0].next_hop.clone(), g[0].selection, g[0].preempt),
+            (None, Selection::Spread, false)
+        );
+    }
+
+    #[test]
+    fn json_bodies_refuse_unknown_fields_with_path_and_suggestion() {
+        let e = json_errors(&JSON_APPLY.replace(
+            r#""destination_cidrs": ["0.0.0.0/0"]"#,
+            r#""destination_cidrs": ["0.0.0.0/0"], "exclude_cidrs": ["198.18.0.100/32"]"#,
+        ));
+        assert_eq!(e.len(), 1, "{}", ConfigErrors(e.clone()));
+        assert_eq!(e[0].key, "policies[0].exclude_cidrs");
+        assert_eq!(e[0].file, "request body");
+        assert!(
+            e[0].message.contains("did you mean `excluded_cidrs`"),
+            "{}",
+            e[0]
+        );
+        for (from, to, key) in [
+            (
+                r#""name": "vip","#,
+                r#""name": "vip", "nodeSelector": {},"#,
+                "gateways[0].nodeSelector",
+            ),
+            (
+                r#""mode": "VirtualIPAddress","#,
+                r#""mode": "VirtualIPAddress", "extra": 1,"#,
+                "gateways[0].source_ip.extra",
+            ),
+            (
+                r#""ip": "198.18.0.50","#,
+                r#""ip": "198.18.0.50", "prefix": 24,"#,
+                "gateways[0].source_ip.virtual_ip_address.prefix",
+            ),
+            (
+                r#""interface": "eth0""#,
+                r#""interface": "eth0", "iface": "eth0""#,
+                "gateways[0].next_hop.iface",
+            ),
+            (
+                r#""gateways": ["#,
+                r#""gateway": [], "gateways": ["#,
+                "gateway",
+            ),
+        ] {
+            let e = json_errors(&JSON_APPLY.replace(from, to));
+            assert_eq!(e.len(), 1, "{}", ConfigErrors(e.clone()));
+            assert_eq!(e[0].key, key);
+            assert!(e[0].message.starts_with("unknown key"), "{}", e[0]);
+        }
+        let e = json_errors(
+            &JSON_APPLY.replace(r#""mode": "VirtualIPAddress""#, r#""mode": "VirtualIP""#),
+        );
+        assert_eq!(e[0].key, "gateways[0].source_ip.mode");
+        assert!(
+            e[0].message.contains("unknown mode \"VirtualIP\""),
+            "{}",
+            e[0]
+        );
+    }
+
+    #[test]
+    fn json_bodies_report_every_problem_at_once() {
+        let e = json_errors(
+            r#"{"policies": [{"name": 5, "egress_gateway_name": "g", "source_cidrs": [1, "10.0.0.0/8", "x"]}, {"name": "q"}]}"#,
+        );
+        let keys: Vec<&str> = e.iter().map(|x| x.key.as_str()).collect();
+        for key in [
+            "policies[0].name",
+            "policies[0].source_cidrs[0]",
+            "policies[0].source_cidrs[2]",
+            "policies[0].destination_cidrs",
+            "policies[1].egress_gateway_name",
+            "policies[1].source_cidrs",
+            "policies[1].destination_cidrs",
+        ] {
+            assert!(
+                keys.contains(&key),
+                "no error at {key}: {}",
+                ConfigErrors(e.clone())
+            );
+        }
+        assert_eq!(e.len(), 7, "{}", ConfigErrors(e.clone()));
+    }
+
+    #[test]
+    fn unreadable_bodies_are_syntax_errors() {
+        for body in ["", "{", "[1]x", "not json"] {
+            assert!(
+                matches!(
+                    parse_json_objects(body.as_bytes(), "b"),
+                    Err(BodyError::Syntax(_))
+                ),
+                "{body:?}"
+            );
+        }
+        assert!(matches!(
+            parse_apply_body(b"[[gateway]\n", true),
+            Err(BodyError::Syntax(m)) if m.contains("not valid TOML")
+        ));
+        assert!(matches!(
+            parse_apply_body(&[0xff, 0xfe], true),
+            Err(BodyError::Syntax(m)) if m.contains("not UTF-8")
+        ));
+        let Err(BodyError::Invalid(e)) = parse_json_objects(b"[]", "b") else {
+            panic!("an array is no body")
+        };
+        assert!(e.0[0].message.contains("expected a JSON object"), "{e}");
+        let Err(BodyError::Invalid(e)) = parse_json_objects(b"{}", "b") else {
+            panic!("nothing to apply")
+        };
+        assert!(e.0[0].message.contains("nothing to apply"), "{e}");
+        let Err(BodyError::Invalid(e)) = parse_apply_body(b"[node]\nname = \"x\"\n", true) else {
+            panic!("not an apply body")
+        };
+        assert_eq!(e.0[0].key, "node");
+    }
+
+    fn parse_apply_body(body: &[u8], toml: bool) -> Result<(Vec<Gateway>, Vec<Policy>), BodyError> {
+        crate::config::parse_apply_body(body, toml, "request body")
+    }
+
+    #[test]
+    fn label_change_bodies() {
+        let ok = |body: &str| parse_label_change(body.as_bytes(), "request body").unwrap();
+        let c = ok(r#"{"key": "node-role.deckhouse.io/egress", "value": ""}"#);
+        assert_eq!(
+            (c.key.as_str(), c.value.as_deref()),
+            ("node-role.deckhouse.io/egress", Some(""))
+        );
+        assert_eq!(ok(r#"{"key": "zone", "value": null}"#).value, None);
+        assert_eq!(ok(r#"{"key": "zone"}"#).value, None);
+        let refused = |body: &str| match parse_label_change(body.as_bytes(), "request body") {
+            Err(BodyError::Invalid(e)) => e,
+            other => panic!("{body}: {other:?}"),
+        };
+        let e = refused(r#"{"key": "bad key!", "value": "x"}"#);
+        assert_eq!(e.0[0].key, "key");
+        assert!(e.to_string().contains("contains ' '"), "{e}");
+        let e = refused(r#"{"key": "zone", "value": "a\nb"}"#);
+        assert_eq!(e.0[0].key, "value");
+        assert!(e.to_string().contains("contains '\\n'"), "{e}");
+        let e = refused(r#"{"key": "zone", "valeu": "a"}"#);
+        assert_eq!(e.0[0].key, "valeu");
+        assert!(e.to_string().contains("did you mean `value`"), "{e}");
+        let e = refused(r#"{"value": "a"}"#);
+        assert_eq!(e.0[0].key, "key");
+        assert!(e.to_string().contains("missing"), "{e}");
+        let e = refused(&format!(r#"{{"key": "{}"}}"#, "k".repeat(100_000)));
+        assert!(e.to_string().len() < 1_000, "{e}");
+        assert!(matches!(
+            parse_label_change(b"key=value", "request body"),
+            Err(BodyError::Syntax(_))
+        ));
+    }
+
+    #[test]
+    fn two_gateways_with_one_next_hop_are_refused_in_the_file() {
+        let e = errors_with(&[
+            BASE,
+            VIP_GATEWAY,
+            "[gateway.next_hop]\nip = \"10.77.0.1\"\ninterface = \"eth0\"\n",
+            &VIP_GATEWAY
+                .replace("name = \"vip\"", "name = \"vip2\"")
+                .replace("198.18.0.50", "198.18.0.51"),
+            "[gateway.next_hop]\nip = \"10.77.0.1\"\ninterface = \"eth0\"\n",
+        ]);
+        assert_error(
+            &e,
+            "gateway[1].next_hop.ip",
+            "10.77.0.1 is already the next hop of gateway \"vip\" (gateway[0]); two gateways cannot share one next hop",
+        );
+        assert_eq!(e.len(), 1, "{}", ConfigErrors(e.clone()));
+    }
+
+    #[test]
+    fn placeholders_keep_the_indices_of_a_list() {
+        let e = errors_with(&[
+            BASE,
+            "[cluster]\npeers = [{ name = 1, address = \"10.0.0.1:7480\" }, { name = \"gw1\", address = 2 }, { name = \"gw1\", address = \"10.0.0.3:7480\" }]\n",
+        ]);
+        assert_error(&e, "cluster.peers[0].name", "found the integer 1");
+        assert_error(&e, "cluster.peers[1].address", "found the integer 2");
+        assert_error(
+            &e,
+            "cluster.peers[2].name",
+            "duplicate peer name \"gw1\"; already used by cluster.peers[1]",
+        );
+        assert_eq!(e.len(), 3, "{}", ConfigErrors(e.clone()));
     }
 }

@@ -387,6 +387,20 @@ pub fn parse_json_objects(
     load::parse_json_objects(body, source_name)
 }
 
+/// The body of `POST /v1/apply`: JSON ([`parse_json_objects`]) or, with `toml`, the TOML of
+/// [`parse_objects`].
+pub fn parse_apply_body(
+    body: &[u8],
+    toml: bool,
+    source_name: &str,
+) -> Result<(Vec<Gateway>, Vec<Policy>), BodyError> {
+    if toml {
+        load::parse_toml_body(body, source_name)
+    } else {
+        load::parse_json_objects(body, source_name)
+    }
+}
+
 /// The JSON body of `POST /v1/nodes/{name}/labels`, with the label rules applied.
 pub fn parse_label_change(body: &[u8], source_name: &str) -> Result<LabelChange, BodyError> {
     load::parse_label_change(body, source_name)

@@ -939,4 +939,258 @@ mod tests {
         assert_eq!(suggest("clutser", &known), Some("cluster"));
         assert_eq!(suggest("completely-different", &known), None);
     }
+
+    fn vip_gateway(name: &str, vip: &str, next_hop: Option<&str>) -> Gateway {
+        Gateway {
+            name: name.to_string(),
+            node_selector: Labels::new(),
+            selection: crate::model::Selection::Alphabetical,
+            preempt: true,
+            source_ip: SourceIp::VirtualIp {
+                ip: vip.parse().unwrap(),
+                interfaces: vec!["eth1".to_string()],
+            },
+            next_hop: next_hop.map(|ip| crate::model::NextHop {
+                ip: ip.parse().unwrap(),
+                interface: "eth0".to_string(),
+            }),
+        }
+    }
+
+    fn a_policy(name: &str, gateway: &str, src: &str, dst: &str) -> Policy {
+        Policy {
+            name: name.to_string(),
+            egress_gateway_name: gateway.to_string(),
+            source_cidrs: vec![src.parse().unwrap()],
+            destination_cidrs: vec![dst.parse().unwrap()],
+            excluded_cidrs: vec![],
+        }
+    }
+
+    #[test]
+    fn label_keys_follow_kubernetes() {
+        for ok in [
+            "egress",
+            "node-role.deckhouse.io/egress",
+            "a/b",
+            "kubernetes.io/hostname",
+            "topology.kubernetes.io/zone",
+            "A_b.c-9",
+            &"n".repeat(63),
+            &format!(
+                "{}/x",
+                [
+                    "a".repeat(63),
+                    "b".repeat(63),
+                    "c".repeat(63),
+                    "d".repeat(61)
+                ]
+                .join(".")
+            ),
+        ] {
+            assert_eq!(label_key(ok), Ok(()), "{ok}");
+        }
+        for (bad, why) in [
+            ("", "must not be empty"),
+            ("bad key!", "contains ' '"),
+            ("-egress", "start and end with a letter or digit"),
+            ("egress_", "start and end with a letter or digit"),
+            ("/egress", "empty prefix"),
+            ("deckhouse.io/", "no name after '/'"),
+            ("Deckhouse.io/egress", "prefix"),
+            ("a..b/egress", "prefix"),
+            ("a/b/c", "contains '/'"),
+            ("zone\n", "contains '\\n'"),
+        ] {
+            let e = label_key(bad).expect_err(bad);
+            assert!(e.contains(why), "{bad:?}: {e}");
+        }
+        assert!(
+            label_key(&"n".repeat(64))
+                .unwrap_err()
+                .contains("64 characters long")
+        );
+        let long_prefix = format!("{}.io/x", "a".repeat(250));
+        assert!(label_key(&long_prefix).unwrap_err().contains("at most 253"));
+    }
+
+    #[test]
+    fn label_values_follow_kubernetes() {
+        for ok in ["", "a", "eu-west-1a", "v1.2_3", &"v".repeat(63)] {
+            assert_eq!(label_value(ok), Ok(()), "{ok}");
+        }
+        for (bad, why) in [
+            ("a\nb", "contains '\\n'"),
+            ("-a", "start and end"),
+            ("a b", "contains ' '"),
+            ("x/y", "contains '/'"),
+        ] {
+            let e = label_value(bad).expect_err(bad);
+            assert!(e.contains(why), "{bad:?}: {e}");
+        }
+        assert!(
+            label_value(&"v".repeat(64))
+                .unwrap_err()
+                .contains("64 characters")
+        );
+        let mut m = Labels::new();
+        m.insert("bad key!".into(), "ok".into());
+        m.insert("ok".into(), "a\nb".into());
+        m.insert(String::new(), "x".into());
+        let keys: Vec<String> = labels(&m, "node.labels")
+            .into_iter()
+            .map(|i| i.key)
+            .collect();
+        assert_eq!(
+            keys,
+            ["node.labels", "node.labels.\"bad key!\"", "node.labels.ok"]
+        );
+    }
+
+    #[test]
+    fn quoted_input_is_cut_short() {
+        assert_eq!(quote("gw 1"), "\"gw 1\"");
+        assert_eq!(quote("a\nb"), "\"a\\nb\"");
+        let long = "p".repeat(100_000);
+        let q = quote(&long);
+        assert!(q.len() < 120, "{q}");
+        assert!(q.ends_with("…(99936 more characters)"), "{q}");
+        let e = object_name(&long).unwrap_err();
+        assert!(e.len() < 250, "{e}");
+        assert!(e.contains("is 100000 characters long"), "{e}");
+        // Multi-byte characters are counted, not cut in half.
+        let q = quote(&"é".repeat(70));
+        assert!(q.ends_with("…(6 more characters)"), "{q}");
+        assert_eq!(
+            map_key("node.labels", &"k".repeat(70)).len(),
+            "node.labels.".len() + 66 + "…(6 more characters)".len()
+        );
+        let line = "x".repeat(1_000);
+        assert!(shorten_lines(&format!("a\n{line}")).ends_with("…(800 more characters)"));
+    }
+
+    #[test]
+    fn a_next_hop_is_held_by_one_gateway_only() {
+        let e = objects(
+            &[
+                vip_gateway("a", "198.18.0.50", Some("10.77.0.1")),
+                vip_gateway("b", "198.18.0.51", Some("10.77.0.1")),
+                vip_gateway("c", "10.77.0.2", None),
+                vip_gateway("d", "198.18.0.52", Some("10.77.0.2")),
+                vip_gateway("e", "198.18.0.50", None),
+            ],
+            &[],
+        );
+        let shown: Vec<String> = e
+            .iter()
+            .map(|i| format!("{}: {}", i.key, i.message))
+            .collect();
+        assert_eq!(
+            shown,
+            [
+                "gateway[1].next_hop.ip: 10.77.0.1 is already the next hop of gateway \"a\" (gateway[0]); two gateways cannot share one next hop (their active nodes could both hold it at once)",
+                "gateway[3].next_hop.ip: 10.77.0.2 is the VIP of gateway \"c\" (gateway[2]); the next hop must be a different address",
+                "gateway[4].source_ip.virtual_ip_address.ip: 198.18.0.50 is already the VIP of gateway \"a\" (gateway[0]); two gateways cannot share one VIP",
+            ]
+        );
+        // A VIP equal to an earlier gateway's next hop.
+        let e = objects(
+            &[
+                vip_gateway("a", "198.18.0.50", Some("10.77.0.1")),
+                vip_gateway("b", "10.77.0.1", None),
+            ],
+            &[],
+        );
+        assert_eq!(e.len(), 1);
+        assert_eq!(e[0].key, "gateway[1].source_ip.virtual_ip_address.ip");
+        assert!(
+            e[0].message
+                .contains("is already the next hop of gateway \"a\"")
+        );
+    }
+
+    /// What the state machine can do when one gateway changes: check it on its own and against
+    /// an index of the addresses of the others, without going over the whole set.
+    #[test]
+    fn one_changed_gateway_is_checked_against_an_index() {
+        let committed = [
+            vip_gateway("a", "198.18.0.50", Some("10.77.0.1")),
+            vip_gateway("b", "198.18.0.51", None),
+        ];
+        let mut index: HashMap<IpAddr, (AddressUse, &str)> = HashMap::new();
+        for g in &committed {
+            for (ip, used) in addresses(g) {
+                index.insert(ip, (used, &g.name));
+            }
+        }
+        let changed = vip_gateway("c", "198.18.0.51", Some("10.77.0.1"));
+        let owner = |ip: IpAddr| {
+            index
+                .get(&ip)
+                .filter(|(_, name)| *name != changed.name)
+                .map(|(used, name)| (*used, quote(name)))
+        };
+        let mut issues = gateway(&changed, "");
+        issues.extend(gateway_addresses(&changed, "", owner));
+        let shown: Vec<String> = issues
+            .iter()
+            .map(|i| format!("{}: {}", i.key, i.message))
+            .collect();
+        assert_eq!(
+            shown,
+            [
+                "source_ip.virtual_ip_address.ip: 198.18.0.51 is already the VIP of gateway \"b\"; two gateways cannot share one VIP",
+                "next_hop.ip: 10.77.0.1 is already the next hop of gateway \"a\"; two gateways cannot share one next hop (their active nodes could both hold it at once)",
+            ]
+        );
+        // Replacing a gateway by itself is no conflict.
+        let same = &committed[0];
+        let owner = |ip: IpAddr| {
+            index
+                .get(&ip)
+                .filter(|(_, name)| *name != same.name)
+                .map(|(used, name)| (*used, quote(name)))
+        };
+        assert!(gateway_addresses(same, "", owner).is_empty());
+    }
+
+    #[test]
+    fn one_changed_policy_is_checked_with_its_gateway() {
+        let g = vip_gateway("a", "198.18.0.50", None);
+        let p = a_policy("p", "a", "fd00::/64", "::/0");
+        assert!(policy(&p, "").is_empty());
+        let e = policy_with_gateway(&p, &g, "", &quote(&g.name));
+        assert_eq!(e.len(), 1);
+        assert_eq!(e[0].key, "egress_gateway_name");
+        assert!(
+            e[0].message
+                .contains("has the IPv4 VIP 198.18.0.50, but this policy matches IPv6 traffic")
+        );
+        let known: Vec<String> = (0..12).map(|i| format!("g{i:02}")).collect();
+        let known: Vec<&str> = known.iter().map(String::as_str).collect();
+        let m = missing_gateway(&"x".repeat(1000), &known);
+        assert!(
+            m.ends_with(
+                "defined gateways: g00, g01, g02, g03, g04, g05, g06, g07, g08, g09 and 2 more"
+            ),
+            "{m}"
+        );
+        assert!(m.len() < 200, "{m}");
+    }
+
+    #[test]
+    fn whole_lists_and_single_objects_agree() {
+        let gateways = [
+            vip_gateway("a", "198.18.0.50", Some("198.18.0.50")),
+            vip_gateway("b!", "0.0.0.0", None),
+        ];
+        let policies = [a_policy("p", "a", "10.0.0.1/24", "::/0")];
+        let mut single: Vec<Issue> = Vec::new();
+        for (i, g) in gateways.iter().enumerate() {
+            single.extend(gateway(g, &format!("gateway[{i}]")));
+        }
+        single.extend(policy(&policies[0], "policy[0]"));
+        assert_eq!(objects(&gateways, &policies), single);
+        assert_eq!(single.len(), 5, "{single:#?}");
+    }
 }
