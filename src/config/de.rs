@@ -439,27 +439,6 @@ impl<'v> de::Deserializer<'v> for De<'_, 'v> {
         self.settle(r)
     }
 
-    fn deserialize_f32<V: Visitor<'v>>(self, v: V) -> Result<V::Value, Error> {
-        self.deserialize_f64(v)
-    }
-
-    fn deserialize_f64<V: Visitor<'v>>(self, v: V) -> Result<V::Value, Error> {
-        if self.value.is_none() {
-            return self.settle(v.visit_f64(0.0));
-        }
-        match self.lossy_str().map(|s| s.trim().parse::<f64>()) {
-            Some(Ok(x)) => self.settle(v.visit_f64(x)),
-            _ => self.any(v),
-        }
-    }
-
-    fn deserialize_char<V: Visitor<'v>>(self, v: V) -> Result<V::Value, Error> {
-        if self.value.is_none() {
-            return self.settle(v.visit_char(' '));
-        }
-        self.any(v)
-    }
-
     fn deserialize_str<V: Visitor<'v>>(self, v: V) -> Result<V::Value, Error> {
         if self.value.is_none() {
             return self.settle(v.visit_borrowed_str(""));
@@ -475,37 +454,11 @@ impl<'v> de::Deserializer<'v> for De<'_, 'v> {
         self.deserialize_str(v)
     }
 
-    fn deserialize_bytes<V: Visitor<'v>>(self, v: V) -> Result<V::Value, Error> {
-        if self.value.is_none() {
-            return self.settle(v.visit_borrowed_bytes(&[]));
-        }
-        self.any(v)
-    }
-
-    fn deserialize_byte_buf<V: Visitor<'v>>(self, v: V) -> Result<V::Value, Error> {
-        self.deserialize_bytes(v)
-    }
-
     fn deserialize_option<V: Visitor<'v>>(self, v: V) -> Result<V::Value, Error> {
         match self.value {
             None | Some(Value::Empty(_, _)) => self.settle(v.visit_none()),
             Some(_) => self.settle(v.visit_some(self)),
         }
-    }
-
-    fn deserialize_unit<V: Visitor<'v>>(self, v: V) -> Result<V::Value, Error> {
-        if self.value.is_none() {
-            return self.settle(v.visit_unit());
-        }
-        self.any(v)
-    }
-
-    fn deserialize_unit_struct<V: Visitor<'v>>(
-        self,
-        _: &'static str,
-        v: V,
-    ) -> Result<V::Value, Error> {
-        self.deserialize_unit(v)
     }
 
     fn deserialize_newtype_struct<V: Visitor<'v>>(
@@ -525,19 +478,6 @@ impl<'v> de::Deserializer<'v> for De<'_, 'v> {
             }));
         }
         self.any(v)
-    }
-
-    fn deserialize_tuple<V: Visitor<'v>>(self, _: usize, v: V) -> Result<V::Value, Error> {
-        self.deserialize_seq(v)
-    }
-
-    fn deserialize_tuple_struct<V: Visitor<'v>>(
-        self,
-        _: &'static str,
-        _: usize,
-        v: V,
-    ) -> Result<V::Value, Error> {
-        self.deserialize_seq(v)
     }
 
     fn deserialize_map<V: Visitor<'v>>(self, v: V) -> Result<V::Value, Error> {
@@ -590,6 +530,11 @@ impl<'v> de::Deserializer<'v> for De<'_, 'v> {
 
     fn deserialize_ignored_any<V: Visitor<'v>>(self, v: V) -> Result<V::Value, Error> {
         v.visit_unit()
+    }
+
+    // Kinds the schema does not use: as they come (a placeholder is a unit).
+    serde::forward_to_deserialize_any! {
+        <W: Visitor<'v>> f32 f64 char bytes byte_buf unit unit_struct tuple tuple_struct
     }
 }
 
