@@ -782,6 +782,24 @@ pub fn missing_gateway(gateway_name: &str, known: &[&str]) -> String {
     format!("no gateway named {}; {listed}", quote(gateway_name))
 }
 
+/// A policy against the gateway it names, looked up by the caller (in the committed set, or an
+/// index of it): missing, or unable to carry the policy's traffic ([`policy_with_gateway`]).
+/// `known` lists the existing gateways, asked for only when one is missing.
+pub fn policy_reference<'g>(
+    p: &Policy,
+    at: &str,
+    gateway: Option<&Gateway>,
+    known: impl FnOnce() -> Vec<&'g str>,
+) -> Vec<Issue> {
+    match gateway {
+        Some(g) => policy_with_gateway(p, g, at, &quote(&g.name)),
+        None => vec![Issue::new(
+            sub(at, "egress_gateway_name"),
+            missing_gateway(&p.egress_gateway_name, &known()),
+        )],
+    }
+}
+
 /// A gateway as one entry of a set: its position, its name when that could be read, and the
 /// object when all of it could.
 pub struct GatewayEntry<'a> {
@@ -1152,6 +1170,43 @@ mod tests {
                 .map(|(used, name)| (*used, quote(name)))
         };
         assert!(gateway_addresses(same, "", owner).is_empty());
+    }
+
+    #[test]
+    fn one_changed_policy_is_checked_against_the_committed_gateways() {
+        let committed: BTreeMap<String, Gateway> = [
+            vip_gateway("a", "198.18.0.50", None),
+            vip_gateway("b", "2001:db8::50", None),
+        ]
+        .into_iter()
+        .map(|g| (g.name.clone(), g))
+        .collect();
+        let check = |p: &Policy| {
+            let mut out = policy(p, "");
+            out.extend(policy_reference(
+                p,
+                "",
+                committed.get(&p.egress_gateway_name),
+                || committed.keys().map(String::as_str).collect(),
+            ));
+            out
+        };
+        assert_eq!(check(&a_policy("p", "b", "fd00::/64", "::/0")), vec![]);
+        let e = check(&a_policy("p", "nope", "10.0.0.0/8", "0.0.0.0/0"));
+        assert_eq!(
+            e,
+            vec![Issue::new(
+                "egress_gateway_name",
+                "no gateway named \"nope\"; defined gateways: a, b"
+            )]
+        );
+        let e = check(&a_policy("p", "a", "fd00::/64", "::/0"));
+        assert_eq!(e.len(), 1);
+        assert!(
+            e[0].message.starts_with("gateway \"a\" has the IPv4 VIP"),
+            "{}",
+            e[0].message
+        );
     }
 
     #[test]
