@@ -615,6 +615,11 @@ impl<'a> Reader<'a> {
         }
     }
 
+    /// [`Self::check`] of `at.field`, the key made only when there is an issue.
+    fn check_at(&mut self, at: &str, field: &str, result: Result<(), String>) -> bool {
+        result.map_err(|m| self.push(sub(at, field), m)).is_ok()
+    }
+
     fn extend(&mut self, issues: Vec<Issue>) -> bool {
         let ok = issues.is_empty();
         self.issues.extend(issues.into_iter().map(|i| (i, true)));
@@ -1080,11 +1085,13 @@ impl<'a> Reader<'a> {
         if self.is_broken(at) {
             return None;
         }
-        let name_ok = self.check(sub(at, "name"), rules::object_name(&spec.name));
-        self.extend(rules::labels(
-            &spec.node_selector,
-            &sub(at, "node_selector"),
-        ));
+        let name_ok = self.check_at(at, "name", rules::object_name(&spec.name));
+        if !spec.node_selector.is_empty() {
+            self.extend(rules::labels(
+                &spec.node_selector,
+                &sub(at, "node_selector"),
+            ));
+        }
         let source_ip = self.source_ip(&spec.source_ip, &sub(at, "source_ip"));
         let next_hop = match &spec.next_hop {
             None => Some(None),
@@ -1183,9 +1190,10 @@ impl<'a> Reader<'a> {
         if self.is_broken(at) {
             return None;
         }
-        let name_ok = self.check(sub(at, "name"), rules::object_name(&spec.name));
-        let ref_ok = self.check(
-            sub(at, "egress_gateway_name"),
+        let name_ok = self.check_at(at, "name", rules::object_name(&spec.name));
+        let ref_ok = self.check_at(
+            at,
+            "egress_gateway_name",
             rules::object_name(&spec.egress_gateway_name),
         );
         let source_cidrs = self.cidrs(&spec.source_cidrs, &sub(at, "source_cidrs"), true);

@@ -17,7 +17,7 @@
 //! `""` for keys relative to the object); messages quote user input with [`quote`], which cuts
 //! long input short.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::str::FromStr;
 
@@ -606,26 +606,56 @@ fn net_family(n: &IpNet) -> &'static str {
     family(&n.addr())
 }
 
+/// A set of address families: bit 0 IPv4, bit 1 IPv6 (no allocation per policy checked).
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct Families(u8);
+
+impl Families {
+    fn of(nets: &[IpNet]) -> Families {
+        Families(nets.iter().fold(0, |b, n| b | Families::bit(net_family(n))))
+    }
+
+    fn bit(family: &str) -> u8 {
+        if family == "IPv4" { 1 } else { 2 }
+    }
+
+    fn contains(self, family: &str) -> bool {
+        self.0 & Families::bit(family) != 0
+    }
+
+    fn is_empty(self) -> bool {
+        self.0 == 0
+    }
+
+    fn and(self, other: Families) -> Families {
+        Families(self.0 & other.0)
+    }
+
+    fn names(self) -> impl Iterator<Item = &'static str> {
+        ["IPv4", "IPv6"]
+            .into_iter()
+            .filter(move |f| self.contains(f))
+    }
+}
+
 /// The families of the traffic a policy can match: those of a source and a destination alike.
-pub fn traffic_families(p: &Policy) -> BTreeSet<&'static str> {
-    let src: BTreeSet<&str> = p.source_cidrs.iter().map(net_family).collect();
-    let dst: BTreeSet<&str> = p.destination_cidrs.iter().map(net_family).collect();
-    src.intersection(&dst).copied().collect()
+fn traffic_families(p: &Policy) -> Families {
+    Families::of(&p.source_cidrs).and(Families::of(&p.destination_cidrs))
 }
 
 /// CIDRs whose address family cannot match anything (a packet's source and destination have
 /// the same family).
 pub fn policy_coherence(p: &Policy, at: &str) -> Vec<Issue> {
     let mut out = Vec::new();
-    let src: BTreeSet<&str> = p.source_cidrs.iter().map(net_family).collect();
-    let dst: BTreeSet<&str> = p.destination_cidrs.iter().map(net_family).collect();
+    let src = Families::of(&p.source_cidrs);
+    let dst = Families::of(&p.destination_cidrs);
     if src.is_empty() || dst.is_empty() {
         return out;
     }
-    let traffic = traffic_families(p);
+    let traffic = src.and(dst);
     if traffic.is_empty() {
-        let s = src.iter().copied().collect::<Vec<_>>().join("/");
-        let d = dst.iter().copied().collect::<Vec<_>>().join("/");
+        let s = src.names().collect::<Vec<_>>().join("/");
+        let d = dst.names().collect::<Vec<_>>().join("/");
         out.push(Issue::new(
             sub(at, "destination_cidrs"),
             format!(
@@ -635,11 +665,11 @@ pub fn policy_coherence(p: &Policy, at: &str) -> Vec<Issue> {
         return out;
     }
     for (field, list, other, other_name) in [
-        ("source_cidrs", &p.source_cidrs, &dst, "destination_cidrs"),
+        ("source_cidrs", &p.source_cidrs, dst, "destination_cidrs"),
         (
             "destination_cidrs",
             &p.destination_cidrs,
-            &src,
+            src,
             "source_cidrs",
         ),
     ] {
@@ -666,27 +696,34 @@ pub fn policy_coherence(p: &Policy, at: &str) -> Vec<Issue> {
 }
 
 /// A policy and the gateway it names: the gateway's source IP must be able to carry the
-/// policy's traffic (PrimaryIP mode is IPv4 only; a VIP carries its own family). `gateway_label`
-/// names the gateway in messages (`"vip"`, or `"vip" (gateway[0])` in a file).
-pub fn policy_with_gateway(p: &Policy, g: &Gateway, at: &str, gateway_label: &str) -> Vec<Issue> {
+/// policy's traffic (PrimaryIP mode is IPv4 only; a VIP carries its own family). `label` names
+/// the gateway in messages (`"vip"`, or `"vip" (gateway[0])` in a file), made only if needed.
+pub fn policy_with_gateway(
+    p: &Policy,
+    g: &Gateway,
+    at: &str,
+    label: impl Fn() -> String,
+) -> Vec<Issue> {
     let mut out = Vec::new();
-    let key = sub(at, "egress_gateway_name");
     let traffic = traffic_families(p);
+    let key = || sub(at, "egress_gateway_name");
     match &g.source_ip {
         SourceIp::PrimaryIp { .. } if traffic.contains("IPv6") => out.push(Issue::new(
-            key,
+            key(),
             format!(
-                "gateway {gateway_label} uses mode \"{PRIMARY_MODE}\", which SNATs to the interface's primary IPv4 address only, but this policy matches IPv6 traffic; use a gateway with an IPv6 VirtualIPAddress for it"
+                "gateway {} uses mode \"{PRIMARY_MODE}\", which SNATs to the interface's primary IPv4 address only, but this policy matches IPv6 traffic; use a gateway with an IPv6 VirtualIPAddress for it",
+                label()
             ),
         )),
         SourceIp::VirtualIp { ip, .. } => {
             let vip_family = family(ip);
-            for f in &traffic {
-                if *f != vip_family {
+            for f in traffic.names() {
+                if f != vip_family {
                     out.push(Issue::new(
-                        key.clone(),
+                        key(),
                         format!(
-                            "gateway {gateway_label} has the {vip_family} VIP {ip}, but this policy matches {f} traffic, which cannot be SNATed to it; use a gateway with an {f} VIP for that traffic"
+                            "gateway {} has the {vip_family} VIP {ip}, but this policy matches {f} traffic, which cannot be SNATed to it; use a gateway with an {f} VIP for that traffic",
+                            label()
                         ),
                     ));
                 }
@@ -792,7 +829,7 @@ pub fn policy_reference<'g>(
     known: impl FnOnce() -> Vec<&'g str>,
 ) -> Vec<Issue> {
     match gateway {
-        Some(g) => policy_with_gateway(p, g, at, &quote(&g.name)),
+        Some(g) => policy_with_gateway(p, g, at, || quote(&g.name)),
         None => vec![Issue::new(
             sub(at, "egress_gateway_name"),
             missing_gateway(&p.egress_gateway_name, &known()),
@@ -895,8 +932,8 @@ pub fn between(
             None => {}
             Some(ge) => {
                 if let (Some(p), Some(g)) = (e.policy, ge.gateway) {
-                    let label = format!("{} ({})", quote(&g.name), g_at(ge.index));
-                    out.extend(policy_with_gateway(p, g, &at, &label));
+                    let label = || format!("{} ({})", quote(&g.name), g_at(ge.index));
+                    out.extend(policy_with_gateway(p, g, &at, label));
                 }
             }
         }
@@ -1214,7 +1251,7 @@ mod tests {
         let g = vip_gateway("a", "198.18.0.50", None);
         let p = a_policy("p", "a", "fd00::/64", "::/0");
         assert!(policy(&p, "").is_empty());
-        let e = policy_with_gateway(&p, &g, "", &quote(&g.name));
+        let e = policy_with_gateway(&p, &g, "", || quote(&g.name));
         assert_eq!(e.len(), 1);
         assert_eq!(e[0].key, "egress_gateway_name");
         assert!(
