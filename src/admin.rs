@@ -19,9 +19,11 @@ use tracing::{error, info};
 use crate::cluster::Command;
 use crate::cluster::node::ClusterNode;
 use crate::cluster::state::ObjectRef;
+use crate::config::rules::quote;
+use crate::config::schema::{GatewaySpec, PolicySpec};
+use crate::config::{self, BodyError};
 use crate::events::Event;
 use crate::metrics::Metrics;
-use crate::model::{Gateway, Policy};
 use crate::status::Status;
 
 /// Largest request body the admin endpoint reads. An `apply` of many policies is the largest
@@ -48,24 +50,16 @@ pub struct Committed {
     pub changed: bool,
 }
 
-/// A label change: `value: None` removes the label.
-#[derive(Debug, Serialize, Deserialize)]
-pub struct LabelChange {
-    pub key: String,
-    pub value: Option<String>,
-}
+/// A label change (`POST /v1/nodes/{name}/labels`): `value` null or left out removes the label.
+pub use crate::config::schema::LabelChange;
 
-/// The body of `POST /v1/apply` in JSON (TOML in the configuration file's syntax is accepted
-/// with `Content-Type: application/toml`).
-#[derive(Debug, Default, Serialize, Deserialize)]
-pub struct ApplyRequest {
-    #[serde(default)]
-    pub gateways: Vec<Gateway>,
-    #[serde(default)]
-    pub policies: Vec<Policy>,
-}
+/// The body of `POST /v1/apply` in JSON: the objects in the configuration file's shape (TOML in
+/// the file's syntax is accepted with `Content-Type: application/toml`). Both are read by the
+/// configuration's reader and rules (`config::parse_apply_body`).
+pub use crate::config::schema::ApplySpec as ApplyRequest;
 
-/// A committed object and where it came from.
+/// A committed object (in the configuration file's shape, so that it can be applied again) and
+/// where it came from.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Listed<T> {
     /// "file" (a node's configuration file) or "api" (`egressd apply`).
@@ -138,7 +132,10 @@ pub fn router(state: AdminState) -> Router {
     r.fallback(|method: Method, uri: axum::http::Uri| async move {
         error(
             StatusCode::NOT_FOUND,
-            format!("no route {method} {uri}; see docs/openapi.json"),
+            format!(
+                "no route {method} {}; see docs/openapi.json",
+                quote(&uri.to_string())
+            ),
         )
     })
     .layer(DefaultBodyLimit::max(MAX_BODY))
@@ -205,27 +202,27 @@ fn origin(state: &crate::cluster::ClusterState, r: ObjectRef) -> String {
     }
 }
 
-async fn list_gateways(State(state): State<AdminState>) -> Json<Vec<Listed<Gateway>>> {
+async fn list_gateways(State(state): State<AdminState>) -> Json<Vec<Listed<GatewaySpec>>> {
     let st = state.node.applied().state;
     Json(
         st.gateways
             .values()
             .map(|g| Listed {
                 origin: origin(&st, ObjectRef::Gateway(g.name.clone())),
-                object: g.clone(),
+                object: GatewaySpec::from(g),
             })
             .collect(),
     )
 }
 
-async fn list_policies(State(state): State<AdminState>) -> Json<Vec<Listed<Policy>>> {
+async fn list_policies(State(state): State<AdminState>) -> Json<Vec<Listed<PolicySpec>>> {
     let st = state.node.applied().state;
     Json(
         st.policies
             .values()
             .map(|p| Listed {
                 origin: origin(&st, ObjectRef::Policy(p.name.clone())),
-                object: (**p).clone(),
+                object: PolicySpec::from(&**p),
             })
             .collect(),
     )
@@ -269,7 +266,11 @@ async fn mutate(state: AdminState, headers: HeaderMap, name: &str, cmd: Command)
     if !members.iter().any(|m| m == name) {
         return error(
             StatusCode::NOT_FOUND,
-            format!("no member named {name:?}; members: {}", members.join(", ")),
+            format!(
+                "no member named {}; members: {}",
+                quote(name),
+                members.join(", ")
+            ),
         );
     }
     commit(&state, cmd).await
@@ -297,6 +298,15 @@ async fn commit(state: &AdminState, cmd: Command) -> Response {
     }
 }
 
+/// A refused body: 400 when it cannot be read at all, 422 when it breaks the schema or a rule
+/// (the message names each offending key).
+fn refused(e: BodyError) -> Response {
+    match e {
+        BodyError::Syntax(m) => error(StatusCode::BAD_REQUEST, m),
+        BodyError::Invalid(errors) => error(StatusCode::UNPROCESSABLE_ENTITY, errors.to_string()),
+    }
+}
+
 async fn apply(State(state): State<AdminState>, headers: HeaderMap, body: Bytes) -> Response {
     if let Err((status, message)) = authorize(&state, &headers) {
         return error(status, message);
@@ -305,45 +315,14 @@ async fn apply(State(state): State<AdminState>, headers: HeaderMap, body: Bytes)
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("application/toml"));
-    let req = if toml {
-        let Ok(text) = std::str::from_utf8(&body) else {
-            return error(StatusCode::BAD_REQUEST, "the TOML body is not UTF-8");
-        };
-        match crate::config::parse_objects(text, "request body") {
-            Ok((gateways, policies)) => ApplyRequest { gateways, policies },
-            Err(errors) => return error(StatusCode::UNPROCESSABLE_ENTITY, errors.to_string()),
-        }
-    } else {
-        match serde_json::from_slice::<ApplyRequest>(&body) {
-            Ok(r) => r,
-            Err(e) => {
-                return error(
-                    StatusCode::BAD_REQUEST,
-                    format!(
-                        "expected JSON {{\"gateways\": [...], \"policies\": [...]}} or a TOML \
-                         body with Content-Type: application/toml: {e}"
-                    ),
-                );
-            }
-        }
+    let (gateways, policies) = match config::parse_apply_body(&body, toml, "request body") {
+        Ok(objects) => objects,
+        Err(e) => return refused(e),
     };
-    if req.gateways.is_empty() && req.policies.is_empty() {
-        return error(
-            StatusCode::BAD_REQUEST,
-            "nothing to apply: no gateways, no policies",
-        );
-    }
     // The configuration rules over the committed set with these objects are checked by the
     // state machine as it applies the command (so a race with another change cannot slip
     // past): a broken rule comes back as a refusal, 409.
-    commit(
-        &state,
-        Command::Apply {
-            gateways: req.gateways,
-            policies: req.policies,
-        },
-    )
-    .await
+    commit(&state, Command::Apply { gateways, policies }).await
 }
 
 async fn delete_object(state: AdminState, headers: HeaderMap, r: ObjectRef) -> Response {
@@ -362,9 +341,24 @@ async fn delete_object(state: AdminState, headers: HeaderMap, r: ObjectRef) -> R
         ),
     };
     if !exists {
+        const SHOWN: usize = 10;
+        let (kind, name) = match &r {
+            ObjectRef::Gateway(n) => ("gateway", n),
+            ObjectRef::Policy(n) => ("policy", n),
+        };
+        let more = known.len().saturating_sub(SHOWN);
         return error(
             StatusCode::NOT_FOUND,
-            format!("no {r}; committed: {}", known.join(", ")),
+            format!(
+                "no {kind} {}; committed: {}{}",
+                quote(name),
+                known[..known.len().min(SHOWN)].join(", "),
+                if more > 0 {
+                    format!(" and {more} more")
+                } else {
+                    String::new()
+                }
+            ),
         );
     }
     let cmd = match r {
@@ -410,17 +404,15 @@ async fn label(
     State(state): State<AdminState>,
     Path(name): Path<String>,
     headers: HeaderMap,
-    body: Result<Json<LabelChange>, axum::extract::rejection::JsonRejection>,
+    body: Bytes,
 ) -> Response {
-    let Ok(Json(change)) = body else {
-        return error(
-            StatusCode::BAD_REQUEST,
-            "expected a JSON body {\"key\": \"...\", \"value\": \"...\" or null}",
-        );
-    };
-    if change.key.is_empty() {
-        return error(StatusCode::BAD_REQUEST, "the label key must not be empty");
+    if let Err((status, message)) = authorize(&state, &headers) {
+        return error(status, message);
     }
+    let change = match config::parse_label_change(&body, "request body") {
+        Ok(c) => c,
+        Err(e) => return refused(e),
+    };
     let cmd = Command::SetLabel {
         node: name.clone(),
         key: change.key,
@@ -461,5 +453,321 @@ mod tests {
         assert!(!same(b"secret-token", b"secret-tokeN"));
         assert!(!same(b"secret", b"secret-token"));
         assert!(!same(b"", b"x"));
+    }
+
+    type Doc = serde_json::Value;
+
+    fn openapi() -> Doc {
+        serde_json::from_str(include_str!("../docs/openapi.json")).expect("docs/openapi.json")
+    }
+
+    /// A schema with its `$ref` followed.
+    fn resolve<'a>(doc: &'a Doc, schema: &'a Doc) -> &'a Doc {
+        match schema["$ref"].as_str() {
+            Some(r) => {
+                let name = r.trim_start_matches("#/components/schemas/");
+                &doc["components"]["schemas"][name]
+            }
+            None => schema,
+        }
+    }
+
+    /// Every way to add one unknown field `bogus_field` to `value`, an instance of `schema`:
+    /// one variant per object of the body that is a struct (`additionalProperties: false`).
+    /// Asserts that every object of a request body says whether it takes other keys.
+    fn with_unknown_field(doc: &Doc, schema: &Doc, value: &Doc, at: &str) -> Vec<(String, Doc)> {
+        let schema = resolve(doc, schema);
+        let schema = match schema["oneOf"].as_array() {
+            Some(alts) => alts
+                .iter()
+                .map(|a| resolve(doc, a))
+                .find(|a| a["type"] == "object")
+                .expect("an object alternative"),
+            None => schema,
+        };
+        let mut out = Vec::new();
+        match value {
+            Doc::Object(map) => {
+                match &schema["additionalProperties"] {
+                    Doc::Bool(false) => {}
+                    // A map (labels): its keys are data, not fields.
+                    Doc::Object(_) => return out,
+                    other => panic!("{at}: additionalProperties is {other}, not false"),
+                }
+                let mut v = map.clone();
+                v.insert("bogus_field".into(), 1.into());
+                out.push((at.to_string(), Doc::Object(v)));
+                for (k, child) in map {
+                    for (path, variant) in with_unknown_field(
+                        doc,
+                        &schema["properties"][k],
+                        child,
+                        &format!("{at}.{k}"),
+                    ) {
+                        let mut v = map.clone();
+                        v.insert(k.clone(), variant);
+                        out.push((path, Doc::Object(v)));
+                    }
+                }
+            }
+            Doc::Array(items) => {
+                for (i, child) in items.iter().enumerate() {
+                    for (path, variant) in
+                        with_unknown_field(doc, &schema["items"], child, &format!("{at}[{i}]"))
+                    {
+                        let mut v = items.clone();
+                        v[i] = variant;
+                        out.push((path, Doc::Array(v)));
+                    }
+                }
+            }
+            _ => {}
+        }
+        out
+    }
+
+    /// The TOML example with `bogus_field = 1` in one table at a time.
+    fn toml_with_unknown_field(example: &str) -> Vec<String> {
+        let lines: Vec<&str> = example.lines().collect();
+        let mut out = Vec::new();
+        for (i, line) in lines.iter().enumerate() {
+            if line.starts_with('[') {
+                let mut v = lines.clone();
+                v.insert(i + 1, "bogus_field = 1");
+                out.push(v.join("\n") + "\n");
+            }
+            // An inline table that is not a label map.
+            if let Some(close) = line
+                .rfind('}')
+                .filter(|_| !line.starts_with("node_selector"))
+            {
+                let mut v: Vec<String> = lines.iter().map(|l| l.to_string()).collect();
+                v[i] = format!("{}, bogus_field = 1 {}", &line[..close], &line[close..]);
+                out.push(v.join("\n") + "\n");
+            }
+        }
+        out
+    }
+
+    /// The documented `required` lists are what the reader requires: leaving out a required
+    /// field is refused as missing, leaving out any other field is accepted.
+    fn check_required(
+        doc: &Doc,
+        schema: &Doc,
+        value: &Doc,
+        parse: &dyn Fn(&Doc) -> Result<(), String>,
+        root: &Doc,
+        set: &dyn Fn(&Doc, Doc) -> Doc,
+    ) {
+        let schema = resolve(doc, schema);
+        let schema = match schema["oneOf"].as_array() {
+            Some(alts) => alts
+                .iter()
+                .map(|a| resolve(doc, a))
+                .find(|a| a["type"] == "object")
+                .unwrap(),
+            None => schema,
+        };
+        let Doc::Object(map) = value else { return };
+        if schema["additionalProperties"] != false {
+            return;
+        }
+        // `required`, and the `then.required` of each `allOf` whose `if` matches the value
+        // (the settings table of the mode).
+        let names = |v: &Doc| -> Vec<String> {
+            v.as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|r| r.as_str().map(String::from))
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        let mut required = names(&schema["required"]);
+        for rule in schema["allOf"].as_array().into_iter().flatten() {
+            let matches = rule["if"]["properties"]
+                .as_object()
+                .is_some_and(|ps| ps.iter().all(|(k, c)| map.get(k) == Some(&c["const"])));
+            if matches {
+                required.extend(names(&rule["then"]["required"]));
+            }
+        }
+        for k in map.keys() {
+            let mut v = map.clone();
+            v.remove(k);
+            let result = parse(&set(root, Doc::Object(v)));
+            if required.contains(k) {
+                let e = result.expect_err(k);
+                assert!(e.contains(&format!("{k}: missing")), "{k}: {e}");
+            } else {
+                assert_eq!(result, Ok(()), "leaving out {k} is documented as allowed");
+            }
+        }
+        for (k, child) in map {
+            let sub_set = |r: &Doc, new: Doc| {
+                let mut m = map.clone();
+                m.insert(k.clone(), new);
+                set(r, Doc::Object(m))
+            };
+            check_required(doc, &schema["properties"][k], child, parse, root, &sub_set);
+        }
+    }
+
+    #[test]
+    fn the_documented_request_bodies_say_which_fields_are_optional() {
+        let doc = openapi();
+        let apply =
+            &doc["paths"]["/v1/apply"]["post"]["requestBody"]["content"]["application/json"];
+        let parse = |v: &Doc| {
+            crate::config::parse_json_objects(v.to_string().as_bytes(), "request body")
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        };
+        let example = &apply["example"];
+        assert_eq!(parse(example), Ok(()));
+        // Down into the first gateway and the first policy of the example.
+        for (list, schema) in [("gateways", "Gateway"), ("policies", "Policy")] {
+            let item = &example[list][0];
+            let set = |root: &Doc, new: Doc| {
+                let mut r = root.clone();
+                r[list] = Doc::Array(vec![new]);
+                r
+            };
+            check_required(
+                &doc,
+                &doc["components"]["schemas"][schema],
+                item,
+                &parse,
+                example,
+                &set,
+            );
+        }
+        let labels = &doc["paths"]["/v1/nodes/{name}/labels"]["post"]["requestBody"]["content"]["application/json"];
+        let parse = |v: &Doc| {
+            crate::config::parse_label_change(v.to_string().as_bytes(), "request body")
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        };
+        let set = |_: &Doc, new: Doc| new;
+        check_required(
+            &doc,
+            &labels["schema"],
+            &labels["example"],
+            &parse,
+            &labels["example"],
+            &set,
+        );
+    }
+
+    /// Every documented request body, served by the real route table over a one-node cluster:
+    /// the example is accepted, and the example with one unknown field added anywhere is refused
+    /// (400/422, a JSON error naming the field) without any change to the committed state.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn every_documented_body_with_an_unknown_field_is_refused_and_changes_nothing() {
+        const TOKEN: &str = "unit-test-admin-token-0123";
+        let dir = tempfile::tempdir().unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let cfg = crate::config::parse_str(
+            &format!(
+                "[node]\nname = \"t1\"\n[cluster]\nlisten = \"127.0.0.1:{port}\"\ndata_dir = \"{}\"\n",
+                dir.path().display()
+            ),
+            "test",
+        )
+        .unwrap();
+        let node = ClusterNode::start(&cfg).await.unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while node.leader().is_none() {
+            assert!(std::time::Instant::now() < deadline, "no leader");
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        let mut status = Status::default();
+        status.cluster.members = vec!["t1".to_string()];
+        let state = AdminState {
+            status: watch::channel(status).1,
+            node: node.clone(),
+            token: Some(Arc::new(TOKEN.to_string())),
+            metrics: Arc::new(Metrics::new()),
+        };
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(serve(listener, state));
+
+        let client = reqwest::Client::new();
+        let doc = openapi();
+        let mut bodies = 0;
+        for (path, ops) in doc["paths"].as_object().unwrap() {
+            for (method, op) in ops.as_object().unwrap() {
+                let Some(content) = op["requestBody"]["content"].as_object() else {
+                    continue;
+                };
+                let concrete = path.replace("{name}", "t1");
+                for (media, body) in content {
+                    let example = &body["example"];
+                    assert!(!example.is_null(), "{method} {path} {media}: no example");
+                    let (valid, variants): (String, Vec<(String, String)>) =
+                        if media == "application/json" {
+                            let variants = with_unknown_field(&doc, &body["schema"], example, "")
+                                .into_iter()
+                                .map(|(at, v)| (at, v.to_string()))
+                                .collect();
+                            (example.to_string(), variants)
+                        } else {
+                            let text = example.as_str().unwrap();
+                            let variants = toml_with_unknown_field(text)
+                                .into_iter()
+                                .map(|v| (String::new(), v))
+                                .collect();
+                            (text.to_string(), variants)
+                        };
+                    assert!(!variants.is_empty());
+                    let send = |body: String| {
+                        client
+                            .request(
+                                method.to_uppercase().parse().unwrap(),
+                                format!("{url}{concrete}"),
+                            )
+                            .bearer_auth(TOKEN)
+                            .header("content-type", media.as_str())
+                            .body(body)
+                            .send()
+                    };
+                    let resp = send(valid).await.unwrap();
+                    assert_eq!(
+                        resp.status(),
+                        200,
+                        "{method} {path} {media}: the example: {}",
+                        resp.text().await.unwrap()
+                    );
+                    for (at, variant) in variants {
+                        let before = node.applied();
+                        let resp = send(variant.clone()).await.unwrap();
+                        let code = resp.status().as_u16();
+                        let e: ApiError = resp.json().await.expect("a JSON error");
+                        assert!(
+                            code == 400 || code == 422,
+                            "{method} {path} {media} with an unknown field at {at:?}: {code} {}",
+                            e.error
+                        );
+                        assert!(
+                            e.error.contains("bogus_field") && e.error.contains("unknown key"),
+                            "{method} {path} {media} at {at:?}: {}",
+                            e.error
+                        );
+                        let after = node.applied();
+                        assert_eq!(after.index, before.index, "{variant}");
+                        assert_eq!(after.state, before.state, "{variant}");
+                        bodies += 1;
+                    }
+                }
+            }
+        }
+        // apply (JSON: the body, 2 gateway levels + next_hop + settings, 1 policy; TOML: 4) and labels.
+        assert!(bodies >= 10, "{bodies} bodies sent");
+        node.raft.shutdown().await.unwrap();
     }
 }

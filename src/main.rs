@@ -4,7 +4,8 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 
-use egressd::config::{self, Config};
+use egressd::config::schema::{GatewaySpec, Mode, PolicySpec};
+use egressd::config::{self, Config, rules};
 use egressd::daemon;
 use egressd::status::Status;
 
@@ -267,8 +268,6 @@ async fn node_command(
     target: &AdminTarget,
     token_file: Option<PathBuf>,
 ) -> anyhow::Result<()> {
-    let token = read_token(target, token_file)?;
-    let url = target.url();
     let mut drain = None;
     let (name, path, body) = match action {
         NodeAction::Cordon { name } => (name, "cordon", None),
@@ -278,22 +277,36 @@ async fn node_command(
         }
         NodeAction::Uncordon { name } => (name, "uncordon", None),
         NodeAction::Label { name, label } => {
-            let change = if let Some(key) = label.strip_suffix('-') {
-                egressd::admin::LabelChange {
-                    key: key.to_string(),
-                    value: None,
-                }
-            } else if let Some((key, value)) = label.split_once('=') {
+            // KEY=VALUE sets (a value may not end in '-' anyway), KEY- removes.
+            let change = if let Some((key, value)) = label.split_once('=') {
                 egressd::admin::LabelChange {
                     key: key.to_string(),
                     value: Some(value.to_string()),
                 }
+            } else if let Some(key) = label.strip_suffix('-') {
+                egressd::admin::LabelChange {
+                    key: key.to_string(),
+                    value: None,
+                }
             } else {
-                anyhow::bail!("label {label:?}: expected KEY=VALUE to set or KEY- to remove");
+                anyhow::bail!(
+                    "label {}: expected KEY=VALUE to set or KEY- to remove",
+                    rules::quote(&label)
+                );
             };
+            // The rules the cluster applies, checked here first for a message without a round
+            // trip (and before a token is needed).
+            if let Err(m) = rules::label_key(&change.key) {
+                anyhow::bail!("label key: {m}");
+            }
+            if let Some(Err(m)) = change.value.as_deref().map(rules::label_value) {
+                anyhow::bail!("label value: {m}");
+            }
             (name, "labels", Some(change))
         }
     };
+    let token = read_token(target, token_file)?;
+    let url = target.url();
     // What the node holds before it is cordoned, to say afterwards where each gateway went.
     let before = match drain {
         Some(_) => active_on(&fetch_status(&url).await?, &name),
@@ -372,7 +385,10 @@ async fn apply(
     };
     let token = read_token(target, token_file)?;
     let url = target.url();
-    let body = egressd::admin::ApplyRequest { gateways, policies };
+    let body = egressd::admin::ApplyRequest {
+        gateways: gateways.iter().map(GatewaySpec::from).collect(),
+        policies: policies.iter().map(PolicySpec::from).collect(),
+    };
     let resp = reqwest::Client::new()
         .post(format!("{url}/v1/apply"))
         .bearer_auth(&token)
@@ -408,20 +424,30 @@ async fn get(kind: Kind, json: bool, url: &str) -> anyhow::Result<()> {
     use egressd::admin::Listed;
     match kind {
         Kind::Gateway => {
-            let list: Vec<Listed<egressd::model::Gateway>> =
+            let list: Vec<Listed<GatewaySpec>> =
                 serde_json::from_str(&text).context("the answer is not a gateway list")?;
             println!(
                 "{:<24} {:<6} {:<8} {:<26} {:<12} SELECTOR",
                 "NAME", "ORIGIN", "MODE", "SOURCE", "SELECTION"
             );
             for Listed { origin, object: g } in list {
-                let (mode, source) = match &g.source_ip {
-                    egressd::model::SourceIp::PrimaryIp { interface } => {
-                        ("primary", format!("primary IPv4 of {interface}"))
-                    }
-                    egressd::model::SourceIp::VirtualIp { ip, interfaces } => {
-                        ("vip", format!("{ip} on {}", interfaces.join(",")))
-                    }
+                let s = &g.source_ip;
+                let (mode, source) = match s.mode {
+                    Mode::PrimaryIp => (
+                        "primary",
+                        format!(
+                            "primary IPv4 of {}",
+                            s.primary_ip_from_egress_gateway_node_interface
+                                .as_ref()
+                                .map_or("?", |p| p.interface_name.as_str())
+                        ),
+                    ),
+                    Mode::VirtualIp => (
+                        "vip",
+                        s.virtual_ip_address.as_ref().map_or("?".into(), |v| {
+                            format!("{} on {}", v.ip, v.interfaces.join(","))
+                        }),
+                    ),
                 };
                 let selector: Vec<String> = g
                     .node_selector
@@ -445,18 +471,13 @@ async fn get(kind: Kind, json: bool, url: &str) -> anyhow::Result<()> {
             }
         }
         Kind::Policy => {
-            let list: Vec<Listed<egressd::model::Policy>> =
+            let list: Vec<Listed<PolicySpec>> =
                 serde_json::from_str(&text).context("the answer is not a policy list")?;
             println!(
                 "{:<24} {:<6} {:<20} {:<20} {:<20} EXCLUDED",
                 "NAME", "ORIGIN", "GATEWAY", "SOURCES", "DESTINATIONS"
             );
-            let join = |v: &[ipnet::IpNet]| {
-                v.iter()
-                    .map(|n| n.to_string())
-                    .collect::<Vec<_>>()
-                    .join(",")
-            };
+            let join = |v: &[String]| v.join(",");
             for Listed { origin, object: p } in list {
                 println!(
                     "{:<24} {:<6} {:<20} {:<20} {:<20} {}",

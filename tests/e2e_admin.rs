@@ -74,6 +74,26 @@ fn scrape(c: &Cluster, i: usize) -> BTreeMap<String, f64> {
         .collect()
 }
 
+/// What `egressd get` shows (gateways and policies) and every member's labels, as node 1 sees
+/// them.
+fn committed(c: &Cluster) -> (String, String, Vec<serde_json::Value>) {
+    let get = |kind: &str| {
+        let out = c.topo.cli(1, &["get", kind, "--json"]);
+        assert!(out.status.success(), "{}", text(&out));
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    let labels = c
+        .topo
+        .status(1)
+        .and_then(|s| {
+            s["members"]
+                .as_array()
+                .map(|m| m.iter().map(|x| x["labels"].clone()).collect())
+        })
+        .unwrap_or_default();
+    (get("gateways"), get("policies"), labels)
+}
+
 const APPLY: &str = r#"
 [[gateway]]
 name = "api-gw"
@@ -217,6 +237,204 @@ fn admin_api_and_cli_against_a_running_cluster() {
         text(&out)
     );
     assert_eq!(gateway_names(&c, 0), ["vip"]);
+
+    // --- What the file refuses, the API and the CLI refuse too, each with a message naming the
+    // field, and the committed state stays as it was (issue 18).
+    let before = committed(&c);
+    let auth = format!("authorization: Bearer {TOKEN}");
+    let post = |path: &str, content_type: &str, body: &str| {
+        curl(
+            &c,
+            1,
+            &[
+                "-X",
+                "POST",
+                "-H",
+                &auth,
+                "-H",
+                &format!("content-type: {content_type}"),
+                "--data-binary",
+                body,
+                &format!("{ADMIN}{path}"),
+            ],
+        )
+    };
+    let long = "p".repeat(100_000);
+    let long_body = dir.path().join("long.json");
+    std::fs::write(
+        &long_body,
+        format!(
+            r#"{{"policies":[{{"name":"{long}","egress_gateway_name":"vip","source_cidrs":["10.77.0.99/32"],"destination_cidrs":["203.0.113.0/24"]}}]}}"#
+        ),
+    )
+    .expect("file");
+    let long_arg = format!("@{}", long_body.display());
+    let shared_next_hop = format!(
+        r#"{{"gateways":[{{"name":"nh-clash","node_selector":{{"egress":""}},"source_ip":{{"mode":"VirtualIPAddress","virtual_ip_address":{{"ip":"203.0.113.77","interfaces":["eth1"]}}}},"next_hop":{{"ip":"{NEXT_HOP}","interface":"eth0"}}}}]}}"#
+    );
+    for (path, content_type, body, code, needles) in [
+        (
+            "/v1/apply",
+            "application/json",
+            r#"{"policies":[{"name":"typo","egress_gateway_name":"vip","source_cidrs":["10.77.0.99/32"],"destination_cidrs":["203.0.113.0/24"],"exclude_cidrs":["203.0.113.20/32"]}]}"#,
+            422,
+            &["policies[0].exclude_cidrs", "did you mean `excluded_cidrs`"][..],
+        ),
+        (
+            "/v1/apply",
+            "application/toml",
+            "[[policy]]\nname = \"typo\"\negress_gateway_name = \"vip\"\nsource_cidrs = [\"10.77.0.99/32\"]\ndestination_cidrs = [\"203.0.113.0/24\"]\nexclude_cidrs = [\"203.0.113.20/32\"]\n",
+            422,
+            &["policy[0].exclude_cidrs", "did you mean `excluded_cidrs`"][..],
+        ),
+        (
+            "/v1/apply",
+            "application/json",
+            &long_arg,
+            422,
+            &[
+                "policies[0].name",
+                "is 100000 characters long",
+                "more characters)",
+            ][..],
+        ),
+        (
+            "/v1/apply",
+            "application/json",
+            &shared_next_hop,
+            409,
+            &[NEXT_HOP, "two gateways cannot share one next hop"][..],
+        ),
+        (
+            "/v1/apply",
+            "application/json",
+            r#"{"policies":[{"name":"p"}"#,
+            400,
+            &["not valid JSON"][..],
+        ),
+        (
+            "/v1/nodes/gw1/labels",
+            "application/json",
+            r#"{"key":"bad key!","value":"x"}"#,
+            422,
+            &["key: the name of the label key \"bad key!\" contains ' '"][..],
+        ),
+        (
+            "/v1/nodes/gw1/labels",
+            "application/json",
+            r#"{"key":"zone","value":"a\nb"}"#,
+            422,
+            &["value: the label value \"a\\nb\" contains '\\n'"][..],
+        ),
+        (
+            "/v1/nodes/gw1/labels",
+            "application/json",
+            r#"{"key":"zone","valeu":"a"}"#,
+            422,
+            &["valeu: unknown key; did you mean `value`?"][..],
+        ),
+    ] {
+        let (got, answer) = post(path, content_type, body);
+        let what = format!("POST {path} {}", &body[..body.len().min(80)]);
+        assert_eq!(got, code, "{what}: {answer}");
+        let error: serde_json::Value =
+            serde_json::from_str(&answer).unwrap_or_else(|e| panic!("{what}: {e}: {answer}"));
+        let error = error["error"].as_str().unwrap_or_default();
+        for needle in needles {
+            assert!(error.contains(needle), "{what}: {needle:?} not in {error}");
+        }
+        assert!(answer.len() < 2_000, "{what}: {} characters", answer.len());
+    }
+    let bad_label = c.topo.cli(
+        2,
+        &["node", "label", "gw1", "bad key!=x", "--token-file", &tok],
+    );
+    let zone_newline = c.topo.cli(
+        2,
+        &["node", "label", "gw1", "zone=a\nb", "--token-file", &tok],
+    );
+    let typo = dir.path().join("typo.toml");
+    std::fs::write(
+        &typo,
+        "[[policy]]\nname = \"typo\"\negress_gateway_name = \"vip\"\nsource_cidrs = [\"10.77.0.99/32\"]\ndestination_cidrs = [\"203.0.113.0/24\"]\nexclude_cidrs = [\"203.0.113.20/32\"]\n",
+    )
+    .expect("file");
+    let long_name = dir.path().join("long.toml");
+    std::fs::write(
+        &long_name,
+        format!("[[policy]]\nname = \"{long}\"\negress_gateway_name = \"vip\"\nsource_cidrs = [\"10.77.0.99/32\"]\ndestination_cidrs = [\"203.0.113.0/24\"]\n"),
+    )
+    .expect("file");
+    let two_next_hops = dir.path().join("next-hops.toml");
+    let gateway_with_next_hop = |name: &str, vip: &str| {
+        format!(
+            "[[gateway]]\nname = \"{name}\"\n[gateway.source_ip]\nmode = \"VirtualIPAddress\"\nvirtual_ip_address = {{ ip = \"{vip}\", interfaces = [\"eth1\"] }}\n[gateway.next_hop]\nip = \"10.77.0.254\"\ninterface = \"eth0\"\n"
+        )
+    };
+    std::fs::write(
+        &two_next_hops,
+        gateway_with_next_hop("nh1", "203.0.113.71")
+            + &gateway_with_next_hop("nh2", "203.0.113.72"),
+    )
+    .expect("file");
+    let apply_file = |f: &Path| {
+        c.topo.cli(
+            2,
+            &[
+                "apply",
+                "-f",
+                &f.display().to_string(),
+                "--token-file",
+                &tok,
+            ],
+        )
+    };
+    for (out, needle) in [
+        (
+            bad_label,
+            "label key: the name of the label key \"bad key!\" contains ' '",
+        ),
+        (
+            zone_newline,
+            "label value: the label value \"a\\nb\" contains '\\n'",
+        ),
+        (
+            apply_file(&typo),
+            "policy[0].exclude_cidrs: unknown key; did you mean `excluded_cidrs`?",
+        ),
+        (apply_file(&long_name), "policy[0].name: \"pppp"),
+        (
+            apply_file(&two_next_hops),
+            "gateway[1].next_hop.ip: 10.77.0.254 is already the next hop of gateway \"nh1\" (gateway[0]); two gateways cannot share one next hop",
+        ),
+    ] {
+        assert!(!out.status.success(), "{}", text(&out));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(needle), "{needle:?} not in {}", text(&out));
+        assert!(
+            err.len() < 2_000,
+            "{} characters: {}",
+            err.len(),
+            &err[..300]
+        );
+    }
+    assert_eq!(
+        committed(&c),
+        before,
+        "a refused change changed the committed state"
+    );
+    // Optional fields are optional in JSON too: a policy without excluded_cidrs is taken.
+    let (got, answer) = post(
+        "/v1/apply",
+        "application/json",
+        r#"{"policies":[{"name":"json-pol","egress_gateway_name":"vip","source_cidrs":["10.77.0.99/32"],"destination_cidrs":["203.0.113.0/24"]}]}"#,
+    );
+    assert_eq!(got, 200, "{answer}");
+    let out = c
+        .topo
+        .cli(2, &["delete", "policy", "json-pol", "--token-file", &tok]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(committed(&c), before);
 
     // --- Apply on a follower (forwarded to the leader): seen in the active node's data plane.
     c.ensure_leader_is_not("gw3");
