@@ -32,7 +32,9 @@
 //! they are all valid, new handshakes use them from then on; connections already established
 //! keep the identity they were set up with. A failed reload changes nothing and says why.
 
+pub mod client;
 pub mod pki;
+pub mod server;
 
 use std::collections::HashMap;
 use std::fmt;

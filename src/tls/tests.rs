@@ -366,3 +366,247 @@ fn peer_identity_matches_names_case_insensitively() {
     assert_eq!(id.member_of(["gw1", "gw3"]), None);
     assert_eq!(id.to_string(), "GW2 at 127.0.0.1:1");
 }
+
+// ---------------------------------------------------------------------------------------------
+// The accept loop and the client, over loopback
+
+mod over_loopback {
+    use std::net::SocketAddr;
+    use std::time::Instant;
+
+    use axum::Router;
+    use axum::body::Bytes;
+    use axum::extract::Extension;
+    use axum::routing::post;
+
+    use super::*;
+    use crate::tls::client::{ClientError, PeerClient};
+    use crate::tls::server::{ServeOptions, serve};
+
+    fn router() -> Router {
+        Router::new().route(
+            "/whoami",
+            post(
+                |Extension(peer): Extension<PeerIdentity>, body: Bytes| async move {
+                    format!("{} {}", peer.names.join(","), body.len())
+                },
+            ),
+        )
+    }
+
+    /// Serves `router()` as node `files`; the sender stops it.
+    async fn start(
+        tls: PeerTls,
+        options: ServeOptions,
+    ) -> (
+        SocketAddr,
+        tokio::sync::oneshot::Sender<()>,
+        tokio::task::JoinHandle<()>,
+    ) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(serve(listener, tls, router(), options, async move {
+            let _ = stopped.await;
+        }));
+        (addr, stop, task)
+    }
+
+    fn client(files: TlsFiles, name: &str) -> PeerClient {
+        PeerClient::new(
+            PeerTls::load(files, name).unwrap(),
+            Duration::from_millis(500),
+            1 << 20,
+        )
+    }
+
+    async fn whoami(
+        client: &PeerClient,
+        peer: &str,
+        addr: SocketAddr,
+    ) -> Result<(u16, String), ClientError> {
+        let r = client
+            .post(
+                peer,
+                &addr.to_string(),
+                "/whoami",
+                "text/plain",
+                Bytes::from_static(b"hello"),
+                Duration::from_secs(2),
+            )
+            .await?;
+        Ok((
+            r.status.as_u16(),
+            String::from_utf8_lossy(&r.body).into_owned(),
+        ))
+    }
+
+    #[tokio::test]
+    async fn requests_carry_the_verified_peer_and_wrong_peers_are_refused() {
+        let pki = TestPki::new();
+        let gw1 = PeerTls::load(pki.node("gw1"), "gw1").unwrap();
+        let members = ["gw1", "gw2"];
+        let options = ServeOptions::default().members_only(move || members.map(str::to_owned));
+        let (addr, stop, task) = start(gw1, options).await;
+
+        // The right peer; twice, the second time over the pooled connection.
+        let gw2 = client(pki.node("gw2"), "gw2");
+        assert_eq!(
+            whoami(&gw2, "gw1", addr).await.unwrap(),
+            (200, "gw2 5".to_owned())
+        );
+        assert_eq!(
+            whoami(&gw2, "gw1", addr).await.unwrap(),
+            (200, "gw2 5".to_owned())
+        );
+
+        // gw2 expects gw3 at that address: refused during the handshake, by gw2.
+        let e = whoami(&gw2, "gw3", addr).await.unwrap_err();
+        assert!(matches!(e, ClientError::Tls { .. }), "{e}");
+        assert!(e.is_unreachable());
+        assert!(e.to_string().contains("not valid for name \"gw3\""), "{e}");
+
+        // A certificate of the CA, but not a member: 403 with the reason, no handler.
+        let gw9 = client(pki.node("gw9"), "gw9");
+        let (status, body) = whoami(&gw9, "gw1", addr).await.unwrap();
+        assert_eq!(status, 403, "{body}");
+        assert!(
+            body.contains("gw9") && body.contains("not a member"),
+            "{body}"
+        );
+
+        // A node of another CA: refused during the handshake.
+        let stranger = client(TestPki::new().node("gw2"), "gw2");
+        let e = whoami(&stranger, "gw1", addr).await.unwrap_err();
+        assert!(matches!(e, ClientError::Tls { .. }), "{e}");
+        assert!(e.to_string().contains("UnknownIssuer"), "{e}");
+
+        // A client that presents no certificate at all (plain HTTPS, trusting the CA).
+        let mut roots = RootCertStore::empty();
+        roots.add(chain_root(&pki)).unwrap();
+        let anonymous = ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(
+                PeerVerifier::new(
+                    "gw1",
+                    Arc::new(roots),
+                    provider().signature_verification_algorithms,
+                )
+                .unwrap(),
+            ))
+            .with_no_client_auth();
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let mut tls = tokio_rustls::TlsConnector::from(Arc::new(anonymous))
+            .connect(ServerName::try_from("gw1").unwrap(), tcp)
+            .await
+            .unwrap();
+        tls.write_all(b"POST /whoami HTTP/1.1\r\nhost: x\r\ncontent-length: 0\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = Vec::new();
+        let e = tls.read_to_end(&mut buf).await.unwrap_err();
+        assert!(e.to_string().contains("CertificateRequired"), "{e}");
+        assert!(buf.is_empty());
+
+        stop.send(()).unwrap();
+        tokio::time::timeout(Duration::from_secs(2), task)
+            .await
+            .expect("serve stops on shutdown")
+            .unwrap();
+        let e = whoami(&gw2, "gw1", addr).await.unwrap_err();
+        assert!(e.is_unreachable(), "{e}");
+    }
+
+    #[tokio::test]
+    async fn a_handshake_that_never_completes_times_out_and_connections_are_limited() {
+        let pki = TestPki::new();
+        let gw1 = PeerTls::load(pki.node("gw1"), "gw1").unwrap();
+        let options = ServeOptions {
+            handshake_timeout: Duration::from_millis(300),
+            max_connections: 1,
+            ..ServeOptions::default()
+        };
+        let (addr, _stop, _task) = start(gw1, options).await;
+
+        // Connects and says nothing: closed once the handshake timeout has passed.
+        let t = Instant::now();
+        let mut silent = tokio::net::TcpStream::connect(addr).await.unwrap();
+        // While it holds the only slot, another connection is closed at once.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let mut second = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let mut b = [0u8; 1];
+        let n = tokio::time::timeout(Duration::from_millis(200), second.read(&mut b))
+            .await
+            .expect("the second connection is closed at once");
+        assert!(matches!(n, Ok(0) | Err(_)), "{n:?}");
+
+        let n = tokio::time::timeout(Duration::from_secs(3), silent.read(&mut b))
+            .await
+            .expect("the silent connection is closed");
+        assert!(matches!(n, Ok(0) | Err(_)), "{n:?}");
+        let waited = t.elapsed();
+        assert!(
+            waited >= Duration::from_millis(300) && waited < Duration::from_secs(2),
+            "{waited:?}"
+        );
+
+        // The slot is free again: a real peer gets through.
+        let gw2 = client(pki.node("gw2"), "gw2");
+        assert_eq!(whoami(&gw2, "gw1", addr).await.unwrap().0, 200);
+    }
+
+    #[tokio::test]
+    async fn the_client_gives_up_on_a_peer_that_never_completes_the_handshake() {
+        let pki = TestPki::new();
+        // Accepts TCP connections and never answers.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let _hold = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((s, _)) = listener.accept().await {
+                held.push(s);
+            }
+        });
+        let gw2 = client(pki.node("gw2"), "gw2");
+        let t = Instant::now();
+        let e = whoami(&gw2, "gw1", addr).await.unwrap_err();
+        assert!(matches!(e, ClientError::ConnectTimeout { .. }), "{e}");
+        assert!(e.is_unreachable());
+        assert!(
+            t.elapsed() < Duration::from_millis(1500),
+            "{:?}",
+            t.elapsed()
+        );
+
+        // Nothing listening: a connect error.
+        drop(_hold);
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let e = whoami(&gw2, "gw1", port).await.unwrap_err();
+        assert!(matches!(e, ClientError::Connect { .. }), "{e}");
+        assert!(e.to_string().contains("refused"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn a_reload_applies_to_new_connections_of_a_running_server() {
+        let pki = TestPki::new();
+        let files = pki.node("gw1");
+        let gw1 = PeerTls::load(files.clone(), "gw1").unwrap();
+        let (addr, _stop, _task) = start(gw1.clone(), ServeOptions::default()).await;
+        let tls2 = PeerTls::load(pki.node("gw2"), "gw2").unwrap();
+        let connector = tls2.connector("gw1", Duration::from_secs(1));
+        let presented = || async {
+            let s = connector.connect(&addr.to_string()).await.unwrap();
+            s.tls().peer_certificates().unwrap()[0].clone()
+        };
+        let before = presented().await;
+        pki.node("gw1");
+        gw1.reload().unwrap();
+        let after = presented().await;
+        assert_ne!(before, after);
+    }
+}
