@@ -404,8 +404,9 @@ impl TlsMaterial {
             path: files.cert_file.clone(),
             detail,
         };
-        let leaf = &key.cert[0];
-        let intermediates = &key.cert[1..];
+        let Some((leaf, intermediates)) = key.cert.split_first() else {
+            return Err(not_ours("it holds no certificate".to_owned()));
+        };
         let now = UnixTime::now();
         let parsed = rustls::server::ParsedCertificate::try_from(leaf)
             .map_err(|e| not_ours(format!("cannot parse it: {e}")))?;

@@ -5,9 +5,10 @@
 //!    connects and never finishes, or sends nothing, is dropped then), with the server
 //!    configuration current at that moment ([`PeerTls::server_config`], so a reload applies to
 //!    the next connection);
-//! 2. reads the client's verified node name(s) ([`PeerIdentity`]) and asks
-//!    [`ServeOptions::authorize`] whether such a peer may talk to this node; a refused peer gets
-//!    403 with the reason for every request, and no handler runs;
+//! 2. reads the client's verified node name(s) ([`PeerIdentity`]); for every request it asks
+//!    [`ServeOptions::authorize`] whether such a peer may talk to this node (so a member removed
+//!    while connected is refused from its next request on); a refused request gets 403 with the
+//!    reason and `Connection: close`, and no handler runs;
 //! 3. serves HTTP/1.1 on the TLS stream with hyper, inserting the [`PeerIdentity`] and axum's
 //!    `ConnectInfo<SocketAddr>` into every request's extensions.
 //!
@@ -19,6 +20,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use axum::Router;
@@ -48,7 +50,7 @@ pub struct ServeOptions {
     pub header_read_timeout: Duration,
     /// Most connections kept at once (handshaking or established).
     pub max_connections: usize,
-    /// Membership check; `None` lets every certificate of the CA in.
+    /// Membership check, asked for every request; `None` lets every certificate of the CA in.
     pub authorize: Option<Authorize>,
 }
 
@@ -64,8 +66,8 @@ impl Default for ServeOptions {
 }
 
 impl ServeOptions {
-    /// Only peers whose certificate names one of the names `members()` returns at handshake
-    /// time (the membership may change while the server runs).
+    /// Only peers whose certificate names one of the names `members()` returns (called for
+    /// every request: the membership may change while the server runs).
     pub fn members_only<F, I>(mut self, members: F) -> Self
     where
         F: Fn() -> I + Send + Sync + 'static,
@@ -162,16 +164,20 @@ pub async fn serve_connection(
         names: client_names(stream.get_ref().1),
         remote,
     };
-    let refusal = options
-        .authorize
-        .as_ref()
-        .and_then(|authorize| authorize(&identity).err());
-    if let Some(reason) = &refusal {
-        tracing::warn!(%remote, names = ?identity.names, %reason, "peer refused");
-    }
+    // Asked for every request, not once per connection: a member removed while its
+    // connection stays up (heartbeats keep it busy) is refused from its next request on.
+    let authorize = options.authorize.clone();
+    let refused_once = Arc::new(AtomicBool::new(false));
     let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
+        let refusal = authorize
+            .as_ref()
+            .and_then(|authorize| authorize(&identity).err());
+        if let Some(reason) = &refusal
+            && !refused_once.swap(true, Ordering::Relaxed)
+        {
+            tracing::warn!(%remote, names = ?identity.names, %reason, "peer refused");
+        }
         let router = router.clone();
-        let refusal = refusal.clone();
         req.extensions_mut().insert(identity.clone());
         req.extensions_mut().insert(ConnectInfo(remote));
         async move {

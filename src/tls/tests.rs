@@ -445,8 +445,12 @@ mod over_loopback {
     async fn requests_carry_the_verified_peer_and_wrong_peers_are_refused() {
         let pki = TestPki::new();
         let gw1 = PeerTls::load(pki.node("gw1"), "gw1").unwrap();
-        let members = ["gw1", "gw2"];
-        let options = ServeOptions::default().members_only(move || members.map(str::to_owned));
+        let members = Arc::new(std::sync::Mutex::new(vec![
+            "gw1".to_owned(),
+            "gw2".to_owned(),
+        ]));
+        let current = members.clone();
+        let options = ServeOptions::default().members_only(move || current.lock().unwrap().clone());
         let (addr, stop, task) = start(gw1, options).await;
 
         // The right peer; twice, the second time over the pooled connection.
@@ -509,6 +513,18 @@ mod over_loopback {
         let e = tls.read_to_end(&mut buf).await.unwrap_err();
         assert!(e.to_string().contains("CertificateRequired"), "{e}");
         assert!(buf.is_empty());
+
+        // gw2 is removed from the membership while its connection is pooled: its next request
+        // on that same connection is refused.
+        members.lock().unwrap().retain(|m| m != "gw2");
+        let (status, body) = whoami(&gw2, "gw1", addr).await.unwrap();
+        assert_eq!(status, 403, "{body}");
+        assert!(
+            body.contains("gw2") && body.contains("not a member"),
+            "{body}"
+        );
+        members.lock().unwrap().push("gw2".to_owned());
+        assert_eq!(whoami(&gw2, "gw1", addr).await.unwrap().0, 200);
 
         stop.send(()).unwrap();
         tokio::time::timeout(Duration::from_secs(2), task)
