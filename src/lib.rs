@@ -17,3 +17,4 @@ pub mod notify;
 pub mod policy;
 pub mod reconciler;
 pub mod status;
+pub mod tls;

@@ -85,6 +85,11 @@ enum Command {
         #[arg(long)]
         token_file: Option<PathBuf>,
     },
+    /// Peer TLS: create the cluster CA and the node certificates peers authenticate with.
+    Tls {
+        #[command(subcommand)]
+        action: TlsAction,
+    },
     /// Print the shell completion script (for packaging).
     #[command(hide = true)]
     Completions { shell: clap_complete::Shell },
@@ -128,6 +133,51 @@ enum NodeAction {
     },
     /// Set a label (KEY=VALUE) or remove one (KEY-); runtime labels override the node's file.
     Label { name: String, label: String },
+}
+
+#[derive(Subcommand)]
+enum TlsAction {
+    /// Create a cluster CA (ca.pem and ca-key.pem in --out-dir).
+    ///
+    /// Writes OUT_DIR/ca.pem, the certificate every node trusts (`cluster.tls.ca_file`), and
+    /// OUT_DIR/ca-key.pem, its private key (mode 0600; keep it where certificates are issued,
+    /// not on the nodes). ECDSA P-256, self-signed, valid 10 years unless --days says
+    /// otherwise. Existing files are kept unless --force is given.
+    InitCa {
+        /// Directory to write into; created if missing.
+        #[arg(long)]
+        out_dir: PathBuf,
+        /// Validity in days.
+        #[arg(long, default_value_t = egressd::tls::pki::CA_DAYS)]
+        days: u32,
+        /// Replace existing ca.pem / ca-key.pem (the old CA's certificates stop being trusted
+        /// once no node's ca_file lists it).
+        #[arg(long)]
+        force: bool,
+    },
+    /// Issue a node certificate (NODE.pem and NODE-key.pem in --out-dir) with the CA in --ca-dir.
+    ///
+    /// Writes OUT_DIR/NODE.pem (`cluster.tls.cert_file`) and OUT_DIR/NODE-key.pem
+    /// (`cluster.tls.key_file`, mode 0600). The certificate carries NODE as its DNS subject
+    /// alternative name and the extended key usages serverAuth and clientAuth; ECDSA P-256,
+    /// valid from one hour before now for 2 years unless --days says otherwise (never beyond
+    /// the CA's own expiry). Existing files are kept unless --force is given.
+    Issue {
+        /// The node's name, exactly as in cluster.peers.
+        node: String,
+        /// Directory holding ca.pem and ca-key.pem (from `egressd tls init-ca`).
+        #[arg(long)]
+        ca_dir: PathBuf,
+        /// Directory to write into; created if missing.
+        #[arg(long)]
+        out_dir: PathBuf,
+        /// Validity in days.
+        #[arg(long, default_value_t = egressd::tls::pki::NODE_DAYS)]
+        days: u32,
+        /// Replace existing NODE.pem / NODE-key.pem.
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 #[derive(clap::Args)]
@@ -205,6 +255,7 @@ fn main() -> ExitCode {
             target,
             token_file,
         } => report(runtime().and_then(|rt| rt.block_on(delete(kind, &name, &target, token_file)))),
+        Command::Tls { action } => report(tls_command(action)),
         Command::Completions { shell } => cli_docs::completions::<Cli>(shell),
         Command::Man { out_dir } => report(cli_docs::man::<Cli>(&out_dir)),
         Command::Node {
@@ -334,6 +385,53 @@ async fn node_command(
             "(already so)"
         }
     );
+    Ok(())
+}
+
+fn tls_command(action: TlsAction) -> anyhow::Result<()> {
+    use egressd::tls::pki;
+    match action {
+        TlsAction::InitCa {
+            out_dir,
+            days,
+            force,
+        } => {
+            let w = pki::init_ca_dir(&out_dir, days, force)?;
+            println!(
+                "wrote {} (CA certificate, valid until {}: every node's cluster.tls.ca_file)",
+                w.cert.display(),
+                w.not_after.date()
+            );
+            println!(
+                "wrote {} (CA private key, mode 0600: keep it off the nodes)",
+                w.key.display()
+            );
+            println!(
+                "next: egressd tls issue NODE --ca-dir {} --out-dir DIR, for every node of \
+                 cluster.peers",
+                out_dir.display()
+            );
+        }
+        TlsAction::Issue {
+            node,
+            ca_dir,
+            out_dir,
+            days,
+            force,
+        } => {
+            let w = pki::issue_to_dir(&node, &ca_dir, &out_dir, days, force)?;
+            println!(
+                "wrote {} (certificate for {node}, valid until {}: cluster.tls.cert_file)",
+                w.cert.display(),
+                w.not_after.date()
+            );
+            println!(
+                "wrote {} (private key, mode 0600: cluster.tls.key_file; on {node}, owned by \
+                 the user egressd runs as)",
+                w.key.display()
+            );
+        }
+    }
     Ok(())
 }
 
