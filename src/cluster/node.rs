@@ -447,7 +447,7 @@ impl ClusterNode {
     /// settling period) starts with every term this node leads.
     pub async fn run_controller(self: Arc<Self>) {
         let tick = Duration::from_millis(self.timing.report_interval_ms);
-        let timing = lease_timing(&self.timing);
+        let timing = self.timing.lease_timing();
         let mut metrics = self.raft.metrics();
         let mut applied = self.applied.clone();
         let mut next = Instant::now();
@@ -667,17 +667,6 @@ impl ClusterNode {
             }
             .instrument(tracing::Span::current()),
         );
-    }
-}
-
-/// The lease protocol's timing from the cluster's: drift of 1 ms per second between any two
-/// clocks (a hundred times what NTP-disciplined clocks drift), 10 ms for timers and scheduling.
-pub fn lease_timing(t: &ClusterTiming) -> lease::Timing {
-    lease::Timing {
-        lease: Duration::from_millis(t.lease_ms),
-        failover_timeout: Duration::from_millis(t.failover_timeout_ms),
-        drift: 0.001,
-        margin: Duration::from_millis(10),
     }
 }
 

@@ -824,24 +824,18 @@ impl<'a> Reader<'a> {
                 ),
             );
         }
-        if t.lease_ms <= t.report_interval_ms {
-            self.push(
-                "cluster.lease_ms",
-                format!(
-                    "{} ms must exceed report_interval_ms ({} ms), or leases lapse between renewals",
-                    t.lease_ms, t.report_interval_ms
-                ),
-            );
-        }
-        if t.failover_timeout_ms <= t.lease_ms {
-            self.push(
-                "cluster.failover_timeout_ms",
-                format!(
-                    "{} ms must exceed lease_ms ({} ms): a silent node must have stopped \
-                     answering for its VIPs before they are given away",
-                    t.failover_timeout_ms, t.lease_ms
-                ),
-            );
+        // The lease protocol's own relations (src/lease.rs): they decide how fast failover
+        // is; safety does not depend on them.
+        let lease = t.lease_timing();
+        for problem in lease.check(std::time::Duration::from_millis(t.report_interval_ms)) {
+            let key = if problem.starts_with("report_interval_ms") {
+                "cluster.lease_ms"
+            } else if problem.starts_with("failover_timeout_ms") {
+                "cluster.failover_timeout_ms"
+            } else {
+                "cluster"
+            };
+            self.push(key, problem);
         }
     }
 
@@ -2328,9 +2322,21 @@ bogus = true
             BASE,
             "[cluster]\nlease_ms = 300\nfailover_timeout_ms = 250\n",
         ]);
-        assert_error(&e, "cluster.failover_timeout_ms", "must exceed lease_ms");
+        assert_error(&e, "cluster.failover_timeout_ms", "must be above lease_ms");
         let e = errors_with(&[BASE, "[cluster]\nreport_interval_ms = 200\n"]);
-        assert_error(&e, "cluster.lease_ms", "must exceed report_interval_ms");
+        assert_error(&e, "cluster.lease_ms", "must be below lease_ms");
+        // A failover timeout just above the lease is not enough: the lease is stretched for
+        // clock drift and timers (lease_ms * 1.002 + 10 ms).
+        let e = errors_with(&[
+            BASE,
+            "[cluster]\nlease_ms = 400\nfailover_timeout_ms = 405\n",
+        ]);
+        assert_error(&e, "cluster.failover_timeout_ms", "410 ms");
+        ok(&[
+            BASE,
+            "[cluster]\nlease_ms = 400\nfailover_timeout_ms = 500\n",
+        ]
+        .concat());
         let e = errors_with(&[BASE, "[cluster]\nheartbeat_ms = 200\n"]);
         assert_error(&e, "cluster.election_timeout_min_ms", "heartbeat");
         let e = errors_with(&[BASE, "[cluster]\nprofile = \"turbo\"\nlease_ms = 1\n"]);

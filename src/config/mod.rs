@@ -117,6 +117,19 @@ pub struct ClusterTiming {
     pub failover_timeout_ms: u64,
 }
 
+impl ClusterTiming {
+    /// The lease protocol's timing: clocks may drift apart by 1 ms per second (a hundred times
+    /// what NTP-disciplined clocks do), and 10 ms cover timers and scheduling.
+    pub fn lease_timing(&self) -> crate::lease::Timing {
+        crate::lease::Timing {
+            lease: std::time::Duration::from_millis(self.lease_ms),
+            failover_timeout: std::time::Duration::from_millis(self.failover_timeout_ms),
+            drift: 0.001,
+            margin: std::time::Duration::from_millis(10),
+        }
+    }
+}
+
 impl ClusterConfig {
     pub fn timing(&self) -> ClusterTiming {
         let base = match self.profile {
