@@ -25,12 +25,13 @@ use std::collections::BTreeSet;
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener};
 use std::process::{Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use egressd::dataplane::Firewall;
 use egressd::dataplane::fence::Fence;
 use egressd::dataplane::nft::NftFirewall;
-use egressd::policy::{SnatElement, SnatMap};
+use egressd::dataplane::{Firewall, Role, Roles};
+use egressd::policy::{GwId, SnatElement, SnatMap};
 use netns::Lab;
 
 const SERVER_ARG: &str = "--egressd-nft-server";
@@ -138,8 +139,25 @@ enum Shape {
     Dests,
 }
 
+/// The gateway every element goes to; active here, SNATing to 192.0.2.1.
+fn gateway() -> GwId {
+    GwId::of("bench")
+}
+
+fn roles() -> Roles {
+    let mut r = Roles::new();
+    r.insert(
+        gateway(),
+        Role {
+            v4: Some(Ipv4Addr::new(192, 0, 2, 1)),
+            v6: None,
+        },
+    );
+    r
+}
+
 fn element(shape: Shape, i: u32) -> SnatElement<Ipv4Addr> {
-    let to = Ipv4Addr::new(192, 0, 2, 1);
+    let to = gateway();
     match shape {
         Shape::Sources => {
             let s = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 64, 0, 0)) + i);
@@ -192,21 +210,25 @@ fn size_row(rt: &tokio::runtime::Runtime, shape: Shape, n: usize) -> SizeRow {
         let ns = lab.ns("a");
         let mut fw = NftFirewall::in_netns("egressd", &ns);
         let start = Instant::now();
-        rt.block_on(fw.apply(&a)).expect("full load");
+        rt.block_on(fw.apply(&Arc::new(a.clone()), &roles()))
+            .expect("full load");
         full.push(start.elapsed());
     }
     // egressd: one element changed, back and forth.
     let mut lab = Lab::new("binc");
     let ns = lab.ns("a");
     let mut fw = NftFirewall::in_netns("egressd", &ns);
-    rt.block_on(fw.apply(&a)).expect("full load");
+    rt.block_on(fw.apply(&Arc::new(a.clone()), &roles()))
+        .expect("full load");
     let cells = fw.cells().map_or(0, |(c4, _)| c4);
+    let (a_arc, b_arc) = (Arc::new(a.clone()), Arc::new(b.clone()));
     let mut change = Vec::new();
     for t in 0..20 {
-        let m = if t % 2 == 0 { &b } else { &a };
+        let m = if t % 2 == 0 { &b_arc } else { &a_arc };
         let before = fw.transactions();
         let start = Instant::now();
-        rt.block_on(fw.apply(m)).expect("one-element change");
+        rt.block_on(fw.apply(m, &roles()))
+            .expect("one-element change");
         change.push(start.elapsed());
         assert_eq!(fw.transactions(), before + 1, "a change is one transaction");
     }
@@ -298,7 +320,7 @@ fn one_map_script(m: &SnatMap) -> String {
         s.push_str("add element inet egressd snat4 {\n");
         let lines: Vec<String> = chunk
             .iter()
-            .map(|e| format!("{} . {} : {}", range(e.src), range(e.dst), e.to))
+            .map(|e| format!("{} . {} : 192.0.2.1", range(e.src), range(e.dst)))
             .collect();
         s.push_str(&lines.join(",\n"));
         s.push_str("\n}\n");
@@ -319,10 +341,9 @@ fn one_map_delta(from: &SnatMap, to: &SnatMap) -> String {
     }
     for e in new.difference(&old) {
         s.push_str(&format!(
-            "add element inet egressd snat4 {{ {} . {} : {} }}\n",
+            "add element inet egressd snat4 {{ {} . {} : 192.0.2.1 }}\n",
             range(e.src),
             range(e.dst),
-            e.to
         ));
     }
     s
@@ -404,17 +425,17 @@ fn conn_rate(rt: &tokio::runtime::Runtime) -> ConnRate {
     server.args([SERVER_ARG, SERVER, SNAT_TO]);
     lab.spawn(&srv, server);
 
-    let client_el = |to: &str| SnatElement {
+    let client_el = SnatElement {
         src: (CLIENT_SRC.parse().unwrap(), CLIENT_SRC.parse().unwrap()),
         dst: (Ipv4Addr::UNSPECIFIED, Ipv4Addr::BROADCAST),
-        to: to.parse().unwrap(),
+        to: gateway(),
     };
     let one = SnatMap {
-        v4: vec![client_el(SNAT_TO)],
+        v4: vec![client_el],
         v6: vec![],
     };
     let mut many = map(Shape::Sources, 9_999);
-    many.v4.push(client_el(SNAT_TO));
+    many.v4.push(client_el);
     many.v4.sort();
 
     let mut fw = NftFirewall::in_netns("egressd", &gw);
@@ -436,7 +457,16 @@ fn conn_rate(rt: &tokio::runtime::Runtime) -> ConnRate {
         (it.next().unwrap_or(0), it.next().unwrap_or(0))
     };
     // Wait for the server, and warm up.
-    rt.block_on(fw.apply(&one)).expect("apply");
+    let (one, many) = (Arc::new(one), Arc::new(many));
+    let mut snat_to = Roles::new();
+    snat_to.insert(
+        gateway(),
+        Role {
+            v4: Some(SNAT_TO.parse().expect("address")),
+            v6: None,
+        },
+    );
+    rt.block_on(fw.apply(&one, &snat_to)).expect("apply");
     let deadline = Instant::now() + Duration::from_secs(10);
     while run_client(&lab, "0.3").0 == 0 {
         assert!(Instant::now() < deadline, "the bench server never answered");
@@ -445,7 +475,7 @@ fn conn_rate(rt: &tokio::runtime::Runtime) -> ConnRate {
     let mut rates: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
     for _ in 0..ROUNDS {
         for (k, m) in [&one, &many].into_iter().enumerate() {
-            rt.block_on(fw.apply(m)).expect("apply");
+            rt.block_on(fw.apply(m, &snat_to)).expect("apply");
             let c0 = rt.block_on(fw.counters()).expect("counters");
             let (total, snated) = run_client(&lab, SECS);
             let c1 = rt.block_on(fw.counters()).expect("counters");

@@ -105,7 +105,10 @@ async fn run_inner(config: Config, config_path: PathBuf) -> anyhow::Result<()> {
     let mut firewall = NftFirewall::new(&config.dataplane.nft_table);
     // Replace whatever a crashed run left, and prove that nft works before the node claims to
     // be ready.
-    let firewall_ok = match firewall.apply(&Default::default()).await {
+    let firewall_ok = match firewall
+        .apply(&Default::default(), &Default::default())
+        .await
+    {
         Ok(()) => true,
         Err(e) => {
             error!(error = %e, "cannot install the nftables table; not ready");

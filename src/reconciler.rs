@@ -14,10 +14,10 @@ use std::time::Instant;
 use serde::Serialize;
 use tracing::{info, warn};
 
-use crate::dataplane::{self, Firewall, Host, HostState};
+use crate::dataplane::{self, Firewall, Host, HostState, Role, Roles};
 use crate::metrics::Metrics;
 use crate::model::{Assignment, Gateway, InterfaceState, Labels, NodeState, Policy, SourceIp};
-use crate::policy::{self, SnatMap};
+use crate::policy::{self, GwId, SnatMap};
 
 /// Addresses egressd may add or remove: every VIP and next hop of the configured gateways.
 /// Anything else on the host is never touched.
@@ -73,38 +73,37 @@ pub fn local_node_state(
 }
 
 /// What the data plane of one node must look like.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Desired {
     /// (interface, address) pairs to hold.
     pub addresses: BTreeSet<(String, IpAddr)>,
     /// Gateway → the source address its traffic is SNATed to, for the gateways active here.
     pub sources: BTreeMap<String, IpAddr>,
+    /// The classification of every node (it does not depend on who is active where).
     pub snat: Arc<SnatMap>,
+    /// Every gateway's role here: SNAT to its source address when active, nothing otherwise.
+    pub roles: Roles,
 }
 
-/// The last compiled SNAT map, reused while neither the policies (by version) nor this node's
-/// source addresses change: a node plans every report interval, and compiling 100 000 policies
-/// takes about 0.15 s.
+/// The last compiled classification, reused while the policies (by version) and the set of
+/// gateways stay the same: compiling 100 000 policies takes a while, and a takeover or a
+/// release must not pay it.
 #[derive(Debug, Default)]
 pub struct SnatCache {
-    key: Option<(u64, BTreeMap<String, IpAddr>)>,
+    key: Option<(u64, BTreeSet<String>)>,
     map: Arc<SnatMap>,
 }
 
 impl SnatCache {
-    pub fn get(
-        &mut self,
-        version: u64,
-        policies: &[Policy],
-        sources: &BTreeMap<String, IpAddr>,
-    ) -> Arc<SnatMap> {
+    pub fn get(&mut self, version: u64, policies: &[Policy], gateways: &[Gateway]) -> Arc<SnatMap> {
+        let names: BTreeSet<String> = gateways.iter().map(|g| g.name.clone()).collect();
         let fresh = self
             .key
             .as_ref()
-            .is_some_and(|(v, s)| *v == version && s == sources);
+            .is_some_and(|(v, n)| *v == version && *n == names);
         if !fresh {
-            self.map = Arc::new(policy::compile(policies, sources));
-            self.key = Some((version, sources.clone()));
+            self.map = Arc::new(policy::compile(policies, &names));
+            self.key = Some((version, names));
         }
         self.map.clone()
     }
@@ -131,30 +130,34 @@ pub fn plan(
     let gateways = objects.gateways;
     let mut d = Desired::default();
     for g in gateways {
-        if assignment.get(&g.name).map(String::as_str) != Some(node) {
-            continue;
-        }
-        match &g.source_ip {
-            SourceIp::VirtualIp { ip, interfaces } => {
-                for i in interfaces {
-                    d.addresses.insert((i.clone(), *ip));
+        let mut role = Role::default();
+        if assignment.get(&g.name).map(String::as_str) == Some(node) {
+            let source = match &g.source_ip {
+                SourceIp::VirtualIp { ip, interfaces } => {
+                    for i in interfaces {
+                        d.addresses.insert((i.clone(), *ip));
+                    }
+                    Some(*ip)
                 }
-                d.sources.insert(g.name.clone(), *ip);
-            }
-            SourceIp::PrimaryIp { interface } => {
-                if let Some(ip) = host
+                SourceIp::PrimaryIp { interface } => host
                     .get(interface)
                     .and_then(|i| primary_ipv4(&i.addresses, managed))
-                {
-                    d.sources.insert(g.name.clone(), IpAddr::V4(ip));
+                    .map(IpAddr::V4),
+            };
+            if let Some(ip) = source {
+                d.sources.insert(g.name.clone(), ip);
+                match ip {
+                    IpAddr::V4(a) => role.v4 = Some(a),
+                    IpAddr::V6(a) => role.v6 = Some(a),
                 }
             }
+            if let Some(nh) = &g.next_hop {
+                d.addresses.insert((nh.interface.clone(), nh.ip));
+            }
         }
-        if let Some(nh) = &g.next_hop {
-            d.addresses.insert((nh.interface.clone(), nh.ip));
-        }
+        d.roles.insert(GwId::of(&g.name), role);
     }
-    d.snat = cache.get(objects.version, objects.policies, &d.sources);
+    d.snat = cache.get(objects.version, objects.policies, gateways);
     d
 }
 
@@ -177,7 +180,7 @@ impl Changes {
 pub struct Reconciler<H, F> {
     pub host: H,
     pub firewall: F,
-    installed: Option<Arc<SnatMap>>,
+    installed: Option<(Arc<SnatMap>, Roles)>,
     /// Addresses this process added, so that they are released even if the config that named
     /// them is gone.
     held: BTreeSet<(String, IpAddr)>,
@@ -206,7 +209,7 @@ impl<H: Host, F: Firewall> Reconciler<H, F> {
     }
 
     pub fn installed(&self) -> Option<&SnatMap> {
-        self.installed.as_deref()
+        self.installed.as_ref().map(|(m, _)| &**m)
     }
 
     /// Makes the host match `desired`. `host` is a fresh observation; `managed` are the
@@ -241,18 +244,21 @@ impl<H: Host, F: Firewall> Reconciler<H, F> {
         // Held addresses whose interface disappeared are gone with it.
         self.held.retain(|(i, _)| host.contains_key(i));
 
-        // 2. SNAT map.
-        if self.installed.as_deref() != Some(&*desired.snat) {
+        // 2. Classification and roles (for a takeover or a release, only the gateway's chain).
+        let same = self.installed.as_ref().is_some_and(|(m, r)| {
+            (Arc::ptr_eq(m, &desired.snat) || **m == *desired.snat) && *r == desired.roles
+        });
+        if !same {
             self.installed = None;
             let started = Instant::now();
-            if let Err(e) = self.firewall.apply(&desired.snat).await {
+            if let Err(e) = self.firewall.apply(&desired.snat, &desired.roles).await {
                 self.metrics.nft_apply_errors.inc();
                 return Err(e);
             }
             self.metrics
                 .nft_apply
                 .observe(started.elapsed().as_secs_f64());
-            self.installed = Some(desired.snat.clone());
+            self.installed = Some((desired.snat.clone(), desired.roles.clone()));
             changes.snat_changed = true;
         }
 
@@ -421,7 +427,15 @@ mod tests {
         assert!(d.addresses.contains(&("eth0".into(), ip(NH))));
         assert_eq!(
             d.snat.lookup(ip("10.77.1.5"), ip("8.8.8.8")),
-            Some(ip("198.18.0.2"))
+            Some(GwId::of("basic"))
+        );
+        assert_eq!(
+            d.roles[&GwId::of("basic")].v4,
+            Some("198.18.0.2".parse().unwrap())
+        );
+        assert_eq!(
+            d.roles[&GwId::of("vip")].v4,
+            Some("198.18.0.50".parse().unwrap())
         );
         let other = plan(
             "gw1",
@@ -431,7 +445,10 @@ mod tests {
             &managed,
             &mut cache,
         );
-        assert!(other.addresses.is_empty() && other.snat.is_empty());
+        // Active nowhere here: no address, every chain idle, the same classification.
+        assert!(other.addresses.is_empty());
+        assert!(other.roles.values().all(|r| *r == Role::default()));
+        assert_eq!(other.snat, d.snat);
         // Same version and sources: the compiled map is reused, not rebuilt.
         let again = plan("gw1", &all_here(), &objects, &h.state, &managed, &mut cache);
         let third = plan("gw1", &all_here(), &objects, &h.state, &managed, &mut cache);
@@ -445,14 +462,30 @@ mod tests {
         assert_eq!(changes.added.len(), 2);
         let n = rec.installed().map_or(0, |m| m.len());
         assert!(n > 0);
+        let mut active = vec![GwId::of("vip"), GwId::of("basic")];
+        active.sort();
         assert_eq!(
             rec.host.journal.ops(),
             vec![
                 Op::Snat(n),
+                Op::Roles(active),
                 Op::AddAddress("eth0".into(), ip(NH)),
                 Op::AddAddress("eth1".into(), ip(VIP)),
             ]
         );
+    }
+
+    /// A takeover or a release changes the gateway's chain only, never the classification:
+    /// its cost does not grow with the number of policies.
+    #[tokio::test]
+    async fn a_takeover_changes_the_roles_not_the_map() {
+        let mut rec = reconciler(host());
+        converge_to(&mut rec, &Assignment::new()).await;
+        rec.host.journal.clear();
+        converge_to(&mut rec, &all_here()).await;
+        let ops = rec.host.journal.ops();
+        assert!(!ops.iter().any(|o| matches!(o, Op::Snat(_))), "{ops:?}");
+        assert!(matches!(ops[0], Op::Roles(_)), "{ops:?}");
     }
 
     #[tokio::test]
@@ -475,8 +508,8 @@ mod tests {
         let ops = rec.host.journal.ops();
         assert_eq!(
             ops.last(),
-            Some(&Op::Snat(0)),
-            "addresses go before the SNAT map: {ops:?}"
+            Some(&Op::Roles(vec![])),
+            "addresses go before the gateways' chains: {ops:?}"
         );
         assert!(changes.snat_changed);
         assert!(!rec.host.holds("eth1", ip(VIP)));
@@ -485,7 +518,7 @@ mod tests {
             rec.host.holds("eth1", ip("198.18.0.2")),
             "primary untouched"
         );
-        assert_eq!(rec.firewall.map.as_ref().map(|m| m.len()), Some(0));
+        assert!(rec.firewall.roles.values().all(|r| *r == Role::default()));
         assert!(rec.held().is_empty());
     }
 

@@ -229,8 +229,9 @@ fn interface_down_withdraws_and_up_restores() {
     wait_for("VIP and next hop withdrawn", WAIT, || {
         !topo.holds(&gw, "eth1", VIP) && !topo.holds(&gw, "eth0", NEXT_HOP)
     });
+    // The classification stays (every node holds it); the gateways' chains stop SNATing.
     wait_for("SNAT withdrawn", WAIT, || {
-        topo.snat4_elements(&gw) == Some(0)
+        topo.gateway_snat(&gw, "vip").is_none() && topo.gateway_snat(&gw, "basic").is_none()
     });
 
     let capture = topo.start_arp_capture("garp-up");
@@ -239,7 +240,7 @@ fn interface_down_withdraws_and_up_restores() {
         topo.holds(&gw, "eth1", VIP) && topo.holds(&gw, "eth0", NEXT_HOP)
     });
     wait_for("SNAT restored", WAIT, || {
-        topo.snat4_elements(&gw).is_some_and(|n| n >= 2)
+        topo.gateway_snat(&gw, "vip").as_deref() == Some(VIP)
     });
     let garp = format!("Request who-has {VIP} tell {VIP}");
     wait_for("gratuitous ARP after the link came back", WAIT, || {

@@ -10,11 +10,51 @@ use std::time::{Duration, Instant};
 
 use common::netns::{Lab, require_root};
 use egressd::dataplane::Firewall;
+use egressd::dataplane::Roles;
 use egressd::dataplane::nft::NftFirewall;
-use egressd::policy::{SnatElement, SnatMap};
+use egressd::policy::{GwId, SnatElement, SnatMap};
 
 fn fw(ns: &str) -> NftFirewall {
     NftFirewall::in_netns("egressd", ns)
+}
+
+/// The addresses the tests' elements name as their target: each stands for a gateway active
+/// here that SNATs to it (the gateway's id is derived from the address's text). All of them
+/// exist in every test, as a cluster's gateways do, so that element changes never change the
+/// set of gateway chains.
+const TARGETS: &[&str] = &[
+    "10.202.0.1",
+    "192.0.2.1",
+    "192.0.2.2",
+    "192.0.2.3",
+    "192.0.2.4",
+    "192.0.2.5",
+    "192.0.2.7",
+    "192.0.2.9",
+    "192.0.2.77",
+    "2001:db8::1",
+    "2001:db8::2",
+    "2001:db8::3",
+    "2001:db8::4",
+    "2001:db8::7",
+    "2001:db8::99",
+];
+
+fn roles() -> Roles {
+    let mut roles = Roles::new();
+    for a in TARGETS {
+        let r = roles.entry(GwId::of(a)).or_default();
+        match a.parse::<std::net::IpAddr>().unwrap() {
+            std::net::IpAddr::V4(v4) => r.v4 = Some(v4),
+            std::net::IpAddr::V6(v6) => r.v6 = Some(v6),
+        }
+    }
+    roles
+}
+
+/// `Firewall::apply` with every test gateway active here, SNATing to its address.
+async fn apply(fw: &mut NftFirewall, map: &SnatMap) -> egressd::dataplane::Result<()> {
+    fw.apply(&std::sync::Arc::new(map.clone()), &roles()).await
 }
 
 fn ip4(s: &str) -> Ipv4Addr {
@@ -29,7 +69,7 @@ fn e4(src: (&str, &str), dst: (&str, &str), to: &str) -> SnatElement<Ipv4Addr> {
     SnatElement {
         src: (ip4(src.0), ip4(src.1)),
         dst: (ip4(dst.0), ip4(dst.1)),
-        to: ip4(to),
+        to: GwId::of(to),
     }
 }
 
@@ -37,7 +77,7 @@ fn e6(src: (&str, &str), dst: (&str, &str), to: &str) -> SnatElement<Ipv6Addr> {
     SnatElement {
         src: (ip6(src.0), ip6(src.1)),
         dst: (ip6(dst.0), ip6(dst.1)),
-        to: ip6(to),
+        to: GwId::of(to),
     }
 }
 
@@ -52,7 +92,7 @@ fn sources(n: u32, first: &str, dst: (&str, &str), to: &str) -> Vec<SnatElement<
             SnatElement {
                 src: (s, s),
                 dst: (ip4(dst.0), ip4(dst.1)),
-                to: ip4(to),
+                to: GwId::of(to),
             }
         })
         .collect()
@@ -138,12 +178,15 @@ async fn apply_then_list_and_empty_diff() {
     let mut lab = Lab::new("nftap");
     let ns = lab.ns("a");
     let mut fw = fw(&ns);
-    fw.apply(&map_a()).await.unwrap();
+    apply(&mut fw, &map_a()).await.unwrap();
     assert_eq!(fw.list_elements().await.unwrap(), map_a());
     assert_eq!(fw.full_replaces(), 1);
     let after_first = fw.transactions();
-    assert_eq!(after_first, 3, "create maps, load elements, switch");
-    fw.apply(&map_a()).await.unwrap();
+    assert_eq!(
+        after_first, 5,
+        "gateway chains, create maps, load elements, switch, gateway roles"
+    );
+    apply(&mut fw, &map_a()).await.unwrap();
     assert_eq!(
         fw.transactions(),
         after_first,
@@ -152,7 +195,7 @@ async fn apply_then_list_and_empty_diff() {
     // The same elements in another order are the same map.
     let mut shuffled = map_a();
     shuffled.v4.reverse();
-    fw.apply(&shuffled).await.unwrap();
+    apply(&mut fw, &shuffled).await.unwrap();
     assert_eq!(fw.transactions(), after_first);
     let c = fw.counters().await.unwrap();
     assert_eq!(c.snated(), 0);
@@ -166,10 +209,10 @@ async fn incremental_apply() {
     let mut lab = Lab::new("nftinc");
     let ns = lab.ns("a");
     let mut fw = fw(&ns);
-    fw.apply(&map_a()).await.unwrap();
+    apply(&mut fw, &map_a()).await.unwrap();
     let handle = table_handle(&lab, &ns);
     let first = fw.transactions();
-    fw.apply(&map_b()).await.unwrap();
+    apply(&mut fw, &map_b()).await.unwrap();
     assert_eq!(fw.list_elements().await.unwrap(), map_b());
     assert_eq!(fw.transactions(), first + 1, "a delta is one transaction");
     assert_eq!(
@@ -178,11 +221,11 @@ async fn incremental_apply() {
         "an element change must not replace the table"
     );
     // And back, and to empty, and from empty.
-    fw.apply(&map_a()).await.unwrap();
+    apply(&mut fw, &map_a()).await.unwrap();
     assert_eq!(fw.list_elements().await.unwrap(), map_a());
-    fw.apply(&SnatMap::default()).await.unwrap();
+    apply(&mut fw, &SnatMap::default()).await.unwrap();
     assert_eq!(fw.list_elements().await.unwrap(), SnatMap::default());
-    fw.apply(&map_b()).await.unwrap();
+    apply(&mut fw, &map_b()).await.unwrap();
     assert_eq!(fw.list_elements().await.unwrap(), map_b());
     assert_eq!(fw.transactions(), first + 4);
     assert_eq!(fw.full_replaces(), 1);
@@ -219,9 +262,9 @@ async fn foreign_tables_untouched() {
     let before = snapshot(&lab);
     assert!(before[0].contains("10.0.0.1"));
     let mut fw = fw(&ns);
-    fw.apply(&map_a()).await.unwrap();
+    apply(&mut fw, &map_a()).await.unwrap();
     assert_eq!(snapshot(&lab), before, "after apply");
-    fw.apply(&map_b()).await.unwrap();
+    apply(&mut fw, &map_b()).await.unwrap();
     assert_eq!(snapshot(&lab), before, "after incremental apply");
     fw.remove().await.unwrap();
     assert_eq!(snapshot(&lab), before, "after remove");
@@ -260,7 +303,7 @@ async fn restart_replaces_stale_table() {
     let ns = lab.ns("a");
     // A crashed run left its table, with elements of its own and an extra chain.
     let mut old = fw(&ns);
-    old.apply(&map_a()).await.unwrap();
+    apply(&mut old, &map_a()).await.unwrap();
     lab.exec(
         &ns,
         [
@@ -270,7 +313,7 @@ async fn restart_replaces_stale_table() {
     );
     drop(old);
     let mut fresh = fw(&ns);
-    fresh.apply(&map_b()).await.unwrap();
+    apply(&mut fresh, &map_b()).await.unwrap();
     assert_eq!(egressd_tables(&lab, &ns), 1);
     assert_eq!(fresh.list_elements().await.unwrap(), map_b());
     let listing = text(&lab, &ns, &["list", "table", "inet", "egressd"]);
@@ -286,13 +329,13 @@ async fn remove_and_remove_absent() {
     let ns = lab.ns("a");
     let mut fw = fw(&ns);
     fw.remove().await.unwrap();
-    fw.apply(&map_a()).await.unwrap();
+    apply(&mut fw, &map_a()).await.unwrap();
     assert_eq!(egressd_tables(&lab, &ns), 1);
     fw.remove().await.unwrap();
     assert_eq!(egressd_tables(&lab, &ns), 0);
     fw.remove().await.unwrap();
     // After a remove, apply rebuilds the table.
-    fw.apply(&map_b()).await.unwrap();
+    apply(&mut fw, &map_b()).await.unwrap();
     assert_eq!(fw.list_elements().await.unwrap(), map_b());
 }
 
@@ -304,7 +347,7 @@ async fn bad_element_keeps_previous_ruleset() {
     let mut lab = Lab::new("nftbad");
     let ns = lab.ns("a");
     let mut fw = fw(&ns);
-    fw.apply(&map_a()).await.unwrap();
+    apply(&mut fw, &map_a()).await.unwrap();
     let before = text(&lab, &ns, &["list", "ruleset"]);
     let handle = table_handle(&lab, &ns);
 
@@ -313,7 +356,7 @@ async fn bad_element_keeps_previous_ruleset() {
     let mut bad = map_b();
     bad.v4.push(e4(("10.0.9.9", "10.0.9.1"), ANY4, "192.0.2.1"));
     let sent = fw.transactions();
-    let err = fw.apply(&bad).await.unwrap_err().to_string();
+    let err = apply(&mut fw, &bad).await.unwrap_err().to_string();
     assert!(err.contains("Range has zero or negative size"), "{err}");
     assert!(err.contains("10.0.9.9-10.0.9.1"), "{err}");
     assert_eq!(text(&lab, &ns, &["list", "ruleset"]), before);
@@ -323,23 +366,20 @@ async fn bad_element_keeps_previous_ruleset() {
     // error names it. On the delta path...
     let mut dup = map_a();
     dup.v4.push(e4(("10.0.0.1", "10.0.0.1"), ANY4, "192.0.2.7"));
-    let err = fw.apply(&dup).await.unwrap_err().to_string();
+    let err = apply(&mut fw, &dup).await.unwrap_err().to_string();
     assert!(err.contains("File exists"), "{err}");
-    assert!(
-        err.contains("10.0.0.1 . 0.0.0.0-255.255.255.255 : 192.0.2.7"),
-        "{err}"
-    );
+    assert!(err.contains("10.0.0.1 . 0.0.0.0-255.255.255.255"), "{err}");
     assert_eq!(text(&lab, &ns, &["list", "ruleset"]), before);
     // ... and, after that failure, on the full-replace path: the new generation's maps are
     // deleted again and the old one stays in force.
     let replaces = fw.full_replaces();
-    let err = fw.apply(&dup).await.unwrap_err().to_string();
+    let err = apply(&mut fw, &dup).await.unwrap_err().to_string();
     assert!(err.contains("File exists"), "{err}");
     assert_eq!(fw.full_replaces(), replaces + 1);
     assert_eq!(text(&lab, &ns, &["list", "ruleset"]), before);
 
     // A good map then goes through (as a full replace: a new generation, the same table).
-    fw.apply(&map_b()).await.unwrap();
+    apply(&mut fw, &map_b()).await.unwrap();
     assert_eq!(fw.full_replaces(), replaces + 2);
     assert_eq!(fw.list_elements().await.unwrap(), map_b());
     assert_eq!(table_handle(&lab, &ns), handle);
@@ -371,16 +411,20 @@ async fn ipv6_elements() {
             ),
         ],
     });
-    fw.apply(&a).await.unwrap();
+    apply(&mut fw, &a).await.unwrap();
     assert_eq!(fw.list_elements().await.unwrap(), a);
     let mut b = a.clone();
     b.v6.remove(0);
     b.v6.push(e6(("fd00:3::1", "fd00:3::1"), any6, "2001:db8::4"));
-    b.v6[0].to = ip6("2001:db8::99");
+    b.v6[0].to = GwId::of("2001:db8::99");
     let b = sorted(b);
-    fw.apply(&b).await.unwrap();
+    apply(&mut fw, &b).await.unwrap();
     assert_eq!(fw.list_elements().await.unwrap(), b);
-    assert_eq!(fw.transactions(), 4);
+    assert_eq!(
+        fw.transactions(),
+        6,
+        "chains, full replace, roles, then one delta"
+    );
     assert_eq!(fw.full_replaces(), 1);
 }
 
@@ -412,7 +456,7 @@ async fn real_packets_are_snated() {
     v4.extend(sources(2000, "10.200.0.0", ANY4, "192.0.2.1"));
     v4.extend(sources(1000, "10.210.0.0", ANY4, "192.0.2.1"));
     let map = sorted(SnatMap { v4, v6: vec![] });
-    fw.apply(&map).await.unwrap();
+    apply(&mut fw, &map).await.unwrap();
     let (cells4, _) = fw.cells().unwrap();
     assert!(cells4 >= 4, "{cells4} cells");
 
@@ -482,14 +526,16 @@ async fn sharded_maps_and_cell_boundaries() {
         v4,
         v6: vec![e6(("fd00::1", "fd00::1"), any6, "2001:db8::1")],
     });
-    fw.apply(&a).await.unwrap();
+    apply(&mut fw, &a).await.unwrap();
     let (cells4, cells6) = fw.cells().unwrap();
     assert!(cells4 >= 5, "{cells4}");
     assert_eq!(cells6, 1);
     assert_eq!(fw.list_elements().await.unwrap(), a);
     let listing = text(&lab, &ns, &["list", "table", "inet", "egressd"]);
     assert_eq!(
-        listing.matches("200.0.0.0/8 : 192.0.2.9").count(),
+        listing
+            .matches(&format!("200.0.0.0/8 : goto g4_{}", GwId::of("192.0.2.9")))
+            .count(),
         cells4,
         "one piece of the wide element per cell"
     );
@@ -501,17 +547,17 @@ async fn sharded_maps_and_cell_boundaries() {
     for e in b.v4.iter_mut() {
         let i = u32::from(e.src.0) - u32::from(ip4("10.64.0.0"));
         if i == 511 || i == 512 {
-            e.to = ip4("192.0.2.77");
+            e.to = GwId::of("192.0.2.77");
         }
     }
     b.v6.push(e6(("fd00::2", "fd00::2"), any6, "2001:db8::2"));
     let b = sorted(b);
     let before = fw.transactions();
-    fw.apply(&b).await.unwrap();
+    apply(&mut fw, &b).await.unwrap();
     assert_eq!(fw.transactions(), before + 1);
     assert_eq!(fw.full_replaces(), 1);
     assert_eq!(fw.list_elements().await.unwrap(), b);
-    fw.apply(&a).await.unwrap();
+    apply(&mut fw, &a).await.unwrap();
     assert_eq!(fw.list_elements().await.unwrap(), a);
     assert_eq!(fw.full_replaces(), 1);
 }
@@ -530,7 +576,7 @@ async fn two_cell_delta_is_atomic_and_recovers() {
         v4: sources(1200, "10.64.0.0", ANY4, "192.0.2.1"),
         v6: vec![],
     });
-    fw.apply(&a).await.unwrap();
+    apply(&mut fw, &a).await.unwrap();
     assert!(fw.cells().unwrap().0 >= 2);
     // b: the first element (first cell) gone, one added beyond the last (last cell).
     let mut b = a.clone();
@@ -555,7 +601,7 @@ async fn two_cell_delta_is_atomic_and_recovers() {
     );
     let before = text(&lab, &ns, &["list", "table", "inet", "egressd"]);
     let sent = fw.transactions();
-    let err = fw.apply(&b).await.unwrap_err().to_string();
+    let err = apply(&mut fw, &b).await.unwrap_err().to_string();
     assert_eq!(
         fw.transactions(),
         sent + 1,
@@ -570,11 +616,11 @@ async fn two_cell_delta_is_atomic_and_recovers() {
     );
     assert!(!after.contains("10.99.0.1"));
     // Recovery: a full replace.
-    fw.apply(&b).await.unwrap();
+    apply(&mut fw, &b).await.unwrap();
     assert_eq!(fw.full_replaces(), 2);
     assert_eq!(fw.list_elements().await.unwrap(), b);
     // And deltas again afterwards.
-    fw.apply(&a).await.unwrap();
+    apply(&mut fw, &a).await.unwrap();
     assert_eq!(fw.full_replaces(), 2);
     assert_eq!(fw.list_elements().await.unwrap(), a);
 }
@@ -602,7 +648,7 @@ async fn replaces_an_older_layout() {
     cmd.args(["netns", "exec", &ns, "nft", "-f", "-"]);
     common_stdin(cmd, old);
     let mut fw = fw(&ns);
-    fw.apply(&map_b()).await.unwrap();
+    apply(&mut fw, &map_b()).await.unwrap();
     assert_eq!(fw.list_elements().await.unwrap(), map_b());
     let listing = text(&lab, &ns, &["list", "table", "inet", "egressd"]);
     assert!(

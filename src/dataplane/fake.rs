@@ -5,7 +5,7 @@ use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 
 use super::fence::Fence;
-use super::{Announcer, Error, Firewall, Host, HostInterface, HostState, Result};
+use super::{Announcer, Error, Firewall, Host, HostInterface, HostState, Result, Roles};
 use crate::lease::Time;
 use crate::policy::SnatMap;
 
@@ -16,6 +16,8 @@ pub enum Op {
     DelAddress(String, IpAddr),
     Announce(String, IpAddr),
     Snat(usize),
+    /// The gateways whose chains SNAT (active here).
+    Roles(Vec<crate::policy::GwId>),
     /// The fence's lease elements were written: these addresses are answered for.
     Lease(Vec<IpAddr>),
     BuildFence(Vec<IpAddr>),
@@ -114,14 +116,25 @@ impl Host for FakeHost {
 #[derive(Debug, Default)]
 pub struct FakeFirewall {
     pub map: Option<SnatMap>,
+    pub roles: Roles,
     pub journal: Journal,
 }
 
 impl Firewall for FakeFirewall {
-    async fn apply(&mut self, map: &SnatMap) -> Result<()> {
-        if self.map.as_ref() != Some(map) {
+    async fn apply(&mut self, map: &Arc<SnatMap>, roles: &Roles) -> Result<()> {
+        if self.map.as_ref() != Some(&**map) {
             self.journal.push(Op::Snat(map.len()));
-            self.map = Some(map.clone());
+            self.map = Some((**map).clone());
+        }
+        if self.roles != *roles {
+            self.journal.push(Op::Roles(
+                roles
+                    .iter()
+                    .filter(|(_, r)| r.v4.is_some() || r.v6.is_some())
+                    .map(|(id, _)| *id)
+                    .collect(),
+            ));
+            self.roles = roles.clone();
         }
         Ok(())
     }
@@ -129,6 +142,7 @@ impl Firewall for FakeFirewall {
     async fn remove(&mut self) -> Result<()> {
         self.journal.push(Op::RemoveTable);
         self.map = None;
+        self.roles.clear();
         Ok(())
     }
 }

@@ -37,12 +37,28 @@ pub enum Error {
 
 pub type Result<T> = std::result::Result<T, Error>;
 
-/// egressd's own nftables table: the SNAT map and the rule that uses it.
+/// What a gateway's chains do on this node: SNAT to these addresses (it is active here), or
+/// nothing (`None`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Role {
+    pub v4: Option<std::net::Ipv4Addr>,
+    pub v6: Option<std::net::Ipv6Addr>,
+}
+
+/// Every gateway's role on this node.
+pub type Roles = BTreeMap<crate::policy::GwId, Role>;
+
+/// egressd's own nftables table: the classification maps and the gateways' chains.
 pub trait Firewall: Send {
-    /// Make the kernel's SNAT map equal `map`. The first call (and the first after an error)
-    /// replaces any stale egressd table in one transaction; later calls change only the
-    /// elements that differ, also in one transaction.
-    fn apply(&mut self, map: &SnatMap) -> impl Future<Output = Result<()>> + Send;
+    /// Make the kernel's classification maps equal `map` and the gateways' chains do `roles`
+    /// (every gateway that exists, active here or not). The first call (and the first after
+    /// an error) replaces any stale egressd table; later calls change only the elements that
+    /// differ, in one transaction, and the chains whose role changed, in one more.
+    fn apply(
+        &mut self,
+        map: &std::sync::Arc<SnatMap>,
+        roles: &Roles,
+    ) -> impl Future<Output = Result<()>> + Send;
     /// Delete egressd's tables (clean shutdown). Other tables are never touched.
     fn remove(&mut self) -> impl Future<Output = Result<()>> + Send;
 }

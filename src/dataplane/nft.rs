@@ -49,6 +49,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::{self, Display, Write as _};
 use std::net::{Ipv4Addr, Ipv6Addr};
 use std::str::FromStr;
+use std::sync::Arc;
 
 use serde_json::Value;
 
@@ -56,7 +57,8 @@ use super::nfnl::{self, Batch, Data, Element, KeyBytes, Op};
 use super::runner::NftRunner;
 use super::shard::{Partition, Rect};
 use super::{Error, Firewall, Result};
-use crate::policy::{SnatElement, SnatMap};
+use super::{Role, Roles};
+use crate::policy::{GwId, SnatElement, SnatMap};
 
 /// Named counter: new connections through the chain.
 pub const COUNTER_SEEN: &str = "seen";
@@ -188,8 +190,8 @@ impl<A: NftAddr> Family<A> {
     fn pieces<'e>(
         &self,
         elements: impl IntoIterator<Item = &'e SnatElement<A>>,
-    ) -> BTreeMap<usize, Vec<(Rect, A)>> {
-        let mut out: BTreeMap<usize, Vec<(Rect, A)>> = BTreeMap::new();
+    ) -> BTreeMap<usize, Vec<(Rect, GwId)>> {
+        let mut out: BTreeMap<usize, Vec<(Rect, GwId)>> = BTreeMap::new();
         for e in elements {
             self.partition
                 .pieces(rect(e), |c, r| out.entry(c).or_default().push((r, e.to)));
@@ -204,27 +206,45 @@ fn add_pieces<A: NftAddr>(
     op: Op,
     table: &str,
     generation: u64,
-    pieces: &BTreeMap<usize, Vec<(Rect, A)>>,
+    pieces: &BTreeMap<usize, Vec<(Rect, GwId)>>,
 ) {
     for (cell, list) in pieces {
         let map = map_name::<A>(generation, *cell);
+        let chains: Vec<String> = list.iter().map(|(_, to)| gw_chain::<A>(*to)).collect();
         batch.elements(
             op,
             nfnl::NFPROTO_INET,
             table,
             &map,
-            list.iter().map(|&(((s0, s1), (d0, d1)), to)| Element {
-                key: (A::from_u128(s0), Some(A::from_u128(d0))),
-                key_end: Some((A::from_u128(s1), Some(A::from_u128(d1)))),
-                data: if op == Op::Delete {
-                    Data::None
-                } else {
-                    Data::Addr(to)
-                },
-                timeout_ms: None,
-            }),
+            list.iter()
+                .zip(&chains)
+                .map(|(&(((s0, s1), (d0, d1)), _), chain)| Element {
+                    key: (A::from_u128(s0), Some(A::from_u128(d0))),
+                    key_end: Some((A::from_u128(s1), Some(A::from_u128(d1)))),
+                    data: if op == Op::Delete {
+                        Data::None
+                    } else {
+                        Data::Goto(chain)
+                    },
+                    timeout_ms: None,
+                }),
         );
     }
+}
+
+/// The chain of gateway `id` for family `A`: `g4_<id>` or `g6_<id>`.
+fn gw_chain<A: NftAddr>(id: GwId) -> String {
+    format!("g{}_{id}", A::V)
+}
+
+/// The gateway id a chain name of ours carries (`g4_00112233aabbccdd`), if it is one.
+fn gw_of(name: &str) -> Option<GwId> {
+    let hex = name
+        .strip_prefix("g4_")
+        .or_else(|| name.strip_prefix("g6_"))?;
+    (hex.len() == 16)
+        .then(|| u64::from_str_radix(hex, 16).ok().map(GwId))
+        .flatten()
 }
 
 /// Adds the selector elements of `partition` (cell rectangle → jump to the cell's chain).
@@ -280,6 +300,8 @@ struct Installed {
     generation: u64,
     v4: Family<Ipv4Addr>,
     v6: Family<Ipv6Addr>,
+    /// The map installed (shared with the caller: an unchanged map costs no comparison).
+    map: Arc<SnatMap>,
 }
 
 /// The two named counters (new connections, i.e. packets through the nat chain).
@@ -314,6 +336,10 @@ pub struct NftFirewall {
     installed: Option<Installed>,
     next_generation: u64,
     full_replaces: u64,
+    /// Gateways whose chains exist, when known.
+    chains: Option<BTreeSet<GwId>>,
+    /// The roles the chains hold, when known.
+    roles: Option<Roles>,
 }
 
 /// Checks that `name` can be written into an nft script as a table name as is: a letter, then
@@ -366,6 +392,8 @@ impl NftFirewall {
             installed: None,
             next_generation: 1,
             full_replaces: 0,
+            chains: None,
+            roles: None,
         }
     }
 
@@ -409,7 +437,7 @@ impl NftFirewall {
 
     /// Replaces everything in the inet table with generation `G+1` holding exactly `map`; see
     /// the module documentation for the three steps.
-    async fn full_replace(&mut self, map: &SnatMap) -> Result<()> {
+    async fn full_replace(&mut self, map: &Arc<SnatMap>) -> Result<()> {
         self.installed = None;
         self.full_replaces += 1;
         validate(&map.v4)?;
@@ -437,14 +465,14 @@ impl NftFirewall {
                 let mut b = Batch::new();
                 add_selector::<Ipv4Addr>(&mut b, &t, generation, &p4);
                 add_selector::<Ipv6Addr>(&mut b, &t, generation, &p6);
-                add_pieces(
+                add_pieces::<Ipv4Addr>(
                     &mut b,
                     Op::Add { exclusive: true },
                     &t,
                     generation,
                     &pieces4,
                 );
-                add_pieces(
+                add_pieces::<Ipv6Addr>(
                     &mut b,
                     Op::Add { exclusive: true },
                     &t,
@@ -470,7 +498,12 @@ impl NftFirewall {
             }
             return Err(e);
         }
-        self.installed = Some(Installed { generation, v4, v6 });
+        self.installed = Some(Installed {
+            generation,
+            v4,
+            v6,
+            map: map.clone(),
+        });
         Ok(())
     }
 
@@ -508,7 +541,11 @@ impl NftFirewall {
         // Objects named so that nft's syntax cannot name them (made through JSON by someone
         // else) are left alone; if they hold a reference to ours, this transaction fails and
         // says so.
-        let old: Vec<&Object> = existing.iter().filter(|o| plain_name(&o.name)).collect();
+        // The gateways' chains are not generational: the new maps point at them too.
+        let old: Vec<&Object> = existing
+            .iter()
+            .filter(|o| plain_name(&o.name) && gw_of(&o.name).is_none())
+            .collect();
         for o in old.iter().filter(|o| o.kind == "chain") {
             let _ = writeln!(s, "flush chain inet {t} {}", o.name);
         }
@@ -621,28 +658,28 @@ fn create_family<A: NftAddr>(s: &mut String, t: &str, g: u64, cells: usize) {
         let (m, ch) = (map_name::<A>(g, c), chain_name::<A>(g, c));
         let _ = writeln!(
             s,
-            "add map inet {t} {m} {{ type {ty} . {ty} : {ty}; flags interval; }}\n\
+            "add map inet {t} {m} {{ type {ty} . {ty} : verdict; flags interval; }}\n\
              add chain inet {t} {ch}\n\
-             add rule inet {t} {ch} snat {proto} to {proto} saddr . {proto} daddr map @{m}"
+             add rule inet {t} {ch} {proto} saddr . {proto} daddr vmap @{m}"
         );
     }
 }
 
 /// One family's change: pieces to delete and to add, per cell, and the resulting cell sizes.
 #[derive(Debug)]
-struct FamilyDelta<A> {
-    delete: BTreeMap<usize, Vec<(Rect, A)>>,
-    add: BTreeMap<usize, Vec<(Rect, A)>>,
+struct FamilyDelta {
+    delete: BTreeMap<usize, Vec<(Rect, GwId)>>,
+    add: BTreeMap<usize, Vec<(Rect, GwId)>>,
     counts: Vec<usize>,
     /// Sum over deleted pieces of the size of their cell: what the deletions cost the kernel.
     delete_cost: usize,
 }
 
-impl<A: NftAddr> FamilyDelta<A> {
-    fn new(
+impl FamilyDelta {
+    fn new<A: NftAddr>(
         old: &Family<A>,
         wanted: &BTreeSet<SnatElement<A>>,
-    ) -> std::result::Result<FamilyDelta<A>, Option<Error>> {
+    ) -> std::result::Result<FamilyDelta, Option<Error>> {
         let added: Vec<SnatElement<A>> = wanted.difference(&old.elements).copied().collect();
         validate(&added).map_err(Some)?;
         let delete = old.pieces(old.elements.difference(wanted));
@@ -674,13 +711,14 @@ impl<A: NftAddr> FamilyDelta<A> {
 
 #[derive(Debug)]
 struct DeltaPlan {
-    v4: (FamilyDelta<Ipv4Addr>, BTreeSet<SnatElement<Ipv4Addr>>),
-    v6: (FamilyDelta<Ipv6Addr>, BTreeSet<SnatElement<Ipv6Addr>>),
+    v4: (FamilyDelta, BTreeSet<SnatElement<Ipv4Addr>>),
+    v6: (FamilyDelta, BTreeSet<SnatElement<Ipv6Addr>>),
 }
 
-impl Firewall for NftFirewall {
-    async fn apply(&mut self, map: &SnatMap) -> Result<()> {
-        validate_table_name(&self.table)?;
+impl NftFirewall {
+    /// Makes the kernel's classification maps equal `map`: a delta when possible, else a full
+    /// replace (see the module documentation). Every gateway `map` names has its chains.
+    async fn apply_map(&mut self, map: &Arc<SnatMap>) -> Result<()> {
         let Some(old) = self.installed.take() else {
             return self.full_replace(map).await;
         };
@@ -710,14 +748,15 @@ impl Firewall for NftFirewall {
                 let mut b = Batch::new();
                 // Deletes first: an element whose target changed is deleted and re-added with the
                 // same key, which must not collide with the old one.
-                add_pieces(&mut b, Op::Delete, &t, g, &del4);
-                add_pieces(&mut b, Op::Delete, &t, g, &del6);
-                add_pieces(&mut b, Op::Add { exclusive: true }, &t, g, &add4);
-                add_pieces(&mut b, Op::Add { exclusive: true }, &t, g, &add6);
+                add_pieces::<Ipv4Addr>(&mut b, Op::Delete, &t, g, &del4);
+                add_pieces::<Ipv6Addr>(&mut b, Op::Delete, &t, g, &del6);
+                add_pieces::<Ipv4Addr>(&mut b, Op::Add { exclusive: true }, &t, g, &add4);
+                add_pieces::<Ipv6Addr>(&mut b, Op::Add { exclusive: true }, &t, g, &add6);
                 b
             })
             .await?;
         self.installed = Some(Installed {
+            map: map.clone(),
             generation: g,
             v4: Family {
                 elements: wanted4,
@@ -733,9 +772,145 @@ impl Firewall for NftFirewall {
         Ok(())
     }
 
+    /// Creates the chains of the gateways in `ids` that do not have them yet (empty: a gateway
+    /// not active here does nothing with its traffic).
+    async fn ensure_chains(&mut self, ids: &BTreeSet<GwId>) -> Result<()> {
+        let have = self.chains.clone().unwrap_or_default();
+        let missing: Vec<GwId> = ids.difference(&have).copied().collect();
+        if missing.is_empty() && self.chains.is_some() {
+            return Ok(());
+        }
+        let t = &self.table;
+        let mut script = format!("add table inet {t}\n");
+        // Unknown: (re)create all; `add chain` leaves an existing chain as it is.
+        let create: Vec<GwId> = if self.chains.is_none() {
+            ids.iter().copied().collect()
+        } else {
+            missing
+        };
+        for id in &create {
+            let _ = writeln!(
+                script,
+                "add chain inet {t} {}\nadd chain inet {t} {}",
+                gw_chain::<Ipv4Addr>(*id),
+                gw_chain::<Ipv6Addr>(*id)
+            );
+        }
+        if self.chains.is_none() {
+            // What the chains hold is unknown too.
+            self.roles = None;
+        }
+        self.chains = None;
+        self.nft
+            .transaction("create gateway chains", &script)
+            .await?;
+        let mut now = have;
+        now.extend(create);
+        self.chains = Some(now);
+        Ok(())
+    }
+
+    /// Rewrites the chains of the gateways whose role changed, in one transaction: an active
+    /// gateway's chain SNATs to its address, any other's is empty. This is the whole of a
+    /// takeover or a release in nftables, whatever the number of policies.
+    async fn set_roles(&mut self, roles: &Roles) -> Result<()> {
+        let old = self.roles.clone();
+        let changed: Vec<(&GwId, &Role)> = roles
+            .iter()
+            .filter(|(id, r)| old.as_ref().is_none_or(|o| o.get(*id) != Some(*r)))
+            .collect();
+        if changed.is_empty() && old.is_some() {
+            return Ok(());
+        }
+        let t = &self.table;
+        let mut script = String::new();
+        for (id, role) in changed {
+            let (c4, c6) = (gw_chain::<Ipv4Addr>(*id), gw_chain::<Ipv6Addr>(*id));
+            let _ = writeln!(
+                script,
+                "flush chain inet {t} {c4}\nflush chain inet {t} {c6}"
+            );
+            if let Some(a) = role.v4 {
+                let _ = writeln!(script, "add rule inet {t} {c4} snat ip to {a}");
+            }
+            if let Some(a) = role.v6 {
+                let _ = writeln!(script, "add rule inet {t} {c6} snat ip6 to {a}");
+            }
+        }
+        self.roles = None;
+        if !script.is_empty() {
+            self.nft.transaction("set gateway roles", &script).await?;
+        }
+        self.roles = Some(roles.clone());
+        Ok(())
+    }
+
+    /// Deletes the chains of gateways that are gone (no element names them any more).
+    async fn drop_chains(&mut self, keep: &BTreeSet<GwId>) -> Result<()> {
+        let Some(have) = self.chains.clone() else {
+            return Ok(());
+        };
+        let gone: Vec<GwId> = have.difference(keep).copied().collect();
+        if gone.is_empty() {
+            return Ok(());
+        }
+        let t = &self.table;
+        let mut script = String::new();
+        for id in &gone {
+            for c in [gw_chain::<Ipv4Addr>(*id), gw_chain::<Ipv6Addr>(*id)] {
+                let _ = writeln!(
+                    script,
+                    "flush chain inet {t} {c}\ndelete chain inet {t} {c}"
+                );
+            }
+        }
+        self.chains = None;
+        self.nft
+            .transaction("delete gateway chains", &script)
+            .await?;
+        self.chains = Some(have.intersection(keep).copied().collect());
+        if let Some(r) = self.roles.as_mut() {
+            r.retain(|id, _| keep.contains(id));
+        }
+        Ok(())
+    }
+}
+
+impl Firewall for NftFirewall {
+    async fn apply(&mut self, map: &Arc<SnatMap>, roles: &Roles) -> Result<()> {
+        validate_table_name(&self.table)?;
+        // Chains first: elements can only name chains that exist.
+        let mut ids: BTreeSet<GwId> = roles.keys().copied().collect();
+        ids.extend(map.v4.iter().map(|e| e.to));
+        ids.extend(map.v6.iter().map(|e| e.to));
+        if self.installed.is_none() {
+            self.chains = None;
+        }
+        let before = self.chains.clone();
+        self.ensure_chains(&ids).await?;
+        if self
+            .installed
+            .as_ref()
+            .is_none_or(|i| !Arc::ptr_eq(&i.map, map) && *i.map != **map)
+            && let Err(e) = self.apply_map(map).await
+        {
+            // The elements were refused as a whole: the chains made for them are unused.
+            if let Some(before) = before
+                && let Err(c) = self.drop_chains(&before).await
+            {
+                tracing::warn!(error = %c, "could not delete the chains of a failed change");
+            }
+            return Err(e);
+        }
+        self.set_roles(roles).await?;
+        self.drop_chains(&ids).await
+    }
+
     async fn remove(&mut self) -> Result<()> {
         validate_table_name(&self.table)?;
         self.installed = None;
+        self.chains = None;
+        self.roles = None;
         // `add` then `delete` in one transaction: succeeds whether or not the table exists,
         // without parsing nft's "No such file or directory" message.
         let t = &self.table;
@@ -963,14 +1138,18 @@ fn parse_objects(text: &str, table: &str) -> std::result::Result<Vec<Object>, St
     Ok(out)
 }
 
-/// Keeps the start of a long stderr (the first errors are the useful ones).
+/// A cell map element: its key and the gateway chain it goes to.
 fn parse_elem<A: NftAddr>(elem: &Value) -> std::result::Result<SnatElement<A>, String> {
     let (src, dst, value) = concat_pair(elem)?;
-    let to = value.as_str().ok_or("value is not an address")?;
+    let target = value
+        .get("goto")
+        .and_then(|j| j.get("target"))
+        .and_then(Value::as_str)
+        .ok_or("value is not a goto")?;
     Ok(SnatElement {
         src: parse_range(src)?,
         dst: parse_range(dst)?,
-        to: parse_addr(to)?,
+        to: gw_of(target).ok_or_else(|| format!("{target} is not a gateway chain"))?,
     })
 }
 
@@ -1045,7 +1224,7 @@ mod tests {
         SnatElement {
             src: (p(s.0), p(s.1)),
             dst: (p(d.0), p(d.1)),
-            to: p(to),
+            to: GwId::of(to),
         }
     }
 
@@ -1054,7 +1233,7 @@ mod tests {
         SnatElement {
             src: (p(s), p(s)),
             dst: (p(d.0), p(d.1)),
-            to: p(to),
+            to: GwId::of(to),
         }
     }
 
@@ -1067,11 +1246,11 @@ mod tests {
             "add map inet egressd sel4_7 { type ipv4_addr . ipv4_addr : verdict; flags interval; }"
         ));
         assert!(s.contains(
-            "add map inet egressd m4_7_1 { type ipv4_addr . ipv4_addr : ipv4_addr; flags interval; }\n\
+            "add map inet egressd m4_7_1 { type ipv4_addr . ipv4_addr : verdict; flags interval; }\n\
              add chain inet egressd c4_7_1\n\
-             add rule inet egressd c4_7_1 snat ip to ip saddr . ip daddr map @m4_7_1\n"
+             add rule inet egressd c4_7_1 ip saddr . ip daddr vmap @m4_7_1\n"
         ));
-        assert!(s.contains("snat ip6 to ip6 saddr . ip6 daddr map @m6_7_0"));
+        assert!(s.contains("ip6 saddr . ip6 daddr vmap @m6_7_0"));
         assert!(!s.contains("m6_7_1"));
 
         let old = [
@@ -1091,6 +1270,10 @@ mod tests {
                 kind: "set",
                 name: "odd name".into(),
             },
+            Object {
+                kind: "chain",
+                name: "g4_00112233aabbccdd".into(),
+            },
         ];
         let s = fw.switch_script(7, &old);
         let pos = |needle: &str| s.find(needle).unwrap_or_else(|| panic!("{needle} in {s}"));
@@ -1104,6 +1287,20 @@ mod tests {
             pos("delete map inet egressd snat4") < pos("delete chain inet egressd postrouting\n")
         );
         assert!(!s.contains("odd name"));
+        assert!(
+            !s.contains("g4_00112233aabbccdd"),
+            "gateway chains stay: {s}"
+        );
+    }
+
+    #[test]
+    fn gateway_chains_are_named_by_id() {
+        let id = GwId(0x0011_2233_aabb_ccdd);
+        assert_eq!(gw_chain::<Ipv4Addr>(id), "g4_00112233aabbccdd");
+        assert_eq!(gw_chain::<Ipv6Addr>(id), "g6_00112233aabbccdd");
+        assert_eq!(gw_of("g6_00112233aabbccdd"), Some(id));
+        assert_eq!(gw_of("g4_0011"), None);
+        assert_eq!(gw_of("c4_1_2"), None);
     }
 
     #[test]
@@ -1135,7 +1332,7 @@ mod tests {
             .map(|i| SnatElement {
                 src: (Ipv4Addr::from(i), Ipv4Addr::from(i)),
                 dst: (Ipv4Addr::UNSPECIFIED, Ipv4Addr::BROADCAST),
-                to: Ipv4Addr::LOCALHOST,
+                to: GwId(1),
             })
             .collect();
         let fam = Family::build(&els);
@@ -1145,6 +1342,7 @@ mod tests {
             generation: 1,
             v4: fam,
             v6: Family::build(&[]),
+            map: Arc::default(),
         };
         let fw = NftFirewall::new("egressd");
         // One element replaced: a small delta, touching one or two cells.
@@ -1152,7 +1350,7 @@ mod tests {
             v4: els.clone(),
             v6: vec![],
         };
-        m.v4[1500].to = Ipv4Addr::new(127, 0, 0, 2);
+        m.v4[1500].to = GwId(2);
         let plan = fw.plan_delta(&installed, &m).unwrap().unwrap();
         assert_eq!(plan.v4.0.delete.values().map(Vec::len).sum::<usize>(), 1);
         assert_eq!(plan.v4.0.add.values().map(Vec::len).sum::<usize>(), 1);
@@ -1167,7 +1365,7 @@ mod tests {
         grown.v4.extend((0..CELL_MAX as u32).map(|i| SnatElement {
             src: (Ipv4Addr::from(1 << 30 | i), Ipv4Addr::from(1 << 30 | i)),
             dst: (Ipv4Addr::UNSPECIFIED, Ipv4Addr::BROADCAST),
-            to: Ipv4Addr::LOCALHOST,
+            to: GwId(1),
         }));
         assert!(matches!(fw.plan_delta(&installed, &grown), Err(None)));
         // Deleting most elements costs more than reloading the rest.
@@ -1199,13 +1397,13 @@ mod tests {
             [{"concat": [{"range": ["0.0.0.0", "10.0.0.255"]}, {"prefix": {"addr": "0.0.0.0", "len": 0}}]}, {"jump": {"target": "c4_3_0"}}],
             [{"concat": [{"range": ["10.0.1.0", "255.255.255.255"]}, {"prefix": {"addr": "0.0.0.0", "len": 0}}]}, {"jump": {"target": "c4_3_1"}}]]}},
           {"map": {"family": "inet", "name": "m4_3_0", "elem": [
-            [{"concat": ["10.0.0.1", {"prefix": {"addr": "0.0.0.0", "len": 0}}]}, "1.2.3.4"],
-            [{"concat": [{"range": ["10.0.0.200", "10.0.0.255"]}, {"range": ["1.0.0.0", "1.0.0.5"]}]}, "1.2.3.5"]]}},
+            [{"concat": ["10.0.0.1", {"prefix": {"addr": "0.0.0.0", "len": 0}}]}, {"goto": {"target": "g4_6694f83c9f476da3"}}],
+            [{"concat": [{"range": ["10.0.0.200", "10.0.0.255"]}, {"range": ["1.0.0.0", "1.0.0.5"]}]}, {"goto": {"target": "g4_f53eea05fa9e492d"}}]]}},
           {"map": {"family": "inet", "name": "m4_3_1", "elem": [
-            [{"concat": [{"prefix": {"addr": "10.0.1.0", "len": 24}}, {"range": ["1.0.0.0", "1.0.0.5"]}]}, "1.2.3.5"],
-            [{"concat": ["10.9.9.9", "9.9.9.9"]}, "1.2.3.6"]]}},
+            [{"concat": [{"prefix": {"addr": "10.0.1.0", "len": 24}}, {"range": ["1.0.0.0", "1.0.0.5"]}]}, {"goto": {"target": "g4_f53eea05fa9e492d"}}],
+            [{"concat": ["10.9.9.9", "9.9.9.9"]}, {"goto": {"target": "g4_2948ed61c9c9a154"}}]]}},
           {"map": {"family": "inet", "name": "m4_2_0", "elem": [
-            [{"concat": ["10.7.7.7", "9.9.9.9"]}, "1.2.3.6"]]}},
+            [{"concat": ["10.7.7.7", "9.9.9.9"]}, {"goto": {"target": "g4_2948ed61c9c9a154"}}]]}},
           {"map": {"family": "inet", "name": "sel6_3"}}]}"#;
         let listing = parse_listing(json).unwrap();
         assert_eq!(listing.v4.cells.len(), 2);

@@ -377,6 +377,20 @@ impl Topo {
         )
     }
 
+    /// The address gateway `gateway`'s IPv4 chain SNATs to in namespace `ns` (None: the chain
+    /// does nothing, the gateway is not active there, or there is no table).
+    pub fn gateway_snat(&self, ns: &str, gateway: &str) -> Option<String> {
+        let chain = format!("g4_{}", egressd::policy::GwId::of(gateway));
+        let out = self
+            .lab
+            .try_exec(ns, ["nft", "list", "chain", "inet", "egressd", &chain]);
+        let text = String::from_utf8_lossy(&out.stdout);
+        text.split("snat ip to ")
+            .nth(1)
+            .and_then(|rest| rest.split_whitespace().next())
+            .map(str::to_string)
+    }
+
     /// Starts a capture of ARP on the WAN bridge into a text file, and returns its path. Lines
     /// start with tcpdump's Unix timestamp and carry the sender MAC (`-tt -e`).
     pub fn start_arp_capture(&mut self, name: &str) -> PathBuf {
