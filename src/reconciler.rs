@@ -11,6 +11,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 use std::time::Instant;
 
+use imbl::OrdMap;
 use serde::Serialize;
 use tracing::{info, warn};
 
@@ -85,35 +86,11 @@ pub struct Desired {
     pub roles: Roles,
 }
 
-/// The last compiled classification, reused while the policies (by version) and the set of
-/// gateways stay the same: compiling 100 000 policies takes a while, and a takeover or a
-/// release must not pay it.
-#[derive(Debug, Default)]
-pub struct SnatCache {
-    key: Option<(u64, BTreeSet<String>)>,
-    map: Arc<SnatMap>,
-}
-
-impl SnatCache {
-    pub fn get(&mut self, version: u64, policies: &[Policy], gateways: &[Gateway]) -> Arc<SnatMap> {
-        let names: BTreeSet<String> = gateways.iter().map(|g| g.name.clone()).collect();
-        let fresh = self
-            .key
-            .as_ref()
-            .is_some_and(|(v, n)| *v == version && *n == names);
-        if !fresh {
-            self.map = Arc::new(policy::compile(policies, &names));
-            self.key = Some((version, names));
-        }
-        self.map.clone()
-    }
-}
-
 /// What the plan is made of: the committed objects, with the version they come from.
 pub struct Objects<'a> {
     pub version: u64,
     pub gateways: &'a [Gateway],
-    pub policies: &'a [Policy],
+    pub policies: &'a OrdMap<String, Arc<Policy>>,
 }
 
 /// The data plane this node needs for `assignment`. A PrimaryIP gateway whose interface has no
@@ -125,7 +102,7 @@ pub fn plan(
     objects: &Objects,
     host: &HostState,
     managed: &BTreeSet<IpAddr>,
-    cache: &mut SnatCache,
+    compiler: &mut policy::Compiler,
 ) -> Desired {
     let gateways = objects.gateways;
     let mut d = Desired::default();
@@ -157,7 +134,8 @@ pub fn plan(
         }
         d.roles.insert(GwId::of(&g.name), role);
     }
-    d.snat = cache.get(objects.version, objects.policies, gateways);
+    let names: BTreeSet<String> = gateways.iter().map(|g| g.name.clone()).collect();
+    d.snat = compiler.update(objects.policies, &names);
     d
 }
 
@@ -343,7 +321,7 @@ mod tests {
         ]
     }
 
-    fn policies() -> Vec<Policy> {
+    fn policies() -> OrdMap<String, Arc<Policy>> {
         ["vip", "basic"]
             .iter()
             .enumerate()
@@ -354,6 +332,7 @@ mod tests {
                 destination_cidrs: vec!["0.0.0.0/0".parse().unwrap()],
                 excluded_cidrs: vec![],
             })
+            .map(|p| (p.name.clone(), Arc::new(p)))
             .collect()
     }
 
@@ -397,7 +376,7 @@ mod tests {
             &objects,
             &state,
             &managed,
-            &mut SnatCache::default(),
+            &mut policy::Compiler::new(),
         );
         rec.converge(&desired, &state, &managed).await.unwrap()
     }
@@ -419,7 +398,7 @@ mod tests {
             gateways: &gws,
             policies: &pols,
         };
-        let mut cache = SnatCache::default();
+        let mut cache = policy::Compiler::new();
         let d = plan("gw1", &all_here(), &objects, &h.state, &managed, &mut cache);
         assert_eq!(d.sources["vip"], ip(VIP));
         assert_eq!(d.sources["basic"], ip("198.18.0.2"));

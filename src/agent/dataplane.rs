@@ -7,6 +7,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use imbl::OrdMap;
 use tokio::sync::watch;
 use tracing::{error, info};
 
@@ -16,15 +17,19 @@ use crate::dataplane::{Firewall, Host, HostState};
 use crate::events::{EventKind, EventLog};
 use crate::model::{Assignment, Gateway, Policy};
 use crate::notify::Heartbeat;
+use crate::policy;
 use crate::reconciler::{self, Reconciler};
 use crate::status::StatusBoard;
 
-/// The committed gateways and policies as lists, rebuilt only when the applied index moves.
+/// The committed gateways and policies, taken again only when the applied index moves (the
+/// policy map is shared with the state: no copy).
 #[derive(Default)]
 struct Objects {
     version: u64,
     gateways: Arc<Vec<Gateway>>,
-    policies: Arc<Vec<Policy>>,
+    policies: OrdMap<String, Arc<Policy>>,
+    /// Whether a policy has an IPv6 destination (IPv6 forwarding is then needed).
+    needs_v6: bool,
 }
 
 /// The inputs and outputs of the data-plane task.
@@ -47,7 +52,7 @@ pub struct DataplaneTask<H, F> {
     events: EventLog,
     heartbeat: Arc<Heartbeat>,
     objects: Objects,
-    snat_cache: reconciler::SnatCache,
+    compiler: policy::Compiler,
     firewall_ok: bool,
     held: BTreeSet<String>,
     /// Applied index at the last return of freed memory to the system.
@@ -56,10 +61,7 @@ pub struct DataplaneTask<H, F> {
 
 /// Forwarding must be on for the node to pass traffic; IPv6 forwarding only when a policy needs
 /// it. Returns the problems, after fixing them when the config allows it.
-fn check_forwarding(manage: bool, policies: &[Policy]) -> Vec<String> {
-    let needs_v6 = policies
-        .iter()
-        .any(|p| p.destination_cidrs.iter().any(|c| c.addr().is_ipv6()));
+fn check_forwarding(manage: bool, needs_v6: bool) -> Vec<String> {
     let mut knobs = vec![("net.ipv4.ip_forward", "/proc/sys/net/ipv4/ip_forward")];
     if needs_v6 {
         knobs.push((
@@ -119,7 +121,7 @@ impl<H: Host, F: Firewall> DataplaneTask<H, F> {
             events,
             heartbeat,
             objects: Objects::default(),
-            snat_cache: reconciler::SnatCache::default(),
+            compiler: policy::Compiler::new(),
             firewall_ok,
             held: BTreeSet::new(),
             trimmed_at: 0,
@@ -139,17 +141,25 @@ impl<H: Host, F: Firewall> DataplaneTask<H, F> {
         let applied = self.ch.applied.borrow().clone();
         let leased = self.ch.leased.borrow().clone();
         if self.objects.version != applied.index || self.objects.gateways.is_empty() {
+            let policies = applied.state.policies.clone();
+            let needs_v6 = if policies.ptr_eq(&self.objects.policies) {
+                self.objects.needs_v6
+            } else {
+                policies
+                    .values()
+                    .any(|p| p.destination_cidrs.iter().any(|c| c.addr().is_ipv6()))
+            };
             self.objects = Objects {
                 version: applied.index,
                 gateways: Arc::new(applied.state.gateway_list()),
-                policies: Arc::new(applied.state.policy_list()),
+                policies,
+                needs_v6,
             };
         }
         let gateways = self.objects.gateways.clone();
-        let policies = self.objects.policies.clone();
         let managed = super::managed(&gateways, &cfg.file_gateways, &host);
 
-        let mut not_ready = check_forwarding(cfg.manage_forwarding, &policies);
+        let mut not_ready = check_forwarding(cfg.manage_forwarding, self.objects.needs_v6);
         if !self.firewall_ok {
             not_ready.push("nftables table not installed yet".into());
         }
@@ -196,12 +206,14 @@ impl<H: Host, F: Firewall> DataplaneTask<H, F> {
             &reconciler::Objects {
                 version: self.objects.version,
                 gateways: &gateways,
-                policies: &policies,
+                policies: &self.objects.policies,
             },
             &host,
             &managed,
-            &mut self.snat_cache,
+            &mut self.compiler,
         );
+        let compiled = self.compiler.last();
+        let planned_ms = started.elapsed().as_secs_f64() * 1e3;
         let before = self.held.clone();
         let mut error = None;
         self.rec.host.learn(&host);
@@ -219,7 +231,7 @@ impl<H: Host, F: Firewall> DataplaneTask<H, F> {
                     }
                 });
                 if !changes.is_empty() {
-                    self.changed(&applied, &before, &desired, started);
+                    self.changed(&applied, &before, &desired, started, (planned_ms, compiled));
                 }
             }
             Err(e) => {
@@ -249,6 +261,7 @@ impl<H: Host, F: Firewall> DataplaneTask<H, F> {
         before: &BTreeSet<String>,
         desired: &reconciler::Desired,
         started: Instant,
+        (planned_ms, compiled): (f64, policy::CompileStats),
     ) {
         let took = started.elapsed().as_secs_f64() * 1e3;
         for g in self.held.difference(before) {
@@ -274,6 +287,10 @@ impl<H: Host, F: Firewall> DataplaneTask<H, F> {
                 applied_index = applied.index,
                 snat_elements = desired.snat.len(),
                 took_ms = took,
+                plan_ms = planned_ms,
+                full_compile = compiled.full,
+                policies_changed = compiled.changed,
+                policies_recompiled = compiled.recompiled,
                 "SNAT map updated"
             );
         }

@@ -838,7 +838,9 @@ impl Sim {
                     .collect(),
                 at_unix_ms: self.now / MS,
             };
-            if self.leader == Some(l) && self.term == term && self.leader_ok() {
+            // openraft appends the entry to the leader's log even while it cannot reach a
+            // quorum, and commits it once it can (or a new leader commits or drops it).
+            if self.leader == Some(l) && self.term == term {
                 self.propose(l, cmd, moving);
             }
         }
@@ -1075,7 +1077,12 @@ impl Sim {
         self.stats.liveness_checked += 1;
         for g in self.committed.gateways.values() {
             let Some(holder) = self.committed.assignment.get(&g.name) else {
-                self.fail(format!("liveness: gateway {} has no active node", g.name));
+                let state = self.describe();
+                self.fail(format!(
+                    "liveness: gateway {} has no active node {} ms after the heal; {state}",
+                    g.name,
+                    LIVENESS_BOUND / MS
+                ));
                 return;
             };
             let h = self.nodes.iter().position(|n| &n.name == holder).unwrap();
@@ -1257,8 +1264,13 @@ impl Sim {
                 let Some(e) = self.entries.get(&entry) else {
                     return;
                 };
-                if self.leader == Some(e.proposer) && self.term == e.term && self.leader_ok() {
-                    self.commit(entry);
+                if self.leader == Some(e.proposer) && self.term == e.term {
+                    if self.leader_ok() {
+                        self.commit(entry);
+                    } else {
+                        // The leader still leads but has no quorum now: it keeps replicating.
+                        self.after(10 * MS, Ev::Commit { entry });
+                    }
                 }
                 // Otherwise it waits for the next election (committed or lost there).
             }

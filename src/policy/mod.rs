@@ -17,15 +17,19 @@
 //! The map does not depend on which gateways are active where: every node loads the same one,
 //! and a takeover only changes the gateway's chain, whatever the number of policies.
 
+use std::borrow::Borrow;
 use std::cmp::Reverse;
 use std::collections::{BTreeSet, HashMap};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
-use std::rc::Rc;
+use std::sync::Arc;
 
 use ipnet::IpNet;
 use serde::Serialize;
 
 use crate::model::Policy;
+
+mod incremental;
+pub use incremental::{CompileStats, Compiler};
 
 /// A gateway as the data plane names it: a stable number derived from its name (its chains are
 /// `g4_<id>` and `g6_<id>`), so that adding or removing one gateway changes no other element.
@@ -399,7 +403,7 @@ fn effective_destinations(p: &Policy, fam: Family) -> Vec<Piece> {
 
 /// A policy prepared for one family, in rank order (name, then position).
 struct Ranked {
-    pieces: Vec<Piece>,
+    pieces: Arc<Vec<Piece>>,
     /// The policy's gateway, when it exists.
     to: Option<u128>,
 }
@@ -413,7 +417,7 @@ fn destinations_for(ranked: &[Ranked], active: &[u32], max: u128) -> Vec<DstOut>
             return Vec::new();
         };
         let mut out: Vec<DstOut> = Vec::with_capacity(r.pieces.len());
-        for pc in &r.pieces {
+        for pc in r.pieces.iter() {
             match out.last_mut() {
                 // Adjacent pieces of different specificity: same outcome, so merge.
                 Some(prev) if prev.hi + 1 == pc.lo => prev.hi = pc.hi,
@@ -430,7 +434,7 @@ fn destinations_for(ranked: &[Ranked], active: &[u32], max: u128) -> Vec<DstOut>
     // that a policy's adjacent pieces with the same key do not cancel out.
     let mut evs: Vec<(u128, bool, (Reverse<u8>, u32))> = Vec::new();
     for &r in active {
-        for pc in &ranked[r as usize].pieces {
+        for pc in ranked[r as usize].pieces.iter() {
             evs.push((pc.lo, true, (Reverse(pc.len), r)));
             if pc.hi < max {
                 evs.push((pc.hi + 1, false, (Reverse(pc.len), r)));
@@ -471,38 +475,52 @@ fn destinations_for(ranked: &[Ranked], active: &[u32], max: u128) -> Vec<DstOut>
 }
 
 /// A source range with the destination outcomes shared by every address in it.
-type Row = ((u128, u128), Rc<Vec<DstOut>>);
+type Row = ((u128, u128), Arc<Vec<DstOut>>);
 
 /// Compiles one family into `(src range, dst outcomes)` groups, merged and sorted.
-fn compile_family(policies: &[Policy], gateways: &BTreeSet<String>, fam: Family) -> Vec<Row> {
+///
+/// `policies` come in rank order (name, then position). `pieces` gives a policy's effective
+/// destinations (a cache may answer). With `clip`, sorted disjoint source spans, only addresses
+/// inside them are compiled: the rows outside are someone else's (see `incremental`).
+fn compile_family<P: Borrow<Policy>>(
+    policies: &[P],
+    pieces: &mut dyn FnMut(&P, Family) -> Arc<Vec<Piece>>,
+    gateways: &BTreeSet<String>,
+    fam: Family,
+    clip: Option<&[(u128, u128)]>,
+) -> Vec<Row> {
     let max = fam.max();
-    let mut order: Vec<usize> = (0..policies.len()).collect();
-    order.sort_by(|&a, &b| policies[a].name.cmp(&policies[b].name).then(a.cmp(&b)));
-    let ranked: Vec<Ranked> = order
+    let ranked: Vec<Ranked> = policies
         .iter()
-        .map(|&i| {
-            let p = &policies[i];
+        .map(|p| {
+            let name = &p.borrow().egress_gateway_name;
             Ranked {
-                pieces: effective_destinations(p, fam),
+                pieces: pieces(p, fam),
                 to: gateways
-                    .contains(&p.egress_gateway_name)
-                    .then(|| u128::from(GwId::of(&p.egress_gateway_name).0)),
+                    .contains(name)
+                    .then(|| u128::from(GwId::of(name).0)),
             }
         })
         .collect();
 
     // Sweep over the source space: (position, is_add, rank).
     let mut evs: Vec<(u128, bool, u32)> = Vec::new();
-    for (rank, (r, &i)) in ranked.iter().zip(&order).enumerate() {
+    for (rank, (r, p)) in ranked.iter().zip(policies).enumerate() {
         if r.pieces.is_empty() {
             continue; // claims nothing in this family: can never win
         }
         // Policy counts come from a Vec<Policy>, far below u32::MAX.
         let rank = rank as u32;
-        for (lo, hi) in policies[i].source_cidrs.iter().filter_map(|n| fam.range(n)) {
-            evs.push((lo, true, rank));
-            if hi < max {
-                evs.push((hi + 1, false, rank));
+        for range in p.borrow().source_cidrs.iter().filter_map(|n| fam.range(n)) {
+            let mut push = |(lo, hi): (u128, u128)| {
+                evs.push((lo, true, rank));
+                if hi < max {
+                    evs.push((hi + 1, false, rank));
+                }
+            };
+            match clip {
+                None => push(range),
+                Some(spans) => clipped(range, spans, &mut push),
             }
         }
     }
@@ -515,7 +533,7 @@ fn compile_family(policies: &[Policy], gateways: &BTreeSet<String>, fam: Family)
     let mut local_active = 0usize;
     // The destination outcome depends only on the active set; sets recur (e.g. the gaps of a
     // broad source between narrow ones), so remember them.
-    let mut memo: HashMap<Vec<u32>, Rc<Vec<DstOut>>> = HashMap::new();
+    let mut memo: HashMap<Vec<u32>, Arc<Vec<DstOut>>> = HashMap::new();
     let mut rows: Vec<Row> = Vec::new();
     for_each_group(
         &evs,
@@ -551,10 +569,10 @@ fn compile_family(policies: &[Policy], gateways: &BTreeSet<String>, fam: Family)
             }
             let key: Vec<u32> = active.iter().copied().collect();
             let outcome = match memo.get(&key) {
-                Some(o) => Rc::clone(o),
+                Some(o) => Arc::clone(o),
                 None => {
-                    let o = Rc::new(destinations_for(&ranked, &key, max));
-                    memo.insert(key, Rc::clone(&o));
+                    let o = Arc::new(destinations_for(&ranked, &key, max));
+                    memo.insert(key, Arc::clone(&o));
                     o
                 }
             };
@@ -563,7 +581,7 @@ fn compile_family(policies: &[Policy], gateways: &BTreeSet<String>, fam: Family)
             }
             match rows.last_mut() {
                 Some(((_, hi), prev))
-                    if *hi + 1 == pos && (Rc::ptr_eq(prev, &outcome) || **prev == *outcome) =>
+                    if *hi + 1 == pos && (Arc::ptr_eq(prev, &outcome) || **prev == *outcome) =>
                 {
                     *hi = last;
                 }
@@ -574,9 +592,9 @@ fn compile_family(policies: &[Policy], gateways: &BTreeSet<String>, fam: Family)
     rows
 }
 
-fn flatten<A>(rows: Vec<Row>, conv: impl Fn(u128) -> A + Copy) -> Vec<SnatElement<A>> {
+fn flatten<A>(rows: &[Row], conv: impl Fn(u128) -> A + Copy) -> Vec<SnatElement<A>> {
     let mut out = Vec::with_capacity(rows.iter().map(|(_, d)| d.len()).sum());
-    for ((slo, shi), dsts) in rows {
+    for &((slo, shi), ref dsts) in rows {
         for d in dsts.iter() {
             out.push(SnatElement {
                 src: (conv(slo), conv(shi)),
@@ -601,16 +619,44 @@ fn flatten<A>(rows: Vec<Row>, conv: impl Fn(u128) -> A + Copy) -> Vec<SnatElemen
 /// to one /0 ≈ 160 ms; one source to 100 000 distinct /24 destinations ≈ 65 ms. The output is
 /// inherently |source groups| × |destination pieces| when many broad and narrow sources mix.
 pub fn compile(policies: &[Policy], gateways: &BTreeSet<String>) -> SnatMap {
+    let mut ranked: Vec<&Policy> = policies.iter().collect();
+    // Stable: among equal names the first in the slice ranks first, as in `decide`.
+    ranked.sort_by(|a, b| a.name.cmp(&b.name));
+    let mut pieces = |p: &&Policy, fam| Arc::new(effective_destinations(p, fam));
     SnatMap {
-        // V4 values are at most u32::MAX by construction, so the narrowing is lossless.
-        v4: flatten(compile_family(policies, gateways, Family::V4), |x| {
-            Ipv4Addr::from(x as u32)
-        }),
-        v6: flatten(
-            compile_family(policies, gateways, Family::V6),
-            Ipv6Addr::from,
-        ),
+        v4: flatten_v4(&compile_family(
+            &ranked,
+            &mut pieces,
+            gateways,
+            Family::V4,
+            None,
+        )),
+        v6: flatten_v6(&compile_family(
+            &ranked,
+            &mut pieces,
+            gateways,
+            Family::V6,
+            None,
+        )),
     }
+}
+
+/// Calls `f` with the parts of `range` inside the sorted, disjoint `spans`.
+fn clipped(range: (u128, u128), spans: &[(u128, u128)], f: &mut impl FnMut((u128, u128))) {
+    let (lo, hi) = range;
+    let first = spans.partition_point(|s| s.1 < lo);
+    for &(a, b) in spans[first..].iter().take_while(|s| s.0 <= hi) {
+        f((a.max(lo), b.min(hi)));
+    }
+}
+
+fn flatten_v4(rows: &[Row]) -> Vec<SnatElement<Ipv4Addr>> {
+    // V4 values are at most u32::MAX by construction, so the narrowing is lossless.
+    flatten(rows, |x| Ipv4Addr::from(x as u32))
+}
+
+fn flatten_v6(rows: &[Row]) -> Vec<SnatElement<Ipv6Addr>> {
+    flatten(rows, Ipv6Addr::from)
 }
 
 #[cfg(test)]
