@@ -9,12 +9,13 @@ use anyhow::Context;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tracing::{Instrument, error, info, info_span, warn};
+use tracing::{Instrument, debug, error, info, info_span, warn};
 
 use crate::agent::{self, AgentConfig, Facts, Leased, Ready};
 use crate::cluster::node::ClusterNode;
+use crate::cluster::state::file_digest;
 use crate::cluster::{ClusterState, Command};
-use crate::config::Config;
+use crate::config::{Config, ConfigErrors};
 use crate::dataplane::fence::{Fence, NftFence};
 use crate::dataplane::host::{HostEvents, NetlinkHost};
 use crate::dataplane::nft::NftFirewall;
@@ -48,9 +49,18 @@ fn file_objects(config: &Config) -> (Vec<Gateway>, Vec<Policy>) {
 const LEAVE_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Runs the daemon until SIGTERM or SIGINT, then releases everything it holds.
-pub async fn run(config: Config, config_path: PathBuf) -> anyhow::Result<()> {
+/// `object_errors`: the file's gateways and policies break a rule (its other sections are
+/// valid, see `config::load_for_run`); `config` then has none, and the node runs the cluster's
+/// committed objects and reports the errors, as a rejected reload does.
+pub async fn run(
+    config: Config,
+    config_path: PathBuf,
+    object_errors: Option<ConfigErrors>,
+) -> anyhow::Result<()> {
     let span = info_span!("egressd", node = %config.node.name);
-    run_inner(config, config_path).instrument(span).await
+    run_inner(config, config_path, object_errors)
+        .instrument(span)
+        .await
 }
 
 /// Before anything else: the fence covers every address this node may still hold (the store's
@@ -80,7 +90,11 @@ async fn fence_first(
     Ok((epoch, fence, state))
 }
 
-async fn run_inner(config: Config, config_path: PathBuf) -> anyhow::Result<()> {
+async fn run_inner(
+    config: Config,
+    config_path: PathBuf,
+    object_errors: Option<ConfigErrors>,
+) -> anyhow::Result<()> {
     let started = Instant::now();
     // First: a reload or stop request during start-up must not kill the process (the default
     // action); it is handled once the loop runs.
@@ -216,14 +230,22 @@ async fn run_inner(config: Config, config_path: PathBuf) -> anyhow::Result<()> {
         node: node.clone(),
         board: board.clone(),
         config_tx,
-        seeded: false,
-        seeding: None,
+        file_valid: object_errors.is_none(),
+        started: false,
+        starting: None,
+        reload_pending: None,
         reloading: None,
         drift_at: None,
         drift: Vec::new(),
         last_leader: None,
         prometheus,
     };
+    if let Some(errors) = object_errors {
+        main.config_rejected(
+            Load::Start,
+            errors.iter().map(ToString::to_string).collect(),
+        );
+    }
     let mut status = status_rx;
     let mut applied = node.subscribe();
     let mut metrics = node.raft.metrics();
@@ -409,15 +431,110 @@ fn leader_watch(node: &Arc<ClusterNode>) -> watch::Receiver<Option<u64>> {
     rx
 }
 
-/// The daemon's own round: the cluster part of the status, seeding, reloads.
+/// Which load of the config file a rejection concerns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Load {
+    /// The daemon's start: the file's gateways and policies broke a rule.
+    Start,
+    /// A SIGHUP reload.
+    Reload,
+}
+
+/// What the start-up commit of the config file did (see [`start_file`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Started {
+    /// The file's gateways and policies break a rule: none of them was committed.
+    Invalid,
+    /// This node's file seeded the cluster (and its digest is recorded).
+    Seeded,
+    /// The cluster was seeded already and this node had no digest yet (a new member, or the
+    /// first start of a version that keeps them): the file's digest is recorded, nothing of it
+    /// applied.
+    Recorded,
+    /// The file is the one this node last applied: nothing committed.
+    Unchanged,
+    /// The file changed since this node last applied it: its change was committed, as a reload
+    /// commits it, or the cluster refused it (`Some(why)`).
+    Applied(Option<String>),
+}
+
+/// The start-up commit of the config file, once a leader is known: seeds a cluster that was
+/// never seeded; then applies the file if it differs from the one this node last applied (by
+/// the digest the state keeps per node), records its digest if the node has none, and does
+/// nothing if it is the same file. `objects`: the file's gateways and policies, `None` when
+/// they break a rule.
+async fn start_file(
+    node: Arc<ClusterNode>,
+    objects: Option<(Vec<Gateway>, Vec<Policy>)>,
+    members: Vec<(String, String)>,
+) -> anyhow::Result<Started> {
+    let mut seeded_here = false;
+    if let Some((gateways, policies)) = &objects
+        && !node.applied().state.seeded
+    {
+        let seed = Command::SeedObjects {
+            gateways: gateways.clone(),
+            policies: policies.clone(),
+        };
+        seeded_here = node.write(seed).await?.changed;
+    }
+    // Also a barrier: a write answers once this node has applied it, so from here on the
+    // local state holds everything committed before it (a restarted node's store may lag).
+    node.write(Command::SeedMembers(members)).await?;
+    let Some((gateways, policies)) = objects else {
+        return Ok(Started::Invalid);
+    };
+    let state = node.applied().state;
+    let digest = file_digest(&gateways, &policies);
+    match state.file_digests.get(&node.name) {
+        Some(last) if *last == digest => Ok(Started::Unchanged),
+        Some(_) => match state.file_change(&node.name, &gateways, &policies) {
+            Some(change) => Ok(Started::Applied(node.write(change).await?.refused)),
+            None => Ok(Started::Unchanged),
+        },
+        None => {
+            // No object changes, the digest only.
+            let record = Command::FileObjects {
+                node: node.name.clone(),
+                gateways: Vec::new(),
+                policies: Vec::new(),
+                delete_gateways: Vec::new(),
+                delete_policies: Vec::new(),
+                digest,
+            };
+            if let Some(why) = node.write(record).await?.refused {
+                anyhow::bail!("recording the file's digest was refused: {why}");
+            }
+            Ok(if seeded_here {
+                Started::Seeded
+            } else {
+                Started::Recorded
+            })
+        }
+    }
+}
+
+/// At most this many drift lines in the log at a time; `egressd status` lists them all.
+const DRIFT_LOG_LINES: usize = 10;
+
+/// The daemon's own round: the cluster part of the status, the start-up commit of the config
+/// file, reloads.
 struct Main {
     config: Config,
     config_path: PathBuf,
     node: Arc<ClusterNode>,
     board: Arc<StatusBoard>,
     config_tx: watch::Sender<Arc<AgentConfig>>,
-    seeded: bool,
-    seeding: Option<JoinHandle<anyhow::Result<bool>>>,
+    /// The file's gateways and policies passed the rules (at start, or at the last reload that
+    /// was not rejected). When they did not at start, `config` has none: nothing of the file is
+    /// committed and no drift is computed until a reload brings valid ones.
+    file_valid: bool,
+    /// The start-up commit of the file is done.
+    started: bool,
+    starting: Option<JoinHandle<anyhow::Result<Started>>>,
+    /// A reload that came before the start-up commit was done, and its member change: its
+    /// commit follows the start-up one.
+    reload_pending: Option<Option<Command>>,
     /// The commit of the last reload: `Some(problem)` when it did not happen.
     reloading: Option<JoinHandle<Option<String>>>,
     /// The applied index the drift was computed at.
@@ -429,25 +546,68 @@ struct Main {
 
 impl Main {
     async fn round(&mut self) {
-        if !self.seeded {
-            self.seed().await;
+        if !self.started {
+            self.start().await;
+            if self.started
+                && let Some(members) = self.reload_pending.take()
+            {
+                self.commit_file(members);
+            }
         }
         self.reload_committed().await;
         self.publish();
     }
 
+    /// Recomputes the drift when the committed state or the file changed.
+    fn refresh_drift(&mut self) {
+        let applied = self.node.applied();
+        if self.drift_at == Some(applied.index) {
+            return;
+        }
+        self.drift_at = Some(applied.index);
+        let (fg, fp) = file_objects(&self.config);
+        self.drift = if applied.state.seeded && self.file_valid {
+            applied.state.drift(&fg, &fp)
+        } else {
+            Vec::new()
+        };
+    }
+
+    /// After a start or a reload: the drift that remains goes to the log, loudly.
+    fn log_drift(&mut self, after: Load) {
+        self.drift_at = None;
+        self.refresh_drift();
+        if self.drift.is_empty() {
+            return;
+        }
+        let after = match after {
+            Load::Start => "start",
+            Load::Reload => "reload",
+        };
+        let n = self.drift.len();
+        warn!(
+            objects = n,
+            config = %self.config_path.display(),
+            "config drift after {after}: this node's file differs from the committed gateways \
+             and policies, which the node runs, in {n} object{} (`egressd status` lists them; \
+             `systemctl reload` commits an edited file)",
+            if n == 1 { "" } else { "s" }
+        );
+        for d in self.drift.iter().take(DRIFT_LOG_LINES) {
+            warn!(drift = %d, "config drift");
+        }
+        if self.drift.len() > DRIFT_LOG_LINES {
+            warn!(
+                more = self.drift.len() - DRIFT_LOG_LINES,
+                "config drift: more objects differ (see `egressd status`)"
+            );
+        }
+    }
+
     fn publish(&mut self) {
+        self.refresh_drift();
         let applied = self.node.applied();
         let state = applied.state.clone();
-        if self.drift_at != Some(applied.index) {
-            self.drift_at = Some(applied.index);
-            let (fg, fp) = file_objects(&self.config);
-            self.drift = if state.seeded {
-                state.drift(&fg, &fp)
-            } else {
-                Vec::new()
-            };
-        }
         let metrics = self.node.raft.metrics().borrow().clone();
         let members = metrics.membership_config.membership();
         let leader_name = metrics
@@ -492,55 +652,103 @@ impl Main {
         });
     }
 
-    /// Offer the config file's objects and members to a cluster that has none yet. The writes
-    /// wait for a quorum, so they run in a task of their own; each round looks at the result.
-    async fn seed(&mut self) {
-        match self.seeding.take() {
+    /// The start-up commit of the config file (see [`start_file`]). It waits for a leader and
+    /// a quorum, so it runs in a task of its own; each round looks at the result, and a failed
+    /// attempt is tried again.
+    async fn start(&mut self) {
+        match self.starting.take() {
             Some(task) if task.is_finished() => match task.await {
-                Ok(Ok(changed)) => {
-                    self.seeded = true;
-                    if changed {
-                        info!("seeded the cluster with this node's gateways, policies and members");
-                    }
+                Ok(Ok(outcome)) => {
+                    self.started = true;
+                    self.started_with(outcome);
                 }
-                Ok(Err(e)) => tracing::debug!(error = %e, "seeding deferred"),
-                Err(e) => tracing::debug!(error = %e, "seeding task failed"),
+                Ok(Err(e)) => debug!(error = %e, "start-up commit deferred"),
+                Err(e) => debug!(error = %e, "start-up commit task failed"),
             },
-            Some(task) => self.seeding = Some(task),
+            Some(task) => self.starting = Some(task),
             None => {
                 if self.node.leader().is_none() {
                     return;
                 }
-                let node = self.node.clone();
-                let (gateways, policies) = file_objects(&self.config);
+                let objects = self.file_valid.then(|| file_objects(&self.config));
                 let members = peer_list(&self.config);
-                self.seeding = Some(tokio::spawn(async move {
-                    let objects = node
-                        .write(Command::SeedObjects { gateways, policies })
-                        .await?;
-                    let members = node.write(Command::SeedMembers(members)).await?;
-                    anyhow::Ok(objects.changed || members.changed)
-                }));
+                let node = self.node.clone();
+                self.starting = Some(tokio::spawn(
+                    start_file(node, objects, members).instrument(tracing::Span::current()),
+                ));
             }
         }
     }
 
-    /// A reload failed (an invalid file, or objects the cluster refused): the committed config
-    /// stays; say so in the log, the status and the events.
-    fn reload_rejected(&mut self, errors: Vec<String>) {
-        for e in &errors {
-            error!(error = %e, "configuration reload rejected; keeping the running config");
-        }
-        self.node.events.local(
-            EventKind::ConfigRejected,
-            None,
-            format!(
-                "reload of {} rejected ({} errors); the running config stays: {}",
-                self.config_path.display(),
-                errors.len(),
-                errors.first().cloned().unwrap_or_default()
+    fn started_with(&mut self, outcome: Started) {
+        let path = self.config_path.display().to_string();
+        match outcome {
+            Started::Invalid => warn!(
+                config = %path,
+                "running the cluster's committed gateways and policies: those of this node's file \
+                 break a rule (see the errors above; fix the file and reload)"
             ),
-        );
+            Started::Seeded => info!(
+                config = %path,
+                "seeded the cluster with this node's gateways, policies and members"
+            ),
+            Started::Recorded => info!(
+                config = %path,
+                "the cluster was seeded already (by another node's file, or before this node \
+                 kept a file digest): recorded this file's digest and applied nothing (a reload \
+                 applies this file, and so does a restart after an edit)"
+            ),
+            Started::Unchanged => info!(
+                config = %path,
+                "the file's gateways and policies are those this node last applied: nothing \
+                 to commit (a restart never undoes a runtime change)"
+            ),
+            Started::Applied(None) => info!(
+                config = %path,
+                "the file's gateways and policies changed since this node last applied them: \
+                 committed the change, as a reload does"
+            ),
+            Started::Applied(Some(why)) => {
+                self.config_rejected(Load::Start, vec![format!("refused by the cluster: {why}")])
+            }
+        }
+        self.log_drift(Load::Start);
+    }
+
+    /// The file was rejected (an invalid file, or objects the cluster refused): the committed
+    /// config stays; say so in the log, the status and the events.
+    fn config_rejected(&mut self, load: Load, errors: Vec<String>) {
+        let path = self.config_path.display();
+        let message = match load {
+            Load::Start => {
+                for e in &errors {
+                    error!(
+                        error = %e,
+                        "configuration file's gateways and policies rejected at start; running \
+                         the cluster's committed ones"
+                    );
+                }
+                format!(
+                    "the gateways and policies of {path} were rejected at start ({} errors); the \
+                     node runs the cluster's committed ones: {}",
+                    errors.len(),
+                    errors.first().cloned().unwrap_or_default()
+                )
+            }
+            Load::Reload => {
+                for e in &errors {
+                    error!(error = %e, "configuration reload rejected; keeping the running config");
+                }
+                format!(
+                    "reload of {path} rejected ({} errors); the running config stays: {}",
+                    errors.len(),
+                    errors.first().cloned().unwrap_or_default()
+                )
+            }
+        };
+        self.node
+            .events
+            .local(EventKind::ConfigRejected, None, message);
         self.board.update(|s| s.config.last_reload_errors = errors);
     }
 
@@ -551,9 +759,12 @@ impl Main {
         };
         match task.await {
             Ok(None) => {}
-            Ok(Some(problem)) => self.reload_rejected(vec![problem]),
-            Err(e) => self.reload_rejected(vec![format!("the reload task failed: {e}")]),
+            Ok(Some(problem)) => self.config_rejected(Load::Reload, vec![problem]),
+            Err(e) => {
+                self.config_rejected(Load::Reload, vec![format!("the reload task failed: {e}")])
+            }
         }
+        self.log_drift(Load::Reload);
     }
 
     async fn reload(&mut self) {
@@ -565,7 +776,8 @@ impl Main {
         let loaded = match tokio::task::spawn_blocking(move || crate::config::load(&path)).await {
             Ok(r) => r,
             Err(e) => {
-                self.reload_rejected(vec![format!("the config loader failed: {e}")]);
+                self.config_rejected(Load::Reload, vec![format!("the config loader failed: {e}")]);
+                self.log_drift(Load::Reload);
                 return;
             }
         };
@@ -585,53 +797,72 @@ impl Main {
                 });
                 self.config.gateways = new.gateways;
                 self.config.policies = new.policies;
+                self.file_valid = true;
                 self.config.node.labels = new.node.labels;
                 self.config.dataplane = new.dataplane;
                 self.config_tx
                     .send_replace(AgentConfig::from_config(&self.config));
                 // The drift against the new file is computed afresh.
                 self.drift_at = None;
-                let (gateways, policies) = file_objects(&self.config);
-                let objects = self.node.applied().state.file_change(
-                    &self.config.node.name,
-                    &gateways,
-                    &policies,
-                );
-                let count = self.config.policies.len();
-                // Committing waits for a quorum (up to the write timeout): not in the main
-                // loop, which must keep handling signals meanwhile.
-                let node = self.node.clone();
-                let task = async move {
-                    if let Some(cmd) = members {
-                        match node.write(cmd).await {
-                            Ok(_) => info!("committed the new member list"),
-                            Err(e) => error!(error = %e, "committing the new member list failed"),
-                        }
-                    }
-                    let Some(objects) = objects else {
-                        info!("the file's gateways and policies are committed already");
-                        return None;
-                    };
-                    match node.write(objects).await {
-                        Ok(r) => match r.refused {
-                            Some(why) => Some(format!("refused by the cluster: {why}")),
-                            None => {
-                                info!(
-                                    changed = r.changed,
-                                    policies = count,
-                                    "committed the reloaded objects"
-                                );
-                                None
-                            }
-                        },
-                        Err(e) => Some(format!("not committed: {e:#}")),
-                    }
-                };
-                self.reloading = Some(tokio::spawn(task.instrument(tracing::Span::current())));
+                if self.started {
+                    self.commit_file(members);
+                } else {
+                    // The start-up commit is under way (or waits for a leader): this reload's
+                    // commit follows it, so that the newest file wins.
+                    info!("the start-up commit of the file is not done yet; committing after it");
+                    let earlier = self.reload_pending.take().flatten();
+                    self.reload_pending = Some(members.or(earlier));
+                }
             }
             Err(errors) => {
-                self.reload_rejected(errors.0.iter().map(|e| e.to_string()).collect());
+                self.config_rejected(
+                    Load::Reload,
+                    errors.0.iter().map(|e| e.to_string()).collect(),
+                );
+                self.log_drift(Load::Reload);
             }
         }
+    }
+
+    /// Commits the (reloaded) file's member list, if it changed, and the difference between its
+    /// gateways and policies and the committed file objects.
+    fn commit_file(&mut self, members: Option<Command>) {
+        let (gateways, policies) = file_objects(&self.config);
+        let objects =
+            self.node
+                .applied()
+                .state
+                .file_change(&self.config.node.name, &gateways, &policies);
+        let count = self.config.policies.len();
+        // Committing waits for a quorum (up to the write timeout): not in the main loop, which
+        // must keep handling signals meanwhile.
+        let node = self.node.clone();
+        let task = async move {
+            if let Some(cmd) = members {
+                match node.write(cmd).await {
+                    Ok(_) => info!("committed the new member list"),
+                    Err(e) => error!(error = %e, "committing the new member list failed"),
+                }
+            }
+            let Some(objects) = objects else {
+                info!("the file's gateways and policies are committed already");
+                return None;
+            };
+            match node.write(objects).await {
+                Ok(r) => match r.refused {
+                    Some(why) => Some(format!("refused by the cluster: {why}")),
+                    None => {
+                        info!(
+                            changed = r.changed,
+                            policies = count,
+                            "committed the reloaded objects"
+                        );
+                        None
+                    }
+                },
+                Err(e) => Some(format!("not committed: {e:#}")),
+            }
+        };
+        self.reloading = Some(tokio::spawn(task.instrument(tracing::Span::current())));
     }
 }

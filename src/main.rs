@@ -222,7 +222,9 @@ fn main() -> ExitCode {
             }
         },
         Command::Run { config } => {
-            let cfg = match config::load(&config) {
+            // Broken gateways or policies alone do not stop a start: the node runs the
+            // cluster's committed objects and reports them (see `config::load_for_run`).
+            let (cfg, object_errors) = match config::load_for_run(&config) {
                 Ok(c) => c,
                 Err(errors) => {
                     eprintln!("{errors}");
@@ -234,7 +236,7 @@ fn main() -> ExitCode {
                 }
             };
             init_logging(&cfg);
-            report(runtime().and_then(|rt| rt.block_on(daemon::run(cfg, config))))
+            report(runtime().and_then(|rt| rt.block_on(daemon::run(cfg, config, object_errors))))
         }
         Command::Status {
             json,

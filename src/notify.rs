@@ -3,7 +3,9 @@
 //!
 //! Messages (sd_notify(3)), all no-ops when `NOTIFY_SOCKET` is not set:
 //! - `STATUS=` whenever the one-line summary of the node's role changes (not every round), e.g.
-//!   `active for 2 of 3 gateways (a, b), leader gw1, term 7`;
+//!   `active for 2 of 3 gateways (a, b), leader gw1, term 7`, followed by what of the node's
+//!   config file does not run: `; config rejected: 2 errors (egressd status)` (the last load
+//!   was rejected) and `; config drift: 3 objects differ from the file (egressd status)`;
 //! - `READY=1` once, after the first round that converged the data plane with a cluster leader
 //!   known (the node has joined the cluster);
 //! - `RELOADING=1` (with `MONOTONIC_USEC=`) and `READY=1` around a SIGHUP reload;
@@ -182,11 +184,27 @@ pub fn status_line(s: &Status) -> String {
     } else {
         format!("active for {} of {total} ({})", held.len(), held.join(", "))
     };
-    if s.not_ready.is_empty() {
+    let mut line = if s.not_ready.is_empty() {
         format!("{role}, {leader}")
     } else {
         format!("not ready: {}; {role}, {leader}", s.not_ready.join("; "))
+    };
+    // What this node's file does not run: an operator looks here after a restart or reload.
+    let rejected = s.config.last_reload_errors.len();
+    if rejected > 0 {
+        line.push_str(&format!(
+            "; config rejected: {rejected} error{} (egressd status)",
+            if rejected == 1 { "" } else { "s" }
+        ));
     }
+    let drift = s.config.drift.len();
+    if drift > 0 {
+        line.push_str(&format!(
+            "; config drift: {drift} object{} from the file (egressd status)",
+            if drift == 1 { " differs" } else { "s differ" }
+        ));
+    }
+    line
 }
 
 /// The watchdog and start-up extension task: pings only while the heartbeat is fresh.
@@ -279,6 +297,26 @@ mod tests {
         assert_eq!(
             status_line(&status(None, &[], &["no cluster leader known"])),
             "not ready: no cluster leader known; standby for 3 gateways, no leader, term 7"
+        );
+    }
+
+    #[test]
+    fn status_line_says_what_of_the_file_does_not_run() {
+        let mut s = status(Some("gw1"), &["a"], &[]);
+        s.config.drift = vec!["gateway a: the file differs from the committed one".into()];
+        assert_eq!(
+            status_line(&s),
+            "active for 1 of 3 (a), leader gw1, term 7; config drift: 1 object differs from \
+             the file (egressd status)"
+        );
+        s.config
+            .drift
+            .push("policy p: in the file, not committed".into());
+        s.config.last_reload_errors = vec!["x".into(), "y".into()];
+        assert_eq!(
+            status_line(&s),
+            "active for 1 of 3 (a), leader gw1, term 7; config rejected: 2 errors (egressd \
+             status); config drift: 2 objects differ from the file (egressd status)"
         );
     }
 

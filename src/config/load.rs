@@ -145,6 +145,17 @@ pub(super) fn load_inner(
     hostname: &dyn Fn() -> Option<String>,
 ) -> Result<Config, ConfigErrors> {
     let file_dict = toml_dict(text, file_name)?;
+    load_dict(source, file_name, file_dict, env, hostname)
+}
+
+/// [`load_inner`] after the file's text has been read into a tree.
+fn load_dict(
+    source: Source,
+    file_name: &str,
+    file_dict: Dict,
+    env: &[(String, String)],
+    hostname: &dyn Fn() -> Option<String>,
+) -> Result<Config, ConfigErrors> {
     let (env_dict, env_vars) = env_layer(env);
     let figment = Figment::new()
         .merge(Layer {
@@ -178,6 +189,54 @@ pub(super) fn load_inner(
         env_vars: &env_vars,
     };
     Err(errors(issues, |key| locator.source_of(key)))
+}
+
+/// [`super::load_for_run`]: [`load_inner`], except that a file whose only problems are in its
+/// `[[gateway]]` and `[[policy]]` tables yields its other sections (with no gateways and no
+/// policies) beside those problems.
+pub(super) fn load_for_run_inner(
+    source: Source,
+    file_name: &str,
+    text: &str,
+    env: &[(String, String)],
+    hostname: &dyn Fn() -> Option<String>,
+) -> Result<(Config, Option<ConfigErrors>), ConfigErrors> {
+    let errors = match load_inner(source.clone(), file_name, text, env, hostname) {
+        Ok(config) => return Ok((config, None)),
+        Err(errors) => errors,
+    };
+    if !errors.iter().all(|e| is_object_key(&e.key)) {
+        return Err(errors);
+    }
+    // The same file and environment without their gateways and policies.
+    let Ok(mut dict) = toml_dict(text, file_name) else {
+        return Err(errors);
+    };
+    dict.remove("gateway");
+    dict.remove("policy");
+    let env: Vec<(String, String)> = env
+        .iter()
+        .filter(|(name, _)| !is_object_var(name))
+        .cloned()
+        .collect();
+    match load_dict(source, file_name, dict, &env, hostname) {
+        Ok(config) => Ok((config, Some(errors))),
+        Err(more) => Err(ConfigErrors(errors.0.into_iter().chain(more).collect())),
+    }
+}
+
+/// Whether an error's key lies in a `[[gateway]]` or `[[policy]]` table (`gateway[2].name`,
+/// `policy[0].source_cidrs[1]`, `gateway`).
+fn is_object_key(key: &str) -> bool {
+    let head = key.split(['[', '.', ' ']).next().unwrap_or_default();
+    head == "gateway" || head == "policy"
+}
+
+/// Whether an `EGRESSD_…` variable sets a key of the gateways or policies.
+fn is_object_var(name: &str) -> bool {
+    name.strip_prefix(ENV_PREFIX)
+        .and_then(|rest| rest.split("__").next())
+        .is_some_and(|s| s.eq_ignore_ascii_case("gateway") || s.eq_ignore_ascii_case("policy"))
 }
 
 /// Issues as errors; never empty.
@@ -1274,6 +1333,102 @@ primary_ip_from_egress_gateway_node_interface = { interface_name = "eth1" }
 
     fn parse(text: &str) -> Result<Config, ConfigErrors> {
         parse_env(text, &[])
+    }
+
+    fn load_for_run_env(
+        text: &str,
+        env: &[(&str, &str)],
+    ) -> Result<(Config, Option<ConfigErrors>), ConfigErrors> {
+        let env: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        load_for_run_inner(Source::File(PathBuf::from(FILE)), FILE, text, &env, &|| {
+            Some("gw1".to_string())
+        })
+    }
+
+    // ---- the daemon's start ----
+
+    #[test]
+    fn run_starts_without_the_objects_when_only_they_break_a_rule() {
+        let text = [
+            BASE,
+            "[admin]\nlisten = \"127.0.0.1:7000\"\n",
+            VIP_GATEWAY,
+            r#"
+[[policy]]
+name = "p"
+egress_gateway_name = "missing"
+source_cidrs = ["10.0.0.1/33"]
+destination_cidrs = ["0.0.0.0/0"]
+"#,
+        ]
+        .concat();
+        let env = [
+            ("EGRESSD_CLUSTER__LISTEN", "127.0.0.1:7999"),
+            ("EGRESSD_GATEWAY__NAME", "x"),
+        ];
+        let (config, errors) = load_for_run_env(&text, &env).expect("starts");
+        let errors = errors.expect("the object errors").0;
+        assert!(config.gateways.is_empty() && config.policies.is_empty());
+        assert_eq!(config.node.name, "gw1");
+        assert_eq!(config.admin.listen.to_string(), "127.0.0.1:7000");
+        assert_eq!(config.cluster.listen.to_string(), "127.0.0.1:7999");
+        // Every error is reported, as `check-config` reports them.
+        let all = parse_env(&text, &env).expect_err("load refuses the file").0;
+        assert_eq!(errors, all);
+        assert!(!errors.is_empty());
+        assert!(errors.iter().all(|e| is_object_key(&e.key)));
+        // Without the variable: the file's own two policy errors.
+        let (_, errors) = load_for_run_env(&text, &[]).expect("starts");
+        let errors = errors.expect("the object errors").0;
+        assert_error(&errors, "policy[0].source_cidrs[0]", "");
+        assert!(errors.len() >= 2, "{}", ConfigErrors(errors.clone()));
+    }
+
+    #[test]
+    fn run_refuses_a_file_whose_other_sections_break_a_rule() {
+        let text = [
+            BASE,
+            "[admin]\nlisten = \"nowhere\"\n",
+            r#"
+[[policy]]
+name = "p"
+egress_gateway_name = "missing"
+source_cidrs = ["10.0.0.1/32"]
+destination_cidrs = ["0.0.0.0/0"]
+"#,
+        ]
+        .concat();
+        let errors = load_for_run_env(&text, &[]).expect_err("refused").0;
+        assert_error(&errors, "admin.listen", "");
+        assert!(errors.iter().any(|e| e.key.starts_with("policy")));
+        // Not valid TOML at all: refused.
+        assert!(load_for_run_env("[node\n", &[]).is_err());
+        // A valid file: as `load`.
+        let (c, errors) = load_for_run_env(&[BASE, VIP_GATEWAY].concat(), &[]).expect("valid");
+        assert!(errors.is_none());
+        assert_eq!(c.gateways.len(), 1);
+    }
+
+    #[test]
+    fn object_keys_and_variables() {
+        for k in [
+            "gateway",
+            "gateway[0].name",
+            "policy[3].source_cidrs[1]",
+            "policy.x",
+        ] {
+            assert!(is_object_key(k), "{k}");
+        }
+        for k in ["", "node.name", "gateways", "policyx", "cluster.peers[0]"] {
+            assert!(!is_object_key(k), "{k}");
+        }
+        assert!(is_object_var("EGRESSD_GATEWAY__NAME"));
+        assert!(is_object_var("EGRESSD_policy__x"));
+        assert!(!is_object_var("EGRESSD_NODE__NAME"));
+        assert!(!is_object_var("EGRESSD_GATEWAYS__NAME"));
     }
 
     fn errors(text: &str) -> Vec<ConfigError> {

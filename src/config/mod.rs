@@ -350,6 +350,23 @@ where
     )
 }
 
+/// `egressd run`'s loader: [`load`], except that a file whose only problems are in its
+/// `[[gateway]]` and `[[policy]]` tables still starts the node (a restart must not take a
+/// healthy gateway node down). Its other sections then come back, with no gateways and no
+/// policies, beside those problems; the daemon runs the cluster's committed objects and reports
+/// the problems as a rejected reload does. Any other problem stops the start, as with [`load`].
+pub fn load_for_run(path: &Path) -> Result<(Config, Option<ConfigErrors>), ConfigErrors> {
+    let text = load::read_file(path)?;
+    let env: Vec<(String, String)> = std::env::vars().collect();
+    load::load_for_run_inner(
+        Source::File(path.to_path_buf()),
+        &path.display().to_string(),
+        &text,
+        &env,
+        &load::system_hostname,
+    )
+}
+
 /// Parses configuration text that did not come from a file (tests, `egressd apply` input kept
 /// in memory). `source_name` stands in for the file name in errors. No environment overrides.
 pub fn parse_str(text: &str, source_name: &str) -> Result<Config, ConfigErrors> {
