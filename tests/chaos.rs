@@ -375,16 +375,21 @@ struct Soak {
     paused: Vec<bool>,
     /// Nodes whose daemon exited by itself, with when they are restarted.
     respawn: Vec<Option<Instant>>,
-    self_exits: Vec<String>,
+    /// Daemons that exited by themselves, by cause (their last log line).
+    self_exits: BTreeMap<String, usize>,
     applies: Vec<Apply>,
     next_apply: usize,
     next_background_apply: Instant,
     acked: Vec<String>,
+    /// Applies the CLI reported failed.
+    failed: Vec<String>,
     failed_applies: BTreeMap<String, usize>,
     acked_during_restart: usize,
     failed_during_restart: usize,
     /// Leader restarts whose apply had already been answered when the leader went down.
     restarts_after_apply_answered: usize,
+    /// Failed applies that were committed all the same (present on every node at the end).
+    failed_but_present: usize,
 }
 
 impl Soak {
@@ -844,8 +849,9 @@ impl Soak {
         !self.active.is_empty()
     }
 
-    /// Notices daemons that exited by themselves, and restarts them a second later (as
-    /// systemd's Restart=on-failure would), once their disk has room again.
+    /// Notices daemons that exited by themselves and restarts them a second later, as
+    /// systemd's `Restart=on-failure` with `RestartSec=1s` would: also while their disk is
+    /// still full, so that a start-up that fails (and fails again) is part of the soak.
     fn supervise(&mut self) {
         let now = Instant::now();
         for i in 0..self.s.nodes {
@@ -854,24 +860,33 @@ impl Soak {
             {
                 self.c.children[i] = None;
                 self.paused[i] = false;
+                let disk_full = self
+                    .active
+                    .iter()
+                    .any(|f| matches!(f, Fault::Disk { node, .. } if *node == i));
                 let log = self.c.topo.log(i);
-                let tail: Vec<&str> = log.lines().rev().take(3).collect();
-                let why = format!(
-                    "{} exited by itself ({status}); its last lines:\n    {}",
-                    name(i),
-                    tail.into_iter().rev().collect::<Vec<_>>().join("\n    ")
+                let mut tail: Vec<&str> = log.lines().rev().take(3).collect();
+                tail.reverse();
+                let last: String = tail.last().unwrap_or(&"").chars().take(100).collect();
+                let cause = format!(
+                    "{last} ({status}{})",
+                    if disk_full { ", data_dir full" } else { "" }
                 );
-                self.say(why.clone());
-                self.self_exits.push(why);
+                *self.self_exits.entry(cause).or_default() += 1;
+                self.say(format!(
+                    "{} exited by itself ({status}){}; its last lines:\n    {}",
+                    name(i),
+                    if disk_full {
+                        " with its data_dir full"
+                    } else {
+                        ""
+                    },
+                    tail.join("\n    ")
+                ));
                 self.respawn[i] = Some(now + Duration::from_secs(1));
             }
-            let disk_full = self
-                .active
-                .iter()
-                .any(|f| matches!(f, Fault::Disk { node, .. } if *node == i));
             if let Some(at) = self.respawn[i]
                 && at <= now
-                && !disk_full
             {
                 self.respawn[i] = None;
                 self.restart(i);
@@ -967,6 +982,7 @@ impl Soak {
                             .failed_applies
                             .entry(short_reason(&reason))
                             .or_default() += 1;
+                        self.failed.push(a.name.clone());
                     }
                 }
                 Err(e) => panic!("waiting for egressd apply: {e}"),
@@ -994,21 +1010,40 @@ impl Soak {
     }
 }
 
-/// An apply's failure, without the parts that differ from one to the next.
+/// An apply's failure, without the parts that differ from one to the next (numbers, node
+/// names, addresses).
 fn short_reason(reason: &str) -> String {
-    let r: String = reason
+    let r = reason
         .trim_start_matches("egressd: ")
-        .split([';', '(', '{'])
+        .split(['(', '{', ';'])
         .next()
-        .unwrap_or("")
-        .chars()
-        .take(90)
-        .collect();
-    let r = r.trim().trim_end_matches(':').trim();
-    if r.is_empty() {
+        .unwrap_or("");
+    // "503 Service Unavailable: ..." keeps its status code.
+    let (mut out, r) = match r.split_once(' ') {
+        Some((code, rest)) if code.len() == 3 && code.chars().all(|c| c.is_ascii_digit()) => (
+            format!("{code} "),
+            rest.trim_start_matches("Service Unavailable: "),
+        ),
+        _ => (String::new(), r),
+    };
+    let mut prev_digit = false;
+    for ch in r.chars() {
+        if ch.is_ascii_digit() {
+            if !prev_digit {
+                out.push('N');
+            }
+            prev_digit = true;
+        } else {
+            out.push(ch);
+            prev_digit = false;
+        }
+    }
+    let out: String = out.chars().take(120).collect();
+    let out = out.trim().trim_end_matches(':').trim();
+    if out.is_empty() {
         "(no message)".to_string()
     } else {
-        r.to_string()
+        out.to_string()
     }
 }
 
@@ -1067,15 +1102,17 @@ fn soak(s: Settings) {
         active: Vec::new(),
         paused: vec![false; n],
         respawn: vec![None; n],
-        self_exits: Vec::new(),
+        self_exits: BTreeMap::new(),
         applies: Vec::new(),
         next_apply: 0,
         next_background_apply: Instant::now(),
         acked: Vec::new(),
+        failed: Vec::new(),
         failed_applies: BTreeMap::new(),
         acked_during_restart: 0,
         failed_during_restart: 0,
         restarts_after_apply_answered: 0,
+        failed_but_present: 0,
         s,
     };
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(&mut soak)));
@@ -1192,7 +1229,8 @@ fn run(soak: &mut Soak) -> Vec<String> {
     soak.t0 = Instant::now();
     let faults_for = inject_faults(soak);
     let (recovered_in, mut problems) = heal_and_recover(soak);
-    let missing = check_applies(soak);
+    let (missing, present) = check_applies(soak);
+    soak.failed_but_present = soak.failed.iter().filter(|f| present.contains(*f)).count();
     problems.extend(missing.iter().map(|(node, names)| {
         format!(
             "acknowledged applies missing on {node}: {names:?} (of {} acknowledged)",
@@ -1297,12 +1335,14 @@ fn heal_and_recover(soak: &mut Soak) -> (Option<Duration>, Vec<String>) {
     )
 }
 
-/// The acknowledged applies missing on each node (after waiting up to a minute for laggards).
-fn check_applies(soak: &Soak) -> BTreeMap<String, Vec<String>> {
+/// The acknowledged applies missing on each node (after waiting up to a minute for laggards),
+/// and the policies every node has.
+fn check_applies(soak: &Soak) -> (BTreeMap<String, Vec<String>>, BTreeSet<String>) {
     let mut missing: BTreeMap<String, Vec<String>> = BTreeMap::new();
     let start = Instant::now();
     loop {
         missing.clear();
+        let mut everywhere: Option<BTreeSet<String>> = None;
         for i in 0..soak.s.nodes {
             let out = soak.cli(i, 5, &["get", "policies", "--json"]);
             let names: BTreeSet<String> = serde_json::from_slice::<serde_json::Value>(&out.stdout)
@@ -1320,9 +1360,13 @@ fn check_applies(soak: &Soak) -> BTreeMap<String, Vec<String>> {
                     missing.entry(name(i)).or_default().push(a.clone());
                 }
             }
+            everywhere = Some(match everywhere {
+                None => names,
+                Some(e) => e.intersection(&names).cloned().collect(),
+            });
         }
         if missing.is_empty() || start.elapsed() > Duration::from_secs(60) {
-            return missing;
+            return (missing, everywhere.unwrap_or_default());
         }
         std::thread::sleep(Duration::from_millis(500));
     }
@@ -1498,11 +1542,11 @@ fn report(
     }
     let _ = writeln!(
         r,
-        "daemons that exited by themselves: {}",
-        soak.self_exits.len()
+        "daemons that exited by themselves (restarted a second later): {}",
+        soak.self_exits.values().sum::<usize>()
     );
-    for e in &soak.self_exits {
-        let _ = writeln!(r, "  {e}");
+    for (cause, k) in &soak.self_exits {
+        let _ = writeln!(r, "  {k:4}  {cause}");
     }
     let _ = writeln!(
         r,
@@ -1517,6 +1561,12 @@ fn report(
     for (reason, k) in &soak.failed_applies {
         let _ = writeln!(r, "  {k:4}  {reason}");
     }
+    let _ = writeln!(
+        r,
+        "  ({} of the failed applies were committed all the same: present on every node at the \
+         end)",
+        soak.failed_but_present
+    );
     let _ = writeln!(r, "ARP census:");
     for l in &f.census {
         let _ = writeln!(r, "  {l}");
@@ -1576,6 +1626,19 @@ fn claim(t: f64, m: u8) -> Claim {
 }
 
 /// Claims handed from holder to holder pass; a claim inside another MAC's holding does not.
+#[test]
+fn apply_failures_are_grouped() {
+    assert_eq!(
+        short_reason(
+            "egressd: 503 Service Unavailable: not committed: forwarding the write to leader gw4: \
+             cannot connect to peer 10.78.0.5:7480: error sending request; retry once"
+        ),
+        "503 not committed: forwarding the write to leader gwN: cannot connect to peer N.N.N.N:N: \
+         error sending request"
+    );
+    assert_eq!(short_reason(""), "(no message)");
+}
+
 #[test]
 fn interleaved_claims_are_found() {
     let w = Duration::from_millis(30);
