@@ -56,8 +56,9 @@ const TOKEN: &str = "chaos-admin-token-0123456789";
 /// Size of the tmpfs under each node's `data_dir`.
 const DATA_MB: u32 = 64;
 /// Two claims of one holder at most this far apart belong to one holding (see
-/// `capture::interleavings`). The census probes every 10 ms, so a holder claims about every
-/// 10 ms; moving the role away and back takes at least two grants and a commit in between.
+/// `capture::interleavings`). The census asks every 10 to 16 ms, so a holder claims that often
+/// (its ARP replies); moving the role away and back takes two assignment commits, a release
+/// confirmed by a report and two grants, which this window is well below.
 const HOLDING_WINDOW: Duration = Duration::from_millis(30);
 /// How long the healed cluster may take to settle (a liveness bound, not a performance check).
 const RECOVER: Duration = Duration::from_secs(120);
@@ -1411,6 +1412,12 @@ fn check_safety(soak: &mut Soak, w: Watchers, soak_start: f64) -> Findings {
             ]
         })
         .collect();
+    let macs: Vec<String> = names
+        .iter()
+        .map(|(m, n)| format!("{n} {}", arp::mac_text(*m)))
+        .collect();
+    soak.timeline
+        .push(format!("MACs (to read the captures): {}", macs.join(", ")));
     let who = |m: &[u8; 6]| {
         names
             .get(m)
