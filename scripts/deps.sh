@@ -25,6 +25,7 @@ cat:coreutils
 TEST_TOOLS="
 ip:iproute2
 ss:iproute2
+tc:iproute2
 ping:iputils-ping
 socat:socat
 tcpdump:tcpdump

@@ -98,12 +98,25 @@ impl Cluster {
 
     /// A cluster whose nodes' files also hold `objects` (TOML gateways and policies).
     pub fn start_full(tag: &str, n: usize, extra: &str, objects: &str) -> Cluster {
+        Cluster::start_prepared(tag, n, extra, objects, |_| {})
+    }
+
+    /// Like `start_full`, running `prepare` on the lab before any daemon starts (e.g. to put a
+    /// node's `data_dir`, `{topo.dir}/data-gwN`, on a file system of its own).
+    pub fn start_prepared(
+        tag: &str,
+        n: usize,
+        extra: &str,
+        objects: &str,
+        prepare: impl FnOnce(&Topo),
+    ) -> Cluster {
         let mut topo = Topo::new(tag, n);
         std::fs::write(
             topo.dir.path().join("secret"),
             "an-e2e-test-cluster-secret-0123456789\n",
         )
         .expect("secret");
+        prepare(&topo);
         topo.start_echo_server();
         let configs: Vec<PathBuf> = (0..n)
             .map(|i| {
@@ -195,6 +208,14 @@ impl Cluster {
         let port = format!("p-{node}");
         for ns in [&self.topo.lan, &self.topo.wan, &self.topo.mgmt] {
             self.topo.lab.exec(ns, ["ip", "link", "set", &port, "down"]);
+        }
+    }
+
+    /// Brings every link of `node` back up (undoes `cut_links`).
+    pub fn restore_links(&self, node: &str) {
+        let port = format!("p-{node}");
+        for ns in [&self.topo.lan, &self.topo.wan, &self.topo.mgmt] {
+            self.topo.lab.exec(ns, ["ip", "link", "set", &port, "up"]);
         }
     }
 

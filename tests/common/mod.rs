@@ -1,5 +1,7 @@
 pub mod arp;
+pub mod capture;
 pub mod cluster;
 pub mod netns;
+pub mod probe;
 pub mod tools;
 pub mod topo;
