@@ -994,6 +994,12 @@ impl Sim {
             self.nodes[i].not_ready_until = 0;
         }
         self.partitioned.clear();
+        // With everyone back, Raft elects a leader within an election timeout if it has none
+        // that can lead (the uncordons below need one).
+        if !self.leader_ok() {
+            let old = self.leader;
+            self.elect(old);
+        }
         // Leaders and followers hear of the latest term again.
         if let Some(l) = self.leader {
             for i in 0..self.nodes.len() {
