@@ -152,14 +152,15 @@ fn change_to_live(c: &Cluster, token: &std::path::Path, args: &[&str]) -> f64 {
     wait_for("the change live on the active node", LONG, || {
         c.topo.log(0).matches("SNAT map updated").count() > seen
     });
-    let at = c
-        .topo
-        .log(0)
+    let log = c.topo.log(0);
+    let line = log
         .lines()
         .filter(|l| l.contains("SNAT map updated"))
         .nth(seen)
-        .and_then(log_time)
-        .unwrap_or(f64::NAN);
+        .unwrap_or_default();
+    // The daemon's own account (plan and total time of the round) goes with the figure.
+    eprintln!("  {args:?}: {line}");
+    let at = log_time(line).unwrap_or(f64::NAN);
     (at - t0) * 1e3
 }
 

@@ -382,20 +382,25 @@ impl Drop for AddressSampler {
     }
 }
 
-/// `n` policies of the gateway `vip`, each selecting one /32 source (from 10.100.0.0/14, never
-/// the test clients) to everywhere: an allow-list of many client hosts.
+/// `n` policies of the gateway `vip`, each selecting one /32 source (every other address from
+/// 10.100.0.0, so that none merge; never the test clients) to everywhere: an allow-list of many
+/// client hosts.
 pub fn many_sources(n: usize) -> String {
     let mut s = String::with_capacity(n * 130);
     for i in 0..n {
         s.push_str(&format!(
             "[[policy]]\nname = \"src-{i:06}\"\negress_gateway_name = \"{GW}\"\n\
-             source_cidrs = [\"10.{}.{}.{}/32\"]\ndestination_cidrs = [\"0.0.0.0/0\"]\n",
-            100 + (i >> 16),
-            (i >> 8) & 255,
-            i & 255
+             source_cidrs = [\"{}/32\"]\ndestination_cidrs = [\"0.0.0.0/0\"]\n",
+            many_sources_address(i)
         ));
     }
     s
+}
+
+/// The source of policy `i` of `many_sources`.
+pub fn many_sources_address(i: usize) -> String {
+    let k = 2 * i;
+    format!("10.{}.{}.{}", 100 + (k >> 16), (k >> 8) & 255, k & 255)
 }
 
 /// One policy of the gateway `vip` from the client's LAN to `n` distinct /24 destinations, every
