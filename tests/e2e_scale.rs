@@ -100,6 +100,8 @@ fn three_nodes_with_10k_policies_settle_fail_over_and_apply() {
 
     // A failover of the active node at this size.
     c.ensure_leader_is_not("gw1");
+    // A restart of gw1 above hands the role back to it (preemption): wait for that first.
+    c.wait_active("gw1");
     c.signal("gw1", "KILL");
     c.wait_active("gw2");
     c.assert_traffic_via_vip();

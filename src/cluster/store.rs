@@ -614,14 +614,9 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                     let state = &mut data.state;
                     let mut apply = || Arc::make_mut(state).apply_described(&cmd, index);
                     // A change of many objects (a seed of 100 000 policies: ~0.4 s) would hold
-                    // this runtime thread, and with it heartbeats, votes and renewals queued
-                    // behind it: tell the runtime to move them to another thread meanwhile.
+                    // this runtime thread, and with it heartbeats, votes and renewals.
                     let heavy = cmd.is_object_change() || matches!(cmd, Command::Commit { .. });
-                    let (mut resp, events) = if heavy && multi_threaded() {
-                        tokio::task::block_in_place(apply)
-                    } else {
-                        apply()
-                    };
+                    let (mut resp, events) = if heavy { crate::heavy(apply) } else { apply() };
                     for e in events {
                         self.inner.events.push(e, Some(entry.log_id.index));
                     }
@@ -687,12 +682,6 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             snapshot: Box::new(Cursor::new(bytes)),
         }))
     }
-}
-
-/// Whether the current runtime can move tasks off a thread that blocks (`block_in_place`).
-fn multi_threaded() -> bool {
-    tokio::runtime::Handle::try_current()
-        .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread)
 }
 
 /// Makes snapshot ids unique across rebuilds at the same log id, also across restarts.
