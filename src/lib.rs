@@ -10,6 +10,8 @@ pub mod daemon;
 pub mod dataplane;
 pub mod election;
 pub mod events;
+#[cfg(feature = "kubernetes")]
+pub mod kubernetes;
 pub mod lease;
 pub mod metrics;
 pub mod model;

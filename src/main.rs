@@ -66,6 +66,11 @@ enum Command {
         #[arg(long)]
         token_file: Option<PathBuf>,
     },
+    /// The Kubernetes adapter's manifests (needs the `kubernetes` build feature).
+    Kubernetes {
+        #[command(subcommand)]
+        action: KubernetesAction,
+    },
     /// List the committed gateways or policies.
     Get {
         kind: Kind,
@@ -99,6 +104,13 @@ enum Command {
         #[arg(long)]
         out_dir: PathBuf,
     },
+}
+
+#[derive(Subcommand)]
+enum KubernetesAction {
+    /// Print the CustomResourceDefinitions of EgressGateway and EgressGatewayPolicy (YAML, as
+    /// packaging/kubernetes/crds.yaml), for clusters without Deckhouse's.
+    Crds,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -248,6 +260,7 @@ fn main() -> ExitCode {
             target,
             token_file,
         } => report(runtime().and_then(|rt| rt.block_on(apply(&file, &target, token_file)))),
+        Command::Kubernetes { action } => report(kubernetes_command(action)),
         Command::Get { kind, json, target } => {
             report(runtime().and_then(|rt| rt.block_on(get(kind, json, &target.url()))))
         }
@@ -509,6 +522,34 @@ async fn apply(
         if done.changed { "applied" } else { "unchanged" }
     );
     Ok(())
+}
+
+#[cfg(feature = "kubernetes")]
+fn kubernetes_command(action: KubernetesAction) -> anyhow::Result<()> {
+    match action {
+        KubernetesAction::Crds => {
+            print!(
+                "{}",
+                egressd::kubernetes::crds_yaml().context("writing the CRDs")?
+            );
+            Ok(())
+        }
+    }
+}
+
+#[cfg(not(feature = "kubernetes"))]
+fn kubernetes_command(_: KubernetesAction) -> anyhow::Result<()> {
+    Err(no_kubernetes())
+}
+
+/// The commands of the adapter exist in every build, so that the command line and its manual
+/// are the same; without the feature they say how to get it.
+#[cfg(not(feature = "kubernetes"))]
+fn no_kubernetes() -> anyhow::Error {
+    anyhow::anyhow!(
+        "this egressd was built without the Kubernetes adapter; build it with \
+         `cargo build --release --features kubernetes` (the Debian package has it)"
+    )
 }
 
 async fn get(kind: Kind, json: bool, url: &str) -> anyhow::Result<()> {
