@@ -15,9 +15,15 @@ if [ "$(id -u)" = 0 ]; then scripts/deps.sh test; else scripts/deps.sh --check t
 skipping
 cargo fmt --all -- --check
 cargo clippy --locked --all-targets -- -D warnings
+# The Kubernetes adapter (cargo feature `kubernetes`): its code and its tests only, so that the
+# feature costs one more build of the crate and not of every test target.
+k8s=(--locked --features kubernetes --lib --bins --test kubernetes)
+cargo clippy "${k8s[@]}" -- -D warnings
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 cargo test --locked 2>&1 | tee "$log"
+cargo test --locked --features kubernetes --lib kubernetes:: 2>&1 | tee -a "$log"
+cargo test --locked --features kubernetes --test kubernetes 2>&1 | tee -a "$log"
 skipping
 # One closing line for the whole run (cargo prints one summary per test binary).
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i; if ($(i+1) ~ /^ignored/) s += $i } }

@@ -66,6 +66,16 @@ enum Command {
         #[arg(long)]
         token_file: Option<PathBuf>,
     },
+    /// Convert Deckhouse EgressGateway and EgressGatewayPolicy manifests to egressd's
+    /// [[gateway]] and [[policy]] tables (printed), or apply them with --apply.
+    ///
+    /// Reads YAML documents, each an object or a List (what `kubectl get -o yaml` prints);
+    /// "-" reads standard input. Pod selectors cannot be
+    /// resolved offline: each policy's source CIDRs come from --sources NAME=CIDR[,CIDR...] or
+    /// its annotation egressd.io/source-cidrs ("CIDR[,CIDR...]"); --sources wins. The objects
+    /// are checked by the rules of the configuration file; every problem is listed and nothing
+    /// is printed or applied. Needs the `kubernetes` build feature.
+    Import(ImportArgs),
     /// The Kubernetes adapter's manifests (needs the `kubernetes` build feature).
     Kubernetes {
         #[command(subcommand)]
@@ -104,6 +114,25 @@ enum Command {
         #[arg(long)]
         out_dir: PathBuf,
     },
+}
+
+#[derive(clap::Args)]
+struct ImportArgs {
+    /// The YAML file, or "-" for standard input.
+    #[arg(short = 'f', long = "filename")]
+    file: PathBuf,
+    /// A policy's source CIDRs, NAME=CIDR[,CIDR...]; repeat for each policy.
+    #[arg(long = "sources", value_name = "NAME=CIDR,...")]
+    sources: Vec<String>,
+    /// Apply the objects to the cluster (as `egressd apply`) instead of printing them; their
+    /// policies may then name gateways the cluster already has.
+    #[arg(long)]
+    apply: bool,
+    #[command(flatten)]
+    target: AdminTarget,
+    /// File holding the admin token (with --apply); default: the config file's admin.token_file.
+    #[arg(long)]
+    token_file: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -260,6 +289,7 @@ fn main() -> ExitCode {
             target,
             token_file,
         } => report(runtime().and_then(|rt| rt.block_on(apply(&file, &target, token_file)))),
+        Command::Import(args) => report(import(args)),
         Command::Kubernetes { action } => report(kubernetes_command(action)),
         Command::Get { kind, json, target } => {
             report(runtime().and_then(|rt| rt.block_on(get(kind, json, &target.url()))))
@@ -473,21 +503,26 @@ async fn committed(resp: reqwest::Response) -> anyhow::Result<egressd::admin::Co
     resp.json().await.context("reading the answer")
 }
 
+/// The text of `file`, or of standard input for "-", with the name errors give it.
+fn read_input(file: &std::path::Path) -> anyhow::Result<(String, String)> {
+    if file == std::path::Path::new("-") {
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut std::io::stdin(), &mut text)
+            .context("reading standard input")?;
+        Ok(("<stdin>".to_string(), text))
+    } else {
+        let text =
+            std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+        Ok((file.display().to_string(), text))
+    }
+}
+
 async fn apply(
     file: &std::path::Path,
     target: &AdminTarget,
     token_file: Option<PathBuf>,
 ) -> anyhow::Result<()> {
-    let (name, text) = if file == std::path::Path::new("-") {
-        let mut text = String::new();
-        std::io::Read::read_to_string(&mut std::io::stdin(), &mut text)
-            .context("reading standard input")?;
-        ("<stdin>".to_string(), text)
-    } else {
-        let text =
-            std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
-        (file.display().to_string(), text)
-    };
+    let (name, text) = read_input(file)?;
     // Checked here first, so that errors name the file and its keys.
     let (gateways, policies) = match config::parse_objects(&text, &name) {
         Ok(o) => o,
@@ -496,6 +531,16 @@ async fn apply(
             anyhow::bail!("{name}: {} error(s), nothing applied", errors.0.len());
         }
     };
+    send_apply(&gateways, &policies, target, token_file).await
+}
+
+/// `POST /v1/apply` of checked objects (`egressd apply`, `egressd import --apply`).
+async fn send_apply(
+    gateways: &[egressd::model::Gateway],
+    policies: &[egressd::model::Policy],
+    target: &AdminTarget,
+    token_file: Option<PathBuf>,
+) -> anyhow::Result<()> {
     let token = read_token(target, token_file)?;
     let url = target.url();
     let body = egressd::admin::ApplyRequest {
@@ -522,6 +567,55 @@ async fn apply(
         if done.changed { "applied" } else { "unchanged" }
     );
     Ok(())
+}
+
+/// `egressd import`: Deckhouse manifests to egressd's tables, printed or applied.
+#[cfg(feature = "kubernetes")]
+fn import(args: ImportArgs) -> anyhow::Result<()> {
+    use egressd::kubernetes::import::{self as k8s, References, Sources};
+    let sources =
+        Sources::from_args(args.sources.iter().map(String::as_str)).map_err(anyhow::Error::msg)?;
+    let (name, text) = read_input(&args.file)?;
+    let references = if args.apply {
+        References::InCluster
+    } else {
+        References::InInput
+    };
+    let imported = match k8s::import(&text, &name, &sources, references) {
+        Ok(i) => i,
+        Err(errors) => {
+            eprintln!("{errors}");
+            anyhow::bail!(
+                "{name}: {} error(s), nothing {}",
+                errors.0.len(),
+                if args.apply { "applied" } else { "printed" }
+            );
+        }
+    };
+    if args.apply {
+        return runtime()?.block_on(send_apply(
+            &imported.gateways,
+            &imported.policies,
+            &args.target,
+            args.token_file,
+        ));
+    }
+    let header = [
+        format!(
+            "Imported by `egressd import` from {name}: {} gateway(s), {} policy(s).",
+            imported.gateways.len(),
+            imported.policies.len()
+        ),
+        "A policy's source_cidrs stand for its pod selectors (see the comment above it).".into(),
+    ];
+    let text = k8s::to_toml(&imported, &header).context("writing the TOML")?;
+    print!("{text}");
+    Ok(())
+}
+
+#[cfg(not(feature = "kubernetes"))]
+fn import(_: ImportArgs) -> anyhow::Result<()> {
+    Err(no_kubernetes())
 }
 
 #[cfg(feature = "kubernetes")]

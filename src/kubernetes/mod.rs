@@ -3,10 +3,13 @@
 //!
 //! - `types.rs` — the two resources, with Deckhouse's fields, their status and the CRDs
 //!   generated from them ([`crds_yaml`], `packaging/kubernetes/crds.yaml`).
+//! - `import.rs` — `egressd import`: manifests to egressd objects, offline, through the same
+//!   rules as the file and the admin API.
 //!
 //! The live sync (watchers of the resources, the Nodes and the Pods; status written back) is
-//! to come beside them as `sync.rs`.
+//! to come beside them as `sync.rs`, reusing `import`'s mapping for each object it sees.
 
+pub mod import;
 pub mod types;
 
 use kube::CustomResourceExt;
