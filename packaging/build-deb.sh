@@ -2,10 +2,11 @@
 # Builds egressd's Debian package with dpkg-deb, no extra tools (CI machines are fresh every run,
 # and `cargo install cargo-deb` costs minutes there; see README "Packages").
 #
-#   packaging/build-deb.sh [--binary PATH] [--out DIR] [--revision N] [--fast]
+#   packaging/build-deb.sh [--binary PATH] [--out DIR] [--revision N] [--fast] [--without-kubernetes]
 #
-# --binary defaults to target/release/egressd (run `cargo build --release` first); the tests pass
-# their debug build. The binary is stripped into the package. --fast compresses with gzip -1
+# --binary defaults to target/release/egressd (run `cargo build --release --features kubernetes`
+# first: the package ships the Kubernetes adapter, and a binary without it is refused unless
+# --without-kubernetes says so, as the package tests do with their debug build). The binary is stripped into the package. --fast compresses with gzip -1
 # instead of xz (the tests: 1 s instead of 15 s). Prints the path of the .deb.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -14,16 +15,24 @@ binary=$top/target/release/egressd
 out=$top/target/debian
 revision=1
 compress=(-Zxz)
+kubernetes=required
 while (($#)); do
   case $1 in
     --binary) binary=$2; shift 2 ;;
     --out) out=$2; shift 2 ;;
     --revision) revision=$2; shift 2 ;;
     --fast) compress=(-Zgzip -z1); shift ;;
-    *) echo "usage: $0 [--binary PATH] [--out DIR] [--revision N] [--fast]" >&2; exit 2 ;;
+    --without-kubernetes) kubernetes=optional; shift ;;
+    *) echo "usage: $0 [--binary PATH] [--out DIR] [--revision N] [--fast] [--without-kubernetes]" >&2; exit 2 ;;
   esac
 done
-[ -x "$binary" ] || { echo "$binary: not an executable (cargo build --release?)" >&2; exit 1; }
+[ -x "$binary" ] || { echo "$binary: not an executable (cargo build --release --features kubernetes?)" >&2; exit 1; }
+# A binary built without the feature answers `egressd kubernetes crds` with an error.
+if [ "$kubernetes" = required ] && ! "$binary" kubernetes crds >/dev/null 2>&1; then
+  echo "$binary: built without the Kubernetes adapter (cargo build --release --features kubernetes);" >&2
+  echo "pass --without-kubernetes to package it anyway" >&2
+  exit 1
+fi
 
 version=$(sed -n 's/^version = "\(.*\)"/\1/p' "$top/Cargo.toml" | head -1)
 [ -n "$version" ] || { echo "no version in Cargo.toml" >&2; exit 1; }
@@ -90,6 +99,10 @@ d usr/share/egressd
 cp -r "$here/monitoring" "$root/usr/share/egressd/monitoring"
 find "$root/usr/share/egressd/monitoring" -type d -exec chmod 0755 {} + -o -type f -exec chmod 0644 {} +
 
+# Kubernetes manifests: the CRDs (for clusters without Deckhouse's) and the adapter's RBAC.
+d usr/share/egressd/kubernetes
+install -m 0644 "$here/kubernetes/crds.yaml" "$here/kubernetes/rbac.yaml" "$root/usr/share/egressd/kubernetes/"
+
 # Dependencies of the binary: glibc at the newest symbol version it uses, and libgcc.
 glibc=$(objdump -T "$binary" | grep -o 'GLIBC_[0-9.]*' | sed 's/GLIBC_//' | sort -uV | tail -1)
 shlibs="libc6 (>= $glibc), libgcc-s1"
@@ -116,8 +129,10 @@ Description: high-availability egress gateway (VIPs and SNAT decided by Raft)
  next eligible node in about a quarter of a second.
  .
  It is the standalone form of the Deckhouse/Cilium EgressGateway and
- EgressGatewayPolicy model. This package ships the daemon and CLI, a hardened
- systemd unit, an example configuration, man pages and shell completions.
+ EgressGatewayPolicy model. This package ships the daemon and CLI (with
+ egressd import, which converts Deckhouse manifests), a hardened systemd
+ unit, an example configuration, man pages, shell completions, and the
+ Kubernetes CRD and RBAC manifests.
 CONTROL
 echo /etc/egressd/egressd.toml > "$ctl/conffiles"
 install -m 0755 "$here/deb/postinst" "$here/deb/prerm" "$here/deb/postrm" "$ctl/"

@@ -192,6 +192,8 @@ expect /usr/share/fish/vendor_completions.d/egressd.fish 644 root:root
 expect /usr/share/doc/egressd/copyright 644 root:root
 expect /usr/share/egressd/monitoring/egressd-alerts.yml 644 root:root
 expect /usr/share/egressd/monitoring/grafana-dashboard.json 644 root:root
+expect /usr/share/egressd/kubernetes/crds.yaml 644 root:root
+expect /usr/share/egressd/kubernetes/rbac.yaml 644 root:root
 [ "$(readlink "$root/etc/systemd/system/multi-user.target.wants/egressd.service")" = /lib/systemd/system/egressd.service ] \
   || fail "egressd.service is not enabled (no multi-user.target.wants link)"
 in_root dpkg-query -W -f='${Conffiles}\n' egressd | grep -q '/etc/egressd/egressd.toml' \
