@@ -138,13 +138,20 @@ pub fn import(
 ) -> Result<Imported, ImportErrors> {
     let mut errors = Vec::new();
     let read = read_manifests(text, input, &mut errors)?;
-    let mapped = map(&read, sources, input, &mut errors);
-    if mapped.gateways.is_empty() && mapped.policies.is_empty() && errors.is_empty() {
+    // The problems of the sources concern the whole input: said after those of each object.
+    let mut sources_errors = Vec::new();
+    let mapped = map(&read, sources, input, &mut sources_errors);
+    if mapped.gateways.is_empty()
+        && mapped.policies.is_empty()
+        && errors.is_empty()
+        && sources_errors.is_empty()
+    {
         errors.push(format!(
             "{input}: no EgressGateway or EgressGatewayPolicy ({API_VERSION}) found"
         ));
     }
     let checked = check(&mapped, input, references, &mut errors);
+    errors.extend(sources_errors);
     match checked {
         Some((gateways, policies)) if errors.is_empty() => Ok(Imported {
             gateways,
