@@ -55,8 +55,8 @@ pub struct DataplaneTask<H, F> {
     compiler: policy::Compiler,
     firewall_ok: bool,
     held: BTreeSet<String>,
-    /// Applied index at the last return of freed memory to the system.
-    trimmed_at: u64,
+    /// The applied index and the moment of the last return of freed memory to the system.
+    trimmed: (u64, Instant),
 }
 
 /// Forwarding must be on for the node to pass traffic; IPv6 forwarding only when a policy needs
@@ -97,6 +97,9 @@ fn check_forwarding(manage: bool, needs_v6: bool) -> Vec<String> {
 
 /// Parsing a config or a committed change of many objects leaves freed heap that glibc keeps:
 /// give it back, so that an idle node's resident size reflects what it holds.
+/// The least time between two returns of freed memory when the policies did not change.
+const TRIM_EVERY: Duration = Duration::from_secs(5);
+
 fn release_free_memory() {
     #[cfg(target_env = "gnu")]
     // SAFETY: malloc_trim only returns free heap pages to the kernel.
@@ -124,7 +127,7 @@ impl<H: Host, F: Firewall> DataplaneTask<H, F> {
             compiler: policy::Compiler::new(),
             firewall_ok,
             held: BTreeSet::new(),
-            trimmed_at: 0,
+            trimmed: (0, Instant::now()),
         }
     }
 
@@ -140,9 +143,11 @@ impl<H: Host, F: Firewall> DataplaneTask<H, F> {
         let host = self.ch.host.borrow().clone();
         let applied = self.ch.applied.borrow().clone();
         let leased = self.ch.leased.borrow().clone();
+        let mut policies_changed = false;
         if self.objects.version != applied.index || self.objects.gateways.is_empty() {
             let policies = applied.state.policies.clone();
-            let needs_v6 = if policies.ptr_eq(&self.objects.policies) {
+            policies_changed = !policies.ptr_eq(&self.objects.policies);
+            let needs_v6 = if !policies_changed {
                 self.objects.needs_v6
             } else {
                 policies
@@ -200,18 +205,27 @@ impl<H: Host, F: Firewall> DataplaneTask<H, F> {
             })
             .map(|(g, _)| (g.clone(), cfg.node.clone()))
             .collect();
-        let desired = reconciler::plan(
-            &cfg.node,
-            &assignment,
-            &reconciler::Objects {
-                version: self.objects.version,
-                gateways: &gateways,
-                policies: &self.objects.policies,
-            },
-            &host,
-            &managed,
-            &mut self.compiler,
-        );
+        let mut plan = || {
+            reconciler::plan(
+                &cfg.node,
+                &assignment,
+                &reconciler::Objects {
+                    version: self.objects.version,
+                    gateways: &gateways,
+                    policies: &self.objects.policies,
+                },
+                &host,
+                &managed,
+                &mut self.compiler,
+            )
+        };
+        // A compile of 100 000 policies takes a fifth of a second: not on the thread that
+        // answers heartbeats and votes.
+        let desired = if policies_changed {
+            crate::heavy(plan)
+        } else {
+            plan()
+        };
         let compiled = self.compiler.last();
         let planned_ms = started.elapsed().as_secs_f64() * 1e3;
         let before = self.held.clone();
@@ -248,9 +262,14 @@ impl<H: Host, F: Firewall> DataplaneTask<H, F> {
                 self.ch.ready.send_replace(keep);
             }
         }
-        if applied.index != self.trimmed_at {
-            self.trimmed_at = applied.index;
-            release_free_memory();
+        // After the policies changed, and otherwise at most every few seconds (trimming a large
+        // heap takes tens of milliseconds; during a seed the index moves hundreds of times),
+        // off the async threads.
+        if policies_changed
+            || (applied.index != self.trimmed.0 && self.trimmed.1.elapsed() > TRIM_EVERY)
+        {
+            self.trimmed = (applied.index, Instant::now());
+            tokio::task::spawn_blocking(release_free_memory);
         }
         self.publish(&applied, &desired, not_ready, error, started);
     }
