@@ -181,12 +181,13 @@ fn read_manifests(
     errors: &mut Vec<String>,
 ) -> Result<Manifests, ImportErrors> {
     // Into JSON values first: the kind decides the type, and `List`s hold objects of any kind.
-    let documents: Vec<serde_json::Value> = serde_saphyr::from_multiple(text).map_err(|e| {
-        ImportErrors(vec![format!(
-            "{input}: not valid YAML: {}",
-            rules::shorten_lines(&e.to_string())
-        )])
-    })?;
+    let documents: Vec<serde_json::Value> =
+        serde_saphyr::from_multiple_with_options(text, yaml_options()).map_err(|e| {
+            ImportErrors(vec![format!(
+                "{input}: not valid YAML: {}",
+                rules::shorten_lines(&e.to_string())
+            )])
+        })?;
     let mut out = Manifests::default();
     for (d, doc) in documents.into_iter().enumerate() {
         let document = d + 1;
@@ -216,6 +217,21 @@ fn read_manifests(
         }
     }
     Ok(out)
+}
+
+/// The YAML reader's limits, raised to egressd's scale (100 000 policies, each a document of
+/// some 20 nodes); its defaults (1 024 documents, 250 000 nodes) stop at about a thousand
+/// objects. The limits on anchors and aliases, which guard against inputs that expand
+/// exponentially, stay as they are.
+fn yaml_options() -> serde_saphyr::Options {
+    serde_saphyr::options! {
+        budget: serde_saphyr::budget! {
+            max_documents: 1_000_000,
+            max_nodes: 50_000_000,
+            max_events: 100_000_000,
+            max_total_scalar_bytes: 1 << 30,
+        },
+    }
 }
 
 /// `kind: List` (what `kubectl get -o yaml` prints for several objects), or a typed list such

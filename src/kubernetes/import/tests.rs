@@ -425,3 +425,34 @@ fn deckhouse_documentation_examples() {
     );
     assert!(e.contains("duplicate gateway name \"my-egressgw\""), "{e}");
 }
+
+/// More objects than the YAML reader's default limits allow (1 024 documents), as separate
+/// documents and as one List.
+#[test]
+fn thousands_of_objects() {
+    let gateway = "apiVersion: network.deckhouse.io/v1alpha1\nkind: EgressGateway\nmetadata: {name: gw}\nspec: {sourceIP: {mode: PrimaryIPFromEgressGatewayNodeInterface, primaryIPFromEgressGatewayNodeInterface: {interfaceName: eth1}}}\n";
+    let policy = |i: usize| {
+        format!(
+            "apiVersion: network.deckhouse.io/v1alpha1\nkind: EgressGatewayPolicy\nmetadata: {{name: p{i}, annotations: {{egressd.io/source-cidrs: 10.{}.{}.0/24}}}}\nspec: {{egressGatewayName: gw, destinationCIDRs: [203.0.113.0/24]}}\n",
+            i / 256,
+            i % 256
+        )
+    };
+    let n = 3000;
+    let documents: Vec<String> = std::iter::once(gateway.to_string())
+        .chain((0..n).map(policy))
+        .collect();
+    assert_eq!(ok(&documents.join("---\n"), &[]).policies.len(), n);
+    let items: String = documents
+        .iter()
+        .map(|d| {
+            let mut lines = d.lines();
+            let first = lines.next().unwrap_or_default();
+            std::iter::once(format!("- {first}\n"))
+                .chain(lines.map(|l| format!("  {l}\n")))
+                .collect::<String>()
+        })
+        .collect();
+    let list = format!("apiVersion: v1\nkind: List\nitems:\n{items}");
+    assert_eq!(ok(&list, &[]).policies.len(), n);
+}
