@@ -582,7 +582,12 @@ fn import(args: ImportArgs) -> anyhow::Result<()> {
         References::InInput
     };
     let imported = match k8s::import(&text, &name, &sources, references) {
-        Ok(i) => i,
+        Ok(i) => {
+            for w in &i.warnings {
+                eprintln!("warning: {w}");
+            }
+            i
+        }
         Err(errors) => {
             eprintln!("{errors}");
             anyhow::bail!(

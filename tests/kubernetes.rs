@@ -110,7 +110,7 @@ items:
     nodeSelector: {node-role.deckhouse.io/egress: ""}
     sourceIP:
       mode: VirtualIPAddress
-      virtualIPAddress: {ip: 198.18.0.50, interfaces: [eth1]}
+      virtualIPAddress: {ip: 198.18.0.50, interfaces: [eth1], routingTableName: external}
   status: {activeNodeName: gw1, readyNodes: 2}
 - apiVersion: network.deckhouse.io/v1alpha1
   kind: EgressGatewayPolicy
@@ -134,6 +134,14 @@ items:
         "{toml}"
     );
     assert!(toml.contains("sources from the annotation"), "{toml}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains(
+            "warning: <stdin>: EgressGateway \"gw\" (document 1, items[0]): \
+             spec.sourceIP.virtualIPAddress.routingTableName: not an egressd setting; ignored"
+        ),
+        "{}",
+        text(&out)
+    );
 }
 
 /// Bad input: exit 1, every problem on standard error naming the resource, nothing printed.

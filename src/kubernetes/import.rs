@@ -118,6 +118,10 @@ pub struct Imported {
     /// Per policy (same order): where its sources came from and the pods it selects, for the
     /// comments of [`to_toml`].
     pub policy_notes: Vec<String>,
+    /// Fields of the input egressd does not know and so does not use (a Deckhouse setting
+    /// such as `virtualIPAddress.routingTableName`): said, not refused, as a Kubernetes client
+    /// ignores fields newer than itself.
+    pub warnings: Vec<String>,
 }
 
 /// Whether the policies must name gateways of the same input: yes when the result is printed
@@ -157,6 +161,7 @@ pub fn import(
             gateways,
             policies,
             policy_notes: mapped.policies.iter().map(|p| p.note.clone()).collect(),
+            warnings: read.ignored,
         }),
         _ => Err(ImportErrors(errors)),
     }
@@ -171,6 +176,8 @@ pub fn import(
 pub struct Manifests {
     pub gateways: Vec<EgressGateway>,
     pub policies: Vec<EgressGatewayPolicy>,
+    /// The fields of `spec` no type has, each with its object.
+    pub ignored: Vec<String>,
 }
 
 /// Every object of every document; a document that is not YAML at all ends the reading (its
@@ -277,29 +284,49 @@ fn read_object(
         return;
     }
     let label = format!("{input}: {kind} {name} ({at})");
+    let mut ignored = Vec::new();
     match kind {
-        "EgressGateway" => match typed::<EgressGateway>(value) {
+        "EgressGateway" => match typed::<EgressGateway>(value, &mut ignored) {
             Ok(g) => out.gateways.push(g),
             Err(e) => errors.push(format!("{label}: {e}")),
         },
-        _ => match typed::<EgressGatewayPolicy>(value) {
+        _ => match typed::<EgressGatewayPolicy>(value, &mut ignored) {
             Ok(p) => out.policies.push(p),
             Err(e) => errors.push(format!("{label}: {e}")),
         },
     }
+    out.ignored.extend(
+        ignored
+            .into_iter()
+            .map(|path| format!("{label}: {path}: not an egressd setting; ignored")),
+    );
 }
 
-/// `value` as `T`, or the key of the first wrong value and what is wrong with it.
-fn typed<T: serde::de::DeserializeOwned>(value: serde_json::Value) -> Result<T, String> {
-    serde_path_to_error::deserialize(value).map_err(|e| {
-        let path = e.path().to_string();
-        let inner = e.into_inner();
-        if path == "." {
-            inner.to_string()
-        } else {
-            format!("{path}: {inner}")
+/// `value` as `T`, or the key of the first wrong value and what is wrong with it. The keys
+/// under `spec` that `T` has no field for go to `ignored` (those of the root are apiVersion and
+/// kind, which the caller read; `status` is not input).
+fn typed<T: serde::de::DeserializeOwned>(
+    value: serde_json::Value,
+    ignored: &mut Vec<String>,
+) -> Result<T, String> {
+    let mut note = |path: serde_ignored::Path<'_>| {
+        // Option fields add a `?` segment; sequences a bare index.
+        let path = path.to_string().replace(".?", "");
+        if path.starts_with("spec.") {
+            ignored.push(path);
         }
-    })
+    };
+    serde_path_to_error::deserialize(serde_ignored::Deserializer::new(value, &mut note)).map_err(
+        |e| {
+            let path = e.path().to_string();
+            let inner = e.into_inner();
+            if path == "." {
+                inner.to_string()
+            } else {
+                format!("{path}: {inner}")
+            }
+        },
+    )
 }
 
 fn json_kind(v: &serde_json::Value) -> &'static str {

@@ -456,3 +456,29 @@ fn thousands_of_objects() {
     let list = format!("apiVersion: v1\nkind: List\nitems:\n{items}");
     assert_eq!(ok(&list, &[]).policies.len(), n);
 }
+
+/// Deckhouse fields egressd does not use are said, not refused; nothing outside `spec` is.
+#[test]
+fn unknown_spec_fields_are_warnings() {
+    let yaml = r#"
+apiVersion: network.deckhouse.io/v1alpha1
+kind: EgressGateway
+metadata: {name: g, labels: {a: b}, uid: x}
+spec:
+  sourceIP:
+    mode: VirtualIPAddress
+    virtualIPAddress: {ip: 10.2.2.8, interfaces: [eth1], routingTableName: external}
+  future: 1
+status: {somethingNew: true}
+"#;
+    let i = ok(yaml, &[]);
+    assert_eq!(
+        i.warnings,
+        [
+            // In key order: the objects are read as JSON maps.
+            "in.yaml: EgressGateway \"g\" (document 1): spec.future: not an egressd setting; ignored",
+            "in.yaml: EgressGateway \"g\" (document 1): spec.sourceIP.virtualIPAddress.routingTableName: not an egressd setting; ignored",
+        ]
+    );
+    assert!(ok(VIP, &["pol=10.0.0.0/24"]).warnings.is_empty());
+}
