@@ -221,7 +221,9 @@ impl ReadyReason {
 )]
 #[serde(rename_all = "camelCase")]
 pub struct EgressGatewayPolicySpec {
+    /// The EgressGateway whose active node sends the traffic.
     pub egress_gateway_name: String,
+    /// Traffic to these networks leaves through the gateway.
     #[serde(rename = "destinationCIDRs", default)]
     pub destination_cidrs: Vec<String>,
     /// Ranges left out of `destinationCIDRs`.
@@ -244,7 +246,6 @@ pub struct PodSelectorTerm {
     pub pod_selector: LabelSelector,
 }
 
-/// Deckhouse's policy status is an object without fields; kept so that the status subresource
-/// exists as it does there.
+/// No fields, as in Deckhouse, which has the status subresource all the same.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 pub struct EgressGatewayPolicyStatus {}
