@@ -862,15 +862,6 @@ impl ClusterState {
         self.stats.retain(|g, _| gateways.contains_key(g));
     }
 
-    /// Policies that name a gateway that does not exist (they select nothing).
-    pub fn orphaned_policies(&self) -> Vec<&Policy> {
-        self.policies
-            .values()
-            .filter(|p| !self.gateways.contains_key(&p.egress_gateway_name))
-            .map(|p| &**p)
-            .collect()
-    }
-
     /// The change that makes the file objects equal a node's configuration file: `None` when
     /// they already are (API objects of the same name are not the file's to change).
     pub fn file_change(
@@ -1483,7 +1474,12 @@ pub(crate) mod tests {
         let why = r.refused.unwrap_or_default();
         assert!(why.contains("198.18.0.50"), "{why}");
         assert_eq!(s, before);
-        assert!(s.orphaned_policies().is_empty());
+        assert!(
+            s.policies
+                .values()
+                .all(|p| s.gateways.contains_key(&p.egress_gateway_name)),
+            "no policy is left without its gateway"
+        );
     }
 
     fn many(n: usize, gateway: &str) -> Vec<Policy> {
