@@ -127,6 +127,7 @@ impl<R: Reporter, F: Fence, A: Announcer> LeaseTask<R, F, A> {
             labels: facts.labels,
             ready: facts.ready,
             interfaces: facts.interfaces,
+            command_format: crate::cluster::codec::COMMAND_FORMAT,
         };
         self.reports += 1;
         let timeout = self.report_every.max(Duration::from_millis(20));

@@ -8,8 +8,16 @@
 //! Versions:
 //! - every stored value (log entry, vote, snapshot) starts with [`STORE_FORMAT`]; a store written
 //!   by another format is refused with a message, never misread (egressd 0.1 stored JSON);
-//! - every command carries [`COMMAND_FORMAT`]: a node refuses an entry of a newer format (it
-//!   cannot know what it means) instead of misapplying it, and says so.
+//! - every command carries the format that introduced its kind ([`Command::format`]), at most
+//!   [`COMMAND_FORMAT`]: a node refuses an entry of a newer format than it knows (it cannot know
+//!   what it means) instead of misapplying it, and says so. Because an entry carries its kind's
+//!   format rather than the writer's, a node of an older version reads every entry of the kinds
+//!   it knows, whichever version wrote it: that is what lets a cluster run mixed versions during
+//!   a rolling upgrade, as long as no newer kind is proposed — which the leader ensures
+//!   (`ClusterNode::propose`: a kind of format N only once every member reports N or more).
+//!
+//! Formats: 1 — egressd 0.1's commands; 2 — `InitCluster` (the cluster id), `AddMember`,
+//! `RemoveMember`.
 
 use serde::de::{DeserializeOwned, SeqAccess, Visitor};
 use serde::ser::SerializeTuple;
@@ -21,8 +29,8 @@ use super::Command;
 /// no format byte).
 pub const STORE_FORMAT: u8 = 2;
 
-/// The command format this egressd writes and the newest it reads.
-pub const COMMAND_FORMAT: u16 = 1;
+/// The newest command format this egressd reads (and so the newest kind it may write).
+pub const COMMAND_FORMAT: u16 = 2;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CodecError {
@@ -78,7 +86,7 @@ pub struct Versioned(pub Command);
 impl Serialize for Versioned {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         let mut t = s.serialize_tuple(2)?;
-        t.serialize_element(&COMMAND_FORMAT)?;
+        t.serialize_element(&self.0.format())?;
         t.serialize_element(&self.0)?;
         t.end()
     }
@@ -140,7 +148,7 @@ mod tests {
         let e = from_wire::<Versioned>(&b).unwrap_err();
         assert!(
             e.to_string()
-                .contains("command format 2, newer than this egressd"),
+                .contains("command format 3, newer than this egressd"),
             "{e}"
         );
         let ok = to_wire(&Versioned(Command::Uncordon("n".into()))).unwrap();
@@ -148,6 +156,41 @@ mod tests {
             from_wire::<Versioned>(&ok).unwrap().0,
             Command::Uncordon("n".into())
         );
+    }
+
+    /// An entry carries its kind's format, not the writer's: what egressd 0.1 could read is
+    /// still written as format 1, so a node of that format reads it during a rolling upgrade.
+    #[test]
+    fn an_entry_carries_the_format_of_its_kind() {
+        let format_of = |c: Command| -> u16 {
+            let b = to_wire(&Versioned(c)).unwrap();
+            let (f, _): (u16, serde::de::IgnoredAny) = rmp_serde::from_slice(&b).unwrap();
+            f
+        };
+        assert_eq!(format_of(Command::Cordon("n".into())), 1);
+        assert_eq!(
+            format_of(Command::AddMember {
+                name: "gw4".into(),
+                address: "10.0.0.4:7480".into()
+            }),
+            2
+        );
+        let staged = Command::Stage {
+            txn: 1,
+            part: 0,
+            command: Box::new(Command::Apply {
+                gateways: vec![],
+                policies: vec![],
+            }),
+        };
+        assert_eq!(format_of(staged), 1);
+        // Every kind's format is one this egressd reads.
+        for c in [
+            Command::InitCluster { id: "0".repeat(32) },
+            Command::RemoveMember { name: "x".into() },
+        ] {
+            assert!(c.format() <= COMMAND_FORMAT);
+        }
     }
 
     #[test]

@@ -44,6 +44,11 @@ pub struct ClusterState {
     pub members: BTreeMap<NodeName, String>,
     /// Parts of large changes not committed yet, by transaction.
     pub staging: BTreeMap<u64, Staged>,
+    /// The cluster's identity (`InitCluster`), carried by every peer request: a node of another
+    /// cluster is refused. `None` until the first leader of a new cluster has committed one.
+    /// Last, and defaulted, so that a snapshot written before it existed still reads.
+    #[serde(default)]
+    pub cluster_id: Option<String>,
 }
 
 /// The parts of a change staged so far.
@@ -161,7 +166,28 @@ pub enum Command {
         txn: u64,
         parts: u32,
     },
+    // ---- command format 2 (see `Command::format`); new kinds go below, never above ----
+    /// The cluster's identity, chosen by the first leader of a new cluster: applied only while
+    /// the state has none.
+    InitCluster {
+        id: String,
+    },
+    /// `egressd member add`: a new member; the leader adds it to Raft (a learner first, a voter
+    /// once it has caught up, if it is among the first five by name).
+    AddMember {
+        name: NodeName,
+        address: String,
+    },
+    /// `egressd member remove`: the leader takes it out of Raft.
+    RemoveMember {
+        name: NodeName,
+    },
 }
+
+/// The oldest command format any peer can have: egressd 0.1 wrote format 1, and this version's
+/// peer protocol (mutual TLS) cannot talk to it, so a cluster that runs this version has no
+/// node older than format 2.
+pub const BASELINE_FORMAT: u16 = 2;
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CommandResponse {
@@ -200,6 +226,53 @@ struct Touched {
 }
 
 impl Command {
+    /// The command format that introduced this kind of command: a node that reads only older
+    /// formats cannot read it (see `codec::Versioned`), so it is proposed only once every
+    /// member has reported that it knows this format (`ClusterNode::propose`). A change to an
+    /// existing kind's encoding is a new kind.
+    pub fn format(&self) -> u16 {
+        match self {
+            Command::Stage { command, .. } => command.format(),
+            Command::InitCluster { .. }
+            | Command::AddMember { .. }
+            | Command::RemoveMember { .. } => 2,
+            Command::SeedObjects { .. }
+            | Command::FileObjects { .. }
+            | Command::Apply { .. }
+            | Command::DeleteGateway(_)
+            | Command::DeletePolicy(_)
+            | Command::Cordon(_)
+            | Command::Uncordon(_)
+            | Command::SetLabel { .. }
+            | Command::Assign { .. }
+            | Command::SeedMembers(_)
+            | Command::SetMembers(_)
+            | Command::Commit { .. } => 1,
+        }
+    }
+
+    /// A short name of the command's kind, for messages.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Command::SeedObjects { .. } => "seed objects",
+            Command::FileObjects { .. } => "file objects",
+            Command::Apply { .. } => "apply",
+            Command::DeleteGateway(_) => "delete gateway",
+            Command::DeletePolicy(_) => "delete policy",
+            Command::Cordon(_) => "cordon",
+            Command::Uncordon(_) => "uncordon",
+            Command::SetLabel { .. } => "label",
+            Command::Assign { .. } => "assign",
+            Command::SeedMembers(_) => "seed members",
+            Command::SetMembers(_) => "set members",
+            Command::Stage { .. } => "stage",
+            Command::Commit { .. } => "commit",
+            Command::InitCluster { .. } => "init cluster",
+            Command::AddMember { .. } => "member add",
+            Command::RemoveMember { .. } => "member remove",
+        }
+    }
+
     /// Whether this is an object change that may be split into parts.
     pub fn is_object_change(&self) -> bool {
         matches!(
@@ -690,8 +763,54 @@ impl ClusterState {
                 .filter(|&ch| self.assign(ch, *at_unix_ms))
                 .map(assign_event)
                 .collect(),
+            Command::InitCluster { id } => {
+                if self.cluster_id.is_some() {
+                    return Vec::new();
+                }
+                self.cluster_id = Some(id.clone());
+                one(
+                    EventKind::Members,
+                    None,
+                    None,
+                    format!("cluster id {id} chosen by the first leader"),
+                )
+            }
+            Command::AddMember { name, address } => {
+                if self.members.get(name) == Some(address) {
+                    return Vec::new();
+                }
+                self.members.insert(name.clone(), address.clone());
+                one(
+                    EventKind::Members,
+                    Some(name),
+                    None,
+                    format!(
+                        "member {name} ({address}) added; members: {}",
+                        self.member_names().join(", ")
+                    ),
+                )
+            }
+            Command::RemoveMember { name } => {
+                if self.members.remove(name).is_none() {
+                    return Vec::new();
+                }
+                one(
+                    EventKind::Members,
+                    Some(name),
+                    None,
+                    format!(
+                        "member {name} removed; members: {}",
+                        self.member_names().join(", ")
+                    ),
+                )
+            }
             _ => Vec::new(),
         }
+    }
+
+    /// The member names, in order.
+    pub fn member_names(&self) -> Vec<String> {
+        self.members.keys().cloned().collect()
     }
 
     /// Why `cmd` must not be applied to this state, if it must not. Deterministic: every node
@@ -750,8 +869,72 @@ impl ClusterState {
             Command::DeletePolicy(name) if !self.policies.contains_key(name) => {
                 Err(format!("no policy named {name:?}"))
             }
+            Command::InitCluster { id } => {
+                if id.len() != 32 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
+                    return Err(format!(
+                        "a cluster id is 32 hexadecimal digits, not {}",
+                        crate::config::rules::quote(id)
+                    ));
+                }
+                match &self.cluster_id {
+                    Some(have) if have != id => Err(format!("the cluster's id is {have} already")),
+                    _ => Ok(()),
+                }
+            }
+            Command::AddMember { name, address } => self.check_add_member(name, address),
+            Command::RemoveMember { name } => {
+                if !self.members.contains_key(name) {
+                    return Err(format!(
+                        "no member named {}; members: {}",
+                        crate::config::rules::quote(name),
+                        self.member_names().join(", ")
+                    ));
+                }
+                if self.members.len() == 1 {
+                    return Err(format!(
+                        "{name} is the only member: a cluster cannot remove its last member"
+                    ));
+                }
+                Ok(())
+            }
             _ => Ok(()),
         }
+    }
+
+    fn check_add_member(&self, name: &str, address: &str) -> Result<(), String> {
+        use crate::config::rules;
+        rules::object_name(name).map_err(|m| format!("member name: {m}"))?;
+        let addr = rules::socket_addr(address).map_err(|m| format!("member address: {m}"))?;
+        if addr.ip().is_unspecified() || addr.port() == 0 {
+            return Err(format!(
+                "member address {addr} cannot be connected to; give the node's reachable peer \
+                 address and port (its cluster.listen)"
+            ));
+        }
+        if self.members.is_empty() {
+            return Err(
+                "the cluster's member list is not known yet (the cluster is starting); try again \
+                 in a moment"
+                    .into(),
+            );
+        }
+        if let Some(have) = self.members.get(name) {
+            if *have == addr.to_string() {
+                return Ok(());
+            }
+            return Err(format!(
+                "{name} is a member already, at {have}; to move it, `egressd member remove \
+                 {name}` first"
+            ));
+        }
+        if let Some((other, _)) = self
+            .members
+            .iter()
+            .find(|(_, a)| a.parse::<std::net::SocketAddr>().ok() == Some(addr))
+        {
+            return Err(format!("address {addr} is member {other}'s"));
+        }
+        Ok(())
     }
 
     /// The configuration rules (names, interfaces, CIDRs, shared VIPs and next hops, address
