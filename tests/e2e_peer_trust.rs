@@ -55,8 +55,23 @@ fn curl_hello(
     ca: &Path,
     cert: Option<(&Path, &Path)>,
 ) -> (i32, String, String) {
+    let (rc, code, text, _) = curl_peer(topo, i, name, HELLO_PATH, ca, cert, &[]);
+    (rc, code, text)
+}
+
+/// `curl_hello` for any `path`, with `extra` curl arguments (a body, a rate limit); also
+/// returns how long curl took.
+fn curl_peer(
+    topo: &Topo,
+    i: usize,
+    name: &str,
+    path: &str,
+    ca: &Path,
+    cert: Option<(&Path, &Path)>,
+    extra: &[&str],
+) -> (i32, String, String, f64) {
     let resolve = format!("{name}:7480:{}", node_mgmt_ip(i));
-    let url = format!("https://{name}:7480{HELLO_PATH}");
+    let url = format!("https://{name}:7480{path}");
     let body = topo.dir.path().join("curl-body");
     let _ = std::fs::remove_file(&body);
     let mut args: Vec<String> = [
@@ -85,15 +100,18 @@ fn curl_hello(
             k.display().to_string(),
         ]);
     }
+    args.extend(extra.iter().map(|a| a.to_string()));
     args.push(url);
+    let t = std::time::Instant::now();
     let out = topo.lab.try_exec(&topo.mgmt, &args);
+    let secs = t.elapsed().as_secs_f64();
     let code = String::from_utf8_lossy(&out.stdout).trim().to_string();
     let text = format!(
         "{}{}",
         std::fs::read_to_string(&body).unwrap_or_default(),
         String::from_utf8_lossy(&out.stderr)
     );
-    (out.status.code().unwrap_or(-1), code, text)
+    (out.status.code().unwrap_or(-1), code, text, secs)
 }
 
 fn files(dir: &Path, name: &str) -> TlsFiles {
@@ -208,6 +226,61 @@ fn strangers_are_refused_at_the_handshake_and_the_cluster_keeps_working() {
     );
     assert_eq!((rc, code.as_str()), (0, "403"), "non-member: {text}");
     assert!(text.contains("not a member"), "non-member: {text}");
+
+    // Limits before trust. A non-member's 30 MiB append is refused on its headers; a
+    // member's body over a route's limit gets 413; a trickled one 408 after the body timeout.
+    let big = dir.join("big.bin");
+    std::fs::File::create(&big)
+        .and_then(|f| f.set_len(30 * 1024 * 1024))
+        .expect("big body");
+    let big_arg = format!("@{}", big.display());
+    let (rc, code, text, secs) = curl_peer(
+        &c.topo,
+        0,
+        "gw1",
+        "/raft/append",
+        &ca,
+        Some((&gw9.cert_file, &gw9.key_file)),
+        &["--data-binary", &big_arg],
+    );
+    assert_eq!(
+        (rc, code.as_str()),
+        (0, "403"),
+        "non-member's large append: {text}"
+    );
+    eprintln!("non-member's 30 MiB append refused in {secs:.2} s");
+    let medium = dir.join("medium.bin");
+    std::fs::write(&medium, vec![0u8; 100 * 1024]).expect("medium body");
+    let medium_arg = format!("@{}", medium.display());
+    let member = Some((gw3.cert_file.as_path(), gw3.key_file.as_path()));
+    let (_, code, text, _) = curl_peer(
+        &c.topo,
+        0,
+        "gw1",
+        "/raft/vote",
+        &ca,
+        member,
+        &["--data-binary", &medium_arg],
+    );
+    assert_eq!(code, "413", "100 KiB vote: {text}");
+    let (_, code, text, secs) = curl_peer(
+        &c.topo,
+        0,
+        "gw1",
+        "/cluster/write",
+        &ca,
+        member,
+        &[
+            "--max-time",
+            "15",
+            "--limit-rate",
+            "2K",
+            "--data-binary",
+            &medium_arg,
+        ],
+    );
+    assert_eq!(code, "408", "trickled write: {text}");
+    assert!(secs < 10.0, "the trickled body was waited for {secs:.1} s");
 
     // A node cannot pose as another: gw1's address answers with gw1's certificate, which
     // egressd's client refuses when it expects gw2 there (as it would when gw1 took over
