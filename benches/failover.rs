@@ -17,6 +17,8 @@
 
 #[path = "../tests/common/mod.rs"]
 mod common;
+#[path = "support/flood.rs"]
+mod flood;
 
 use std::process::Stdio;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -31,6 +33,8 @@ struct Trial {
     failover_ms: f64,
     outage_ms: f64,
     doubles: usize,
+    /// Under a flood: connections opened and refused per second, admin requests per second.
+    flood: Option<(f64, f64, f64)>,
 }
 
 fn unix_now() -> f64 {
@@ -42,6 +46,12 @@ fn unix_now() -> f64 {
 /// Runs one trial: `leader` picks whether the active node is the Raft leader; `how` is KILL or
 /// TERM (a signal to the daemon) or CUT (every link of the node goes down).
 fn trial(tag: &str, extra: &str, leader: bool, how: &str) -> Trial {
+    trial_with(tag, extra, leader, how, false)
+}
+
+/// `trial`, with `flood`: the flood of `support/flood.rs` on every node's peer and admin ports
+/// from 1.5 s before the failure to the end of the measurement.
+fn trial_with(tag: &str, extra: &str, leader: bool, how: &str, flood: bool) -> Trial {
     let (token, admin) = admin_token(TOKEN);
     let mut c = Cluster::start_with(tag, 3, &format!("{extra}\n{admin}"));
     c.ensure_leader_is_not("gw3");
@@ -79,7 +89,8 @@ fn trial(tag: &str, extra: &str, leader: bool, how: &str) -> Trial {
     .stderr(Stdio::null());
     c.topo.lab.spawn_raw(ping);
     let prober = c.prober();
-    std::thread::sleep(Duration::from_millis(700));
+    let flooding = flood.then(|| flood::Flood::start(&c));
+    std::thread::sleep(Duration::from_millis(if flood { 1500 } else { 700 }));
 
     let t0 = unix_now();
     if how == "CUT" {
@@ -105,6 +116,7 @@ fn trial(tag: &str, extra: &str, leader: bool, how: &str) -> Trial {
     });
     std::thread::sleep(Duration::from_millis(700));
     let probes = prober.stop();
+    let flood = flooding.map(flood::Flood::stop);
 
     let garp = format!("who-has {VIP} tell {VIP}");
     let text = std::fs::read_to_string(&cap).unwrap_or_default();
@@ -129,6 +141,7 @@ fn trial(tag: &str, extra: &str, leader: bool, how: &str) -> Trial {
         failover_ms: (first_garp - t0) * 1e3,
         outage_ms: outage * 1e3,
         doubles: arp::double_answers(&probes).len(),
+        flood,
     }
 }
 
@@ -363,6 +376,10 @@ fn main() {
         );
         return;
     }
+    if std::env::args().any(|a| a == "--flood-compare") {
+        flood_compare();
+        return;
+    }
     if std::env::args().any(|a| a == "--admin-only") {
         print_admin_latency();
         return;
@@ -428,5 +445,45 @@ fn main() {
     println!(
         "\nresident size of an idle single node with 10 000 policies: {:.1} MiB",
         rss as f64 / 1024.0
+    );
+}
+
+/// Failover (kill -9 of the active follower, default profile) without and with the flood of
+/// `support/flood.rs`, trials interleaved so that the machine's other load hits both alike.
+fn flood_compare() {
+    let trials: usize = std::env::var("EGRESSD_FLOOD_TRIALS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(7);
+    let (mut quiet, mut flooded) = (Vec::new(), Vec::new());
+    for t in 0..trials {
+        quiet.push(trial_with(&format!("fq{t}"), "", false, "KILL", false));
+        flooded.push(trial_with(&format!("ff{t}"), "", false, "KILL", true));
+    }
+    println!(
+        "\n| kill -9 of the active follower, default profile | trials | failover to first GARP: median | max | client outage: median | max | probes answered twice |"
+    );
+    println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: |");
+    for (what, v) in [("quiet", &quiet), ("under the flood", &flooded)] {
+        let (fm, fx) = stats(v.iter().map(|t| t.failover_ms).collect());
+        let (om, ox) = stats(v.iter().map(|t| t.outage_ms).collect());
+        let doubles: usize = v.iter().map(|t| t.doubles).sum();
+        println!(
+            "| {what} | {} | {fm:.0} ms | {fx:.0} ms | {om:.0} ms | {ox:.0} ms | {doubles} |",
+            v.len()
+        );
+    }
+    let n = flooded.len().max(1) as f64;
+    let (o, f, a) = flooded
+        .iter()
+        .filter_map(|t| t.flood)
+        .fold((0.0, 0.0, 0.0), |acc, x| {
+            (acc.0 + x.0, acc.1 + x.1, acc.2 + x.2)
+        });
+    println!(
+        "\nflood (mean over trials): {:.0} connections/s opened, {:.0}/s refused or failed, {:.0} admin requests/s",
+        o / n,
+        f / n,
+        a / n
     );
 }
