@@ -207,3 +207,81 @@ mod tests {
         assert!(m * 2 < j, "msgpack {m} bytes, json {j}");
     }
 }
+
+/// The seeds of the `peer_rpc` fuzz target (`fuzz/seeds/peer_rpc`): one valid message of each
+/// kind a peer sends, so that the fuzzer starts from the real shapes.
+#[cfg(test)]
+mod fuzz_seeds {
+    use std::path::PathBuf;
+
+    use openraft::raft::{AppendEntriesRequest, VoteRequest};
+    use openraft::{Entry, EntryPayload, LogId, Vote};
+
+    use super::*;
+    use crate::cluster::controller::Report;
+    use crate::cluster::{NodeId, TypeConfig};
+
+    fn seeds() -> Vec<(&'static str, Vec<u8>)> {
+        let entry = Entry::<TypeConfig> {
+            log_id: LogId::new(openraft::CommittedLeaderId::new(3, 7), 42),
+            payload: EntryPayload::Normal(Versioned(Command::Cordon("gw2".into()))),
+        };
+        let append = AppendEntriesRequest::<TypeConfig> {
+            vote: Vote::new_committed(3, 7),
+            prev_log_id: Some(LogId::new(openraft::CommittedLeaderId::new(3, 7), 41)),
+            entries: vec![entry.clone()],
+            leader_commit: Some(LogId::new(openraft::CommittedLeaderId::new(3, 7), 41)),
+        };
+        let report = Report {
+            node: "gw2".into(),
+            ready: true,
+            command_format: COMMAND_FORMAT,
+            ..Default::default()
+        };
+        let wire = |v: &dyn erased::Ser| v.wire();
+        vec![
+            ("append", wire(&append)),
+            (
+                "vote",
+                wire(&VoteRequest::<NodeId>::new(Vote::new(4, 9), None)),
+            ),
+            ("report", wire(&report)),
+            (
+                "write",
+                wire(&Command::AddMember {
+                    name: "gw4".into(),
+                    address: "10.0.0.4:7480".into(),
+                }),
+            ),
+            ("entry-store", to_store(&entry).expect("entry")),
+        ]
+    }
+
+    /// `to_wire` behind a trait object, so that `seeds` can list different types.
+    mod erased {
+        pub trait Ser {
+            fn wire(&self) -> Vec<u8>;
+        }
+        impl<T: serde::Serialize> Ser for T {
+            fn wire(&self) -> Vec<u8> {
+                super::to_wire(self).expect("encode")
+            }
+        }
+    }
+
+    /// The committed seeds are what this version encodes (a format change makes them stale:
+    /// rewrite them with `EGRESSD_WRITE_FUZZ_SEEDS=1 cargo test --lib fuzz_seeds`).
+    #[test]
+    fn the_peer_rpc_fuzz_seeds_are_current() {
+        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fuzz/seeds/peer_rpc");
+        for (name, bytes) in seeds() {
+            let path = dir.join(name);
+            if std::env::var_os("EGRESSD_WRITE_FUZZ_SEEDS").is_some() {
+                std::fs::create_dir_all(&dir).expect("seed dir");
+                std::fs::write(&path, &bytes).expect("seed");
+            }
+            let committed = std::fs::read(&path).unwrap_or_default();
+            assert_eq!(committed, bytes, "{} is stale", path.display());
+        }
+    }
+}

@@ -957,6 +957,15 @@ fn cell_of(name: &str) -> Option<(&str, u64, usize)> {
     Some((v, g, c))
 }
 
+/// The parsers of nft's JSON output, for the fuzz targets (`fuzz/`): they read what an `nft`
+/// process printed, so they must refuse anything else with an error, never panic. Not an API.
+#[doc(hidden)]
+pub fn fuzz_parsers(text: &str) {
+    let _ = parse_listing(text);
+    let _ = parse_objects(text, "egressd");
+    let _ = parse_counters_json(text);
+}
+
 /// Parses `nft -j list table` output of egressd's inet table: the newest generation's selector
 /// and cell maps.
 fn parse_listing(text: &str) -> std::result::Result<Listing, String> {
