@@ -16,8 +16,8 @@
 //!   a rolling upgrade, as long as no newer kind is proposed — which the leader ensures
 //!   (`ClusterNode::propose`: a kind of format N only once every member reports N or more).
 //!
-//! Formats: 1 — egressd 0.1's commands; 2 — `InitCluster` (the cluster id), `AddMember`,
-//! `RemoveMember`.
+//! Formats: 1 — the commands of the versions before mutual TLS; 2 — `InitCluster` (the cluster
+//! id), `AddMember`, `RemoveMember`.
 
 use serde::de::{DeserializeOwned, SeqAccess, Visitor};
 use serde::ser::SerializeTuple;
@@ -158,8 +158,8 @@ mod tests {
         );
     }
 
-    /// An entry carries its kind's format, not the writer's: what egressd 0.1 could read is
-    /// still written as format 1, so a node of that format reads it during a rolling upgrade.
+    /// An entry carries its kind's format, not the writer's: what the versions before mutual TLS
+    /// could read is still written as format 1, so a node of that format reads it.
     #[test]
     fn an_entry_carries_the_format_of_its_kind() {
         let format_of = |c: Command| -> u16 {

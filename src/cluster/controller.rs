@@ -32,7 +32,8 @@ pub struct Report {
     pub interfaces: BTreeMap<String, InterfaceState>,
     /// The newest command format the node reads (`codec::COMMAND_FORMAT`): the leader proposes
     /// a command kind only once every member's latest report says it reads that kind's format.
-    /// Last and defaulted (to 1, what egressd 0.1 read), so that a report without it decodes.
+    /// Last and defaulted (to 1, what the versions before mutual TLS read), so that a report
+    /// without it decodes.
     #[serde(default = "format_one")]
     pub command_format: u16,
 }

@@ -6,7 +6,7 @@
 //! Every peer connection is mutual TLS (`crate::tls`): a node proves its name with a
 //! certificate of the cluster CA, in both directions, so requests *and* answers are
 //! authenticated, bound to the two nodes, and cannot be replayed or altered (TLS does what the
-//! HMAC of egressd 0.1 did for requests only). On top of that:
+//! HMAC of the versions before did for requests only). On top of that:
 //! - only members may talk to a node (`tls::server::ServeOptions::authorize`, per request);
 //! - every request and every answer carries the cluster's id ([`CLUSTER_HEADER`], see
 //!   `ClusterState::cluster_id`): a node of another cluster whose certificate comes from the

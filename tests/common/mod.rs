@@ -1,6 +1,8 @@
 pub mod arp;
+pub mod bench;
 pub mod capture;
 pub mod cluster;
+pub mod flood;
 pub mod netns;
 pub mod probe;
 pub mod tools;

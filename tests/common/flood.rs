@@ -1,11 +1,12 @@
 //! A flood against every node's peer and admin ports, for failover trials under attack
-//! (`cargo bench --bench failover -- --flood-compare`). From eight stranger addresses on the
+//! (`bench/run` / `cargo bench --bench failover -- --flood-compare`). From eight stranger addresses on the
 //! peer network (no certificate): connections opened and held while sending a byte every
 //! 200 ms (a slow handshake), and connections opened and dropped as fast as one thread per
 //! node manages; with a member's certificate (gw3's, from the same stranger host: a
 //! misbehaving member process): request bodies trickled at 10 bytes/s; on each node's admin
 //! port: status requests in a loop and unauthenticated apply bodies that never finish.
 //! Everything stops when the `Flood` is dropped.
+#![allow(dead_code)]
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -16,9 +17,9 @@ use std::time::{Duration, Instant};
 
 use socket2::{Domain, Socket, Type};
 
-use crate::common::arp;
-use crate::common::cluster::*;
-use crate::common::topo::*;
+use super::arp;
+use super::cluster::*;
+use super::topo::*;
 
 const SOURCES: u8 = 8;
 const HELD_PER_SOURCE: usize = 40;
