@@ -573,6 +573,15 @@ impl ClusterNode {
             // Nothing to change, or the state machine refuses it with its own message.
             return Ok(());
         }
+        if adding && self.tls.is_none() {
+            // Without peer TLS the leader can reach nobody: the member would be added to the
+            // list and never caught up (found by schemathesis: replication errors forever).
+            return Err(format!(
+                "this node runs without [cluster.tls] (a one-node cluster), so it cannot talk to \
+                 {name}: give every node its [cluster.tls] files (`egressd tls`) and restart \
+                 them, then add members"
+            ));
+        }
         let metrics = self.raft.metrics().borrow().clone();
         let membership = metrics.membership_config.membership();
         if membership.get_joint_config().len() > 1 {
