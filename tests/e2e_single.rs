@@ -385,6 +385,9 @@ fn a_failed_start_leaves_every_held_address_fenced() {
     topo.start_echo_server();
     let token = topo.dir.path().join("token");
     std::fs::write(&token, "e2e-admin-token-0123456789\n").expect("token");
+    // Private, or egressd refuses the token file (others could read it).
+    std::fs::set_permissions(&token, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+        .expect("chmod token");
     let admin = format!("\n[admin]\ntoken_file = \"{}\"\n", token.display());
     let cfg = topo.write_config(0, &(config(&topo) + &admin));
     let child = topo.start_egressd(0, &cfg);
