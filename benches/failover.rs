@@ -14,7 +14,8 @@
 //! the commit-to-SNAT latency of a config change. `--admin-only`, `--planned-only` and
 //! `--config-change-only` run one part; `--flood-compare` compares failover with and without a
 //! flood of the peer and admin ports (`tests/common/flood.rs`; `EGRESSD_FLOOD_TRIALS`, default
-//! 7). Sizes (10 000 and 100 000 policies) are
+//! 7); `--kill-follower-only` runs the one scenario (for comparisons across versions).
+//! `EGRESSD_TRIALS` sets the trials per scenario (default 5). Sizes (10 000 and 100 000 policies) are
 //! `benches/scale.rs`'s.
 
 #[path = "../tests/common/mod.rs"]
@@ -26,7 +27,13 @@ use common::bench::*;
 use common::cluster::*;
 use common::topo::*;
 
-const TRIALS: usize = 5;
+/// Trials per scenario: 5, or `EGRESSD_TRIALS`.
+fn trials_per_scenario() -> usize {
+    std::env::var("EGRESSD_TRIALS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5)
+}
 
 /// Runs one trial on a fresh cluster: `leader` picks whether the active node is the Raft
 /// leader; `how` is KILL or TERM (a signal to the daemon), CUT (every link of the node goes
@@ -183,14 +190,15 @@ fn print_table(scenarios: &[(&str, &str, bool, &str)]) {
     );
     println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: |");
     for (k, (what, extra, leader, how)) in scenarios.iter().enumerate() {
-        let trials: Vec<Trial> = (0..TRIALS)
+        let n = trials_per_scenario();
+        let trials: Vec<Trial> = (0..n)
             .map(|t| trial(&format!("fo{k}{t}"), extra, *leader, how))
             .collect();
         let (fm, fx) = stats(trials.iter().map(|t| t.failover_ms).collect());
         let (om, ox) = stats(trials.iter().map(|t| t.outage_ms).collect());
         let doubles: usize = trials.iter().map(|t| t.doubles).sum();
         println!(
-            "| {what} | {TRIALS} | {fm:.0} ms | {fx:.0} ms | {om:.0} ms | {ox:.0} ms | {doubles} |"
+            "| {what} | {n} | {fm:.0} ms | {fx:.0} ms | {om:.0} ms | {ox:.0} ms | {doubles} |"
         );
     }
 }
@@ -203,6 +211,15 @@ fn main() {
     }
     if std::env::args().any(|a| a == "--flood-compare") {
         flood_compare();
+        return;
+    }
+    if std::env::args().any(|a| a == "--kill-follower-only") {
+        print_table(&[(
+            "kill -9, active is a follower, default profile",
+            "",
+            false,
+            "KILL",
+        )]);
         return;
     }
     if std::env::args().any(|a| a == "--admin-only") {
