@@ -502,7 +502,8 @@ fn certificates_rotate_with_sighup_while_the_cluster_runs() {
 /// Member changes keep a quorum: with gw3 down, removing gw2 would leave {gw1, gw3} with one
 /// live voter and is refused; removing the dead gw3 is fine. Then the documented replacement
 /// of a failed node: gw3 comes back with an empty data_dir, `egressd member add` takes it in
-/// and it becomes a voter again.
+/// and it becomes a voter again. And one voter change at a time: while an added member has not
+/// caught up, removing a voter is refused.
 #[test]
 fn member_changes_keep_a_quorum_and_a_failed_node_is_replaced() {
     if !require_root("member_changes_keep_a_quorum_and_a_failed_node_is_replaced") {
@@ -571,15 +572,43 @@ fn member_changes_keep_a_quorum_and_a_failed_node_is_replaced() {
         String::from_utf8_lossy(&out.stderr)
     );
     let cfg = c.configs[2].clone();
+    // The log file is appended to: look only at what this start writes.
+    let logged_before = c.topo.log(2).len();
     c.children[2] = Some(c.topo.start_egressd(2, &cfg));
     wait_for("gw3 a voter again", WAIT, || {
         voters(&c, 0) == ["gw1", "gw2", "gw3"] && c.topo.leader(2).is_some()
     });
+    let this_start = c.topo.log(2)[logged_before..].to_string();
     assert!(
-        !c.topo.log(2).contains("initialized a new cluster"),
-        "{}",
-        c.topo.log(2)
+        !this_start.contains("initialized a new cluster")
+            && this_start.contains("waiting to be added"),
+        "{this_start}"
     );
+    // One voter change at a time: gw4 is added but never started, so it never catches up and
+    // the change stays unfinished; removing a voter meanwhile is refused, and removing gw4
+    // (which never voted) cancels it.
+    let gw4 = format!("{}:7480", node_mgmt_ip(3));
+    let out = member(&c, &["add", "gw4", &gw4]);
+    assert!(
+        out.status.success(),
+        "adding gw4: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = member(&c, &["remove", "gw2"]);
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(!out.status.success(), "removing gw2 while gw4 is pending");
+    assert!(
+        err.contains("previous member change is not finished"),
+        "{err}"
+    );
+    let out = member(&c, &["remove", "gw4"]);
+    assert!(
+        out.status.success(),
+        "removing the pending gw4: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(voters(&c, 0), ["gw1", "gw2", "gw3"]);
+
     // And the cluster, three voters again, survives the loss of gw1.
     c.signal("gw1", "KILL");
     c.wait_active_among(&[1, 2], "gw2");

@@ -505,7 +505,11 @@ impl ClusterNode {
     /// member a `RemoveMember` removes need not read it.
     fn format_gate(&self, cmd: &Command) -> Result<(), String> {
         let need = cmd.format();
-        if need <= 1 {
+        // Every node that can talk to this one reads the baseline format (older versions spoke
+        // another peer protocol), so only newer formats wait for reports. Gating the baseline
+        // too made one member that never reported (a node added but not started, a node down
+        // since before this leader took over) block every member change, even removing others.
+        if need <= crate::cluster::state::BASELINE_FORMAT {
             return Ok(());
         }
         let state = self.applied().state;
