@@ -23,7 +23,7 @@ for t in "${run[@]}"; do
   if [ -d "fuzz/seeds/$t" ]; then cp -n fuzz/seeds/"$t"/* "fuzz/corpus/$t/" 2>/dev/null || true; fi
   log=$(mktemp)
   if cargo +nightly fuzz run -O "$t" "fuzz/corpus/$t" -- -max_total_time="$secs" -rss_limit_mb=2048 \
-      -max_len=65536 >"$log" 2>&1; then
+      -max_len=65536 -print_final_stats=1 >"$log" 2>&1; then
     result=ok
   else
     result=FAILED; status=1

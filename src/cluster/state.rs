@@ -20,10 +20,13 @@ use crate::model::{Assignment, Gateway, Labels, NodeName, Policy};
 /// so holds the same value.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ClusterState {
+    #[serde(deserialize_with = "cautious::ord_map")]
     pub gateways: OrdMap<String, Gateway>,
+    #[serde(deserialize_with = "cautious::ord_map")]
     pub policies: OrdMap<String, Arc<Policy>>,
     /// Objects written through the admin API (`egressd apply`). A configuration file changes
     /// only the file's objects and never overwrites these.
+    #[serde(deserialize_with = "cautious::ord_set")]
     pub api_objects: OrdSet<ObjectRef>,
     /// Whether any node's configuration file has seeded the objects yet (see `SeedObjects`).
     pub seeded: bool,
@@ -49,6 +52,80 @@ pub struct ClusterState {
     /// Last, and defaulted, so that a snapshot written before it existed still reads.
     #[serde(default)]
     pub cluster_id: Option<String>,
+}
+
+/// Decoding of the state's persistent maps without trusting the length a map or set announces.
+/// imbl's own deserializers reserve room for as many entries as the header claims, so a snapshot
+/// of 13 bytes (a MessagePack map32 header claiming 3.7 billion gateways) made the process try
+/// to allocate 660 GB and abort — from a snapshot a peer sends or a damaged store (found by the
+/// `peer_rpc` fuzz target; regression test `a_map_header_claiming_billions_is_an_error`). These
+/// insert entry by entry as they arrive.
+mod cautious {
+    use std::fmt;
+    use std::marker::PhantomData;
+
+    use imbl::{OrdMap, OrdSet};
+    use serde::de::{Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
+
+    struct MapVisitor<K, V>(PhantomData<(K, V)>);
+
+    impl<'de, K, V> Visitor<'de> for MapVisitor<K, V>
+    where
+        K: Deserialize<'de> + Ord + Clone,
+        V: Deserialize<'de> + Clone,
+    {
+        type Value = OrdMap<K, V>;
+
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("a map")
+        }
+
+        fn visit_map<A: MapAccess<'de>>(self, mut access: A) -> Result<Self::Value, A::Error> {
+            let mut map = OrdMap::new();
+            while let Some((k, v)) = access.next_entry()? {
+                map.insert(k, v);
+            }
+            Ok(map)
+        }
+    }
+
+    pub fn ord_map<'de, D, K, V>(d: D) -> Result<OrdMap<K, V>, D::Error>
+    where
+        D: Deserializer<'de>,
+        K: Deserialize<'de> + Ord + Clone,
+        V: Deserialize<'de> + Clone,
+    {
+        d.deserialize_map(MapVisitor(PhantomData))
+    }
+
+    struct SetVisitor<T>(PhantomData<T>);
+
+    impl<'de, T> Visitor<'de> for SetVisitor<T>
+    where
+        T: Deserialize<'de> + Ord + Clone,
+    {
+        type Value = OrdSet<T>;
+
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("a sequence")
+        }
+
+        fn visit_seq<A: SeqAccess<'de>>(self, mut access: A) -> Result<Self::Value, A::Error> {
+            let mut set = OrdSet::new();
+            while let Some(v) = access.next_element()? {
+                set.insert(v);
+            }
+            Ok(set)
+        }
+    }
+
+    pub fn ord_set<'de, D, T>(d: D) -> Result<OrdSet<T>, D::Error>
+    where
+        D: Deserializer<'de>,
+        T: Deserialize<'de> + Ord + Clone,
+    {
+        d.deserialize_seq(SetVisitor(PhantomData))
+    }
 }
 
 /// The parts of a change staged so far.
@@ -1283,6 +1360,31 @@ pub struct EventDraft {
 pub(crate) mod tests {
     use super::*;
     use crate::model::{Selection, SourceIp};
+
+    /// A crash the `peer_rpc` fuzz target found (13 bytes): a stored state whose gateway map
+    /// claims 0xdfdfdfa3 entries. It must be refused, not abort the process trying to allocate
+    /// for them (this test process would abort).
+    #[test]
+    fn a_map_header_claiming_billions_is_an_error() {
+        use crate::cluster::codec::{STORE_FORMAT, from_store, to_store};
+        let crash = [2u8, 147, 223, 223, 223, 163, 58, 3, 146, 97, 146, 7, 97];
+        assert!(from_store::<ClusterState>(&crash).is_err());
+        // The same claim in each persistent map and set of the state (gateways, policies,
+        // api_objects), after empty ones before it.
+        for field in 0..3 {
+            let mut b = vec![STORE_FORMAT, 0xdc, 0, 13];
+            b.extend(std::iter::repeat_n(0x80, field));
+            b.push(if field == 2 { 0xdd } else { 0xdf });
+            b.extend([0xdf, 0xdf, 0xdf, 0xdf]);
+            assert!(from_store::<ClusterState>(&b).is_err(), "field {field}");
+        }
+        // And a real state still round-trips.
+        let mut st = ClusterState::default();
+        st.apply(&Command::Cordon("gw1".into()));
+        st.api_objects.insert(ObjectRef::Gateway("g".into()));
+        let b = to_store(&st).unwrap();
+        assert_eq!(from_store::<ClusterState>(&b).unwrap(), st);
+    }
 
     pub(crate) fn elect(gateway: &str, to: Option<&str>) -> Command {
         Command::Assign {
