@@ -158,12 +158,14 @@ fn body_limit(path: &str) -> usize {
 pub fn router(state: AdminState) -> Router {
     let mut r = Router::new();
     for (method, path) in ROUTES {
-        if let Some(mut h) = handler(method, path) {
+        if let Some(h) = handler(method, path) {
+            let mut h = crate::cluster::transport::limit_body(h, body_limit(path));
             if *method != "GET" {
-                // The token before anything of the body is read.
+                // The token first (the outermost layer), before the body's size or any of its
+                // bytes.
                 h = h.route_layer(middleware::from_fn_with_state(state.clone(), require_token));
             }
-            r = r.route(path, h.layer(DefaultBodyLimit::max(body_limit(path))));
+            r = r.route(path, h);
         }
     }
     let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT));

@@ -212,6 +212,7 @@ fn admin_tls_and_limits_before_trust() {
     let label = format!("{url}/v1/nodes/gw1/labels");
     let medium = dir.join("medium.json");
     std::fs::write(&medium, vec![b' '; 100 * 1024]).expect("medium");
+    // `Expect`: the 413 comes before the body is read (see e2e_peer_trust).
     let (code, _) = curl(&[
         "-X",
         "POST",
@@ -219,6 +220,8 @@ fn admin_tls_and_limits_before_trust() {
         json,
         "-H",
         &auth,
+        "-H",
+        "Expect: 100-continue",
         "--data-binary",
         &format!("@{}", medium.display()),
         &label,

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use axum::extract::{DefaultBodyLimit, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
@@ -171,22 +171,19 @@ impl ClusterNode {
                         Router::new()
                             .route(
                                 transport::REPORT_PATH,
-                                post(report_handler)
-                                    .layer(DefaultBodyLimit::max(RouteLimits::REPORT)),
+                                transport::limit_body(post(report_handler), RouteLimits::REPORT),
                             )
                             .route(
                                 transport::HELLO_PATH,
-                                post(hello_handler)
-                                    .layer(DefaultBodyLimit::max(RouteLimits::EMPTY)),
+                                transport::limit_body(post(hello_handler), RouteLimits::EMPTY),
                             )
                             .route(
                                 transport::WRITE_PATH,
-                                post(write_handler)
-                                    .layer(DefaultBodyLimit::max(RouteLimits::WRITE)),
+                                transport::limit_body(post(write_handler), RouteLimits::WRITE),
                             )
                             .route(
                                 transport::VIEW_PATH,
-                                post(view_handler).layer(DefaultBodyLimit::max(RouteLimits::EMPTY)),
+                                transport::limit_body(post(view_handler), RouteLimits::EMPTY),
                             )
                             .with_state(node.clone()),
                     ),

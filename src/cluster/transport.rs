@@ -36,7 +36,7 @@ use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::post;
+use axum::routing::{MethodRouter, post};
 use axum::{Extension, Json, Router};
 use openraft::error::{
     InstallSnapshotError, NetworkError, PayloadTooLarge, RPCError, RaftError, RemoteError,
@@ -123,6 +123,35 @@ pub const CONTENT_TYPE: &str = "application/msgpack";
 
 /// Bodies above this are decoded off the async threads (a 100 KB log entry, a snapshot chunk).
 const BLOCKING_DECODE_BYTES: usize = 64 * 1024;
+
+/// `route` with a body limit of `limit` bytes: a declared `Content-Length` above it is refused
+/// (413) on the headers, before hyper asks the client for the body — a client that sent
+/// `Expect: 100-continue` then never sends it, and nobody's connection is reset halfway through
+/// a body it is still sending —; a body without a declared length is cut at the limit while it
+/// is read (`DefaultBodyLimit`, [`read_body`]).
+pub fn limit_body<S>(route: MethodRouter<S>, limit: usize) -> MethodRouter<S>
+where
+    S: Clone + Send + Sync + 'static,
+{
+    route
+        .layer(DefaultBodyLimit::max(limit))
+        .layer(middleware::from_fn(
+            move |req: Request, next: Next| async move {
+                let declared = req
+                    .headers()
+                    .get(axum::http::header::CONTENT_LENGTH)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse::<u64>().ok());
+                match declared {
+                    Some(n) if n > limit as u64 => json_error(
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        format!("the body is {n} bytes; this route takes at most {limit}"),
+                    ),
+                    _ => next.run(req).await,
+                }
+            },
+        ))
+}
 
 /// Reads a request body: at most the route's limit (`DefaultBodyLimit`), within
 /// [`BODY_TIMEOUT`] in all (a slow sender does not hold a handler for long).
@@ -308,15 +337,12 @@ pub fn raft_routes(raft: Raft) -> Router {
     Router::new()
         .route(
             APPEND_PATH,
-            post(append_handler).layer(DefaultBodyLimit::max(RouteLimits::APPEND)),
+            limit_body(post(append_handler), RouteLimits::APPEND),
         )
-        .route(
-            VOTE_PATH,
-            post(vote_handler).layer(DefaultBodyLimit::max(RouteLimits::VOTE)),
-        )
+        .route(VOTE_PATH, limit_body(post(vote_handler), RouteLimits::VOTE))
         .route(
             SNAPSHOT_PATH,
-            post(snapshot_handler).layer(DefaultBodyLimit::max(RouteLimits::SNAPSHOT)),
+            limit_body(post(snapshot_handler), RouteLimits::SNAPSHOT),
         )
         .with_state(raft)
 }
