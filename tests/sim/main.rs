@@ -1329,8 +1329,10 @@ fn config(seed: u64, events: u64, fence: FenceKind) -> Config {
     }
 }
 
-/// Seeds that found a bug once, run in every CI run.
-const REGRESSIONS: &[u64] = &[];
+/// Seeds that found a bug once (in the simulator's model of openraft: a leader that could not
+/// append without a quorum, liveness asked of a gateway right at a heal, no leader after a
+/// heal), run in every CI run.
+const REGRESSIONS: &[u64] = &[1001, 1003, 1053, 1112];
 
 fn report(kind: &str, runs: &[(u64, Stats)]) {
     let mut faults: BTreeMap<&str, u64> = BTreeMap::new();
