@@ -109,10 +109,17 @@ impl NftRunner {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true);
+        // Registered as egressd's own before it can commit anything, so that the watcher does
+        // not take its transaction for an outside change.
+        let spawning = super::watch::own().spawning();
         let mut child = cmd.spawn().map_err(|e| Error::Nft {
             op,
             detail: format!("cannot start {}: {e}", self.command.join(" ")),
         })?;
+        if let Some(pid) = child.id() {
+            spawning.spawned(pid);
+        }
+        drop(spawning);
         let input = child.stdin.take();
         // Feed stdin while collecting output: nft may report an error (and fill the stderr
         // pipe) before it has read the whole script.
@@ -182,9 +189,13 @@ impl NftRunner {
                 detail: format!("opening a netfilter netlink socket: {e}"),
             })?,
         };
+        let netns = self.netns.clone();
         let (socket, result) = tokio::task::spawn_blocking(move || {
             let mut socket = socket;
-            let r = socket.send(make());
+            let batch = make();
+            // A large batch goes while the watcher is deaf (see `watch::Own::quiet`).
+            let _quiet = super::watch::own().quiet(netns.as_deref(), batch.len());
+            let r = socket.send(batch);
             (socket, r)
         })
         .await
