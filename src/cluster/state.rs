@@ -1062,6 +1062,8 @@ pub enum EventKind {
     Release,
     ConfigRejected,
     Leadership,
+    /// egressd's nftables tables were changed from outside and repaired.
+    Repair,
 }
 
 impl EventKind {
@@ -1080,6 +1082,7 @@ impl EventKind {
             EventKind::Release => "release",
             EventKind::ConfigRejected => "config_rejected",
             EventKind::Leadership => "leadership",
+            EventKind::Repair => "repair",
         }
     }
 }

@@ -56,6 +56,7 @@ use serde_json::Value;
 use super::nfnl::{self, Batch, Data, Element, KeyBytes, Op};
 use super::runner::NftRunner;
 use super::shard::{Partition, Rect};
+use super::watch::{Count, Manifest, TableSpec};
 use super::{Error, Firewall, Result};
 use super::{Role, Roles};
 use crate::policy::{FamilyDiff, GwId, SnatElement, SnatMap};
@@ -896,6 +897,36 @@ impl Firewall for NftFirewall {
         self.drop_chains(&ids).await
     }
 
+    fn manifest(&self) -> Option<Manifest> {
+        let i = self.installed.as_ref()?;
+        let (chains, roles) = (self.chains.as_ref()?, self.roles.as_ref()?);
+        let g = i.generation;
+        let mut spec = TableSpec {
+            family: nfnl::NFPROTO_INET,
+            name: self.table.clone(),
+            chains: BTreeMap::new(),
+            sets: BTreeMap::new(),
+        };
+        // counter, two vmaps, counter.
+        spec.chains.insert(base_chain_name(g), 4);
+        family_spec(&mut spec, g, &i.v4);
+        family_spec(&mut spec, g, &i.v6);
+        for id in chains {
+            let role = roles.get(id).copied().unwrap_or_default();
+            spec.chains
+                .insert(gw_chain::<Ipv4Addr>(*id), usize::from(role.v4.is_some()));
+            spec.chains
+                .insert(gw_chain::<Ipv6Addr>(*id), usize::from(role.v6.is_some()));
+        }
+        Some(Manifest { tables: vec![spec] })
+    }
+
+    fn forget(&mut self) {
+        self.installed = None;
+        self.chains = None;
+        self.roles = None;
+    }
+
     async fn remove(&mut self) -> Result<()> {
         validate_table_name(&self.table)?;
         self.installed = None;
@@ -906,6 +937,16 @@ impl Firewall for NftFirewall {
         let t = &self.table;
         let script = format!("add table inet {t}\ndelete table inet {t}\n");
         self.nft.transaction("delete table", &script).await
+    }
+}
+
+/// One family's maps and cell chains of generation `g`, as `fam` installed them.
+fn family_spec<A: NftAddr>(spec: &mut TableSpec, g: u64, fam: &Family<A>) {
+    spec.sets
+        .insert(selector_name::<A>(g), Count::Exactly(fam.partition.len()));
+    for (c, n) in fam.counts.iter().enumerate() {
+        spec.sets.insert(map_name::<A>(g, c), Count::Exactly(*n));
+        spec.chains.insert(chain_name::<A>(g, c), 1);
     }
 }
 
