@@ -11,36 +11,24 @@
 //! active node a follower or the Raft leader, at the default and the fast profile; and a planned
 //! handover (SIGTERM, and `egressd node cordon` through the CLI). Prints a table of
 //! medians and maxima. Also: operator command latency (status, apply, delete through the CLI),
-//! the commit-to-SNAT latency of a config change, and the resident size of an idle node holding
-//! 10 000 policies. `--admin-only`, `--planned-only`, `--config-change-only` and `--rss-only` run
-//! one part.
+//! the commit-to-SNAT latency of a config change. `--admin-only`, `--planned-only` and
+//! `--config-change-only` run one part. Sizes (10 000 and 100 000 policies) are
+//! `benches/scale.rs`'s.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
 
-use std::process::Stdio;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
-use common::arp;
+use common::bench::*;
 use common::cluster::*;
 use common::topo::*;
 
 const TRIALS: usize = 5;
 
-struct Trial {
-    failover_ms: f64,
-    outage_ms: f64,
-    doubles: usize,
-}
-
-fn unix_now() -> f64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0.0, |d| d.as_secs_f64())
-}
-
-/// Runs one trial: `leader` picks whether the active node is the Raft leader; `how` is KILL or
-/// TERM (a signal to the daemon) or CUT (every link of the node goes down).
+/// Runs one trial on a fresh cluster: `leader` picks whether the active node is the Raft
+/// leader; `how` is KILL or TERM (a signal to the daemon), CUT (every link of the node goes
+/// down) or CORDON.
 fn trial(tag: &str, extra: &str, leader: bool, how: &str) -> Trial {
     let (token, admin) = admin_token(TOKEN);
     let mut c = Cluster::start_with(tag, 3, &format!("{extra}\n{admin}"));
@@ -53,96 +41,10 @@ fn trial(tag: &str, extra: &str, leader: bool, how: &str) -> Trial {
     };
     c.make_active(&target);
     c.assert_traffic_via_vip();
-    let successor = name(c.index(&target) + 1);
-    let succ_mac = arp::mac_text(arp::mac(&c.topo.nodes[c.index(&successor)], "eth1"));
-
-    let cap = c.topo.start_arp_capture("wan");
-    let pings = c.topo.dir.path().join("ping.txt");
-    common::tools::need("ping");
-    let mut ping = common::tools::cmd("ip");
-    ping.args([
-        "netns",
-        "exec",
-        &c.topo.client,
-        "ping",
-        "-D",
-        "-n",
-        "-i",
-        "0.01",
-        "-W",
-        "1",
-        "-I",
-        CLIENT_IP,
-        SERVER_IP,
-    ])
-    .stdout(std::fs::File::create(&pings).expect("ping log"))
-    .stderr(Stdio::null());
-    c.topo.lab.spawn_raw(ping);
-    let prober = c.prober();
-    std::thread::sleep(Duration::from_millis(700));
-
-    let t0 = unix_now();
-    if how == "CUT" {
-        c.cut_links(&target);
-    } else if how == "CORDON" {
-        let out = cli(
-            &c,
-            c.index(&successor),
-            &["node", "cordon", &target],
-            token.path(),
-        );
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    } else {
-        c.signal(&target, how);
-    }
-    wait_for("successor active", WAIT, || {
-        c.topo.active(c.index(&successor), GW).as_deref() == Some(successor.as_str())
-            && c.topo.node_holds(c.index(&successor), GW)
-    });
-    std::thread::sleep(Duration::from_millis(700));
-    let probes = prober.stop();
-
-    let garp = format!("who-has {VIP} tell {VIP}");
-    let text = std::fs::read_to_string(&cap).unwrap_or_default();
-    let first_garp = text
-        .lines()
-        .filter(|l| l.contains(&garp) && l.contains(&succ_mac))
-        .filter_map(|l| l.split_whitespace().next()?.parse::<f64>().ok())
-        .find(|t| *t >= t0)
-        .unwrap_or(f64::NAN);
-    let replies: Vec<f64> = std::fs::read_to_string(&pings)
-        .unwrap_or_default()
-        .lines()
-        .filter(|l| l.contains("bytes from"))
-        .filter_map(|l| l.strip_prefix('[')?.split(']').next()?.parse().ok())
-        .collect();
-    let outage = replies
-        .windows(2)
-        .filter(|w| w[1] >= t0 - 0.05)
-        .map(|w| w[1] - w[0])
-        .fold(0.0, f64::max);
-    Trial {
-        failover_ms: (first_garp - t0) * 1e3,
-        outage_ms: outage * 1e3,
-        doubles: arp::double_answers(&probes).len(),
-    }
+    failover_trial(&mut c, &target, how, token.path())
 }
 
 const TOKEN: &str = "bench-admin-token-0123456789";
-
-/// The egressd CLI in node `i`'s namespace, with the admin token for mutations.
-fn cli(c: &Cluster, i: usize, args: &[&str], token: &std::path::Path) -> std::process::Output {
-    let token = token.display().to_string();
-    let mut full = args.to_vec();
-    if !matches!(args.first(), Some(&"status" | &"get")) {
-        full.extend(["--token-file", &token]);
-    }
-    c.topo.cli(i, &full)
-}
 
 /// Operator round trips through the real CLI against a three-node cluster: `status` on the
 /// leader and on a follower (which asks the leader for its view), and `apply` of one policy
@@ -163,7 +65,7 @@ fn admin_latency(rounds: usize) -> Vec<(&'static str, f64, f64)> {
     let file = file.display().to_string();
     let time = |i: usize, args: &[&str]| {
         let t = std::time::Instant::now();
-        let out = cli(&c, i, args, token.path());
+        let out = cli_with_token(&c, i, args, token.path());
         assert!(
             out.status.success(),
             "{}",
@@ -205,27 +107,6 @@ fn print_admin_latency() {
     for (what, m, x) in admin_latency(rounds) {
         println!("| {what} | {m:.1} ms | {x:.1} ms |");
     }
-}
-
-fn stats(mut v: Vec<f64>) -> (f64, f64) {
-    v.sort_by(|a, b| a.total_cmp(b));
-    (v[v.len() / 2], v[v.len() - 1])
-}
-
-/// Seconds since midnight of a tracing timestamp at the start of a log line
-/// (`2026-11-26T15:24:34.785991Z ...`).
-fn log_time(line: &str) -> Option<f64> {
-    let t = line
-        .split_whitespace()
-        .next()?
-        .split('T')
-        .nth(1)?
-        .trim_end_matches('Z');
-    let mut parts = t.split(':');
-    let h: f64 = parts.next()?.parse().ok()?;
-    let m: f64 = parts.next()?.parse().ok()?;
-    let s: f64 = parts.next()?.parse().ok()?;
-    Some(h * 3600.0 + m * 60.0 + s)
 }
 
 /// A policy change reloaded on the leader: from its commit (logged when the write returns) to
@@ -272,49 +153,6 @@ fn config_change_latency(rounds: usize) -> (f64, f64) {
     stats(lat)
 }
 
-fn idle_rss_with_policies(n: usize) -> u64 {
-    let mut topo = Topo::new("rss", 1);
-    let mut cfg = format!(
-        r#"
-[node]
-name = "gw1"
-labels = {{ egress = "" }}
-[cluster]
-listen = "127.0.0.1:7480"
-data_dir = "{dir}/gw1"
-[[gateway]]
-name = "vip"
-node_selector = {{ egress = "" }}
-[gateway.source_ip]
-mode = "VirtualIPAddress"
-virtual_ip_address = {{ ip = "{VIP}", interfaces = ["eth1"] }}
-"#,
-        dir = topo.dir.path().display()
-    );
-    for i in 0..n {
-        cfg.push_str(&format!(
-            "[[policy]]\nname = \"p{i}\"\negress_gateway_name = \"vip\"\nsource_cidrs = [\"10.{}.{}.{}/32\"]\ndestination_cidrs = [\"0.0.0.0/0\"]\n",
-            100 + i / 65536,
-            (i / 256) % 256,
-            i % 256
-        ));
-    }
-    let path = topo.write_config(0, &cfg);
-    let idx = topo.start_egressd(0, &path);
-    // Consecutive /32 sources with one target merge into few map elements: wait for the log.
-    wait_for("policies installed", Duration::from_secs(60), || {
-        topo.log(0).contains("took over gateway")
-    });
-    std::thread::sleep(Duration::from_secs(3));
-    let pid = topo.lab.child(idx).id();
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        .unwrap_or(0)
-}
-
 /// The planned handovers: (what, extra config, active is the leader, how).
 const PLANNED: [(&str, &str, bool, &str); 2] = [
     (
@@ -353,14 +191,6 @@ fn main() {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         eprintln!("!!! SKIPPED benches/failover.rs: needs root for network namespaces");
-        return;
-    }
-    if std::env::args().any(|a| a == "--rss-only") {
-        let rss = idle_rss_with_policies(10_000);
-        println!(
-            "idle single node with 10 000 policies: {:.1} MiB resident",
-            rss as f64 / 1024.0
-        );
         return;
     }
     if std::env::args().any(|a| a == "--admin-only") {
@@ -423,10 +253,5 @@ fn main() {
     let (m, x) = config_change_latency(10);
     println!(
         "\nconfig change (one policy) committed on the leader -> SNAT updated on the active follower: median {m:.1} ms, max {x:.1} ms (10 rounds)"
-    );
-    let rss = idle_rss_with_policies(10_000);
-    println!(
-        "\nresident size of an idle single node with 10 000 policies: {:.1} MiB",
-        rss as f64 / 1024.0
     );
 }

@@ -257,7 +257,7 @@ async fn run_inner(
         starting: None,
         reload_pending: None,
         reloading: None,
-        drift_at: None,
+        drift_of: None,
         drift: Vec::new(),
         last_leader: None,
         prometheus,
@@ -542,6 +542,32 @@ async fn start_file(
     }
 }
 
+/// The committed objects a drift was computed from (persistent maps: comparing is free).
+struct DriftInputs {
+    gateways: imbl::OrdMap<String, Gateway>,
+    policies: imbl::OrdMap<String, Arc<Policy>>,
+    api: imbl::OrdSet<crate::cluster::state::ObjectRef>,
+    seeded: bool,
+}
+
+impl DriftInputs {
+    fn of(s: &ClusterState) -> DriftInputs {
+        DriftInputs {
+            gateways: s.gateways.clone(),
+            policies: s.policies.clone(),
+            api: s.api_objects.clone(),
+            seeded: s.seeded,
+        }
+    }
+
+    fn same(&self, s: &ClusterState) -> bool {
+        self.gateways.ptr_eq(&s.gateways)
+            && self.policies.ptr_eq(&s.policies)
+            && self.api.ptr_eq(&s.api_objects)
+            && self.seeded == s.seeded
+    }
+}
+
 /// At most this many drift lines in the log at a time; `egressd status` lists them all.
 const DRIFT_LOG_LINES: usize = 10;
 
@@ -565,8 +591,8 @@ struct Main {
     reload_pending: Option<Option<Command>>,
     /// The commit of the last reload: `Some(problem)` when it did not happen.
     reloading: Option<JoinHandle<Option<String>>>,
-    /// The applied index the drift was computed at.
-    drift_at: Option<u64>,
+    /// What the drift was computed from (`None`: compute it again).
+    drift_of: Option<DriftInputs>,
     drift: Vec<String>,
     last_leader: Option<u64>,
     prometheus: Arc<crate::metrics::Metrics>,
@@ -586,16 +612,23 @@ impl Main {
         self.publish();
     }
 
-    /// Recomputes the drift when the committed state or the file changed.
+    /// Recomputes the drift when the committed objects or the file changed (not at every
+    /// applied index: grants, assignments and staged parts move it many times a second, and
+    /// with 100 000 policies one comparison takes tens of milliseconds).
     fn refresh_drift(&mut self) {
         let applied = self.node.applied();
-        if self.drift_at == Some(applied.index) {
+        let state = &applied.state;
+        if self.drift_of.as_ref().is_some_and(|d| d.same(state)) {
             return;
         }
-        self.drift_at = Some(applied.index);
-        let (fg, fp) = file_objects(&self.config);
-        self.drift = if applied.state.seeded && self.file_valid {
-            applied.state.drift(&fg, &fp)
+        self.drift_of = Some(DriftInputs::of(state));
+        self.drift = if state.seeded && self.file_valid {
+            let config = &self.config;
+            let compute = || {
+                let (fg, fp) = file_objects(config);
+                state.drift(&fg, &fp)
+            };
+            crate::heavy(compute)
         } else {
             Vec::new()
         };
@@ -603,7 +636,7 @@ impl Main {
 
     /// After a start or a reload: the drift that remains goes to the log, loudly.
     fn log_drift(&mut self, after: Load) {
-        self.drift_at = None;
+        self.drift_of = None;
         self.refresh_drift();
         if self.drift.is_empty() {
             return;
@@ -831,7 +864,7 @@ impl Main {
                 self.config_tx
                     .send_replace(AgentConfig::from_config(&self.config));
                 // The drift against the new file is computed afresh.
-                self.drift_at = None;
+                self.drift_of = None;
                 if self.started {
                     self.commit_file(members);
                 } else {

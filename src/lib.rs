@@ -18,3 +18,16 @@ pub mod policy;
 pub mod reconciler;
 pub mod status;
 pub mod tls;
+
+/// Runs a computation that may take long (a change of 100 000 objects) on this runtime thread
+/// while the runtime moves its other tasks (heartbeats, votes, renewals) to another thread.
+/// Outside a multi-threaded runtime (unit tests, the simulation) it simply runs.
+pub(crate) fn heavy<R>(f: impl FnOnce() -> R) -> R {
+    let multi = tokio::runtime::Handle::try_current()
+        .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+    if multi {
+        tokio::task::block_in_place(f)
+    } else {
+        f()
+    }
+}

@@ -65,6 +65,8 @@ destination_cidrs = ["fd00:203::/64"]
     // Neighbour advertisements on the WAN, with the sender's MAC.
     let na = c.topo.start_na_capture("na");
 
+    // First, as this may restart gw1 (it then takes the VIP back: preemption is on).
+    c.ensure_leader_is_not("gw1");
     wait_active6(&c, "gw1");
     let vip6: Ipv6Addr = VIP6.parse().expect("VIP6");
     wait_for("the server sees the IPv6 VIP through gw1", WAIT, || {
@@ -72,7 +74,6 @@ destination_cidrs = ["fd00:203::/64"]
     });
 
     // gw1's daemon dies; its kernel keeps the VIP, the next hop and forwarding.
-    c.ensure_leader_is_not("gw1");
     c.signal("gw1", "KILL");
     wait_active6(&c, "gw2");
     wait_for("the server sees the IPv6 VIP through gw2", WAIT, || {

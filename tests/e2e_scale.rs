@@ -23,10 +23,6 @@ fn wait(c: &Cluster, what: &str, mut f: impl FnMut() -> bool) {
     }
 }
 
-/// The sources of the first and the last of `many_sources(10_000)`.
-const FIRST_SOURCE: &str = "10.100.0.0";
-const LAST_SOURCE: &str = "10.100.39.15";
-
 fn term(c: &Cluster, i: usize) -> u64 {
     c.topo
         .status(i)
@@ -53,7 +49,8 @@ fn three_nodes_with_10k_policies_settle_fail_over_and_apply() {
     c.assert_traffic_via_vip();
     // Two of the 10 000 sources (the first and the last policy's) on the client, routed back
     // to it by every node: their traffic leaves with the VIP.
-    for src in [FIRST_SOURCE, LAST_SOURCE] {
+    let sources = [many_sources_address(0), many_sources_address(9_999)];
+    for src in &sources {
         c.topo.lab.exec(
             &c.topo.client,
             ["ip", "addr", "add", &format!("{src}/32"), "dev", "eth0"],
@@ -66,13 +63,20 @@ fn three_nodes_with_10k_policies_settle_fail_over_and_apply() {
         );
     }
     let snated = |c: &Cluster| {
-        [FIRST_SOURCE, LAST_SOURCE]
+        sources
             .iter()
             .all(|s| c.topo.seen_source(s, SERVER_IP).as_deref() == Some(VIP))
     };
     wait(&c, "the first and the last policy SNATed on gw1", || {
         snated(&c)
     });
+
+    // Every source is an element of its own (none are adjacent).
+    let elements = c.topo.snat4_elements(&c.topo.nodes[0].clone());
+    assert!(
+        elements.is_some_and(|n| n >= 10_000),
+        "gw1's kernel holds {elements:?} elements"
+    );
 
     // Settled: for three seconds no election, no failover, gw1 holds the gateway throughout.
     let t0 = term(&c, 0);
@@ -96,6 +100,8 @@ fn three_nodes_with_10k_policies_settle_fail_over_and_apply() {
 
     // A failover of the active node at this size.
     c.ensure_leader_is_not("gw1");
+    // A restart of gw1 above hands the role back to it (preemption): wait for that first.
+    c.wait_active("gw1");
     c.signal("gw1", "KILL");
     c.wait_active("gw2");
     c.assert_traffic_via_vip();

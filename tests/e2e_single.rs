@@ -322,3 +322,114 @@ destination_cidrs = ["fd00:203::/64"]
     let neigh = String::from_utf8_lossy(&out.stdout).to_string();
     assert!(neigh.contains("lladdr"), "{neigh}");
 }
+
+/// ARP probes from the server for `ip` over `d`: how many were answered.
+fn arp_answers(topo: &Topo, ip: &str, d: Duration) -> usize {
+    let prober = common::arp::ArpProber::start(
+        &topo.server,
+        "eth0",
+        SERVER_IP.parse().expect("ip"),
+        ip.parse().expect("ip"),
+        Duration::from_millis(10),
+    );
+    std::thread::sleep(d);
+    prober
+        .stop()
+        .iter()
+        .filter(|p| !p.answered_by.is_empty())
+        .count()
+}
+
+/// Hole 4 of issue 10: a node killed while holding a gateway created through the API (not in its
+/// file) keeps the VIP as an address; a restart that then fails (here: the admin address cannot
+/// be bound) must leave that VIP fenced — the start-up fence covers the store's committed
+/// gateways and every address tagged as egressd's, not only the file's gateways.
+#[test]
+fn a_failed_start_leaves_every_held_address_fenced() {
+    if !require_root("a_failed_start_leaves_every_held_address_fenced") {
+        return;
+    }
+    const API_VIP: &str = "203.0.113.60";
+    let mut topo = Topo::new("fencestart", 1);
+    topo.start_echo_server();
+    let token = topo.dir.path().join("token");
+    std::fs::write(&token, "e2e-admin-token-0123456789\n").expect("token");
+    let admin = format!("\n[admin]\ntoken_file = \"{}\"\n", token.display());
+    let cfg = topo.write_config(0, &(config(&topo) + &admin));
+    let child = topo.start_egressd(0, &cfg);
+    let gw = topo.nodes[0].clone();
+    wait_for("VIP held", WAIT, || topo.node_holds(0, "vip"));
+    let file = topo.dir.path().join("api.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "[[gateway]]\nname = \"api\"\nnode_selector = {{ \"node-role.deckhouse.io/egress\" = \"\" }}\n\
+             [gateway.source_ip]\nmode = \"VirtualIPAddress\"\n\
+             virtual_ip_address = {{ ip = \"{API_VIP}\", interfaces = [\"eth1\"] }}\n"
+        ),
+    )
+    .expect("apply file");
+    let out = topo.cli(
+        0,
+        &[
+            "apply",
+            "-f",
+            &file.display().to_string(),
+            "--token-file",
+            &token.display().to_string(),
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_for("the API gateway held", WAIT, || {
+        topo.node_holds(0, "api") && topo.holds(&gw, "eth1", API_VIP)
+    });
+    assert!(
+        arp_answers(&topo, API_VIP, Duration::from_millis(300)) > 0,
+        "the held API VIP is answered"
+    );
+
+    signal(topo.lab.child(child), "KILL");
+    let _ = topo.lab.child(child).wait();
+    assert!(
+        topo.holds(&gw, "eth1", API_VIP),
+        "kill -9 leaves the address"
+    );
+
+    // The same node, restarted with an admin address it cannot bind: it fails after the fence.
+    let broken = config(&topo) + &admin + "listen = \"192.0.2.1:7481\"\n";
+    let cfg = topo.write_config(0, &broken);
+    let child = topo.start_egressd(0, &cfg);
+    let status = topo.lab.child(child).wait().expect("wait");
+    assert!(!status.success(), "the start must fail\n{}", topo.log(0));
+    assert!(
+        topo.log(0).contains("binding the admin endpoint"),
+        "{}",
+        topo.log(0)
+    );
+    assert!(
+        topo.holds(&gw, "eth1", API_VIP),
+        "the address is still on eth1"
+    );
+    for ip in [API_VIP, VIP] {
+        assert_eq!(
+            arp_answers(&topo, ip, Duration::from_millis(500)),
+            0,
+            "{ip} answered after a failed start\n{}",
+            topo.ruleset(&gw)
+        );
+    }
+    // Control: without the fence the kernel would answer for the address left on eth1 (its
+    // replies leave through the netdev table's egress hook too).
+    topo.lab
+        .exec(&gw, ["nft", "delete", "table", "arp", "egressd"]);
+    topo.lab
+        .exec(&gw, ["nft", "delete", "table", "netdev", "egressd"]);
+    assert!(
+        arp_answers(&topo, API_VIP, Duration::from_millis(300)) > 0,
+        "without the fence tables the kernel answers (the probe works)"
+    );
+}

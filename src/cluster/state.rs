@@ -49,7 +49,9 @@ pub struct ClusterState {
 /// The parts of a change staged so far.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Staged {
-    pub parts: Vec<Command>,
+    /// Shared, so that the copy of the state each command takes costs nothing per staged part
+    /// (a copy of 200 staged parts of 500 policies each, per part, made staging quadratic).
+    pub parts: Vec<Arc<Command>>,
     /// Log index of the first part: a transaction abandoned for `STAGE_TTL` entries is dropped.
     pub since: u64,
 }
@@ -417,7 +419,7 @@ impl ClusterState {
                         "transaction {txn:x}: part {part} arrived after {have} parts; dropped"
                     ));
                 }
-                staged.parts.push((**command).clone());
+                staged.parts.push(Arc::new((**command).clone()));
                 ok(false, Vec::new())
             }
             Command::Commit { txn, parts } => {
@@ -430,7 +432,8 @@ impl ClusterState {
                         staged.parts.len()
                     ));
                 }
-                let Some(merged) = Command::merge(staged.parts) else {
+                let parts = staged.parts.into_iter().map(Arc::unwrap_or_clone).collect();
+                let Some(merged) = Command::merge(parts) else {
                     return refuse(format!("transaction {txn:x}: parts of different changes"));
                 };
                 self.apply_described(&merged, index)

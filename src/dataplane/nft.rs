@@ -6,11 +6,13 @@
 //! ```text
 //! table inet egressd {
 //!   counter seen { }                      # new connections through the chain
-//!   counter not_snated { }                # ... that no element matched
-//!   map sel4_G { type ipv4_addr . ipv4_addr : verdict; flags interval; }   # cell → chain
-//!   map m4_G_0 { type ipv4_addr . ipv4_addr : ipv4_addr; flags interval; } # cell 0's elements
-//!   chain c4_G_0 { snat ip to ip saddr . ip daddr map @m4_G_0 }
+//!   counter not_snated { }                # ... that no gateway chain SNATed
+//!   map sel4_G { type ipv4_addr . ipv4_addr : verdict; flags interval; }   # cell → jump c4_G_K
+//!   map m4_G_K { type ipv4_addr . ipv4_addr : verdict; flags interval; }   # → goto g4_<gateway>
+//!   chain c4_G_K { ip saddr . ip daddr vmap @m4_G_K }
 //!   ... one map and chain per cell, and the same for IPv6 (sel6_G, m6_G_K, c6_G_K)
+//!   chain g4_<id> { snat ip to 203.0.113.50 }   # a gateway active here: its source IP
+//!   chain g4_<id2> { }                          # a gateway active elsewhere: nothing
 //!   chain postrouting_G {
 //!     type nat hook postrouting priority srcnat; policy accept;
 //!     counter name "seen"
@@ -21,6 +23,11 @@
 //! }
 //! ```
 //!
+//! The classification (which gateway's policy wins a packet, `crate::policy`) is the same on
+//! every node; which gateways are active here lives only in the gateway chains (`g4_<id>`,
+//! `g6_<id>`, `<id>` from the gateway's name), which are not generational. A takeover or a
+//! release rewrites two small chains in one `nft` transaction, whatever the number of policies.
+//!
 //! The cells (`shard.rs`) tile the (source, destination) plane; the selector map sends a packet
 //! to its cell's chain, whose map holds the elements (or the pieces of elements) of that cell.
 //! Why: the kernel's set backend for concatenated ranges deletes an element in time linear in
@@ -29,8 +36,9 @@
 //! two map lookups whatever the number of policies.
 //!
 //! A nat chain sees only the first packet of each connection, so the counters count new
-//! connections. A `snat` whose lookup succeeds ends the hook; one that fails returns from the
-//! cell chain and falls through; so `seen - not_snated` is the number of connections SNATed.
+//! connections. A `snat` ends the hook; a packet no element matches, or whose gateway chain is
+//! empty, returns to the base chain and falls through; so `seen - not_snated` is the number of
+//! connections SNATed.
 //!
 //! Changes:
 //! - **delta** (the usual case): the element pieces that differ, deleted and added in one

@@ -110,6 +110,19 @@ impl Cluster {
         objects: &str,
         prepare: impl FnOnce(&Topo),
     ) -> Cluster {
+        let c = Cluster::launch(tag, n, extra, objects, prepare);
+        c.wait_active("gw1");
+        c
+    }
+
+    /// Starts the lab and the daemons without waiting for anything (benchmarks time the start).
+    pub fn launch(
+        tag: &str,
+        n: usize,
+        extra: &str,
+        objects: &str,
+        prepare: impl FnOnce(&Topo),
+    ) -> Cluster {
         let mut topo = Topo::new(tag, n);
         std::fs::write(
             topo.dir.path().join("secret"),
@@ -127,16 +140,14 @@ impl Cluster {
         let children = (0..n)
             .map(|i| Some(topo.start_egressd(i, &configs[i])))
             .collect();
-        let c = Cluster {
+        Cluster {
             topo,
             n,
             children,
             configs,
             extra: extra.to_string(),
             objects: objects.to_string(),
-        };
-        c.wait_active("gw1");
-        c
+        }
     }
 
     pub fn live(&self) -> impl Iterator<Item = usize> + '_ {
@@ -146,6 +157,11 @@ impl Cluster {
     /// Waits until every live node sees `node` as the committed active node and that node's
     /// data plane holds the gateway.
     pub fn wait_active(&self, node: &str) {
+        self.wait_active_within(node, WAIT);
+    }
+
+    /// `wait_active` with a time limit of its own (a start with 100 000 policies takes longer).
+    pub fn wait_active_within(&self, node: &str, limit: Duration) {
         let i = self.index(node);
         let start = std::time::Instant::now();
         while !(self
@@ -153,9 +169,9 @@ impl Cluster {
             .all(|j| self.topo.active(j, GW).as_deref() == Some(node))
             && self.topo.node_holds(i, GW))
         {
-            if start.elapsed() > WAIT {
+            if start.elapsed() > limit {
                 panic!(
-                    "timed out after {WAIT:?} waiting for {node} active and holding the gateway\n{}",
+                    "timed out after {limit:?} waiting for {node} active and holding the gateway\n{}",
                     self.logs()
                 );
             }
@@ -366,32 +382,39 @@ impl Drop for AddressSampler {
     }
 }
 
-/// `n` policies of the gateway `vip`, each selecting one /32 source (from 10.100.0.0/14, never
-/// the test clients) to everywhere: an allow-list of many client hosts.
+/// `n` policies of the gateway `vip`, each selecting one /32 source (every other address from
+/// 10.100.0.0, so that none merge; never the test clients) to everywhere: an allow-list of many
+/// client hosts.
 pub fn many_sources(n: usize) -> String {
     let mut s = String::with_capacity(n * 130);
     for i in 0..n {
         s.push_str(&format!(
             "[[policy]]\nname = \"src-{i:06}\"\negress_gateway_name = \"{GW}\"\n\
-             source_cidrs = [\"10.{}.{}.{}/32\"]\ndestination_cidrs = [\"0.0.0.0/0\"]\n",
-            100 + (i >> 16),
-            (i >> 8) & 255,
-            i & 255
+             source_cidrs = [\"{}/32\"]\ndestination_cidrs = [\"0.0.0.0/0\"]\n",
+            many_sources_address(i)
         ));
     }
     s
 }
 
-/// One policy of the gateway `vip` from the client's LAN to `n` distinct /24 destinations (in
-/// 100.64.0.0/10 and beyond, never the server's network): an allow-list of cloud ranges.
+/// The source of policy `i` of `many_sources`.
+pub fn many_sources_address(i: usize) -> String {
+    let k = 2 * i;
+    format!("10.{}.{}.{}", 100 + (k >> 16), (k >> 8) & 255, k & 255)
+}
+
+/// One policy of the gateway `vip` from the client's LAN to `n` distinct /24 destinations, every
+/// other /24 from 100.0.0.0 (so that none merge; never the server's network): an allow-list
+/// of cloud ranges.
 pub fn many_destinations(n: usize) -> String {
     let dests: Vec<String> = (0..n)
         .map(|i| {
+            let k = 2 * i;
             format!(
                 "\"{}.{}.{}.0/24\"",
-                100 + (i >> 16),
-                (i >> 8) & 255,
-                i & 255
+                100 + (k >> 16),
+                (k >> 8) & 255,
+                k & 255
             )
         })
         .collect();

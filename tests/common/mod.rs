@@ -1,4 +1,5 @@
 pub mod arp;
+pub mod bench;
 pub mod capture;
 pub mod cluster;
 pub mod netns;

@@ -121,7 +121,7 @@ const TIMING: Timing = Timing {
 /// After a fault phase heals, every gateway is held again within this long.
 const LIVENESS_BOUND: Us = 2500 * MS;
 /// How recently the elected node must have answered when liveness is checked.
-const LIVENESS_SLACK: Us = 500 * MS;
+const LIVENESS_SLACK: Us = 1000 * MS;
 
 #[derive(Debug)]
 enum Ev {
@@ -209,6 +209,8 @@ struct Node {
     ctl: Option<(u64, Controller)>,
     /// Kernel fence: address → (written at, ends at), real time. Survives kills, not restarts.
     kernel: BTreeMap<IpAddr, (Us, Us)>,
+    /// When a live element was last written for each address (real time).
+    renewed: BTreeMap<IpAddr, Us>,
     /// Leases the node's process holds: gateway → (from, until), real time.
     leases_real: BTreeMap<String, (Us, Us)>,
 }
@@ -300,6 +302,7 @@ impl Sim {
                     applied_index: 0,
                     ctl: None,
                     kernel: BTreeMap::new(),
+                    renewed: BTreeMap::new(),
                     leases_real: BTreeMap::new(),
                 }
             })
@@ -781,6 +784,7 @@ impl Sim {
                 .filter(|(_, e)| *e > self.now)
                 .map_or(self.now, |(s, _)| *s);
             self.nodes[i].kernel.insert(*a, (start, end));
+            self.nodes[i].renewed.insert(*a, self.now);
             // The invariant on addresses, at the moment this node answers for one.
             for j in 0..self.nodes.len() {
                 if j == i {
@@ -994,6 +998,12 @@ impl Sim {
             self.nodes[i].not_ready_until = 0;
         }
         self.partitioned.clear();
+        // With everyone back, Raft elects a leader within an election timeout if it has none
+        // that can lead (the uncordons below need one).
+        if !self.leader_ok() {
+            let old = self.leader;
+            self.elect(old);
+        }
         // Leaders and followers hear of the latest term again.
         if let Some(l) = self.leader {
             for i in 0..self.nodes.len() {
@@ -1088,12 +1098,13 @@ impl Sim {
             let h = self.nodes.iter().position(|n| &n.name == holder).unwrap();
             for a in g.addresses() {
                 // Message faults go on after a heal, and a few lost or late renewals in a row
-                // let a lease lapse for a moment: answering within the last `LIVENESS_SLACK`
-                // counts, never answering since does not.
+                // let a lease lapse for a moment (and the data plane may take up to 800 ms to
+                // take the gateway again): the elected node must have answered since the heal,
+                // and within the last `LIVENESS_SLACK`.
                 let live = self.nodes[h]
-                    .kernel
+                    .renewed
                     .get(&a)
-                    .is_some_and(|(_, e)| *e + LIVENESS_SLACK > self.now);
+                    .is_some_and(|t| *t >= self.healed_at && *t + LIVENESS_SLACK > self.now);
                 if !live {
                     let state = self.describe();
                     self.fail(format!(
