@@ -157,24 +157,26 @@ pub fn heal_report(
                 since,
                 took,
             } => {
-                let mut objects = BTreeSet::new();
-                for t in tampers.iter() {
-                    let message = format!(
-                        "data plane repaired: {}; {} back {:.1} ms after the change (the repair \
-                         took {:.1} ms)",
-                        t.describe(),
-                        part.name(),
-                        since.as_secs_f64() * 1e3,
-                        took.as_secs_f64() * 1e3
-                    );
-                    tracing::warn!(part = part.name(), objects = ?t.objects, "{message}");
-                    events.local(crate::events::EventKind::Repair, None, message);
-                    objects.extend(t.objects.iter().cloned());
-                }
+                // One repair, one event, whatever number of outside changes it covers.
+                let what = tampers
+                    .iter()
+                    .map(|t| t.describe())
+                    .collect::<Vec<_>>()
+                    .join("; ");
+                let objects: BTreeSet<&String> = tampers.iter().flat_map(|t| &t.objects).collect();
+                let message = format!(
+                    "data plane repaired: {what}; {} back {:.1} ms after the change (the repair \
+                     took {:.1} ms)",
+                    part.name(),
+                    since.as_secs_f64() * 1e3,
+                    took.as_secs_f64() * 1e3
+                );
+                tracing::warn!(part = part.name(), objects = ?objects, "{message}");
+                events.local(crate::events::EventKind::Repair, None, message);
                 for o in &objects {
                     metrics.repaired(o);
                 }
-                let last = tampers.last().map(|t| t.describe());
+                let last = (!what.is_empty()).then_some(what);
                 board.update(|s| {
                     refresh(s);
                     s.dataplane.repairs += 1;

@@ -1683,6 +1683,16 @@ impl Run {
             if diffs.is_empty() {
                 continue;
             }
+            // A change made while the tables were listed is reported by its notification, with
+            // the process that made it: read those first, so that one change is not reported
+            // twice (once by the check, once by its notification).
+            if self.drain() {
+                // Lost ones: a complete check follows (see `run`).
+                self.listener.missed.store(true, Ordering::SeqCst);
+            }
+            if self.heal.version(part) != version || self.heal.pending(part).is_some() {
+                continue;
+            }
             let objects: BTreeSet<String> = diffs.iter().map(|(o, _)| o.clone()).collect();
             let n = diffs.len();
             let mut what = diffs
@@ -1827,9 +1837,14 @@ impl Query {
         family: u8,
         mut each: impl FnMut(u8, &[u8]),
     ) -> io::Result<bool> {
-        self.request(subsys, msg_type, NLM_F_REQUEST | NLM_F_DUMP, family, &[], |m| {
-            each(m[16], &m[20..])
-        })
+        self.request(
+            subsys,
+            msg_type,
+            NLM_F_REQUEST | NLM_F_DUMP,
+            family,
+            &[],
+            |m| each(m[16], &m[20..]),
+        )
     }
 
     /// Deletes `flows`, one message each, in one send; an entry already gone is no error.
