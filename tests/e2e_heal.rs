@@ -11,277 +11,16 @@
 
 mod common;
 
-use std::net::Ipv4Addr;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
-use common::leak::{LeakProbe, Leaks};
+use common::heal::{self, *};
 use common::netns::require_root;
 use common::topo::*;
 
-const WAIT: Duration = Duration::from_secs(10);
-/// The liveness bound of the test: SNAT back within this after an outside change. The
-/// performance figure (median and max of 20 trials) is the benchmark's: `cargo bench --bench
-/// heal`.
-const BOUND: Duration = Duration::from_secs(1);
-const PROBE_PORT: u16 = 9999;
-/// The long flow's client port.
-const LONG_PORT: u16 = 40000;
-/// Packets sent this long after the repair event must all be SNATed: the event is written once
-/// the repair's last transaction committed, so this only covers the clock reading and the
-/// packet in flight.
-const AFTER_REPAIR: Duration = Duration::from_millis(5);
-
-fn config(topo: &Topo, policies: &str) -> String {
-    format!(
-        r#"
-[admin]
-token_file = "{dir}/token"
-
-[node]
-name = "gw1"
-labels = {{ egress = "" }}
-
-[cluster]
-listen = "127.0.0.1:7480"
-peers = [{{ name = "gw1", address = "127.0.0.1:7480" }}]
-data_dir = "{dir}/gw1"
-
-[dataplane]
-garp_count = 1
-
-[[gateway]]
-name = "vip"
-node_selector = {{ egress = "" }}
-[gateway.source_ip]
-mode = "VirtualIPAddress"
-virtual_ip_address = {{ ip = "{VIP}", interfaces = ["eth1"] }}
-[gateway.next_hop]
-ip = "{NEXT_HOP}"
-interface = "eth0"
-
-[[policy]]
-name = "to-wan"
-egress_gateway_name = "vip"
-source_cidrs = ["{CLIENT_IP}/32"]
-destination_cidrs = ["203.0.113.0/24"]
-{policies}
-"#,
-        dir = topo.dir.path().display()
-    )
-}
-
-/// One node running egressd, with a foreign table of the operator's beside egressd's.
-struct Node {
-    topo: Topo,
-    gw: String,
-}
-
-const TOKEN: &str = "e2e-heal-admin-token-0123456789";
-
-const FOREIGN: &str = "table ip foreign {\n\
-    \tset allowed {\n\t\ttype ipv4_addr\n\t\telements = { 10.99.0.1, 10.99.0.2 }\n\t}\n\
-    \tchain c_forward {\n\t\ttype filter hook forward priority 10; policy accept;\n\
-    \t\tip saddr @allowed counter accept\n\t}\n}\n";
-
-impl Node {
-    fn start(tag: &str, extra_policies: usize) -> Node {
-        let topo = Topo::new(tag, 1);
-        let gw = topo.nodes[0].clone();
-        std::fs::write(topo.dir.path().join("token"), format!("{TOKEN}\n")).expect("token");
-        let policies = common::cluster::many_sources(extra_policies);
-        let cfg = topo.write_config(0, &config(&topo, &policies));
-        let mut node = Node { topo, gw };
-        node.nft_file("foreign", FOREIGN);
-        node.topo.start_egressd(0, &cfg);
-        node.wait_held();
-        node
-    }
-
-    fn wait_held(&self) {
-        wait_for("VIP held and SNAT installed", WAIT, || {
-            self.topo.holds(&self.gw, "eth1", VIP)
-                && self.topo.node_holds(0, "vip")
-                && self.topo.gateway_snat(&self.gw, "vip").as_deref() == Some(VIP)
-        });
-    }
-
-    /// Runs `nft -f` on `script` inside the node's namespace (as an operator or a
-    /// configuration-management run would); panics when nft refuses it.
-    fn nft_file(&self, name: &str, script: &str) {
-        let path = self.topo.dir.path().join(format!("{name}.nft"));
-        std::fs::write(&path, script).expect("nft file");
-        self.topo
-            .lab
-            .exec(&self.gw, ["nft", "-f", &path.display().to_string()]);
-    }
-
-    fn nft(&self, command: &str) {
-        self.topo.lab.exec(&self.gw, ["nft", command]);
-    }
-
-    fn ruleset(&self) -> String {
-        self.topo.ruleset(&self.gw)
-    }
-
-    /// The foreign table as nft prints it (counters zeroed: traffic moves them).
-    fn foreign(&self) -> String {
-        let out = self
-            .topo
-            .lab
-            .try_exec(&self.gw, ["nft", "list", "table", "ip", "foreign"]);
-        let text = String::from_utf8_lossy(&out.stdout).to_string();
-        text.lines()
-            .map(|l| match l.find("counter packets") {
-                Some(i) => format!("{}counter", &l[..i]),
-                None => l.to_string(),
-            })
-            .collect::<Vec<_>>()
-            .join("\n")
-    }
-
-    fn status(&self) -> serde_json::Value {
-        let mut s = None;
-        wait_for("status", WAIT, || {
-            s = self.topo.status(0);
-            s.is_some()
-        });
-        s.unwrap_or_default()
-    }
-
-    fn events(&self) -> Vec<serde_json::Value> {
-        let out = self.topo.cli(0, &["status", "--json", "--events"]);
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-        v["events"].as_array().cloned().unwrap_or_default()
-    }
-
-    /// The repair events, oldest first.
-    fn repairs(&self) -> Vec<(u64, String)> {
-        self.events()
-            .iter()
-            .filter(|e| e["kind"] == "repair")
-            .map(|e| {
-                (
-                    e["at_unix_ms"].as_u64().unwrap_or(0),
-                    e["message"].as_str().unwrap_or("").to_string(),
-                )
-            })
-            .collect()
-    }
-
-    /// The value of one metric series (e.g. `egressd_dataplane_repairs_total{object="inet
-    /// egressd"}`), 0 when absent.
-    fn metric(&self, series: &str) -> f64 {
-        let out = self.topo.lab.try_exec(
-            &self.gw,
-            [
-                "curl",
-                "-s",
-                "--max-time",
-                "2",
-                "http://127.0.0.1:7481/metrics",
-            ],
-        );
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
-            .unwrap_or(0.0)
-    }
-
-    /// The elements of the ARP fence's lease set (the addresses it answers for), sorted.
-    fn arp_leases(&self) -> Vec<String> {
-        let out = self
-            .topo
-            .lab
-            .try_exec(&self.gw, ["nft", "list", "set", "arp", "egressd", "lease"]);
-        let text = String::from_utf8_lossy(&out.stdout);
-        let Some(body) = text.split("elements = {").nth(1) else {
-            return Vec::new();
-        };
-        let mut l: Vec<String> = body
-            .split(',')
-            .filter_map(|e| e.split_whitespace().next())
-            .filter(|a| a.parse::<Ipv4Addr>().is_ok())
-            .map(String::from)
-            .collect();
-        l.sort();
-        l
-    }
-}
-
-fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
-/// Which of egressd's tables a test waits to see repaired.
-#[derive(Debug, Clone, Copy)]
-enum Part {
-    Snat,
-    Fence,
-}
-
-impl Part {
-    /// What the repair event says of it.
-    fn mark(self) -> &'static str {
-        match self {
-            Part::Snat => "; SNAT back ",
-            Part::Fence => "; fence back ",
-        }
-    }
-}
-
-/// What one outside change cost, seen from the server.
-#[derive(Debug)]
-struct Outcome {
-    leaks: Leaks,
-    /// The repair event's time after the change was started.
-    repaired_after: Duration,
-    message: String,
-}
-
-/// Makes one outside change with `act` while the probe runs, waits for the repair, and reads
-/// what the server saw.
+/// Makes one outside change while the probe runs (see `common::heal::outside_change`) and
+/// checks what the server saw.
 fn outside_change(node: &Node, what: &str, part: Part, act: impl FnOnce(&Node)) -> Outcome {
-    let mark = part.mark();
-    let before = node.repairs().len();
-    let probe = LeakProbe::start(
-        &node.topo.client,
-        CLIENT_IP.parse().expect("ip"),
-        LONG_PORT,
-        &node.topo.server,
-        format!("{SERVER_IP}:{PROBE_PORT}").parse().expect("addr"),
-        Duration::from_millis(1),
-        Duration::from_millis(20),
-    );
-    std::thread::sleep(Duration::from_millis(300));
-    let t0 = Instant::now();
-    let t0_unix = unix_ms();
-    act(node);
-    let mut event = None;
-    wait_for(&format!("the repair event after {what}"), WAIT, || {
-        event = node
-            .repairs()
-            .into_iter()
-            .skip(before)
-            .find(|(_, m)| m.contains(mark));
-        event.is_some()
-    });
-    node.wait_held();
-    std::thread::sleep(Duration::from_millis(100));
-    let log = probe.stop();
-    let (at, message) = event.unwrap_or_default();
-    let repaired_after = Duration::from_millis(at.saturating_sub(t0_unix));
-    let leaks = log.leaks(
-        CLIENT_IP.parse().expect("ip"),
-        t0,
-        t0 + repaired_after + AFTER_REPAIR,
-    );
-    let o = Outcome {
-        leaks,
-        repaired_after,
-        message,
-    };
+    let o = heal::outside_change(node, what, part, act);
     eprintln!("{what}: {o:?}");
     if o.leaks.after > 0 {
         eprintln!("--- egressd's log\n{}", node.topo.log(0));
@@ -306,32 +45,6 @@ fn outside_change(node: &Node, what: &str, part: Part, act: impl FnOnce(&Node)) 
         o.repaired_after
     );
     o
-}
-
-/// The name of the first chain or map of egressd's inet table whose name starts with `prefix`
-/// (names carry a generation number).
-fn object_named(ruleset: &str, kind: &str, prefix: &str) -> String {
-    let mut in_ours = false;
-    for line in ruleset.lines() {
-        let l = line.trim();
-        if l.starts_with("table ") {
-            in_ours = l == "table inet egressd {";
-        }
-        if let Some(name) = l.strip_prefix(&format!("{kind} {prefix}"))
-            && in_ours
-        {
-            let rest = name.split_whitespace().next().unwrap_or("");
-            return format!("{prefix}{rest}");
-        }
-    }
-    panic!("no {kind} {prefix}* in egressd's inet table:\n{ruleset}")
-}
-
-/// The fence's leases of the node holding the gateway: its VIP and its next hop, sorted.
-fn leases() -> Vec<String> {
-    let mut l = vec![VIP.to_string(), NEXT_HOP.to_string()];
-    l.sort();
-    l
 }
 
 /// The fence answers for the node's VIP and next hop, and for nothing else. (A lease element
@@ -420,7 +133,7 @@ fn deleted_base_chain_is_repaired() {
     }
     let node = Node::start("hdelch", 0);
     let foreign = node.foreign();
-    let chain = object_named(&node.ruleset(), "chain", "postrouting_");
+    let chain = object_named(&node.terse_ruleset(), "chain", "postrouting_");
     let o = outside_change(&node, "delete chain", Part::Snat, |n| {
         n.nft_file("del", &format!("delete chain inet egressd {chain}\n"))
     });
@@ -440,7 +153,7 @@ fn deleted_map_is_repaired() {
     }
     let node = Node::start("hdelmap", 0);
     let foreign = node.foreign();
-    let ruleset = node.ruleset();
+    let ruleset = node.terse_ruleset();
     // A map in use cannot be deleted: the rule that uses it goes in the same transaction.
     let map = object_named(&ruleset, "map", "m4_");
     let chain = map.replacen('m', "c", 1);

@@ -69,9 +69,10 @@ pub struct LeakLog {
 /// in a window.
 #[derive(Debug, Clone, Default)]
 pub struct Leaks {
-    /// First datagrams of new flows, and the send time of the last one after the window's start
-    /// (the traffic's view of when NAT was back).
+    /// First datagrams of new flows, and the send times of the first and the last one after the
+    /// window's start (the traffic's view of when NAT went and came back).
     pub first: usize,
+    pub first_first: Option<Duration>,
     pub last_first: Option<Duration>,
     pub second: usize,
     pub long: usize,
@@ -218,6 +219,7 @@ impl LeakLog {
                     l.first += 1;
                     let d = at - start;
                     l.last_first = Some(l.last_first.map_or(d, |x| x.max(d)));
+                    l.first_first = Some(l.first_first.map_or(d, |x| x.min(d)));
                 }
                 Kind::Second => l.second += 1,
                 Kind::Long => l.long += 1,

@@ -2,6 +2,7 @@ pub mod arp;
 pub mod bench;
 pub mod capture;
 pub mod cluster;
+pub mod heal;
 pub mod leak;
 pub mod netns;
 pub mod probe;
