@@ -394,7 +394,9 @@ impl<H: Host, F: Firewall> DataplaneTask<H, F> {
             s.gateways = gateways;
             // Read under the board's lock (see `agent::heal_report`): while the SNAT table is
             // being repaired, no gateway is claimed held.
-            let repairing = heal.as_ref().is_some_and(|h| h.pending(Part::Snat).is_some());
+            let repairing = heal
+                .as_ref()
+                .is_some_and(|h| h.pending(Part::Snat).is_some());
             s.dataplane.held_gateways = if repairing { Vec::new() } else { held };
             s.dataplane.held_addresses = held_addresses;
             s.dataplane.snat_elements = snat_elements;

@@ -384,7 +384,9 @@ impl<R: Reporter, F: Fence, A: Announcer> LeaseTask<R, F, A> {
             s.lease.epoch = epoch;
             s.lease.leased = gateways;
             // Read under the board's lock (see `agent::heal_report`).
-            let repairing = heal.as_ref().is_some_and(|h| h.pending(Part::Fence).is_some());
+            let repairing = heal
+                .as_ref()
+                .is_some_and(|h| h.pending(Part::Fence).is_some());
             s.lease.fenced = if repairing { Vec::new() } else { fenced };
             s.lease.reports = reports;
             s.lease.renewals = renewals;

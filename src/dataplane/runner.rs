@@ -173,6 +173,29 @@ impl NftRunner {
         self.run(op, &["-f", "-"], Some(script)).await.map(|_| ())
     }
 
+    /// The chains, sets and maps of table `family table` (see `watch::list_objects`), off the
+    /// async threads.
+    pub async fn list_objects(
+        &self,
+        op: &'static str,
+        family: u8,
+        table: &str,
+    ) -> Result<Vec<(&'static str, String)>> {
+        let (netns, table) = (self.netns.clone(), table.to_owned());
+        tokio::task::spawn_blocking(move || {
+            super::watch::list_objects(netns.as_deref(), family, &table)
+        })
+        .await
+        .map_err(|e| Error::Nft {
+            op,
+            detail: format!("the netlink lister failed: {e}"),
+        })?
+        .map_err(|e| Error::Nft {
+            op,
+            detail: format!("listing over netlink: {e}"),
+        })
+    }
+
     /// Sends the batch that `make` builds as one kernel transaction, on the persistent socket,
     /// off the async threads (a 100 000-element batch keeps the kernel busy ~0.6 s). `make`
     /// runs just before the send, so a timeout it computes is fresh.

@@ -1327,6 +1327,38 @@ impl Query {
     }
 }
 
+/// The chains, sets and maps of table `table` of `family` in network namespace `netns`, as
+/// (`"chain"`, `"set"` or `"map"`, name); empty when there is no such table. Through netlink
+/// dumps: a full replace needs this list, and an `nft` process to list it costs ~10 ms.
+pub fn list_objects(
+    netns: Option<&str>,
+    family: u8,
+    table: &str,
+) -> io::Result<Vec<(&'static str, String)>> {
+    let mut q = Query::open(netns)?;
+    let name = cstr(table);
+    let mut out = Vec::new();
+    q.dump(NFT_MSG_GETCHAIN, family, &[(ATTR_TABLE, &name)], |a| {
+        if attr_str(a, ATTR_TABLE).as_deref() == Some(table)
+            && let Some(c) = attr_str(a, NFTA_CHAIN_NAME)
+        {
+            out.push(("chain", c));
+        }
+    })?;
+    q.dump(NFT_MSG_GETSET, family, &[(ATTR_TABLE, &name)], |a| {
+        if attr_str(a, ATTR_TABLE).as_deref() == Some(table)
+            && let Some(s) = attr_str(a, NFTA_SET_NAME)
+        {
+            let map = attrs(a)
+                .find(|(t, _, _)| *t == NFTA_SET_FLAGS)
+                .and_then(|(_, p, _)| be32(p))
+                .is_some_and(|f| f & NFT_SET_MAP != 0);
+            out.push((if map { "map" } else { "set" }, s));
+        }
+    })?;
+    Ok(out)
+}
+
 fn cstr(s: &str) -> Vec<u8> {
     let mut v = s.as_bytes().to_vec();
     v.push(0);
