@@ -292,12 +292,11 @@ pub fn outside_change(node: &Node, what: &str, part: Part, act: impl FnOnce(&Nod
         t0,
         t0 + repaired_after + AFTER_REPAIR,
     );
-    let o = Outcome {
+    Outcome {
         leaks,
         repaired_after,
         message,
-    };
-    o
+    }
 }
 
 /// The name of the first chain or map of egressd's inet table whose name starts with `prefix`
