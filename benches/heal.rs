@@ -221,6 +221,11 @@ fn main() {
             (p1 - p0) as f64 / hz / secs * 100.0,
             secs,
         ));
+        // The daemon's log, to read what a slow trial did.
+        let kept = std::env::temp_dir().join(format!("egressd-bench-heal-{size}.log"));
+        if std::fs::write(&kept, node.topo.log(0)).is_ok() {
+            eprintln!("{size} policies: the daemon's log is in {}", kept.display());
+        }
         drop(node);
     }
     println!(

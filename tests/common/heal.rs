@@ -163,10 +163,23 @@ impl Node {
         s.unwrap_or_default()
     }
 
+    /// Every event the node keeps (its log holds the last 512; `status --events` shows only 50,
+    /// fewer than a benchmark's repairs).
     pub fn events(&self) -> Vec<serde_json::Value> {
-        let out = self.topo.cli(0, &["status", "--json", "--events"]);
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-        v["events"].as_array().cloned().unwrap_or_default()
+        let out = self.topo.lab.try_exec(
+            &self.gw,
+            [
+                "curl",
+                "-s",
+                "--max-time",
+                "2",
+                "http://127.0.0.1:7481/v1/events?limit=512",
+            ],
+        );
+        serde_json::from_slice::<serde_json::Value>(&out.stdout)
+            .ok()
+            .and_then(|v| v.as_array().cloned())
+            .unwrap_or_default()
     }
 
     /// The repair events, oldest first.
