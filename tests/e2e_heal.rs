@@ -354,3 +354,22 @@ fn repeated_deletions_back_off_and_say_not_converged() {
     node.wait_held();
     assert!(curl("/readyz").starts_with("ready"));
 }
+
+/// A table made dormant keeps its objects but hooks nothing: SNAT stops as if it were deleted.
+#[test]
+fn dormant_inet_table_is_repaired() {
+    if !require_root("dormant_inet_table_is_repaired") {
+        return;
+    }
+    let node = Node::start("hdorm", 0);
+    let o = outside_change(&node, "table made dormant", Part::Snat, |n| {
+        n.nft_file("dormant", "add table inet egressd { flags dormant; }\n")
+    });
+    assert_snat_repaired(
+        &node,
+        "dormant",
+        &o,
+        "table inet egressd was made dormant from outside",
+    );
+    assert!(!node.terse_ruleset().contains("dormant"));
+}
