@@ -187,6 +187,8 @@ pub struct NodeLease {
     leases: BTreeMap<String, Held>,
     /// Kernel fence elements that may be live, with the moment each ends at the latest.
     fence: BTreeMap<IpAddr, Time>,
+    /// The length of the last lease granted.
+    lease: Duration,
 }
 
 /// Reports older than this many are forgotten: their grants would be stale anyway.
@@ -201,6 +203,7 @@ impl NodeLease {
             acked: 0,
             leases: BTreeMap::new(),
             fence: BTreeMap::new(),
+            lease: Duration::ZERO,
         }
     }
 
@@ -235,7 +238,8 @@ impl NodeLease {
             return out;
         };
         self.acked = grant.seq;
-        let until = sent + Duration::from_millis(grant.lease_ms);
+        self.lease = Duration::from_millis(grant.lease_ms);
+        let until = sent + self.lease;
         self.leases.retain(|g, _| {
             let keep = grant.gateways.contains_key(g);
             if !keep {
@@ -298,13 +302,26 @@ impl NodeLease {
     }
 
     /// The fence the kernel should hold now: every address of a live lease whose data plane is
-    /// `ready` (SNAT and address in place — the takeover order), until its lease ends.
+    /// `ready` (SNAT and address in place — the takeover order), until its lease ends at the
+    /// latest. An element that still has half a lease to run keeps its end rather than follow
+    /// every renewal: each write makes the kernel rebuild the set (a renewal every report
+    /// interval was a fifth of an idle node's CPU), and an earlier end only silences the address
+    /// sooner, never later than its lease.
     pub fn fence_target(&self, ready: &BTreeSet<IpAddr>, now: Time) -> BTreeMap<IpAddr, Time> {
         let mut out = BTreeMap::new();
         for (_, h) in self.leased(now) {
             for a in h.addrs.iter().filter(|a| ready.contains(a)) {
                 let e = out.entry(*a).or_insert(h.until);
                 *e = (*e).max(h.until);
+            }
+        }
+        let keep_while = now + self.lease / 2;
+        for (a, end) in out.iter_mut() {
+            if let Some(&old) = self.fence.get(a)
+                && old <= *end
+                && old >= keep_while
+            {
+                *end = old;
             }
         }
         out
@@ -703,6 +720,47 @@ mod tests {
         let mut zero = grant(&n.report(ms(30)), g_assigned());
         zero.lease_ms = 0;
         assert!(n.on_grant(&zero, ms(31)).gained.is_empty());
+    }
+
+    #[test]
+    fn a_fence_element_is_rewritten_once_half_its_lease_is_gone_and_never_outlives_it() {
+        let mut n = NodeLease::new(1);
+        let ready: BTreeSet<IpAddr> = [vip()].into_iter().collect();
+        let mut writes = 0;
+        for t in (0..1000).step_by(50) {
+            let h = n.report(ms(t));
+            n.on_grant(
+                &Grant {
+                    epoch: 1,
+                    seq: h.seq,
+                    lease_ms: 150,
+                    gateways: g_assigned(),
+                },
+                ms(t + 2),
+            );
+            let target = n.fence_target(&ready, ms(t + 2));
+            let end = target[&vip()];
+            let lease_end = n.lease_of("g", ms(t + 2)).map(|h| h.until);
+            assert!(
+                Some(end) <= lease_end,
+                "the fence outlives the lease at {t} ms"
+            );
+            assert!(
+                end >= ms(t + 2) + ms(75),
+                "less than half a lease left at {t} ms"
+            );
+            if n.fence().get(&vip()) != Some(&end) {
+                writes += 1;
+            }
+            n.fence_written(target);
+        }
+        // A grant every 50 ms for a 150 ms lease: one write in two.
+        assert_eq!(writes, 10);
+        // A shorter lease (the grant shrinks it) is written at once.
+        if let Some(h) = n.leases.get_mut("g") {
+            h.until = ms(1000);
+        }
+        assert_eq!(n.fence_target(&ready, ms(990))[&vip()], ms(1000));
     }
 
     #[test]

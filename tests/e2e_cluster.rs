@@ -591,3 +591,65 @@ fn maintenance_through_the_cli() {
     assert_eq!(check_probes(&c, &probes), Some(0));
     c.assert_traffic_via_vip();
 }
+
+/// The packets of new connections gw `i`'s nftables dropped for a gateway not active there.
+fn dropped(c: &Cluster, i: usize) -> u64 {
+    let out = c.topo.lab.try_exec(
+        &c.topo.nodes[i],
+        ["nft", "-j", "list", "counter", "inet", "egressd", "dropped"],
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    v["nftables"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find_map(|i| i.get("counter")?.get("packets")?.as_u64())
+        .unwrap_or(0)
+}
+
+/// A client that routes through a standby (a static route here; a stale neighbour entry after a
+/// failover or a router still pointing at the old node do the same) never reaches the server
+/// with its own address: the standby drops its policy's new connections and counts them.
+/// Traffic no policy selects passes. (The server routes the LAN back through gw1, so a leaked
+/// connection would complete and show the client's address.)
+#[test]
+fn a_standby_drops_policy_traffic_instead_of_leaking_the_client_address() {
+    if !require_root("a_standby_drops_policy_traffic_instead_of_leaking_the_client_address") {
+        return;
+    }
+    let mut c = Cluster::start("stby", 3);
+    c.ensure_leader_is_not("gw1");
+    c.wait_active("gw1");
+    c.assert_traffic_via_vip();
+    let client = c.topo.client.clone();
+    let to_server = format!("{SERVER_IP}/32");
+    for standby in [1, 2] {
+        let via = node_lan_ip(standby);
+        c.topo
+            .lab
+            .exec(&client, ["ip", "route", "replace", &to_server, "via", &via]);
+        let before = dropped(&c, standby);
+        let seen = c.topo.seen_source(CLIENT_IP, SERVER_IP);
+        assert_eq!(
+            seen,
+            None,
+            "through the standby {}, the server saw the connection from {seen:?}\n{}",
+            name(standby),
+            c.topo.ruleset(&c.topo.nodes[standby])
+        );
+        assert!(
+            dropped(&c, standby) > before,
+            "{} did not count the dropped connection",
+            name(standby)
+        );
+        assert_eq!(
+            c.topo.seen_source(CLIENT_OTHER_IP, SERVER_IP).as_deref(),
+            Some(CLIENT_OTHER_IP),
+            "traffic no policy selects passes {}",
+            name(standby)
+        );
+    }
+    c.topo.lab.exec(&client, ["ip", "route", "del", &to_server]);
+    c.assert_traffic_via_vip();
+    assert_eq!(dropped(&c, 0), 0, "the active node dropped nothing");
+}

@@ -184,7 +184,7 @@ async fn apply_then_list_and_empty_diff() {
     let after_first = fw.transactions();
     assert_eq!(
         after_first, 3,
-        "create maps with the gateway chains and roles, load elements, switch"
+        "create maps with the gateway chains and their roles, load elements, switch"
     );
     apply(&mut fw, &map_a()).await.unwrap();
     assert_eq!(
@@ -423,7 +423,7 @@ async fn ipv6_elements() {
     assert_eq!(
         fw.transactions(),
         4,
-        "full replace (with the chains and roles), then one delta"
+        "full replace (with the chains and their roles), then one delta"
     );
     assert_eq!(fw.full_replaces(), 1);
 }
@@ -499,6 +499,62 @@ async fn real_packets_are_snated() {
     let c = fw.counters().await.unwrap();
     assert!(c.snated() >= 1, "{c:?}");
     assert!(c.not_snated >= 1, "{c:?}");
+    assert_eq!(c.dropped, 0, "{c:?}");
+
+    // The gateway is active elsewhere: its policy's connections are dropped, never forwarded
+    // with the client's address; other traffic, and the node's own (its address is a policy
+    // source here too), passes.
+    let mut own = map.clone();
+    own.v4.push(e4(
+        ("10.202.0.1", "10.202.0.1"),
+        ("10.202.0.0", "10.202.0.255"),
+        "10.202.0.1",
+    ));
+    let own = sorted(own);
+    let mut standby = roles();
+    standby.insert(GwId::of("10.202.0.1"), Default::default());
+    fw.apply(&std::sync::Arc::new(own.clone()), &standby)
+        .await
+        .unwrap();
+    let attempt = |ns: &str, source: &str| {
+        lab.try_exec(
+            ns,
+            [
+                "timeout",
+                "3",
+                "socat",
+                "-u",
+                &format!("TCP:10.202.0.2:7000,bind={source},connect-timeout=1"),
+                "-",
+            ],
+        )
+    };
+    let out = attempt(&cli, "10.201.0.2");
+    assert!(
+        !out.status.success() || out.stdout.is_empty(),
+        "a standby forwarded a policy's connection: the server saw {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert_eq!(
+        seen_from("10.201.0.3"),
+        "10.201.0.3",
+        "unmapped source on a standby"
+    );
+    let out = attempt(&gw, "10.202.0.1");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "10.202.0.1",
+        "the node's own connection"
+    );
+    let c = fw.counters().await.unwrap();
+    assert!(c.dropped >= 1, "{c:?}");
+    // Active here again: SNATed again.
+    fw.apply(&std::sync::Arc::new(own), &roles()).await.unwrap();
+    assert_eq!(
+        seen_from("10.201.0.2"),
+        "10.202.0.1",
+        "mapped source, active again"
+    );
 
     // Removing the table stops the SNAT.
     fw.remove().await.unwrap();

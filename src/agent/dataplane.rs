@@ -31,6 +31,8 @@ struct Objects {
     policies: OrdMap<String, Arc<Policy>>,
     /// Whether a policy has an IPv6 destination (IPv6 forwarding is then needed).
     needs_v6: bool,
+    /// The policies that name a gateway that does not exist.
+    orphaned: Arc<Vec<String>>,
 }
 
 /// The inputs and outputs of the data-plane task.
@@ -56,8 +58,8 @@ pub struct DataplaneTask<H, F> {
     compiler: policy::Compiler,
     firewall_ok: bool,
     held: BTreeSet<String>,
-    /// Applied index at the last return of freed memory to the system.
-    trimmed_at: u64,
+    /// The applied index and the moment of the last return of freed memory to the system.
+    trimmed: (u64, Instant),
     /// Repairs after outside changes of the SNAT table (see `dataplane::watch`).
     heal: Option<Arc<Heal>>,
     heal_rx: Option<watch::Receiver<u64>>,
@@ -103,6 +105,9 @@ fn check_forwarding(manage: bool, needs_v6: bool) -> Vec<String> {
 
 /// Parsing a config or a committed change of many objects leaves freed heap that glibc keeps:
 /// give it back, so that an idle node's resident size reflects what it holds.
+/// The least time between two returns of freed memory when the policies did not change.
+const TRIM_EVERY: Duration = Duration::from_secs(5);
+
 fn release_free_memory() {
     #[cfg(target_env = "gnu")]
     // SAFETY: malloc_trim only returns free heap pages to the kernel.
@@ -130,7 +135,7 @@ impl<H: Host, F: Firewall> DataplaneTask<H, F> {
             compiler: policy::Compiler::new(),
             firewall_ok,
             held: BTreeSet::new(),
-            trimmed_at: 0,
+            trimmed: (0, Instant::now()),
             heal: None,
             heal_rx: None,
             heal_wait: None,
@@ -173,20 +178,33 @@ impl<H: Host, F: Firewall> DataplaneTask<H, F> {
         let host = self.ch.host.borrow().clone();
         let applied = self.ch.applied.borrow().clone();
         let leased = self.ch.leased.borrow().clone();
+        let mut policies_changed = false;
         if self.objects.version != applied.index || self.objects.gateways.is_empty() {
             let policies = applied.state.policies.clone();
-            let needs_v6 = if policies.ptr_eq(&self.objects.policies) {
-                self.objects.needs_v6
+            policies_changed = !policies.ptr_eq(&self.objects.policies);
+            let gateways = Arc::new(applied.state.gateway_list());
+            // One pass over the policies, and only when they or the gateways changed: at
+            // 100 000 policies a pass per round was a tenth of an apply's time.
+            let (needs_v6, orphaned) = if policies_changed || gateways != self.objects.gateways {
+                let names: BTreeSet<&str> = gateways.iter().map(|g| g.name.as_str()).collect();
+                let mut needs_v6 = false;
+                let mut orphaned = Vec::new();
+                for p in policies.values() {
+                    needs_v6 |= p.destination_cidrs.iter().any(|c| c.addr().is_ipv6());
+                    if !names.contains(p.egress_gateway_name.as_str()) {
+                        orphaned.push(p.name.clone());
+                    }
+                }
+                (needs_v6, Arc::new(orphaned))
             } else {
-                policies
-                    .values()
-                    .any(|p| p.destination_cidrs.iter().any(|c| c.addr().is_ipv6()))
+                (self.objects.needs_v6, self.objects.orphaned.clone())
             };
             self.objects = Objects {
                 version: applied.index,
-                gateways: Arc::new(applied.state.gateway_list()),
+                gateways,
                 policies,
                 needs_v6,
+                orphaned,
             };
         }
         let gateways = self.objects.gateways.clone();
@@ -233,18 +251,27 @@ impl<H: Host, F: Firewall> DataplaneTask<H, F> {
             })
             .map(|(g, _)| (g.clone(), cfg.node.clone()))
             .collect();
-        let desired = reconciler::plan(
-            &cfg.node,
-            &assignment,
-            &reconciler::Objects {
-                version: self.objects.version,
-                gateways: &gateways,
-                policies: &self.objects.policies,
-            },
-            &host,
-            &managed,
-            &mut self.compiler,
-        );
+        let mut plan = || {
+            reconciler::plan(
+                &cfg.node,
+                &assignment,
+                &reconciler::Objects {
+                    version: self.objects.version,
+                    gateways: &gateways,
+                    policies: &self.objects.policies,
+                },
+                &host,
+                &managed,
+                &mut self.compiler,
+            )
+        };
+        // A compile of 100 000 policies takes a fifth of a second: not on the thread that
+        // answers heartbeats and votes.
+        let desired = if policies_changed {
+            crate::heavy(plan)
+        } else {
+            plan()
+        };
         let compiled = self.compiler.last();
         let planned_ms = started.elapsed().as_secs_f64() * 1e3;
         let before = self.held.clone();
@@ -295,9 +322,14 @@ impl<H: Host, F: Firewall> DataplaneTask<H, F> {
                 self.ch.ready.send_replace(keep);
             }
         }
-        if applied.index != self.trimmed_at {
-            self.trimmed_at = applied.index;
-            release_free_memory();
+        // After the policies changed, and otherwise at most every few seconds (trimming a large
+        // heap takes tens of milliseconds; during a seed the index moves hundreds of times),
+        // off the async threads.
+        if policies_changed
+            || (applied.index != self.trimmed.0 && self.trimmed.1.elapsed() > TRIM_EVERY)
+        {
+            self.trimmed = (applied.index, Instant::now());
+            tokio::task::spawn_blocking(release_free_memory);
         }
         self.publish(&applied, &desired, not_ready, error, started);
     }
@@ -380,11 +412,7 @@ impl<H: Host, F: Firewall> DataplaneTask<H, F> {
         let held: Vec<String> = self.held.iter().cloned().collect();
         let held_addresses: Vec<(String, IpAddr)> = self.rec.held().iter().cloned().collect();
         let snat_elements = self.rec.installed().map_or(0, |m| m.len());
-        let orphaned: Vec<String> = state
-            .orphaned_policies()
-            .iter()
-            .map(|p| p.name.clone())
-            .collect();
+        let orphaned = (*self.objects.orphaned).clone();
         let mut reasons = not_ready;
         if let Some(e) = &error {
             reasons.push(format!("data plane: {e}"));

@@ -11,6 +11,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::sync::Arc;
 
+use imbl::ordmap::DiffItem;
 use imbl::{OrdMap, OrdSet};
 use serde::{Deserialize, Serialize};
 
@@ -861,15 +862,6 @@ impl ClusterState {
         self.stats.retain(|g, _| gateways.contains_key(g));
     }
 
-    /// Policies that name a gateway that does not exist (they select nothing).
-    pub fn orphaned_policies(&self) -> Vec<&Policy> {
-        self.policies
-            .values()
-            .filter(|p| !self.gateways.contains_key(&p.egress_gateway_name))
-            .map(|p| &**p)
-            .collect()
-    }
-
     /// The change that makes the file objects equal a node's configuration file: `None` when
     /// they already are (API objects of the same name are not the file's to change).
     pub fn file_change(
@@ -921,57 +913,114 @@ impl ClusterState {
         })
     }
 
-    /// Where a node's configuration file disagrees with the committed objects: file objects
-    /// missing or different, committed file objects the file no longer has, and file objects
-    /// shadowed by an API object of the same name.
+    /// Where a node's configuration file disagrees with the committed objects, one line per
+    /// object in object order: file objects missing or different, committed file objects the
+    /// file no longer has, and file objects shadowed by an API object of the same name.
+    /// `file_gateways` and `file_policies` are sorted by name.
     pub fn drift(&self, file_gateways: &[Gateway], file_policies: &[Policy]) -> Vec<String> {
-        let mut out = Vec::new();
-        let api = &self.api_objects;
-        for g in file_gateways {
-            let r = ObjectRef::Gateway(g.name.clone());
-            match self.gateways.get(&g.name) {
-                _ if api.contains(&r) => out.push(format!(
-                    "{r}: the file's definition is overridden by `apply`"
-                )),
-                None => out.push(format!("{r}: in the file, not committed")),
-                Some(c) if c != g => {
-                    out.push(format!("{r}: the file differs from the committed one"))
-                }
-                Some(_) => {}
-            }
-        }
-        let fg: BTreeSet<&str> = file_gateways.iter().map(|g| g.name.as_str()).collect();
-        for name in self.gateways.keys() {
-            let r = ObjectRef::Gateway(name.clone());
-            if !api.contains(&r) && !fg.contains(name.as_str()) {
-                out.push(format!(
-                    "{r}: committed from a file, not in this node's file"
-                ));
-            }
-        }
-        for p in file_policies {
-            let r = ObjectRef::Policy(p.name.clone());
-            match self.policies.get(&p.name) {
-                _ if api.contains(&r) => out.push(format!(
-                    "{r}: the file's definition is overridden by `apply`"
-                )),
-                None => out.push(format!("{r}: in the file, not committed")),
-                Some(c) if **c != *p => {
-                    out.push(format!("{r}: the file differs from the committed one"))
-                }
-                Some(_) => {}
-            }
-        }
-        let fp: BTreeSet<&str> = file_policies.iter().map(|p| p.name.as_str()).collect();
-        for name in self.policies.keys() {
-            let r = ObjectRef::Policy(name.clone());
-            if !api.contains(&r) && !fp.contains(name.as_str()) {
-                out.push(format!(
-                    "{r}: committed from a file, not in this node's file"
-                ));
+        self.drift_map(file_gateways, file_policies)
+            .into_values()
+            .collect()
+    }
+
+    /// `drift`, by object.
+    pub fn drift_map(&self, fg: &[Gateway], fp: &[Policy]) -> BTreeMap<ObjectRef, String> {
+        let mut out = BTreeMap::new();
+        self.gateway_drift(fg, &mut out);
+        let names: BTreeSet<&str> = fp
+            .iter()
+            .map(|p| p.name.as_str())
+            .chain(self.policies.keys().map(String::as_str))
+            .collect();
+        for name in names {
+            if let Some(line) = self.policy_drift(name, file_policy(fp, name)) {
+                out.insert(ObjectRef::Policy(name.to_owned()), line);
             }
         }
         out
+    }
+
+    /// Brings `out`, the drift of a state whose policies and API objects were `policies` and
+    /// `api`, up to this state, for the same file: only the policies that changed since, or
+    /// whose shadowing by `apply` did, are compared again (the persistent maps' diff skips what
+    /// they share). With 100 000 policies a full comparison took a tenth of a second of CPU.
+    pub fn update_drift(
+        &self,
+        policies: &OrdMap<String, Arc<Policy>>,
+        api: &OrdSet<ObjectRef>,
+        fg: &[Gateway],
+        fp: &[Policy],
+        out: &mut BTreeMap<ObjectRef, String>,
+    ) {
+        let mut names: BTreeSet<&String> = policies
+            .diff(&self.policies)
+            .map(|d| match d {
+                DiffItem::Add(k, _)
+                | DiffItem::Remove(k, _)
+                | DiffItem::Update { new: (k, _), .. } => k,
+            })
+            .collect();
+        for d in api.diff(&self.api_objects) {
+            let (imbl::ordset::DiffItem::Add(r) | imbl::ordset::DiffItem::Remove(r)) = d;
+            if let ObjectRef::Policy(n) = r {
+                names.insert(n);
+            }
+        }
+        self.gateway_drift(fg, out);
+        for name in names {
+            let r = ObjectRef::Policy(name.clone());
+            match self.policy_drift(name, file_policy(fp, name)) {
+                Some(line) => out.insert(r, line),
+                None => out.remove(&r),
+            };
+        }
+    }
+
+    /// The drift lines of every gateway (there are few), replacing those in `out`.
+    pub fn gateway_drift(&self, file: &[Gateway], out: &mut BTreeMap<ObjectRef, String>) {
+        out.retain(|r, _| !matches!(r, ObjectRef::Gateway(_)));
+        let names: BTreeSet<&str> = file
+            .iter()
+            .map(|g| g.name.as_str())
+            .chain(self.gateways.keys().map(String::as_str))
+            .collect();
+        for name in names {
+            let r = ObjectRef::Gateway(name.to_owned());
+            let mine = file.iter().find(|g| g.name == name);
+            let line = match (mine, self.gateways.get(name)) {
+                (Some(_), _) if self.api_objects.contains(&r) => {
+                    format!("{r}: the file's definition is overridden by `apply`")
+                }
+                (Some(_), None) => format!("{r}: in the file, not committed"),
+                (Some(f), Some(c)) if c != f => {
+                    format!("{r}: the file differs from the committed one")
+                }
+                (None, Some(_)) if !self.api_objects.contains(&r) => {
+                    format!("{r}: committed from a file, not in this node's file")
+                }
+                _ => continue,
+            };
+            out.insert(r, line);
+        }
+    }
+
+    /// The drift line of policy `name`, if the file's (`file`) and the committed one differ.
+    pub fn policy_drift(&self, name: &str, file: Option<&Policy>) -> Option<String> {
+        let r = ObjectRef::Policy(name.to_owned());
+        let committed = self.policies.get(name);
+        match (file, committed) {
+            (Some(_), _) if self.api_objects.contains(&r) => Some(format!(
+                "{r}: the file's definition is overridden by `apply`"
+            )),
+            (Some(_), None) => Some(format!("{r}: in the file, not committed")),
+            (Some(f), Some(c)) if **c != *f => {
+                Some(format!("{r}: the file differs from the committed one"))
+            }
+            (None, Some(_)) if !self.api_objects.contains(&r) => Some(format!(
+                "{r}: committed from a file, not in this node's file"
+            )),
+            _ => None,
+        }
     }
 
     /// A node's labels: its config file's labels with the runtime overrides applied.
@@ -1099,6 +1148,14 @@ pub struct EventDraft {
     pub message: String,
 }
 
+/// The file's policy `name` (the file's policies are sorted by name).
+pub fn file_policy<'a>(policies: &'a [Policy], name: &str) -> Option<&'a Policy> {
+    policies
+        .binary_search_by(|p| p.name.as_str().cmp(name))
+        .ok()
+        .map(|i| &policies[i])
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
@@ -1152,6 +1209,58 @@ pub(crate) mod tests {
             destination_cidrs: vec!["0.0.0.0/0".parse().unwrap()],
             excluded_cidrs: vec![],
         }
+    }
+
+    #[test]
+    fn the_drift_kept_up_to_date_equals_the_drift_computed_afresh() {
+        let mut rng = 0x2545_f491_4f6c_dd1du64;
+        let mut next = |n: u64| {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng % n
+        };
+        let variant = |name: String, k: u64| Policy {
+            source_cidrs: vec![format!("10.0.{k}.0/24").parse().unwrap()],
+            ..policy(&name, "g0")
+        };
+        // This node's file (sorted by name).
+        let fg = vec![gw("g0"), gw("g1")];
+        let fp: Vec<Policy> = (0..20).map(|i| variant(format!("p{i:02}"), 0)).collect();
+        let mut s = ClusterState::default();
+        s.apply(&Command::SeedObjects {
+            gateways: fg.clone(),
+            policies: fp[..10].to_vec(),
+        });
+        let mut drift = s.drift_map(&fg, &fp);
+        for step in 0..300 {
+            let (policies, api) = (s.policies.clone(), s.api_objects.clone());
+            let name = format!("p{:02}", next(30));
+            let cmd = match next(4) {
+                0 => Command::DeletePolicy(name),
+                1 | 2 => Command::Apply {
+                    gateways: vec![],
+                    policies: vec![variant(name, next(3))],
+                },
+                // Another node's file becomes the committed file objects.
+                _ => {
+                    let mut other = Vec::new();
+                    for i in 0..20 {
+                        if next(3) > 0 {
+                            other.push(variant(format!("p{i:02}"), next(2)));
+                        }
+                    }
+                    match s.file_change("n2", &fg, &other) {
+                        Some(c) => c,
+                        None => continue,
+                    }
+                }
+            };
+            s.apply(&cmd);
+            s.update_drift(&policies, &api, &fg, &fp, &mut drift);
+            assert_eq!(drift, s.drift_map(&fg, &fp), "after step {step}: {cmd:?}");
+        }
+        assert!(!drift.is_empty());
     }
 
     #[test]
@@ -1368,7 +1477,12 @@ pub(crate) mod tests {
         let why = r.refused.unwrap_or_default();
         assert!(why.contains("198.18.0.50"), "{why}");
         assert_eq!(s, before);
-        assert!(s.orphaned_policies().is_empty());
+        assert!(
+            s.policies
+                .values()
+                .all(|p| s.gateways.contains_key(&p.egress_gateway_name)),
+            "no policy is left without its gateway"
+        );
     }
 
     fn many(n: usize, gateway: &str) -> Vec<Policy> {

@@ -6,16 +6,18 @@
 //! ```text
 //! table inet egressd {
 //!   counter seen { }                      # new connections through the chain
-//!   counter not_snated { }                # ... that no gateway chain SNATed
+//!   counter not_snated { }                # ... that no policy selected
+//!   counter dropped { }                   # ... of a gateway not active here: dropped
 //!   map sel4_G { type ipv4_addr . ipv4_addr : verdict; flags interval; }   # cell → jump c4_G_K
 //!   map m4_G_K { type ipv4_addr . ipv4_addr : verdict; flags interval; }   # → goto g4_<gateway>
 //!   chain c4_G_K { ip saddr . ip daddr vmap @m4_G_K }
 //!   ... one map and chain per cell, and the same for IPv6 (sel6_G, m6_G_K, c6_G_K)
 //!   chain g4_<id> { snat ip to 203.0.113.50 }   # a gateway active here: its source IP
-//!   chain g4_<id2> { }                          # a gateway active elsewhere: nothing
+//!   chain g4_<id2> { counter name "dropped" drop }   # active elsewhere, or nowhere
 //!   chain postrouting_G {
 //!     type nat hook postrouting priority srcnat; policy accept;
-//!     counter name "seen"
+//!     fib saddr type local accept           # the node's own traffic is not a client's
+//!     ct state new counter name "seen"      # (ct: see below)
 //!     ip saddr . ip daddr vmap @sel4_G
 //!     ip6 saddr . ip6 daddr vmap @sel6_G
 //!     counter name "not_snated"
@@ -36,9 +38,16 @@
 //! two map lookups whatever the number of policies.
 //!
 //! A nat chain sees only the first packet of each connection, so the counters count new
-//! connections. A `snat` ends the hook; a packet no element matches, or whose gateway chain is
-//! empty, returns to the base chain and falls through; so `seen - not_snated` is the number of
-//! connections SNATed.
+//! connections. A `snat` or a `drop` ends the hook; a packet no element matches (no policy, or
+//! an excluded destination) falls through; so `seen - not_snated - dropped` is the number of
+//! connections SNATed. A node that does not hold a gateway drops its policies' new connections
+//! rather than forward them with the client's own address (a client routing through a standby,
+//! a stale neighbour entry after a failover): a policy's traffic leaves with the gateway's
+//! source IP or not at all. Connections this node SNATed while it held the gateway keep their
+//! translation (conntrack) until they end. The `ct` in the base chain is what turns connection
+//! tracking on in the namespace (a nat chain alone does not; only a `snat` rule or a `ct`
+//! expression does): without it, a node holding no gateway never ran its nat chain at all, and
+//! forwarded every policy's traffic with the client's address.
 //!
 //! Changes:
 //! - **delta** (the usual case): the element pieces that differ, deleted and added in one
@@ -73,6 +82,8 @@ use crate::policy::{FamilyDiff, GwId, SnatElement, SnatMap};
 pub const COUNTER_SEEN: &str = "seen";
 /// Named counter: new connections no element matched.
 pub const COUNTER_NOT_SNATED: &str = "not_snated";
+/// Named counter: new connections of a gateway not active here, dropped.
+pub const COUNTER_DROPPED: &str = "dropped";
 
 /// Elements per cell when the cells are (re)computed.
 pub const CELL_TARGET: usize = 512;
@@ -242,6 +253,25 @@ fn add_pieces<A: NftAddr>(
     }
 }
 
+/// What the chain of a gateway not active here (or without an address of the family) does.
+const DROP_RULE: &str = "counter name \"dropped\" drop";
+
+/// The script that makes gateway `id`'s two chains do what `role` says: SNAT to its address of
+/// the family, or drop.
+fn role_script(t: &str, id: GwId, role: &Role) -> String {
+    let (c4, c6) = (gw_chain::<Ipv4Addr>(id), gw_chain::<Ipv6Addr>(id));
+    let r4 = role
+        .v4
+        .map_or(DROP_RULE.to_owned(), |a| format!("snat ip to {a}"));
+    let r6 = role
+        .v6
+        .map_or(DROP_RULE.to_owned(), |a| format!("snat ip6 to {a}"));
+    format!(
+        "flush chain inet {t} {c4}\nadd rule inet {t} {c4} {r4}\n\
+         flush chain inet {t} {c6}\nadd rule inet {t} {c6} {r6}\n"
+    )
+}
+
 /// The chain of gateway `id` for family `A`: `g4_<id>` or `g6_<id>`.
 fn gw_chain<A: NftAddr>(id: GwId) -> String {
     format!("g{}_{id}", A::V)
@@ -321,12 +351,16 @@ pub struct NftCounters {
     pub seen: u64,
     /// Of those, the ones no map element matched.
     pub not_snated: u64,
+    /// Of those, the ones of a gateway not active here, dropped.
+    pub dropped: u64,
 }
 
 impl NftCounters {
     /// New connections SNATed by egressd.
     pub fn snated(&self) -> u64 {
-        self.seen.saturating_sub(self.not_snated)
+        self.seen
+            .saturating_sub(self.not_snated)
+            .saturating_sub(self.dropped)
     }
 }
 
@@ -524,7 +558,8 @@ impl NftFirewall {
             s,
             "add table inet {t}\n\
              add counter inet {t} {COUNTER_SEEN}\n\
-             add counter inet {t} {COUNTER_NOT_SNATED}"
+             add counter inet {t} {COUNTER_NOT_SNATED}\n\
+             add counter inet {t} {COUNTER_DROPPED}"
         );
         create_family::<Ipv4Addr>(&mut s, t, g, cells4);
         create_family::<Ipv6Addr>(&mut s, t, g, cells6);
@@ -539,7 +574,8 @@ impl NftFirewall {
         let base = base_chain_name(g);
         let mut s = format!(
             "add chain inet {t} {base} {{ type nat hook postrouting priority srcnat; policy accept; }}\n\
-             add rule inet {t} {base} counter name \"{COUNTER_SEEN}\"\n\
+             add rule inet {t} {base} fib saddr type local accept\n\
+             add rule inet {t} {base} ct state new counter name \"{COUNTER_SEEN}\"\n\
              add rule inet {t} {base} ip saddr . ip daddr vmap @{}\n\
              add rule inet {t} {base} ip6 saddr . ip6 daddr vmap @{}\n\
              add rule inet {t} {base} counter name \"{COUNTER_NOT_SNATED}\"\n",
@@ -769,47 +805,51 @@ impl NftFirewall {
         Ok(())
     }
 
-    /// Creates the chains of the gateways in `ids` that do not have them yet (empty: a gateway
-    /// not active here does nothing with its traffic).
-    async fn ensure_chains(&mut self, ids: &BTreeSet<GwId>) -> Result<()> {
+    /// Creates the chains of the gateways in `ids` that do not have them yet, each already
+    /// doing what its role in `roles` says (a gateway without one drops). When what the table
+    /// holds is unknown, every chain is written afresh.
+    async fn ensure_chains(&mut self, ids: &BTreeSet<GwId>, roles: &Roles) -> Result<()> {
         let have = self.chains.clone().unwrap_or_default();
         let missing: Vec<GwId> = ids.difference(&have).copied().collect();
         if missing.is_empty() && self.chains.is_some() {
             return Ok(());
         }
         let t = &self.table;
-        let mut script = format!("add table inet {t}\n");
-        // Unknown: (re)create all; `add chain` leaves an existing chain as it is.
+        let mut script = format!("add table inet {t}\nadd counter inet {t} {COUNTER_DROPPED}\n");
         let create: Vec<GwId> = if self.chains.is_none() {
             ids.iter().copied().collect()
         } else {
             missing
         };
+        let mut written = if self.chains.is_none() {
+            Roles::new()
+        } else {
+            self.roles.clone().unwrap_or_default()
+        };
         for id in &create {
-            let _ = writeln!(
-                script,
-                "add chain inet {t} {}\nadd chain inet {t} {}",
-                gw_chain::<Ipv4Addr>(*id),
-                gw_chain::<Ipv6Addr>(*id)
-            );
-        }
-        if self.chains.is_none() {
-            // What the chains hold is unknown too.
-            self.roles = None;
+            let role = roles.get(id).cloned().unwrap_or_default();
+            for c in [gw_chain::<Ipv4Addr>(*id), gw_chain::<Ipv6Addr>(*id)] {
+                let _ = writeln!(script, "add chain inet {t} {c}");
+            }
+            script.push_str(&role_script(t, *id, &role));
+            written.insert(*id, role);
         }
         self.chains = None;
+        self.roles = None;
         self.nft
             .transaction("create gateway chains", &script)
             .await?;
         let mut now = have;
         now.extend(create);
         self.chains = Some(now);
+        self.roles = Some(written);
         Ok(())
     }
 
     /// Rewrites the chains of the gateways whose role changed, in one transaction: an active
-    /// gateway's chain SNATs to its address, any other's is empty. This is the whole of a
-    /// takeover or a release in nftables, whatever the number of policies.
+    /// gateway's chain SNATs to its address, any other's drops (and counts) the connection, so
+    /// that a client routing through a standby never leaves with its own address. This is the
+    /// whole of a takeover or a release in nftables, whatever the number of policies.
     async fn set_roles(&mut self, roles: &Roles) -> Result<()> {
         let old = self.roles.clone();
         let changed: Vec<(&GwId, &Role)> = roles
@@ -820,20 +860,10 @@ impl NftFirewall {
             return Ok(());
         }
         let t = &self.table;
-        let mut script = String::new();
-        for (id, role) in changed {
-            let (c4, c6) = (gw_chain::<Ipv4Addr>(*id), gw_chain::<Ipv6Addr>(*id));
-            let _ = writeln!(
-                script,
-                "flush chain inet {t} {c4}\nflush chain inet {t} {c6}"
-            );
-            if let Some(a) = role.v4 {
-                let _ = writeln!(script, "add rule inet {t} {c4} snat ip to {a}");
-            }
-            if let Some(a) = role.v6 {
-                let _ = writeln!(script, "add rule inet {t} {c6} snat ip6 to {a}");
-            }
-        }
+        let script: String = changed
+            .iter()
+            .map(|(id, role)| role_script(t, **id, role))
+            .collect();
         self.roles = None;
         if !script.is_empty() {
             self.nft.transaction("set gateway roles", &script).await?;
@@ -857,20 +887,12 @@ impl NftFirewall {
         let t = &self.table;
         let mut script = String::new();
         for id in ids {
-            let (c4, c6) = (gw_chain::<Ipv4Addr>(*id), gw_chain::<Ipv6Addr>(*id));
-            // `add chain` leaves an existing chain as it is: flushed, it holds only the role.
-            let _ = writeln!(
-                script,
-                "add chain inet {t} {c4}\nadd chain inet {t} {c6}\n\
-                 flush chain inet {t} {c4}\nflush chain inet {t} {c6}"
-            );
+            // `add chain` leaves an existing chain as it is; the role script flushes it first.
+            for c in [gw_chain::<Ipv4Addr>(*id), gw_chain::<Ipv6Addr>(*id)] {
+                let _ = writeln!(script, "add chain inet {t} {c}");
+            }
             let role = roles.get(id).copied().unwrap_or_default();
-            if let Some(a) = role.v4 {
-                let _ = writeln!(script, "add rule inet {t} {c4} snat ip to {a}");
-            }
-            if let Some(a) = role.v6 {
-                let _ = writeln!(script, "add rule inet {t} {c6} snat ip6 to {a}");
-            }
+            script.push_str(&role_script(t, *id, &role));
         }
         self.full_replace(map, &script).await?;
         self.chains = Some(ids.clone());
@@ -920,7 +942,7 @@ impl Firewall for NftFirewall {
             return self.replace_all(map, roles, &ids).await;
         }
         let before = self.chains.clone();
-        self.ensure_chains(&ids).await?;
+        self.ensure_chains(&ids, roles).await?;
         if self
             .installed
             .as_ref()
@@ -941,7 +963,9 @@ impl Firewall for NftFirewall {
 
     fn manifest(&self) -> Option<Manifest> {
         let i = self.installed.as_ref()?;
-        let (chains, roles) = (self.chains.as_ref()?, self.roles.as_ref()?);
+        let chains = self.chains.as_ref()?;
+        // Unknown roles: what the gateway chains hold is not known either.
+        self.roles.as_ref()?;
         let g = i.generation;
         let mut spec = TableSpec {
             family: nfnl::NFPROTO_INET,
@@ -949,16 +973,14 @@ impl Firewall for NftFirewall {
             chains: BTreeMap::new(),
             sets: BTreeMap::new(),
         };
-        // counter, two vmaps, counter.
-        spec.chains.insert(base_chain_name(g), 4);
+        // local accept, counter, two vmaps, counter (see `switch_script`).
+        spec.chains.insert(base_chain_name(g), 5);
         family_spec(&mut spec, g, &i.v4);
         family_spec(&mut spec, g, &i.v6);
+        // One rule each: SNAT when active here, else drop (see `role_script`).
         for id in chains {
-            let role = roles.get(id).copied().unwrap_or_default();
-            spec.chains
-                .insert(gw_chain::<Ipv4Addr>(*id), usize::from(role.v4.is_some()));
-            spec.chains
-                .insert(gw_chain::<Ipv6Addr>(*id), usize::from(role.v6.is_some()));
+            spec.chains.insert(gw_chain::<Ipv4Addr>(*id), 1);
+            spec.chains.insert(gw_chain::<Ipv6Addr>(*id), 1);
         }
         Some(Manifest { tables: vec![spec] })
     }
@@ -1244,6 +1266,7 @@ fn parse_counters_json(text: &str) -> std::result::Result<NftCounters, String> {
         .ok_or("no \"nftables\" array in nft's output")?;
     let mut seen = None;
     let mut not_snated = None;
+    let mut dropped = None;
     for item in items {
         let Some(counter) = item.get("counter") else {
             continue;
@@ -1252,11 +1275,16 @@ fn parse_counters_json(text: &str) -> std::result::Result<NftCounters, String> {
         match (counter.get("name").and_then(Value::as_str), packets) {
             (Some(COUNTER_SEEN), Some(p)) => seen = Some(p),
             (Some(COUNTER_NOT_SNATED), Some(p)) => not_snated = Some(p),
+            (Some(COUNTER_DROPPED), Some(p)) => dropped = Some(p),
             _ => {}
         }
     }
-    match (seen, not_snated) {
-        (Some(seen), Some(not_snated)) => Ok(NftCounters { seen, not_snated }),
+    match (seen, not_snated, dropped) {
+        (Some(seen), Some(not_snated), Some(dropped)) => Ok(NftCounters {
+            seen,
+            not_snated,
+            dropped,
+        }),
         _ => Err("the table lacks egressd's counters".to_owned()),
     }
 }
@@ -1494,9 +1522,11 @@ mod tests {
     #[test]
     fn parses_counters() {
         let json = r#"{"nftables": [{"counter": {"name": "seen", "packets": 7}},
-          {"counter": {"name": "not_snated", "packets": 2}}]}"#;
+          {"counter": {"name": "not_snated", "packets": 2}},
+          {"counter": {"name": "dropped", "packets": 1}}]}"#;
         let c = parse_counters_json(json).unwrap();
-        assert_eq!((c.seen, c.not_snated, c.snated()), (7, 2, 5));
+        assert_eq!((c.seen, c.not_snated, c.dropped, c.snated()), (7, 2, 1, 4));
+        assert!(DROP_RULE.contains(&format!("\"{COUNTER_DROPPED}\"")));
         assert!(parse_counters_json(r#"{"nftables": []}"#).is_err());
     }
 }
