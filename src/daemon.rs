@@ -20,6 +20,7 @@ use crate::config::{Config, ConfigErrors};
 use crate::dataplane::fence::{Fence, NftFence};
 use crate::dataplane::host::{HostEvents, NetlinkHost};
 use crate::dataplane::nft::NftFirewall;
+use crate::dataplane::watch::{Heal, Watcher};
 use crate::dataplane::{Firewall, Host, RawAnnouncer};
 use crate::events::EventKind;
 use crate::model::{Gateway, Policy};
@@ -140,6 +141,25 @@ async fn run_inner(
     let (board, status_rx) = StatusBoard::new(&config.node.name);
     let board = Arc::new(board);
     let prometheus = Arc::new(crate::metrics::Metrics::new());
+    prometheus.init_repairs(&config.dataplane.nft_table);
+    // Outside changes of egressd's nftables tables: noticed by the watcher, repaired by the
+    // task that owns the table (see `dataplane::watch`).
+    let heal = Heal::new(agent::heal_report(
+        board.clone(),
+        node.events.clone(),
+        prometheus.clone(),
+    ));
+    let nft_watcher = match Watcher::start(&config.dataplane.nft_table, None, heal.clone()) {
+        Ok(w) => Some(w),
+        Err(e) => {
+            error!(
+                error = %e,
+                "cannot watch the nftables tables: changes made to them from outside will not \
+                 be repaired"
+            );
+            None
+        }
+    };
     let admin_addr = config.admin.listen;
     let listener = tokio::net::TcpListener::bind(admin_addr)
         .await
@@ -214,7 +234,8 @@ async fn run_inner(
         prometheus.clone(),
         lease_beat,
         Duration::from_millis(config.cluster.timing().report_interval_ms),
-    );
+    )
+    .with_heal(heal.clone());
     let lease_task: JoinHandle<_> = tokio::spawn(
         async move {
             lease.run().await;
@@ -240,6 +261,7 @@ async fn run_inner(
         node.events.clone(),
         dataplane_beat,
         prometheus.clone(),
+        heal,
         release_rx,
     )?;
 
@@ -327,7 +349,11 @@ async fn run_inner(
             break;
         }
     }
-    // Stop answering first (the fence), then the addresses and SNAT.
+    // Stop answering first (the fence), then the addresses and SNAT. The watcher goes first:
+    // the tables are about to be removed on purpose.
+    if let Some(w) = nft_watcher {
+        w.stop();
+    }
     stop_tx.send_replace(true);
     let held = board.get().dataplane.held_addresses;
     info!(held = ?held, "shutting down: releasing addresses and removing the nftables tables");
@@ -378,6 +404,7 @@ fn spawn_dataplane(
     events: crate::events::EventLog,
     heartbeat: Arc<Heartbeat>,
     metrics: Arc<crate::metrics::Metrics>,
+    heal: Arc<Heal>,
     release: tokio::sync::oneshot::Receiver<()>,
 ) -> anyhow::Result<tokio::sync::oneshot::Receiver<crate::dataplane::Result<()>>> {
     let (done_tx, done_rx) = tokio::sync::oneshot::channel();
@@ -408,7 +435,8 @@ fn spawn_dataplane(
                         board,
                         events,
                         heartbeat,
-                    );
+                    )
+                    .with_heal(heal);
                     task.run().await;
                     let _ = release.await;
                     task.into_reconciler().release_all().await

@@ -107,6 +107,14 @@ pub struct DataplaneStatus {
     pub last_apply_ms: Option<f64>,
     pub last_apply_unix_ms: Option<u64>,
     pub last_error: Option<String>,
+    /// Repairs of egressd's nftables tables after changes from outside, the last one's cause
+    /// and when it was done.
+    #[serde(default)]
+    pub repairs: u64,
+    #[serde(default)]
+    pub last_repair: Option<String>,
+    #[serde(default)]
+    pub last_repair_unix_ms: Option<u64>,
 }
 
 /// What this node may hold, and until when.

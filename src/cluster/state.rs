@@ -1374,6 +1374,8 @@ pub enum EventKind {
     Release,
     ConfigRejected,
     Leadership,
+    /// egressd's nftables tables were changed from outside and repaired.
+    Repair,
 }
 
 impl EventKind {
@@ -1392,6 +1394,7 @@ impl EventKind {
             EventKind::Release => "release",
             EventKind::ConfigRejected => "config_rejected",
             EventKind::Leadership => "leadership",
+            EventKind::Repair => "repair",
         }
     }
 }

@@ -3,6 +3,8 @@ pub mod bench;
 pub mod capture;
 pub mod cluster;
 pub mod flood;
+pub mod heal;
+pub mod leak;
 pub mod netns;
 pub mod probe;
 pub mod tools;
