@@ -1067,7 +1067,6 @@ fn cell_of(name: &str) -> Option<(&str, u64, usize)> {
 #[doc(hidden)]
 pub fn fuzz_parsers(text: &str) {
     let _ = parse_listing(text);
-    let _ = parse_objects(text, "egressd");
     let _ = parse_counters_json(text);
 }
 
