@@ -89,7 +89,11 @@ impl Node {
     pub fn start_within(tag: &str, extra_policies: usize, wait: Duration) -> Node {
         let topo = Topo::new(tag, 1);
         let gw = topo.nodes[0].clone();
-        std::fs::write(topo.dir.path().join("token"), format!("{TOKEN}\n")).expect("token");
+        let token = topo.dir.path().join("token");
+        std::fs::write(&token, format!("{TOKEN}\n")).expect("token");
+        // A token file others can read is refused at start.
+        std::fs::set_permissions(&token, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .expect("token mode");
         let policies = super::cluster::many_sources(extra_policies);
         let cfg = topo.write_config(0, &config(&topo, &policies));
         let mut node = Node {
