@@ -65,7 +65,11 @@ nsx $NS_CLI ip route add 203.0.113.0/24 via 10.77.0.1
 nsx $NS_SRV ip addr add 203.0.113.10/24 dev eth0
 nsx $NS_SRV ip link set eth0 up
 
-head -c 32 /dev/urandom | base64 > "$WORK/cluster.secret"
+say "peer certificates: a cluster CA and one certificate per node (egressd tls)"
+"$BIN" tls init-ca --out-dir "$WORK/ca" >/dev/null
+for n in "${NODES[@]}"; do
+  "$BIN" tls issue "$n" --ca-dir "$WORK/ca" --out-dir "$WORK/certs" >/dev/null
+done
 for i in 0 1 2; do
   n=${NODES[$i]}
   cat > "$WORK/$n.toml" <<EOF
@@ -81,7 +85,11 @@ peers = [
   { name = "gw3", address = "10.78.0.4:7480" },
 ]
 data_dir = "$WORK/data-$n"
-secret_file = "$WORK/cluster.secret"
+
+[cluster.tls]
+ca_file = "$WORK/ca/ca.pem"
+cert_file = "$WORK/certs/$n.pem"
+key_file = "$WORK/certs/$n-key.pem"
 
 [dataplane]
 manage_forwarding = true

@@ -24,6 +24,12 @@ trap 'rm -f "$log"' EXIT
 cargo test --locked 2>&1 | tee "$log"
 cargo test --locked --features kubernetes --lib kubernetes:: 2>&1 | tee -a "$log"
 cargo test --locked --features kubernetes --test kubernetes 2>&1 | tee -a "$log"
+# Fuzzing, a few seconds per target (scripts/fuzz.sh: the nightly toolchain and cargo-fuzz).
+if cargo +nightly fuzz --version >/dev/null 2>&1; then
+  FUZZ_SECS=${FUZZ_SECS:-5} scripts/fuzz.sh short
+else
+  echo "!!! cargo-fuzz or the nightly toolchain is missing: the fuzz targets are SKIPPED" >&2
+fi
 skipping
 # One closing line for the whole run (cargo prints one summary per test binary).
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i; if ($(i+1) ~ /^ignored/) s += $i } }

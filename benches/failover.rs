@@ -12,7 +12,10 @@
 //! handover (SIGTERM, and `egressd node cordon` through the CLI). Prints a table of
 //! medians and maxima. Also: operator command latency (status, apply, delete through the CLI),
 //! the commit-to-SNAT latency of a config change. `--admin-only`, `--planned-only` and
-//! `--config-change-only` run one part. Sizes (10 000 and 100 000 policies) are
+//! `--config-change-only` run one part; `--flood-compare` compares failover with and without a
+//! flood of the peer and admin ports (`tests/common/flood.rs`; `EGRESSD_FLOOD_TRIALS`, default
+//! 7); `--kill-follower-only` runs the one scenario (for comparisons across versions).
+//! `EGRESSD_TRIALS` sets the trials per scenario (default 5). Sizes (10 000 and 100 000 policies) are
 //! `benches/scale.rs`'s.
 
 #[path = "../tests/common/mod.rs"]
@@ -24,12 +27,24 @@ use common::bench::*;
 use common::cluster::*;
 use common::topo::*;
 
-const TRIALS: usize = 5;
+/// Trials per scenario: 5, or `EGRESSD_TRIALS`.
+fn trials_per_scenario() -> usize {
+    std::env::var("EGRESSD_TRIALS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5)
+}
 
 /// Runs one trial on a fresh cluster: `leader` picks whether the active node is the Raft
 /// leader; `how` is KILL or TERM (a signal to the daemon), CUT (every link of the node goes
 /// down) or CORDON.
 fn trial(tag: &str, extra: &str, leader: bool, how: &str) -> Trial {
+    trial_with(tag, extra, leader, how, false)
+}
+
+/// `trial`, with `flood`: the flood of `tests/common/flood.rs` on every node's peer and admin
+/// ports from 1.5 s before the failure to the end of the measurement.
+fn trial_with(tag: &str, extra: &str, leader: bool, how: &str, flood: bool) -> Trial {
     let (token, admin) = admin_token(TOKEN);
     let mut c = Cluster::start_with(tag, 3, &format!("{extra}\n{admin}"));
     c.ensure_leader_is_not("gw3");
@@ -41,7 +56,7 @@ fn trial(tag: &str, extra: &str, leader: bool, how: &str) -> Trial {
     };
     c.make_active(&target);
     c.assert_traffic_via_vip();
-    failover_trial(&mut c, &target, how, token.path())
+    failover_trial_with(&mut c, &target, how, token.path(), flood)
 }
 
 const TOKEN: &str = "bench-admin-token-0123456789";
@@ -175,14 +190,15 @@ fn print_table(scenarios: &[(&str, &str, bool, &str)]) {
     );
     println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: |");
     for (k, (what, extra, leader, how)) in scenarios.iter().enumerate() {
-        let trials: Vec<Trial> = (0..TRIALS)
+        let n = trials_per_scenario();
+        let trials: Vec<Trial> = (0..n)
             .map(|t| trial(&format!("fo{k}{t}"), extra, *leader, how))
             .collect();
         let (fm, fx) = stats(trials.iter().map(|t| t.failover_ms).collect());
         let (om, ox) = stats(trials.iter().map(|t| t.outage_ms).collect());
         let doubles: usize = trials.iter().map(|t| t.doubles).sum();
         println!(
-            "| {what} | {TRIALS} | {fm:.0} ms | {fx:.0} ms | {om:.0} ms | {ox:.0} ms | {doubles} |"
+            "| {what} | {n} | {fm:.0} ms | {fx:.0} ms | {om:.0} ms | {ox:.0} ms | {doubles} |"
         );
     }
 }
@@ -191,6 +207,19 @@ fn main() {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         eprintln!("!!! SKIPPED benches/failover.rs: needs root for network namespaces");
+        return;
+    }
+    if std::env::args().any(|a| a == "--flood-compare") {
+        flood_compare();
+        return;
+    }
+    if std::env::args().any(|a| a == "--kill-follower-only") {
+        print_table(&[(
+            "kill -9, active is a follower, default profile",
+            "",
+            false,
+            "KILL",
+        )]);
         return;
     }
     if std::env::args().any(|a| a == "--admin-only") {
@@ -253,5 +282,45 @@ fn main() {
     let (m, x) = config_change_latency(10);
     println!(
         "\nconfig change (one policy) committed on the leader -> SNAT updated on the active follower: median {m:.1} ms, max {x:.1} ms (10 rounds)"
+    );
+}
+
+/// Failover (kill -9 of the active follower, default profile) without and with the flood of
+/// `tests/common/flood.rs`, trials interleaved so that the machine's other load hits both alike.
+fn flood_compare() {
+    let trials: usize = std::env::var("EGRESSD_FLOOD_TRIALS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(7);
+    let (mut quiet, mut flooded) = (Vec::new(), Vec::new());
+    for t in 0..trials {
+        quiet.push(trial_with(&format!("fq{t}"), "", false, "KILL", false));
+        flooded.push(trial_with(&format!("ff{t}"), "", false, "KILL", true));
+    }
+    println!(
+        "\n| kill -9 of the active follower, default profile | trials | failover to first GARP: median | max | client outage: median | max | probes answered twice |"
+    );
+    println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: |");
+    for (what, v) in [("quiet", &quiet), ("under the flood", &flooded)] {
+        let (fm, fx) = stats(v.iter().map(|t| t.failover_ms).collect());
+        let (om, ox) = stats(v.iter().map(|t| t.outage_ms).collect());
+        let doubles: usize = v.iter().map(|t| t.doubles).sum();
+        println!(
+            "| {what} | {} | {fm:.0} ms | {fx:.0} ms | {om:.0} ms | {ox:.0} ms | {doubles} |",
+            v.len()
+        );
+    }
+    let n = flooded.len().max(1) as f64;
+    let (o, f, a) = flooded
+        .iter()
+        .filter_map(|t| t.flood)
+        .fold((0.0, 0.0, 0.0), |acc, x| {
+            (acc.0 + x.0, acc.1 + x.1, acc.2 + x.2)
+        });
+    println!(
+        "\nflood (mean over trials): {:.0} connections/s opened, {:.0}/s refused or failed, {:.0} admin requests/s",
+        o / n,
+        f / n,
+        a / n
     );
 }

@@ -85,7 +85,7 @@ chmod 0644 "$root/$doc"/*.gz
 # Deliberate departures from lintian's defaults.
 d usr/share/lintian/overrides
 cat > "$root/usr/share/lintian/overrides/egressd" <<'OVERRIDES'
-# The configuration names the cluster secret and the admin token files: readable by the
+# The configuration names the peer TLS key and the admin token files: readable by the
 # daemon's group only.
 egressd: non-standard-dir-perm 0750 != 0755 [etc/egressd/]
 egressd: non-standard-file-perm 0640 != 0644 [etc/egressd/egressd.toml]

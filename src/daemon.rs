@@ -20,12 +20,15 @@ use crate::config::{Config, ConfigErrors};
 use crate::dataplane::fence::{Fence, NftFence};
 use crate::dataplane::host::{HostEvents, NetlinkHost};
 use crate::dataplane::nft::NftFirewall;
+use crate::dataplane::watch::{Heal, Watcher};
 use crate::dataplane::{Firewall, Host, RawAnnouncer};
 use crate::events::EventKind;
 use crate::model::{Gateway, Policy};
 use crate::notify::{Heartbeat, Notifier};
 use crate::reconciler::Reconciler;
+use crate::secrets::{AdminToken, TokenCell};
 use crate::status::{ClusterStatus, StatusBoard};
+use crate::tls::admin::{AdminTls, AdminTlsFiles};
 
 /// The members of the config file, as the cluster holds them.
 fn peer_list(config: &Config) -> Vec<(String, String)> {
@@ -138,30 +141,65 @@ async fn run_inner(
     let (board, status_rx) = StatusBoard::new(&config.node.name);
     let board = Arc::new(board);
     let prometheus = Arc::new(crate::metrics::Metrics::new());
+    prometheus.init_repairs(&config.dataplane.nft_table);
+    // Outside changes of egressd's nftables tables: noticed by the watcher, repaired by the
+    // task that owns the table (see `dataplane::watch`).
+    let heal = Heal::new(agent::heal_report(
+        board.clone(),
+        node.events.clone(),
+        prometheus.clone(),
+    ));
+    let nft_watcher = match Watcher::start(&config.dataplane.nft_table, None, heal.clone()) {
+        Ok(w) => Some(w),
+        Err(e) => {
+            error!(
+                error = %e,
+                "cannot watch the nftables tables: changes made to them from outside will not \
+                 be repaired"
+            );
+            None
+        }
+    };
     let admin_addr = config.admin.listen;
     let listener = tokio::net::TcpListener::bind(admin_addr)
         .await
         .with_context(|| format!("binding the admin endpoint to {admin_addr}"))?;
-    let token = match &config.admin.token_file {
-        Some(path) => Some(Arc::new(
-            std::fs::read_to_string(path)
-                .with_context(|| format!("reading the admin token {}", path.display()))?
-                .trim()
-                .to_string(),
-        )),
+    // Checked by `egressd run` before start-up (`secrets::check_files`); read here for use.
+    let token = TokenCell::new(match &config.admin.token_file {
+        Some(path) => {
+            Some(AdminToken::load(path).map_err(|e| anyhow::anyhow!("admin.token_file: {e}"))?)
+        }
+        None => None,
+    });
+    let admin_tls = match &config.admin.tls {
+        Some(t) => Some(
+            AdminTls::load(AdminTlsFiles {
+                cert_file: t.cert_file.clone(),
+                key_file: t.key_file.clone(),
+            })
+            .context("loading the admin endpoint's [admin.tls] files")?,
+        ),
         None => None,
     };
-    if token.as_ref().is_some_and(|t| t.len() < 16) {
-        anyhow::bail!("the admin token in admin.token_file must be at least 16 characters");
-    }
-    tokio::spawn(crate::admin::serve(
+    // The admin endpoint on a thread and runtime of its own: a flood of requests there never
+    // takes the threads that carry Raft's heartbeats and the lease renewals.
+    let admin_rt = crate::tls::server::edge_runtime("admin", 10)
+        .context("starting the admin endpoint's thread")?;
+    info!(
+        url = %config.admin.url(),
+        mutations = if token.get().is_some() { "with the token of admin.token_file" } else { "disabled (no admin.token_file)" },
+        "admin endpoint"
+    );
+    admin_rt.spawn(crate::admin::serve(
         listener,
         crate::admin::AdminState {
             status: status_rx.clone(),
             node: node.clone(),
-            token,
+            token: token.clone(),
             metrics: prometheus.clone(),
+            main: tokio::runtime::Handle::current(),
         },
+        admin_tls.clone(),
     ));
 
     // The channels between the tasks.
@@ -196,7 +234,8 @@ async fn run_inner(
         prometheus.clone(),
         lease_beat,
         Duration::from_millis(config.cluster.timing().report_interval_ms),
-    );
+    )
+    .with_heal(heal.clone());
     let lease_task: JoinHandle<_> = tokio::spawn(
         async move {
             lease.run().await;
@@ -222,6 +261,7 @@ async fn run_inner(
         node.events.clone(),
         dataplane_beat,
         prometheus.clone(),
+        heal,
         release_rx,
     )?;
 
@@ -236,7 +276,9 @@ async fn run_inner(
         file_valid: object_errors.is_none(),
         started: false,
         starting: None,
-        reload_pending: None,
+        reload_pending: false,
+        token,
+        admin_tls,
         reloading: None,
         drift_of: None,
         drift: BTreeMap::new(),
@@ -307,7 +349,11 @@ async fn run_inner(
             break;
         }
     }
-    // Stop answering first (the fence), then the addresses and SNAT.
+    // Stop answering first (the fence), then the addresses and SNAT. The watcher goes first:
+    // the tables are about to be removed on purpose.
+    if let Some(w) = nft_watcher {
+        w.stop();
+    }
     stop_tx.send_replace(true);
     let held = board.get().dataplane.held_addresses;
     info!(held = ?held, "shutting down: releasing addresses and removing the nftables tables");
@@ -358,6 +404,7 @@ fn spawn_dataplane(
     events: crate::events::EventLog,
     heartbeat: Arc<Heartbeat>,
     metrics: Arc<crate::metrics::Metrics>,
+    heal: Arc<Heal>,
     release: tokio::sync::oneshot::Receiver<()>,
 ) -> anyhow::Result<tokio::sync::oneshot::Receiver<crate::dataplane::Result<()>>> {
     let (done_tx, done_rx) = tokio::sync::oneshot::channel();
@@ -388,7 +435,8 @@ fn spawn_dataplane(
                         board,
                         events,
                         heartbeat,
-                    );
+                    )
+                    .with_heal(heal);
                     task.run().await;
                     let _ = release.await;
                     task.into_reconciler().release_all().await
@@ -561,9 +609,12 @@ struct Main {
     /// The start-up commit of the file is done.
     started: bool,
     starting: Option<JoinHandle<anyhow::Result<Started>>>,
-    /// A reload that came before the start-up commit was done, and its member change: its
-    /// commit follows the start-up one.
-    reload_pending: Option<Option<Command>>,
+    /// A reload came before the start-up commit was done: its commit follows the start-up one.
+    reload_pending: bool,
+    /// The admin token in force (replaced by a reload).
+    token: TokenCell,
+    /// The admin endpoint's TLS (reloaded with the file).
+    admin_tls: Option<AdminTls>,
     /// The commit of the last reload: `Some(problem)` when it did not happen.
     reloading: Option<JoinHandle<Option<String>>>,
     /// What the drift was computed from (`None`: compute it all again).
@@ -578,10 +629,8 @@ impl Main {
     async fn round(&mut self) {
         if !self.started {
             self.start().await;
-            if self.started
-                && let Some(members) = self.reload_pending.take()
-            {
-                self.commit_file(members);
+            if self.started && std::mem::take(&mut self.reload_pending) {
+                self.commit_file();
             }
         }
         self.reload_committed().await;
@@ -615,6 +664,15 @@ impl Main {
     fn log_drift(&mut self, after: Load) {
         self.drift_of = None;
         self.refresh_drift();
+        // The member list changes only by `egressd member add/remove`; a file that differs
+        // from it is reported, never applied.
+        for d in self.node.member_drift(&self.config.voters()) {
+            warn!(
+                drift = %d,
+                "member drift: this node's cluster.peers differs from the cluster's member list \
+                 (`egressd member add/remove` changes the members; the file only reports)"
+            );
+        }
         if self.drift.is_empty() {
             return;
         }
@@ -665,7 +723,10 @@ impl Main {
             policies: state.policies.len(),
             lease_remaining_ms: 0,
             config_drift: !self.drift.is_empty(),
+            id: state.cluster_id.clone(),
+            peer_tls: self.node.tls_summary().map(|s| s.to_string()),
         };
+        let member_drift = crate::cluster::node::member_drift(&state, &self.config.voters());
         let view = (metrics.current_leader == Some(self.node.id))
             .then(|| self.node.leader_view.lock().ok().map(|v| v.clone()))
             .flatten();
@@ -677,6 +738,7 @@ impl Main {
             s.cluster.lease_remaining_ms = lease_remaining;
             s.config.path = path;
             s.config.drift = drift;
+            s.config.member_drift = member_drift;
             s.members.clear();
             if let Some(view) = &view {
                 s.add_view(view);
@@ -821,20 +883,29 @@ impl Main {
                 return;
             }
         };
+        let path = self.config_path.display().to_string();
+        let loaded = loaded.and_then(|new| crate::secrets::check_files(&new, &path).map(|()| new));
         match loaded {
             Ok(new) => {
+                // Identities first: a file that cannot be used changes nothing.
+                if let Err(why) = self.reload_identities(&new) {
+                    self.config_rejected(Load::Reload, vec![why]);
+                    self.log_drift(Load::Reload);
+                    return;
+                }
                 self.board.update(|s| s.config.last_reload_errors.clear());
                 info!(
                     gateways = new.gateways.len(),
                     policies = new.policies.len(),
                     "configuration reloaded; committing its gateways and policies"
                 );
-                // Identity, listeners and timing need a restart; labels, objects and the member
-                // list do not.
-                let members = (new.voters() != self.config.voters()).then(|| {
-                    self.config.cluster.peers = new.cluster.peers.clone();
-                    Command::SetMembers(peer_list(&new))
-                });
+                // Identity, listeners and timing need a restart; labels, objects, the TLS files
+                // and the admin token do not. The member list is the cluster's: `cluster.peers`
+                // is compared with it (drift), not committed.
+                self.config.cluster.peers = new.cluster.peers.clone();
+                self.config.cluster.tls = new.cluster.tls.clone();
+                self.config.admin.token_file = new.admin.token_file.clone();
+                self.config.admin.tls = new.admin.tls.clone();
                 self.config.gateways = new.gateways;
                 self.config.policies = new.policies;
                 sort_file_objects(&mut self.config);
@@ -846,13 +917,12 @@ impl Main {
                 // The drift against the new file is computed afresh.
                 self.drift_of = None;
                 if self.started {
-                    self.commit_file(members);
+                    self.commit_file();
                 } else {
                     // The start-up commit is under way (or waits for a leader): this reload's
                     // commit follows it, so that the newest file wins.
                     info!("the start-up commit of the file is not done yet; committing after it");
-                    let earlier = self.reload_pending.take().flatten();
-                    self.reload_pending = Some(members.or(earlier));
+                    self.reload_pending = true;
                 }
             }
             Err(errors) => {
@@ -865,9 +935,57 @@ impl Main {
         }
     }
 
-    /// Commits the (reloaded) file's member list, if it changed, and the difference between its
-    /// gateways and policies and the committed file objects.
-    fn commit_file(&mut self, members: Option<Command>) {
+    /// The peer TLS files, the admin endpoint's TLS files and the admin token of a reloaded
+    /// file (all checked already): in force from the next connection and request on.
+    fn reload_identities(&mut self, new: &Config) -> Result<(), String> {
+        match (&self.admin_tls, &new.admin.tls) {
+            (Some(_), None) | (None, Some(_)) => {
+                return Err(
+                    "[admin.tls] was added or removed: the admin endpoint changes between HTTP \
+                     and HTTPS only on a restart"
+                        .into(),
+                );
+            }
+            _ => {}
+        }
+        if let Some(summary) = self
+            .node
+            .reload_tls(new.cluster.tls.as_ref())
+            .map_err(|e| format!("cluster.tls: {e}"))?
+        {
+            info!(tls = %summary, "peer TLS files reloaded: new connections use them");
+        }
+        if let (Some(tls), Some(t)) = (&self.admin_tls, &new.admin.tls) {
+            tls.reload_from(AdminTlsFiles {
+                cert_file: t.cert_file.clone(),
+                key_file: t.key_file.clone(),
+            })
+            .map_err(|e| format!("admin.tls: {e}"))?;
+            info!("admin endpoint TLS files reloaded");
+        }
+        let token = match &new.admin.token_file {
+            Some(path) => {
+                Some(AdminToken::load(path).map_err(|e| format!("admin.token_file: {e}"))?)
+            }
+            None => None,
+        };
+        if token.is_some() != self.token.get().is_some() || token != self.token.get() {
+            info!(
+                mutations = if token.is_some() {
+                    "need the new token"
+                } else {
+                    "disabled"
+                },
+                "admin token reloaded"
+            );
+        }
+        self.token.set(token);
+        Ok(())
+    }
+
+    /// Commits the difference between the (reloaded) file's gateways and policies and the
+    /// committed file objects.
+    fn commit_file(&mut self) {
         let objects = self.node.applied().state.file_change(
             &self.config.node.name,
             &self.config.gateways,
@@ -878,12 +996,6 @@ impl Main {
         // must keep handling signals meanwhile.
         let node = self.node.clone();
         let task = async move {
-            if let Some(cmd) = members {
-                match node.write(cmd).await {
-                    Ok(_) => info!("committed the new member list"),
-                    Err(e) => error!(error = %e, "committing the new member list failed"),
-                }
-            }
             let Some(objects) = objects else {
                 info!("the file's gateways and policies are committed already");
                 return None;

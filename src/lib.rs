@@ -2,6 +2,7 @@
 //! `dataplane` touches the kernel; `reconciler` and `daemon` wire them; `admin` serves HTTP.
 
 pub mod admin;
+pub mod admin_client;
 pub mod agent;
 pub mod clock;
 pub mod cluster;
@@ -18,6 +19,7 @@ pub mod model;
 pub mod notify;
 pub mod policy;
 pub mod reconciler;
+pub mod secrets;
 pub mod status;
 pub mod tls;
 

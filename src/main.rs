@@ -4,6 +4,8 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 
+use axum::http::Method;
+use egressd::admin_client::{AdminClient, Answer};
 use egressd::config::schema::{GatewaySpec, Mode, PolicySpec};
 use egressd::config::{self, Config, rules};
 use egressd::daemon;
@@ -100,6 +102,17 @@ enum Command {
         #[arg(long)]
         token_file: Option<PathBuf>,
     },
+    /// Cluster membership: add a node, remove one (one voter change at a time; a change that
+    /// would leave the voters without a quorum of live nodes is refused).
+    Member {
+        #[command(subcommand)]
+        action: MemberAction,
+        #[command(flatten)]
+        target: AdminTarget,
+        /// File holding the admin token; default: the config file's admin.token_file.
+        #[arg(long, global = true)]
+        token_file: Option<PathBuf>,
+    },
     /// Peer TLS: create the cluster CA and the node certificates peers authenticate with.
     Tls {
         #[command(subcommand)]
@@ -177,6 +190,21 @@ enum NodeAction {
 }
 
 #[derive(Subcommand)]
+enum MemberAction {
+    /// Add a node: it joins as a learner and becomes a voter once it has caught up (the first
+    /// five by name vote). Start the node (with an empty data_dir and the cluster's peers in
+    /// its file) after this command.
+    Add {
+        name: String,
+        /// Its peer address, address:port (its cluster.listen).
+        address: String,
+    },
+    /// Remove a node (e.g. a failed one before its replacement is added); stop it and clear
+    /// its data_dir afterwards.
+    Remove { name: String },
+}
+
+#[derive(Subcommand)]
 enum TlsAction {
     /// Create a cluster CA (ca.pem and ca-key.pem in --out-dir).
     ///
@@ -218,34 +246,51 @@ enum TlsAction {
         /// Replace existing NODE.pem / NODE-key.pem.
         #[arg(long)]
         force: bool,
+        /// Another subject alternative name, a DNS name or an IP address (repeatable): for a
+        /// certificate of the admin endpoint ([admin.tls]) reached by address.
+        #[arg(long = "san")]
+        sans: Vec<String>,
     },
 }
 
 #[derive(clap::Args)]
 struct AdminTarget {
-    /// Admin endpoint URL; default: from the config file's admin.listen.
+    /// Admin endpoint URL; default: from the config file's admin.listen (https:// with
+    /// [admin.tls]).
     #[arg(long, global = true)]
     admin: Option<String>,
+    /// The CA an https:// admin endpoint's certificate chains to; default: the config file's
+    /// admin.tls.ca_file.
+    #[arg(long, global = true)]
+    ca_file: Option<PathBuf>,
     #[arg(long, global = true, env = "EGRESSD_CONFIG", default_value = DEFAULT_CONFIG)]
     config: PathBuf,
 }
 
 impl AdminTarget {
-    fn url(&self) -> String {
-        if let Some(a) = &self.admin {
-            return a.trim_end_matches('/').to_string();
-        }
-        let listen = config::load(&self.config)
-            .map(|c| c.admin.listen)
-            .unwrap_or_else(|_| ([127, 0, 0, 1], 7481).into());
-        format!("http://{listen}")
+    fn client(&self) -> anyhow::Result<AdminClient> {
+        let cfg = config::load(&self.config).ok();
+        let url = match &self.admin {
+            Some(a) => a.clone(),
+            None => cfg
+                .as_ref()
+                .map(|c| c.admin.url())
+                .unwrap_or_else(|| "http://127.0.0.1:7481".to_string()),
+        };
+        let ca = self
+            .ca_file
+            .clone()
+            .or_else(|| cfg.and_then(|c| c.admin.tls?.ca_file));
+        AdminClient::new(&url, ca.as_deref())
     }
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::CheckConfig { config } => match config::load(&config) {
+        Command::CheckConfig { config } => match config::load(&config).and_then(|c| {
+            egressd::secrets::check_files(&c, &config.display().to_string()).map(|()| c)
+        }) {
             Ok(c) => {
                 println!(
                     "{}: ok ({} gateways, {} policies, node {})",
@@ -265,7 +310,10 @@ fn main() -> ExitCode {
         Command::Run { config } => {
             // Broken gateways or policies alone do not stop a start: the node runs the
             // cluster's committed objects and reports them (see `config::load_for_run`).
-            let (cfg, object_errors) = match config::load_for_run(&config) {
+            let loaded = config::load_for_run(&config).and_then(|(c, o)| {
+                egressd::secrets::check_files(&c, &config.display().to_string()).map(|()| (c, o))
+            });
+            let (cfg, object_errors) = match loaded {
                 Ok(c) => c,
                 Err(errors) => {
                     eprintln!("{errors}");
@@ -283,7 +331,7 @@ fn main() -> ExitCode {
             json,
             events,
             target,
-        } => report(runtime().and_then(|rt| rt.block_on(status(&target.url(), json, events)))),
+        } => report(runtime().and_then(|rt| rt.block_on(status(&target, json, events)))),
         Command::Apply {
             file,
             target,
@@ -292,7 +340,7 @@ fn main() -> ExitCode {
         Command::Import(args) => report(import(args)),
         Command::Kubernetes { action } => report(kubernetes_command(action)),
         Command::Get { kind, json, target } => {
-            report(runtime().and_then(|rt| rt.block_on(get(kind, json, &target.url()))))
+            report(runtime().and_then(|rt| rt.block_on(get(kind, json, &target))))
         }
         Command::Delete {
             kind,
@@ -301,6 +349,13 @@ fn main() -> ExitCode {
             token_file,
         } => report(runtime().and_then(|rt| rt.block_on(delete(kind, &name, &target, token_file)))),
         Command::Tls { action } => report(tls_command(action)),
+        Command::Member {
+            action,
+            target,
+            token_file,
+        } => report(
+            runtime().and_then(|rt| rt.block_on(member_command(action, &target, token_file))),
+        ),
         Command::Completions { shell } => cli_docs::completions::<Cli>(shell),
         Command::Man { out_dir } => report(cli_docs::man::<Cli>(&out_dir)),
         Command::Node {
@@ -402,25 +457,27 @@ async fn node_command(
         }
     };
     let token = read_token(target, token_file)?;
-    let url = target.url();
+    let client = target.client()?;
     // What the node holds before it is cordoned, to say afterwards where each gateway went.
     let before = match drain {
-        Some(_) => active_on(&fetch_status(&url).await?, &name),
+        Some(_) => active_on(&fetch_status(&client).await?, &name),
         None => Vec::new(),
     };
-    let mut req = reqwest::Client::new()
-        .post(format!("{url}/v1/nodes/{name}/{path}"))
-        .bearer_auth(&token);
-    if let Some(body) = &body {
-        req = req.json(body);
-    }
-    let resp = req
-        .send()
-        .await
-        .with_context(|| format!("cannot reach the admin endpoint at {url}"))?;
-    let done = committed(resp).await?;
+    let body = body
+        .map(|b| serde_json::to_vec(&b))
+        .transpose()
+        .context("encoding the request")?;
+    let resp = client
+        .send(
+            Method::POST,
+            &format!("/v1/nodes/{name}/{path}"),
+            Some(&token),
+            body,
+        )
+        .await?;
+    let done = committed(resp)?;
     if let Some(timeout) = drain {
-        return wait_drained(&url, &name, before, timeout).await;
+        return wait_drained(&client, &name, before, timeout).await;
     }
     println!(
         "{name}: {path} {}",
@@ -430,6 +487,49 @@ async fn node_command(
             "(already so)"
         }
     );
+    Ok(())
+}
+
+async fn member_command(
+    action: MemberAction,
+    target: &AdminTarget,
+    token_file: Option<PathBuf>,
+) -> anyhow::Result<()> {
+    let token = read_token(target, token_file)?;
+    let client = target.client()?;
+    let (what, resp) = match action {
+        MemberAction::Add { name, address } => {
+            let body = serde_json::to_vec(&egressd::admin::MemberAdd {
+                name: name.clone(),
+                address: address.clone(),
+            })
+            .context("encoding the request")?;
+            let resp = client
+                .send(Method::POST, "/v1/members", Some(&token), Some(body))
+                .await?;
+            (format!("{name} ({address}) added"), resp)
+        }
+        MemberAction::Remove { name } => {
+            let resp = client
+                .send(
+                    Method::DELETE,
+                    &format!("/v1/members/{name}"),
+                    Some(&token),
+                    None,
+                )
+                .await?;
+            (format!("{name} removed"), resp)
+        }
+    };
+    let done = committed(resp)?;
+    if done.changed {
+        println!(
+            "member {what}; the leader changes the voters one at a time (`egressd status` shows \
+             them)"
+        );
+    } else {
+        println!("member list unchanged (already so)");
+    }
     Ok(())
 }
 
@@ -463,8 +563,9 @@ fn tls_command(action: TlsAction) -> anyhow::Result<()> {
             out_dir,
             days,
             force,
+            sans,
         } => {
-            let w = pki::issue_to_dir(&node, &ca_dir, &out_dir, days, force)?;
+            let w = pki::issue_to_dir_with(&node, &sans, &ca_dir, &out_dir, days, force)?;
             println!(
                 "wrote {} (certificate for {node}, valid until {}: cluster.tls.cert_file)",
                 w.cert.display(),
@@ -490,17 +591,20 @@ fn read_token(target: &AdminTarget, token_file: Option<PathBuf>) -> anyhow::Resu
 }
 
 /// The answer to a mutation: committed, or the endpoint's reason as the error.
-async fn committed(resp: reqwest::Response) -> anyhow::Result<egressd::admin::Committed> {
-    if !resp.status().is_success() {
-        let status = resp.status();
-        let msg = resp
-            .json::<egressd::admin::ApiError>()
-            .await
-            .map(|e| e.error)
-            .unwrap_or_default();
-        anyhow::bail!("{status}: {msg}");
+fn committed(resp: Answer) -> anyhow::Result<egressd::admin::Committed> {
+    success(&resp)?;
+    serde_json::from_slice(&resp.body).context("reading the answer")
+}
+
+/// A 2xx answer, or the endpoint's reason as the error.
+fn success(resp: &Answer) -> anyhow::Result<()> {
+    if resp.status.is_success() {
+        return Ok(());
     }
-    resp.json().await.context("reading the answer")
+    let msg = serde_json::from_slice::<egressd::admin::ApiError>(&resp.body)
+        .map(|e| e.error)
+        .unwrap_or_else(|_| String::from_utf8_lossy(&resp.body).trim().to_string());
+    anyhow::bail!("{}: {msg}", resp.status)
 }
 
 /// The text of `file`, or of standard input for "-", with the name errors give it.
@@ -542,19 +646,16 @@ async fn send_apply(
     token_file: Option<PathBuf>,
 ) -> anyhow::Result<()> {
     let token = read_token(target, token_file)?;
-    let url = target.url();
+    let client = target.client()?;
     let body = egressd::admin::ApplyRequest {
         gateways: gateways.iter().map(GatewaySpec::from).collect(),
         policies: policies.iter().map(PolicySpec::from).collect(),
     };
-    let resp = reqwest::Client::new()
-        .post(format!("{url}/v1/apply"))
-        .bearer_auth(&token)
-        .json(&body)
-        .send()
-        .await
-        .with_context(|| format!("cannot reach the admin endpoint at {url}"))?;
-    let done = committed(resp).await?;
+    let json = serde_json::to_vec(&body).context("encoding the request")?;
+    let resp = client
+        .send(Method::POST, "/v1/apply", Some(&token), Some(json))
+        .await?;
+    let done = committed(resp)?;
     let names: Vec<String> = body
         .gateways
         .iter()
@@ -651,12 +752,13 @@ fn no_kubernetes() -> anyhow::Error {
     )
 }
 
-async fn get(kind: Kind, json: bool, url: &str) -> anyhow::Result<()> {
-    let resp = reqwest::get(format!("{url}/v1/{}", kind.plural()))
-        .await
-        .with_context(|| format!("cannot reach the admin endpoint at {url}"))?
-        .error_for_status()?;
-    let text = resp.text().await.context("reading the answer")?;
+async fn get(kind: Kind, json: bool, target: &AdminTarget) -> anyhow::Result<()> {
+    let resp = target
+        .client()?
+        .get(&format!("/v1/{}", kind.plural()))
+        .await?;
+    success(&resp)?;
+    let text = String::from_utf8_lossy(&resp.body).into_owned();
     if json {
         println!("{text}");
         return Ok(());
@@ -741,14 +843,16 @@ async fn delete(
     token_file: Option<PathBuf>,
 ) -> anyhow::Result<()> {
     let token = read_token(target, token_file)?;
-    let url = target.url();
-    let resp = reqwest::Client::new()
-        .delete(format!("{url}/v1/{}/{name}", kind.plural()))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .with_context(|| format!("cannot reach the admin endpoint at {url}"))?;
-    committed(resp).await?;
+    let resp = target
+        .client()?
+        .send(
+            Method::DELETE,
+            &format!("/v1/{}/{name}", kind.plural()),
+            Some(&token),
+            None,
+        )
+        .await?;
+    committed(resp)?;
     let kind = match kind {
         Kind::Gateway => "gateway",
         Kind::Policy => "policy",
@@ -757,13 +861,10 @@ async fn delete(
     Ok(())
 }
 
-async fn fetch_status(url: &str) -> anyhow::Result<Status> {
-    reqwest::get(format!("{url}/v1/status"))
-        .await
-        .with_context(|| format!("cannot reach the admin endpoint at {url}"))?
-        .error_for_status()?
-        .json()
-        .await
+async fn fetch_status(client: &AdminClient) -> anyhow::Result<Status> {
+    let resp = client.get("/v1/status").await?;
+    success(&resp)?;
+    serde_json::from_slice(&resp.body)
         .context("the admin endpoint answered something that is not a status")
 }
 
@@ -779,7 +880,7 @@ fn active_on(s: &Status, name: &str) -> Vec<String> {
 /// Polls the status until no gateway is active on `name`, then prints where each of `had`
 /// went.
 async fn wait_drained(
-    url: &str,
+    url: &AdminClient,
     name: &str,
     had: Vec<String>,
     timeout: std::time::Duration,
@@ -827,15 +928,13 @@ async fn wait_drained(
     }
 }
 
-async fn status(url: &str, json: bool, events: bool) -> anyhow::Result<()> {
-    let s = fetch_status(url).await?;
+async fn status(target: &AdminTarget, json: bool, events: bool) -> anyhow::Result<()> {
+    let client = target.client()?;
+    let s = fetch_status(&client).await?;
     let event_list: Vec<egressd::events::Event> = if events {
-        reqwest::get(format!("{url}/v1/events?limit=50"))
-            .await
-            .with_context(|| format!("cannot reach the admin endpoint at {url}"))?
-            .error_for_status()?
-            .json()
-            .await
+        let resp = client.get("/v1/events?limit=50").await?;
+        success(&resp)?;
+        serde_json::from_slice(&resp.body)
             .context("the admin endpoint answered something that is not an event list")?
     } else {
         Vec::new()
@@ -856,7 +955,8 @@ async fn status(url: &str, json: bool, events: bool) -> anyhow::Result<()> {
     };
     println!("node {}  {}", s.node, ready);
     println!(
-        "cluster: leader {}, term {}, last log index {}, applied index {}, lease {} ms",
+        "cluster {}: leader {}, term {}, last log index {}, applied index {}, lease {} ms",
+        s.cluster.id.as_deref().unwrap_or("(no id yet)"),
         s.cluster.leader.as_deref().unwrap_or("none"),
         s.cluster.term,
         s.cluster.last_log_index,
@@ -882,8 +982,14 @@ async fn status(url: &str, json: bool, events: bool) -> anyhow::Result<()> {
             .map(|e| format!(", last error: {e}"))
             .unwrap_or_default()
     );
+    if let Some(tls) = &s.cluster.peer_tls {
+        println!("peer TLS: {tls}");
+    }
     for d in &s.config.drift {
         println!("CONFIG DRIFT: {d}");
+    }
+    for d in &s.config.member_drift {
+        println!("MEMBER DRIFT: {d}");
     }
     if !s.config.last_reload_errors.is_empty() {
         println!(

@@ -31,6 +31,12 @@ pub struct FamilyLabels {
     pub family: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ObjectLabels {
+    /// One of egressd's nftables tables, as nft names it: `inet egressd`, `arp egressd`, ...
+    pub object: String,
+}
+
 pub struct Metrics {
     registry: Registry,
     /// One scrape at a time: `observe` clears and refills the gateway families.
@@ -45,6 +51,7 @@ pub struct Metrics {
     pub announcement_errors: Counter,
     pub nft_apply: Histogram,
     pub nft_apply_errors: Counter,
+    pub dataplane_repairs: Family<ObjectLabels, Counter>,
     pub raft_term: Gauge,
     pub raft_is_leader: Gauge,
     pub raft_leader_changes: Counter,
@@ -84,6 +91,7 @@ impl Metrics {
             // 1 ms .. ~8 s: one-element deltas take milliseconds, a 100 000-policy load seconds.
             nft_apply: Histogram::new(exponential_buckets(0.001, 2.0, 14)),
             nft_apply_errors: Counter::default(),
+            dataplane_repairs: Family::default(),
             raft_term: Gauge::default(),
             raft_is_leader: Gauge::default(),
             raft_leader_changes: Counter::default(),
@@ -150,6 +158,11 @@ impl Metrics {
             "nft_apply_errors",
             "SNAT map changes that nft refused or that failed",
             m.nft_apply_errors.clone(),
+        );
+        r.register(
+            "dataplane_repairs",
+            "Repairs of one of egressd's nftables tables after something outside changed or removed it",
+            m.dataplane_repairs.clone(),
         );
         r.register("raft_term", "Current Raft term", m.raft_term.clone());
         r.register(
@@ -226,6 +239,25 @@ impl Metrics {
         let _one = self.scraping.lock().unwrap_or_else(|p| p.into_inner());
         self.observe(status, state);
         self.encode()
+    }
+
+    /// One repair of egressd's nftables table `object` (`inet egressd`).
+    pub fn repaired(&self, object: &str) {
+        self.dataplane_repairs
+            .get_or_create(&ObjectLabels {
+                object: object.to_owned(),
+            })
+            .inc();
+    }
+
+    /// Starts the repair counters of egressd's tables at 0, so that the first repair is an
+    /// increase Prometheus sees.
+    pub fn init_repairs(&self, table: &str) {
+        for family in ["inet", "arp", "ip6", "netdev"] {
+            let _ = self.dataplane_repairs.get_or_create(&ObjectLabels {
+                object: format!("{family} {table}"),
+            });
+        }
     }
 
     pub fn announced(&self, ipv6: bool) {
@@ -352,6 +384,8 @@ mod tests {
         m.observe(&s, &state);
         m.announced(false);
         m.nft_apply.observe(0.004);
+        m.init_repairs("egressd");
+        m.repaired("inet egressd");
         let text = m.encode();
         for line in [
             "egressd_gateway_active{gateway=\"g\",node=\"gw2\"} 1",
@@ -363,6 +397,8 @@ mod tests {
             "egressd_nft_apply_duration_seconds_count 1",
             "egressd_ready 1",
             "egressd_raft_is_leader 1",
+            "egressd_dataplane_repairs_total{object=\"inet egressd\"} 1",
+            "egressd_dataplane_repairs_total{object=\"arp egressd\"} 0",
         ] {
             assert!(text.lines().any(|l| l == line), "{line} missing in\n{text}");
         }

@@ -190,6 +190,12 @@ impl<H: Host, F: Firewall> Reconciler<H, F> {
         self.installed.as_ref().map(|(m, _)| &**m)
     }
 
+    /// The firewall was changed from outside: the next `converge` installs everything again.
+    pub fn forget(&mut self) {
+        self.installed = None;
+        self.firewall.forget();
+    }
+
     /// Makes the host match `desired`. `host` is a fresh observation; `managed` are the
     /// addresses egressd may remove (besides those it tagged as its own). Stops at the first
     /// error (the next round retries).

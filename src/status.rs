@@ -44,6 +44,10 @@ pub struct ConfigStatus {
     pub drift: Vec<String>,
     /// Committed policies that name a gateway that does not exist.
     pub orphaned_policies: Vec<String>,
+    /// How this node's `cluster.peers` differs from the cluster's member list (which only
+    /// `egressd member add`/`remove` change).
+    #[serde(default)]
+    pub member_drift: Vec<String>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -64,6 +68,13 @@ pub struct ClusterStatus {
     pub lease_remaining_ms: u64,
     /// The node's config file disagrees with the committed gateways and policies.
     pub config_drift: bool,
+    /// The cluster's id (chosen by its first leader; every peer request carries it).
+    #[serde(default)]
+    pub id: Option<String>,
+    /// This node's peer TLS certificate: names, days left, trusted CAs (none: no
+    /// `[cluster.tls]`, a one-node cluster).
+    #[serde(default)]
+    pub peer_tls: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -96,6 +107,14 @@ pub struct DataplaneStatus {
     pub last_apply_ms: Option<f64>,
     pub last_apply_unix_ms: Option<u64>,
     pub last_error: Option<String>,
+    /// Repairs of egressd's nftables tables after changes from outside, the last one's cause
+    /// and when it was done.
+    #[serde(default)]
+    pub repairs: u64,
+    #[serde(default)]
+    pub last_repair: Option<String>,
+    #[serde(default)]
+    pub last_repair_unix_ms: Option<u64>,
 }
 
 /// What this node may hold, and until when.

@@ -1,6 +1,7 @@
-//! A real three-node Raft cluster in one process: durable stores in temp dirs, the authenticated
-//! HTTP transport on loopback. Checks election, replication, failover, and that a node with the
-//! wrong cluster secret can neither vote its way in nor receive entries.
+//! A real three-node Raft cluster in one process: durable stores in temp dirs, the mutual-TLS
+//! transport on loopback. Checks election, replication, failover, snapshot transfer, and that a
+//! node whose certificate comes from another CA can neither vote its way in nor receive
+//! entries.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -9,9 +10,12 @@ use std::time::{Duration, Instant};
 use egressd::cluster::codec::Versioned;
 use egressd::cluster::store::{self, StateMachineStore};
 use egressd::cluster::transport::{
-    Auth, Network, PeerClient, TransportError, VOTE_PATH, authenticated, raft_routes,
+    ClusterIdFn, Guard, Network, PeerClient, TransportError, VOTE_PATH, guarded, raft_routes,
 };
 use egressd::cluster::{Command, Member, NodeId, Raft, node_id};
+use egressd::tls::pki::{self, Pem};
+use egressd::tls::server::{ServeOptions, serve};
+use egressd::tls::{PeerTls, TlsFiles};
 use openraft::error::{InitializeError, RaftError};
 use openraft::raft::{VoteRequest, VoteResponse};
 use openraft::{Config, ServerState, Vote};
@@ -19,8 +23,45 @@ use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
-const SECRET: &[u8] = b"in-process-cluster-secret-0123456789";
-const WRONG_SECRET: &[u8] = b"some-other-cluster-secret-987654321";
+/// A cluster CA and the node files it issued, in a temporary directory.
+struct Ca {
+    pem: Pem,
+    dir: tempfile::TempDir,
+}
+
+impl Ca {
+    fn new() -> Ca {
+        Ca {
+            pem: pki::new_ca(30).unwrap(),
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    /// `name`'s peer TLS identity, loaded.
+    fn node(&self, name: &str) -> PeerTls {
+        use std::os::unix::fs::PermissionsExt;
+        let issued = pki::issue(name, &self.pem.cert, &self.pem.key, 30).unwrap();
+        let p = |f: &str| self.dir.path().join(f);
+        let files = TlsFiles {
+            ca_file: p("ca.pem"),
+            cert_file: p(&format!("{name}.pem")),
+            key_file: p(&format!("{name}-key.pem")),
+        };
+        std::fs::write(&files.ca_file, &self.pem.cert).unwrap();
+        std::fs::write(&files.cert_file, &issued.cert).unwrap();
+        std::fs::write(&files.key_file, &issued.key).unwrap();
+        std::fs::set_permissions(&files.key_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+        PeerTls::load(files, name).unwrap()
+    }
+}
+
+/// Everyone may talk to everyone in this test (membership is `ClusterNode`'s business); the
+/// certificates' CA decides.
+const MEMBERS: [&str; 5] = ["n1", "n2", "n3", "n5", "intruder"];
+
+fn no_id() -> ClusterIdFn {
+    Arc::new(|| None)
+}
 
 struct Node {
     name: String,
@@ -67,25 +108,21 @@ async fn bind() -> (TcpListener, String) {
     (l, addr)
 }
 
-async fn start(name: &str, listener: TcpListener, secret: &[u8]) -> Node {
+async fn start(name: &str, listener: TcpListener, ca: &Ca) -> Node {
     let dir = tempfile::tempdir().unwrap();
     let (log, sm) = store::open(dir.path()).unwrap();
-    let auth = Auth::new(secret).unwrap();
-    let network = Network::new(PeerClient::new(auth.clone()).unwrap());
+    let tls = ca.node(name);
+    let network = Network::new(PeerClient::new(name, Some(tls.clone()), no_id()));
     let id = node_id(name);
     let raft = Raft::new(id, config(), network, log, sm.clone())
         .await
         .unwrap();
-    let app = authenticated(raft_routes(raft.clone()), auth);
+    let app = guarded(raft_routes(raft.clone()), Guard::new(name, no_id()));
     let (tx, rx) = oneshot::channel::<()>();
-    let server = tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async move {
-                let _ = rx.await;
-            })
-            .await
-            .unwrap();
-    });
+    let options = ServeOptions::default().members_only(|| MEMBERS.map(String::from));
+    let server = tokio::spawn(serve(listener, tls, app, options, async move {
+        let _ = rx.await;
+    }));
     Node {
         name: name.to_owned(),
         id,
@@ -147,7 +184,9 @@ fn by_id(nodes: &[Node], id: NodeId) -> &Node {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn three_nodes_elect_replicate_fail_over_and_refuse_a_wrong_secret() {
+async fn three_nodes_elect_replicate_fail_over_and_refuse_another_ca() {
+    let ca = Ca::new();
+    let other_ca = Ca::new();
     // --- Three nodes, initialized all alike.
     let names = ["n1", "n2", "n3"];
     let mut listeners = Vec::new();
@@ -165,7 +204,7 @@ async fn three_nodes_elect_replicate_fail_over_and_refuse_a_wrong_secret() {
     }
     let mut nodes = Vec::new();
     for (name, l) in names.into_iter().zip(listeners) {
-        nodes.push(start(name, l, SECRET).await);
+        nodes.push(start(name, l, &ca).await);
     }
     let t0 = Instant::now();
     futures::future::join_all(nodes.iter().map(|n| initialize(n, &members))).await;
@@ -211,15 +250,15 @@ async fn three_nodes_elect_replicate_fail_over_and_refuse_a_wrong_secret() {
         lat[lat.len() - 1]
     );
 
-    // --- A fourth node with the wrong secret tries to vote its way in, and the leader tries to
-    // replicate to it: both directions are refused with 401.
+    // --- A fourth node with a certificate of another CA tries to vote its way in, and the
+    // leader tries to replicate to it: both directions fail in the TLS handshake.
     let term_before = by_id(&nodes, leader).raft.metrics().borrow().current_term;
     let (l4, addr4) = bind().await;
     let intruder_member = Member {
         name: "intruder".to_owned(),
         addr: addr4.clone(),
     };
-    let intruder = start("intruder", l4, WRONG_SECRET).await;
+    let intruder = start("intruder", l4, &other_ca).await;
     let mut with_intruder = members.clone();
     with_intruder.insert(intruder.id, intruder_member.clone());
     // It believes it is one of four voters, so it campaigns (needs 2 of the other 3 votes).
@@ -268,10 +307,10 @@ async fn three_nodes_elect_replicate_fail_over_and_refuse_a_wrong_secret() {
         None,
         "the leader replicated to the intruder"
     );
-    // What the intruder's vote requests get: 401, saying why.
-    let e = PeerClient::new(Auth::new(WRONG_SECRET).unwrap())
-        .unwrap()
+    // What the intruder's vote requests get: no connection, saying why.
+    let e = PeerClient::new("intruder", Some(other_ca.node("intruder")), no_id())
         .post::<_, Result<VoteResponse<NodeId>, RaftError<NodeId>>>(
+            &members[&leader].name,
             &members[&leader].addr,
             VOTE_PATH,
             &VoteRequest::new(Vote::new(term_before + 100, intruder.id), None),
@@ -280,9 +319,10 @@ async fn three_nodes_elect_replicate_fail_over_and_refuse_a_wrong_secret() {
         .await
         .unwrap_err();
     assert!(
-        matches!(&e, TransportError::Unauthorized { message, .. } if message.contains("bad signature")),
+        matches!(&e, TransportError::Connect { detail, .. } if detail.contains("UnknownIssuer")),
         "{e}"
     );
+    assert!(e.is_unreachable());
     assert_eq!(
         by_id(&nodes, leader).raft.metrics().borrow().current_term,
         term_before
@@ -334,7 +374,7 @@ async fn three_nodes_elect_replicate_fail_over_and_refuse_a_wrong_secret() {
         .await
         .unwrap();
     let (l5, addr5) = bind().await;
-    let late = start("n5", l5, SECRET).await;
+    let late = start("n5", l5, &ca).await;
     let t = Instant::now();
     lead.raft
         .add_learner(

@@ -403,23 +403,20 @@ fn kill_9_during_writes_loses_no_acknowledged_write() {
     eprintln!("acknowledged up to {acked} policies; after kill -9 of every node: {seen:?}");
 }
 
-/// Membership at run time, without restarting anybody: a fourth node joins (its own empty store
-/// must not found a second cluster), becomes a voter, and then a member leaves — each by a
-/// changed `cluster.peers` reloaded with SIGHUP.
+/// Membership by intent, at run time, without restarting anybody: a fourth node started with
+/// an empty store waits (it must not found a second cluster), joins by `egressd member add`
+/// and becomes a voter; a node's reloaded `cluster.peers` only reports drift; a member leaves by
+/// `egressd member remove`.
 #[test]
 fn members_join_and_leave_at_run_time() {
     if !require_root("members_join_and_leave_at_run_time") {
         return;
     }
+    let (token, admin) = admin_token("e2e-member-admin-token-0123");
     let mut topo = Topo::new("member", 4);
-    std::fs::write(
-        topo.dir.path().join("secret"),
-        "an-e2e-test-cluster-secret-0123456789\n",
-    )
-    .expect("secret");
     topo.start_echo_server();
     let configs: Vec<_> = (0..4)
-        .map(|i| topo.write_config(i, &config(&topo, 3.max(i + 1), i, true, "")))
+        .map(|i| topo.write_config(i, &config(&topo, 3.max(i + 1), i, true, &admin)))
         .collect();
     let children = (0..3)
         .map(|i| Some(topo.start_egressd(i, &configs[i])))
@@ -430,15 +427,15 @@ fn members_join_and_leave_at_run_time() {
         n: 4,
         children,
         configs,
-        extra: String::new(),
+        extra: admin.clone(),
         objects: String::new(),
     };
     c.wait_active("gw1");
-    let voters = |c: &Cluster, i: usize| -> Vec<String> {
+    let list = |c: &Cluster, i: usize, key: &str| -> Vec<String> {
         c.topo
             .status(i)
             .and_then(|s| {
-                s["cluster"]["voters"].as_array().map(|a| {
+                s["cluster"][key].as_array().map(|a| {
                     a.iter()
                         .filter_map(|v| v.as_str().map(String::from))
                         .collect()
@@ -446,59 +443,55 @@ fn members_join_and_leave_at_run_time() {
             })
             .unwrap_or_default()
     };
-    let members = |c: &Cluster, i: usize| -> Vec<String> {
-        c.topo
-            .status(i)
-            .and_then(|s| {
-                s["cluster"]["members"].as_array().map(|a| {
-                    a.iter()
-                        .filter_map(|v| v.as_str().map(String::from))
-                        .collect()
-                })
-            })
-            .unwrap_or_default()
+    assert_eq!(list(&c, 0, "voters").len(), 3);
+    let token = token.path().display().to_string();
+    let member = |c: &Cluster, args: &[&str]| {
+        let mut full = vec!["member"];
+        full.extend(args);
+        full.extend(["--token-file", &token]);
+        let out = c.topo.cli(1, &full);
+        assert!(
+            out.status.success(),
+            "member {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     };
-    assert_eq!(voters(&c, 0).len(), 3);
 
-    // Join: every file lists four peers; gw4 starts with an empty store; gw1 reloads.
-    for i in 0..4 {
-        std::fs::write(&c.configs[i], config(&c.topo, 4, i, true, "")).expect("config");
-    }
+    // gw4 starts first, with an empty store: the cluster refuses it as no member, and it waits.
     let cfg = c.configs[3].clone();
     c.children[3] = Some(c.topo.start_egressd(3, &cfg));
-    c.signal("gw1", "HUP");
-    wait_for("gw4 a voter", WAIT, || {
-        voters(&c, 0).len() == 4 && c.topo.leader(3).is_some()
+    wait_for("gw4 waiting to be added", WAIT, || {
+        c.topo.log(3).contains("waiting to be added")
     });
-    assert!(
-        c.topo.log(3).contains("joining the running cluster"),
-        "{}",
-        c.topo.log(3)
-    );
+    let gw4 = format!("{}:7480", node_mgmt_ip(3));
+    member(&c, &["add", "gw4", &gw4]);
+    wait_for("gw4 a voter", WAIT, || {
+        list(&c, 0, "voters").len() == 4 && c.topo.leader(3).is_some()
+    });
+    assert!(!c.topo.log(3).contains("initialized a new cluster"));
 
-    // Leave: gw2 is dropped from every file; gw1 reloads.
-    let without_gw2 = |i: usize| {
-        config(&c.topo, 4, i, true, "").replace(
-            &format!(
-                "{{ name = \"gw2\", address = \"{}:7480\" }}, ",
-                node_mgmt_ip(1)
-            ),
-            "",
-        )
-    };
-    for i in [0, 2, 3] {
-        std::fs::write(&c.configs[i], without_gw2(i)).expect("config");
-    }
+    // gw1's file lists three peers: reloading it reports the difference and changes nothing.
     c.signal("gw1", "HUP");
+    wait_for("member drift reported on gw1", WAIT, || {
+        c.topo.status(0).is_some_and(|s| {
+            s["config"]["member_drift"]
+                .as_array()
+                .is_some_and(|d| d.iter().any(|l| l.as_str().unwrap_or("").contains("gw4")))
+        })
+    });
+    assert_eq!(list(&c, 0, "members").len(), 4);
+
+    // gw2 leaves.
+    member(&c, &["remove", "gw2"]);
     wait_for("gw2 gone from the membership", WAIT, || {
-        let m = members(&c, 0);
+        let m = list(&c, 0, "members");
         m.len() == 3 && !m.iter().any(|n| n == "gw2")
     });
     c.signal("gw2", "KILL");
     // The three remaining voters keep a quorum and the gateway where it was.
     c.wait_active_among(&[0, 2, 3], "gw1");
     c.assert_traffic_via_vip();
-    let mut v = voters(&c, 2);
+    let mut v = list(&c, 2, "voters");
     v.sort();
     assert_eq!(v, ["gw1", "gw3", "gw4"], "{}", c.logs());
 }

@@ -84,7 +84,8 @@ destination_cidrs = ["fd00:203::/64"]
     // kernel still has the address.
     assert!(
         c.topo.holds(&c.topo.nodes[0], "eth1", VIP6),
-        "the test needs gw1's kernel to keep the VIP after kill -9"
+        "the test needs gw1's kernel to keep the VIP after kill -9\n{}",
+        c.logs()
     );
     let gw1_mac = arp::mac_text(arp::mac(&c.topo.nodes[0], "eth1"));
     let gw2_mac = arp::mac_text(arp::mac(&c.topo.nodes[1], "eth1"));

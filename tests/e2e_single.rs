@@ -148,12 +148,36 @@ fn sigterm_leaves_nothing_and_foreign_tables_are_untouched() {
             "add table ip foreign; add chain ip foreign c_forward { type filter hook forward priority 0; policy accept; }; add rule ip foreign c_forward ip saddr 10.99.0.0/16 accept",
         ],
     );
+    // Addresses that are not egressd's on the interfaces it manages: one in the VIP's subnet
+    // (another service's VIP) and one of another subnet, as secondaries.
+    const FOREIGN_VIP: &str = "203.0.113.51";
+    const FOREIGN_OTHER: &str = "198.51.100.7";
+    for (ip, dev) in [
+        (FOREIGN_VIP, "eth1"),
+        (FOREIGN_OTHER, "eth1"),
+        (FOREIGN_OTHER, "eth0"),
+    ] {
+        topo.lab
+            .exec(&gw, ["ip", "addr", "add", &format!("{ip}/32"), "dev", dev]);
+    }
     let foreign_before = topo.ruleset(&gw);
     topo.start_echo_server();
     let cfg = topo.write_config(0, &config(&topo));
     let child = topo.start_egressd(0, &cfg);
     wait_for("VIP held", WAIT, || topo.holds(&gw, "eth1", VIP));
     assert!(topo.ruleset(&gw).contains("table ip foreign"));
+    // A few rounds of the agent loop with the foreign addresses in place.
+    std::thread::sleep(Duration::from_millis(1000));
+    for (ip, dev) in [
+        (FOREIGN_VIP, "eth1"),
+        (FOREIGN_OTHER, "eth1"),
+        (FOREIGN_OTHER, "eth0"),
+    ] {
+        assert!(
+            topo.holds(&gw, dev, ip),
+            "{ip} on {dev} removed while running"
+        );
+    }
 
     signal(topo.lab.child(child), "TERM");
     let status = topo.lab.child(child).wait().expect("wait for egressd");
@@ -170,8 +194,15 @@ fn sigterm_leaves_nothing_and_foreign_tables_are_untouched() {
         foreign_before,
         "the foreign table must be exactly as it was"
     );
-    // The primary addresses are the host's, never egressd's.
+    // The primary addresses are the host's, never egressd's; nor are the foreign ones.
     assert!(topo.holds(&gw, "eth1", &node_wan_ip(0)));
+    for (ip, dev) in [
+        (FOREIGN_VIP, "eth1"),
+        (FOREIGN_OTHER, "eth1"),
+        (FOREIGN_OTHER, "eth0"),
+    ] {
+        assert!(topo.holds(&gw, dev, ip), "{ip} on {dev} removed on stop");
+    }
 }
 
 #[test]
@@ -354,6 +385,9 @@ fn a_failed_start_leaves_every_held_address_fenced() {
     topo.start_echo_server();
     let token = topo.dir.path().join("token");
     std::fs::write(&token, "e2e-admin-token-0123456789\n").expect("token");
+    // Private, or egressd refuses the token file (others could read it).
+    std::fs::set_permissions(&token, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+        .expect("chmod token");
     let admin = format!("\n[admin]\ntoken_file = \"{}\"\n", token.display());
     let cfg = topo.write_config(0, &(config(&topo) + &admin));
     let child = topo.start_egressd(0, &cfg);

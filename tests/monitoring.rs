@@ -26,6 +26,7 @@ fn exported() -> BTreeSet<String> {
     state.stats.insert("g".into(), Default::default());
     m.observe(&status, &state);
     m.announced(false);
+    m.init_repairs("egressd");
     let text = m.encode();
     let mut names = BTreeSet::new();
     for line in text.lines() {
@@ -119,5 +120,5 @@ fn alert_rules_pass_promtool() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(out.status.success(), "{said}");
-    assert!(said.contains("SUCCESS: 9 rules found"), "{said}");
+    assert!(said.contains("SUCCESS: 10 rules found"), "{said}");
 }

@@ -183,8 +183,8 @@ async fn apply_then_list_and_empty_diff() {
     assert_eq!(fw.full_replaces(), 1);
     let after_first = fw.transactions();
     assert_eq!(
-        after_first, 4,
-        "gateway chains with their roles, create maps, load elements, switch"
+        after_first, 3,
+        "create maps with the gateway chains and their roles, load elements, switch"
     );
     apply(&mut fw, &map_a()).await.unwrap();
     assert_eq!(
@@ -422,8 +422,8 @@ async fn ipv6_elements() {
     assert_eq!(fw.list_elements().await.unwrap(), b);
     assert_eq!(
         fw.transactions(),
-        5,
-        "chains with their roles, full replace, then one delta"
+        4,
+        "full replace (with the chains and their roles), then one delta"
     );
     assert_eq!(fw.full_replaces(), 1);
 }

@@ -9,10 +9,11 @@ use std::time::{Duration, Instant};
 
 use imbl::OrdMap;
 use tokio::sync::watch;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 use super::{AgentConfig, Facts, Leased, Ready};
 use crate::cluster::store::Applied;
+use crate::dataplane::watch::{Begin, Heal, Part, Repair};
 use crate::dataplane::{Firewall, Host, HostState};
 use crate::events::{EventKind, EventLog};
 use crate::model::{Assignment, Gateway, Policy};
@@ -59,6 +60,11 @@ pub struct DataplaneTask<H, F> {
     held: BTreeSet<String>,
     /// The applied index and the moment of the last return of freed memory to the system.
     trimmed: (u64, Instant),
+    /// Repairs after outside changes of the SNAT table (see `dataplane::watch`).
+    heal: Option<Arc<Heal>>,
+    heal_rx: Option<watch::Receiver<u64>>,
+    /// A repair is pending but backs off until then.
+    heal_wait: Option<Instant>,
 }
 
 /// Forwarding must be on for the node to pass traffic; IPv6 forwarding only when a policy needs
@@ -130,6 +136,33 @@ impl<H: Host, F: Firewall> DataplaneTask<H, F> {
             firewall_ok,
             held: BTreeSet::new(),
             trimmed: (0, Instant::now()),
+            heal: None,
+            heal_rx: None,
+            heal_wait: None,
+        }
+    }
+
+    /// Repairs the SNAT table when the nftables watcher reports an outside change.
+    pub fn with_heal(mut self, heal: Arc<Heal>) -> Self {
+        self.heal_rx = Some(heal.subscribe(Part::Snat));
+        self.heal = Some(heal);
+        self
+    }
+
+    /// Starts a pending repair (the reconciler forgets what it installed, so that this round
+    /// installs everything), or notes when a backed-off one is due.
+    fn begin_repair(&mut self) -> Option<Repair> {
+        self.heal_wait = None;
+        match self.heal.as_ref()?.begin(Part::Snat) {
+            Begin::Idle => None,
+            Begin::Wait(at) => {
+                self.heal_wait = Some(at);
+                None
+            }
+            Begin::Repair(r) => {
+                self.rec.forget();
+                Some(r)
+            }
         }
     }
 
@@ -244,8 +277,18 @@ impl<H: Host, F: Firewall> DataplaneTask<H, F> {
         let before = self.held.clone();
         let mut error = None;
         self.rec.host.learn(&host);
+        let repair = self.begin_repair();
+        let heal = self.heal.clone();
+        let change = heal.as_ref().map(|h| h.change(Part::Snat));
         match self.rec.converge(&desired, &host, &managed).await {
             Ok(changes) => {
+                if let Some(c) = change {
+                    c.done(self.rec.firewall.manifest());
+                }
+                if let (Some(h), Some(r)) = (&heal, repair) {
+                    forget_untranslated(&desired, &host).await;
+                    h.repaired(Part::Snat, r);
+                }
                 self.firewall_ok = true;
                 self.held = desired.sources.keys().cloned().collect();
                 let ready: Ready = desired.addresses.clone();
@@ -262,6 +305,10 @@ impl<H: Host, F: Firewall> DataplaneTask<H, F> {
                 }
             }
             Err(e) => {
+                drop(change);
+                if let (Some(h), Some(r)) = (&heal, repair) {
+                    h.failed(Part::Snat, r);
+                }
                 error!(error = %e, "data plane change failed; retrying");
                 error = Some(e.to_string());
                 // Only what was in place before and is still wanted stays answerable.
@@ -370,9 +417,15 @@ impl<H: Host, F: Firewall> DataplaneTask<H, F> {
         if let Some(e) = &error {
             reasons.push(format!("data plane: {e}"));
         }
+        let heal = self.heal.clone();
         self.board.update(|s| {
             s.gateways = gateways;
-            s.dataplane.held_gateways = held;
+            // Read under the board's lock (see `agent::heal_report`): while the SNAT table is
+            // being repaired, no gateway is claimed held.
+            let repairing = heal
+                .as_ref()
+                .is_some_and(|h| h.pending(Part::Snat).is_some());
+            s.dataplane.held_gateways = if repairing { Vec::new() } else { held };
             s.dataplane.held_addresses = held_addresses;
             s.dataplane.snat_elements = snat_elements;
             s.dataplane.last_error = error;
@@ -396,6 +449,8 @@ impl<H: Host, F: Firewall> DataplaneTask<H, F> {
                 r = self.ch.stop.changed() => {
                     if r.is_err() || *self.ch.stop.borrow() { return; }
                 }
+                r = changed(self.heal_rx.as_mut()) => if r.is_err() { return },
+                _ = until(self.heal_wait) => {}
                 _ = tokio::time::sleep(Duration::from_secs(1)) => {}
             }
         }
@@ -404,5 +459,66 @@ impl<H: Host, F: Firewall> DataplaneTask<H, F> {
     /// Gateways whose data plane is in place.
     pub fn held(&self) -> &BTreeSet<String> {
         &self.held
+    }
+}
+
+/// After a repair of the SNAT table: the connections that began while it was missing (their
+/// conntrack entries are not translated) start over, translated (see
+/// `watch::drop_untranslated`).
+async fn forget_untranslated(desired: &reconciler::Desired, host: &HostState) {
+    let map = desired.snat.clone();
+    let roles = desired.roles.clone();
+    // Traffic to the host itself is never translated.
+    let local: BTreeSet<IpAddr> = host
+        .values()
+        .flat_map(|i| i.addresses.iter().map(|(a, _)| *a))
+        .collect();
+    let translate = move |src: IpAddr, dst: IpAddr| {
+        !local.contains(&dst)
+            && map
+                .lookup(src, dst)
+                .and_then(|g| roles.get(&g))
+                .is_some_and(|r| match dst {
+                    IpAddr::V4(_) => r.v4.is_some(),
+                    IpAddr::V6(_) => r.v6.is_some(),
+                })
+    };
+    let started = Instant::now();
+    match tokio::task::spawn_blocking(move || {
+        crate::dataplane::watch::drop_untranslated(None, translate)
+    })
+    .await
+    {
+        Ok(Ok(0)) => {}
+        Ok(Ok(n)) => info!(
+            connections = n,
+            took_ms = started.elapsed().as_secs_f64() * 1e3,
+            "dropped the conntrack entries of connections that began un-NATed while the SNAT \
+             table was missing: they start over, translated"
+        ),
+        Ok(Err(e)) => warn!(
+            error = %e,
+            "cannot drop the conntrack entries of connections that began un-NATed during the \
+             repair: they stay un-NATed until they end"
+        ),
+        Err(e) => warn!(error = %e, "the conntrack clean-up failed"),
+    }
+}
+
+/// Waits for a change of `rx`, forever when there is none.
+pub(crate) async fn changed(
+    rx: Option<&mut watch::Receiver<u64>>,
+) -> Result<(), watch::error::RecvError> {
+    match rx {
+        Some(rx) => rx.changed().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Sleeps until `at`, forever when there is none.
+pub(crate) async fn until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(tokio::time::Instant::from_std(at)).await,
+        None => std::future::pending().await,
     }
 }

@@ -16,6 +16,7 @@ use crate::clock;
 use crate::cluster::controller::{Reply, Report};
 use crate::cluster::store::Applied;
 use crate::dataplane::fence::Fence;
+use crate::dataplane::watch::{Begin, Heal, Part, Repair};
 use crate::dataplane::{Announcer, HostState};
 use crate::lease::{NodeLease, Time};
 use crate::metrics::Metrics;
@@ -76,6 +77,11 @@ pub struct LeaseTask<R, F, A> {
     renewals: u64,
     started: Time,
     first_announce: bool,
+    /// Repairs after outside changes of the fence tables (see `dataplane::watch`).
+    heal: Option<Arc<Heal>>,
+    heal_rx: Option<watch::Receiver<u64>>,
+    /// A repair is pending but backs off until then.
+    heal_wait: Option<std::time::Instant>,
 }
 
 type Inflight = BoxFuture<'static, anyhow::Result<Reply>>;
@@ -110,6 +116,34 @@ impl<R: Reporter, F: Fence, A: Announcer> LeaseTask<R, F, A> {
             renewals: 0,
             started: clock::now(),
             first_announce: false,
+            heal: None,
+            heal_rx: None,
+            heal_wait: None,
+        }
+    }
+
+    /// Repairs the fence tables when the nftables watcher reports an outside change.
+    pub fn with_heal(mut self, heal: Arc<Heal>) -> Self {
+        self.heal_rx = Some(heal.subscribe(Part::Fence));
+        self.heal = Some(heal);
+        self
+    }
+
+    /// Starts a pending repair: the fence forgets its tables, so that this round rebuilds them
+    /// with no lease and then writes only the leases held now.
+    fn begin_repair(&mut self) -> Option<Repair> {
+        self.heal_wait = None;
+        match self.heal.as_ref()?.begin(Part::Fence) {
+            Begin::Idle => None,
+            Begin::Wait(at) => {
+                self.heal_wait = Some(at);
+                None
+            }
+            Begin::Repair(r) => {
+                self.fence.forget();
+                self.written = None;
+                Some(r)
+            }
         }
     }
 
@@ -127,6 +161,7 @@ impl<R: Reporter, F: Fence, A: Announcer> LeaseTask<R, F, A> {
             labels: facts.labels,
             ready: facts.ready,
             interfaces: facts.interfaces,
+            command_format: crate::cluster::codec::COMMAND_FORMAT,
         };
         self.reports += 1;
         let timeout = self.report_every.max(Duration::from_millis(20));
@@ -165,6 +200,33 @@ impl<R: Reporter, F: Fence, A: Announcer> LeaseTask<R, F, A> {
 
     /// Brings the fence, the published leases and the announcements up to date.
     async fn sync(&mut self) {
+        let repair = self.begin_repair();
+        let heal = self.heal.clone();
+        let change = heal.as_ref().map(|h| h.change(Part::Fence));
+        let (built, fenced) = self.sync_fence().await;
+        match (fenced, change) {
+            (true, Some(c)) => c.done(self.fence.manifest()),
+            (_, c) => drop(c),
+        }
+        if let (Some(h), Some(r)) = (&heal, repair) {
+            if fenced {
+                h.repaired(Part::Fence, r);
+            } else {
+                h.failed(Part::Fence, r);
+            }
+        }
+        let now = clock::now();
+        if built {
+            let host = self.ch.host.borrow().clone();
+            let cfg = self.ch.config.borrow().clone();
+            self.announce_due(&host, &cfg).await;
+        }
+        self.publish(now);
+    }
+
+    /// Brings the fence up to date. Returns whether its tables are built, and whether it is in
+    /// place (built and written).
+    async fn sync_fence(&mut self) -> (bool, bool) {
         let now = clock::now();
         let cfg = self.ch.config.borrow().clone();
         let host = self.ch.host.borrow().clone();
@@ -182,8 +244,7 @@ impl<R: Reporter, F: Fence, A: Announcer> LeaseTask<R, F, A> {
                 }
                 Err(e) => {
                     error!(error = %e, "cannot build the fence tables; answering for nothing new");
-                    self.publish(now);
-                    return;
+                    return (false, false);
                 }
             }
         }
@@ -212,11 +273,11 @@ impl<R: Reporter, F: Fence, A: Announcer> LeaseTask<R, F, A> {
                     warn!(error = %e, "fence write failed; rebuilding the fence");
                     self.lease.fence_failed(&target);
                     self.written = None;
+                    return (true, false);
                 }
             }
         }
-        self.announce_due(&host, &cfg).await;
-        self.publish(now);
+        (true, true)
     }
 
     /// Starts an announcement burst for each address newly answered for.
@@ -319,10 +380,15 @@ impl<R: Reporter, F: Fence, A: Announcer> LeaseTask<R, F, A> {
             .collect();
         let remaining = gateways.iter().map(|g| g.remaining_ms).max().unwrap_or(0);
         let (epoch, reports, renewals) = (self.lease.epoch(), self.reports, self.renewals);
+        let heal = self.heal.clone();
         self.board.update(|s| {
             s.lease.epoch = epoch;
             s.lease.leased = gateways;
-            s.lease.fenced = fenced;
+            // Read under the board's lock (see `agent::heal_report`).
+            let repairing = heal
+                .as_ref()
+                .is_some_and(|h| h.pending(Part::Fence).is_some());
+            s.lease.fenced = if repairing { Vec::new() } else { fenced };
             s.lease.reports = reports;
             s.lease.renewals = renewals;
             s.cluster.lease_remaining_ms = remaining;
@@ -393,6 +459,8 @@ impl<R: Reporter, F: Fence, A: Announcer> LeaseTask<R, F, A> {
                 }
                 r = self.ch.host.changed() => if r.is_err() { return },
                 r = self.ch.config.changed() => if r.is_err() { return },
+                r = super::dataplane::changed(self.heal_rx.as_mut()) => if r.is_err() { return },
+                _ = super::dataplane::until(self.heal_wait) => {}
                 _ = tokio::time::sleep_until(wake) => {}
                 r = self.ch.stop.changed() => {
                     if r.is_err() || *self.ch.stop.borrow() { return; }

@@ -106,3 +106,86 @@ pub fn fence_devices(
     out.retain(|d| host.contains_key(d));
     out
 }
+
+/// What the daemon does when the nftables watcher or a task reports on a repair
+/// (`dataplane::watch::Heal`): the warning log, the status (not converged, no gateway held while
+/// the SNAT table is being repaired), the repair event and the repair counter.
+pub fn heal_report(
+    board: Arc<crate::status::StatusBoard>,
+    events: crate::events::EventLog,
+    metrics: Arc<crate::metrics::Metrics>,
+) -> impl Fn(&crate::dataplane::watch::Heal, &crate::dataplane::watch::HealEvent<'_>) + Send + Sync
+{
+    use crate::dataplane::watch::{HealEvent, Part};
+    move |heal, event| {
+        // Recomputed from the repair state under the board's lock, so that the last writer
+        // publishes the newest state whichever thread gets there first.
+        let refresh = |s: &mut crate::status::Status| {
+            s.set_not_ready("nftables", heal.reasons());
+            if heal.pending(Part::Snat).is_some() {
+                s.dataplane.held_gateways.clear();
+            }
+            if heal.pending(Part::Fence).is_some() {
+                s.lease.fenced.clear();
+            }
+        };
+        match event {
+            HealEvent::Detected { part, tamper } => {
+                tracing::warn!(
+                    part = part.name(),
+                    objects = ?tamper.objects,
+                    "nftables: {}; repairing",
+                    tamper.describe()
+                );
+                board.update(refresh);
+            }
+            HealEvent::BackingOff { part, tamper, wait } => {
+                tracing::warn!(
+                    part = part.name(),
+                    wait_ms = wait.as_millis() as u64,
+                    "nftables: the {} tables keep being changed from outside ({}): repairs back \
+                     off, the next in {:.1} s",
+                    part.name(),
+                    tamper.describe(),
+                    wait.as_secs_f64()
+                );
+                board.update(refresh);
+            }
+            HealEvent::Repaired {
+                part,
+                tampers,
+                since,
+                took,
+            } => {
+                // One repair, one event, whatever number of outside changes it covers.
+                let what = tampers
+                    .iter()
+                    .map(|t| t.describe())
+                    .collect::<Vec<_>>()
+                    .join("; ");
+                let objects: BTreeSet<&String> = tampers.iter().flat_map(|t| &t.objects).collect();
+                let message = format!(
+                    "data plane repaired: {what}; {} back {:.1} ms after the change (the repair \
+                     took {:.1} ms)",
+                    part.name(),
+                    since.as_secs_f64() * 1e3,
+                    took.as_secs_f64() * 1e3
+                );
+                tracing::warn!(part = part.name(), objects = ?objects, "{message}");
+                events.local(crate::events::EventKind::Repair, None, message);
+                for o in &objects {
+                    metrics.repaired(o);
+                }
+                let last = (!what.is_empty()).then_some(what);
+                board.update(|s| {
+                    refresh(s);
+                    s.dataplane.repairs += 1;
+                    if last.is_some() {
+                        s.dataplane.last_repair = last;
+                        s.dataplane.last_repair_unix_ms = Some(crate::events::unix_ms());
+                    }
+                });
+            }
+        }
+    }
+}

@@ -8,8 +8,16 @@
 //! Versions:
 //! - every stored value (log entry, vote, snapshot) starts with [`STORE_FORMAT`]; a store written
 //!   by another format is refused with a message, never misread (egressd 0.1 stored JSON);
-//! - every command carries [`COMMAND_FORMAT`]: a node refuses an entry of a newer format (it
-//!   cannot know what it means) instead of misapplying it, and says so.
+//! - every command carries the format that introduced its kind ([`Command::format`]), at most
+//!   [`COMMAND_FORMAT`]: a node refuses an entry of a newer format than it knows (it cannot know
+//!   what it means) instead of misapplying it, and says so. Because an entry carries its kind's
+//!   format rather than the writer's, a node of an older version reads every entry of the kinds
+//!   it knows, whichever version wrote it: that is what lets a cluster run mixed versions during
+//!   a rolling upgrade, as long as no newer kind is proposed — which the leader ensures
+//!   (`ClusterNode::propose`: a kind of format N only once every member reports N or more).
+//!
+//! Formats: 1 — the commands of the versions before mutual TLS; 2 — `InitCluster` (the cluster
+//! id), `AddMember`, `RemoveMember`.
 
 use serde::de::{DeserializeOwned, SeqAccess, Visitor};
 use serde::ser::SerializeTuple;
@@ -21,8 +29,8 @@ use super::Command;
 /// no format byte).
 pub const STORE_FORMAT: u8 = 2;
 
-/// The command format this egressd writes and the newest it reads.
-pub const COMMAND_FORMAT: u16 = 1;
+/// The newest command format this egressd reads (and so the newest kind it may write).
+pub const COMMAND_FORMAT: u16 = 2;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CodecError {
@@ -78,7 +86,7 @@ pub struct Versioned(pub Command);
 impl Serialize for Versioned {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         let mut t = s.serialize_tuple(2)?;
-        t.serialize_element(&COMMAND_FORMAT)?;
+        t.serialize_element(&self.0.format())?;
         t.serialize_element(&self.0)?;
         t.end()
     }
@@ -140,7 +148,7 @@ mod tests {
         let e = from_wire::<Versioned>(&b).unwrap_err();
         assert!(
             e.to_string()
-                .contains("command format 2, newer than this egressd"),
+                .contains("command format 3, newer than this egressd"),
             "{e}"
         );
         let ok = to_wire(&Versioned(Command::Uncordon("n".into()))).unwrap();
@@ -148,6 +156,41 @@ mod tests {
             from_wire::<Versioned>(&ok).unwrap().0,
             Command::Uncordon("n".into())
         );
+    }
+
+    /// An entry carries its kind's format, not the writer's: what the versions before mutual TLS
+    /// could read is still written as format 1, so a node of that format reads it.
+    #[test]
+    fn an_entry_carries_the_format_of_its_kind() {
+        let format_of = |c: Command| -> u16 {
+            let b = to_wire(&Versioned(c)).unwrap();
+            let (f, _): (u16, serde::de::IgnoredAny) = rmp_serde::from_slice(&b).unwrap();
+            f
+        };
+        assert_eq!(format_of(Command::Cordon("n".into())), 1);
+        assert_eq!(
+            format_of(Command::AddMember {
+                name: "gw4".into(),
+                address: "10.0.0.4:7480".into()
+            }),
+            2
+        );
+        let staged = Command::Stage {
+            txn: 1,
+            part: 0,
+            command: Box::new(Command::Apply {
+                gateways: vec![],
+                policies: vec![],
+            }),
+        };
+        assert_eq!(format_of(staged), 1);
+        // Every kind's format is one this egressd reads.
+        for c in [
+            Command::InitCluster { id: "0".repeat(32) },
+            Command::RemoveMember { name: "x".into() },
+        ] {
+            assert!(c.format() <= COMMAND_FORMAT);
+        }
     }
 
     #[test]
@@ -162,5 +205,83 @@ mod tests {
         let m = to_wire(&p).unwrap().len();
         let j = serde_json::to_vec(&p).unwrap().len();
         assert!(m * 2 < j, "msgpack {m} bytes, json {j}");
+    }
+}
+
+/// The seeds of the `peer_rpc` fuzz target (`fuzz/seeds/peer_rpc`): one valid message of each
+/// kind a peer sends, so that the fuzzer starts from the real shapes.
+#[cfg(test)]
+mod fuzz_seeds {
+    use std::path::PathBuf;
+
+    use openraft::raft::{AppendEntriesRequest, VoteRequest};
+    use openraft::{Entry, EntryPayload, LogId, Vote};
+
+    use super::*;
+    use crate::cluster::controller::Report;
+    use crate::cluster::{NodeId, TypeConfig};
+
+    fn seeds() -> Vec<(&'static str, Vec<u8>)> {
+        let entry = Entry::<TypeConfig> {
+            log_id: LogId::new(openraft::CommittedLeaderId::new(3, 7), 42),
+            payload: EntryPayload::Normal(Versioned(Command::Cordon("gw2".into()))),
+        };
+        let append = AppendEntriesRequest::<TypeConfig> {
+            vote: Vote::new_committed(3, 7),
+            prev_log_id: Some(LogId::new(openraft::CommittedLeaderId::new(3, 7), 41)),
+            entries: vec![entry.clone()],
+            leader_commit: Some(LogId::new(openraft::CommittedLeaderId::new(3, 7), 41)),
+        };
+        let report = Report {
+            node: "gw2".into(),
+            ready: true,
+            command_format: COMMAND_FORMAT,
+            ..Default::default()
+        };
+        let wire = |v: &dyn erased::Ser| v.wire();
+        vec![
+            ("append", wire(&append)),
+            (
+                "vote",
+                wire(&VoteRequest::<NodeId>::new(Vote::new(4, 9), None)),
+            ),
+            ("report", wire(&report)),
+            (
+                "write",
+                wire(&Command::AddMember {
+                    name: "gw4".into(),
+                    address: "10.0.0.4:7480".into(),
+                }),
+            ),
+            ("entry-store", to_store(&entry).expect("entry")),
+        ]
+    }
+
+    /// `to_wire` behind a trait object, so that `seeds` can list different types.
+    mod erased {
+        pub trait Ser {
+            fn wire(&self) -> Vec<u8>;
+        }
+        impl<T: serde::Serialize> Ser for T {
+            fn wire(&self) -> Vec<u8> {
+                super::to_wire(self).expect("encode")
+            }
+        }
+    }
+
+    /// The committed seeds are what this version encodes (a format change makes them stale:
+    /// rewrite them with `EGRESSD_WRITE_FUZZ_SEEDS=1 cargo test --lib fuzz_seeds`).
+    #[test]
+    fn the_peer_rpc_fuzz_seeds_are_current() {
+        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fuzz/seeds/peer_rpc");
+        for (name, bytes) in seeds() {
+            let path = dir.join(name);
+            if std::env::var_os("EGRESSD_WRITE_FUZZ_SEEDS").is_some() {
+                std::fs::create_dir_all(&dir).expect("seed dir");
+                std::fs::write(&path, &bytes).expect("seed");
+            }
+            let committed = std::fs::read(&path).unwrap_or_default();
+            assert_eq!(committed, bytes, "{} is stale", path.display());
+        }
     }
 }

@@ -30,6 +30,16 @@ pub struct Report {
     pub labels: Labels,
     pub ready: bool,
     pub interfaces: BTreeMap<String, InterfaceState>,
+    /// The newest command format the node reads (`codec::COMMAND_FORMAT`): the leader proposes
+    /// a command kind only once every member's latest report says it reads that kind's format.
+    /// Last and defaulted (to 1, what the versions before mutual TLS read), so that a report
+    /// without it decodes.
+    #[serde(default = "format_one")]
+    pub command_format: u16,
+}
+
+fn format_one() -> u16 {
+    1
 }
 
 /// The leader's answer: the lease grant, and who answered (for the node's status page).
@@ -53,6 +63,9 @@ struct Facts {
 pub struct Controller {
     pub lease: LeaderLease,
     facts: BTreeMap<NodeName, Facts>,
+    /// Per node, the command format of its latest report (also of a stale one: a format only
+    /// says which version runs there).
+    formats: BTreeMap<NodeName, u16>,
 }
 
 /// Why an assignment change was made, for the one log line a failover gets.
@@ -89,6 +102,7 @@ impl Controller {
         Controller {
             lease: LeaderLease::new(timing, now),
             facts: BTreeMap::new(),
+            formats: BTreeMap::new(),
         }
     }
 
@@ -105,6 +119,8 @@ impl Controller {
             &assigned_to(state, &report.node),
             now,
         );
+        self.formats
+            .insert(report.node.clone(), report.command_format);
         // Facts of a stale report are not newer than what we have.
         if grant.lease_ms > 0 || !self.facts.contains_key(&report.node) {
             self.facts.insert(
@@ -117,6 +133,12 @@ impl Controller {
             );
         }
         grant
+    }
+
+    /// The command format `node` said it reads in its latest report to this leader, if it has
+    /// reported since this leader took over.
+    pub fn command_format(&self, node: &str) -> Option<u16> {
+        self.formats.get(node).copied()
     }
 
     pub fn silent_for(&self, node: &str, now: Time) -> Duration {
@@ -294,6 +316,7 @@ pub(crate) mod tests {
                 )]
                 .into_iter()
                 .collect(),
+                command_format: crate::cluster::codec::COMMAND_FORMAT,
             }
         }
 

@@ -10,7 +10,7 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 use openraft::SnapshotPolicy;
 use openraft::error::{ClientWriteError, RaftError};
 use serde::{Deserialize, Serialize};
@@ -19,18 +19,28 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::cluster::codec::Versioned;
 use crate::cluster::controller::{ChangeKind, Controller, Reply, Report};
-use crate::cluster::state::{AssignChange, Reason};
+use crate::cluster::state::{AssignChange, ClusterState, Reason};
 use crate::cluster::store::{self, Applied};
-use crate::cluster::transport::{self, Auth, Msg, Network, PeerClient};
+use crate::cluster::transport::{
+    self, ClusterIdFn, Guard, Msg, Network, PeerClient, RouteLimits, TransportError,
+};
 use crate::cluster::{Command, CommandResponse, Member, NodeId, Raft, node_id};
 use crate::config::{ClusterTiming, Config, Peer};
 use crate::election::Decision;
 use crate::events::EventLog;
 use crate::lease;
 use crate::model::NodeName;
+use crate::tls::{PeerTls, TlsFiles, TlsSummary};
 
 /// At most this many voters; further peers join as learners so the quorum stays small.
 pub const MAX_VOTERS: usize = 5;
+/// The peer listener's limits (see `tls::server`): a peer's TLS handshake takes about a
+/// millisecond on a LAN; members hold a few pooled connections each and open few new ones.
+const PEER_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(1);
+const PEER_HEADER_TIMEOUT: Duration = Duration::from_secs(30);
+const PEER_MAX_PER_SOURCE: usize = 64;
+const PEER_NEW_PER_SOURCE_PER_SEC: u32 = 50;
+const PEER_EDGE_NICE: i32 = 0;
 const MEMBERSHIP_EVERY: Duration = Duration::from_millis(300);
 /// How long a write (admin mutation, reload, seed) waits to be committed.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -67,6 +77,8 @@ pub struct ClusterNode {
     pub raft: Raft,
     pub timing: ClusterTiming,
     client: PeerClient,
+    /// The peer TLS identity (`None`: a one-node cluster without `[cluster.tls]`).
+    tls: Option<PeerTls>,
     applied: watch::Receiver<Applied>,
     /// The controller of the term this node leads, if it leads.
     controller: Mutex<Option<(u64, Controller)>>,
@@ -118,13 +130,16 @@ impl ClusterNode {
         .validate()
         .context("Raft timing settings")?;
 
-        let auth = match &config.cluster.secret_file {
-            Some(path) => Auth::from_file(path)
-                .with_context(|| format!("reading the cluster secret {}", path.display()))?,
-            // A one-node cluster talks to nobody: a secret nobody else knows keeps it that way.
-            None => Auth::new(&random_secret()).context("generating a secret")?,
+        let tls = match &config.cluster.tls {
+            Some(files) => Some(
+                PeerTls::load(files.clone(), &name)
+                    .with_context(|| "loading the peer TLS files of [cluster.tls]".to_string())?,
+            ),
+            None => None,
         };
-        let client = PeerClient::new(auth.clone()).context("building the peer HTTP client")?;
+        let ids = applied.clone();
+        let cluster_id: ClusterIdFn = Arc::new(move || ids.borrow().state.cluster_id.clone());
+        let client = PeerClient::new(&name, tls.clone(), cluster_id.clone());
         let raft = Raft::new(
             id,
             Arc::new(raft_config),
@@ -141,6 +156,7 @@ impl ClusterNode {
             raft,
             timing,
             client,
+            tls: tls.clone(),
             applied,
             controller: Mutex::new(None),
             controller_wake: Notify::new(),
@@ -148,26 +164,68 @@ impl ClusterNode {
             events,
         });
 
-        let router = transport::authenticated(
-            transport::raft_routes(node.raft.clone()).merge(
-                Router::new()
-                    .route("/cluster/report", post(report_handler))
-                    .route("/cluster/hello", post(hello_handler))
-                    .route("/cluster/write", post(write_handler))
-                    .route("/cluster/view", post(view_handler))
-                    .with_state(node.clone()),
-            ),
-            auth,
-        );
-        let listen = config.cluster.listen;
-        let listener = tokio::net::TcpListener::bind(listen)
-            .await
-            .with_context(|| format!("binding the peer endpoint to {listen}"))?;
-        tokio::spawn(async move {
-            if let Err(e) = axum::serve(listener, router).await {
-                warn!(error = %e, "peer endpoint stopped");
+        match tls {
+            Some(tls) => {
+                let router = transport::guarded(
+                    transport::raft_routes(node.raft.clone()).merge(
+                        Router::new()
+                            .route(
+                                transport::REPORT_PATH,
+                                transport::limit_body(post(report_handler), RouteLimits::REPORT),
+                            )
+                            .route(
+                                transport::HELLO_PATH,
+                                transport::limit_body(post(hello_handler), RouteLimits::EMPTY),
+                            )
+                            .route(
+                                transport::WRITE_PATH,
+                                transport::limit_body(post(write_handler), RouteLimits::WRITE),
+                            )
+                            .route(
+                                transport::VIEW_PATH,
+                                transport::limit_body(post(view_handler), RouteLimits::EMPTY),
+                            )
+                            .with_state(node.clone()),
+                    ),
+                    Guard::new(&node.name, cluster_id),
+                );
+                let listen = config.cluster.listen;
+                let listener = tokio::net::TcpListener::bind(listen)
+                    .await
+                    .with_context(|| format!("binding the peer endpoint to {listen}"))?;
+                // Normal priority: a member's new connection (a new leader's first heartbeat)
+                // must not wait behind the host's other work; the admission limits bound what
+                // strangers can make this thread do.
+                let edge = crate::tls::server::edge_runtime("peer-edge", PEER_EDGE_NICE)
+                    .context("starting the peer listener's accept thread")?;
+                let options = crate::tls::server::ServeOptions {
+                    handshake_timeout: PEER_HANDSHAKE_TIMEOUT,
+                    header_read_timeout: PEER_HEADER_TIMEOUT,
+                    max_connections: 1024,
+                    max_per_source: PEER_MAX_PER_SOURCE,
+                    new_per_source_per_sec: PEER_NEW_PER_SOURCE_PER_SEC,
+                    authorize: None,
+                    edge: Some(edge),
+                    name: "peer",
+                }
+                .members_only(authorized_names(
+                    node.applied.clone(),
+                    config.voters().into_iter().map(|p| p.name).collect(),
+                ));
+                info!(%listen, tls = %tls.summary(), "peer endpoint: mutual TLS");
+                tokio::spawn(crate::tls::server::serve(
+                    listener,
+                    tls,
+                    router,
+                    options,
+                    std::future::pending(),
+                ));
             }
-        });
+            None => info!(
+                "a one-node cluster without [cluster.tls]: no peer endpoint (add [cluster.tls] \
+                 before this cluster gets a second member)"
+            ),
+        }
 
         node.bootstrap(&config.voters()).await?;
         Ok(node)
@@ -197,16 +255,41 @@ impl ClusterNode {
             return Ok(());
         }
         // A node added to a running cluster starts with an empty store too: it must wait to be
-        // added, not found a cluster of its own.
+        // added (`egressd member add`), not found a cluster of its own. A peer that answers
+        // "initialized", or refuses this node as no member of its cluster, runs a cluster.
         for p in peers.iter().filter(|p| node_id(&p.name) != self.id) {
             let addr = p.address.to_string();
             let hello: Result<Hello, _> = self
                 .client
-                .post(&addr, "/cluster/hello", &(), Duration::from_millis(300))
+                .post(
+                    &p.name,
+                    &addr,
+                    transport::HELLO_PATH,
+                    &(),
+                    Duration::from_millis(300),
+                )
                 .await;
-            if hello.is_ok_and(|h| h.initialized) {
-                info!(peer = %p.name, "joining the running cluster; waiting to be added");
-                return Ok(());
+            match hello {
+                Ok(h) if h.initialized => {
+                    info!(
+                        peer = %p.name,
+                        cluster = h.cluster_id.as_deref().unwrap_or("-"),
+                        "joining the running cluster; waiting to be added"
+                    );
+                    return Ok(());
+                }
+                Err(TransportError::Refused { message, .. }) => {
+                    warn!(
+                        peer = %p.name,
+                        %message,
+                        "a running cluster does not count this node as a member: not founding \
+                         a cluster; waiting to be added (`egressd member add {} ADDRESS` on a \
+                         member)",
+                        self.name
+                    );
+                    return Ok(());
+                }
+                _ => {}
             }
         }
         match self.raft.initialize(voters).await {
@@ -249,8 +332,9 @@ impl ClusterNode {
         }
         self.client
             .post(
+                &member.name,
                 &member.addr,
-                "/cluster/report",
+                transport::REPORT_PATH,
                 &report,
                 Duration::from_millis(self.timing.report_interval_ms.max(20)),
             )
@@ -292,8 +376,9 @@ impl ClusterNode {
         }
         self.client
             .post(
+                &member.name,
                 &member.addr,
-                "/cluster/view",
+                transport::VIEW_PATH,
                 &(),
                 // Status waits for it: an unreachable leader must not make status hang.
                 Duration::from_millis(200),
@@ -304,13 +389,32 @@ impl ClusterNode {
 
     /// Commits a command through the leader, wherever it is. A large object change goes in
     /// parts (`Stage`) and is applied whole, or refused whole, by a final `Commit`, so that no
-    /// log entry is large: a follower must take any entry within a heartbeat.
+    /// log entry is large: a follower must take any entry within a heartbeat. No entry is
+    /// larger than [`transport::MAX_ENTRY_BYTES`] (the peers' body limit for it).
     pub async fn write(&self, cmd: Command) -> anyhow::Result<CommandResponse> {
-        if !cmd.is_object_change() || cmd.object_count() <= OBJECTS_PER_ENTRY {
+        let parts = if cmd.is_object_change() {
+            match tokio::task::spawn_blocking(move || plan_parts(cmd))
+                .await
+                .context("planning the parts of the change")?
+            {
+                Ok(parts) => parts,
+                Err(why) => {
+                    return Ok(CommandResponse {
+                        refused: Some(why),
+                        ..Default::default()
+                    });
+                }
+            }
+        } else {
+            vec![cmd]
+        };
+        if parts.len() == 1 {
+            let Some(cmd) = parts.into_iter().next() else {
+                anyhow::bail!("an empty change");
+            };
             return self.write_one(cmd).await;
         }
         let txn = rand_u64() ^ self.id;
-        let parts = cmd.split(OBJECTS_PER_ENTRY);
         let n = parts.len() as u32;
         for (i, part) in parts.into_iter().enumerate() {
             let r = self
@@ -333,7 +437,7 @@ impl ClusterNode {
         if leader == self.id {
             // Without a quorum a write never commits: give up like a forwarded write does, so
             // that a caller in the agent loop (a reload) cannot stall it.
-            let resp = tokio::time::timeout(WRITE_TIMEOUT, self.raft.client_write(Versioned(cmd)))
+            return tokio::time::timeout(WRITE_TIMEOUT, self.propose(cmd))
                 .await
                 .map_err(|_| {
                     anyhow::anyhow!(
@@ -341,14 +445,22 @@ impl ClusterNode {
                         WRITE_TIMEOUT.as_secs()
                     )
                 })?
-                .context("committing")?;
-            return Ok(resp.data);
+                .map_err(|e| anyhow::anyhow!("committing: {e}"));
         }
         let resp: CommandResponse = self
             .client
-            .post(&member.addr, "/cluster/write", &cmd, WRITE_TIMEOUT)
+            .post(
+                &member.name,
+                &member.addr,
+                transport::WRITE_PATH,
+                &cmd,
+                WRITE_TIMEOUT,
+            )
             .await
             .with_context(|| format!("forwarding the write to leader {}", member.name))?;
+        if resp.refused.is_some() {
+            return Ok(resp);
+        }
         // Committed on the leader; answer once this node has applied it too, so that a read
         // here right after (`egressd apply`, then `get` or `delete`) sees the change.
         let mut applied = self.applied.clone();
@@ -365,21 +477,249 @@ impl ClusterNode {
         Ok(resp)
     }
 
-    /// The leader moves Raft's membership towards the committed member list: new members join
-    /// as learners, the first `MAX_VOTERS` by name vote once they have caught up, and members
-    /// no longer listed leave. A task of its own, so that a slow change never holds up leases.
+    /// On the leader: proposes `cmd` once the checks that only the leader can make pass — every
+    /// member reads the command's format, and a member change keeps a quorum and waits for the
+    /// previous one. A refusal is an answer (`refused`), not an error.
+    pub async fn propose(
+        &self,
+        cmd: Command,
+    ) -> Result<CommandResponse, RaftError<NodeId, ClientWriteError<NodeId, Member>>> {
+        if let Err(why) = self
+            .format_gate(&cmd)
+            .and_then(|()| self.check_member_change(&cmd))
+        {
+            info!(command = cmd.kind(), %why, "write refused by the leader");
+            return Ok(CommandResponse {
+                refused: Some(why),
+                ..Default::default()
+            });
+        }
+        Ok(self.raft.client_write(Versioned(cmd)).await?.data)
+    }
+
+    /// A command of format N is proposed only once every member's latest report to this leader
+    /// says it reads format N (a node reading an older format would stop at the entry). The
+    /// member a `RemoveMember` removes need not read it.
+    fn format_gate(&self, cmd: &Command) -> Result<(), String> {
+        let need = cmd.format();
+        // Every node that can talk to this one reads the baseline format (older versions spoke
+        // another peer protocol), so only newer formats wait for reports. Gating the baseline
+        // too made one member that never reported (a node added but not started, a node down
+        // since before this leader took over) block every member change, even removing others.
+        if need <= crate::cluster::state::BASELINE_FORMAT {
+            return Ok(());
+        }
+        let state = self.applied().state;
+        let exempt = match cmd {
+            Command::RemoveMember { name } => Some(name.as_str()),
+            _ => None,
+        };
+        let members: Vec<String> = if state.members.is_empty() {
+            self.raft
+                .metrics()
+                .borrow()
+                .membership_config
+                .membership()
+                .nodes()
+                .map(|(_, m)| m.name.clone())
+                .collect()
+        } else {
+            state.member_names()
+        };
+        let guard = self
+            .controller
+            .lock()
+            .map_err(|_| "controller lock poisoned".to_string())?;
+        let Some((_, ctl)) = guard.as_ref() else {
+            return Err("this node is not the leader (yet); try again".into());
+        };
+        for m in members
+            .iter()
+            .filter(|m| **m != self.name && Some(m.as_str()) != exempt)
+        {
+            match ctl.command_format(m) {
+                Some(f) if f >= need => {}
+                Some(f) => {
+                    return Err(format!(
+                        "{m} reads command formats up to {f}, and a {} needs format {need}: \
+                         upgrade {m} first (every member must run a version that knows the \
+                         command before it is used)",
+                        cmd.kind()
+                    ));
+                }
+                None => {
+                    return Err(format!(
+                        "{m} has not reported to the leader since it took over, so the leader \
+                         cannot know whether it reads command format {need} (a {}): start {m}, \
+                         or remove it with `egressd member remove {m}`",
+                        cmd.kind()
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The leader's checks of a member change: one voter change at a time, and the voters
+    /// after the change must have a quorum of live nodes (the node added counts as live: it
+    /// only becomes a voter once it has caught up).
+    fn check_member_change(&self, cmd: &Command) -> Result<(), String> {
+        let (name, adding) = match cmd {
+            Command::AddMember { name, .. } => (name, true),
+            Command::RemoveMember { name } => (name, false),
+            _ => return Ok(()),
+        };
+        let state = self.applied().state;
+        if adding == state.members.contains_key(name) {
+            // Nothing to change, or the state machine refuses it with its own message.
+            return Ok(());
+        }
+        if adding && self.tls.is_none() {
+            // Without peer TLS the leader can reach nobody: the member would be added to the
+            // list and never caught up (found by schemathesis: replication errors forever).
+            return Err(format!(
+                "this node runs without [cluster.tls] (a one-node cluster), so it cannot talk to \
+                 {name}: give every node its [cluster.tls] files (`egressd tls`) and restart \
+                 them, then add members"
+            ));
+        }
+        let metrics = self.raft.metrics().borrow().clone();
+        let membership = metrics.membership_config.membership();
+        if membership.get_joint_config().len() > 1 {
+            return Err(
+                "a voter change is being committed right now; try again in a moment".into(),
+            );
+        }
+        let voters: BTreeSet<String> = membership
+            .voter_ids()
+            .filter_map(|id| membership.get_node(&id).map(|m| m.name.clone()))
+            .collect();
+        let wanted = voter_target(state.members.keys());
+        let in_progress = wanted != voters;
+        // Removing a member that is not a voter (an added node that never caught up) changes
+        // no voter, and may cancel an unfinished addition.
+        if in_progress && (adding || voters.contains(name)) {
+            return Err(format!(
+                "the previous member change is not finished: the voters are {}, the member list \
+                 wants {} (a new member becomes a voter once it has caught up; is it running?); \
+                 try again once `egressd status` shows them equal, or remove the member that \
+                 does not come up",
+                list(&voters),
+                list(&wanted)
+            ));
+        }
+        let mut after: BTreeSet<String> = state.members.keys().cloned().collect();
+        if adding {
+            after.insert(name.clone());
+        } else {
+            after.remove(name);
+        }
+        let target = voter_target(after.iter());
+        let now = crate::clock::now();
+        let alive: Vec<&String> = {
+            let guard = self
+                .controller
+                .lock()
+                .map_err(|_| "controller lock poisoned".to_string())?;
+            let Some((_, ctl)) = guard.as_ref() else {
+                return Err("this node is not the leader (yet); try again".into());
+            };
+            target
+                .iter()
+                .filter(|n| **n == self.name || (adding && *n == name) || ctl.alive(n, now))
+                .collect()
+        };
+        let need = target.len() / 2 + 1;
+        if alive.len() < need {
+            return Err(format!(
+                "{} {name} would leave the voters {} with {} of them alive ({}), and a quorum \
+                 of them needs {need}: bring the silent ones back first",
+                if adding { "adding" } else { "removing" },
+                list(&target),
+                alive.len(),
+                alive
+                    .iter()
+                    .map(|s| s.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+        }
+        Ok(())
+    }
+
+    /// The peer TLS summary (certificate names, expiry, CAs), if the node has peer TLS.
+    pub fn tls_summary(&self) -> Option<TlsSummary> {
+        self.tls.as_ref().map(PeerTls::summary)
+    }
+
+    /// SIGHUP: re-reads the peer TLS files (possibly new paths). On failure the previous files
+    /// stay in use. Adding or removing `[cluster.tls]` needs a restart.
+    pub fn reload_tls(&self, files: Option<&TlsFiles>) -> Result<Option<TlsSummary>, String> {
+        match (&self.tls, files) {
+            (Some(tls), Some(files)) => tls
+                .reload_from(files.clone())
+                .map(Some)
+                .map_err(|e| e.to_string()),
+            (None, None) => Ok(None),
+            (Some(_), None) => Err(
+                "[cluster.tls] was removed from the file: a running node keeps its peer TLS; \
+                 restart to run without it (a one-node cluster only)"
+                    .into(),
+            ),
+            (None, Some(_)) => Err(
+                "[cluster.tls] was added to the file: restart the node to open its peer \
+                 endpoint"
+                    .into(),
+            ),
+        }
+    }
+
+    /// How a node's `cluster.peers` differs from the cluster's member list (empty while the
+    /// member list is not known yet).
+    pub fn member_drift(&self, file_peers: &[Peer]) -> Vec<String> {
+        member_drift(&self.applied().state, file_peers)
+    }
+
+    /// The leader moves Raft's membership towards the committed member list, one voter at a
+    /// time: new members join as learners, the first `MAX_VOTERS` by name vote once they have
+    /// caught up, and members no longer listed leave. It also gives a new cluster its id. A
+    /// task of its own, so that a slow change never holds up leases.
     pub async fn run_membership(self: Arc<Self>) {
         let mut applied = self.applied.clone();
+        let mut id_proposed_in: Option<u64> = None;
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(MEMBERSHIP_EVERY) => {}
                 r = applied.changed() => if r.is_err() { return },
             }
-            if self.is_leader_locally()
-                && let Err(e) = self.reconcile_membership().await
-            {
+            let Some(term) = self.leading_term() else {
+                continue;
+            };
+            if self.applied().state.cluster_id.is_none() && id_proposed_in != Some(term) {
+                id_proposed_in = Some(term);
+                self.init_cluster_id().await;
+            }
+            if let Err(e) = self.reconcile_membership().await {
                 warn!(error = %e, "membership change failed; retrying");
             }
+        }
+    }
+
+    /// The first leader of a new cluster (or of a cluster made by an older egressd) chooses
+    /// the cluster's id. `InitCluster` is format 2, which every node that can talk to this one
+    /// reads (the peer protocol of format-1 versions is gone), so it needs no gate.
+    async fn init_cluster_id(&self) {
+        let id = hex(&random_secret()[..16]);
+        match self
+            .raft
+            .client_write(Versioned(Command::InitCluster { id: id.clone() }))
+            .await
+        {
+            Ok(r) if r.data.refused.is_none() && r.data.changed => {
+                info!(cluster = %id, "chose the cluster's id")
+            }
+            Ok(_) => {}
+            Err(e) => warn!(error = %e, "committing the cluster id failed; retrying"),
         }
     }
 
@@ -390,6 +730,9 @@ impl ClusterNode {
         }
         let metrics = self.raft.metrics().borrow().clone();
         let membership = metrics.membership_config.membership().clone();
+        if membership.get_joint_config().len() > 1 {
+            return Ok(());
+        }
         let want: BTreeMap<NodeId, Member> = state
             .members
             .iter()
@@ -408,24 +751,45 @@ impl ClusterNode {
                 return Ok(());
             }
         }
-        let mut names: Vec<&String> = state.members.keys().collect();
-        names.sort();
-        let target: BTreeSet<NodeId> = names.iter().take(MAX_VOTERS).map(|n| node_id(n)).collect();
+        let target: BTreeSet<NodeId> = voter_target(state.members.keys())
+            .iter()
+            .map(|n| node_id(n))
+            .collect();
         let current: BTreeSet<NodeId> = membership.voter_ids().collect();
+        let name_of = |id: &NodeId| {
+            membership
+                .get_node(id)
+                .map_or_else(|| id.to_string(), |m| m.name.clone())
+        };
         if target != current {
+            // One voter at a time: first one that joins (once it has caught up), then one that
+            // leaves, so that the voters never shrink before a newcomer can vote.
             let last = metrics.last_log_index.unwrap_or(0);
             let caught_up = |id: &NodeId| {
-                current.contains(id)
-                    || metrics
-                        .replication
-                        .as_ref()
-                        .and_then(|r| r.get(id).cloned().flatten())
-                        .is_some_and(|m| m.index + 10 >= last)
+                metrics
+                    .replication
+                    .as_ref()
+                    .and_then(|r| r.get(id).cloned().flatten())
+                    .is_some_and(|m| m.index + 10 >= last)
             };
-            if target.iter().all(caught_up) {
-                self.raft.change_membership(target.clone(), false).await?;
-                info!(voters = ?names.iter().take(MAX_VOTERS).collect::<Vec<_>>(), "voters changed");
-            }
+            let mut next = current.clone();
+            let joining: Vec<&NodeId> = target.difference(&current).collect();
+            let change = if let Some(id) = joining.iter().find(|id| caught_up(id)) {
+                next.insert(**id);
+                format!("{} joins the voters", name_of(id))
+            } else if joining.is_empty()
+                && let Some(id) = current.difference(&target).next()
+            {
+                next.remove(id);
+                format!("{} leaves the voters", name_of(id))
+            } else {
+                return Ok(());
+            };
+            self.raft.change_membership(next.clone(), false).await?;
+            info!(
+                voters = ?next.iter().map(name_of).collect::<Vec<_>>(),
+                "voters changed: {change}"
+            );
             return Ok(());
         }
         let gone: BTreeSet<NodeId> = membership
@@ -434,10 +798,14 @@ impl ClusterNode {
             .filter(|id| !want.contains_key(id) && !current.contains(id))
             .collect();
         if !gone.is_empty() {
+            let names: Vec<String> = gone.iter().map(name_of).collect();
             self.raft
                 .change_membership(openraft::ChangeMembers::RemoveNodes(gone), false)
                 .await?;
-            info!("removed members no longer listed");
+            for n in &names {
+                self.client.forget(n);
+            }
+            info!(removed = ?names, "removed members no longer listed");
         }
         Ok(())
     }
@@ -674,11 +1042,116 @@ impl ClusterNode {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct Hello {
     initialized: bool,
+    #[serde(default)]
+    cluster_id: Option<String>,
 }
 
 async fn hello_handler(State(node): State<Arc<ClusterNode>>) -> Response {
     let initialized = node.raft.is_initialized().await.unwrap_or(false);
-    Msg(Hello { initialized }).into_response()
+    Msg(Hello {
+        initialized,
+        cluster_id: node.applied().state.cluster_id.clone(),
+    })
+    .into_response()
+}
+
+/// Whom the peer endpoint lets in: the members of the committed list and of Raft's membership
+/// (a member being added or removed is in one of them); while the cluster has no member list
+/// (a new node, a new cluster), the peers of this node's file.
+fn authorized_names(
+    applied: watch::Receiver<Applied>,
+    file_peers: Vec<String>,
+) -> impl Fn() -> Vec<String> + Send + Sync + 'static {
+    move || {
+        let a = applied.borrow();
+        let mut names: BTreeSet<String> = a.state.members.keys().cloned().collect();
+        names.extend(
+            a.membership
+                .membership()
+                .nodes()
+                .map(|(_, m)| m.name.clone()),
+        );
+        if a.state.members.is_empty() {
+            names.extend(file_peers.iter().cloned());
+        }
+        names.into_iter().collect()
+    }
+}
+
+/// The voters a member list asks for: the first [`MAX_VOTERS`] names.
+fn voter_target<'a>(names: impl IntoIterator<Item = &'a String>) -> BTreeSet<String> {
+    let mut names: Vec<&String> = names.into_iter().collect();
+    names.sort();
+    names.into_iter().take(MAX_VOTERS).cloned().collect()
+}
+
+fn list(names: &BTreeSet<String>) -> String {
+    names.iter().cloned().collect::<Vec<_>>().join(", ")
+}
+
+/// How `file_peers` (a node's `cluster.peers`) differs from the committed member list.
+pub fn member_drift(state: &ClusterState, file_peers: &[Peer]) -> Vec<String> {
+    if state.members.is_empty() {
+        return Vec::new();
+    }
+    let mut out = Vec::new();
+    for p in file_peers {
+        let addr = p.address.to_string();
+        match state.members.get(&p.name) {
+            None => out.push(format!(
+                "{} ({addr}) is in this node's cluster.peers but is not a member (`egressd \
+                 member add {} {addr}` adds it)",
+                p.name, p.name
+            )),
+            Some(a) if *a != addr => out.push(format!(
+                "{}: cluster.peers says {addr}, the member list {a}",
+                p.name
+            )),
+            Some(_) => {}
+        }
+    }
+    for (name, addr) in &state.members {
+        if !file_peers.iter().any(|p| p.name == *name) {
+            out.push(format!(
+                "{name} ({addr}) is a member but not in this node's cluster.peers (`egressd \
+                 member remove {name}` removes it)"
+            ));
+        }
+    }
+    out
+}
+
+/// Splits an object change into entries of at most [`OBJECTS_PER_ENTRY`] objects and
+/// [`transport::MAX_ENTRY_BYTES`] bytes (fewer objects per entry when they are large); refuses
+/// an object that alone is larger.
+fn plan_parts(cmd: Command) -> Result<Vec<Command>, String> {
+    let fits = |c: &Command| {
+        crate::cluster::codec::to_wire(&Versioned(c.clone()))
+            .map(|b| b.len() + 64 <= transport::MAX_ENTRY_BYTES)
+            .unwrap_or(false)
+    };
+    let mut per_part = OBJECTS_PER_ENTRY;
+    loop {
+        let parts = cmd.clone().split(per_part);
+        match parts.iter().find(|p| !fits(p)) {
+            None => return Ok(parts),
+            Some(big) if per_part == 1 || big.object_count() <= 1 => {
+                let size = crate::cluster::codec::to_wire(&Versioned(big.clone()))
+                    .map(|b| b.len())
+                    .unwrap_or(0);
+                return Err(format!(
+                    "one object of this change takes {size} bytes encoded; at most {} are \
+                     replicated as one entry: split it (e.g. a policy with fewer CIDRs)",
+                    transport::MAX_ENTRY_BYTES
+                ));
+            }
+            Some(_) => per_part = (per_part / 2).max(1),
+        }
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn member(p: &Peer) -> Member {
@@ -705,8 +1178,12 @@ fn random_secret() -> Vec<u8> {
 
 async fn report_handler(
     State(node): State<Arc<ClusterNode>>,
+    peer: Option<Extension<crate::tls::PeerIdentity>>,
     Msg(report): Msg<Report>,
 ) -> Response {
+    if let Err(why) = transport::caller_is(peer.as_ref(), &report.node) {
+        return api_error(StatusCode::FORBIDDEN, why, None);
+    }
     match node.handle_report(report) {
         Ok(grant) => Msg(grant).into_response(),
         Err(e) => api_error(
@@ -736,8 +1213,8 @@ async fn view_handler(State(node): State<Arc<ClusterNode>>) -> Response {
 }
 
 async fn write_handler(State(node): State<Arc<ClusterNode>>, Msg(cmd): Msg<Command>) -> Response {
-    match node.raft.client_write(Versioned(cmd)).await {
-        Ok(resp) => Msg(resp.data).into_response(),
+    match node.propose(cmd).await {
+        Ok(resp) => Msg(resp).into_response(),
         Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => api_error(
             StatusCode::MISDIRECTED_REQUEST,
             "not the leader".into(),

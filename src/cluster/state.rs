@@ -21,10 +21,13 @@ use crate::model::{Assignment, Gateway, Labels, NodeName, Policy};
 /// so holds the same value.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ClusterState {
+    #[serde(deserialize_with = "cautious::ord_map")]
     pub gateways: OrdMap<String, Gateway>,
+    #[serde(deserialize_with = "cautious::ord_map")]
     pub policies: OrdMap<String, Arc<Policy>>,
     /// Objects written through the admin API (`egressd apply`). A configuration file changes
     /// only the file's objects and never overwrites these.
+    #[serde(deserialize_with = "cautious::ord_set")]
     pub api_objects: OrdSet<ObjectRef>,
     /// Whether any node's configuration file has seeded the objects yet (see `SeedObjects`).
     pub seeded: bool,
@@ -45,6 +48,85 @@ pub struct ClusterState {
     pub members: BTreeMap<NodeName, String>,
     /// Parts of large changes not committed yet, by transaction.
     pub staging: BTreeMap<u64, Staged>,
+    /// The cluster's identity (`InitCluster`), carried by every peer request: a node of another
+    /// cluster is refused. `None` until the first leader of a new cluster has committed one.
+    /// Last, and defaulted, so that a snapshot written before it existed still reads.
+    #[serde(default)]
+    pub cluster_id: Option<String>,
+}
+
+/// Decoding of the state's persistent maps without trusting the length a map or set announces.
+/// imbl's own deserializers reserve room for as many entries as the header claims, so a snapshot
+/// of 13 bytes (a MessagePack map32 header claiming 3.7 billion gateways) made the process try
+/// to allocate 660 GB and abort — from a snapshot a peer sends or a damaged store (found by the
+/// `peer_rpc` fuzz target; regression test `a_map_header_claiming_billions_is_an_error`). These
+/// insert entry by entry as they arrive.
+mod cautious {
+    use std::fmt;
+    use std::marker::PhantomData;
+
+    use imbl::{OrdMap, OrdSet};
+    use serde::de::{Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
+
+    struct MapVisitor<K, V>(PhantomData<(K, V)>);
+
+    impl<'de, K, V> Visitor<'de> for MapVisitor<K, V>
+    where
+        K: Deserialize<'de> + Ord + Clone,
+        V: Deserialize<'de> + Clone,
+    {
+        type Value = OrdMap<K, V>;
+
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("a map")
+        }
+
+        fn visit_map<A: MapAccess<'de>>(self, mut access: A) -> Result<Self::Value, A::Error> {
+            let mut map = OrdMap::new();
+            while let Some((k, v)) = access.next_entry()? {
+                map.insert(k, v);
+            }
+            Ok(map)
+        }
+    }
+
+    pub fn ord_map<'de, D, K, V>(d: D) -> Result<OrdMap<K, V>, D::Error>
+    where
+        D: Deserializer<'de>,
+        K: Deserialize<'de> + Ord + Clone,
+        V: Deserialize<'de> + Clone,
+    {
+        d.deserialize_map(MapVisitor(PhantomData))
+    }
+
+    struct SetVisitor<T>(PhantomData<T>);
+
+    impl<'de, T> Visitor<'de> for SetVisitor<T>
+    where
+        T: Deserialize<'de> + Ord + Clone,
+    {
+        type Value = OrdSet<T>;
+
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("a sequence")
+        }
+
+        fn visit_seq<A: SeqAccess<'de>>(self, mut access: A) -> Result<Self::Value, A::Error> {
+            let mut set = OrdSet::new();
+            while let Some(v) = access.next_element()? {
+                set.insert(v);
+            }
+            Ok(set)
+        }
+    }
+
+    pub fn ord_set<'de, D, T>(d: D) -> Result<OrdSet<T>, D::Error>
+    where
+        D: Deserializer<'de>,
+        T: Deserialize<'de> + Ord + Clone,
+    {
+        d.deserialize_seq(SetVisitor(PhantomData))
+    }
 }
 
 /// The parts of a change staged so far.
@@ -164,7 +246,28 @@ pub enum Command {
         txn: u64,
         parts: u32,
     },
+    // ---- command format 2 (see `Command::format`); new kinds go below, never above ----
+    /// The cluster's identity, chosen by the first leader of a new cluster: applied only while
+    /// the state has none.
+    InitCluster {
+        id: String,
+    },
+    /// `egressd member add`: a new member; the leader adds it to Raft (a learner first, a voter
+    /// once it has caught up, if it is among the first five by name).
+    AddMember {
+        name: NodeName,
+        address: String,
+    },
+    /// `egressd member remove`: the leader takes it out of Raft.
+    RemoveMember {
+        name: NodeName,
+    },
 }
+
+/// The oldest command format any peer can have: the versions before mutual TLS wrote format 1,
+/// and this version's peer protocol (mutual TLS) cannot talk to them, so a cluster that runs
+/// this version has no node older than format 2.
+pub const BASELINE_FORMAT: u16 = 2;
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CommandResponse {
@@ -203,6 +306,53 @@ struct Touched {
 }
 
 impl Command {
+    /// The command format that introduced this kind of command: a node that reads only older
+    /// formats cannot read it (see `codec::Versioned`), so it is proposed only once every
+    /// member has reported that it knows this format (`ClusterNode::propose`). A change to an
+    /// existing kind's encoding is a new kind.
+    pub fn format(&self) -> u16 {
+        match self {
+            Command::Stage { command, .. } => command.format(),
+            Command::InitCluster { .. }
+            | Command::AddMember { .. }
+            | Command::RemoveMember { .. } => 2,
+            Command::SeedObjects { .. }
+            | Command::FileObjects { .. }
+            | Command::Apply { .. }
+            | Command::DeleteGateway(_)
+            | Command::DeletePolicy(_)
+            | Command::Cordon(_)
+            | Command::Uncordon(_)
+            | Command::SetLabel { .. }
+            | Command::Assign { .. }
+            | Command::SeedMembers(_)
+            | Command::SetMembers(_)
+            | Command::Commit { .. } => 1,
+        }
+    }
+
+    /// A short name of the command's kind, for messages.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Command::SeedObjects { .. } => "seed objects",
+            Command::FileObjects { .. } => "file objects",
+            Command::Apply { .. } => "apply",
+            Command::DeleteGateway(_) => "delete gateway",
+            Command::DeletePolicy(_) => "delete policy",
+            Command::Cordon(_) => "cordon",
+            Command::Uncordon(_) => "uncordon",
+            Command::SetLabel { .. } => "label",
+            Command::Assign { .. } => "assign",
+            Command::SeedMembers(_) => "seed members",
+            Command::SetMembers(_) => "set members",
+            Command::Stage { .. } => "stage",
+            Command::Commit { .. } => "commit",
+            Command::InitCluster { .. } => "init cluster",
+            Command::AddMember { .. } => "member add",
+            Command::RemoveMember { .. } => "member remove",
+        }
+    }
+
     /// Whether this is an object change that may be split into parts.
     pub fn is_object_change(&self) -> bool {
         matches!(
@@ -694,8 +844,54 @@ impl ClusterState {
                 .filter(|&ch| self.assign(ch, *at_unix_ms))
                 .map(assign_event)
                 .collect(),
+            Command::InitCluster { id } => {
+                if self.cluster_id.is_some() {
+                    return Vec::new();
+                }
+                self.cluster_id = Some(id.clone());
+                one(
+                    EventKind::Members,
+                    None,
+                    None,
+                    format!("cluster id {id} chosen by the first leader"),
+                )
+            }
+            Command::AddMember { name, address } => {
+                if self.members.get(name) == Some(address) {
+                    return Vec::new();
+                }
+                self.members.insert(name.clone(), address.clone());
+                one(
+                    EventKind::Members,
+                    Some(name),
+                    None,
+                    format!(
+                        "member {name} ({address}) added; members: {}",
+                        self.member_names().join(", ")
+                    ),
+                )
+            }
+            Command::RemoveMember { name } => {
+                if self.members.remove(name).is_none() {
+                    return Vec::new();
+                }
+                one(
+                    EventKind::Members,
+                    Some(name),
+                    None,
+                    format!(
+                        "member {name} removed; members: {}",
+                        self.member_names().join(", ")
+                    ),
+                )
+            }
             _ => Vec::new(),
         }
+    }
+
+    /// The member names, in order.
+    pub fn member_names(&self) -> Vec<String> {
+        self.members.keys().cloned().collect()
     }
 
     /// Why `cmd` must not be applied to this state, if it must not. Deterministic: every node
@@ -754,8 +950,72 @@ impl ClusterState {
             Command::DeletePolicy(name) if !self.policies.contains_key(name) => {
                 Err(format!("no policy named {name:?}"))
             }
+            Command::InitCluster { id } => {
+                if id.len() != 32 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
+                    return Err(format!(
+                        "a cluster id is 32 hexadecimal digits, not {}",
+                        crate::config::rules::quote(id)
+                    ));
+                }
+                match &self.cluster_id {
+                    Some(have) if have != id => Err(format!("the cluster's id is {have} already")),
+                    _ => Ok(()),
+                }
+            }
+            Command::AddMember { name, address } => self.check_add_member(name, address),
+            Command::RemoveMember { name } => {
+                if !self.members.contains_key(name) {
+                    return Err(format!(
+                        "no member named {}; members: {}",
+                        crate::config::rules::quote(name),
+                        self.member_names().join(", ")
+                    ));
+                }
+                if self.members.len() == 1 {
+                    return Err(format!(
+                        "{name} is the only member: a cluster cannot remove its last member"
+                    ));
+                }
+                Ok(())
+            }
             _ => Ok(()),
         }
+    }
+
+    fn check_add_member(&self, name: &str, address: &str) -> Result<(), String> {
+        use crate::config::rules;
+        rules::object_name(name).map_err(|m| format!("member name: {m}"))?;
+        let addr = rules::socket_addr(address).map_err(|m| format!("member address: {m}"))?;
+        if addr.ip().is_unspecified() || addr.port() == 0 {
+            return Err(format!(
+                "member address {addr} cannot be connected to; give the node's reachable peer \
+                 address and port (its cluster.listen)"
+            ));
+        }
+        if self.members.is_empty() {
+            return Err(
+                "the cluster's member list is not known yet (the cluster is starting); try again \
+                 in a moment"
+                    .into(),
+            );
+        }
+        if let Some(have) = self.members.get(name) {
+            if *have == addr.to_string() {
+                return Ok(());
+            }
+            return Err(format!(
+                "{name} is a member already, at {have}; to move it, `egressd member remove \
+                 {name}` first"
+            ));
+        }
+        if let Some((other, _)) = self
+            .members
+            .iter()
+            .find(|(_, a)| a.parse::<std::net::SocketAddr>().ok() == Some(addr))
+        {
+            return Err(format!("address {addr} is member {other}'s"));
+        }
+        Ok(())
     }
 
     /// The configuration rules (names, interfaces, CIDRs, shared VIPs and next hops, address
@@ -1114,6 +1374,8 @@ pub enum EventKind {
     Release,
     ConfigRejected,
     Leadership,
+    /// egressd's nftables tables were changed from outside and repaired.
+    Repair,
 }
 
 impl EventKind {
@@ -1132,6 +1394,7 @@ impl EventKind {
             EventKind::Release => "release",
             EventKind::ConfigRejected => "config_rejected",
             EventKind::Leadership => "leadership",
+            EventKind::Repair => "repair",
         }
     }
 }
@@ -1157,6 +1420,31 @@ pub fn file_policy<'a>(policies: &'a [Policy], name: &str) -> Option<&'a Policy>
 pub(crate) mod tests {
     use super::*;
     use crate::model::{Selection, SourceIp};
+
+    /// A crash the `peer_rpc` fuzz target found (13 bytes): a stored state whose gateway map
+    /// claims 0xdfdfdfa3 entries. It must be refused, not abort the process trying to allocate
+    /// for them (this test process would abort).
+    #[test]
+    fn a_map_header_claiming_billions_is_an_error() {
+        use crate::cluster::codec::{STORE_FORMAT, from_store, to_store};
+        let crash = [2u8, 147, 223, 223, 223, 163, 58, 3, 146, 97, 146, 7, 97];
+        assert!(from_store::<ClusterState>(&crash).is_err());
+        // The same claim in each persistent map and set of the state (gateways, policies,
+        // api_objects), after empty ones before it.
+        for field in 0..3 {
+            let mut b = vec![STORE_FORMAT, 0xdc, 0, 13];
+            b.extend(std::iter::repeat_n(0x80, field));
+            b.push(if field == 2 { 0xdd } else { 0xdf });
+            b.extend([0xdf, 0xdf, 0xdf, 0xdf]);
+            assert!(from_store::<ClusterState>(&b).is_err(), "field {field}");
+        }
+        // And a real state still round-trips.
+        let mut st = ClusterState::default();
+        st.apply(&Command::Cordon("gw1".into()));
+        st.api_objects.insert(ObjectRef::Gateway("g".into()));
+        let b = to_store(&st).unwrap();
+        assert_eq!(from_store::<ClusterState>(&b).unwrap(), st);
+    }
 
     pub(crate) fn elect(gateway: &str, to: Option<&str>) -> Command {
         Command::Assign {

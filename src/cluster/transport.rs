@@ -1,43 +1,43 @@
-//! The authenticated HTTP transport between egressd peers: Raft's RPCs and, through the same
-//! generic pieces, the application RPCs egressd adds (node reports, forwarded writes).
+//! The transport between egressd peers: Raft's RPCs and, through the same generic pieces, the
+//! application RPCs egressd adds (node reports, forwarded writes, the leader's view).
 //!
-//! # Authentication
+//! # Trust
 //!
-//! The cluster state is not secret; what matters is its integrity and who may vote and append.
-//! Every peer is configured with the same cluster secret and every request carries
+//! Every peer connection is mutual TLS (`crate::tls`): a node proves its name with a
+//! certificate of the cluster CA, in both directions, so requests *and* answers are
+//! authenticated, bound to the two nodes, and cannot be replayed or altered (TLS does what the
+//! HMAC of the versions before did for requests only). On top of that:
+//! - only members may talk to a node (`tls::server::ServeOptions::authorize`, per request);
+//! - every request and every answer carries the cluster's id ([`CLUSTER_HEADER`], see
+//!   `ClusterState::cluster_id`): a node of another cluster whose certificate comes from the
+//!   same CA (two clusters set up with one CA, a restored store of another cluster) is refused
+//!   by the receiver, and its answers by the caller, with a message naming both ids;
+//! - handlers that act for a node check that the caller *is* that node (a report for gw2 only
+//!   from gw2's certificate).
 //!
-//! ```text
-//! x-egressd-auth: t=<unix millis>,mac=<hex hmac-sha256(secret, METHOD "\n" PATH "\n" t "\n" BODY)>
-//! ```
+//! # Limits before trust
 //!
-//! The receiver recomputes the MAC, compares it in constant time and rejects a timestamp more
-//! than [`MAX_SKEW`] away from its own clock. There is no nonce cache: a request replayed inside
-//! the window is harmless, because
-//! - Raft RPCs are idempotent by construction: a follower checks the vote (term, leader) and the
-//!   log ids of every AppendEntries / InstallSnapshot / RequestVote, so a replayed request either
-//!   repeats what was already done or is refused as stale;
-//! - the application RPCs egressd adds are idempotent too: a node report replaces the previous
-//!   report, and a forwarded write is a whole-value command (put, delete, cordon, …) whose second
-//!   application changes nothing.
+//! Connections are admitted (total, per source, new per second) and handshaken off the threads
+//! that run Raft (`tls::server`). A request is authorized and its cluster id checked on its
+//! headers alone; only then is its body read, at most the route's limit ([`RouteLimits`]), within
+//! [`BODY_TIMEOUT`]; and at most [`MAX_IN_FLIGHT`] requests are handled at once (more get 503 at
+//! once instead of queueing behind them).
 //!
-//! The transport is plain HTTP: a peer on the path can read the traffic (the state is not
-//! secret) but cannot forge or alter requests. Responses are not signed; a man in the middle can
-//! answer for a peer, which at worst makes that peer look unreachable or behind.
+//! A node of a one-node cluster without `[cluster.tls]` opens no peer endpoint and makes no
+//! peer request (it has nobody to talk to).
 
+use std::collections::HashMap;
 use std::error::Error as StdError;
-use std::fmt;
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
-use axum::body::{Body, Bytes};
-use axum::extract::{DefaultBodyLimit, OriginalUri, Request, State};
-use axum::http::StatusCode;
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::post;
-use axum::{Json, Router};
-use hmac::{Hmac, KeyInit, Mac};
+use axum::routing::{MethodRouter, post};
+use axum::{Extension, Json, Router};
 use openraft::error::{
     InstallSnapshotError, NetworkError, PayloadTooLarge, RPCError, RaftError, RemoteError,
     Unreachable,
@@ -49,21 +49,18 @@ use openraft::raft::{
 };
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use sha2::Sha256;
+use tokio::sync::Semaphore;
 
 use super::{Member, NodeId, Raft, TypeConfig};
+use crate::tls::PeerIdentity;
+use crate::tls::client::ClientError;
 
-/// The request header carrying the timestamp and MAC.
-pub const AUTH_HEADER: &str = "x-egressd-auth";
-/// Largest accepted request body. Snapshots travel as JSON chunks (openraft's default chunk is
-/// 3 MiB, a few times that as a JSON number array), so this leaves ample room.
-pub const MAX_BODY_BYTES: usize = 64 * 1024 * 1024;
-/// Largest accepted distance between the signer's clock and the verifier's.
-pub const MAX_SKEW: Duration = Duration::from_secs(30);
-/// Shortest accepted cluster secret.
-pub const MIN_SECRET_LEN: usize = 16;
-/// How long a client waits for a TCP connection to a peer. Short: failover speed depends on
-/// noticing dead peers fast, and a live peer on a LAN answers a SYN in well under a millisecond.
+/// The header carrying the sender's cluster id (requests) and the answering node's (answers).
+pub const CLUSTER_HEADER: &str = "x-egressd-cluster";
+
+/// How long a client waits for a new connection to a peer: TCP connect and TLS handshake.
+/// Short: failover speed depends on noticing dead peers fast, and a live peer on a LAN
+/// connects and handshakes in about a millisecond.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_millis(200);
 /// How long openraft waits before retrying a peer after [`Unreachable`]. openraft's default is
 /// 500 ms, longer than the election timeout: a follower that the leader stops contacting for
@@ -72,226 +69,51 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_millis(200);
 pub const PEER_BACKOFF: Duration = Duration::from_millis(100);
 
 pub const APPEND_PATH: &str = "/raft/append";
-/// The most an append carries when it holds more than one entry (see `append_entries`).
-pub const APPEND_BUDGET_BYTES: usize = 64 * 1024;
 pub const VOTE_PATH: &str = "/raft/vote";
 pub const SNAPSHOT_PATH: &str = "/raft/snapshot";
+pub const REPORT_PATH: &str = "/cluster/report";
+pub const HELLO_PATH: &str = "/cluster/hello";
+pub const WRITE_PATH: &str = "/cluster/write";
+pub const VIEW_PATH: &str = "/cluster/view";
 
-type HmacSha256 = Hmac<Sha256>;
+/// The most an append carries when it holds more than one entry (see `append_entries`).
+pub const APPEND_BUDGET_BYTES: usize = 64 * 1024;
+/// The largest log entry a node proposes (encoded): larger changes are staged in parts
+/// (`ClusterNode::write`), and a single object larger than this is refused. A 500-policy part
+/// of the usual shape is about 25 KB; this leaves room for objects with long CIDR lists.
+pub const MAX_ENTRY_BYTES: usize = 1024 * 1024;
+/// The snapshot chunk size openraft is configured with (`snapshot_max_chunk_size`).
+pub const SNAPSHOT_CHUNK_BYTES: usize = 256 * 1024;
 
-// ---------------------------------------------------------------------------------------------
-// Auth
+/// Per-route request body limits: each the largest legitimate body of the route with room for
+/// its envelope, and nothing more (see the test `the_largest_legitimate_bodies_fit_the_limits`).
+pub struct RouteLimits;
 
-/// The cluster secret, able to sign and verify requests. Cheap to clone.
-#[derive(Clone)]
-pub struct Auth {
-    /// The HMAC keyed with the secret, cloned for every message.
-    keyed: HmacSha256,
-    key_len: usize,
+impl RouteLimits {
+    /// One entry of up to [`MAX_ENTRY_BYTES`] (an append of several stays under the budget).
+    pub const APPEND: usize = MAX_ENTRY_BYTES + 64 * 1024;
+    /// A chunk's bytes travel as a MessagePack array of integers: up to two bytes each.
+    pub const SNAPSHOT: usize = 2 * SNAPSHOT_CHUNK_BYTES + 64 * 1024;
+    pub const VOTE: usize = 4 * 1024;
+    /// A report: labels and every interface of the node.
+    pub const REPORT: usize = 256 * 1024;
+    /// A forwarded write is one entry's command.
+    pub const WRITE: usize = MAX_ENTRY_BYTES + 64 * 1024;
+    /// Hello and view requests have no body.
+    pub const EMPTY: usize = 1024;
 }
 
-impl fmt::Debug for Auth {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Auth")
-            .field("secret", &format_args!("<{} bytes>", self.key_len))
-            .finish()
-    }
-}
+/// The longest a request body may take to arrive once its headers are in (a 1 MiB entry takes
+/// milliseconds on a LAN; this allows a squeezed link of ~2 Mbit/s).
+pub const BODY_TIMEOUT: Duration = Duration::from_secs(5);
+/// Requests handled at once by the peer endpoint; beyond it, 503 at once. Members send a few
+/// at a time each.
+pub const MAX_IN_FLIGHT: usize = 256;
+/// The largest answer a client reads (the leader's view with many gateways).
+pub const MAX_RESPONSE_BYTES: usize = 16 * 1024 * 1024;
 
-/// A cluster secret that cannot be used.
-#[derive(Debug, thiserror::Error)]
-pub enum SecretError {
-    #[error("cannot read the cluster secret file {}: {source}", path.display())]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error(
-        "the cluster secret {origin} is {len} bytes (after trimming whitespace); at least \
-         {MIN_SECRET_LEN} are required, e.g. the output of `head -c 32 /dev/urandom | base64`, \
-         the same on every node"
-    )]
-    TooShort { origin: String, len: usize },
-    #[error("cannot key HMAC-SHA256 with the cluster secret: {0}")]
-    Key(String),
-}
-
-/// Why a request was refused.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum AuthError {
-    #[error(
-        "missing {AUTH_HEADER} header: this endpoint is for egressd peers configured with the \
-         same cluster secret"
-    )]
-    Missing,
-    #[error(
-        "malformed {AUTH_HEADER} header ({0}): expected t=<unix millis>,mac=<hex hmac-sha256>; \
-         is the peer an egressd of a compatible version?"
-    )]
-    Malformed(String),
-    #[error(
-        "bad signature: the peer's cluster secret differs from this node's (or the request was \
-         altered in transit)"
-    )]
-    BadSignature,
-    #[error(
-        "timestamp skew: the request was signed at {signed_ms} ms since the epoch, this node's \
-         clock says {now_ms} ms ({} ms apart, at most {} ms allowed); check the clocks (NTP) of \
-         both nodes", signed_ms.abs_diff(*now_ms), MAX_SKEW.as_millis()
-    )]
-    Skew { signed_ms: u64, now_ms: u64 },
-}
-
-impl Auth {
-    /// An `Auth` for the given secret; refuses one shorter than [`MIN_SECRET_LEN`] bytes.
-    pub fn new(secret: &[u8]) -> Result<Self, SecretError> {
-        Self::with_origin(secret, || "given".to_owned())
-    }
-
-    fn with_origin(secret: &[u8], origin: impl FnOnce() -> String) -> Result<Self, SecretError> {
-        if secret.len() < MIN_SECRET_LEN {
-            return Err(SecretError::TooShort {
-                origin: origin(),
-                len: secret.len(),
-            });
-        }
-        let keyed = <HmacSha256 as KeyInit>::new_from_slice(secret)
-            .map_err(|e| SecretError::Key(e.to_string()))?;
-        Ok(Auth {
-            keyed,
-            key_len: secret.len(),
-        })
-    }
-
-    /// Reads the secret from a file, ignoring leading and trailing whitespace (so a trailing
-    /// newline from `echo` or an editor does not matter).
-    pub fn from_file(path: &Path) -> Result<Self, SecretError> {
-        let raw = std::fs::read(path).map_err(|source| SecretError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
-        Self::with_origin(raw.trim_ascii(), || format!("in {}", path.display()))
-    }
-
-    fn mac(&self, method: &str, path: &str, t_ms: u64, body: &[u8]) -> HmacSha256 {
-        let mut mac = self.keyed.clone();
-        mac.update(method.as_bytes());
-        mac.update(b"\n");
-        mac.update(path.as_bytes());
-        mac.update(b"\n");
-        mac.update(t_ms.to_string().as_bytes());
-        mac.update(b"\n");
-        mac.update(body);
-        mac
-    }
-
-    /// The header value for a request signed now.
-    pub fn sign(&self, method: &str, path: &str, body: &[u8]) -> String {
-        self.sign_at(method, path, body, unix_millis())
-    }
-
-    /// The header value for a request signed at `t_ms` (milliseconds since the Unix epoch).
-    pub fn sign_at(&self, method: &str, path: &str, body: &[u8], t_ms: u64) -> String {
-        let tag = self.mac(method, path, t_ms, body).finalize().into_bytes();
-        format!("t={t_ms},mac={}", hex_encode(&tag))
-    }
-
-    /// Checks a request's header value (`None` if the header is absent) against this node's clock.
-    pub fn verify(
-        &self,
-        header: Option<&str>,
-        method: &str,
-        path: &str,
-        body: &[u8],
-    ) -> Result<(), AuthError> {
-        self.verify_at(header, method, path, body, unix_millis())
-    }
-
-    /// As [`Auth::verify`], with the verifier's clock reading `now_ms`.
-    pub fn verify_at(
-        &self,
-        header: Option<&str>,
-        method: &str,
-        path: &str,
-        body: &[u8],
-        now_ms: u64,
-    ) -> Result<(), AuthError> {
-        let header = header.ok_or(AuthError::Missing)?;
-        let (t_ms, tag) = parse_header(header)?;
-        // The MAC first: a request from a peer with another secret is reported as such even if
-        // its clock is off too. The timestamp is covered by the MAC, so it is trustworthy after.
-        self.mac(method, path, t_ms, body)
-            .verify_slice(&tag)
-            .map_err(|_| AuthError::BadSignature)?;
-        if u128::from(t_ms.abs_diff(now_ms)) > MAX_SKEW.as_millis() {
-            return Err(AuthError::Skew {
-                signed_ms: t_ms,
-                now_ms,
-            });
-        }
-        Ok(())
-    }
-}
-
-fn parse_header(header: &str) -> Result<(u64, Vec<u8>), AuthError> {
-    let mut t = None;
-    let mut mac = None;
-    for part in header.split(',') {
-        let part = part.trim();
-        if let Some(v) = part.strip_prefix("t=") {
-            t = Some(
-                v.parse::<u64>()
-                    .map_err(|e| AuthError::Malformed(format!("timestamp {v:?}: {e}")))?,
-            );
-        } else if let Some(v) = part.strip_prefix("mac=") {
-            mac =
-                Some(hex_decode(v).ok_or_else(|| {
-                    AuthError::Malformed(format!("mac is not hexadecimal: {v:?}"))
-                })?);
-        }
-    }
-    match (t, mac) {
-        (Some(t), Some(mac)) => Ok((t, mac)),
-        (None, _) => Err(AuthError::Malformed("no t= field".to_owned())),
-        (_, None) => Err(AuthError::Malformed("no mac= field".to_owned())),
-    }
-}
-
-fn unix_millis() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-        // A clock before 1970 is broken; the skew check will say so.
-        .unwrap_or(0)
-}
-
-fn hex_encode(bytes: &[u8]) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut s = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        s.push(char::from(DIGITS[usize::from(b >> 4)]));
-        s.push(char::from(DIGITS[usize::from(b & 0xf)]));
-    }
-    s
-}
-
-fn hex_decode(s: &str) -> Option<Vec<u8>> {
-    fn nibble(c: u8) -> Option<u8> {
-        match c {
-            b'0'..=b'9' => Some(c - b'0'),
-            b'a'..=b'f' => Some(c - b'a' + 10),
-            b'A'..=b'F' => Some(c - b'A' + 10),
-            _ => None,
-        }
-    }
-    let s = s.as_bytes();
-    if !s.len().is_multiple_of(2) {
-        return None;
-    }
-    s.chunks_exact(2)
-        .map(|p| Some((nibble(p[0])? << 4) | nibble(p[1])?))
-        .collect()
-}
+/// The cluster id this node holds now, if any (`ClusterState::cluster_id`).
+pub type ClusterIdFn = Arc<dyn Fn() -> Option<String> + Send + Sync>;
 
 // ---------------------------------------------------------------------------------------------
 // Bodies: MessagePack (see `codec`)
@@ -301,6 +123,55 @@ pub const CONTENT_TYPE: &str = "application/msgpack";
 
 /// Bodies above this are decoded off the async threads (a 100 KB log entry, a snapshot chunk).
 const BLOCKING_DECODE_BYTES: usize = 64 * 1024;
+
+/// `route` with a body limit of `limit` bytes: a declared `Content-Length` above it is refused
+/// (413) on the headers, before hyper asks the client for the body — a client that sent
+/// `Expect: 100-continue` then never sends it, and nobody's connection is reset halfway through
+/// a body it is still sending —; a body without a declared length is cut at the limit while it
+/// is read (`DefaultBodyLimit`, [`read_body`]).
+pub fn limit_body<S>(route: MethodRouter<S>, limit: usize) -> MethodRouter<S>
+where
+    S: Clone + Send + Sync + 'static,
+{
+    route
+        .layer(DefaultBodyLimit::max(limit))
+        .layer(middleware::from_fn(
+            move |req: Request, next: Next| async move {
+                let declared = req
+                    .headers()
+                    .get(axum::http::header::CONTENT_LENGTH)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse::<u64>().ok());
+                match declared {
+                    Some(n) if n > limit as u64 => json_error(
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        format!("the body is {n} bytes; this route takes at most {limit}"),
+                    ),
+                    _ => next.run(req).await,
+                }
+            },
+        ))
+}
+
+/// Reads a request body: at most the route's limit (`DefaultBodyLimit`), within
+/// [`BODY_TIMEOUT`] in all (a slow sender does not hold a handler for long).
+pub async fn read_body<S: Send + Sync>(req: Request, state: &S) -> Result<Bytes, Response> {
+    use axum::extract::FromRequest;
+    match tokio::time::timeout(BODY_TIMEOUT, Bytes::from_request(req, state)).await {
+        Ok(Ok(b)) => Ok(b),
+        Ok(Err(rejection)) => Err(json_error(
+            rejection.status(),
+            format!("cannot read the request body: {}", rejection.body_text()),
+        )),
+        Err(_) => Err(json_error(
+            StatusCode::REQUEST_TIMEOUT,
+            format!(
+                "the request body did not arrive within {} s",
+                BODY_TIMEOUT.as_secs()
+            ),
+        )),
+    }
+}
 
 /// A MessagePack request body (extractor) or response (`IntoResponse`).
 pub struct Msg<T>(pub T);
@@ -313,9 +184,7 @@ where
     type Rejection = Response;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        let bytes = Bytes::from_request(req, state)
-            .await
-            .map_err(IntoResponse::into_response)?;
+        let bytes = read_body(req, state).await?;
         let decoded = if bytes.len() > BLOCKING_DECODE_BYTES {
             tokio::task::spawn_blocking(move || super::codec::from_wire::<T>(&bytes))
                 .await
@@ -346,71 +215,147 @@ impl<T: Serialize> IntoResponse for Msg<T> {
     }
 }
 
-// ---------------------------------------------------------------------------------------------
-// Server side
-
-/// Puts `router` behind the cluster-secret check: a request is buffered (at most
-/// [`MAX_BODY_BYTES`]), verified, and passed on with its body re-attached; otherwise it is
-/// answered with 401 and a JSON `{"error": "..."}` saying why, and no handler runs.
-pub fn authenticated(router: Router, auth: Auth) -> Router {
-    router
-        .layer(middleware::from_fn_with_state(auth, require_auth))
-        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
-}
-
-fn json_error(status: StatusCode, msg: String) -> Response {
+pub fn json_error(status: StatusCode, msg: String) -> Response {
     (status, Json(serde_json::json!({ "error": msg }))).into_response()
 }
 
-async fn require_auth(State(auth): State<Auth>, req: Request, next: Next) -> Response {
-    let (parts, body) = req.into_parts();
-    let bytes: Bytes = match axum::body::to_bytes(body, MAX_BODY_BYTES).await {
-        Ok(b) => b,
-        Err(e) => {
-            return json_error(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                format!(
-                    "cannot read the request body (at most {MAX_BODY_BYTES} bytes accepted): {}",
-                    error_chain(&e)
-                ),
-            );
+// ---------------------------------------------------------------------------------------------
+// Server side
+
+/// Says at most once per `every` per key (a peer, a source) that something was refused.
+#[derive(Default)]
+struct Quiet {
+    last: Mutex<HashMap<String, Instant>>,
+}
+
+impl Quiet {
+    fn should_log(&self, key: &str, every: Duration) -> bool {
+        let mut last = self.last.lock().unwrap_or_else(PoisonError::into_inner);
+        if last.len() > 1024 {
+            last.clear();
         }
-    };
-    // Under `Router::nest` the URI is stripped of the prefix; the client signed the full path.
-    let uri = parts
-        .extensions
-        .get::<OriginalUri>()
-        .map(|u| &u.0)
-        .unwrap_or(&parts.uri);
-    let path = uri.path_and_query().map_or("/", |p| p.as_str());
-    let header = match parts.headers.get(AUTH_HEADER).map(|v| v.to_str()) {
-        None => None,
-        Some(Ok(v)) => Some(v),
-        Some(Err(_)) => {
-            return json_error(
-                StatusCode::UNAUTHORIZED,
-                AuthError::Malformed("not ASCII".to_owned()).to_string(),
-            );
+        match last.get(key) {
+            Some(t) if t.elapsed() < every => false,
+            _ => {
+                last.insert(key.to_owned(), Instant::now());
+                true
+            }
         }
-    };
-    if let Err(e) = auth.verify(header, parts.method.as_str(), path, &bytes) {
-        tracing::warn!(%path, error = %e, "refused a peer request");
-        return json_error(StatusCode::UNAUTHORIZED, e.to_string());
     }
-    next.run(Request::from_parts(parts, Body::from(bytes)))
-        .await
+}
+
+/// What the peer endpoint's guard layers need.
+#[derive(Clone)]
+pub struct Guard {
+    /// This node's name, for messages.
+    pub node: String,
+    pub cluster_id: ClusterIdFn,
+    in_flight: Arc<Semaphore>,
+    quiet: Arc<Quiet>,
+}
+
+impl Guard {
+    pub fn new(node: &str, cluster_id: ClusterIdFn) -> Self {
+        Guard {
+            node: node.to_owned(),
+            cluster_id,
+            in_flight: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
+            quiet: Arc::new(Quiet::default()),
+        }
+    }
+}
+
+/// The message of a cluster id mismatch, seen from `here` (this node) about `there`.
+pub fn other_cluster_message(here: &str, ours: &str, there: &str, theirs: &str) -> String {
+    format!(
+        "{there} belongs to cluster {theirs}, but {here} belongs to cluster {ours}: nodes of \
+         different clusters do not talk to each other (two clusters whose certificates come \
+         from one CA, or a node started on another cluster's store); give the node the store \
+         of this cluster (or an empty data_dir, then `egressd member add` it), or point it at \
+         its own cluster's peers"
+    )
+}
+
+fn header_id(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get(CLUSTER_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty())
+}
+
+/// Before any body is read: at most [`MAX_IN_FLIGHT`] requests at once, and the sender's
+/// cluster id must be this node's (a sender or a receiver that has none yet — a new node, a
+/// new cluster — passes). Every answer carries this node's id.
+async fn guard_layer(State(guard): State<Guard>, req: Request, next: Next) -> Response {
+    let Ok(_slot) = guard.in_flight.clone().try_acquire_owned() else {
+        return json_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "{} is handling {MAX_IN_FLIGHT} requests already",
+                guard.node
+            ),
+        );
+    };
+    let ours = (guard.cluster_id)();
+    if let (Some(ours), Some(theirs)) = (&ours, header_id(req.headers()))
+        && ours != theirs
+    {
+        let sender = req
+            .extensions()
+            .get::<PeerIdentity>()
+            .map(|p| p.to_string())
+            .unwrap_or_else(|| "the sender".to_owned());
+        let message = other_cluster_message(&guard.node, ours, &sender, theirs);
+        if guard.quiet.should_log(&sender, Duration::from_secs(10)) {
+            tracing::warn!(peer = %sender, ours = %ours, theirs = %theirs, "{message}");
+        }
+        let mut resp = json_error(StatusCode::FORBIDDEN, message);
+        if let Ok(v) = HeaderValue::from_str(ours) {
+            resp.headers_mut().insert(CLUSTER_HEADER, v);
+        }
+        return resp;
+    }
+    let mut resp = next.run(req).await;
+    if let Some(ours) = ours
+        && let Ok(v) = HeaderValue::from_str(&ours)
+    {
+        resp.headers_mut().insert(CLUSTER_HEADER, v);
+    }
+    resp
+}
+
+/// Puts the peer routes behind the guard (in-flight limit, cluster id). The routes set their
+/// own body limits.
+pub fn guarded(router: Router, guard: Guard) -> Router {
+    router.layer(middleware::from_fn_with_state(guard, guard_layer))
 }
 
 /// The Raft RPC endpoints: POST [`APPEND_PATH`], [`VOTE_PATH`], [`SNAPSHOT_PATH`], each taking
-/// the openraft request as JSON and answering the openraft `Result<Response, RaftError<..>>` as
-/// JSON. Serve it behind [`authenticated`].
+/// the openraft request and answering the openraft `Result<Response, RaftError<..>>`, with
+/// their body limits.
 pub fn raft_routes(raft: Raft) -> Router {
     Router::new()
-        .route(APPEND_PATH, post(append_handler))
-        .route(VOTE_PATH, post(vote_handler))
-        .route(SNAPSHOT_PATH, post(snapshot_handler))
-        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .route(
+            APPEND_PATH,
+            limit_body(post(append_handler), RouteLimits::APPEND),
+        )
+        .route(VOTE_PATH, limit_body(post(vote_handler), RouteLimits::VOTE))
+        .route(
+            SNAPSHOT_PATH,
+            limit_body(post(snapshot_handler), RouteLimits::SNAPSHOT),
+        )
         .with_state(raft)
+}
+
+/// Whether the verified caller is `node` (for handlers that act for a node).
+pub fn caller_is(peer: Option<&Extension<PeerIdentity>>, node: &str) -> Result<(), String> {
+    match peer {
+        Some(Extension(p)) if p.is(node) => Ok(()),
+        Some(Extension(p)) => Err(format!("{p} may not speak for {node}")),
+        None => Err(format!(
+            "an unauthenticated caller may not speak for {node}"
+        )),
+    }
 }
 
 async fn append_handler(
@@ -440,10 +385,11 @@ async fn snapshot_handler(
 /// A failed peer request.
 #[derive(Debug, thiserror::Error)]
 pub enum TransportError {
-    #[error("cannot build the HTTP client: {0}")]
-    Client(String),
-    #[error("bad request path {0:?}: it must start with '/'")]
-    InvalidPath(String),
+    #[error(
+        "this node has no [cluster.tls]: a one-node cluster without peer TLS talks to no peer \
+         ({peer} at {addr})"
+    )]
+    NoTls { peer: String, addr: String },
     #[error("cannot encode the request for {path}: {source}")]
     Encode {
         path: String,
@@ -464,9 +410,16 @@ pub enum TransportError {
         detail: String,
     },
     #[error("peer {addr} refused {path}: {message}")]
-    Unauthorized {
+    Refused {
         addr: String,
         path: String,
+        message: String,
+    },
+    #[error("{message}")]
+    OtherCluster {
+        addr: String,
+        ours: String,
+        theirs: String,
         message: String,
     },
     #[error("peer {addr} answered {path} with HTTP {status}: {body}")]
@@ -485,65 +438,94 @@ pub enum TransportError {
 }
 
 impl TransportError {
-    /// Whether the peer is down or not ours to talk to (no connection, or it refuses our
-    /// credentials): retrying at once is pointless.
+    /// Whether the peer is down or not ours to talk to (no connection, a failed handshake, it
+    /// refuses us, another cluster): retrying at once is pointless.
     pub fn is_unreachable(&self) -> bool {
         matches!(
             self,
-            TransportError::Connect { .. } | TransportError::Unauthorized { .. }
+            TransportError::Connect { .. }
+                | TransportError::Refused { .. }
+                | TransportError::OtherCluster { .. }
+                | TransportError::NoTls { .. }
         )
     }
 }
 
-/// Joins an error and its sources: reqwest's own message ("error sending request") hides the
-/// useful part ("Connection refused") in the source chain.
-fn error_chain(e: &dyn StdError) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(src) = cur {
-        let m = src.to_string();
-        if !s.contains(&m) {
-            s.push_str(": ");
-            s.push_str(&m);
-        }
-        cur = src.source();
-    }
-    s
-}
-
-/// The client side of the peer transport: one pooled HTTP client shared by every connection,
-/// signing every request. Cheap to clone.
-#[derive(Clone, Debug)]
+/// The client side of the peer transport: pooled mutual-TLS connections per peer, shared by
+/// every caller, each request carrying this node's cluster id. Cheap to clone.
+#[derive(Clone)]
 pub struct PeerClient {
     inner: Arc<PeerClientInner>,
 }
 
-#[derive(Debug)]
 struct PeerClientInner {
-    http: reqwest::Client,
-    auth: Auth,
+    node: String,
+    tls: Option<crate::tls::client::PeerClient>,
+    cluster_id: ClusterIdFn,
+    quiet: Quiet,
+}
+
+impl std::fmt::Debug for PeerClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PeerClient")
+            .field("node", &self.inner.node)
+            .field("tls", &self.inner.tls.is_some())
+            .finish()
+    }
+}
+
+fn truncated(bytes: &[u8]) -> String {
+    let mut body = String::from_utf8_lossy(bytes).into_owned();
+    if body.len() > 512 {
+        let mut cut = 512;
+        while !body.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        body.truncate(cut);
+        body.push('…');
+    }
+    body
+}
+
+fn error_message(bytes: &[u8]) -> String {
+    serde_json::from_slice::<serde_json::Value>(bytes)
+        .ok()
+        .and_then(|v| v.get("error")?.as_str().map(str::to_owned))
+        .unwrap_or_else(|| truncated(bytes))
 }
 
 impl PeerClient {
-    pub fn new(auth: Auth) -> Result<Self, TransportError> {
-        let http = reqwest::Client::builder()
-            .connect_timeout(CONNECT_TIMEOUT)
-            .tcp_nodelay(true)
-            // Peers talk directly; an HTTP(S)_PROXY in the daemon's environment must not
-            // capture cluster traffic.
-            .no_proxy()
-            .pool_idle_timeout(Duration::from_secs(60))
-            .build()
-            .map_err(|e| TransportError::Client(error_chain(&e)))?;
-        Ok(PeerClient {
-            inner: Arc::new(PeerClientInner { http, auth }),
-        })
+    /// A client for node `node`; `tls: None` (a one-node cluster without `[cluster.tls]`)
+    /// refuses every request.
+    pub fn new(
+        node: &str,
+        tls: Option<crate::tls::PeerTls>,
+        cluster_id: ClusterIdFn,
+    ) -> PeerClient {
+        PeerClient {
+            inner: Arc::new(PeerClientInner {
+                node: node.to_owned(),
+                tls: tls.map(|t| {
+                    crate::tls::client::PeerClient::new(t, CONNECT_TIMEOUT, MAX_RESPONSE_BYTES)
+                }),
+                cluster_id,
+                quiet: Quiet::default(),
+            }),
+        }
     }
 
-    /// POSTs `req` as JSON to `http://{addr}{path}`, signed, and decodes the JSON answer.
-    /// `timeout` bounds the whole exchange (connecting is bounded by [`CONNECT_TIMEOUT`] too).
+    /// Forgets the pooled connections to `peer` (it left the cluster).
+    pub fn forget(&self, peer: &str) {
+        if let Some(tls) = &self.inner.tls {
+            tls.forget(peer);
+        }
+    }
+
+    /// POSTs `req` (MessagePack) to `peer` at `addr`, and decodes the answer. `timeout` bounds
+    /// the whole exchange (a new connection is bounded by [`CONNECT_TIMEOUT`] too).
     pub async fn post<Req, Resp>(
         &self,
+        peer: &str,
         addr: &str,
         path: &str,
         req: &Req,
@@ -557,12 +539,13 @@ impl PeerClient {
             path: path.to_owned(),
             source,
         })?;
-        self.post_encoded(addr, path, body, timeout).await
+        self.post_encoded(peer, addr, path, body, timeout).await
     }
 
     /// `post` with a body already encoded.
     pub async fn post_encoded<Resp>(
         &self,
+        peer: &str,
         addr: &str,
         path: &str,
         body: Vec<u8>,
@@ -571,69 +554,88 @@ impl PeerClient {
     where
         Resp: DeserializeOwned + Send + 'static,
     {
-        if !path.starts_with('/') {
-            return Err(TransportError::InvalidPath(path.to_owned()));
+        let Some(tls) = &self.inner.tls else {
+            return Err(TransportError::NoTls {
+                peer: peer.to_owned(),
+                addr: addr.to_owned(),
+            });
+        };
+        let ours = (self.inner.cluster_id)();
+        let mut headers = HeaderMap::new();
+        if let Some(id) = &ours
+            && let Ok(v) = HeaderValue::from_str(id)
+        {
+            headers.insert(HeaderName::from_static(CLUSTER_HEADER), v);
         }
-        let header = self.inner.auth.sign("POST", path, &body);
-        let classify = |e: reqwest::Error| {
-            if e.is_connect() {
-                TransportError::Connect {
+        let resp = tls
+            .post_with(
+                peer,
+                addr,
+                path,
+                CONTENT_TYPE,
+                headers,
+                Bytes::from(body),
+                timeout,
+            )
+            .await
+            .map_err(|e| match e {
+                ClientError::Connect { .. }
+                | ClientError::ConnectTimeout { .. }
+                | ClientError::Tls { .. }
+                | ClientError::Invalid { .. } => TransportError::Connect {
                     addr: addr.to_owned(),
-                    detail: error_chain(&e),
-                }
-            } else if e.is_timeout() {
-                TransportError::Timeout {
+                    detail: e.to_string(),
+                },
+                ClientError::Timeout { .. } => TransportError::Timeout {
                     addr: addr.to_owned(),
                     path: path.to_owned(),
                     timeout,
-                }
-            } else {
-                TransportError::Request {
+                },
+                ClientError::Http { .. } => TransportError::Request {
                     addr: addr.to_owned(),
                     path: path.to_owned(),
-                    detail: error_chain(&e),
-                }
+                    detail: e.to_string(),
+                },
+            })?;
+        // The answer of another cluster's node is not ours to use, whatever it says.
+        if let (Some(ours), Some(theirs)) = (&ours, header_id(&resp.headers))
+            && ours != theirs
+        {
+            let message = other_cluster_message(
+                &self.inner.node,
+                ours,
+                &format!("peer {peer} at {addr}"),
+                theirs,
+            );
+            if self.inner.quiet.should_log(peer, Duration::from_secs(10)) {
+                tracing::warn!(peer, addr, ours = %ours, theirs = %theirs, "{message}");
             }
-        };
-        let resp = self
-            .inner
-            .http
-            .post(format!("http://{addr}{path}"))
-            .header(AUTH_HEADER, header)
-            .header(reqwest::header::CONTENT_TYPE, CONTENT_TYPE)
-            .body(body)
-            .timeout(timeout)
-            .send()
-            .await
-            .map_err(classify)?;
-        let status = resp.status();
-        let bytes = resp.bytes().await.map_err(classify)?;
-        if status == reqwest::StatusCode::UNAUTHORIZED {
-            let message = serde_json::from_slice::<serde_json::Value>(&bytes)
-                .ok()
-                .and_then(|v| v.get("error")?.as_str().map(str::to_owned))
-                .unwrap_or_else(|| String::from_utf8_lossy(&bytes).into_owned());
-            return Err(TransportError::Unauthorized {
+            return Err(TransportError::OtherCluster {
+                addr: addr.to_owned(),
+                ours: ours.clone(),
+                theirs: theirs.to_owned(),
+                message,
+            });
+        }
+        let status = resp.status;
+        let bytes = resp.body;
+        if status == StatusCode::FORBIDDEN {
+            let message = error_message(&bytes);
+            if self.inner.quiet.should_log(peer, Duration::from_secs(10)) {
+                tracing::warn!(peer, addr, path, %message, "a peer refused this node");
+            }
+            return Err(TransportError::Refused {
                 addr: addr.to_owned(),
                 path: path.to_owned(),
                 message,
             });
         }
         if !status.is_success() {
-            let mut body = String::from_utf8_lossy(&bytes).into_owned();
-            if body.len() > 512 {
-                let mut cut = 512;
-                while !body.is_char_boundary(cut) {
-                    cut -= 1;
-                }
-                body.truncate(cut);
-                body.push('…');
-            }
             return Err(TransportError::Status {
                 addr: addr.to_owned(),
                 path: path.to_owned(),
                 status: status.as_u16(),
-                body,
+                body: truncated(&bytes),
             });
         }
         let decode = move |bytes: Bytes| super::codec::from_wire::<Resp>(&bytes);
@@ -729,7 +731,13 @@ impl PeerConnection {
         // ours (and classified) rather than a bare cancellation.
         let res: Result<Resp, RaftError<NodeId, E>> = self
             .client
-            .post_encoded(&self.member.addr, path, body, option.soft_ttl())
+            .post_encoded(
+                &self.member.name,
+                &self.member.addr,
+                path,
+                body,
+                option.soft_ttl(),
+            )
             .await
             .map_err(|e| {
                 let e = PeerError {
@@ -816,311 +824,185 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
 
 #[cfg(test)]
 mod tests {
+    use std::net::SocketAddr;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     use super::*;
-
-    const SECRET: &[u8] = b"0123456789abcdef-cluster";
-    const NOW: u64 = 1_700_000_000_000;
-
-    fn auth() -> Auth {
-        Auth::new(SECRET).unwrap()
-    }
-
-    #[test]
-    fn valid_signature_is_accepted() {
-        let a = auth();
-        let h = a.sign_at("POST", "/raft/vote", b"{\"x\":1}", NOW);
-        assert!(h.starts_with(&format!("t={NOW},mac=")), "{h}");
-        a.verify_at(Some(&h), "POST", "/raft/vote", b"{\"x\":1}", NOW + 29_000)
-            .unwrap();
-        a.verify_at(Some(&h), "POST", "/raft/vote", b"{\"x\":1}", NOW - 29_000)
-            .unwrap();
-        // Signing now verifies now.
-        let h = a.sign("POST", "/p", b"");
-        a.verify(Some(&h), "POST", "/p", b"").unwrap();
-    }
-
-    #[test]
-    fn wrong_secret_is_rejected() {
-        let other = Auth::new(b"another-secret-of-16+bytes").unwrap();
-        let h = other.sign_at("POST", "/raft/vote", b"{}", NOW);
-        let e = auth()
-            .verify_at(Some(&h), "POST", "/raft/vote", b"{}", NOW)
-            .unwrap_err();
-        assert_eq!(e, AuthError::BadSignature);
-        assert!(e.to_string().contains("cluster secret differs"), "{e}");
-    }
-
-    #[test]
-    fn tampered_body_path_method_or_time_is_rejected() {
-        let a = auth();
-        let h = a.sign_at("POST", "/raft/append", b"{\"term\":1}", NOW);
-        for (method, path, body) in [
-            ("POST", "/raft/append", &b"{\"term\":2}"[..]),
-            ("POST", "/raft/vote", &b"{\"term\":1}"[..]),
-            ("PUT", "/raft/append", &b"{\"term\":1}"[..]),
-        ] {
-            let e = a.verify_at(Some(&h), method, path, body, NOW).unwrap_err();
-            assert_eq!(e, AuthError::BadSignature, "{method} {path}");
-        }
-        // Moving the timestamp (to dodge the skew check) breaks the MAC.
-        let moved = h.replace(&format!("t={NOW}"), &format!("t={}", NOW + 60_000));
-        let e = a
-            .verify_at(
-                Some(&moved),
-                "POST",
-                "/raft/append",
-                b"{\"term\":1}",
-                NOW + 60_000,
-            )
-            .unwrap_err();
-        assert_eq!(e, AuthError::BadSignature);
-    }
-
-    #[test]
-    fn missing_header_is_rejected() {
-        let e = auth()
-            .verify_at(None, "POST", "/raft/vote", b"", NOW)
-            .unwrap_err();
-        assert_eq!(e, AuthError::Missing);
-        assert!(
-            e.to_string()
-                .contains("egressd peers configured with the same cluster secret"),
-            "{e}"
-        );
-    }
-
-    #[test]
-    fn malformed_header_is_rejected() {
-        let a = auth();
-        for h in ["", "t=1", "mac=00", "t=x,mac=00", "t=1,mac=zz", "t=1,mac=0"] {
-            let e = a.verify_at(Some(h), "POST", "/", b"", NOW).unwrap_err();
-            assert!(matches!(e, AuthError::Malformed(_)), "{h:?}: {e:?}");
-            assert!(e.to_string().contains("malformed"), "{e}");
-        }
-        // Well-formed but of the wrong length.
-        let e = a
-            .verify_at(Some("t=1,mac=00"), "POST", "/", b"", NOW)
-            .unwrap_err();
-        assert_eq!(e, AuthError::BadSignature);
-    }
-
-    #[test]
-    fn stale_or_future_timestamp_is_rejected() {
-        let a = auth();
-        for t in [NOW - 30_001, NOW + 30_001, 0] {
-            let h = a.sign_at("POST", "/raft/vote", b"", t);
-            let e = a
-                .verify_at(Some(&h), "POST", "/raft/vote", b"", NOW)
-                .unwrap_err();
-            assert_eq!(
-                e,
-                AuthError::Skew {
-                    signed_ms: t,
-                    now_ms: NOW
-                }
-            );
-            assert!(e.to_string().contains("timestamp skew"), "{e}");
-            assert!(e.to_string().contains("NTP"), "{e}");
-        }
-    }
-
-    #[test]
-    fn short_or_empty_secret_is_refused() {
-        let e = Auth::new(b"short").unwrap_err();
-        assert!(e.to_string().contains("at least 16"), "{e}");
-
-        let dir = tempfile::tempdir().unwrap();
-        let empty = dir.path().join("empty-secret");
-        std::fs::write(&empty, "  \n").unwrap();
-        let e = Auth::from_file(&empty).unwrap_err().to_string();
-        assert!(e.contains("empty-secret") && e.contains("0 bytes"), "{e}");
-
-        let short = dir.path().join("short-secret");
-        std::fs::write(&short, "abc\n").unwrap();
-        let e = Auth::from_file(&short).unwrap_err().to_string();
-        assert!(e.contains("short-secret") && e.contains("3 bytes"), "{e}");
-
-        let missing = dir.path().join("no-such-file");
-        let e = Auth::from_file(&missing).unwrap_err().to_string();
-        assert!(e.contains("no-such-file"), "{e}");
-
-        // Surrounding whitespace is not part of the secret.
-        let good = dir.path().join("secret");
-        std::fs::write(
-            &good,
-            format!("\n {} \n", std::str::from_utf8(SECRET).unwrap()),
-        )
-        .unwrap();
-        let from_file = Auth::from_file(&good).unwrap();
-        let h = auth().sign_at("POST", "/", b"", NOW);
-        from_file
-            .verify_at(Some(&h), "POST", "/", b"", NOW)
-            .unwrap();
-        assert!(!format!("{from_file:?}").contains("0123"));
-    }
-
-    #[test]
-    fn hex_round_trip() {
-        let bytes: Vec<u8> = (0..=255).collect();
-        assert_eq!(hex_decode(&hex_encode(&bytes)).unwrap(), bytes);
-        assert_eq!(hex_decode("ABcd").unwrap(), vec![0xab, 0xcd]);
-    }
-
-    async fn serve(router: Router) -> String {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(async move {
-            axum::serve(listener, router).await.unwrap();
-        });
-        addr.to_string()
-    }
+    use crate::tls::PeerTls;
+    use crate::tls::server::{ServeOptions, serve};
+    use crate::tls::testutil::TestPki;
 
     #[derive(Debug, PartialEq, serde::Serialize, serde::Deserialize)]
     struct Echo {
         n: u64,
     }
 
-    #[tokio::test]
-    async fn router_refuses_unauthenticated_and_passes_authenticated() {
-        let calls = Arc::new(AtomicUsize::new(0));
-        let counted = calls.clone();
-        let app = Router::new().nest(
-            "/app",
-            Router::new()
-                .route(
-                    "/echo",
-                    post(move |Msg(e): Msg<Echo>| {
-                        let counted = counted.clone();
-                        async move {
-                            counted.fetch_add(1, Ordering::SeqCst);
-                            Msg(Echo { n: e.n + 1 })
-                        }
-                    }),
-                )
-                .route(
-                    "/sum",
-                    post(|Msg(v): Msg<Vec<Echo>>| async move { Msg(Echo { n: v.len() as u64 }) }),
-                ),
-        );
-        let addr = serve(authenticated(app, auth())).await;
-        let url = format!("http://{addr}/app/echo");
-        let raw = reqwest::Client::builder().no_proxy().build().unwrap();
+    fn fixed_id(id: Option<&str>) -> ClusterIdFn {
+        let id = id.map(str::to_owned);
+        Arc::new(move || id.clone())
+    }
 
-        // No header at all.
-        let r = raw
-            .post(&url)
-            .header("content-type", "application/json")
-            .body("{\"n\":1}")
-            .send()
+    /// Serves `router` as `name` behind the guard with cluster id `id`, members `members`.
+    async fn serve_as(
+        pki: &TestPki,
+        name: &str,
+        id: Option<&str>,
+        members: &'static [&'static str],
+        router: Router,
+    ) -> SocketAddr {
+        let tls = PeerTls::load(pki.node(name), name).unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let options = ServeOptions::default()
+            .members_only(move || members.iter().map(|m| m.to_string()).collect::<Vec<_>>());
+        let router = guarded(router, Guard::new(name, fixed_id(id)));
+        tokio::spawn(serve(
+            listener,
+            tls,
+            router,
+            options,
+            std::future::pending(),
+        ));
+        addr
+    }
+
+    fn client_as(pki: &TestPki, name: &str, id: Option<&str>) -> PeerClient {
+        PeerClient::new(
+            name,
+            Some(PeerTls::load(pki.node(name), name).unwrap()),
+            fixed_id(id),
+        )
+    }
+
+    fn echo_router(calls: Arc<AtomicUsize>) -> Router {
+        Router::new().route(
+            "/echo",
+            post(move |Msg(e): Msg<Echo>| {
+                let calls = calls.clone();
+                async move {
+                    calls.fetch_add(1, Ordering::SeqCst);
+                    Msg(Echo { n: e.n + 1 })
+                }
+            })
+            .layer(DefaultBodyLimit::max(1024)),
+        )
+    }
+
+    const A: &str = "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
+    const B: &str = "bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb";
+
+    #[tokio::test]
+    async fn members_of_one_cluster_talk_and_other_clusters_are_refused_both_ways() {
+        let pki = TestPki::new();
+        let calls = Arc::new(AtomicUsize::new(0));
+        let addr = serve_as(
+            &pki,
+            "gw1",
+            Some(A),
+            &["gw1", "gw2"],
+            echo_router(calls.clone()),
+        )
+        .await
+        .to_string();
+        let t = Duration::from_secs(2);
+
+        // Same cluster; and a node without an id yet (a new member) passes too.
+        let gw2 = client_as(&pki, "gw2", Some(A));
+        let got: Echo = gw2
+            .post("gw1", &addr, "/echo", &Echo { n: 1 }, t)
             .await
             .unwrap();
-        assert_eq!(r.status(), 401);
-        let body: serde_json::Value = r.json().await.unwrap();
-        let msg = body["error"].as_str().unwrap();
-        assert!(msg.contains("missing x-egressd-auth"), "{msg}");
+        assert_eq!(got, Echo { n: 2 });
+        let fresh = client_as(&pki, "gw2", None);
+        let got: Echo = fresh
+            .post("gw1", &addr, "/echo", &Echo { n: 2 }, t)
+            .await
+            .unwrap();
+        assert_eq!(got, Echo { n: 3 });
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
 
-        // Wrong secret, through the real client.
-        let wrong = PeerClient::new(Auth::new(b"not-the-cluster-secret").unwrap()).unwrap();
-        let e = wrong
-            .post::<_, Echo>(&addr, "/app/echo", &Echo { n: 1 }, Duration::from_secs(2))
+        // A member's name and the same CA, but another cluster: refused by the receiver before
+        // the handler, with both ids named.
+        let stranger = client_as(&pki, "gw2", Some(B));
+        let e = stranger
+            .post::<_, Echo>("gw1", &addr, "/echo", &Echo { n: 1 }, t)
+            .await
+            .unwrap_err();
+        assert!(matches!(e, TransportError::OtherCluster { .. }), "{e}");
+        assert!(e.is_unreachable());
+        let m = e.to_string();
+        assert!(m.contains(A) && m.contains(B), "{m}");
+        assert_eq!(calls.load(Ordering::SeqCst), 2, "no handler ran");
+
+        // The caller refuses the answer of another cluster's node too (here the server has an
+        // id and the answer carries it, the caller holds another).
+        let b_server = serve_as(
+            &pki,
+            "gw3",
+            Some(B),
+            &["gw2", "gw3"],
+            echo_router(calls.clone()),
+        )
+        .await
+        .to_string();
+        let e = gw2
+            .post::<_, Echo>("gw3", &b_server, "/echo", &Echo { n: 1 }, t)
             .await
             .unwrap_err();
         assert!(
-            matches!(&e, TransportError::Unauthorized { message, .. } if message.contains("bad signature")),
+            matches!(&e, TransportError::OtherCluster { ours, theirs, .. } if ours == A && theirs == B),
             "{e}"
         );
-        assert!(e.is_unreachable());
 
-        // Right secret, but a body altered after signing.
-        let h = auth().sign("POST", "/app/echo", b"{\"n\":1}");
-        let r = raw
-            .post(&url)
-            .header(AUTH_HEADER, h)
-            .header("content-type", "application/json")
-            .body("{\"n\":2}")
-            .send()
+        // Not a member: 403 before the body is read.
+        let gw9 = client_as(&pki, "gw9", Some(A));
+        let e = gw9
+            .post::<_, Echo>("gw1", &addr, "/echo", &Echo { n: 1 }, t)
             .await
-            .unwrap();
-        assert_eq!(r.status(), 401);
-        assert_eq!(calls.load(Ordering::SeqCst), 0, "no handler may run");
-
-        // Right secret: through, with the body intact (the path is the full, nested one).
-        let good = PeerClient::new(auth()).unwrap();
-        let got: Echo = good
-            .post(&addr, "/app/echo", &Echo { n: 41 }, Duration::from_secs(2))
-            .await
-            .unwrap();
-        assert_eq!(got, Echo { n: 42 });
-        assert_eq!(calls.load(Ordering::SeqCst), 1);
-
-        // A large body (over axum's default 2 MB limit) gets through too.
-        let big: Vec<Echo> = (0..1_000_000).map(|n| Echo { n }).collect();
-        let got: Echo = good
-            .post(&addr, "/app/sum", &big, Duration::from_secs(5))
-            .await
-            .unwrap();
-        assert_eq!(got, Echo { n: 1_000_000 });
-    }
-
-    #[tokio::test]
-    async fn client_classifies_errors() {
-        let client = PeerClient::new(auth()).unwrap();
-        // Nothing listens: refused, i.e. unreachable.
-        let port = {
-            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-            l.local_addr().unwrap().port()
-        };
-        let e = client
-            .post::<_, Echo>(
-                &format!("127.0.0.1:{port}"),
-                "/x",
-                &Echo { n: 1 },
-                Duration::from_secs(1),
-            )
+            .unwrap_err();
+        assert!(
+            matches!(&e, TransportError::Refused { message, .. } if message.contains("not a member")),
+            "{e}"
+        );
+        // Another CA: the handshake fails.
+        let other_ca = TestPki::new();
+        let e = client_as(&other_ca, "gw2", Some(A))
+            .post::<_, Echo>("gw1", &addr, "/echo", &Echo { n: 1 }, t)
             .await
             .unwrap_err();
         assert!(matches!(e, TransportError::Connect { .. }), "{e}");
-        assert!(e.is_unreachable());
-        assert!(e.to_string().to_lowercase().contains("refused"), "{e}");
+        assert!(e.to_string().contains("UnknownIssuer"), "{e}");
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
 
-        // A slow peer: a timeout, not "unreachable".
-        let app = Router::new().route(
-            "/slow",
-            post(|| async {
-                tokio::time::sleep(Duration::from_secs(2)).await;
-                Msg(Echo { n: 0 })
-            }),
-        );
-        let addr = serve(authenticated(app, auth())).await;
-        let e = client
-            .post::<_, Echo>(&addr, "/slow", &Echo { n: 1 }, Duration::from_millis(100))
-            .await
-            .unwrap_err();
-        assert!(matches!(e, TransportError::Timeout { .. }), "{e}");
-        assert!(!e.is_unreachable());
-
-        // 404 and undecodable answers.
-        let e = client
-            .post::<_, Echo>(&addr, "/nope", &Echo { n: 1 }, Duration::from_secs(1))
+        // A body over the route's limit: refused, no handler.
+        let big = vec![7u8; 4096];
+        let e = gw2
+            .post::<_, Echo>("gw1", &addr, "/echo", &big, t)
             .await
             .unwrap_err();
         assert!(
-            matches!(e, TransportError::Status { status: 404, .. }),
+            matches!(e, TransportError::Status { status: 413, .. }),
             "{e}"
         );
-        let e = client
-            .post::<_, Echo>(&addr, "relative", &Echo { n: 1 }, Duration::from_secs(1))
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
+
+        // Without TLS a node talks to nobody.
+        let none = PeerClient::new("solo", None, fixed_id(None));
+        let e = none
+            .post::<_, Echo>("gw1", &addr, "/echo", &Echo { n: 1 }, t)
             .await
             .unwrap_err();
-        assert!(matches!(e, TransportError::InvalidPath(_)), "{e}");
+        assert!(
+            matches!(e, TransportError::NoTls { .. }) && e.is_unreachable(),
+            "{e}"
+        );
     }
 
     #[tokio::test]
     async fn raft_network_maps_errors_for_openraft() {
         use openraft::Vote;
 
+        let pki = TestPki::new();
         let heartbeat = || AppendEntriesRequest::<TypeConfig> {
             vote: Vote::new_committed(1, 1),
             prev_log_id: None,
@@ -1128,40 +1010,36 @@ mod tests {
             entries: vec![],
         };
         let opt = || RPCOption::new(Duration::from_millis(500));
-        let mut net = Network::new(PeerClient::new(auth()).unwrap());
+        let mut net = Network::new(client_as(&pki, "gw1", Some(A)));
+        let member = |name: &str, addr: String| Member {
+            name: name.to_owned(),
+            addr,
+        };
 
         // Nothing listens: Unreachable, so openraft backs off.
         let port = {
             let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
             l.local_addr().unwrap().port()
         };
-        let member = |addr: String| Member {
-            name: "peer".to_owned(),
-            addr,
-        };
         let mut conn = net
-            .new_client(7, &member(format!("127.0.0.1:{port}")))
+            .new_client(7, &member("gw2", format!("127.0.0.1:{port}")))
             .await;
         let e = conn.append_entries(heartbeat(), opt()).await.unwrap_err();
         assert!(matches!(e, RPCError::Unreachable(_)), "{e}");
-        assert!(e.to_string().contains("peer peer"), "{e}");
+        assert!(e.to_string().contains("peer gw2"), "{e}");
 
-        // A peer with another secret: Unreachable too (retrying at once cannot help), and the
+        // A node of another cluster: Unreachable too (retrying at once cannot help), and the
         // message says why.
         let other = Router::new().route(APPEND_PATH, post(|| async { "unreached" }));
-        let addr = serve(authenticated(
-            other,
-            Auth::new(b"a-different-secret!!").unwrap(),
-        ))
-        .await;
-        let mut conn = net.new_client(7, &member(addr)).await;
+        let addr = serve_as(&pki, "gw2", Some(B), &["gw1", "gw2"], other).await;
+        let mut conn = net.new_client(7, &member("gw2", addr.to_string())).await;
         let e = conn.append_entries(heartbeat(), opt()).await.unwrap_err();
         assert!(matches!(e, RPCError::Unreachable(_)), "{e}");
-        assert!(e.to_string().contains("bad signature"), "{e}");
+        assert!(e.to_string().contains(B), "{e}");
 
         // A peer answering something else (here 404): NetworkError.
-        let addr = serve(authenticated(Router::new(), auth())).await;
-        let mut conn = net.new_client(7, &member(addr)).await;
+        let addr = serve_as(&pki, "gw3", Some(A), &["gw1"], Router::new()).await;
+        let mut conn = net.new_client(7, &member("gw3", addr.to_string())).await;
         let e = conn.append_entries(heartbeat(), opt()).await.unwrap_err();
         assert!(matches!(e, RPCError::Network(_)), "{e}");
 
@@ -1174,8 +1052,8 @@ mod tests {
                 Msg(r)
             }),
         );
-        let addr = serve(authenticated(remote, auth())).await;
-        let mut conn = net.new_client(7, &member(addr)).await;
+        let addr = serve_as(&pki, "gw4", Some(A), &["gw1"], remote).await;
+        let mut conn = net.new_client(7, &member("gw4", addr.to_string())).await;
         let e = conn.append_entries(heartbeat(), opt()).await.unwrap_err();
         match e {
             RPCError::RemoteError(r) => {
@@ -1188,8 +1066,8 @@ mod tests {
             other => panic!("expected RemoteError, got {other}"),
         }
 
-        // The transport's own cost (sign, HTTP on a pooled connection, verify, JSON both ways)
-        // of an empty append, against a handler that answers at once.
+        // The transport's own cost (TLS on a pooled connection, MessagePack both ways) of an
+        // empty append, against a handler that answers at once.
         let mut lat = Vec::new();
         for _ in 0..200 {
             let t = std::time::Instant::now();
@@ -1198,8 +1076,105 @@ mod tests {
         }
         lat.sort();
         println!(
-            "empty append round trip on loopback: median {:?}, p99 {:?}",
+            "empty append round trip on loopback over mutual TLS: median {:?}, p99 {:?}",
             lat[100], lat[198]
         );
+    }
+
+    /// The body limits hold the largest legitimate payloads: an entry of the largest size a
+    /// node proposes, a snapshot chunk of bytes that each take two in MessagePack, a vote, a
+    /// report of a node with many interfaces; and a 500-policy part is far below an entry.
+    #[test]
+    fn the_largest_legitimate_bodies_fit_the_limits() {
+        use crate::cluster::Command;
+        use crate::cluster::codec::{Versioned, to_wire};
+        use openraft::{Entry, EntryPayload, LogId, SnapshotMeta, Vote};
+
+        let leader = openraft::CommittedLeaderId::new(3, 1);
+        let entry = |cmd: Command| Entry::<TypeConfig> {
+            log_id: LogId::new(leader, 10),
+            payload: EntryPayload::Normal(Versioned(cmd)),
+        };
+        // A part of the largest apply: 500 policies of the scale tests' shape.
+        let policies: Vec<crate::model::Policy> = (0..crate::cluster::node::OBJECTS_PER_ENTRY)
+            .map(|i| crate::model::Policy {
+                name: format!("src-{i:06}"),
+                egress_gateway_name: "vip".into(),
+                source_cidrs: vec![format!("10.100.{}.{}/32", i >> 8, i & 255).parse().unwrap()],
+                destination_cidrs: vec!["0.0.0.0/0".parse().unwrap()],
+                excluded_cidrs: vec![],
+            })
+            .collect();
+        let part = Command::Stage {
+            txn: u64::MAX,
+            part: 199,
+            command: Box::new(Command::Apply {
+                gateways: vec![],
+                policies,
+            }),
+        };
+        let one_part = to_wire(&Versioned(part.clone())).unwrap().len();
+        let append = AppendEntriesRequest::<TypeConfig> {
+            vote: Vote::new_committed(3, 1),
+            prev_log_id: Some(LogId::new(leader, 9)),
+            leader_commit: Some(LogId::new(leader, 9)),
+            entries: vec![entry(part.clone())],
+        };
+        let append_len = to_wire(&append).unwrap().len();
+        println!("a 500-policy part: {one_part} bytes; as an append {append_len} bytes");
+        assert!(append_len + (MAX_ENTRY_BYTES - one_part) <= RouteLimits::APPEND);
+        assert!(to_wire(&part).unwrap().len() <= RouteLimits::WRITE);
+
+        // A snapshot chunk of bytes ≥ 128 (two bytes each in MessagePack).
+        let chunk = InstallSnapshotRequest::<TypeConfig> {
+            vote: Vote::new_committed(3, 1),
+            meta: SnapshotMeta {
+                last_log_id: Some(LogId::new(leader, 100_000)),
+                last_membership: Default::default(),
+                snapshot_id: format!("{}-100000-{}", leader, u128::MAX),
+            },
+            offset: u64::MAX,
+            data: vec![0xff; SNAPSHOT_CHUNK_BYTES],
+            done: false,
+        };
+        let chunk_len = to_wire(&chunk).unwrap().len();
+        println!(
+            "a snapshot chunk: {chunk_len} bytes (limit {})",
+            RouteLimits::SNAPSHOT
+        );
+        assert!(chunk_len <= RouteLimits::SNAPSHOT);
+        assert!(
+            chunk_len > RouteLimits::SNAPSHOT - 128 * 1024,
+            "the limit fits the chunk"
+        );
+
+        let vote = VoteRequest::<NodeId> {
+            vote: Vote::new(u64::MAX, u64::MAX),
+            last_log_id: Some(LogId::new(leader, u64::MAX)),
+        };
+        assert!(to_wire(&vote).unwrap().len() * 8 <= RouteLimits::VOTE);
+
+        // A node with 1 000 interfaces and 100 labels.
+        let report = crate::cluster::controller::Report {
+            node: "a-node-name-of-sixty-three-characters-aaaaaaaaaaaaaaaaaaaaaaaaa".into(),
+            interfaces: (0..1000)
+                .map(|i| {
+                    (
+                        format!("interface{i:06}"),
+                        crate::model::InterfaceState {
+                            up: true,
+                            primary_ipv4: Some("10.0.0.1".parse().unwrap()),
+                        },
+                    )
+                })
+                .collect(),
+            labels: (0..100)
+                .map(|i| (format!("example.com/label-{i:03}"), "a-value".repeat(9)))
+                .collect(),
+            ..Default::default()
+        };
+        let report_len = to_wire(&report).unwrap().len();
+        println!("a report of 1 000 interfaces and 100 labels: {report_len} bytes");
+        assert!(report_len <= RouteLimits::REPORT);
     }
 }

@@ -324,6 +324,39 @@ pub(super) fn parse_label_change(body: &[u8], source_name: &str) -> Result<Label
     }
 }
 
+/// The body of `POST /v1/members`, with the name and address rules applied; the address comes
+/// back normalized.
+pub(super) fn parse_member_add(
+    body: &[u8],
+    source_name: &str,
+) -> Result<schema::MemberAdd, BodyError> {
+    let value = json_value(body)?;
+    let no_env = |_: Tag| false;
+    let mut reader = Reader::new(&no_env);
+    let mut add = reader.read::<schema::MemberAdd>(&value, "");
+    if let Some(a) = &mut add {
+        reader.check("name", rules::object_name(&a.name));
+        match rules::socket_addr(&a.address) {
+            Ok(s) if s.ip().is_unspecified() || s.port() == 0 => reader.push(
+                "address",
+                format!(
+                    "{s} cannot be connected to; expected the new node's peer address and port \
+                     (its cluster.listen)"
+                ),
+            ),
+            Ok(s) => a.address = s.to_string(),
+            Err(m) => reader.push("address", m),
+        }
+    }
+    let issues = reader.finish();
+    match add {
+        Some(a) if issues.is_empty() => Ok(a),
+        _ => Err(BodyError::Invalid(errors(issues, |_| {
+            source_name.to_string()
+        }))),
+    }
+}
+
 fn json_value(body: &[u8]) -> Result<Value, BodyError> {
     serde_json::from_slice::<Value>(body)
         .map_err(|e| BodyError::Syntax(rules::shorten_lines(&format!("not valid JSON: {e}"))))
@@ -529,6 +562,11 @@ fn message(key: &str, problem: Problem) -> String {
     let hint = schema::expected(&pattern);
     let is_label_value = pattern.ends_with("labels.*") || pattern.ends_with("node_selector.*");
     match problem {
+        Problem::UnknownKey { .. } if key == "cluster.secret_file" => "removed: peers no \
+             longer share a secret but authenticate each other with mutual TLS; replace it \
+             with [cluster.tls] (ca_file, cert_file, key_file; made by `egressd tls init-ca` \
+             and `egressd tls issue NODE`), see the README's upgrade notes"
+            .to_string(),
         Problem::UnknownKey { known } => {
             let hint = match rules::suggest(&last_key(key), known) {
                 Some(s) => format!("; did you mean `{s}`?"),
@@ -815,7 +853,24 @@ impl<'a> Reader<'a> {
         };
         let peers = self.peers(&spec.peers);
         let data_dir = self.path("cluster.data_dir", spec.data_dir);
-        let secret_file = self.path("cluster.secret_file", spec.secret_file);
+        let tls = match spec.tls {
+            None => Some(None),
+            Some(t) => {
+                let ca = self.path("cluster.tls.ca_file", Some(t.ca_file));
+                let cert = self.path("cluster.tls.cert_file", Some(t.cert_file));
+                let key = self.path("cluster.tls.key_file", Some(t.key_file));
+                match (ca, cert, key) {
+                    (Some(Some(ca_file)), Some(Some(cert_file)), Some(Some(key_file))) => {
+                        Some(Some(crate::tls::TlsFiles {
+                            ca_file,
+                            cert_file,
+                            key_file,
+                        }))
+                    }
+                    _ => None,
+                }
+            }
+        };
         let mut timing = TimingOverrides::default();
         let mut timing_ok = true;
         for (key, value, slot) in [
@@ -853,18 +908,19 @@ impl<'a> Reader<'a> {
             listen: listen?,
             peers: peers?,
             data_dir: data_dir?.unwrap_or(defaults.data_dir),
-            secret_file: secret_file?,
+            tls: tls?,
             profile: spec.profile,
             timing,
         };
         if timing_ok && !self.is_broken("cluster.profile") {
             self.timing_order(&cluster);
         }
-        if cluster.peers.len() > 1 && cluster.secret_file.is_none() {
+        if cluster.peers.len() > 1 && cluster.tls.is_none() && !self.is_broken("cluster.tls") {
             self.push(
-                "cluster.secret_file",
-                "is required when cluster.peers lists more than one node: peers sign every \
-                 request with the shared secret in this file",
+                "cluster.tls",
+                "is required when cluster.peers lists more than one node: peers authenticate \
+                 each other with mutual TLS; add [cluster.tls] with ca_file, cert_file and \
+                 key_file (made by `egressd tls init-ca` and `egressd tls issue NODE`)",
             );
         }
         Some(cluster)
@@ -991,9 +1047,28 @@ impl<'a> Reader<'a> {
             None => Some(AdminConfig::default().listen),
         };
         let token_file = self.path("admin.token_file", spec.token_file);
+        let tls = match spec.tls {
+            None => Some(None),
+            Some(t) => {
+                let cert = self.path("admin.tls.cert_file", Some(t.cert_file));
+                let key = self.path("admin.tls.key_file", Some(t.key_file));
+                let ca = self.path("admin.tls.ca_file", t.ca_file);
+                match (cert, key, ca) {
+                    (Some(Some(cert_file)), Some(Some(key_file)), Some(ca_file)) => {
+                        Some(Some(super::AdminTlsConfig {
+                            cert_file,
+                            key_file,
+                            ca_file,
+                        }))
+                    }
+                    _ => None,
+                }
+            }
+        };
         Some(AdminConfig {
             listen: listen?,
             token_file: token_file?,
+            tls: tls?,
         })
     }
 
@@ -2500,17 +2575,48 @@ bogus = true
     }
 
     #[test]
-    fn a_multi_node_cluster_needs_a_secret() {
+    fn a_multi_node_cluster_needs_peer_tls() {
         let peers = "[cluster]\npeers = [{ name = \"gw1\", address = \"10.0.0.1:7480\" }, { name = \"gw2\", address = \"10.0.0.2:7480\" }]\nlisten = \"10.0.0.1:7480\"\n";
         let e = errors_with(&[BASE, peers]);
-        assert_error(&e, "cluster.secret_file", "is required");
+        assert_error(&e, "cluster.tls", "is required");
+        assert_error(&e, "cluster.tls", "egressd tls init-ca");
+        let tls = "[cluster.tls]\nca_file = \"/etc/egressd/tls/ca.pem\"\ncert_file = \"/etc/egressd/tls/node.pem\"\nkey_file = \"/etc/egressd/tls/node-key.pem\"\n";
+        let c = ok(&[BASE, peers, tls].concat());
+        let files = c.cluster.tls.expect("tls");
+        assert_eq!(
+            files.key_file,
+            PathBuf::from("/etc/egressd/tls/node-key.pem")
+        );
+        // Every missing or empty file key is named; an unknown one too.
+        let e = errors_with(&[BASE, peers, "[cluster.tls]\nca_file = \"\"\ncert = \"x\"\n"]);
+        assert_error(&e, "cluster.tls.cert_file", "missing");
+        assert_error(&e, "cluster.tls.key_file", "missing");
+        assert_error(
+            &e,
+            "cluster.tls.cert",
+            "unknown key (known keys here: ca_file, cert_file",
+        );
+        // The secret of earlier versions is gone, and says what replaces it.
+        let e = errors_with(&[
+            BASE,
+            "[cluster]\nsecret_file = \"/etc/egressd/cluster.secret\"\n",
+        ]);
+        assert_error(&e, "cluster.secret_file", "mutual TLS");
+    }
+
+    #[test]
+    fn admin_tls_is_optional_and_makes_the_url_https() {
+        let c = ok(BASE);
+        assert_eq!(c.admin.url(), "http://127.0.0.1:7481");
         let c = ok(&[
             BASE,
-            peers,
-            "secret_file = \"/etc/egressd/cluster.secret\"\n",
+            "[admin]\nlisten = \"0.0.0.0:9443\"\n[admin.tls]\ncert_file = \"/c.pem\"\nkey_file = \"/k.pem\"\n",
         ]
         .concat());
-        assert!(c.cluster.secret_file.is_some());
+        assert_eq!(c.admin.url(), "https://127.0.0.1:9443");
+        assert_eq!(c.admin.tls.as_ref().unwrap().ca_file, None);
+        let e = errors_with(&[BASE, "[admin.tls]\ncert_file = \"/c.pem\"\n"]);
+        assert_error(&e, "admin.tls.key_file", "missing");
     }
 
     #[test]

@@ -67,10 +67,10 @@ pub struct ClusterConfig {
     /// As written: empty means a single-node cluster (see [`Config::voters`]).
     pub peers: Vec<Peer>,
     pub data_dir: PathBuf,
-    /// File holding the cluster's shared secret (every peer request is signed with it).
-    /// Required when there is more than one peer.
+    /// `[cluster.tls]`: the PEM files of this node's peer TLS identity. Required when there is
+    /// more than one peer; a single-node cluster without it opens no peer endpoint.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub secret_file: Option<PathBuf>,
+    pub tls: Option<crate::tls::TlsFiles>,
     pub profile: Profile,
     /// Overrides of the profile's timing, milliseconds (flat in `[cluster]`, as in the file).
     #[serde(flatten)]
@@ -179,6 +179,35 @@ pub struct AdminConfig {
     pub listen: SocketAddr,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub token_file: Option<PathBuf>,
+    /// `[admin.tls]`: HTTPS with this certificate and key instead of HTTP.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls: Option<AdminTlsConfig>,
+}
+
+/// `[admin.tls]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct AdminTlsConfig {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+    /// For the command-line client only: the CA it verifies the endpoint with.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
+}
+
+impl AdminConfig {
+    /// The URL clients reach the endpoint at: `https://` with `[admin.tls]`; a wildcard listen
+    /// address is reached on loopback.
+    pub fn url(&self) -> String {
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        let mut addr = self.listen;
+        if addr.ip().is_unspecified() {
+            addr.set_ip(match addr.ip() {
+                std::net::IpAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+                std::net::IpAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+            });
+        }
+        format!("{scheme}://{addr}")
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -205,7 +234,7 @@ impl Default for ClusterConfig {
             listen: SocketAddr::from(([0, 0, 0, 0], 7480)),
             peers: Vec::new(),
             data_dir: PathBuf::from("/var/lib/egressd"),
-            secret_file: None,
+            tls: None,
             profile: Profile::Default,
             timing: TimingOverrides::default(),
         }
@@ -217,6 +246,7 @@ impl Default for AdminConfig {
         AdminConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 7481)),
             token_file: None,
+            tls: None,
         }
     }
 }
@@ -434,6 +464,11 @@ pub fn parse_apply_body(
 /// The JSON body of `POST /v1/nodes/{name}/labels`, with the label rules applied.
 pub fn parse_label_change(body: &[u8], source_name: &str) -> Result<LabelChange, BodyError> {
     load::parse_label_change(body, source_name)
+}
+
+/// The JSON body of `POST /v1/members`, with the name and address rules applied.
+pub fn parse_member_add(body: &[u8], source_name: &str) -> Result<schema::MemberAdd, BodyError> {
+    load::parse_member_add(body, source_name)
 }
 
 /// The rules for gateways and policies that did not come through the reader (the committed

@@ -63,8 +63,8 @@ pub struct ClusterSpec {
     pub peers: Vec<PeerSpec>,
     /// Default `/var/lib/egressd`.
     pub data_dir: Option<PathBuf>,
-    /// The shared secret; required with more than one peer.
-    pub secret_file: Option<PathBuf>,
+    /// `[cluster.tls]`: mutual TLS between the peers; required with more than one peer.
+    pub tls: Option<ClusterTlsSpec>,
     #[serde(default)]
     pub profile: Profile,
     /// Overrides of the profile's timing, milliseconds ([`TIMING_MS`]).
@@ -74,6 +74,31 @@ pub struct ClusterSpec {
     pub report_interval_ms: Option<u64>,
     pub lease_ms: Option<u64>,
     pub failover_timeout_ms: Option<u64>,
+}
+
+/// `[cluster.tls]`: this node's peer TLS identity (PEM files; see `egressd tls`).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterTlsSpec {
+    /// The cluster CA certificate(s); old and new may be bundled during a rotation.
+    pub ca_file: PathBuf,
+    /// This node's certificate, whose DNS subject alternative name is `node.name`.
+    pub cert_file: PathBuf,
+    /// Its private key, readable by the daemon's user only (mode 0600).
+    pub key_file: PathBuf,
+}
+
+/// `[admin.tls]`: HTTPS for the admin endpoint.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminTlsSpec {
+    /// The endpoint's certificate (chain), PEM.
+    pub cert_file: PathBuf,
+    /// Its private key, mode 0600.
+    pub key_file: PathBuf,
+    /// The CA the command-line client verifies the endpoint with (egressd itself does not read
+    /// it); `--ca-file` overrides it.
+    pub ca_file: Option<PathBuf>,
 }
 
 /// One of `cluster.peers`.
@@ -103,6 +128,8 @@ pub struct AdminSpec {
     pub listen: Option<String>,
     /// The bearer token mutations need; without it they are refused.
     pub token_file: Option<PathBuf>,
+    /// `[admin.tls]`: serve HTTPS instead of HTTP.
+    pub tls: Option<AdminTlsSpec>,
 }
 
 /// `[dataplane]`
@@ -236,6 +263,15 @@ pub struct LabelChange {
     pub value: Option<String>,
 }
 
+/// The body of `POST /v1/members` (`egressd member add NAME ADDRESS`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MemberAdd {
+    pub name: String,
+    /// The new node's peer address (its `cluster.listen`), address:port.
+    pub address: String,
+}
+
 /// What the key at `pattern` expects, for messages about a missing or mistyped value. In the
 /// pattern, `[]` stands for any index and `*` for any label key; JSON's `gateways`/`policies`
 /// are looked up as `gateway`/`policy`.
@@ -261,7 +297,19 @@ pub fn expected(pattern: &str) -> Option<String> {
             s("an array of tables such as { name = \"gw1\", address = \"10.77.0.11:7480\" }")
         }
         "cluster.peers[].name" => s("the peer's node name"),
-        "cluster.data_dir" | "cluster.secret_file" | "admin.token_file" => s("a path string"),
+        "cluster.data_dir"
+        | "admin.token_file"
+        | "cluster.tls.ca_file"
+        | "cluster.tls.cert_file"
+        | "cluster.tls.key_file"
+        | "admin.tls.cert_file"
+        | "admin.tls.key_file"
+        | "admin.tls.ca_file" => s("a path string"),
+        "cluster.tls" => s(
+            "a table { ca_file = \"...\", cert_file = \"...\", key_file = \"...\" } (PEM files \
+             made by `egressd tls`)",
+        ),
+        "admin.tls" => s("a table { cert_file = \"...\", key_file = \"...\" }"),
         "cluster.profile" => s("\"default\" or \"fast\""),
         "cluster.heartbeat_ms"
         | "cluster.election_timeout_min_ms"

@@ -42,6 +42,7 @@ use std::time::Duration;
 use super::nfnl::{self, Batch, Data, Element, Op, Stamped};
 use super::nft::validate_table_name;
 use super::runner::NftRunner;
+use super::watch::{Count, Manifest, TableSpec};
 use super::{Error, Result};
 use crate::lease::Time;
 
@@ -64,6 +65,14 @@ pub trait Fence: Send {
     -> impl Future<Output = Result<()>> + Send;
     /// What the tables were built for, `None` when they are not (known to be) in place.
     fn built(&self) -> Option<&(BTreeSet<IpAddr>, BTreeSet<String>)>;
+    /// What the kernel should hold after the last successful build and write, for the watcher's
+    /// check (`None`: not known, or nothing to check).
+    fn manifest(&self) -> Option<Manifest> {
+        None
+    }
+    /// The tables are not known to be in place any more (changed from outside): the next round
+    /// rebuilds them, with no lease, then writes the leases held then.
+    fn forget(&mut self) {}
     /// Deletes the fence tables (clean shutdown).
     fn remove(&mut self) -> impl Future<Output = Result<()>> + Send;
 }
@@ -292,6 +301,38 @@ impl Fence for NftFence {
 
     fn built(&self) -> Option<&(BTreeSet<IpAddr>, BTreeSet<String>)> {
         self.built.as_ref()
+    }
+
+    fn manifest(&self) -> Option<Manifest> {
+        let (managed, devices) = self.built.as_ref()?;
+        let v4 = managed.iter().filter(|a| a.is_ipv4()).count();
+        let v6 = managed.len() - v4;
+        let leased4 = self.written.keys().filter(|a| a.is_ipv4()).count();
+        let leased6 = self.written.len() - leased4;
+        let table = |family: u8, chains: &[&str], managed: usize, leased: usize| TableSpec {
+            family,
+            name: self.table.clone(),
+            chains: chains.iter().map(|c| (c.to_string(), 1)).collect(),
+            sets: [
+                (MANAGED.to_string(), Count::Exactly(managed)),
+                (LEASE.to_string(), Count::AtMost(leased)),
+            ]
+            .into_iter()
+            .collect(),
+        };
+        let mut tables = vec![
+            table(nfnl::NFPROTO_ARP, &["input", "output"], v4, leased4),
+            table(nfnl::NFPROTO_IPV6, &["input", "output"], v6, leased6),
+        ];
+        if !devices.is_empty() {
+            tables.push(table(nfnl::NFPROTO_NETDEV, &["egress"], v4, leased4));
+        }
+        Some(Manifest { tables })
+    }
+
+    fn forget(&mut self) {
+        self.built = None;
+        self.written.clear();
     }
 
     async fn remove(&mut self) -> Result<()> {

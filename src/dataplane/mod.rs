@@ -9,6 +9,7 @@ pub mod nfnl;
 pub mod nft;
 pub mod runner;
 pub mod shard;
+pub mod watch;
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -61,6 +62,14 @@ pub trait Firewall: Send {
     ) -> impl Future<Output = Result<()>> + Send;
     /// Delete egressd's tables (clean shutdown). Other tables are never touched.
     fn remove(&mut self) -> impl Future<Output = Result<()>> + Send;
+    /// What the kernel should hold after the last successful `apply`, for the watcher's check
+    /// (`None`: not known, or nothing to check).
+    fn manifest(&self) -> Option<watch::Manifest> {
+        None
+    }
+    /// The kernel's state is not known any more (changed from outside): the next `apply`
+    /// replaces everything.
+    fn forget(&mut self) {}
 }
 
 /// One network interface as the host has it now.

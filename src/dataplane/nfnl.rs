@@ -379,7 +379,7 @@ fn encode_element<A: KeyBytes>(buf: &mut Vec<u8>, e: &Element<'_, A>) {
 }
 
 /// Iterates the attributes in `b`: (type without flags, payload, offset of the attribute in `b`).
-fn attrs(b: &[u8]) -> impl Iterator<Item = (u16, &[u8], usize)> {
+pub(crate) fn attrs(b: &[u8]) -> impl Iterator<Item = (u16, &[u8], usize)> {
     let mut off = 0;
     std::iter::from_fn(move || {
         if off + 4 > b.len() {
@@ -441,11 +441,26 @@ fn describe_element(msg: &[u8], at: usize, width: usize) -> Option<String> {
     Some(s)
 }
 
-/// A netfilter netlink socket, bound to the network namespace it was opened in.
+/// A netfilter netlink socket, bound to the network namespace it was opened in. Its port id is
+/// registered as egressd's own (`watch::own`) while it is open, so that the watcher tells the
+/// transactions it sends from outside ones.
 #[derive(Debug)]
 pub struct Socket {
     fd: OwnedFd,
     sndbuf: usize,
+    portid: u32,
+}
+
+impl AsRawFd for Socket {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.fd.as_raw_fd()
+    }
+}
+
+impl Drop for Socket {
+    fn drop(&mut self) {
+        super::watch::own().socket_closed(self.portid);
+    }
 }
 
 impl Socket {
@@ -501,7 +516,20 @@ impl Socket {
         if r != 0 {
             return Err(io::Error::last_os_error());
         }
-        let sock = Socket { fd, sndbuf: 0 };
+        // SAFETY: an all-zero sockaddr_nl is valid; getsockname fills it in.
+        let mut bound: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
+        let mut len = std::mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t;
+        // SAFETY: `bound` is a sockaddr_nl of the size given in `len`.
+        let r = unsafe { libc::getsockname(fd.as_raw_fd(), (&raw mut bound).cast(), &mut len) };
+        if r != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let sock = Socket {
+            fd,
+            sndbuf: 0,
+            portid: bound.nl_pid,
+        };
+        super::watch::own().socket_opened(sock.portid);
         // Errors without the echoed request (a request can be 60 KB), with the kernel's message
         // and the offset of the bad attribute.
         sock.setsockopt(SOL_NETLINK, NETLINK_CAP_ACK, 1)?;
@@ -510,7 +538,13 @@ impl Socket {
         Ok(sock)
     }
 
-    fn setsockopt(
+    /// The port id the kernel gave this socket: the `nlmsg_pid` of the notifications of the
+    /// transactions it sends.
+    pub fn portid(&self) -> u32 {
+        self.portid
+    }
+
+    pub(crate) fn setsockopt(
         &self,
         level: libc::c_int,
         name: libc::c_int,

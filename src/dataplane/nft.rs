@@ -73,6 +73,7 @@ use serde_json::Value;
 use super::nfnl::{self, Batch, Data, Element, KeyBytes, Op};
 use super::runner::NftRunner;
 use super::shard::{Partition, Rect};
+use super::watch::{Count, Manifest, TableSpec};
 use super::{Error, Firewall, Result};
 use super::{Role, Roles};
 use crate::policy::{FamilyDiff, GwId, SnatElement, SnatMap};
@@ -464,23 +465,20 @@ impl NftFirewall {
 
     /// The chains, sets and maps of egressd's inet table (empty when there is no table).
     async fn list_objects(&self) -> Result<Vec<Object>> {
-        let out = self
+        let objects = self
             .nft
-            .run(
-                "list ruleset",
-                &["-t", "-j", "list", "ruleset", "inet"],
-                None,
-            )
+            .list_objects("list objects", nfnl::NFPROTO_INET, &self.table)
             .await?;
-        parse_objects(&out, &self.table).map_err(|detail| Error::Nft {
-            op: "list ruleset",
-            detail,
-        })
+        Ok(objects
+            .into_iter()
+            .map(|(kind, name)| Object { kind, name })
+            .collect())
     }
 
     /// Replaces everything in the inet table with generation `G+1` holding exactly `map`; see
-    /// the module documentation for the three steps.
-    async fn full_replace(&mut self, map: &Arc<SnatMap>) -> Result<()> {
+    /// the module documentation for the three steps. `with_create` goes into the first step's
+    /// transaction.
+    async fn full_replace(&mut self, map: &Arc<SnatMap>, with_create: &str) -> Result<()> {
         self.installed = None;
         self.full_replaces += 1;
         validate(&map.v4)?;
@@ -495,7 +493,8 @@ impl NftFirewall {
         let v4 = Family::build(&map.v4);
         let v6 = Family::build(&map.v6);
 
-        let create = self.create_script(generation, v4.partition.len(), v6.partition.len());
+        let mut create = self.create_script(generation, v4.partition.len(), v6.partition.len());
+        create.push_str(with_create);
         self.nft.transaction("create maps", &create).await?;
 
         let t = self.table.clone();
@@ -757,7 +756,7 @@ impl NftFirewall {
     /// replace (see the module documentation). Every gateway `map` names has its chains.
     async fn apply_map(&mut self, map: &Arc<SnatMap>) -> Result<()> {
         let Some(old) = self.installed.take() else {
-            return self.full_replace(map).await;
+            return self.full_replace(map, "").await;
         };
         let plan = match self.plan_delta(&old, map) {
             Ok(None) => {
@@ -770,7 +769,7 @@ impl NftFirewall {
                 self.installed = Some(old);
                 return Err(e);
             }
-            Err(None) => return self.full_replace(map).await,
+            Err(None) => return self.full_replace(map, "").await,
         };
         let DeltaPlan { v4: d4, v6: d6 } = plan;
         let (t, g) = (self.table.clone(), old.generation);
@@ -873,6 +872,34 @@ impl NftFirewall {
         Ok(())
     }
 
+    /// Installs everything when nothing in the kernel is known (the start, after an error, after
+    /// a change from outside): the gateway chains with their roles go into the transaction that
+    /// creates the maps, so that this costs two `nft` runs and one netlink batch instead of five
+    /// runs and a batch (an `nft` run costs ~10 ms here: this is most of a repair's time).
+    async fn replace_all(
+        &mut self,
+        map: &Arc<SnatMap>,
+        roles: &Roles,
+        ids: &BTreeSet<GwId>,
+    ) -> Result<()> {
+        self.chains = None;
+        self.roles = None;
+        let t = &self.table;
+        let mut script = String::new();
+        for id in ids {
+            // `add chain` leaves an existing chain as it is; the role script flushes it first.
+            for c in [gw_chain::<Ipv4Addr>(*id), gw_chain::<Ipv6Addr>(*id)] {
+                let _ = writeln!(script, "add chain inet {t} {c}");
+            }
+            let role = roles.get(id).copied().unwrap_or_default();
+            script.push_str(&role_script(t, *id, &role));
+        }
+        self.full_replace(map, &script).await?;
+        self.chains = Some(ids.clone());
+        self.roles = Some(roles.clone());
+        Ok(())
+    }
+
     /// Deletes the chains of gateways that are gone (no element names them any more).
     async fn drop_chains(&mut self, keep: &BTreeSet<GwId>) -> Result<()> {
         let Some(have) = self.chains.clone() else {
@@ -912,7 +939,7 @@ impl Firewall for NftFirewall {
         ids.extend(map.v4.iter().map(|e| e.to));
         ids.extend(map.v6.iter().map(|e| e.to));
         if self.installed.is_none() {
-            self.chains = None;
+            return self.replace_all(map, roles, &ids).await;
         }
         let before = self.chains.clone();
         self.ensure_chains(&ids, roles).await?;
@@ -934,6 +961,36 @@ impl Firewall for NftFirewall {
         self.drop_chains(&ids).await
     }
 
+    fn manifest(&self) -> Option<Manifest> {
+        let i = self.installed.as_ref()?;
+        let chains = self.chains.as_ref()?;
+        // Unknown roles: what the gateway chains hold is not known either.
+        self.roles.as_ref()?;
+        let g = i.generation;
+        let mut spec = TableSpec {
+            family: nfnl::NFPROTO_INET,
+            name: self.table.clone(),
+            chains: BTreeMap::new(),
+            sets: BTreeMap::new(),
+        };
+        // local accept, counter, two vmaps, counter (see `switch_script`).
+        spec.chains.insert(base_chain_name(g), 5);
+        family_spec(&mut spec, g, &i.v4);
+        family_spec(&mut spec, g, &i.v6);
+        // One rule each: SNAT when active here, else drop (see `role_script`).
+        for id in chains {
+            spec.chains.insert(gw_chain::<Ipv4Addr>(*id), 1);
+            spec.chains.insert(gw_chain::<Ipv6Addr>(*id), 1);
+        }
+        Some(Manifest { tables: vec![spec] })
+    }
+
+    fn forget(&mut self) {
+        self.installed = None;
+        self.chains = None;
+        self.roles = None;
+    }
+
     async fn remove(&mut self) -> Result<()> {
         validate_table_name(&self.table)?;
         self.installed = None;
@@ -944,6 +1001,16 @@ impl Firewall for NftFirewall {
         let t = &self.table;
         let script = format!("add table inet {t}\ndelete table inet {t}\n");
         self.nft.transaction("delete table", &script).await
+    }
+}
+
+/// One family's maps and cell chains of generation `g`, as `fam` installed them.
+fn family_spec<A: NftAddr>(spec: &mut TableSpec, g: u64, fam: &Family<A>) {
+    spec.sets
+        .insert(selector_name::<A>(g), Count::Exactly(fam.partition.len()));
+    for (c, n) in fam.counts.iter().enumerate() {
+        spec.sets.insert(map_name::<A>(g, c), Count::Exactly(*n));
+        spec.chains.insert(chain_name::<A>(g, c), 1);
     }
 }
 
@@ -993,6 +1060,14 @@ fn cell_of(name: &str) -> Option<(&str, u64, usize)> {
     let g = parts.next()?.parse().ok()?;
     let c = parts.next()?.parse().ok()?;
     Some((v, g, c))
+}
+
+/// The parsers of nft's JSON output, for the fuzz targets (`fuzz/`): they read what an `nft`
+/// process printed, so they must refuse anything else with an error, never panic. Not an API.
+#[doc(hidden)]
+pub fn fuzz_parsers(text: &str) {
+    let _ = parse_listing(text);
+    let _ = parse_counters_json(text);
 }
 
 /// Parses `nft -j list table` output of egressd's inet table: the newest generation's selector
@@ -1137,33 +1212,6 @@ fn reassemble<A: NftAddr>(
     out.extend(pool.into_iter().map(|(_, e)| e));
     out.sort();
     out
-}
-
-/// Parses the objects of `table` from `nft -t -j list ruleset inet` output.
-fn parse_objects(text: &str, table: &str) -> std::result::Result<Vec<Object>, String> {
-    let doc: Value = serde_json::from_str(text).map_err(|e| format!("bad JSON from nft: {e}"))?;
-    let items = doc
-        .get("nftables")
-        .and_then(Value::as_array)
-        .ok_or("no \"nftables\" array in nft's output")?;
-    let mut out = Vec::new();
-    for item in items {
-        for kind in ["chain", "set", "map"] {
-            let Some(o) = item.get(kind) else { continue };
-            if o.get("table").and_then(Value::as_str) != Some(table)
-                || o.get("family").and_then(Value::as_str) != Some("inet")
-            {
-                continue;
-            }
-            if let Some(name) = o.get("name").and_then(Value::as_str) {
-                out.push(Object {
-                    kind,
-                    name: name.to_owned(),
-                });
-            }
-        }
-    }
-    Ok(out)
 }
 
 /// A cell map element: its key and the gateway chain it goes to.
@@ -1480,19 +1528,7 @@ mod tests {
     }
 
     #[test]
-    fn parses_objects_and_counters() {
-        let json = r#"{"nftables": [{"table": {"family": "inet", "name": "egressd"}},
-          {"chain": {"family": "inet", "table": "egressd", "name": "postrouting_1"}},
-          {"map": {"family": "inet", "table": "egressd", "name": "m4_1_0"}},
-          {"set": {"family": "inet", "table": "egressd", "name": "s"}},
-          {"chain": {"family": "inet", "table": "other", "name": "x"}},
-          {"chain": {"family": "ip", "table": "egressd", "name": "y"}}]}"#;
-        let objs = parse_objects(json, "egressd").unwrap();
-        let names: Vec<_> = objs.iter().map(|o| (o.kind, o.name.as_str())).collect();
-        assert_eq!(
-            names,
-            [("chain", "postrouting_1"), ("map", "m4_1_0"), ("set", "s")]
-        );
+    fn parses_counters() {
         let json = r#"{"nftables": [{"counter": {"name": "seen", "packets": 7}},
           {"counter": {"name": "not_snated", "packets": 2}},
           {"counter": {"name": "dropped", "packets": 1}}]}"#;

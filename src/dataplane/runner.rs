@@ -109,10 +109,17 @@ impl NftRunner {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true);
+        // Registered as egressd's own before it can commit anything, so that the watcher does
+        // not take its transaction for an outside change.
+        let spawning = super::watch::own().spawning();
         let mut child = cmd.spawn().map_err(|e| Error::Nft {
             op,
             detail: format!("cannot start {}: {e}", self.command.join(" ")),
         })?;
+        if let Some(pid) = child.id() {
+            spawning.spawned(pid);
+        }
+        drop(spawning);
         let input = child.stdin.take();
         // Feed stdin while collecting output: nft may report an error (and fill the stderr
         // pipe) before it has read the whole script.
@@ -166,6 +173,29 @@ impl NftRunner {
         self.run(op, &["-f", "-"], Some(script)).await.map(|_| ())
     }
 
+    /// The chains, sets and maps of table `family table` (see `watch::list_objects`), off the
+    /// async threads.
+    pub async fn list_objects(
+        &self,
+        op: &'static str,
+        family: u8,
+        table: &str,
+    ) -> Result<Vec<(&'static str, String)>> {
+        let (netns, table) = (self.netns.clone(), table.to_owned());
+        tokio::task::spawn_blocking(move || {
+            super::watch::list_objects(netns.as_deref(), family, &table)
+        })
+        .await
+        .map_err(|e| Error::Nft {
+            op,
+            detail: format!("the netlink lister failed: {e}"),
+        })?
+        .map_err(|e| Error::Nft {
+            op,
+            detail: format!("listing over netlink: {e}"),
+        })
+    }
+
     /// Sends the batch that `make` builds as one kernel transaction, on the persistent socket,
     /// off the async threads (a 100 000-element batch keeps the kernel busy ~0.6 s). `make`
     /// runs just before the send, so a timeout it computes is fresh.
@@ -182,9 +212,13 @@ impl NftRunner {
                 detail: format!("opening a netfilter netlink socket: {e}"),
             })?,
         };
+        let netns = self.netns.clone();
         let (socket, result) = tokio::task::spawn_blocking(move || {
             let mut socket = socket;
-            let r = socket.send(make());
+            let batch = make();
+            // A large batch goes while the watcher is deaf (see `watch::Own::quiet`).
+            let _quiet = super::watch::own().quiet(netns.as_deref(), batch.len());
+            let r = socket.send(batch);
             (socket, r)
         })
         .await

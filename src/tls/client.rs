@@ -28,8 +28,10 @@ use tokio::net::TcpStream;
 
 use super::PeerTls;
 
-/// How long an unused pooled connection is kept.
-pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(50);
+/// How long an unused pooled connection is kept: less than the servers' header read timeout
+/// (which also closes idle connections), so that the client never sends a request on a
+/// connection the server is closing.
+pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// A failed request to a peer.
 #[derive(Debug, thiserror::Error)]
@@ -86,10 +88,11 @@ impl ClientError {
     }
 }
 
-/// An answer: status and the whole body.
+/// An answer: status, headers and the whole body.
 #[derive(Debug, Clone)]
 pub struct PeerResponse {
     pub status: StatusCode,
+    pub headers: axum::http::HeaderMap,
     pub body: Bytes,
 }
 
@@ -156,6 +159,30 @@ impl PeerClient {
         body: Bytes,
         timeout: Duration,
     ) -> Result<PeerResponse, ClientError> {
+        self.post_with(
+            peer,
+            addr,
+            path,
+            content_type,
+            axum::http::HeaderMap::new(),
+            body,
+            timeout,
+        )
+        .await
+    }
+
+    /// [`PeerClient::post`] with more request headers.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn post_with(
+        &self,
+        peer: &str,
+        addr: &str,
+        path: &str,
+        content_type: &str,
+        headers: axum::http::HeaderMap,
+        body: Bytes,
+        timeout: Duration,
+    ) -> Result<PeerResponse, ClientError> {
         let http = |detail: String| ClientError::Http {
             peer: peer.to_owned(),
             addr: addr.to_owned(),
@@ -168,12 +195,13 @@ impl PeerClient {
         let uri: Uri = format!("https://{addr}{path}")
             .parse()
             .map_err(|e| http(format!("bad address or path: {e}")))?;
-        let req = Request::builder()
+        let mut req = Request::builder()
             .method(Method::POST)
             .uri(uri)
             .header(header::CONTENT_TYPE, content_type)
             .body(Full::new(body))
             .map_err(|e| http(format!("cannot build the request: {e}")))?;
+        req.headers_mut().extend(headers);
         let client = self.client(peer);
         let limit = self.max_response_bytes;
         let exchange = async {
@@ -182,12 +210,17 @@ impl PeerClient {
                 .await
                 .map_err(|e| self.classify(peer, addr, path, &e))?;
             let status = resp.status();
-            let body = Limited::new(resp.into_body(), limit)
+            let (parts, body) = resp.into_parts();
+            let body = Limited::new(body, limit)
                 .collect()
                 .await
                 .map_err(|e| http(format!("reading the answer (at most {limit} bytes): {e}")))?
                 .to_bytes();
-            Ok(PeerResponse { status, body })
+            Ok(PeerResponse {
+                status,
+                headers: parts.headers,
+                body,
+            })
         };
         tokio::time::timeout(timeout, exchange)
             .await

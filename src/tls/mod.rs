@@ -32,6 +32,7 @@
 //! they are all valid, new handshakes use them from then on; connections already established
 //! keep the identity they were set up with. A failed reload changes nothing and says why.
 
+pub mod admin;
 pub mod client;
 pub mod pki;
 pub mod server;

@@ -83,6 +83,33 @@ pub fn new_ca(days: u32) -> anyhow::Result<Pem> {
 /// certificate whose public key is `ca_key_pem`'s signs), valid for `days` days or until the
 /// CA expires, whichever comes first.
 pub fn issue(node: &str, ca_cert_pem: &str, ca_key_pem: &str, days: u32) -> anyhow::Result<Pem> {
+    issue_with_sans(node, &[], ca_cert_pem, ca_key_pem, days)
+}
+
+/// [`issue`] with more subject alternative names after the node's: each a DNS name or an IP
+/// address (for an admin endpoint reached by address, `[admin.tls]`).
+pub fn issue_with_sans(
+    node: &str,
+    extra_sans: &[String],
+    ca_cert_pem: &str,
+    ca_key_pem: &str,
+    days: u32,
+) -> anyhow::Result<Pem> {
+    let mut sans = Vec::new();
+    for extra in extra_sans {
+        sans.push(match extra.parse::<std::net::IpAddr>() {
+            Ok(ip) => SanType::IpAddress(ip),
+            Err(_) => match rustls::pki_types::ServerName::try_from(extra.as_str()) {
+                Ok(rustls::pki_types::ServerName::DnsName(_)) => SanType::DnsName(
+                    extra
+                        .as_str()
+                        .try_into()
+                        .with_context(|| format!("{extra:?} as a DNS name"))?,
+                ),
+                _ => bail!("--san {extra:?}: expected a DNS name or an IP address"),
+            },
+        });
+    }
     let san = match rustls::pki_types::ServerName::try_from(node) {
         Ok(rustls::pki_types::ServerName::DnsName(_)) => SanType::DnsName(
             node.try_into()
@@ -111,7 +138,7 @@ pub fn issue(node: &str, ca_cert_pem: &str, ca_key_pem: &str, days: u32) -> anyh
     dn.push(DnType::OrganizationName, "egressd");
     dn.push(DnType::CommonName, node);
     params.distinguished_name = dn;
-    params.subject_alt_names = vec![san];
+    params.subject_alt_names = std::iter::once(san).chain(sans).collect();
     params.is_ca = IsCa::ExplicitNoCa;
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     params.extended_key_usages = vec![
@@ -186,6 +213,18 @@ pub fn issue_to_dir(
     days: u32,
     force: bool,
 ) -> anyhow::Result<Written> {
+    issue_to_dir_with(node, &[], ca_dir, out_dir, days, force)
+}
+
+/// [`issue_to_dir`] with more subject alternative names (see [`issue_with_sans`]).
+pub fn issue_to_dir_with(
+    node: &str,
+    extra_sans: &[String],
+    ca_dir: &Path,
+    out_dir: &Path,
+    days: u32,
+    force: bool,
+) -> anyhow::Result<Written> {
     if node.contains('/') || node.starts_with('.') {
         bail!("{node:?} cannot be a node name (it would be a path)");
     }
@@ -210,7 +249,7 @@ pub fn issue_to_dir(
     }
     let ca_key = std::fs::read_to_string(&ca_key_path)
         .with_context(|| format!("reading the CA key {}", ca_key_path.display()))?;
-    let pem = issue(node, &ca_cert, &ca_key, days).with_context(|| {
+    let pem = issue_with_sans(node, extra_sans, &ca_cert, &ca_key, days).with_context(|| {
         format!(
             "issuing a certificate for {node} with the CA in {}",
             ca_dir.display()

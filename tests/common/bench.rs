@@ -16,6 +16,9 @@ pub struct Trial {
     pub outage_ms: f64,
     /// ARP probes answered by two MACs.
     pub doubles: usize,
+    /// Under a flood (`failover_trial_with`): connections opened and refused or failed per
+    /// second, admin requests per second.
+    pub flood: Option<(f64, f64, f64)>,
 }
 
 pub fn unix_now() -> f64 {
@@ -61,6 +64,18 @@ pub fn day_time(unix: f64) -> f64 {
 /// the client's ping outage and ARP probes answered twice. The cluster is left as the failure
 /// left it.
 pub fn failover_trial(c: &mut Cluster, target: &str, how: &str, token: &std::path::Path) -> Trial {
+    failover_trial_with(c, target, how, token, false)
+}
+
+/// `failover_trial`, with `flood`: the flood of `flood.rs` on every node's peer and admin ports
+/// from 1.5 s before the failure to the end of the measurement.
+pub fn failover_trial_with(
+    c: &mut Cluster,
+    target: &str,
+    how: &str,
+    token: &std::path::Path,
+    flood: bool,
+) -> Trial {
     let successor = name(c.index(target) + 1);
     let succ_mac = arp::mac_text(arp::mac(&c.topo.nodes[c.index(&successor)], "eth1"));
 
@@ -87,7 +102,8 @@ pub fn failover_trial(c: &mut Cluster, target: &str, how: &str, token: &std::pat
     .stderr(Stdio::null());
     let ping_child = c.topo.lab.spawn_raw(ping);
     let prober = c.prober();
-    std::thread::sleep(Duration::from_millis(700));
+    let flooding = flood.then(|| super::flood::Flood::start(c));
+    std::thread::sleep(Duration::from_millis(if flood { 1500 } else { 700 }));
 
     let t0 = unix_now();
     match how {
@@ -108,6 +124,7 @@ pub fn failover_trial(c: &mut Cluster, target: &str, how: &str, token: &std::pat
     });
     std::thread::sleep(Duration::from_millis(700));
     let probes = prober.stop();
+    let flood = flooding.map(super::flood::Flood::stop);
     signal(c.topo.lab.child(ping_child), "TERM");
     let _ = c.topo.lab.child(ping_child).wait();
 
@@ -134,6 +151,7 @@ pub fn failover_trial(c: &mut Cluster, target: &str, how: &str, token: &std::pat
         failover_ms: (first_garp - t0) * 1e3,
         outage_ms: outage * 1e3,
         doubles: arp::double_answers(&probes).len(),
+        flood,
     }
 }
 

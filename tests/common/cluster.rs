@@ -38,8 +38,8 @@ labels = {labels}
 listen = "{listen}:7480"
 peers = [{peers}]
 data_dir = "{dir}/data-{me}"
-secret_file = "{dir}/secret"
 {cluster_extra}
+{tls}
 
 [dataplane]
 garp_count = 3
@@ -63,7 +63,8 @@ destination_cidrs = ["203.0.113.0/24"]
         me = name(i),
         listen = node_mgmt_ip(i),
         peers = peers.join(", "),
-        dir = topo.dir.path().display()
+        dir = topo.dir.path().display(),
+        tls = topo.tls_table(&name(i)),
     )
 }
 
@@ -123,12 +124,8 @@ impl Cluster {
         objects: &str,
         prepare: impl FnOnce(&Topo),
     ) -> Cluster {
+        // Topo::new made every node's certificate with `egressd tls`.
         let mut topo = Topo::new(tag, n);
-        std::fs::write(
-            topo.dir.path().join("secret"),
-            "an-e2e-test-cluster-secret-0123456789\n",
-        )
-        .expect("secret");
         prepare(&topo);
         topo.start_echo_server();
         let configs: Vec<PathBuf> = (0..n)

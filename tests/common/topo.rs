@@ -151,7 +151,7 @@ impl Topo {
         );
 
         let dir = tempfile::tempdir().expect("temp dir");
-        Topo {
+        let topo = Topo {
             lab,
             lan,
             wan,
@@ -160,7 +160,15 @@ impl Topo {
             server,
             nodes,
             dir,
-        }
+        };
+        let names: Vec<String> = (1..=n).map(|i| format!("gw{i}")).collect();
+        make_certs(topo.dir.path(), &names);
+        topo
+    }
+
+    /// The `[cluster.tls]` table of node `name`, with the files `make_certs` wrote.
+    pub fn tls_table(&self, name: &str) -> String {
+        tls_table(self.dir.path(), name)
     }
 
     /// Starts a server that answers every TCP connection with the peer address it saw.
@@ -426,6 +434,58 @@ impl Topo {
     pub fn log(&self, i: usize) -> String {
         std::fs::read_to_string(self.log_path(i)).unwrap_or_default()
     }
+}
+
+/// The cluster's peer certificates, made by the real `egressd tls` commands as an operator
+/// would: a CA in `{dir}/tls/ca` (`ca.pem`, `ca-key.pem`) and for each of `names`
+/// `{dir}/tls/certs/NAME.pem` and `NAME-key.pem`.
+pub fn make_certs(dir: &Path, names: &[String]) {
+    let ca = dir.join("tls/ca");
+    egressd_tls(&["init-ca", "--out-dir", &ca.display().to_string()]);
+    for n in names {
+        issue_cert(dir, n, &[]);
+    }
+}
+
+/// Issues (or re-issues, `--force`) the certificate of `name` with the lab's CA, with
+/// `extra` arguments (`--san`, `--days`).
+pub fn issue_cert(dir: &Path, name: &str, extra: &[&str]) {
+    let ca = dir.join("tls/ca").display().to_string();
+    let certs = dir.join("tls/certs").display().to_string();
+    let mut args = vec![
+        "issue",
+        name,
+        "--ca-dir",
+        &ca,
+        "--out-dir",
+        &certs,
+        "--force",
+    ];
+    args.extend(extra);
+    egressd_tls(&args);
+}
+
+/// Runs `egressd tls ARGS`, panicking with its output when it fails.
+pub fn egressd_tls(args: &[&str]) {
+    let out = Command::new(env!("CARGO_BIN_EXE_egressd"))
+        .arg("tls")
+        .args(args)
+        .output()
+        .expect("running egressd tls");
+    assert!(
+        out.status.success(),
+        "egressd tls {args:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The `[cluster.tls]` table of node `name` with the files of `make_certs(dir, ..)`.
+pub fn tls_table(dir: &Path, name: &str) -> String {
+    let d = dir.display();
+    format!(
+        "[cluster.tls]\nca_file = \"{d}/tls/ca/ca.pem\"\ncert_file = \"{d}/tls/certs/{name}.pem\"\nkey_file = \"{d}/tls/certs/{name}-key.pem\"\n"
+    )
 }
 
 /// Polls `f` every 10 ms until it holds; panics with `what` after `timeout`. This is a liveness

@@ -605,6 +605,7 @@ impl Sim {
                     )
                 })
                 .collect(),
+            command_format: egressd::cluster::codec::COMMAND_FORMAT,
         };
         let seq = report.head.seq;
         let inc = node.inc;
