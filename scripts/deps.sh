@@ -42,6 +42,7 @@ dpkg-deb:dpkg
 strip:binutils
 objdump:binutils
 chmod:coreutils
+cp:coreutils
 timeout:coreutils
 sh:dash
 "
