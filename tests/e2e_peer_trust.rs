@@ -379,7 +379,12 @@ fn a_node_on_another_clusters_store_is_refused_by_the_cluster_id() {
         both(&c.topo.log(li))
     });
     // Neither took anything from the other.
-    let s = c.topo.status(2).expect("status of gw3");
+    // (Its status is published once its first round has run: wait for it.)
+    let mut s = serde_json::Value::Null;
+    wait_for("gw3's status naming B's cluster id", WAIT, || {
+        s = c.topo.status(2).unwrap_or_default();
+        !s["cluster"]["id"].is_null()
+    });
     assert_eq!(s["cluster"]["id"].as_str(), Some(theirs.as_str()), "{s}");
     assert_eq!(cluster_id(&c, 0).as_deref(), Some(ours.as_str()));
     assert_eq!(c.leader(), leader);
