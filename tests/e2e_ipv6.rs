@@ -1,7 +1,8 @@
 //! An IPv6 virtual IP in a three-node cluster: kill -9 of the active node's daemon (its host's
 //! kernel keeps the addresses), and the successor takes over the VIP and the next hop. Clients
 //! follow the unsolicited neighbour advertisements, and afterwards only the successor answers
-//! neighbour solicitations for the VIP: the dead daemon's NDP lease has run out.
+//! neighbour solicitations for the VIP: the dead daemon's NDP lease has run out. A client that
+//! routes through a standby never reaches the server with its own IPv6 address.
 //! Root only: skips loudly otherwise, fails instead when EGRESSD_E2E=1.
 
 mod common;
@@ -128,4 +129,47 @@ destination_cidrs = ["fd00:203::/64"]
         .exec(&server, ["ip", "-6", "neigh", "show", VIP6]);
     let neigh = String::from_utf8_lossy(&neigh.stdout).to_string();
     assert!(neigh.contains(&gw2_mac), "{neigh}");
+
+    // The client routes through gw3, a standby that forwards IPv6: the policy's connection is
+    // dropped there, never forwarded with the client's address (the server's route back goes
+    // through gw1's kernel, so a leaked connection would complete).
+    let forwarding = c.topo.lab.exec(
+        &c.topo.nodes[2],
+        ["sysctl", "-n", "net.ipv6.conf.all.forwarding"],
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&forwarding.stdout).trim(),
+        "1",
+        "the test needs gw3 to forward IPv6"
+    );
+    let client = c.topo.client.clone();
+    let to_server = format!("{SERVER6}/128");
+    let via = node_lan6(2);
+    c.topo.lab.exec(
+        &client,
+        ["ip", "-6", "route", "replace", &to_server, "via", &via],
+    );
+    let seen = c.topo.seen_source6();
+    assert_eq!(
+        seen, None,
+        "through the standby gw3 the server saw {seen:?}"
+    );
+    let dropped = c.topo.lab.exec(
+        &c.topo.nodes[2],
+        ["nft", "-j", "list", "counter", "inet", "egressd", "dropped"],
+    );
+    let dropped: serde_json::Value = serde_json::from_slice(&dropped.stdout).unwrap_or_default();
+    let packets = dropped["nftables"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find_map(|i| i.get("counter")?.get("packets")?.as_u64())
+        .unwrap_or(0);
+    assert!(packets >= 1, "gw3 did not count the dropped connection");
+    c.topo
+        .lab
+        .exec(&client, ["ip", "-6", "route", "del", &to_server]);
+    wait_for("the IPv6 VIP again through the next hop", WAIT, || {
+        c.topo.seen_source6() == Some(vip6)
+    });
 }
