@@ -43,8 +43,12 @@ fn egressd(args: &[&str], stdin: &str) -> Output {
         .stderr(Stdio::piped())
         .spawn()
         .expect("egressd runs");
-    if let Some(mut input) = child.stdin.take() {
-        std::io::Write::write_all(&mut input, stdin.as_bytes()).expect("stdin");
+    if let Some(mut input) = child.stdin.take()
+        && let Err(e) = std::io::Write::write_all(&mut input, stdin.as_bytes())
+    {
+        // A command that reads a file, or refuses its arguments, may exit before reading its
+        // standard input.
+        assert_eq!(e.kind(), std::io::ErrorKind::BrokenPipe, "stdin: {e}");
     }
     child.wait_with_output().expect("egressd ends")
 }
