@@ -585,21 +585,6 @@ fn maintenance_through_the_cli() {
     c.assert_traffic_via_vip();
 }
 
-/// The packets of new connections gw `i`'s nftables dropped for a gateway not active there.
-fn dropped(c: &Cluster, i: usize) -> u64 {
-    let out = c.topo.lab.try_exec(
-        &c.topo.nodes[i],
-        ["nft", "-j", "list", "counter", "inet", "egressd", "dropped"],
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-    v["nftables"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .find_map(|i| i.get("counter")?.get("packets")?.as_u64())
-        .unwrap_or(0)
-}
-
 /// A client that routes through a standby (a static route here; a stale neighbour entry after a
 /// failover or a router still pointing at the old node do the same) never reaches the server
 /// with its own address: the standby drops its policy's new connections and counts them.
@@ -621,7 +606,7 @@ fn a_standby_drops_policy_traffic_instead_of_leaking_the_client_address() {
         c.topo
             .lab
             .exec(&client, ["ip", "route", "replace", &to_server, "via", &via]);
-        let before = dropped(&c, standby);
+        let before = c.dropped(standby);
         let seen = c.topo.seen_source(CLIENT_IP, SERVER_IP);
         assert_eq!(
             seen,
@@ -631,7 +616,7 @@ fn a_standby_drops_policy_traffic_instead_of_leaking_the_client_address() {
             c.topo.ruleset(&c.topo.nodes[standby])
         );
         assert!(
-            dropped(&c, standby) > before,
+            c.dropped(standby) > before,
             "{} did not count the dropped connection",
             name(standby)
         );
@@ -644,5 +629,5 @@ fn a_standby_drops_policy_traffic_instead_of_leaking_the_client_address() {
     }
     c.topo.lab.exec(&client, ["ip", "route", "del", &to_server]);
     c.assert_traffic_via_vip();
-    assert_eq!(dropped(&c, 0), 0, "the active node dropped nothing");
+    assert_eq!(c.dropped(0), 0, "the active node dropped nothing");
 }

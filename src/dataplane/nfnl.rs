@@ -15,7 +15,7 @@
 use std::fmt::Write as _;
 use std::io;
 use std::net::{Ipv4Addr, Ipv6Addr};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
 const NETLINK_NETFILTER: libc::c_int = 12;
 const NFNL_SUBSYS_NFTABLES: u16 = 10;
@@ -728,21 +728,27 @@ impl Socket {
     }
 
     fn wait_readable(&self) -> Result<bool, SendError> {
-        let mut pfd = libc::pollfd {
-            fd: self.fd.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        loop {
-            // SAFETY: one valid pollfd.
-            let r = unsafe { libc::poll(&raw mut pfd, 1, ANSWER_TIMEOUT_MS) };
-            if r >= 0 {
-                return Ok(r > 0);
-            }
-            let e = io::Error::last_os_error();
-            if e.raw_os_error() != Some(libc::EINTR) {
-                return Err(SendError::Socket(format!("waiting for the answer: {e}")));
-            }
+        wait_readable(self.fd.as_raw_fd(), ANSWER_TIMEOUT_MS)
+            .map_err(|e| SendError::Socket(format!("waiting for the answer: {e}")))
+    }
+}
+
+/// Whether `fd` became readable within `timeout_ms` (a signal does not cut the wait short).
+pub(super) fn wait_readable(fd: RawFd, timeout_ms: libc::c_int) -> io::Result<bool> {
+    let mut pfd = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    loop {
+        // SAFETY: one valid pollfd.
+        let r = unsafe { libc::poll(&raw mut pfd, 1, timeout_ms) };
+        if r >= 0 {
+            return Ok(r > 0);
+        }
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EINTR) {
+            return Err(e);
         }
     }
 }

@@ -49,7 +49,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use tracing::{debug, warn};
 
-use super::nfnl::{self, attrs};
+use super::nfnl::{self, attrs, wait_readable};
 
 const NFNL_SUBSYS_NFTABLES: u16 = 10;
 const NFNLGRP_NFTABLES: libc::c_int = 7;
@@ -1182,12 +1182,7 @@ impl Query {
         self.seq = self.seq.wrapping_add(1);
         let seq = self.seq;
         let mut req = Vec::with_capacity(64);
-        req.extend_from_slice(&0u32.to_ne_bytes());
-        req.extend_from_slice(&((subsys << 8) | msg_type).to_ne_bytes());
-        req.extend_from_slice(&flags.to_ne_bytes());
-        req.extend_from_slice(&seq.to_ne_bytes());
-        req.extend_from_slice(&0u32.to_ne_bytes());
-        req.extend_from_slice(&[family, 0, 0, 0]);
+        push_header(&mut req, (subsys << 8) | msg_type, flags, seq, family);
         for (t, p) in attributes {
             let len = 4 + p.len();
             req.extend_from_slice(&(len as u16).to_ne_bytes());
@@ -1200,28 +1195,12 @@ impl Query {
         let len = req.len() as u32;
         req[..4].copy_from_slice(&len.to_ne_bytes());
         let fd = self.sock.as_raw_fd();
-        // SAFETY: `req` is valid for its length.
-        if unsafe { libc::send(fd, req.as_ptr().cast(), req.len(), 0) } < 0 {
-            return Err(io::Error::last_os_error());
-        }
+        send_all(fd, &req)?;
         loop {
-            if !wait_readable(fd, 5000)? {
-                return Err(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    "no answer to a netlink request",
-                ));
-            }
-            // SAFETY: `buf` is valid for its length.
-            let n = unsafe { libc::recv(fd, self.buf.as_mut_ptr().cast(), self.buf.len(), 0) };
-            if n < 0 {
-                let e = io::Error::last_os_error();
-                if e.raw_os_error() == Some(libc::EINTR) {
-                    continue;
-                }
-                return Err(e);
-            }
-            let data = &self.buf[..n as usize];
-            for m in messages(data) {
+            let Some(n) = recv_answer(fd, &mut self.buf, "a netlink request")? else {
+                continue;
+            };
+            for m in messages(&self.buf[..n]) {
                 if u32_at(m, 8) != seq {
                     continue;
                 }
@@ -1371,23 +1350,44 @@ fn attr_str(a: &[u8], t: u16) -> Option<String> {
         .map(|(_, p, _)| string(p))
 }
 
-fn wait_readable(fd: RawFd, timeout_ms: libc::c_int) -> io::Result<bool> {
-    let mut pfd = libc::pollfd {
-        fd,
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    loop {
-        // SAFETY: one valid pollfd.
-        let r = unsafe { libc::poll(&raw mut pfd, 1, timeout_ms) };
-        if r >= 0 {
-            return Ok(r > 0);
-        }
-        let e = io::Error::last_os_error();
-        if e.raw_os_error() != Some(libc::EINTR) {
-            return Err(e);
-        }
+/// A netlink message header and an nfgenmsg (length 0: the caller fills it in).
+fn push_header(buf: &mut Vec<u8>, msg_type: u16, flags: u16, seq: u32, family: u8) {
+    buf.extend_from_slice(&0u32.to_ne_bytes());
+    buf.extend_from_slice(&msg_type.to_ne_bytes());
+    buf.extend_from_slice(&flags.to_ne_bytes());
+    buf.extend_from_slice(&seq.to_ne_bytes());
+    buf.extend_from_slice(&0u32.to_ne_bytes());
+    buf.extend_from_slice(&[family, 0, 0, 0]);
+}
+
+/// Sends `buf` on the netlink socket `fd` in one call.
+fn send_all(fd: RawFd, buf: &[u8]) -> io::Result<()> {
+    // SAFETY: `buf` is valid for its length.
+    if unsafe { libc::send(fd, buf.as_ptr().cast(), buf.len(), 0) } < 0 {
+        return Err(io::Error::last_os_error());
     }
+    Ok(())
+}
+
+/// Waits up to 5 s for the answer to `what` and reads one datagram of it into `buf`: its
+/// length, or `None` when a signal interrupted the read (read again).
+fn recv_answer(fd: RawFd, buf: &mut [u8], what: &str) -> io::Result<Option<usize>> {
+    if !wait_readable(fd, 5000)? {
+        return Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("no answer to {what}"),
+        ));
+    }
+    // SAFETY: `buf` is valid for its length.
+    let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0) };
+    if n < 0 {
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::EINTR) {
+            return Ok(None);
+        }
+        return Err(e);
+    }
+    Ok(Some(n as usize))
 }
 
 // ------------------------------------------------------------------------------------------
@@ -1886,42 +1886,26 @@ impl Query {
         for f in flows {
             self.seq = self.seq.wrapping_add(1);
             let start = buf.len();
-            buf.extend_from_slice(&0u32.to_ne_bytes());
-            buf.extend_from_slice(
-                &((NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_DELETE).to_ne_bytes(),
+            push_header(
+                &mut buf,
+                (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_DELETE,
+                NLM_F_REQUEST | NLM_F_ACK,
+                self.seq,
+                f.family,
             );
-            buf.extend_from_slice(&(NLM_F_REQUEST | NLM_F_ACK).to_ne_bytes());
-            buf.extend_from_slice(&self.seq.to_ne_bytes());
-            buf.extend_from_slice(&0u32.to_ne_bytes());
-            buf.extend_from_slice(&[f.family, 0, 0, 0]);
             buf.extend_from_slice(&f.key);
             let len = (buf.len() - start) as u32;
             buf[start..start + 4].copy_from_slice(&len.to_ne_bytes());
         }
         let last = self.seq;
         let fd = self.sock.as_raw_fd();
-        // SAFETY: `buf` is valid for its length.
-        if unsafe { libc::send(fd, buf.as_ptr().cast(), buf.len(), 0) } < 0 {
-            return Err(io::Error::last_os_error());
-        }
+        send_all(fd, &buf)?;
         let mut acked = 0;
         while acked < flows.len() {
-            if !wait_readable(fd, 5000)? {
-                return Err(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    "no answer to conntrack deletions",
-                ));
-            }
-            // SAFETY: `buf` is valid for its length.
-            let n = unsafe { libc::recv(fd, self.buf.as_mut_ptr().cast(), self.buf.len(), 0) };
-            if n < 0 {
-                let e = io::Error::last_os_error();
-                if e.raw_os_error() == Some(libc::EINTR) {
-                    continue;
-                }
-                return Err(e);
-            }
-            for m in messages(&self.buf[..n as usize]) {
+            let Some(n) = recv_answer(fd, &mut self.buf, "conntrack deletions")? else {
+                continue;
+            };
+            for m in messages(&self.buf[..n]) {
                 let seq = u32_at(m, 8);
                 if u16_at(m, 4) != NLMSG_ERROR || seq < first || seq > last || m.len() < 20 {
                     continue;

@@ -12,11 +12,11 @@ use std::sync::{Arc, PoisonError, RwLock};
 
 use rustls::pki_types::PrivateKeyDer;
 use rustls::pki_types::pem::PemObject;
-use rustls::sign::{CertifiedKey, SingleCertAndKey};
+use rustls::sign::SingleCertAndKey;
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
 
 use super::{
-    CA_ROLE, CERT_ROLE, KEY_ROLE, TlsError, parse_certs, provider, read_pem_file,
+    CA_ROLE, CERT_ROLE, KEY_ROLE, TlsError, certify, parse_certs, provider, read_pem_file,
     subject_and_expiry,
 };
 
@@ -57,18 +57,7 @@ pub fn server_config(files: &AdminTlsFiles) -> Result<Arc<ServerConfig>, TlsErro
         path: files.key_file.clone(),
         detail: format!("not a PEM private key: {e}"),
     })?;
-    let certified = CertifiedKey::from_der(chain, key, &provider).map_err(|e| match e {
-        rustls::Error::InconsistentKeys(_) => TlsError::KeyMismatch {
-            cert: files.cert_file.clone(),
-            key: files.key_file.clone(),
-            detail: e.to_string(),
-        },
-        e => TlsError::Invalid {
-            role: KEY_ROLE,
-            path: files.key_file.clone(),
-            detail: format!("cannot use the key: {e}"),
-        },
-    })?;
+    let certified = certify(chain, key, &provider, &files.cert_file, &files.key_file)?;
     let config = ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| TlsError::Config {

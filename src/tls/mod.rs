@@ -275,6 +275,28 @@ pub fn check_key_mode(path: &Path, meta: &std::fs::Metadata) -> Result<(), TlsEr
     Ok(())
 }
 
+/// The certificate chain and its key as one, or why they do not belong together.
+fn certify(
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    provider: &Arc<CryptoProvider>,
+    cert_file: &Path,
+    key_file: &Path,
+) -> Result<CertifiedKey, TlsError> {
+    CertifiedKey::from_der(chain, key, provider).map_err(|e| match e {
+        rustls::Error::InconsistentKeys(_) => TlsError::KeyMismatch {
+            cert: cert_file.to_owned(),
+            key: key_file.to_owned(),
+            detail: e.to_string(),
+        },
+        e => TlsError::Invalid {
+            role: KEY_ROLE,
+            path: key_file.to_owned(),
+            detail: format!("cannot use the key: {e}"),
+        },
+    })
+}
+
 fn parse_certs(
     bytes: &[u8],
     path: &Path,
@@ -386,19 +408,13 @@ impl TlsMaterial {
                 e => format!("not a valid PEM private key: {e}"),
             },
         })?;
-        let certified = CertifiedKey::from_der(chain, key, &provider).map_err(|e| match e {
-            rustls::Error::InconsistentKeys(_) => TlsError::KeyMismatch {
-                cert: files.cert_file.clone(),
-                key: files.key_file.clone(),
-                detail: e.to_string(),
-            },
-            e => TlsError::Invalid {
-                role: KEY_ROLE,
-                path: files.key_file.clone(),
-                detail: format!("cannot use the key: {e}"),
-            },
-        })?;
-        let key = Arc::new(certified);
+        let key = Arc::new(certify(
+            chain,
+            key,
+            &provider,
+            &files.cert_file,
+            &files.key_file,
+        )?);
 
         // The node's own certificate, checked as its peers will check it.
         let not_ours = |detail: String| TlsError::NotOurs {

@@ -43,7 +43,21 @@ data_dir = "{dir}/data-{me}"
 
 [dataplane]
 garp_count = 3
+{objects}"#,
+        objects = lab_objects(),
+        me = name(i),
+        listen = node_mgmt_ip(i),
+        peers = peers.join(", "),
+        dir = topo.dir.path().display(),
+        tls = topo.tls_table(&name(i)),
+    )
+}
 
+/// The lab's gateway (`GW`: the VIP on eth1, the next hop on eth0) and its policy (the client
+/// toward the server's network), as config file tables.
+pub fn lab_objects() -> String {
+    format!(
+        r#"
 [[gateway]]
 name = "{GW}"
 node_selector = {{ egress = "" }}
@@ -59,12 +73,7 @@ name = "to-wan"
 egress_gateway_name = "{GW}"
 source_cidrs = ["{CLIENT_IP}/32"]
 destination_cidrs = ["203.0.113.0/24"]
-"#,
-        me = name(i),
-        listen = node_mgmt_ip(i),
-        peers = peers.join(", "),
-        dir = topo.dir.path().display(),
-        tls = topo.tls_table(&name(i)),
+"#
     )
 }
 
@@ -213,6 +222,21 @@ impl Cluster {
             });
         }
         panic!("{node} kept winning the election");
+    }
+
+    /// The new connections node `i`'s nftables dropped for a gateway not held there.
+    pub fn dropped(&self, i: usize) -> u64 {
+        let out = self.topo.lab.try_exec(
+            &self.topo.nodes[i],
+            ["nft", "-j", "list", "counter", "inet", "egressd", "dropped"],
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        v["nftables"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find_map(|i| i.get("counter")?.get("packets")?.as_u64())
+            .unwrap_or(0)
     }
 
     /// Cuts every link of `node` (LAN, WAN and cluster network): to the rest of the lab the

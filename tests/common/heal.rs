@@ -39,25 +39,10 @@ data_dir = "{dir}/gw1"
 
 [dataplane]
 garp_count = 1
-
-[[gateway]]
-name = "vip"
-node_selector = {{ egress = "" }}
-[gateway.source_ip]
-mode = "VirtualIPAddress"
-virtual_ip_address = {{ ip = "{VIP}", interfaces = ["eth1"] }}
-[gateway.next_hop]
-ip = "{NEXT_HOP}"
-interface = "eth0"
-
-[[policy]]
-name = "to-wan"
-egress_gateway_name = "vip"
-source_cidrs = ["{CLIENT_IP}/32"]
-destination_cidrs = ["203.0.113.0/24"]
-{policies}
+{objects}{policies}
 "#,
-        dir = topo.dir.path().display()
+        dir = topo.dir.path().display(),
+        objects = super::cluster::lab_objects()
     )
 }
 
