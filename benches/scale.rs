@@ -15,7 +15,8 @@
 //! caused. Prints markdown tables of medians and maxima.
 //!
 //! Options: `--sizes 1,10000,100000`, `--shapes sources,destinations`, `--trials N` (per
-//! failover scenario, default 3), `--rounds N` (applies, default 10).
+//! failover scenario, default 3), `--rounds N` (applies, default 10). With
+//! `EGRESSD_BENCH_LOGS=DIR` the daemons' logs are kept in `DIR/<shape>-<size>/`.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -275,6 +276,16 @@ fn run(size: usize, shape: Shape, trials: usize, rounds: usize) -> Row {
     // causes one.
     row.unexplained_failovers =
         induced_before + (failover_lines(&c) - induced_before).saturating_sub(induced);
+    // The daemons' logs outlive the lab's temporary directory when asked (to explain a figure).
+    if let Some(keep) = std::env::var_os("EGRESSD_BENCH_LOGS") {
+        let keep = std::path::Path::new(&keep).join(format!("{}-{size}", shape.name()));
+        std::fs::create_dir_all(&keep).expect("log directory");
+        for i in 0..3 {
+            let to = keep.join(format!("gw{}.log", i + 1));
+            std::fs::copy(c.topo.log_path(i), &to).expect("copy a log");
+        }
+        eprintln!("logs kept in {}", keep.display());
+    }
     row
 }
 
