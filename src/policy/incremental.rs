@@ -11,13 +11,15 @@
 //! small policy next to a 100 000-CIDR one does not recompute the big one's pieces.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
 
 use imbl::OrdMap;
 use imbl::ordmap::DiffItem;
 
 use super::{
-    Family, Piece, Row, SnatMap, compile_family, effective_destinations, flatten_v4, flatten_v6,
+    Family, Piece, Row, SnatElement, SnatMap, compile_family, effective_destinations, flatten,
+    flatten_v4, flatten_v6,
 };
 use crate::model::Policy;
 
@@ -147,6 +149,36 @@ fn splice(old: Vec<Row>, spans: &[(u128, u128)], fresh: Vec<Row>) -> Vec<Row> {
         push_merged(&mut out, f);
     }
     out
+}
+
+/// [`splice`] on the part of `rows` the (non-empty) `spans` can touch, and the same change on
+/// `elements`, the flattened `rows`: the cost follows the change, not the map (at 100 000
+/// policies, flattening the whole map again was most of a one-policy change). The slice takes
+/// one untouched row on each side, so that merges across its edges happen as in a full splice;
+/// rows beyond those keep their neighbours, whose outer edges and outcomes do not change.
+fn splice_local<A: Ord + Copy>(
+    rows: &mut Vec<Row>,
+    elements: &mut Vec<SnatElement<A>>,
+    spans: &[(u128, u128)],
+    fresh: Vec<Row>,
+    conv: impl Fn(u128) -> A + Copy,
+) {
+    let (Some(first), Some(last)) = (spans.first(), spans.last()) else {
+        return;
+    };
+    let a = rows.partition_point(|r| r.0.1 < first.0).saturating_sub(1);
+    let b = (rows.partition_point(|r| r.0.0 <= last.1) + 1).min(rows.len());
+    let (ea, eb) = match (rows.get(a), b.checked_sub(1).and_then(|l| rows.get(l))) {
+        (Some(lo), Some(hi)) if a < b => (
+            elements.partition_point(|e| e.src.0 < conv(lo.0.0)),
+            elements.partition_point(|e| e.src.0 <= conv(hi.0.1)),
+        ),
+        _ => (0, 0),
+    };
+    let old: Vec<Row> = rows.drain(a..b).collect();
+    let mid = splice(old, spans, fresh);
+    elements.splice(ea..eb, flatten(&mid, conv));
+    rows.splice(a..a, mid);
 }
 
 /// Every policy's source ranges in one family, for "which policies reach into these spans".
@@ -279,7 +311,15 @@ impl Compiler {
                 let reach = index[i].reaching(&spans, fam);
                 recompiled += reach.len();
                 let fresh = compile_family(&reach, &mut pieces, gateways, fam, Some(&spans));
-                rows[i] = splice(std::mem::take(&mut rows[i]), &spans, fresh);
+                match fam {
+                    Family::V4 => splice_local(&mut rows[i], &mut map.v4, &spans, fresh, |x| {
+                        Ipv4Addr::from(x as u32)
+                    }),
+                    Family::V6 => {
+                        splice_local(&mut rows[i], &mut map.v6, &spans, fresh, Ipv6Addr::from)
+                    }
+                }
+                continue;
             }
             match fam {
                 Family::V4 => map.v4 = flatten_v4(&rows[i]),
