@@ -137,6 +137,7 @@ async fn run_inner(
     let node = ClusterNode::start(&config).await?;
     tokio::spawn(node.clone().run_controller());
     tokio::spawn(node.clone().run_membership());
+    tokio::spawn(node.clone().run_compaction());
 
     let (board, status_rx) = StatusBoard::new(&config.node.name);
     let board = Arc::new(board);
@@ -719,6 +720,7 @@ impl Main {
                 .collect(),
             applied_index: applied.index,
             last_log_index: metrics.last_log_index.unwrap_or(0),
+            snapshot_index: metrics.snapshot.map_or(0, |s| s.index),
             gateways: state.gateways.len(),
             policies: state.policies.len(),
             lease_remaining_ms: 0,

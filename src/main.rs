@@ -955,12 +955,14 @@ async fn status(target: &AdminTarget, json: bool, events: bool) -> anyhow::Resul
     };
     println!("node {}  {}", s.node, ready);
     println!(
-        "cluster {}: leader {}, term {}, last log index {}, applied index {}, lease {} ms",
+        "cluster {}: leader {}, term {}, last log index {}, applied index {}, snapshot index {}, \
+         lease {} ms",
         s.cluster.id.as_deref().unwrap_or("(no id yet)"),
         s.cluster.leader.as_deref().unwrap_or("none"),
         s.cluster.term,
         s.cluster.last_log_index,
         s.cluster.applied_index,
+        s.cluster.snapshot_index,
         s.cluster.lease_remaining_ms,
     );
     println!(

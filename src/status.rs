@@ -61,6 +61,9 @@ pub struct ClusterStatus {
     /// The last entry of this node's Raft log (openraft 0.9 does not expose the commit index;
     /// on the leader this is the newest proposed entry, on a follower the newest replicated).
     pub last_log_index: u64,
+    /// The last entry in this node's latest snapshot; the log before it is gone (0: none yet).
+    #[serde(default)]
+    pub snapshot_index: u64,
     /// Committed objects.
     pub gateways: usize,
     pub policies: usize,

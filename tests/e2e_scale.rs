@@ -98,6 +98,21 @@ fn three_nodes_with_10k_policies_settle_fail_over_and_apply() {
         c.logs()
     );
 
+    // The seed is compacted away: a snapshot on every node past it, so that a new leader
+    // never re-sends the seed's parts while it finds its followers' log position.
+    let seeded = (0..3)
+        .filter_map(|i| c.topo.status(i)?["cluster"]["applied_index"].as_u64())
+        .min()
+        .unwrap_or(0);
+    wait(&c, "a snapshot on every node past the seed", || {
+        (0..3).all(|i| {
+            c.topo
+                .status(i)
+                .and_then(|s| s["cluster"]["snapshot_index"].as_u64())
+                .is_some_and(|n| n > 0 && n + 50 >= seeded)
+        })
+    });
+
     // A failover of the active node at this size.
     c.ensure_leader_is_not("gw1");
     // A restart of gw1 above hands the role back to it (preemption): wait for that first.

@@ -42,6 +42,8 @@ const PEER_MAX_PER_SOURCE: usize = 64;
 const PEER_NEW_PER_SOURCE_PER_SEC: u32 = 50;
 const PEER_EDGE_NICE: i32 = 0;
 const MEMBERSHIP_EVERY: Duration = Duration::from_millis(300);
+/// How long a requested snapshot may take before it is requested again.
+const COMPACT_RETRY: Duration = Duration::from_secs(10);
 /// How long a write (admin mutation, reload, seed) waits to be committed.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Objects per log entry of a large change (~25 KB encoded): small enough for a follower to
@@ -119,7 +121,10 @@ impl ClusterNode {
             election_timeout_min: timing.election_timeout_min_ms,
             election_timeout_max: timing.election_timeout_max_ms,
             snapshot_policy: SnapshotPolicy::LogsSinceLast(1000),
-            max_in_snapshot_log_to_keep: 100,
+            // Nothing before a snapshot is kept: what a new leader re-sends while it looks for
+            // its followers' log position is then only what came after it (see
+            // `run_compaction`). A follower behind the snapshot gets the snapshot instead.
+            max_in_snapshot_log_to_keep: 0,
             // Every append and snapshot chunk must be taken by a follower within a heartbeat
             // (appends) or this long (chunks), also with 100 000 policies: small ones.
             max_payload_entries: 64,
@@ -813,6 +818,33 @@ impl ClusterNode {
     /// The leader's loop: confirm the quorum, decide, commit assignment changes. Runs on every
     /// node and does nothing while the node is not the leader. A new controller (and so a new
     /// settling period) starts with every term this node leads.
+    /// Takes a snapshot as soon as the log since the last one carries many objects (a seed, a
+    /// large apply), instead of after the next 1 000 entries: until then every new leader
+    /// re-sends those entries to its followers before its first commit (openraft looks for a
+    /// follower's log position from the middle of the leader's log), and at 100 000 policies
+    /// that held a leader's failover back by most of a second.
+    pub async fn run_compaction(self: Arc<Self>) {
+        let mut applied = self.applied.clone();
+        let mut asked: Option<Instant> = None;
+        loop {
+            let wanted = applied.borrow_and_update().compact;
+            // One request per snapshot: building one at 100 000 policies takes a while, and
+            // the flag stays up until it is built.
+            if wanted && asked.is_none_or(|t| t.elapsed() > COMPACT_RETRY) {
+                asked = Some(Instant::now());
+                match self.raft.trigger().snapshot().await {
+                    Ok(()) => debug!("snapshot requested: the log carries many objects"),
+                    Err(e) => warn!(error = %e, "cannot request a snapshot"),
+                }
+            } else if !wanted {
+                asked = None;
+            }
+            if applied.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+
     pub async fn run_controller(self: Arc<Self>) {
         let tick = Duration::from_millis(self.timing.report_interval_ms);
         let timing = self.timing.lease_timing();
