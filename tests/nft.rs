@@ -386,6 +386,51 @@ async fn bad_element_keeps_previous_ruleset() {
     assert_ne!(text(&lab, &ns, &["list", "ruleset"]), before);
 }
 
+/// A full replace of 20 000 elements loads them in several kernel transactions (nftables'
+/// commit lock is not held for the whole load), and a failure in the last part still leaves
+/// the old generation in force, byte for byte.
+#[tokio::test]
+async fn a_large_load_goes_in_parts_and_a_late_failure_keeps_the_old_generation() {
+    if !require_root("a_large_load_goes_in_parts_and_a_late_failure_keeps_the_old_generation") {
+        return;
+    }
+    let mut lab = Lab::new("nftpart");
+    let ns = lab.ns("a");
+    let mut fw = fw(&ns);
+    let big = sorted(SnatMap {
+        v4: sources(20_000, "10.64.0.0", ANY4, "192.0.2.1"),
+        v6: vec![],
+    });
+    apply(&mut fw, &big).await.unwrap();
+    // The maps and chains (one nft run), the elements in parts, the switch (one nft run).
+    assert!(fw.transactions() >= 5, "{} transactions", fw.transactions());
+    assert_eq!(fw.list_elements().await.unwrap(), big);
+    let before = text(&lab, &ns, &["list", "ruleset"]);
+
+    // The last source twice with different targets: the kernel refuses it in the last part.
+    let mut dup = big.clone();
+    let last = *dup.v4.last().unwrap();
+    dup.v4.push(SnatElement {
+        to: GwId::of("192.0.2.7"),
+        ..last
+    });
+    // Refused on the delta path first; the next apply is a full replace and fails in its
+    // last part, after the earlier parts went in.
+    assert!(apply(&mut fw, &dup).await.is_err());
+    let (replaces, sent) = (fw.full_replaces(), fw.transactions());
+    let err = apply(&mut fw, &dup).await.unwrap_err().to_string();
+    assert!(err.contains("File exists"), "{err}");
+    assert_eq!(fw.full_replaces(), replaces + 1);
+    assert!(
+        fw.transactions() >= sent + 4,
+        "create, at least two parts, and the clean-up: {} transactions",
+        fw.transactions() - sent
+    );
+    assert_eq!(text(&lab, &ns, &["list", "ruleset"]), before);
+    apply(&mut fw, &big).await.unwrap();
+    assert_eq!(fw.list_elements().await.unwrap(), big);
+}
+
 #[tokio::test]
 async fn ipv6_elements() {
     if !require_root("ipv6_elements") {

@@ -221,6 +221,35 @@ impl<A: NftAddr> Family<A> {
     }
 }
 
+/// Elements per kernel transaction when a full replace loads a new generation's maps.
+/// Nothing references those maps until the switch, so the load needs no atomicity of its own;
+/// parts keep nftables' commit lock, which the lease task's fence renewals need too, from
+/// being held for a whole 100 000-element load (~0.7 s here).
+const LOAD_PART: usize = 8192;
+
+type Pieces = BTreeMap<usize, Vec<(Rect, GwId)>>;
+
+/// `pieces4` and `pieces6` (per cell) cut into parts of about [`LOAD_PART`] elements, whole
+/// cells each; at least one part (the selectors go with the first).
+fn load_parts(pieces4: &Pieces, pieces6: &Pieces) -> Vec<(Pieces, Pieces)> {
+    let mut parts: Vec<(Pieces, Pieces)> = vec![Default::default()];
+    let mut size = 0;
+    for (v6, pieces) in [(false, pieces4), (true, pieces6)] {
+        for (cell, list) in pieces {
+            if size >= LOAD_PART {
+                parts.push(Default::default());
+                size = 0;
+            }
+            if let Some(part) = parts.last_mut() {
+                let to = if v6 { &mut part.1 } else { &mut part.0 };
+                to.insert(*cell, list.clone());
+                size += list.len();
+            }
+        }
+    }
+    parts
+}
+
 /// Adds `pieces` (per cell) of generation `g` to `batch`.
 fn add_pieces<A: NftAddr>(
     batch: &mut Batch,
@@ -503,25 +532,20 @@ impl NftFirewall {
         let pieces6 = v6.pieces(map.v6.iter());
         let loaded = self
             .nft
-            .send_batch("load elements", move || {
-                let mut b = Batch::new();
-                add_selector::<Ipv4Addr>(&mut b, &t, generation, &p4);
-                add_selector::<Ipv6Addr>(&mut b, &t, generation, &p6);
-                add_pieces::<Ipv4Addr>(
-                    &mut b,
-                    Op::Add { exclusive: true },
-                    &t,
-                    generation,
-                    &pieces4,
-                );
-                add_pieces::<Ipv6Addr>(
-                    &mut b,
-                    Op::Add { exclusive: true },
-                    &t,
-                    generation,
-                    &pieces6,
-                );
-                b
+            .send_batches("load elements", move || {
+                let add = Op::Add { exclusive: true };
+                let mut batches = Vec::new();
+                for (n, (cells4, cells6)) in load_parts(&pieces4, &pieces6).iter().enumerate() {
+                    let mut b = Batch::new();
+                    if n == 0 {
+                        add_selector::<Ipv4Addr>(&mut b, &t, generation, &p4);
+                        add_selector::<Ipv6Addr>(&mut b, &t, generation, &p6);
+                    }
+                    add_pieces::<Ipv4Addr>(&mut b, add, &t, generation, cells4);
+                    add_pieces::<Ipv6Addr>(&mut b, add, &t, generation, cells6);
+                    batches.push(b);
+                }
+                batches
             })
             .await;
         let switched = match loaded {
@@ -1300,6 +1324,42 @@ fn parse_counters_json(text: &str) -> std::result::Result<NftCounters, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The parts of a load hold every cell once, in order, whole, and none is much larger than
+    /// [`LOAD_PART`]; an empty load is one (empty) part, for the selectors.
+    #[test]
+    fn a_load_is_cut_into_parts_of_whole_cells() {
+        let cells = |sizes: &[usize]| -> Pieces {
+            sizes
+                .iter()
+                .enumerate()
+                .map(|(c, n)| (c, vec![(((0, 0), (0, 0)), GwId(1)); *n]))
+                .collect()
+        };
+        assert_eq!(load_parts(&Pieces::new(), &Pieces::new()).len(), 1);
+        let p4 = cells(&[512; 200]);
+        let p6 = cells(&[3000, 7000, 100]);
+        let parts = load_parts(&p4, &p6);
+        assert!(parts.len() >= 14, "{} parts", parts.len());
+        let total = |f: &dyn Fn(&(Pieces, Pieces)) -> &Pieces| -> Vec<usize> {
+            parts.iter().flat_map(|p| f(p).keys().copied()).collect()
+        };
+        assert_eq!(total(&|p| &p.0), (0..200).collect::<Vec<_>>());
+        assert_eq!(total(&|p| &p.1), vec![0, 1, 2]);
+        for (a, b) in &parts {
+            let n: usize = a.values().chain(b.values()).map(Vec::len).sum();
+            assert!(n < LOAD_PART + 7000, "{n}");
+            assert!(a.values().chain(b.values()).all(|l| !l.is_empty()));
+        }
+        assert_eq!(
+            parts
+                .iter()
+                .flat_map(|(a, b)| a.values().chain(b.values()))
+                .map(Vec::len)
+                .sum::<usize>(),
+            512 * 200 + 10_100
+        );
+    }
 
     fn v4_range(s: (&str, &str), d: (&str, &str), to: &str) -> SnatElement<Ipv4Addr> {
         let p = |x: &str| -> Ipv4Addr { x.parse().unwrap() };

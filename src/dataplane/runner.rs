@@ -204,7 +204,19 @@ impl NftRunner {
         op: &'static str,
         make: impl FnOnce() -> Batch + Send + 'static,
     ) -> Result<()> {
-        self.transactions += 1;
+        self.send_batches(op, move || vec![make()]).await
+    }
+
+    /// Sends the batches that `make` builds, in order, each its own kernel transaction, and
+    /// stops at the first that fails. For loads that need no atomicity of their own (elements
+    /// of maps nothing references yet): nftables holds its per-namespace commit lock for a
+    /// whole transaction, and other writers of the namespace (the lease task's fence
+    /// renewals) wait for it, so a 100 000-element load goes in parts.
+    pub async fn send_batches(
+        &mut self,
+        op: &'static str,
+        make: impl FnOnce() -> Vec<Batch> + Send + 'static,
+    ) -> Result<()> {
         let socket = match self.socket.take() {
             Some(s) => s,
             None => nfnl::Socket::open(self.netns.as_deref()).map_err(|e| Error::Nft {
@@ -213,19 +225,28 @@ impl NftRunner {
             })?,
         };
         let netns = self.netns.clone();
-        let (socket, result) = tokio::task::spawn_blocking(move || {
+        let (socket, sent, result) = tokio::task::spawn_blocking(move || {
             let mut socket = socket;
-            let batch = make();
-            // A large batch goes while the watcher is deaf (see `watch::Own::quiet`).
-            let _quiet = super::watch::own().quiet(netns.as_deref(), batch.len());
-            let r = socket.send(batch);
-            (socket, r)
+            let batches = make();
+            // A large load goes while the watcher is deaf (see `watch::Own::quiet`), once for
+            // all its parts.
+            let total = batches.iter().map(Batch::len).sum();
+            let _quiet = super::watch::own().quiet(netns.as_deref(), total);
+            let mut sent = 0;
+            for batch in batches {
+                if let Err(e) = socket.send(batch) {
+                    return (socket, sent, Err(e));
+                }
+                sent += 1;
+            }
+            (socket, sent, Ok(()))
         })
         .await
         .map_err(|e| Error::Nft {
             op,
             detail: format!("the netlink sender failed: {e}"),
         })?;
+        self.transactions += sent as u64 + u64::from(result.is_err());
         match result {
             Ok(()) => {
                 self.socket = Some(socket);
