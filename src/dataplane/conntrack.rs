@@ -106,6 +106,8 @@ pub struct Flow {
     /// the source was translated to).
     pub reply: Tuple,
     pub status: u32,
+    /// The kernel's id of the entry: a new entry of the same tuple has another.
+    pub id: u32,
     family: u8,
     /// The raw `CTA_TUPLE_ORIG`, `CTA_ID` and `CTA_ZONE` attributes, sent back to delete it
     /// (the id makes sure a new entry with the same tuple is not deleted instead).
@@ -144,6 +146,7 @@ impl Flow {
             } else {
                 0
             },
+            id: 0,
             family: 0,
             key: Vec::new(),
         }
@@ -223,6 +226,7 @@ fn parse_flow(family: u8, a: &[u8]) -> Option<Flow> {
     let mut key = Vec::new();
     let (mut orig, mut reply) = (None, None);
     let mut status = 0;
+    let mut id = 0;
     for (t, p, off) in attrs(a) {
         match t {
             CTA_TUPLE_ORIG => {
@@ -230,7 +234,11 @@ fn parse_flow(family: u8, a: &[u8]) -> Option<Flow> {
                 orig = parse_tuple(p);
             }
             CTA_TUPLE_REPLY => reply = parse_tuple(p),
-            CTA_ID | CTA_ZONE => keep_attr(&mut key, a, off),
+            CTA_ID => {
+                keep_attr(&mut key, a, off);
+                id = be32(p).unwrap_or(0);
+            }
+            CTA_ZONE => keep_attr(&mut key, a, off),
             CTA_STATUS => status = be32(p)?,
             _ => {}
         }
@@ -239,6 +247,7 @@ fn parse_flow(family: u8, a: &[u8]) -> Option<Flow> {
         orig: orig?,
         reply: reply?,
         status,
+        id,
         family,
         key,
     })

@@ -326,6 +326,7 @@ fn an_entry_is_read_with_both_tuples_and_its_nat_state() {
     assert_eq!(f.routed_dst(), ip(SERVER));
     assert_eq!(f.translated_to(), Some(ip(VIP_A)));
     assert_eq!(f.protocol(), "udp");
+    assert_eq!(f.id, 7);
     // The deletion key: the original tuple and the id, not the reply tuple or the status.
     assert_eq!(
         f.key.len(),
