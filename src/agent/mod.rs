@@ -200,6 +200,14 @@ pub fn flows_sweeper(
     use crate::dataplane::conntrack::{Sweep, Sweeper, TcpPolicy, log_failure};
     let tcp = settings.tcp;
     let report = move |s: &Sweep| {
+        if s.quiet {
+            tracing::debug!(
+                examined = s.examined,
+                took_ms = s.took.as_secs_f64() * 1e3,
+                "the node's addresses changed: no conntrack entry was stale"
+            );
+            return;
+        }
         for (protocol, n) in &s.deleted {
             metrics.conntrack_deleted("policy_change", protocol, *n);
         }

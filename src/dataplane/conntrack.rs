@@ -444,14 +444,19 @@ impl Classifier {
 
     /// Whether `next` may reclassify any connection at all (cheap: no connection looked at).
     pub fn may_reclassify(&self, next: &Classifier) -> bool {
+        self.decisions_differ(next) || self.local != next.local
+    }
+
+    /// Whether the policies' classification or a source address of a gateway active in both
+    /// differs: what an operator changed, as opposed to the node's own addresses.
+    fn decisions_differ(&self, next: &Classifier) -> bool {
         let map = !Arc::ptr_eq(&self.map, &next.map) && *self.map != *next.map;
-        let source = self.roles.iter().any(|(g, a)| {
+        map || self.roles.iter().any(|(g, a)| {
             next.roles.get(g).is_some_and(|b| {
                 matches!((a.v4, b.v4), (Some(x), Some(y)) if x != y)
                     || matches!((a.v6, b.v6), (Some(x), Some(y)) if x != y)
             })
-        });
-        map || source || self.local != next.local
+        })
     }
 }
 
@@ -522,6 +527,9 @@ pub struct Sweep {
     pub kept_tcp: usize,
     /// Classification changes the sweep covered (several changes in a row are swept once).
     pub changes: usize,
+    /// Only the node's own addresses changed (a takeover adds the VIP) and nothing was stale:
+    /// not worth an event.
+    pub quiet: bool,
     pub took: Duration,
 }
 
@@ -744,6 +752,9 @@ pub fn sweep(
     }
     out.deleted = deleted;
     out.took = started.elapsed();
+    out.quiet = out.deleted.is_empty()
+        && out.kept_tcp == 0
+        && !history.windows(2).any(|w| w[0].decisions_differ(&w[1]));
     debug!(
         examined = out.examined,
         deleted = out.deleted_total(),

@@ -22,6 +22,11 @@
 //!     ip6 saddr . ip6 daddr vmap @sel6_G
 //!     counter name "not_snated"
 //!   }
+//!   # with dataplane.tcp_on_policy_change = "reset" (`conntrack.rs`): TCP connections the
+//!   # conntrack sweeper ended, answered with a reset; not generational, kept by replaces
+//!   set ended4 { type ipv4_addr . inet_service . ipv4_addr . inet_service; flags timeout; }
+//!   set ended6 { ... }
+//!   chain ended { type filter hook forward priority filter; policy accept; ... reject with tcp reset }
 //! }
 //! ```
 //!

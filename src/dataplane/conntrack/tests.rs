@@ -235,6 +235,18 @@ fn an_unchanged_map_and_roles_do_not_wake_the_sweeper() {
 }
 
 #[test]
+fn only_the_nodes_own_addresses_changing_is_not_a_decision_change() {
+    let policies = [pol("p", "a", "203.0.113.0/24", &[])];
+    let standby = classifier(&policies, &[]);
+    let active = classifier(&policies, &[("a", VIP_A)]);
+    // The VIP became a local address: worth a sweep, not an operator's change.
+    assert!(standby.may_reclassify(&active));
+    assert!(!standby.decisions_differ(&active));
+    let moved = classifier(&[pol("p", "b", "203.0.113.0/24", &[])], &[("a", VIP_A)]);
+    assert!(active.decisions_differ(&moved));
+}
+
+#[test]
 fn ended_keys_pad_each_port_to_a_register() {
     let mut b = Vec::new();
     Ended(
