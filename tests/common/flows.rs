@@ -352,3 +352,49 @@ pub fn spray(ns: &str, src: Ipv4Addr, dst: SocketAddrV4, n: usize) {
     .join()
     .expect("spray thread");
 }
+
+/// Sends one datagram from `src` (one socket) to each port of `ports` on `dst`, from namespace
+/// `ns`: one conntrack entry per port on the gateway. Paced so that the queues on the way do
+/// not drop them.
+pub fn spray_ports(ns: &str, src: SocketAddrV4, dst: Ipv4Addr, ports: std::ops::Range<u16>) {
+    let ns = ns.to_string();
+    std::thread::spawn(move || {
+        enter_netns(&ns);
+        let sock = UdpSocket::bind(src).expect("spray socket");
+        for (i, port) in ports.enumerate() {
+            // ENOBUFS on a full queue: wait and send again.
+            while sock.send_to(b"x", SocketAddrV4::new(dst, port)).is_err() {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            if i % 200 == 199 {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+    })
+    .join()
+    .expect("spray thread");
+}
+
+/// The node's `flows` events after sequence number `after`: (seq, message).
+pub fn flow_events(node: &heal::Node, after: u64) -> Vec<(u64, String)> {
+    node.events()
+        .iter()
+        .filter(|e| e["kind"] == "flows")
+        .filter_map(|e| {
+            let seq = e["seq"].as_u64()?;
+            (seq > after).then(|| (seq, e["message"].as_str().unwrap_or("").to_string()))
+        })
+        .collect()
+}
+
+/// (deleted, examined, milliseconds) of a `flows` event's message ("... deleted N stale
+/// conntrack entries (udp N) of M in X ms ...").
+pub fn sweep_figures(message: &str) -> Option<(usize, usize, f64)> {
+    let rest = message.split("deleted ").nth(1)?;
+    let deleted = rest.split_whitespace().next()?.parse().ok()?;
+    let rest = rest.split(" of ").nth(1)?;
+    let mut words = rest.split_whitespace();
+    let examined = words.next()?.parse().ok()?;
+    let ms = words.nth(1)?.parse().ok()?;
+    Some((deleted, examined, ms))
+}
