@@ -62,8 +62,9 @@ fn reached(flow: &UdpFlow, source: &str, since: Instant) -> f64 {
 }
 
 /// The sweeps after event `after`, once they stop coming (none for 500 ms after the first):
-/// the last event's number, and the entries deleted and the wall time, summed over them.
-fn sweeps(node: &common::heal::Node, after: u64) -> (u64, usize, f64) {
+/// the last event's number, and the entries deleted, the wall time and the time reading the
+/// entries, summed over them.
+fn sweeps(node: &common::heal::Node, after: u64) -> (u64, usize, f64, f64) {
     let end = Instant::now() + Duration::from_secs(60);
     let mut seen = Vec::new();
     let mut quiet_since = Instant::now();
@@ -77,12 +78,13 @@ fn sweeps(node: &common::heal::Node, after: u64) -> (u64, usize, f64) {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    let figures: Vec<(usize, usize, f64)> =
+    let figures: Vec<(usize, usize, f64, f64)> =
         seen.iter().filter_map(|(_, m)| sweep_figures(m)).collect();
     (
         seen.last().map_or(after, |e| e.0),
         figures.iter().map(|f| f.0).sum(),
         figures.iter().map(|f| f.2).sum(),
+        figures.iter().map(|f| f.3).sum(),
     )
 }
 
@@ -93,6 +95,9 @@ struct Row {
     delete: Vec<f64>,
     deleted: Vec<f64>,
     sweep_ms: Vec<f64>,
+    /// The apply's sweeps alone, and their reading of the entries.
+    apply_sweep_ms: Vec<f64>,
+    read_ms: Vec<f64>,
 }
 
 fn main() {
@@ -110,7 +115,7 @@ fn main() {
     );
     flow.wait_source(CLIENT_IP, "start", || node.topo.log(0));
     // The takeover's own sweeps (the VIP became a local address) first.
-    let (mut seq, _, _) = sweeps(&node, 0);
+    let (mut seq, _, _, _) = sweeps(&node, 0);
     let mut rows = Vec::new();
     for (what, spray) in [
         ("the running flow alone", None),
@@ -127,6 +132,8 @@ fn main() {
             delete: Vec::new(),
             deleted: Vec::new(),
             sweep_ms: Vec::new(),
+            apply_sweep_ms: Vec::new(),
+            read_ms: Vec::new(),
         };
         if spray == Some(CLIENT_OTHER_IP) {
             spray_100k(&node, CLIENT_OTHER_IP);
@@ -144,14 +151,16 @@ fn main() {
             let t0 = Instant::now();
             apply(&node, &policy(&[]));
             row.apply.push(reached(&flow, VIP, t0));
-            let (s, deleted, ms) = sweeps(&node, seq);
+            let (s, deleted, ms, read) = sweeps(&node, seq);
             seq = s;
             row.deleted.push(deleted as f64);
             row.sweep_ms.push(ms);
+            row.apply_sweep_ms.push(ms);
+            row.read_ms.push(read);
             let t1 = Instant::now();
             delete_policy(&node, "p");
             row.delete.push(reached(&flow, CLIENT_IP, t1));
-            let (s, _, ms) = sweeps(&node, seq);
+            let (s, _, ms, _) = sweeps(&node, seq);
             seq = s;
             row.sweep_ms.push(ms);
             eprintln!(
@@ -164,16 +173,18 @@ fn main() {
     }
 
     println!(
-        "| flows tracked | entries | apply → VIP, median / max | delete → own address, median / max | entries deleted by the apply's sweep (median) | sweep wall time, median / max |"
+        "| flows tracked | entries | apply → VIP, median / max | delete → own address, median / max | entries deleted by the apply's sweep (median) | sweep wall time, median / max | the apply's sweep: reading / all, medians |"
     );
-    println!("| --- | ---: | ---: | ---: | ---: | ---: |");
+    println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: |");
     for r in rows {
         let (am, ax) = stats(r.apply.clone());
         let (dm, dx) = stats(r.delete.clone());
         let (del, _) = stats(r.deleted.clone());
         let (sm, sx) = stats(r.sweep_ms.clone());
+        let (rm, _) = stats(r.read_ms.clone());
+        let (am2, _) = stats(r.apply_sweep_ms.clone());
         println!(
-            "| {} ({} trials) | {} | {am:.1} / {ax:.1} ms | {dm:.1} / {dx:.1} ms | {del:.0} | {sm:.1} / {sx:.1} ms |",
+            "| {} ({} trials) | {} | {am:.1} / {ax:.1} ms | {dm:.1} / {dx:.1} ms | {del:.0} | {sm:.1} / {sx:.1} ms | {rm:.1} / {am2:.1} ms |",
             r.what,
             r.apply.len(),
             r.entries

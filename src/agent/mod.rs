@@ -215,7 +215,7 @@ pub fn flows_sweeper(
         let by: Vec<String> = s.deleted.iter().map(|(p, n)| format!("{p} {n}")).collect();
         let mut message = format!(
             "policy change reached running flows: deleted {} stale conntrack entries{} of {} \
-             in {:.1} ms",
+             in {:.1} ms (read in {:.1} ms)",
             s.deleted_total(),
             if by.is_empty() {
                 String::new()
@@ -223,7 +223,8 @@ pub fn flows_sweeper(
                 format!(" ({})", by.join(", "))
             },
             s.examined,
-            s.took.as_secs_f64() * 1e3
+            s.took.as_secs_f64() * 1e3,
+            s.read.as_secs_f64() * 1e3
         );
         if s.deleted.contains_key("tcp") {
             message.push_str("; TCP connections ended with a reset");

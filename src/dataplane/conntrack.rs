@@ -531,6 +531,8 @@ pub struct Sweep {
     /// not worth an event.
     pub quiet: bool,
     pub took: Duration,
+    /// Of `took`, reading the entries (the rest is deleting).
+    pub read: Duration,
 }
 
 impl Sweep {
@@ -725,6 +727,7 @@ pub fn sweep(
             found.push(f);
         }
     })?;
+    out.read = started.elapsed();
     // A change installed while reading: an entry the newest classification agrees with may
     // have begun under it; the next sweep judges it.
     if let Some(n) = newest() {

@@ -387,14 +387,21 @@ pub fn flow_events(node: &heal::Node, after: u64) -> Vec<(u64, String)> {
         .collect()
 }
 
-/// (deleted, examined, milliseconds) of a `flows` event's message ("... deleted N stale
-/// conntrack entries (udp N) of M in X ms ...").
-pub fn sweep_figures(message: &str) -> Option<(usize, usize, f64)> {
+/// (deleted, examined, milliseconds in all, milliseconds reading) of a `flows` event's message
+/// ("... deleted N stale conntrack entries (udp N) of M in X ms (read in Y ms) ...").
+pub fn sweep_figures(message: &str) -> Option<(usize, usize, f64, f64)> {
     let rest = message.split("deleted ").nth(1)?;
     let deleted = rest.split_whitespace().next()?.parse().ok()?;
     let rest = rest.split(" of ").nth(1)?;
     let mut words = rest.split_whitespace();
     let examined = words.next()?.parse().ok()?;
     let ms = words.nth(1)?.parse().ok()?;
-    Some((deleted, examined, ms))
+    let read = rest
+        .split("read in ")
+        .nth(1)?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()?;
+    Some((deleted, examined, ms, read))
 }
