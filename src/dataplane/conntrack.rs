@@ -53,6 +53,7 @@ const IPCTNL_MSG_CT_DELETE: u16 = 2;
 const CTA_TUPLE_ORIG: u16 = 1;
 const CTA_TUPLE_REPLY: u16 = 2;
 const CTA_STATUS: u16 = 3;
+const CTA_TIMEOUT: u16 = 7;
 const CTA_ID: u16 = 12;
 const CTA_ZONE: u16 = 18;
 const CTA_TUPLE_IP: u16 = 1;
@@ -108,6 +109,9 @@ pub struct Flow {
     pub status: u32,
     /// The kernel's id of the entry: a new entry of the same tuple has another.
     pub id: u32,
+    /// Seconds left before the entry expires: a packet renews it, so the entries of flows
+    /// that are sending have the most left.
+    pub timeout: u32,
     family: u8,
     /// The raw `CTA_TUPLE_ORIG`, `CTA_ID` and `CTA_ZONE` attributes, sent back to delete it
     /// (the id makes sure a new entry with the same tuple is not deleted instead).
@@ -131,7 +135,8 @@ impl Flow {
     }
 
     /// An entry as a test builds it (not deletable: no kernel key).
-    pub fn example(orig: Tuple, translated_to: Option<IpAddr>) -> Flow {
+    #[cfg(test)]
+    pub(crate) fn example(orig: Tuple, translated_to: Option<IpAddr>) -> Flow {
         Flow {
             orig,
             reply: Tuple {
@@ -147,6 +152,7 @@ impl Flow {
                 0
             },
             id: 0,
+            timeout: 0,
             family: 0,
             key: Vec::new(),
         }
@@ -227,6 +233,7 @@ fn parse_flow(family: u8, a: &[u8]) -> Option<Flow> {
     let (mut orig, mut reply) = (None, None);
     let mut status = 0;
     let mut id = 0;
+    let mut timeout = 0;
     for (t, p, off) in attrs(a) {
         match t {
             CTA_TUPLE_ORIG => {
@@ -240,6 +247,7 @@ fn parse_flow(family: u8, a: &[u8]) -> Option<Flow> {
             }
             CTA_ZONE => keep_attr(&mut key, a, off),
             CTA_STATUS => status = be32(p)?,
+            CTA_TIMEOUT => timeout = be32(p).unwrap_or(0),
             _ => {}
         }
     }
@@ -248,6 +256,7 @@ fn parse_flow(family: u8, a: &[u8]) -> Option<Flow> {
         reply: reply?,
         status,
         id,
+        timeout,
         family,
         key,
     })
@@ -283,22 +292,27 @@ impl Conntrack {
         Ok(())
     }
 
-    /// Deletes `flows` (as dumped); returns how many were deleted (an entry already gone is
-    /// not counted, and is no error).
-    pub fn delete(&mut self, flows: &[Flow]) -> io::Result<usize> {
-        let mut deleted = 0;
+    /// Deletes `flows` (as dumped), in their order; returns how many were deleted, per
+    /// protocol (an entry already gone is not counted, and is no error).
+    pub fn delete(&mut self, flows: &[Flow]) -> io::Result<BTreeMap<&'static str, usize>> {
+        let mut deleted = BTreeMap::new();
         for chunk in flows.chunks(DELETE_CHUNK) {
-            deleted += self.delete_chunk(chunk)?;
+            self.delete_chunk(chunk, &mut deleted)?;
         }
         Ok(deleted)
     }
 
     /// One datagram of deletions, one message each.
-    fn delete_chunk(&mut self, flows: &[Flow]) -> io::Result<usize> {
+    fn delete_chunk(
+        &mut self,
+        flows: &[Flow],
+        deleted: &mut BTreeMap<&'static str, usize>,
+    ) -> io::Result<()> {
         let q = &mut self.q;
         let mut buf = Vec::with_capacity(flows.len() * 96);
         let first = q.seq.wrapping_add(1);
-        for f in flows.iter().filter(|f| !f.key.is_empty()) {
+        let sent_flows: Vec<&Flow> = flows.iter().filter(|f| !f.key.is_empty()).collect();
+        for f in &sent_flows {
             q.seq = q.seq.wrapping_add(1);
             let start = buf.len();
             push_header(
@@ -312,13 +326,13 @@ impl Conntrack {
             let len = (buf.len() - start) as u32;
             buf[start..start + 4].copy_from_slice(&len.to_ne_bytes());
         }
-        let sent = q.seq.wrapping_sub(first).wrapping_add(1) as usize;
+        let sent = sent_flows.len();
         if buf.is_empty() {
-            return Ok(0);
+            return Ok(());
         }
         let fd = q.sock.as_raw_fd();
         send_all(fd, &buf)?;
-        let (mut acked, mut deleted) = (0, 0);
+        let mut acked = 0;
         while acked < sent {
             let Some(n) = recv_answer(fd, &mut q.buf, "conntrack deletions")? else {
                 continue;
@@ -333,13 +347,16 @@ impl Conntrack {
                 }
                 acked += 1;
                 match -i32::from_ne_bytes([m[16], m[17], m[18], m[19]]) {
-                    0 => deleted += 1,
+                    0 => {
+                        let f = sent_flows[seq.wrapping_sub(first) as usize];
+                        *deleted.entry(f.protocol()).or_insert(0) += 1;
+                    }
                     libc::ENOENT => {}
                     code => return Err(io::Error::from_raw_os_error(code)),
                 }
             }
         }
-        Ok(deleted)
+        Ok(())
     }
 }
 
@@ -360,22 +377,7 @@ pub fn drop_untranslated(
             flows.push(f);
         }
     })?;
-    delete_by_protocol(&mut ct, flows)
-}
-
-fn delete_by_protocol(
-    ct: &mut Conntrack,
-    mut flows: Vec<Flow>,
-) -> io::Result<BTreeMap<&'static str, usize>> {
-    flows.sort_by_key(|f| f.protocol());
-    let mut out = BTreeMap::new();
-    for chunk in flows.chunk_by(|a, b| a.protocol() == b.protocol()) {
-        let n = ct.delete(chunk)?;
-        if n > 0 {
-            out.insert(chunk[0].protocol(), n);
-        }
-    }
-    Ok(out)
+    ct.delete(&flows)
 }
 
 // ------------------------------------------------------------------------------------------
@@ -708,7 +710,7 @@ fn run(shared: &Shared, settings: &Settings, report: &dyn Fn(&Sweep), failed: &d
 
 /// One sweep: reads every entry, keeps the stale ones, and deletes them (ending TCP ones with
 /// `Reset`, leaving them with `Keep`).
-pub fn sweep(
+fn sweep(
     ct: &mut Conntrack,
     resets: &mut Option<nfnl::Socket>,
     settings: &Settings,
@@ -733,9 +735,13 @@ pub fn sweep(
     if let Some(n) = newest() {
         found.retain(|f| !agrees(n.decide(f.orig.src, f.routed_dst()), f.translated_to()));
     }
+    // The entries with the most time left first: packets renew an entry, so these are the flows
+    // that are sending now, whose next packets wait for this (at 100 000 stale entries the
+    // deletions take most of a second).
+    found.sort_by_key(|f| std::cmp::Reverse(f.timeout));
     let (tcp, other): (Vec<Flow>, Vec<Flow>) =
         found.into_iter().partition(|f| f.orig.proto == IPPROTO_TCP);
-    let mut deleted = delete_by_protocol(ct, other)?;
+    let mut deleted = ct.delete(&other)?;
     match settings.tcp {
         TcpPolicy::Keep => out.kept_tcp = tcp.len(),
         TcpPolicy::Reset if !tcp.is_empty() => {
@@ -746,10 +752,7 @@ pub fn sweep(
             };
             sock.send(ended_batch(&settings.table, &tcp))
                 .map_err(|e| io::Error::other(format!("adding ended connections: {e}")))?;
-            let n = ct.delete(&tcp)?;
-            if n > 0 {
-                deleted.insert("tcp", n);
-            }
+            deleted.extend(ct.delete(&tcp)?);
         }
         TcpPolicy::Reset => {}
     }

@@ -330,6 +330,7 @@ fn an_entry_is_read_with_both_tuples_and_its_nat_state() {
         ),
         attr(CTA_STATUS, &(IPS_SRC_NAT | 0x8).to_be_bytes()),
         attr(CTA_ID, &7u32.to_be_bytes()),
+        attr(CTA_TIMEOUT, &117u32.to_be_bytes()),
     ]
     .concat();
     let f = parse_flow(2, &msg).expect("an entry");
@@ -339,11 +340,13 @@ fn an_entry_is_read_with_both_tuples_and_its_nat_state() {
     assert_eq!(f.translated_to(), Some(ip(VIP_A)));
     assert_eq!(f.protocol(), "udp");
     assert_eq!(f.id, 7);
-    // The deletion key: the original tuple and the id, not the reply tuple or the status.
+    assert_eq!(f.timeout, 117);
+    // The deletion key: the original tuple and the id, not the reply tuple, the status or the
+    // timeout.
     assert_eq!(
         f.key.len(),
         msg.len()
-            - attr(CTA_STATUS, &[0; 4]).len()
+            - 2 * attr(CTA_STATUS, &[0; 4]).len()
             - tuple(CTA_TUPLE_REPLY, [0; 4], [0; 4], 0, 0).len()
     );
 }
