@@ -120,7 +120,9 @@ async fn run_inner(
     let mut watcher_host = NetlinkHost::new().context("opening rtnetlink")?;
     let (epoch, fence, _) = fence_first(&config, &mut watcher_host).await?;
     let events = HostEvents::subscribe().context("subscribing to link events")?;
-    let mut firewall = NftFirewall::new(&config.dataplane.nft_table);
+    let mut firewall = NftFirewall::new(&config.dataplane.nft_table).with_ended(
+        config.dataplane.tcp_on_policy_change == crate::dataplane::conntrack::TcpPolicy::Reset,
+    );
     // Replace whatever a crashed run left, and prove that nft works before the node claims to
     // be ready.
     let firewall_ok = match firewall
@@ -263,6 +265,11 @@ async fn run_inner(
         dataplane_beat,
         prometheus.clone(),
         heal,
+        crate::dataplane::conntrack::Settings {
+            netns: None,
+            tcp: config.dataplane.tcp_on_policy_change,
+            table: config.dataplane.nft_table.clone(),
+        },
         release_rx,
     )?;
 
@@ -406,6 +413,7 @@ fn spawn_dataplane(
     heartbeat: Arc<Heartbeat>,
     metrics: Arc<crate::metrics::Metrics>,
     heal: Arc<Heal>,
+    flows: crate::dataplane::conntrack::Settings,
     release: tokio::sync::oneshot::Receiver<()>,
 ) -> anyhow::Result<tokio::sync::oneshot::Receiver<crate::dataplane::Result<()>>> {
     let (done_tx, done_rx) = tokio::sync::oneshot::channel();
@@ -428,7 +436,9 @@ fn spawn_dataplane(
             let result = rt.block_on(
                 async move {
                     let host = NetlinkHost::new()?;
-                    let rec = Reconciler::new(host, firewall).with_metrics(metrics);
+                    let rec = Reconciler::new(host, firewall).with_metrics(metrics.clone());
+                    // Started here: the sweeper's thread inherits this thread's lower priority.
+                    let sweeper = agent::flows_sweeper(flows, metrics, events.clone());
                     let mut task = agent::dataplane::DataplaneTask::new(
                         rec,
                         firewall_ok,
@@ -438,6 +448,9 @@ fn spawn_dataplane(
                         heartbeat,
                     )
                     .with_heal(heal);
+                    if let Some(s) = sweeper {
+                        task = task.with_flows(s);
+                    }
                     task.run().await;
                     let _ = release.await;
                     task.into_reconciler().release_all().await

@@ -37,6 +37,15 @@ pub struct ObjectLabels {
     pub object: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConntrackLabels {
+    /// `policy_change` (a change reclassified running flows) or `repair` (flows begun while
+    /// the SNAT table was missing).
+    pub reason: String,
+    /// `udp`, `tcp`, `icmp` or `other`.
+    pub protocol: String,
+}
+
 pub struct Metrics {
     registry: Registry,
     /// One scrape at a time: `observe` clears and refills the gateway families.
@@ -52,6 +61,8 @@ pub struct Metrics {
     pub nft_apply: Histogram,
     pub nft_apply_errors: Counter,
     pub dataplane_repairs: Family<ObjectLabels, Counter>,
+    pub conntrack_deleted: Family<ConntrackLabels, Counter>,
+    pub conntrack_tcp_kept: Counter,
     pub raft_term: Gauge,
     pub raft_is_leader: Gauge,
     pub raft_leader_changes: Counter,
@@ -92,6 +103,8 @@ impl Metrics {
             nft_apply: Histogram::new(exponential_buckets(0.001, 2.0, 14)),
             nft_apply_errors: Counter::default(),
             dataplane_repairs: Family::default(),
+            conntrack_deleted: Family::default(),
+            conntrack_tcp_kept: Counter::default(),
             raft_term: Gauge::default(),
             raft_is_leader: Gauge::default(),
             raft_leader_changes: Counter::default(),
@@ -163,6 +176,16 @@ impl Metrics {
             "dataplane_repairs",
             "Repairs of one of egressd's nftables tables after something outside changed or removed it",
             m.dataplane_repairs.clone(),
+        );
+        r.register(
+            "conntrack_deleted",
+            "Conntrack entries egressd deleted because their NAT decision was stale (tcp: connections ended with a reset)",
+            m.conntrack_deleted.clone(),
+        );
+        r.register(
+            "conntrack_tcp_kept",
+            "Stale TCP conntrack entries left to keep their old translation (dataplane.tcp_on_policy_change = keep)",
+            m.conntrack_tcp_kept.clone(),
         );
         r.register("raft_term", "Current Raft term", m.raft_term.clone());
         r.register(
@@ -258,6 +281,16 @@ impl Metrics {
                 object: format!("{family} {table}"),
             });
         }
+    }
+
+    /// `n` conntrack entries of `protocol` deleted for `reason`.
+    pub fn conntrack_deleted(&self, reason: &str, protocol: &str, n: usize) {
+        self.conntrack_deleted
+            .get_or_create(&ConntrackLabels {
+                reason: reason.to_owned(),
+                protocol: protocol.to_owned(),
+            })
+            .inc_by(n as u64);
     }
 
     pub fn announced(&self, ipv6: bool) {

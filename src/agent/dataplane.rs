@@ -14,6 +14,7 @@ use tracing::{error, info, warn};
 
 use super::{AgentConfig, Facts, Leased, Ready};
 use crate::cluster::store::Applied;
+use crate::dataplane::conntrack::{Classifier, Sweeper};
 use crate::dataplane::watch::{Begin, Heal, Part, Repair};
 use crate::dataplane::{Firewall, Host, HostState};
 use crate::events::{EventKind, EventLog};
@@ -130,6 +131,8 @@ pub struct DataplaneTask<H, F> {
     heal_rx: Option<watch::Receiver<u64>>,
     /// A repair is pending but backs off until then.
     heal_wait: Option<Instant>,
+    /// Deletes the conntrack entries a change made stale, on a thread of its own.
+    flows: Option<Sweeper>,
 }
 
 /// Forwarding must be on for the node to pass traffic; IPv6 forwarding only when a policy needs
@@ -204,7 +207,14 @@ impl<H: Host, F: Firewall> DataplaneTask<H, F> {
             heal: None,
             heal_rx: None,
             heal_wait: None,
+            flows: None,
         }
+    }
+
+    /// Running flows follow policy changes (see `dataplane::conntrack`).
+    pub fn with_flows(mut self, sweeper: Sweeper) -> Self {
+        self.flows = Some(sweeper);
+        self
     }
 
     /// Repairs the SNAT table when the nftables watcher reports an outside change.
@@ -345,8 +355,17 @@ impl<H: Host, F: Firewall> DataplaneTask<H, F> {
                     c.done(self.rec.firewall.manifest());
                 }
                 if let (Some(h), Some(r)) = (&heal, repair) {
-                    forget_untranslated(&desired, &host).await;
+                    forget_untranslated(&desired, &host, &self.rec.metrics).await;
                     h.repaired(Part::Snat, r);
+                }
+                // The kernel decides now as `desired` says: the sweeper compares the running
+                // flows with it, without holding up this round.
+                if let Some(f) = &self.flows {
+                    f.installed(Classifier {
+                        map: desired.snat.clone(),
+                        roles: desired.roles.clone(),
+                        local: Arc::new(local_addresses(&host)),
+                    });
                 }
                 self.firewall_ok = true;
                 self.held = desired.sources.keys().cloned().collect();
@@ -524,37 +543,40 @@ impl<H: Host, F: Firewall> DataplaneTask<H, F> {
 /// After a repair of the SNAT table: the connections that began while it was missing (their
 /// conntrack entries are not translated) start over, translated (see
 /// `watch::drop_untranslated`).
-async fn forget_untranslated(desired: &reconciler::Desired, host: &HostState) {
-    let map = desired.snat.clone();
-    let roles = desired.roles.clone();
-    // Traffic to the host itself is never translated.
-    let local: BTreeSet<IpAddr> = host
-        .values()
-        .flat_map(|i| i.addresses.iter().map(|(a, _)| *a))
-        .collect();
+async fn forget_untranslated(
+    desired: &reconciler::Desired,
+    host: &HostState,
+    metrics: &crate::metrics::Metrics,
+) {
+    let classifier = Classifier {
+        map: desired.snat.clone(),
+        roles: desired.roles.clone(),
+        local: Arc::new(local_addresses(host)),
+    };
     let translate = move |src: IpAddr, dst: IpAddr| {
-        !local.contains(&dst)
-            && map
-                .lookup(src, dst)
-                .and_then(|g| roles.get(&g))
-                .is_some_and(|r| match dst {
-                    IpAddr::V4(_) => r.v4.is_some(),
-                    IpAddr::V6(_) => r.v6.is_some(),
-                })
+        matches!(
+            classifier.decide(src, dst),
+            crate::dataplane::conntrack::Nat::Snat(_)
+        )
     };
     let started = Instant::now();
     match tokio::task::spawn_blocking(move || {
-        crate::dataplane::watch::drop_untranslated(None, translate)
+        crate::dataplane::conntrack::drop_untranslated(None, translate)
     })
     .await
     {
-        Ok(Ok(0)) => {}
-        Ok(Ok(n)) => info!(
-            connections = n,
-            took_ms = started.elapsed().as_secs_f64() * 1e3,
-            "dropped the conntrack entries of connections that began un-NATed while the SNAT \
+        Ok(Ok(deleted)) if deleted.is_empty() => {}
+        Ok(Ok(deleted)) => {
+            for (protocol, n) in &deleted {
+                metrics.conntrack_deleted("repair", protocol, *n);
+            }
+            info!(
+                connections = deleted.values().sum::<usize>(),
+                took_ms = started.elapsed().as_secs_f64() * 1e3,
+                "dropped the conntrack entries of connections that began un-NATed while the SNAT \
              table was missing: they start over, translated"
-        ),
+            )
+        }
         Ok(Err(e)) => warn!(
             error = %e,
             "cannot drop the conntrack entries of connections that began un-NATed during the \
@@ -562,6 +584,13 @@ async fn forget_untranslated(desired: &reconciler::Desired, host: &HostState) {
         ),
         Err(e) => warn!(error = %e, "the conntrack clean-up failed"),
     }
+}
+
+/// The host's addresses: traffic from or to them is never classified.
+fn local_addresses(host: &HostState) -> BTreeSet<IpAddr> {
+    host.values()
+        .flat_map(|i| i.addresses.iter().map(|(a, _)| *a))
+        .collect()
 }
 
 /// Waits for a change of `rx`, forever when there is none.

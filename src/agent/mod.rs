@@ -189,3 +189,72 @@ pub fn heal_report(
         }
     }
 }
+
+/// The conntrack sweeper of the data plane (`dataplane::conntrack`), reporting each sweep as a
+/// log line, an event and metrics; `None` (logged) when its thread cannot start.
+pub fn flows_sweeper(
+    settings: crate::dataplane::conntrack::Settings,
+    metrics: Arc<crate::metrics::Metrics>,
+    events: crate::events::EventLog,
+) -> Option<crate::dataplane::conntrack::Sweeper> {
+    use crate::dataplane::conntrack::{Sweep, Sweeper, TcpPolicy, log_failure};
+    let tcp = settings.tcp;
+    let report = move |s: &Sweep| {
+        if s.quiet {
+            tracing::debug!(
+                examined = s.examined,
+                took_ms = s.took.as_secs_f64() * 1e3,
+                "the node's addresses changed: no conntrack entry was stale"
+            );
+            return;
+        }
+        for (protocol, n) in &s.deleted {
+            metrics.conntrack_deleted("policy_change", protocol, *n);
+        }
+        metrics.conntrack_tcp_kept.inc_by(s.kept_tcp as u64);
+        let by: Vec<String> = s.deleted.iter().map(|(p, n)| format!("{p} {n}")).collect();
+        let mut message = format!(
+            "policy change reached running flows: deleted {} stale conntrack entries{} of {} \
+             in {:.1} ms (read in {:.1} ms)",
+            s.deleted_total(),
+            if by.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", by.join(", "))
+            },
+            s.examined,
+            s.took.as_secs_f64() * 1e3,
+            s.read.as_secs_f64() * 1e3
+        );
+        if s.deleted.contains_key("tcp") {
+            message.push_str("; TCP connections ended with a reset");
+        }
+        if s.kept_tcp > 0 && tcp == TcpPolicy::Keep {
+            message.push_str(&format!(
+                "; {} TCP connections keep their old translation until they end \
+                 (dataplane.tcp_on_policy_change = \"keep\")",
+                s.kept_tcp
+            ));
+        }
+        tracing::info!(
+            deleted = s.deleted_total(),
+            kept_tcp = s.kept_tcp,
+            examined = s.examined,
+            changes = s.changes,
+            took_ms = s.took.as_secs_f64() * 1e3,
+            "{message}"
+        );
+        events.local(crate::events::EventKind::Flows, None, message);
+    };
+    match Sweeper::start(settings, report, log_failure) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::error!(
+                error = %e,
+                "cannot start the conntrack sweeper: running flows keep their translation \
+                 after policy changes until they end"
+            );
+            None
+        }
+    }
+}

@@ -1376,6 +1376,8 @@ pub enum EventKind {
     Leadership,
     /// egressd's nftables tables were changed from outside and repaired.
     Repair,
+    /// A policy change reached running flows: stale conntrack entries deleted.
+    Flows,
 }
 
 impl EventKind {
@@ -1395,6 +1397,7 @@ impl EventKind {
             EventKind::ConfigRejected => "config_rejected",
             EventKind::Leadership => "leadership",
             EventKind::Repair => "repair",
+            EventKind::Flows => "flows",
         }
     }
 }

@@ -1091,7 +1091,25 @@ impl<'a> Reader<'a> {
             spec.garp_refresh_secs,
             &schema::GARP_REFRESH_SECS,
         );
+        let tcp_on_policy_change = match spec.tcp_on_policy_change {
+            None => Some(d.tcp_on_policy_change),
+            Some(s) => {
+                let p = crate::dataplane::conntrack::TcpPolicy::parse(&s);
+                if p.is_none() {
+                    self.push(
+                        "dataplane.tcp_on_policy_change",
+                        format!(
+                            "{} is not a choice; expected \"keep\" (running TCP connections \
+                             keep their translation) or \"reset\" (they are ended with a reset)",
+                            rules::quote(&s)
+                        ),
+                    );
+                }
+                p
+            }
+        };
         Some(DataplaneConfig {
+            tcp_on_policy_change: tcp_on_policy_change?,
             nft_table: nft_table?,
             garp_count: garp_count?.map_or(Some(d.garp_count), |n| u32::try_from(n).ok())?,
             garp_interval_ms: garp_interval_ms?.unwrap_or(d.garp_interval_ms),
@@ -2434,6 +2452,28 @@ peers = [
         assert_eq!(
             (c.dataplane.garp_count, c.dataplane.garp_interval_ms),
             (100, 0)
+        );
+    }
+
+    #[test]
+    fn tcp_on_policy_change_is_keep_or_reset() {
+        let e = errors_with(&[BASE, "[dataplane]\ntcp_on_policy_change = \"rst\"\n"]);
+        assert_error(
+            &e,
+            "dataplane.tcp_on_policy_change",
+            "\"rst\" is not a choice; expected \"keep\"",
+        );
+        let e = errors_with(&[BASE, "[dataplane]\ntcp_on_policy_change = true\n"]);
+        assert_error(&e, "dataplane.tcp_on_policy_change", "expected a string");
+        let c = ok(&[BASE, "[dataplane]\ntcp_on_policy_change = \"reset\"\n"].concat());
+        assert_eq!(
+            c.dataplane.tcp_on_policy_change,
+            crate::dataplane::conntrack::TcpPolicy::Reset
+        );
+        let c = ok(BASE);
+        assert_eq!(
+            c.dataplane.tcp_on_policy_change,
+            crate::dataplane::conntrack::TcpPolicy::Keep
         );
     }
 

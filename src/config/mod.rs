@@ -219,6 +219,9 @@ pub struct DataplaneConfig {
     pub garp_refresh_secs: u64,
     /// Off by default: forwarding is a host-wide setting an operator may want to own.
     pub manage_forwarding: bool,
+    /// Running TCP connections a policy change reclassifies: kept with their old translation
+    /// (default), or ended with a reset. Read at start.
+    pub tcp_on_policy_change: crate::dataplane::conntrack::TcpPolicy,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -259,6 +262,7 @@ impl Default for DataplaneConfig {
             garp_interval_ms: 10,
             garp_refresh_secs: 0,
             manage_forwarding: false,
+            tcp_on_policy_change: crate::dataplane::conntrack::TcpPolicy::Keep,
         }
     }
 }

@@ -146,6 +146,9 @@ pub struct DataplaneSpec {
     pub garp_refresh_secs: Option<u64>,
     /// Default false.
     pub manage_forwarding: Option<bool>,
+    /// `keep` (default) or `reset`: what a policy change does to running TCP connections it
+    /// reclassifies (`crate::dataplane::conntrack`).
+    pub tcp_on_policy_change: Option<String>,
 }
 
 /// `[log]`

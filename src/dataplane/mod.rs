@@ -2,6 +2,7 @@
 //! trait so that the reconciler runs the same against the kernel and against the in-memory fake.
 
 pub mod announce;
+pub mod conntrack;
 pub mod fake;
 pub mod fence;
 pub mod host;

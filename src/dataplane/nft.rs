@@ -22,6 +22,11 @@
 //!     ip6 saddr . ip6 daddr vmap @sel6_G
 //!     counter name "not_snated"
 //!   }
+//!   # with dataplane.tcp_on_policy_change = "reset" (`conntrack.rs`): TCP connections the
+//!   # conntrack sweeper ended, answered with a reset; not generational, kept by replaces
+//!   set ended4 { type ipv4_addr . inet_service . ipv4_addr . inet_service; flags timeout; }
+//!   set ended6 { ... }
+//!   chain ended { type filter hook forward priority filter; policy accept; ... reject with tcp reset }
 //! }
 //! ```
 //!
@@ -70,6 +75,7 @@ use std::sync::Arc;
 
 use serde_json::Value;
 
+use super::conntrack::{ENDED_CHAIN, ENDED_SET4, ENDED_SET6};
 use super::nfnl::{self, Batch, Data, Element, KeyBytes, Op};
 use super::runner::NftRunner;
 use super::shard::{Partition, Rect};
@@ -413,6 +419,9 @@ pub struct NftFirewall {
     chains: Option<BTreeSet<GwId>>,
     /// The roles the chains hold, when known.
     roles: Option<Roles>,
+    /// The table holds the sets of ended TCP connections and the chain that resets their
+    /// packets (`dataplane.tcp_on_policy_change = "reset"`, see `conntrack.rs`).
+    ended: bool,
 }
 
 /// Checks that `name` can be written into an nft script as a table name as is: a letter, then
@@ -467,7 +476,15 @@ impl NftFirewall {
             full_replaces: 0,
             chains: None,
             roles: None,
+            ended: false,
         }
+    }
+
+    /// With `on`, the table also answers the packets of the TCP connections the conntrack
+    /// sweeper ended with a reset.
+    pub fn with_ended(mut self, on: bool) -> NftFirewall {
+        self.ended = on;
+        self
     }
 
     pub fn table(&self) -> &str {
@@ -587,6 +604,9 @@ impl NftFirewall {
         );
         create_family::<Ipv4Addr>(&mut s, t, g, cells4);
         create_family::<Ipv6Addr>(&mut s, t, g, cells6);
+        if self.ended {
+            s.push_str(&ended_script(t));
+        }
         s
     }
 
@@ -613,6 +633,8 @@ impl NftFirewall {
         let old: Vec<&Object> = existing
             .iter()
             .filter(|o| plain_name(&o.name) && gw_of(&o.name).is_none())
+            // Not generational either; kept only while wanted (see `create_script`).
+            .filter(|o| !(self.ended && is_ended(&o.name)))
             .collect();
         for o in old.iter().filter(|o| o.kind == "chain") {
             let _ = writeln!(s, "flush chain inet {t} {}", o.name);
@@ -710,6 +732,26 @@ impl NftFirewall {
         }
         Ok(Some(DeltaPlan { v4: d4, v6: d6 }))
     }
+}
+
+fn is_ended(name: &str) -> bool {
+    [ENDED_CHAIN, ENDED_SET4, ENDED_SET6].contains(&name)
+}
+
+/// The sets of ended TCP connections and the chain that answers their packets with a reset
+/// (anything but a fresh SYN: a new connection that happens to reuse the tuple passes). At the
+/// forward hook, before NAT's postrouting: the packet never leaves, and its conntrack entry,
+/// unconfirmed, goes with it. Idempotent: the sets keep their elements, the chain is rewritten.
+fn ended_script(t: &str) -> String {
+    let reset = "tcp flags & (syn | ack) != syn reject with tcp reset";
+    format!(
+        "add set inet {t} {ENDED_SET4} {{ type ipv4_addr . inet_service . ipv4_addr . inet_service; flags timeout; }}\n\
+         add set inet {t} {ENDED_SET6} {{ type ipv6_addr . inet_service . ipv6_addr . inet_service; flags timeout; }}\n\
+         add chain inet {t} {ENDED_CHAIN} {{ type filter hook forward priority filter; policy accept; }}\n\
+         flush chain inet {t} {ENDED_CHAIN}\n\
+         add rule inet {t} {ENDED_CHAIN} ip saddr . tcp sport . ip daddr . tcp dport @{ENDED_SET4} {reset}\n\
+         add rule inet {t} {ENDED_CHAIN} ip6 saddr . tcp sport . ip6 daddr . tcp dport @{ENDED_SET6} {reset}\n"
+    )
 }
 
 fn create_family<A: NftAddr>(s: &mut String, t: &str, g: u64, cells: usize) {
@@ -1005,6 +1047,12 @@ impl Firewall for NftFirewall {
         for id in chains {
             spec.chains.insert(gw_chain::<Ipv4Addr>(*id), 1);
             spec.chains.insert(gw_chain::<Ipv6Addr>(*id), 1);
+        }
+        if self.ended {
+            // Elements come and expire with ended connections: their number is not checked.
+            spec.chains.insert(ENDED_CHAIN.to_owned(), 2);
+            spec.sets.insert(ENDED_SET4.to_owned(), Count::Any);
+            spec.sets.insert(ENDED_SET6.to_owned(), Count::Any);
         }
         Some(Manifest { tables: vec![spec] })
     }

@@ -57,9 +57,9 @@ const SOL_NETLINK: libc::c_int = 270;
 const NETLINK_ADD_MEMBERSHIP: libc::c_int = 1;
 const NETLINK_DROP_MEMBERSHIP: libc::c_int = 2;
 
-const NLM_F_REQUEST: u16 = 0x1;
-const NLM_F_DUMP: u16 = 0x300;
-const NLMSG_ERROR: u16 = 2;
+pub(super) const NLM_F_REQUEST: u16 = 0x1;
+pub(super) const NLM_F_DUMP: u16 = 0x300;
+pub(super) const NLMSG_ERROR: u16 = 2;
 const NLMSG_DONE: u16 = 3;
 
 const NFT_MSG_NEWTABLE: u16 = 0;
@@ -197,15 +197,15 @@ pub enum Notice {
     Gen(Generation),
 }
 
-fn u16_at(b: &[u8], at: usize) -> u16 {
+pub(super) fn u16_at(b: &[u8], at: usize) -> u16 {
     u16::from_ne_bytes([b[at], b[at + 1]])
 }
 
-fn u32_at(b: &[u8], at: usize) -> u32 {
+pub(super) fn u32_at(b: &[u8], at: usize) -> u32 {
     u32::from_ne_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
 }
 
-fn be32(p: &[u8]) -> Option<u32> {
+pub(super) fn be32(p: &[u8]) -> Option<u32> {
     <[u8; 4]>::try_from(p).ok().map(u32::from_be_bytes)
 }
 
@@ -1133,14 +1133,14 @@ impl Heal {
 // Listing egressd's tables through netlink dumps
 
 /// A request-and-answer netfilter socket for dumps.
-struct Query {
-    sock: nfnl::Socket,
-    seq: u32,
-    buf: Vec<u8>,
+pub(super) struct Query {
+    pub(super) sock: nfnl::Socket,
+    pub(super) seq: u32,
+    pub(super) buf: Vec<u8>,
 }
 
 impl Query {
-    fn open(netns: Option<&str>) -> io::Result<Query> {
+    pub(super) fn open(netns: Option<&str>) -> io::Result<Query> {
         Ok(Query {
             sock: nfnl::Socket::open(netns)?,
             seq: 0,
@@ -1170,7 +1170,7 @@ impl Query {
 
     /// Sends one request and calls `each` with every answer message (at least the 20 bytes of
     /// the headers) until the dump is done or the kernel acknowledges.
-    fn request(
+    pub(super) fn request(
         &mut self,
         subsys: u16,
         msg_type: u16,
@@ -1351,7 +1351,7 @@ fn attr_str(a: &[u8], t: u16) -> Option<String> {
 }
 
 /// A netlink message header and an nfgenmsg (length 0: the caller fills it in).
-fn push_header(buf: &mut Vec<u8>, msg_type: u16, flags: u16, seq: u32, family: u8) {
+pub(super) fn push_header(buf: &mut Vec<u8>, msg_type: u16, flags: u16, seq: u32, family: u8) {
     buf.extend_from_slice(&0u32.to_ne_bytes());
     buf.extend_from_slice(&msg_type.to_ne_bytes());
     buf.extend_from_slice(&flags.to_ne_bytes());
@@ -1361,7 +1361,7 @@ fn push_header(buf: &mut Vec<u8>, msg_type: u16, flags: u16, seq: u32, family: u
 }
 
 /// Sends `buf` on the netlink socket `fd` in one call.
-fn send_all(fd: RawFd, buf: &[u8]) -> io::Result<()> {
+pub(super) fn send_all(fd: RawFd, buf: &[u8]) -> io::Result<()> {
     // SAFETY: `buf` is valid for its length.
     if unsafe { libc::send(fd, buf.as_ptr().cast(), buf.len(), 0) } < 0 {
         return Err(io::Error::last_os_error());
@@ -1371,7 +1371,7 @@ fn send_all(fd: RawFd, buf: &[u8]) -> io::Result<()> {
 
 /// Waits up to 5 s for the answer to `what` and reads one datagram of it into `buf`: its
 /// length, or `None` when a signal interrupted the read (read again).
-fn recv_answer(fd: RawFd, buf: &mut [u8], what: &str) -> io::Result<Option<usize>> {
+pub(super) fn recv_answer(fd: RawFd, buf: &mut [u8], what: &str) -> io::Result<Option<usize>> {
     if !wait_readable(fd, 5000)? {
         return Err(io::Error::new(
             io::ErrorKind::TimedOut,
@@ -1750,174 +1750,6 @@ impl Run {
             "nftables watcher: checked egressd's tables"
         );
         consistent
-    }
-}
-
-// ------------------------------------------------------------------------------------------
-// After a SNAT repair: connections that began while the table was missing
-
-const NFNL_SUBSYS_CTNETLINK: u16 = 1;
-const IPCTNL_MSG_CT_GET: u16 = 1;
-const IPCTNL_MSG_CT_DELETE: u16 = 2;
-const CTA_TUPLE_ORIG: u16 = 1;
-const CTA_STATUS: u16 = 3;
-const CTA_ID: u16 = 12;
-const CTA_ZONE: u16 = 18;
-const CTA_TUPLE_IP: u16 = 1;
-const CTA_IP_V4_SRC: u16 = 1;
-const CTA_IP_V4_DST: u16 = 2;
-const CTA_IP_V6_SRC: u16 = 3;
-const CTA_IP_V6_DST: u16 = 4;
-/// Conntrack status bit: the connection's source is translated.
-const IPS_SRC_NAT: u32 = 1 << 4;
-const NLM_F_ACK: u16 = 0x4;
-
-/// One conntrack entry as dumped: its original direction's addresses, whether its source is
-/// translated, and what identifies it for a deletion.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Flow {
-    pub src: std::net::IpAddr,
-    pub dst: std::net::IpAddr,
-    pub snat: bool,
-    family: u8,
-    /// The raw `CTA_TUPLE_ORIG`, `CTA_ID` and `CTA_ZONE` attributes, sent back to delete it.
-    key: Vec<u8>,
-}
-
-/// Reads one conntrack entry from a dump message's attributes.
-fn parse_flow(family: u8, a: &[u8]) -> Option<Flow> {
-    let mut key = Vec::new();
-    let mut src = None;
-    let mut dst = None;
-    let mut status = 0;
-    for (t, p, off) in attrs(a) {
-        match t {
-            CTA_TUPLE_ORIG => {
-                let len = u16_at(a, off) as usize;
-                key.extend_from_slice(&a[off..off + len]);
-                while !key.len().is_multiple_of(4) {
-                    key.push(0);
-                }
-                let (_, ip, _) = attrs(p).find(|(t, _, _)| *t == CTA_TUPLE_IP)?;
-                for (t, v, _) in attrs(ip) {
-                    let addr = match v.len() {
-                        4 => <[u8; 4]>::try_from(v).ok().map(std::net::IpAddr::from),
-                        16 => <[u8; 16]>::try_from(v).ok().map(std::net::IpAddr::from),
-                        _ => None,
-                    };
-                    match t {
-                        CTA_IP_V4_SRC | CTA_IP_V6_SRC => src = addr,
-                        CTA_IP_V4_DST | CTA_IP_V6_DST => dst = addr,
-                        _ => {}
-                    }
-                }
-            }
-            CTA_ID | CTA_ZONE => {
-                let len = u16_at(a, off) as usize;
-                key.extend_from_slice(&a[off..off + len]);
-                while !key.len().is_multiple_of(4) {
-                    key.push(0);
-                }
-            }
-            CTA_STATUS => status = be32(p)?,
-            _ => {}
-        }
-    }
-    Some(Flow {
-        src: src?,
-        dst: dst?,
-        snat: status & IPS_SRC_NAT != 0,
-        family,
-        key,
-    })
-}
-
-/// Deletes the conntrack entries of network namespace `netns` whose source is not translated
-/// and that `translate(src, dst)` says egressd translates: connections that began while the
-/// SNAT table was missing. Without this, such a connection would go on un-NATed for as long as
-/// its entry lives, also after the repair (the NAT decision is made once, on a connection's
-/// first packet); deleted, its next packet starts a new entry, which the table translates (a
-/// TCP connection begun un-NATed then breaks, which is what its server would see anyway).
-/// Returns how many were deleted.
-pub fn drop_untranslated(
-    netns: Option<&str>,
-    translate: impl Fn(std::net::IpAddr, std::net::IpAddr) -> bool,
-) -> io::Result<usize> {
-    let mut q = Query::open(netns)?;
-    let mut flows = Vec::new();
-    q.dump_subsys(NFNL_SUBSYS_CTNETLINK, IPCTNL_MSG_CT_GET, 0, |family, a| {
-        if let Some(f) = parse_flow(family, a)
-            && !f.snat
-            && translate(f.src, f.dst)
-        {
-            flows.push(f);
-        }
-    })?;
-    let n = flows.len();
-    for chunk in flows.chunks(64) {
-        q.delete_flows(chunk)?;
-    }
-    Ok(n)
-}
-
-impl Query {
-    /// Like `dump` for any netfilter subsystem; `each` gets the message's family too.
-    fn dump_subsys(
-        &mut self,
-        subsys: u16,
-        msg_type: u16,
-        family: u8,
-        mut each: impl FnMut(u8, &[u8]),
-    ) -> io::Result<bool> {
-        self.request(
-            subsys,
-            msg_type,
-            NLM_F_REQUEST | NLM_F_DUMP,
-            family,
-            &[],
-            |m| each(m[16], &m[20..]),
-        )
-    }
-
-    /// Deletes `flows`, one message each, in one send; an entry already gone is no error.
-    fn delete_flows(&mut self, flows: &[Flow]) -> io::Result<()> {
-        let mut buf = Vec::new();
-        let first = self.seq.wrapping_add(1);
-        for f in flows {
-            self.seq = self.seq.wrapping_add(1);
-            let start = buf.len();
-            push_header(
-                &mut buf,
-                (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_DELETE,
-                NLM_F_REQUEST | NLM_F_ACK,
-                self.seq,
-                f.family,
-            );
-            buf.extend_from_slice(&f.key);
-            let len = (buf.len() - start) as u32;
-            buf[start..start + 4].copy_from_slice(&len.to_ne_bytes());
-        }
-        let last = self.seq;
-        let fd = self.sock.as_raw_fd();
-        send_all(fd, &buf)?;
-        let mut acked = 0;
-        while acked < flows.len() {
-            let Some(n) = recv_answer(fd, &mut self.buf, "conntrack deletions")? else {
-                continue;
-            };
-            for m in messages(&self.buf[..n]) {
-                let seq = u32_at(m, 8);
-                if u16_at(m, 4) != NLMSG_ERROR || seq < first || seq > last || m.len() < 20 {
-                    continue;
-                }
-                acked += 1;
-                let code = i32::from_ne_bytes([m[16], m[17], m[18], m[19]]);
-                if code != 0 && -code != libc::ENOENT {
-                    return Err(io::Error::from_raw_os_error(-code));
-                }
-            }
-        }
-        Ok(())
     }
 }
 

@@ -3,6 +3,7 @@ pub mod bench;
 pub mod capture;
 pub mod cluster;
 pub mod flood;
+pub mod flows;
 pub mod heal;
 pub mod leak;
 pub mod netns;
