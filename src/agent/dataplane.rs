@@ -39,6 +39,8 @@ struct Objects {
 pub struct Channels {
     pub config: watch::Receiver<Arc<AgentConfig>>,
     pub leased: watch::Receiver<Leased>,
+    /// Whether this node's lease as a member lasts: a standby redirects only then.
+    pub contact: watch::Receiver<bool>,
     pub host: watch::Receiver<Arc<HostState>>,
     pub applied: watch::Receiver<Applied>,
     /// Set on SIGTERM: report not ready, so the leader moves the gateways away.
@@ -178,6 +180,7 @@ impl<H: Host, F: Firewall> DataplaneTask<H, F> {
         let host = self.ch.host.borrow().clone();
         let applied = self.ch.applied.borrow().clone();
         let leased = self.ch.leased.borrow().clone();
+        let in_contact = *self.ch.contact.borrow();
         let mut policies_changed = false;
         if self.objects.version != applied.index || self.objects.gateways.is_empty() {
             let policies = applied.state.policies.clone();
@@ -259,6 +262,9 @@ impl<H: Host, F: Firewall> DataplaneTask<H, F> {
                     version: self.objects.version,
                     gateways: &gateways,
                     policies: &self.objects.policies,
+                    committed: &applied.state.assignment,
+                    members: &applied.state.members,
+                    in_contact,
                 },
                 &host,
                 &managed,
@@ -442,6 +448,7 @@ impl<H: Host, F: Firewall> DataplaneTask<H, F> {
             // Idle is healthy: beat at least once a second while waiting.
             tokio::select! {
                 r = self.ch.leased.changed() => if r.is_err() { return },
+                r = self.ch.contact.changed() => if r.is_err() { return },
                 r = self.ch.applied.changed() => if r.is_err() { return },
                 r = self.ch.host.changed() => if r.is_err() { return },
                 r = self.ch.config.changed() => if r.is_err() { return },

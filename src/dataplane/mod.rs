@@ -7,6 +7,7 @@ pub mod fence;
 pub mod host;
 pub mod nfnl;
 pub mod nft;
+pub mod overlay;
 pub mod runner;
 pub mod shard;
 pub mod watch;
@@ -39,11 +40,12 @@ pub enum Error {
 pub type Result<T> = std::result::Result<T, Error>;
 
 /// What a gateway's chains do on this node: SNAT to these addresses (it is active here), or
-/// nothing (`None`).
+/// else redirect to the member of this overlay slot (`overlay::redirect_target`), or else drop.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Role {
     pub v4: Option<std::net::Ipv4Addr>,
     pub v6: Option<std::net::Ipv6Addr>,
+    pub redirect: Option<u16>,
 }
 
 /// Every gateway's role on this node.
@@ -103,6 +105,12 @@ pub trait Host: Send {
     fn add_address(&mut self, iface: &str, ip: IpAddr) -> impl Future<Output = Result<()>> + Send;
     /// Removes `ip` from `iface`; absent already is success.
     fn del_address(&mut self, iface: &str, ip: IpAddr) -> impl Future<Output = Result<()>> + Send;
+    /// Makes the redirect overlay (device, forwarding entries, routes, rules) match `overlay`,
+    /// replacing whatever an earlier run left; `None` removes all of it.
+    fn set_overlay(
+        &mut self,
+        overlay: Option<&overlay::Overlay>,
+    ) -> impl Future<Output = Result<()>> + Send;
 }
 
 /// Gratuitous ARP and unsolicited neighbour advertisements.

@@ -385,18 +385,51 @@ impl Topo {
         )
     }
 
-    /// The address gateway `gateway`'s IPv4 chain SNATs to in namespace `ns` (None: the chain
-    /// does nothing, the gateway is not active there, or there is no table).
+    /// The address gateway `gateway`'s IPv4 traffic is SNATed to in namespace `ns` (None: the
+    /// gateway is not active there, or there is no table). Its chain marks the packets with a
+    /// rank, which the SNAT chain maps to the address.
     pub fn gateway_snat(&self, ns: &str, gateway: &str) -> Option<String> {
-        let chain = format!("g4_{}", egressd::policy::GwId::of(gateway));
-        let out = self
-            .lab
-            .try_exec(ns, ["nft", "list", "chain", "inet", "egressd", &chain]);
-        let text = String::from_utf8_lossy(&out.stdout);
-        text.split("snat ip to ")
-            .nth(1)
-            .and_then(|rest| rest.split_whitespace().next())
+        let list = |chain: &str| {
+            let out = self
+                .lab
+                .try_exec(ns, ["nft", "-t", "list", "chain", "inet", "egressd", chain]);
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        };
+        let chain = list(&format!("g4_{}", egressd::policy::GwId::of(gateway)));
+        let mark = chain
+            .split("meta mark set ")
+            .nth(1)?
+            .split(" | ")
+            .nth(1)?
+            .split_whitespace()
+            .next()?
+            .to_string();
+        let mark_value = u32::from_str_radix(mark.trim_start_matches("0x"), 16).ok()?;
+        if mark_value & 0x8000_0000 != 0 {
+            return None; // a redirect, not a SNAT
+        }
+        let snat = list("snat_by_mark");
+        let line = snat.lines().find(|l| l.contains("snat ip to"))?;
+        line.split(&format!("{mark} : "))
+            .nth(1)?
+            .split([',', ' ', '}'])
+            .next()
             .map(str::to_string)
+    }
+
+    /// The overlay slot gateway `gateway`'s IPv4 chain redirects to in namespace `ns` (None: it
+    /// does not redirect).
+    pub fn gateway_redirect(&self, ns: &str, gateway: &str) -> Option<u16> {
+        let chain = format!("g4_{}", egressd::policy::GwId::of(gateway));
+        let out = self.lab.try_exec(
+            ns,
+            ["nft", "-t", "list", "chain", "inet", "egressd", &chain],
+        );
+        let text = String::from_utf8_lossy(&out.stdout);
+        let mark = text.split("meta mark set ").nth(1)?.split(" | ").nth(1)?;
+        let mark = mark.split_whitespace().next()?.trim_start_matches("0x");
+        let mark = u32::from_str_radix(mark, 16).ok()?;
+        (mark & 0x8000_0000 != 0).then_some(((mark >> 16) & 0x7fff) as u16)
     }
 
     /// Starts a capture of ARP on the WAN bridge into a text file, and returns its path. Lines
