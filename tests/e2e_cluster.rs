@@ -671,6 +671,30 @@ fn a_standby_redirects_policy_traffic_to_the_active_node() {
         );
     }
     assert_eq!(c.dropped(0), 0, "the active node dropped nothing");
+    // The redirect's cost in round-trip time (printed, not asserted): pings from the client
+    // through the active node directly and through a standby.
+    for (label, via) in [("direct via gw1", 0), ("redirected via gw2", 1)] {
+        route_via(&c, via);
+        let out = c.topo.lab.try_exec(
+            &client,
+            [
+                "ping", "-n", "-c", "200", "-i", "0.01", "-I", CLIENT_IP, SERVER_IP,
+            ],
+        );
+        let mut rtts: Vec<f64> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| l.split("time=").nth(1)?.split(' ').next()?.parse().ok())
+            .collect();
+        rtts.sort_by(f64::total_cmp);
+        if let Some(median) = rtts.get(rtts.len() / 2) {
+            println!(
+                "ping {label}: median {median:.3} ms over {} replies",
+                rtts.len()
+            );
+        }
+    }
+
+    route_via(&c, 2);
 
     // Nobody eligible: the standby drops and counts, nothing reaches the server.
     let cordon = |c: &Cluster, verb: &str, node: &str| {
