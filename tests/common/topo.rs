@@ -417,6 +417,21 @@ impl Topo {
             .map(str::to_string)
     }
 
+    /// Whether egressd's overlay device exists in `ns`, and how many of its `ip rule`s (IPv4
+    /// and IPv6, tagged `proto 230`) there are.
+    pub fn overlay_objects(&self, ns: &str) -> (bool, usize) {
+        let link = self.lab.try_exec(ns, ["ip", "link", "show", "egressd0"]);
+        let mut rules = 0;
+        for family in ["-4", "-6"] {
+            let out = self.lab.try_exec(ns, ["ip", family, "rule"]);
+            rules += String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .filter(|l| l.contains("proto 230"))
+                .count();
+        }
+        (link.status.success(), rules)
+    }
+
     /// The overlay slot gateway `gateway`'s IPv4 chain redirects to in namespace `ns` (None: it
     /// does not redirect).
     pub fn gateway_redirect(&self, ns: &str, gateway: &str) -> Option<u16> {
