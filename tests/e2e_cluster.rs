@@ -627,7 +627,25 @@ fn a_standby_redirects_policy_traffic_to_the_active_node() {
     }
     let (token, extra) = admin_token("e2e-admin-token-0123456789");
     let token = token.path().display().to_string();
-    let mut c = Cluster::start_with("redir", 3, &extra);
+    // A second gateway in the other source-IP mode, whose more specific policy wins the
+    // client's traffic to SERVER_OTHER_IP.
+    let basic = format!(
+        r#"
+[[gateway]]
+name = "basic"
+node_selector = {{ egress = "" }}
+[gateway.source_ip]
+mode = "PrimaryIPFromEgressGatewayNodeInterface"
+primary_ip_from_egress_gateway_node_interface = {{ interface_name = "eth1" }}
+
+[[policy]]
+name = "to-other"
+egress_gateway_name = "basic"
+source_cidrs = ["{CLIENT_IP}/32"]
+destination_cidrs = ["{SERVER_OTHER_IP}/32"]
+"#
+    );
+    let mut c = Cluster::start_full("redir", 3, &extra, &basic);
     c.ensure_leader_is_not("gw1");
     c.wait_active("gw1");
     c.assert_traffic_via_vip();
@@ -647,6 +665,7 @@ fn a_standby_redirects_policy_traffic_to_the_active_node() {
     for standby in [1, 2] {
         wait_for("the standby redirects to gw1", WAIT, || {
             redirect_of(&c, standby) == Some(0)
+                && c.topo.gateway_redirect(&c.topo.nodes[standby], "basic") == Some(0)
         });
         route_via(&c, standby);
         let before = c.redirected(standby);
