@@ -594,6 +594,15 @@ fn maintenance_through_the_cli() {
 /// failover the redirect follows the new active node. Traffic no policy selects passes as it
 /// came. A capture on the server's link for the whole test holds no packet from the client's
 /// address (the server routes the LAN back through gw1, so a leaked connection would complete).
+/// The packets node `i`'s status says its chains of `gateway` counted for `action`.
+fn traffic(c: &Cluster, i: usize, gateway: &str, action: &str) -> u64 {
+    c.topo.status(i).map_or(0, |s| {
+        s["dataplane"]["traffic"][gateway][action]["packets"]
+            .as_u64()
+            .unwrap_or(0)
+    })
+}
+
 /// What the nodes' overlays hold, for a failure message.
 fn overlay_state(c: &Cluster) -> String {
     let mut out = String::new();
@@ -690,6 +699,11 @@ destination_cidrs = ["{SERVER_OTHER_IP}/32"]
         );
     }
     assert_eq!(c.dropped(0), 0, "the active node dropped nothing");
+    // The per-gateway counts in the status (read every 2 s): the standby redirected, the
+    // active node SNATed.
+    wait_for("per-gateway counts in the status", WAIT, || {
+        traffic(&c, 1, "vip", "redirected") > 0 && traffic(&c, 0, "vip", "snated") > 0
+    });
     // The redirect's cost in round-trip time (printed, not asserted): pings from the client
     // through the active node directly and through a standby.
     for (label, via) in [("direct via gw1", 0), ("redirected via gw2", 1)] {

@@ -72,6 +72,11 @@ pub trait Firewall: Send {
     /// The kernel's state is not known any more (changed from outside): the next `apply`
     /// replaces everything.
     fn forget(&mut self) {}
+    /// What the gateway chains did with packets, per gateway and action (none when the
+    /// firewall keeps no counters).
+    fn gateway_counters(&self) -> impl Future<Output = Result<nft::GatewayCounters>> + Send {
+        async { Ok(nft::GatewayCounters::new()) }
+    }
 }
 
 /// One network interface as the host has it now.

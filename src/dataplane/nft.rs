@@ -289,9 +289,57 @@ fn add_pieces<A: NftAddr>(
     }
 }
 
-/// What the chain of a gateway not active here (or without an address of the family) does when
-/// no node can take its traffic.
-const DROP_RULE: &str = "counter name \"dropped\" drop";
+/// The node-wide count of every drop of a gateway chain.
+const DROP_RULE_COUNT: &str = "counter name \"dropped\"";
+
+/// What a gateway chain did with a packet, counted per gateway (named counters
+/// `<action>_<gateway id>`, read by `gateway_counters`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Action {
+    /// Marked for SNAT here (every packet of the connections this node translates).
+    Snated,
+    /// Redirected to the active node.
+    Redirected,
+    /// Dropped: no node can take it (none active, this node has no lease, or the active one is
+    /// not reachable through the overlay).
+    Dropped,
+    /// Dropped: it came through the overlay to a node that is not active (stale views).
+    Looped,
+}
+
+impl Action {
+    pub const ALL: [Action; 4] = [
+        Action::Snated,
+        Action::Redirected,
+        Action::Dropped,
+        Action::Looped,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Action::Snated => "snated",
+            Action::Redirected => "redirected",
+            Action::Dropped => "dropped",
+            Action::Looped => "looped",
+        }
+    }
+}
+
+/// The named counter of `action` for gateway `id`.
+fn gw_counter(action: Action, id: GwId) -> String {
+    format!("{}_{id}", action.name())
+}
+
+/// Packets and bytes per gateway and action since the counters were made.
+pub type GatewayCounters = BTreeMap<GwId, BTreeMap<Action, (u64, u64)>>;
+
+/// Adds the per-gateway counters of `id` to `script` (`add` leaves existing ones as they are).
+fn add_gw_counters(script: &mut String, t: &str, id: GwId) {
+    for a in Action::ALL {
+        let _ = writeln!(script, "add counter inet {t} {}", gw_counter(a, id));
+    }
+}
 
 /// The mark an active gateway's chain sets for the SNAT chain: its rank among the gateways
 /// active here, in the bits `overlay::MARK_MASK` (the redirect bit clear).
@@ -322,13 +370,22 @@ fn role_texts(roles: &Roles, ids: &BTreeSet<GwId>) -> BTreeMap<String, String> {
         .enumerate()
         .map(|(rank, (id, _))| (*id, rank))
         .collect();
-    let standby = |role: &Role| match role.redirect {
-        Some(slot) => format!(
-            "iifname \"{}\" {DROP_RULE}\n{} counter name \"{COUNTER_REDIRECTED}\" accept",
-            overlay::DEVICE,
-            set_mark(overlay::redirect_mark(slot))
-        ),
-        None => DROP_RULE.to_owned(),
+    let standby = |id: GwId, role: &Role| {
+        let drop = format!(
+            "{DROP_RULE_COUNT} counter name \"{}\" drop",
+            gw_counter(Action::Dropped, id)
+        );
+        match role.redirect {
+            Some(slot) => format!(
+                "iifname \"{}\" {DROP_RULE_COUNT} counter name \"{}\" drop\n\
+                 {} counter name \"{COUNTER_REDIRECTED}\" counter name \"{}\" accept",
+                overlay::DEVICE,
+                gw_counter(Action::Looped, id),
+                set_mark(overlay::redirect_mark(slot)),
+                gw_counter(Action::Redirected, id)
+            ),
+            None => drop,
+        }
     };
     let mut snat4 = Vec::new();
     let mut snat6 = Vec::new();
@@ -338,10 +395,14 @@ fn role_texts(roles: &Roles, ids: &BTreeSet<GwId>) -> BTreeMap<String, String> {
         let mark = |has: bool| match rank {
             // `accept` ends the classification (the base chain's last rule counts what no
             // policy selected); the nat hook still comes.
-            Some(r) if has => format!("{} accept", set_mark(snat_mark(r))),
+            Some(r) if has => format!(
+                "{} counter name \"{}\" accept",
+                set_mark(snat_mark(r)),
+                gw_counter(Action::Snated, *id)
+            ),
             // Active here without an address of this family: no node translates it.
-            Some(_) => DROP_RULE.to_owned(),
-            None => standby(&role),
+            Some(_) => standby(*id, &Role::default()),
+            None => standby(*id, &role),
         };
         out.insert(gw_chain::<Ipv4Addr>(*id), mark(role.v4.is_some()));
         out.insert(gw_chain::<Ipv6Addr>(*id), mark(role.v6.is_some()));
@@ -803,6 +864,22 @@ impl NftFirewall {
         })
     }
 
+    /// The per-gateway counters (see `Action`).
+    pub async fn read_gateway_counters(&self) -> Result<GatewayCounters> {
+        let out = self
+            .nft
+            .run(
+                "list counters",
+                &["-j", "list", "counters", "table", "inet", &self.table],
+                None,
+            )
+            .await?;
+        parse_gateway_counters(&out).map_err(|detail| Error::Nft {
+            op: "list counters",
+            detail,
+        })
+    }
+
     /// A delta from `old` to `map` in one batch, or `Err(None)` when a full replace is the
     /// better way (a cell would overfill, or the deletions would cost more than a reload).
     fn plan_delta(
@@ -962,6 +1039,7 @@ impl NftFirewall {
             );
         }
         for id in all.iter().filter(|id| fresh || !have.contains(id)) {
+            add_gw_counters(&mut script, t, *id);
             for c in [gw_chain::<Ipv4Addr>(*id), gw_chain::<Ipv6Addr>(*id)] {
                 let _ = writeln!(script, "add chain inet {t} {c}");
             }
@@ -1002,6 +1080,7 @@ impl NftFirewall {
         let t = &self.table;
         let mut script = String::new();
         for id in ids {
+            add_gw_counters(&mut script, t, *id);
             // `add chain` leaves an existing chain as it is; the rules are flushed first.
             for c in [gw_chain::<Ipv4Addr>(*id), gw_chain::<Ipv6Addr>(*id)] {
                 let _ = writeln!(script, "add chain inet {t} {c}");
@@ -1034,6 +1113,9 @@ impl NftFirewall {
                     script,
                     "flush chain inet {t} {c}\ndelete chain inet {t} {c}"
                 );
+            }
+            for a in Action::ALL {
+                let _ = writeln!(script, "delete counter inet {t} {}", gw_counter(a, *id));
             }
         }
         self.chains = None;
@@ -1107,6 +1189,10 @@ impl Firewall for NftFirewall {
         self.installed = None;
         self.chains = None;
         self.written = None;
+    }
+
+    async fn gateway_counters(&self) -> Result<GatewayCounters> {
+        self.read_gateway_counters().await
     }
 
     async fn remove(&mut self) -> Result<()> {
@@ -1419,6 +1505,33 @@ fn parse_counters_json(text: &str) -> std::result::Result<NftCounters, String> {
     }
 }
 
+/// The per-gateway counters in `nft -j list counters` output; other counters are skipped.
+fn parse_gateway_counters(text: &str) -> std::result::Result<GatewayCounters, String> {
+    let doc: Value = serde_json::from_str(text).map_err(|e| format!("bad JSON from nft: {e}"))?;
+    let items = doc
+        .get("nftables")
+        .and_then(Value::as_array)
+        .ok_or("no \"nftables\" array in nft's output")?;
+    let mut out = GatewayCounters::new();
+    for counter in items.iter().filter_map(|i| i.get("counter")) {
+        let Some(name) = counter.get("name").and_then(Value::as_str) else {
+            continue;
+        };
+        let Some((action, id)) = Action::ALL.iter().find_map(|a| {
+            let hex = name.strip_prefix(a.name())?.strip_prefix('_')?;
+            let id = (hex.len() == 16).then(|| u64::from_str_radix(hex, 16).ok())??;
+            Some((*a, GwId(id)))
+        }) else {
+            continue;
+        };
+        let n = |k: &str| counter.get(k).and_then(Value::as_u64).unwrap_or(0);
+        out.entry(id)
+            .or_default()
+            .insert(action, (n("packets"), n("bytes")));
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1673,24 +1786,32 @@ mod tests {
         // Active: its rank in the mark, and the SNAT chain maps that rank to its address.
         assert_eq!(
             t[&gw_chain::<Ipv4Addr>(a)],
-            "meta mark set meta mark and 0x0000ffff or 0x00010000 accept"
+            format!(
+                "meta mark set meta mark and 0x0000ffff or 0x00010000 counter name \"snated_{a}\" \
+                 accept"
+            )
         );
+        let drop =
+            |id: GwId| format!("counter name \"dropped\" counter name \"dropped_{id}\" drop");
         assert_eq!(
             t[SNAT_CHAIN],
             "meta nfproto ipv4 snat ip to meta mark and 0xffff0000 map { 0x00010000 : 192.0.2.1 }"
         );
         // Active without an IPv6 address: its IPv6 traffic is dropped, not redirected.
-        assert_eq!(t[&gw_chain::<Ipv6Addr>(a)], DROP_RULE);
+        assert_eq!(t[&gw_chain::<Ipv6Addr>(a)], drop(a));
         // Active elsewhere: what came through the overlay is dropped, the rest redirected.
         assert_eq!(
             t[&gw_chain::<Ipv4Addr>(b)],
-            "iifname \"egressd0\" counter name \"dropped\" drop\n\
-             meta mark set meta mark and 0x0000ffff or 0x80020000 counter name \"redirected\" accept"
+            format!(
+                "iifname \"egressd0\" counter name \"dropped\" counter name \"looped_{b}\" drop\n\
+                 meta mark set meta mark and 0x0000ffff or 0x80020000 counter name \"redirected\" \
+                 counter name \"redirected_{b}\" accept"
+            )
         );
         assert_eq!(t[&gw_chain::<Ipv6Addr>(b)], t[&gw_chain::<Ipv4Addr>(b)]);
         // Nowhere, or not a gateway at all: dropped.
         for id in [c, d] {
-            assert_eq!(t[&gw_chain::<Ipv4Addr>(id)], DROP_RULE);
+            assert_eq!(t[&gw_chain::<Ipv4Addr>(id)], drop(id));
         }
         // A second active gateway gets the next rank; no active one leaves the SNAT chain empty.
         roles.insert(
@@ -1706,8 +1827,8 @@ mod tests {
         } else {
             ("0x00020000", "0x00010000")
         };
-        assert!(t[&gw_chain::<Ipv4Addr>(a)].ends_with(&format!("{mark_a} accept")));
-        assert!(t[&gw_chain::<Ipv6Addr>(c)].ends_with(&format!("{mark_c} accept")));
+        assert!(t[&gw_chain::<Ipv4Addr>(a)].contains(&format!("{mark_a} counter")));
+        assert!(t[&gw_chain::<Ipv6Addr>(c)].contains(&format!("{mark_c} counter")));
         assert!(t[SNAT_CHAIN].contains(&format!("{mark_a} : 192.0.2.1 }}")));
         assert!(t[SNAT_CHAIN].contains(&format!("{mark_c} : 2001:db8::1 }}")));
         assert_eq!(role_texts(&Roles::new(), &ids)[SNAT_CHAIN], "");
@@ -1720,7 +1841,18 @@ mod tests {
           {"counter": {"name": "dropped", "packets": 1}}]}"#;
         let c = parse_counters_json(json).unwrap();
         assert_eq!((c.seen, c.not_snated, c.dropped, c.snated()), (7, 2, 1, 4));
-        assert!(DROP_RULE.contains(&format!("\"{COUNTER_DROPPED}\"")));
+        assert!(DROP_RULE_COUNT.contains(&format!("\"{COUNTER_DROPPED}\"")));
         assert!(parse_counters_json(r#"{"nftables": []}"#).is_err());
+        let (a, b) = (GwId::of("a"), GwId::of("b"));
+        let json = format!(
+            r#"{{"nftables": [{{"counter": {{"name": "seen", "packets": 7, "bytes": 9}}}},
+              {{"counter": {{"name": "redirected_{a}", "packets": 3, "bytes": 180}}}},
+              {{"counter": {{"name": "dropped_{b}", "packets": 1, "bytes": 60}}}},
+              {{"counter": {{"name": "dropped_zz", "packets": 1, "bytes": 60}}}}]}}"#
+        );
+        let g = parse_gateway_counters(&json).unwrap();
+        assert_eq!(g.len(), 2);
+        assert_eq!(g[&a][&Action::Redirected], (3, 180));
+        assert_eq!(g[&b][&Action::Dropped], (1, 60));
     }
 }
