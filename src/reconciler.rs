@@ -262,6 +262,14 @@ impl<H: Host, F: Firewall> Reconciler<H, F> {
         if self.overlay.as_ref() != Some(&desired.overlay) {
             self.overlay = None;
             self.host.set_overlay(desired.overlay.as_ref()).await?;
+            match &desired.overlay {
+                Some(o) => info!(
+                    local = %o.local,
+                    peers = ?o.peers.iter().map(|p| (&p.name, p.slot)).collect::<Vec<_>>(),
+                    "redirect overlay set up"
+                ),
+                None => info!("no redirect overlay (not a member with an IP peer address)"),
+            }
             self.overlay = Some(desired.overlay.clone());
         }
 

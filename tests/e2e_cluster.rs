@@ -741,8 +741,16 @@ destination_cidrs = ["{SERVER_OTHER_IP}/32"]
     for i in 0..3 {
         cordon(&c, "cordon", &name(i));
     }
-    wait_for("no active node, gw3 not redirecting", WAIT, || {
-        c.topo.active(1, GW).is_none() && redirect_of(&c, 2).is_none()
+    wait_for("no active node, gw3 dropping", WAIT, || {
+        let none_active = c
+            .topo
+            .status(1)
+            .and_then(|s| {
+                let g = s["gateways"].as_array()?.iter().find(|g| g["name"] == GW)?;
+                Some(g["active"].is_null())
+            })
+            .unwrap_or(false);
+        none_active && c.topo.gateway_drops(&c.topo.nodes[2], GW)
     });
     let before = c.dropped(2);
     assert_eq!(c.topo.seen_source(CLIENT_IP, SERVER_IP), None);
@@ -772,13 +780,20 @@ destination_cidrs = ["{SERVER_OTHER_IP}/32"]
     std::thread::sleep(Duration::from_millis(300));
     let killed = Instant::now();
     c.signal("gw1", "KILL");
-    let mut switched = None;
-    while switched.is_none() && killed.elapsed() < WAIT {
-        if redirect_of(&c, 2) == Some(1) {
+    let (gw2, mut switched, mut vip_moved) = (c.topo.nodes[1].clone(), None, None);
+    while (switched.is_none() || vip_moved.is_none()) && killed.elapsed() < WAIT {
+        if switched.is_none() && redirect_of(&c, 2) == Some(1) {
             switched = Some(killed.elapsed());
+        }
+        if vip_moved.is_none() && c.topo.holds(&gw2, "eth1", VIP) {
+            vip_moved = Some(killed.elapsed());
         }
     }
     let switched = switched.unwrap_or_else(|| panic!("gw3 never redirected to gw2\n{}", c.logs()));
+    println!(
+        "gw2 held the VIP {:.0} ms after kill -9",
+        vip_moved.map_or(f64::NAN, |d| d.as_secs_f64() * 1e3)
+    );
     std::thread::sleep(Duration::from_millis(500));
     let log = probe.stop();
     // gw1's kernel goes on translating after its daemon died: what counts is what was sent
@@ -800,6 +815,28 @@ destination_cidrs = ["{SERVER_OTHER_IP}/32"]
         c.topo.seen_source(CLIENT_IP, SERVER_IP).as_deref(),
         Some(VIP),
         "through gw3 after the failover"
+    );
+
+    // gw3 cut off from its peers (its cluster network link down; LAN and WAN up): without a
+    // lease it does not know who is active, and drops instead of redirecting.
+    let mgmt = c.topo.mgmt.clone();
+    c.topo
+        .lab
+        .exec(&mgmt, ["ip", "link", "set", "p-gw3", "down"]);
+    wait_for("cut off, gw3 drops instead of redirecting", WAIT, || {
+        c.topo.gateway_drops(&c.topo.nodes[2], GW)
+    });
+    let before = c.dropped(2);
+    assert_eq!(c.topo.seen_source(CLIENT_IP, SERVER_IP), None);
+    assert!(c.dropped(2) > before, "cut off, gw3 did not count the drop");
+    c.topo.lab.exec(&mgmt, ["ip", "link", "set", "p-gw3", "up"]);
+    wait_for("back in contact, gw3 redirects to gw2 again", WAIT, || {
+        redirect_of(&c, 2) == Some(1)
+    });
+    assert_eq!(
+        c.topo.seen_source(CLIENT_IP, SERVER_IP).as_deref(),
+        Some(VIP),
+        "through gw3 back in contact"
     );
 
     let pcap = capture.stop(&mut c.topo.lab);

@@ -417,6 +417,18 @@ impl Topo {
             .map(str::to_string)
     }
 
+    /// Whether gateway `gateway`'s IPv4 chain in `ns` exists and only drops (neither SNATs nor
+    /// redirects): a failed listing is not taken for a drop.
+    pub fn gateway_drops(&self, ns: &str, gateway: &str) -> bool {
+        let chain = format!("g4_{}", egressd::policy::GwId::of(gateway));
+        let out = self.lab.try_exec(
+            ns,
+            ["nft", "-t", "list", "chain", "inet", "egressd", &chain],
+        );
+        let text = String::from_utf8_lossy(&out.stdout);
+        out.status.success() && text.contains(" drop") && !text.contains("meta mark set")
+    }
+
     /// Whether egressd's overlay device exists in `ns`, and how many of its `ip rule`s (IPv4
     /// and IPv6, tagged `proto 230`) there are.
     pub fn overlay_objects(&self, ns: &str) -> (bool, usize) {
