@@ -594,6 +594,43 @@ fn maintenance_through_the_cli() {
 /// failover the redirect follows the new active node. Traffic no policy selects passes as it
 /// came. A capture on the server's link for the whole test holds no packet from the client's
 /// address (the server routes the LAN back through gw1, so a leaked connection would complete).
+/// Bulk TCP throughput from the client to the server in MB/s (64 MB from the client's primary
+/// address, timed by the server from accept to end of stream), printed by the redirect test.
+fn throughput(c: &Cluster, port: u16) -> f64 {
+    use std::io::{Read, Write};
+    const BYTES: usize = 64 << 20;
+    let (client, server) = (c.topo.client.clone(), c.topo.server.clone());
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let receiver = std::thread::spawn(move || {
+        arp::enter_netns(&server);
+        let listener = std::net::TcpListener::bind((SERVER_IP, port)).expect("listen");
+        ready_tx.send(()).expect("ready");
+        let (mut s, _) = listener.accept().expect("accept");
+        let started = Instant::now();
+        let mut buf = vec![0u8; 1 << 16];
+        let mut n = 0;
+        while let Ok(k) = s.read(&mut buf) {
+            if k == 0 {
+                break;
+            }
+            n += k;
+        }
+        n as f64 / 1e6 / started.elapsed().as_secs_f64()
+    });
+    ready_rx.recv().expect("receiver ready");
+    std::thread::spawn(move || {
+        arp::enter_netns(&client);
+        let mut s = std::net::TcpStream::connect((SERVER_IP, port)).expect("connect");
+        let chunk = vec![0u8; 1 << 16];
+        for _ in 0..BYTES / chunk.len() {
+            s.write_all(&chunk).expect("send");
+        }
+    })
+    .join()
+    .expect("sender");
+    receiver.join().expect("receiver")
+}
+
 /// The packets node `i`'s status says its chains of `gateway` counted for `action`.
 fn traffic(c: &Cluster, i: usize, gateway: &str, action: &str) -> u64 {
     c.topo.status(i).map_or(0, |s| {
@@ -708,6 +745,10 @@ destination_cidrs = ["{SERVER_OTHER_IP}/32"]
     // through the active node directly and through a standby.
     for (label, via) in [("direct via gw1", 0), ("redirected via gw2", 1)] {
         route_via(&c, via);
+        println!(
+            "bulk TCP {label}: {:.0} MB/s",
+            throughput(&c, 7100 + via as u16)
+        );
         let out = c.topo.lab.try_exec(
             &client,
             [
