@@ -779,7 +779,19 @@ destination_cidrs = ["{SERVER_OTHER_IP}/32"]
             String::from_utf8_lossy(&out.stderr)
         );
     };
-    for i in 0..3 {
+    // A planned handover first (gw1 cordoned): gw3's redirect follows to gw2.
+    cordon(&c, "cordon", "gw1");
+    wait_for(
+        "handed over: gw3 redirects to gw2, which holds the VIP",
+        WAIT,
+        || redirect_of(&c, 2) == Some(1) && c.topo.holds(&c.topo.nodes[1], "eth1", VIP),
+    );
+    assert_eq!(
+        c.topo.seen_source(CLIENT_IP, SERVER_IP).as_deref(),
+        Some(VIP),
+        "through gw3 after the handover to gw2"
+    );
+    for i in 1..3 {
         cordon(&c, "cordon", &name(i));
     }
     wait_for("no active node, gw3 dropping", WAIT, || {
