@@ -151,6 +151,7 @@ fn roles() -> Roles {
         Role {
             v4: Some(Ipv4Addr::new(192, 0, 2, 1)),
             v6: None,
+            redirect: None,
         },
     );
     r
@@ -464,6 +465,7 @@ fn conn_rate(rt: &tokio::runtime::Runtime) -> ConnRate {
         Role {
             v4: Some(SNAT_TO.parse().expect("address")),
             v6: None,
+            redirect: None,
         },
     );
     rt.block_on(fw.apply(&one, &snat_to)).expect("apply");

@@ -211,6 +211,7 @@ async fn run_inner(
         watcher_host.observe().await.context("reading interfaces")?,
     ));
     let (leased_tx, leased_rx) = watch::channel(Leased::new());
+    let (contact_tx, contact_rx) = watch::channel(false);
     let (facts_tx, facts_rx) = watch::channel(Facts::default());
     let (ready_tx, ready_rx) = watch::channel(Ready::new());
     let (leaving_tx, leaving_rx) = watch::channel(false);
@@ -232,6 +233,7 @@ async fn run_inner(
             leader: leader_rx,
             stop: stop_rx.clone(),
             leased: leased_tx,
+            contact: contact_tx,
         },
         board.clone(),
         prometheus.clone(),
@@ -253,6 +255,7 @@ async fn run_inner(
         agent::dataplane::Channels {
             config: config_rx,
             leased: leased_rx.clone(),
+            contact: contact_rx,
             host: host_rx,
             applied: node.subscribe(),
             leaving: leaving_rx,

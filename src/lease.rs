@@ -189,6 +189,9 @@ pub struct NodeLease {
     fence: BTreeMap<IpAddr, Time>,
     /// The length of the last lease granted.
     lease: Duration,
+    /// The end of the node's lease as a member, whatever it holds: the last in-order grant's
+    /// send time plus its length. A standby redirects only while this lasts.
+    renewed: Option<Time>,
 }
 
 /// Reports older than this many are forgotten: their grants would be stale anyway.
@@ -204,6 +207,7 @@ impl NodeLease {
             leases: BTreeMap::new(),
             fence: BTreeMap::new(),
             lease: Duration::ZERO,
+            renewed: None,
         }
     }
 
@@ -240,6 +244,7 @@ impl NodeLease {
         self.acked = grant.seq;
         self.lease = Duration::from_millis(grant.lease_ms);
         let until = sent + self.lease;
+        self.renewed = Some(self.renewed.map_or(until, |r| r.max(until)));
         self.leases.retain(|g, _| {
             let keep = grant.gateways.contains_key(g);
             if !keep {
@@ -356,11 +361,18 @@ impl NodeLease {
                 .any(|(_, h)| h.addrs.contains(&addr) && h.until > now + margin)
     }
 
+    /// Whether the leader renewed this node's lease (with or without gateways) recently enough
+    /// that it still lasts: a node cut off from the leader does not know who is active.
+    pub fn in_contact(&self, now: Time) -> bool {
+        self.renewed.is_some_and(|r| r > now)
+    }
+
     /// The next moment something ends by itself (a lease), for the caller's timer.
     pub fn next_deadline(&self, now: Time) -> Option<Time> {
         self.leases
             .values()
             .map(|h| h.until)
+            .chain(self.renewed)
             .chain(self.fence.values().copied())
             .filter(|t| *t > now)
             .min()
@@ -368,6 +380,7 @@ impl NodeLease {
 
     /// Shutting down or giving up: hold nothing from now on (the fence is emptied next).
     pub fn drop_all(&mut self) -> Vec<String> {
+        self.renewed = None;
         std::mem::take(&mut self.leases).into_keys().collect()
     }
 }
@@ -693,6 +706,27 @@ mod tests {
         let h = n.lease_of("g", ms(1030)).unwrap();
         assert_eq!(h.until, ms(1000) + ms(g.lease_ms));
         assert!(n.lease_of("g", ms(1000) + ms(g.lease_ms)).is_none());
+    }
+
+    #[test]
+    fn a_standby_is_in_contact_only_while_its_last_renewal_lasts() {
+        let mut n = NodeLease::new(1);
+        assert!(!n.in_contact(ms(0)));
+        let head = n.report(ms(1000));
+        let mut l = settled_leader(ms(0));
+        let g = l.on_report("a", &head, &none(), T.settle() + ms(5));
+        assert!(g.lease_ms > 0);
+        n.on_grant(&g, ms(1010));
+        let end = ms(1000) + ms(g.lease_ms);
+        assert!(n.in_contact(ms(1010)) && n.in_contact(end - ms(1)));
+        assert!(!n.in_contact(end), "a lapsed renewal is no contact");
+        assert_eq!(n.next_deadline(ms(1010)), Some(end));
+        // A refusal (no quorum) does not renew.
+        let mut zero = g.clone();
+        zero.seq = n.report(ms(1020)).seq;
+        zero.lease_ms = 0;
+        n.on_grant(&zero, ms(1021));
+        assert!(!n.in_contact(end));
     }
 
     #[test]

@@ -984,6 +984,13 @@ async fn status(target: &AdminTarget, json: bool, events: bool) -> anyhow::Resul
             .map(|e| format!(", last error: {e}"))
             .unwrap_or_default()
     );
+    for (gateway, actions) in &s.dataplane.traffic {
+        let parts: Vec<String> = actions
+            .iter()
+            .map(|(a, t)| format!("{a} {} packets ({} bytes)", t.packets, t.bytes))
+            .collect();
+        println!("  traffic here for {gateway}: {}", parts.join(", "));
+    }
     if let Some(tls) = &s.cluster.peer_tls {
         println!("peer TLS: {tls}");
     }

@@ -20,6 +20,14 @@ pub struct GatewayLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct GatewayActionLabels {
+    pub gateway: String,
+    /// `snated`, `redirected`, `dropped` (no node can take it), `looped` (came through the
+    /// overlay to a node not active).
+    pub action: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct GatewayNodeLabels {
     pub gateway: String,
     pub node: String,
@@ -55,6 +63,8 @@ pub struct Metrics {
     pub gateway_eligible_nodes: Family<GatewayLabels, Gauge>,
     pub gateway_failovers: Family<GatewayLabels, Counter>,
     pub gateway_handovers: Family<GatewayLabels, Counter>,
+    pub gateway_packets: Family<GatewayActionLabels, Counter>,
+    pub gateway_bytes: Family<GatewayActionLabels, Counter>,
     pub gateway_last_failover: Family<GatewayLabels, Gauge<f64, AtomicU64>>,
     pub announcements: Family<FamilyLabels, Counter>,
     pub announcement_errors: Counter,
@@ -96,6 +106,8 @@ impl Metrics {
             gateway_eligible_nodes: Family::default(),
             gateway_failovers: Family::default(),
             gateway_handovers: Family::default(),
+            gateway_packets: Family::default(),
+            gateway_bytes: Family::default(),
             gateway_last_failover: Family::default(),
             announcements: Family::default(),
             announcement_errors: Counter::default(),
@@ -144,6 +156,19 @@ impl Metrics {
             "gateway_handovers",
             "Planned moves of the gateway (cordon, label, preemption, shutdown)",
             m.gateway_handovers.clone(),
+        );
+        r.register(
+            "gateway_packets",
+            "Packets of the gateway's policies through this node, by what it did with them: \
+             snated (here), redirected (to the active node), dropped (no node can take them), \
+             looped (came redirected to a node not active)",
+            m.gateway_packets.clone(),
+        );
+        r.register_with_unit(
+            "gateway",
+            "Bytes of the gateway's policies through this node, by action (see gateway_packets)",
+            Unit::Bytes,
+            m.gateway_bytes.clone(),
         );
         r.register_with_unit(
             "gateway_last_failover",
@@ -349,6 +374,18 @@ impl Metrics {
                 st.handovers,
             );
         }
+        // nftables counters start again at 0 when the table is replaced from scratch: the
+        // exported counters only grow (a reset loses what came before it, never goes back).
+        for (name, actions) in &status.dataplane.traffic {
+            for (action, t) in actions {
+                let labels = GatewayActionLabels {
+                    gateway: name.clone(),
+                    action: action.clone(),
+                };
+                raise(&self.gateway_packets.get_or_create(&labels), t.packets);
+                raise(&self.gateway_bytes.get_or_create(&labels), t.bytes);
+            }
+        }
         self.raft_term.set(status.cluster.term as i64);
         self.raft_is_leader.set(i64::from(is_leader));
         self.raft_applied_index
@@ -387,6 +424,35 @@ fn raise(counter: &Counter, to: u64) {
 mod tests {
     use super::*;
     use crate::status::GatewayStatus;
+
+    #[test]
+    fn per_gateway_traffic_is_exported_and_only_grows() {
+        let m = Metrics::new();
+        let mut s = Status::default();
+        let set = |s: &mut Status, packets, bytes| {
+            let mut a = std::collections::BTreeMap::new();
+            a.insert(
+                "redirected".to_string(),
+                crate::status::Traffic { packets, bytes },
+            );
+            s.dataplane.traffic.insert("g".into(), a);
+        };
+        set(&mut s, 5, 300);
+        m.observe(&s, &ClusterState::default());
+        let text = m.encode();
+        assert!(
+            text.contains("egressd_gateway_packets_total{gateway=\"g\",action=\"redirected\"} 5"),
+            "{text}"
+        );
+        assert!(
+            text.contains("egressd_gateway_bytes_total{gateway=\"g\",action=\"redirected\"} 300"),
+            "{text}"
+        );
+        // The table was replaced: nftables counts from 0 again; the export does not go back.
+        set(&mut s, 2, 120);
+        m.observe(&s, &ClusterState::default());
+        assert!(m.encode().contains("action=\"redirected\"} 5"));
+    }
 
     #[test]
     fn exposition_names_and_values() {

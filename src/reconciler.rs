@@ -15,6 +15,7 @@ use imbl::OrdMap;
 use serde::Serialize;
 use tracing::{info, warn};
 
+use crate::dataplane::overlay::{self, Overlay};
 use crate::dataplane::{self, Firewall, Host, HostState, Role, Roles};
 use crate::metrics::Metrics;
 use crate::model::{Assignment, Gateway, InterfaceState, Labels, NodeState, Policy, SourceIp};
@@ -82,8 +83,12 @@ pub struct Desired {
     pub sources: BTreeMap<String, IpAddr>,
     /// The classification of every node (it does not depend on who is active where).
     pub snat: Arc<SnatMap>,
-    /// Every gateway's role here: SNAT to its source address when active, nothing otherwise.
+    /// Every gateway's role here: SNAT to its source address when active, else redirect to the
+    /// active node or drop.
     pub roles: Roles,
+    /// The overlay standbys redirect through (`None`: this node is not a member with an IP
+    /// peer address; it redirects nothing).
+    pub overlay: Option<Overlay>,
 }
 
 /// What the plan is made of: the committed objects, with the version they come from.
@@ -91,11 +96,18 @@ pub struct Objects<'a> {
     pub version: u64,
     pub gateways: &'a [Gateway],
     pub policies: &'a OrdMap<String, Arc<Policy>>,
+    /// The committed assignment (who is active for each gateway, as the cluster decided).
+    pub committed: &'a Assignment,
+    /// The members and their peer addresses.
+    pub members: &'a BTreeMap<String, String>,
+    /// Whether this node's lease as a member lasts (`NodeLease::in_contact`).
+    pub in_contact: bool,
 }
 
-/// The data plane this node needs for `assignment`. A PrimaryIP gateway whose interface has no
-/// IPv4 address gets no SNAT (the election does not pick such a node, but the host may change
-/// between the election and this call).
+/// The data plane this node needs for `assignment` (the gateways it holds a lease for). A
+/// PrimaryIP gateway whose interface has no IPv4 address gets no SNAT (the election does not
+/// pick such a node, but the host may change between the election and this call). Every other
+/// gateway redirects to the node the committed assignment names (`overlay::redirect_target`).
 pub fn plan(
     node: &str,
     assignment: &Assignment,
@@ -105,10 +117,23 @@ pub fn plan(
     compiler: &mut policy::Compiler,
 ) -> Desired {
     let gateways = objects.gateways;
-    let mut d = Desired::default();
+    let mut d = Desired {
+        overlay: overlay::overlay(node, objects.members),
+        ..Desired::default()
+    };
     for g in gateways {
         let mut role = Role::default();
-        if assignment.get(&g.name).map(String::as_str) == Some(node) {
+        let held = assignment.get(&g.name).map(String::as_str) == Some(node);
+        if !held {
+            role.redirect = overlay::redirect_target(
+                &g.name,
+                objects.committed,
+                node,
+                d.overlay.as_ref(),
+                objects.in_contact,
+            );
+        }
+        if held {
             let source = match &g.source_ip {
                 SourceIp::VirtualIp { ip, interfaces } => {
                     for i in interfaces {
@@ -159,6 +184,8 @@ pub struct Reconciler<H, F> {
     pub host: H,
     pub firewall: F,
     installed: Option<(Arc<SnatMap>, Roles)>,
+    /// The overlay as last set up (outer `None`: not known, set it up again).
+    overlay: Option<Option<Overlay>>,
     /// Addresses this process added, so that they are released even if the config that named
     /// them is gone.
     held: BTreeSet<(String, IpAddr)>,
@@ -177,6 +204,7 @@ impl<H: Host, F: Firewall> Reconciler<H, F> {
             host,
             firewall,
             installed: None,
+            overlay: None,
             held: BTreeSet::new(),
             metrics: Arc::default(),
         }
@@ -193,6 +221,7 @@ impl<H: Host, F: Firewall> Reconciler<H, F> {
     /// The firewall was changed from outside: the next `converge` installs everything again.
     pub fn forget(&mut self) {
         self.installed = None;
+        self.overlay = None;
         self.firewall.forget();
     }
 
@@ -228,7 +257,23 @@ impl<H: Host, F: Firewall> Reconciler<H, F> {
         // Held addresses whose interface disappeared are gone with it.
         self.held.retain(|(i, _)| host.contains_key(i));
 
-        // 2. Classification and roles (for a takeover or a release, only the gateway's chain).
+        // 2. The overlay before the roles that redirect into it (they name its members' slots).
+        //    It changes only with the members.
+        if self.overlay.as_ref() != Some(&desired.overlay) {
+            self.overlay = None;
+            self.host.set_overlay(desired.overlay.as_ref()).await?;
+            match &desired.overlay {
+                Some(o) => info!(
+                    local = %o.local,
+                    peers = ?o.peers.iter().map(|p| (&p.name, p.slot)).collect::<Vec<_>>(),
+                    "redirect overlay set up"
+                ),
+                None => info!("no redirect overlay (not a member with an IP peer address)"),
+            }
+            self.overlay = Some(desired.overlay.clone());
+        }
+
+        // 3. Classification and roles (for a takeover or a release, only the gateway's chain).
         let same = self.installed.as_ref().is_some_and(|(m, r)| {
             (Arc::ptr_eq(m, &desired.snat) || **m == *desired.snat) && *r == desired.roles
         });
@@ -246,7 +291,7 @@ impl<H: Host, F: Firewall> Reconciler<H, F> {
             changes.snat_changed = true;
         }
 
-        // 3. Take over: add missing addresses (after their SNAT, so that no attracted packet
+        // 4. Take over: add missing addresses (after their SNAT, so that no attracted packet
         //    leaves un-SNATed).
         for (iface, ip) in &desired.addresses {
             let present = host
@@ -280,6 +325,11 @@ impl<H: Host, F: Firewall> Reconciler<H, F> {
         if let Err(e) = self.firewall.remove().await {
             first_err.get_or_insert(e);
         }
+        // After the table: no rule marks packets for routes that are gone.
+        if let Err(e) = self.host.set_overlay(None).await {
+            first_err.get_or_insert(e);
+        }
+        self.overlay = None;
         self.installed = None;
         first_err.map_or(Ok(()), Err)
     }
@@ -375,6 +425,9 @@ mod tests {
             version: 1,
             gateways: &gws,
             policies: &pols,
+            committed: assignment,
+            members: &BTreeMap::new(),
+            in_contact: true,
         };
         let desired = plan(
             "gw1",
@@ -403,6 +456,9 @@ mod tests {
             version: 1,
             gateways: &gws,
             policies: &pols,
+            committed: &all_here(),
+            members: &BTreeMap::new(),
+            in_contact: true,
         };
         let mut cache = policy::Compiler::new();
         let d = plan("gw1", &all_here(), &objects, &h.state, &managed, &mut cache);
@@ -452,6 +508,7 @@ mod tests {
         assert_eq!(
             rec.host.journal.ops(),
             vec![
+                Op::Overlay(None),
                 Op::Snat(n),
                 Op::Roles(active),
                 Op::AddAddress("eth0".into(), ip(NH)),
@@ -573,8 +630,77 @@ mod tests {
         rec.release_all().await.unwrap();
         assert!(!rec.host.holds("eth1", ip(VIP)));
         assert!(!rec.host.holds("eth0", ip(NH)));
-        assert_eq!(rec.host.journal.ops().last(), Some(&Op::RemoveTable));
+        let ops = rec.host.journal.ops();
+        assert_eq!(ops[ops.len() - 2..], [Op::RemoveTable, Op::Overlay(None)]);
         assert!(rec.firewall.map.is_none());
+    }
+
+    fn members() -> BTreeMap<String, String> {
+        ["gw1", "gw2", "gw3"]
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (n.to_string(), format!("10.78.0.{}:7480", i + 2)))
+            .collect()
+    }
+
+    /// A standby redirects each gateway to the node the committed assignment names, after the
+    /// overlay to it exists; a failover moves only the redirect; cut off from the leader, it
+    /// drops.
+    #[tokio::test]
+    async fn a_standby_redirects_to_the_committed_active_node() {
+        let mut rec = reconciler(host());
+        let gws = gateways();
+        let managed = managed_addresses(&gws);
+        let pols = policies();
+        let mut compiler = policy::Compiler::new();
+        let mut step = async |committed: &Assignment, in_contact: bool| {
+            let state = rec.host.observe().await.unwrap();
+            let objects = Objects {
+                version: 1,
+                gateways: &gws,
+                policies: &pols,
+                committed,
+                members: &members(),
+                in_contact,
+            };
+            let d = plan(
+                "gw2",
+                &Assignment::new(),
+                &objects,
+                &state,
+                &managed,
+                &mut compiler,
+            );
+            assert!(d.addresses.is_empty() && d.sources.is_empty());
+            rec.converge(&d, &state, &managed).await.unwrap();
+            let ops = rec.host.journal.ops();
+            rec.host.journal.clear();
+            ops
+        };
+        let on = |node: &str| -> Assignment {
+            [("vip", node), ("basic", node)]
+                .iter()
+                .map(|(g, n)| (g.to_string(), n.to_string()))
+                .collect()
+        };
+        let to = |slot: u16| {
+            let mut v = vec![(GwId::of("vip"), slot), (GwId::of("basic"), slot)];
+            v.sort();
+            Op::Redirects(v)
+        };
+        let ops = step(&on("gw1"), true).await;
+        assert_eq!(ops[0], Op::Overlay(Some(vec!["gw1".into(), "gw3".into()])));
+        assert!(ops.contains(&to(0)), "{ops:?}");
+        // Failover to gw3: the redirect follows, nothing else changes.
+        assert_eq!(step(&on("gw3"), true).await, [to(2)]);
+        // No lease (cut off from the leader): drop.
+        assert_eq!(step(&on("gw3"), false).await, [Op::Redirects(vec![])]);
+        // Nobody active: drop.
+        step(&on("gw3"), true).await;
+        assert_eq!(
+            step(&Assignment::new(), true).await,
+            [Op::Redirects(vec![])]
+        );
     }
 
     #[test]

@@ -118,6 +118,17 @@ pub struct DataplaneStatus {
     pub last_repair: Option<String>,
     #[serde(default)]
     pub last_repair_unix_ms: Option<u64>,
+    /// Per gateway, what this node's gateway chains did with its policies' packets since they
+    /// were made: action (`snated`, `redirected`, `dropped`, `looped`) → packets and bytes.
+    #[serde(default)]
+    pub traffic: std::collections::BTreeMap<String, std::collections::BTreeMap<String, Traffic>>,
+}
+
+/// Packets and bytes counted by one nftables counter.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Traffic {
+    pub packets: u64,
+    pub bytes: u64,
 }
 
 /// What this node may hold, and until when.

@@ -9,7 +9,9 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::arp;
+use common::capture::{Capture, read_sources};
 use common::cluster::*;
+use common::leak::LeakProbe;
 use common::netns::require_root;
 use common::topo::*;
 
@@ -585,39 +587,145 @@ fn maintenance_through_the_cli() {
     c.assert_traffic_via_vip();
 }
 
-/// A client that routes through a standby (a static route here; a stale neighbour entry after a
-/// failover or a router still pointing at the old node do the same) never reaches the server
-/// with its own address: the standby drops its policy's new connections and counts them.
-/// Traffic no policy selects passes. (The server routes the LAN back through gw1, so a leaked
-/// connection would complete and show the client's address.)
+/// A client that routes through a standby (a static route; a neighbour entry still pointing at
+/// the old node after a failover, ECMP or a router that was not told do the same) has its
+/// policy's traffic redirected through the overlay to the active node and SNATed there: the
+/// server sees the VIP. With no node active (all cordoned) the standby drops and counts. After a
+/// failover the redirect follows the new active node. Traffic no policy selects passes as it
+/// came. A capture on the server's link for the whole test holds no packet from the client's
+/// address (the server routes the LAN back through gw1, so a leaked connection would complete).
+/// Bulk TCP throughput from the client to the server in MB/s (64 MB from the client's primary
+/// address, timed by the server from accept to end of stream), printed by the redirect test.
+fn throughput(c: &Cluster, port: u16) -> f64 {
+    use std::io::{Read, Write};
+    const BYTES: usize = 64 << 20;
+    let (client, server) = (c.topo.client.clone(), c.topo.server.clone());
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let receiver = std::thread::spawn(move || {
+        arp::enter_netns(&server);
+        let listener = std::net::TcpListener::bind((SERVER_IP, port)).expect("listen");
+        ready_tx.send(()).expect("ready");
+        let (mut s, _) = listener.accept().expect("accept");
+        let started = Instant::now();
+        let mut buf = vec![0u8; 1 << 16];
+        let mut n = 0;
+        while let Ok(k) = s.read(&mut buf) {
+            if k == 0 {
+                break;
+            }
+            n += k;
+        }
+        n as f64 / 1e6 / started.elapsed().as_secs_f64()
+    });
+    ready_rx.recv().expect("receiver ready");
+    std::thread::spawn(move || {
+        arp::enter_netns(&client);
+        let mut s = std::net::TcpStream::connect((SERVER_IP, port)).expect("connect");
+        let chunk = vec![0u8; 1 << 16];
+        for _ in 0..BYTES / chunk.len() {
+            s.write_all(&chunk).expect("send");
+        }
+    })
+    .join()
+    .expect("sender");
+    receiver.join().expect("receiver")
+}
+
+/// The packets node `i`'s status says its chains of `gateway` counted for `action`.
+fn traffic(c: &Cluster, i: usize, gateway: &str, action: &str) -> u64 {
+    c.topo.status(i).map_or(0, |s| {
+        s["dataplane"]["traffic"][gateway][action]["packets"]
+            .as_u64()
+            .unwrap_or(0)
+    })
+}
+
+/// What the nodes' overlays hold, for a failure message.
+fn overlay_state(c: &Cluster) -> String {
+    let mut out = String::new();
+    for (i, ns) in c.topo.nodes.iter().enumerate() {
+        out.push_str(&format!("---- {} ----\n", name(i)));
+        for cmd in [
+            &["ip", "-d", "link", "show", "egressd0"][..],
+            &["ip", "rule"],
+            &["ip", "-6", "rule"],
+            &["ip", "route", "show", "table", "all", "dev", "egressd0"],
+            &["ip", "neigh", "show", "dev", "egressd0"],
+            &["nft", "list", "counters"],
+            &["nft", "list", "chain", "inet", "egressd", "snat_by_mark"],
+        ] {
+            let o = c.topo.lab.try_exec(ns, cmd.iter().copied());
+            out.push_str(&format!(
+                "$ {}\n{}{}",
+                cmd.join(" "),
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            ));
+        }
+    }
+    out
+}
+
 #[test]
-fn a_standby_drops_policy_traffic_instead_of_leaking_the_client_address() {
-    if !require_root("a_standby_drops_policy_traffic_instead_of_leaking_the_client_address") {
+fn a_standby_redirects_policy_traffic_to_the_active_node() {
+    if !require_root("a_standby_redirects_policy_traffic_to_the_active_node") {
         return;
     }
-    let mut c = Cluster::start("stby", 3);
+    let (token, extra) = admin_token("e2e-admin-token-0123456789");
+    let token = token.path().display().to_string();
+    // A second gateway in the other source-IP mode, whose more specific policy wins the
+    // client's traffic to SERVER_OTHER_IP.
+    let basic = format!(
+        r#"
+[[gateway]]
+name = "basic"
+node_selector = {{ egress = "" }}
+[gateway.source_ip]
+mode = "PrimaryIPFromEgressGatewayNodeInterface"
+primary_ip_from_egress_gateway_node_interface = {{ interface_name = "eth1" }}
+
+[[policy]]
+name = "to-other"
+egress_gateway_name = "basic"
+source_cidrs = ["{CLIENT_IP}/32"]
+destination_cidrs = ["{SERVER_OTHER_IP}/32"]
+"#
+    );
+    let mut c = Cluster::start_full("redir", 3, &extra, &basic);
     c.ensure_leader_is_not("gw1");
     c.wait_active("gw1");
     c.assert_traffic_via_vip();
-    let client = c.topo.client.clone();
+    let (client, server) = (c.topo.client.clone(), c.topo.server.clone());
+    let pcap = c.topo.dir.path().join("server.pcap");
+    let capture = Capture::start_filter(&mut c.topo.lab, &server, "eth0", &pcap, "ip or ip6");
     let to_server = format!("{SERVER_IP}/32");
-    for standby in [1, 2] {
-        let via = node_lan_ip(standby);
+    let route_via = |c: &Cluster, i: usize| {
+        let via = node_lan_ip(i);
         c.topo
             .lab
             .exec(&client, ["ip", "route", "replace", &to_server, "via", &via]);
-        let before = c.dropped(standby);
-        let seen = c.topo.seen_source(CLIENT_IP, SERVER_IP);
+    };
+    let redirect_of = |c: &Cluster, i: usize| c.topo.gateway_redirect(&c.topo.nodes[i], GW);
+
+    // gw1 is active (overlay slot 0): both standbys redirect to it.
+    for standby in [1, 2] {
+        wait_for("the standby redirects to gw1", WAIT, || {
+            redirect_of(&c, standby) == Some(0)
+                && c.topo.gateway_redirect(&c.topo.nodes[standby], "basic") == Some(0)
+        });
+        route_via(&c, standby);
+        let before = c.redirected(standby);
         assert_eq!(
-            seen,
-            None,
-            "through the standby {}, the server saw the connection from {seen:?}\n{}",
+            c.topo.seen_source(CLIENT_IP, SERVER_IP).as_deref(),
+            Some(VIP),
+            "through the standby {}\n{}\n{}",
             name(standby),
-            c.topo.ruleset(&c.topo.nodes[standby])
+            c.topo.ruleset(&c.topo.nodes[standby]),
+            overlay_state(&c)
         );
         assert!(
-            c.dropped(standby) > before,
-            "{} did not count the dropped connection",
+            c.redirected(standby) > before,
+            "{} counted nothing",
             name(standby)
         );
         assert_eq!(
@@ -627,7 +735,176 @@ fn a_standby_drops_policy_traffic_instead_of_leaking_the_client_address() {
             name(standby)
         );
     }
-    c.topo.lab.exec(&client, ["ip", "route", "del", &to_server]);
-    c.assert_traffic_via_vip();
     assert_eq!(c.dropped(0), 0, "the active node dropped nothing");
+    // The per-gateway counts in the status (read every 2 s): the standby redirected, the
+    // active node SNATed.
+    wait_for("per-gateway counts in the status", WAIT, || {
+        traffic(&c, 1, "vip", "redirected") > 0 && traffic(&c, 0, "vip", "snated") > 0
+    });
+    // The redirect's cost in round-trip time (printed, not asserted): pings from the client
+    // through the active node directly and through a standby.
+    for (label, via) in [("direct via gw1", 0), ("redirected via gw2", 1)] {
+        route_via(&c, via);
+        println!(
+            "bulk TCP {label}: {:.0} MB/s",
+            throughput(&c, 7100 + via as u16)
+        );
+        let out = c.topo.lab.try_exec(
+            &client,
+            [
+                "ping", "-n", "-c", "200", "-i", "0.01", "-I", CLIENT_IP, SERVER_IP,
+            ],
+        );
+        let mut rtts: Vec<f64> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| l.split("time=").nth(1)?.split(' ').next()?.parse().ok())
+            .collect();
+        rtts.sort_by(f64::total_cmp);
+        if let Some(median) = rtts.get(rtts.len() / 2) {
+            println!(
+                "ping {label}: median {median:.3} ms over {} replies",
+                rtts.len()
+            );
+        }
+    }
+
+    route_via(&c, 2);
+
+    // Nobody eligible: the standby drops and counts, nothing reaches the server.
+    let cordon = |c: &Cluster, verb: &str, node: &str| {
+        let out = c.topo.cli(1, &["node", verb, node, "--token-file", &token]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    // A planned handover first (gw1 cordoned): gw3's redirect follows to gw2.
+    cordon(&c, "cordon", "gw1");
+    wait_for(
+        "handed over: gw3 redirects to gw2, which holds the VIP",
+        WAIT,
+        || redirect_of(&c, 2) == Some(1) && c.topo.holds(&c.topo.nodes[1], "eth1", VIP),
+    );
+    assert_eq!(
+        c.topo.seen_source(CLIENT_IP, SERVER_IP).as_deref(),
+        Some(VIP),
+        "through gw3 after the handover to gw2"
+    );
+    for i in 1..3 {
+        cordon(&c, "cordon", &name(i));
+    }
+    wait_for("no active node, gw3 dropping", WAIT, || {
+        let none_active = c
+            .topo
+            .status(1)
+            .and_then(|s| {
+                let g = s["gateways"].as_array()?.iter().find(|g| g["name"] == GW)?;
+                Some(g["active"].is_null())
+            })
+            .unwrap_or(false);
+        none_active && c.topo.gateway_drops(&c.topo.nodes[2], GW)
+    });
+    let before = c.dropped(2);
+    assert_eq!(c.topo.seen_source(CLIENT_IP, SERVER_IP), None);
+    assert!(
+        c.dropped(2) > before,
+        "gw3 did not count the dropped traffic"
+    );
+    for i in 0..3 {
+        cordon(&c, "uncordon", &name(i));
+    }
+    c.wait_active("gw1");
+    wait_for("gw3 redirects to gw1 again", WAIT, || {
+        redirect_of(&c, 2) == Some(0)
+    });
+
+    // Failover while the client sends through gw3: gw2 takes over, gw3's redirect follows.
+    let started = Instant::now();
+    let probe = LeakProbe::start(
+        &client,
+        CLIENT_IP.parse().expect("ip"),
+        40000,
+        &server,
+        std::net::SocketAddr::new(SERVER_IP.parse().expect("ip"), 9999),
+        Duration::from_millis(10),
+        Duration::from_millis(100),
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let killed = Instant::now();
+    c.signal("gw1", "KILL");
+    let (gw2, mut switched, mut vip_moved) = (c.topo.nodes[1].clone(), None, None);
+    while (switched.is_none() || vip_moved.is_none()) && killed.elapsed() < WAIT {
+        if switched.is_none() && redirect_of(&c, 2) == Some(1) {
+            switched = Some(killed.elapsed());
+        }
+        if vip_moved.is_none() && c.topo.holds(&gw2, "eth1", VIP) {
+            vip_moved = Some(killed.elapsed());
+        }
+    }
+    let switched = switched.unwrap_or_else(|| panic!("gw3 never redirected to gw2\n{}", c.logs()));
+    println!(
+        "gw2 held the VIP {:.0} ms after kill -9",
+        vip_moved.map_or(f64::NAN, |d| d.as_secs_f64() * 1e3)
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let log = probe.stop();
+    // gw1's kernel goes on translating after its daemon died: what counts is what was sent
+    // after the switch, which only gw2 can have translated.
+    let through_gw2 = log
+        .got
+        .iter()
+        .filter(|r| r.from.to_string() == VIP && log.sent[r.seq as usize] > killed + switched)
+        .count();
+    println!(
+        "redirect switched to the new active node {:.0} ms after kill -9; {through_gw2} \
+         datagrams sent after the switch arrived from the VIP",
+        switched.as_secs_f64() * 1e3,
+    );
+    assert!(through_gw2 > 0, "nothing arrived through gw2\n{}", c.logs());
+    let leaks = log.leaks(CLIENT_IP.parse().expect("ip"), started, killed);
+    assert_eq!(leaks.first + leaks.second + leaks.long, 0, "{leaks:?}");
+    assert_eq!(
+        c.topo.seen_source(CLIENT_IP, SERVER_IP).as_deref(),
+        Some(VIP),
+        "through gw3 after the failover"
+    );
+
+    // gw3 cut off from its peers (its cluster network link down; LAN and WAN up): without a
+    // lease it does not know who is active, and drops instead of redirecting.
+    let mgmt = c.topo.mgmt.clone();
+    c.topo
+        .lab
+        .exec(&mgmt, ["ip", "link", "set", "p-gw3", "down"]);
+    wait_for("cut off, gw3 drops instead of redirecting", WAIT, || {
+        c.topo.gateway_drops(&c.topo.nodes[2], GW)
+    });
+    let before = c.dropped(2);
+    assert_eq!(c.topo.seen_source(CLIENT_IP, SERVER_IP), None);
+    assert!(c.dropped(2) > before, "cut off, gw3 did not count the drop");
+    c.topo.lab.exec(&mgmt, ["ip", "link", "set", "p-gw3", "up"]);
+    wait_for("back in contact, gw3 redirects to gw2 again", WAIT, || {
+        redirect_of(&c, 2) == Some(1)
+    });
+    assert_eq!(
+        c.topo.seen_source(CLIENT_IP, SERVER_IP).as_deref(),
+        Some(VIP),
+        "through gw3 back in contact"
+    );
+
+    let pcap = capture.stop(&mut c.topo.lab);
+    let sources = read_sources(&pcap);
+    let client_ip: std::net::IpAddr = CLIENT_IP.parse().expect("ip");
+    let vip: std::net::IpAddr = VIP.parse().expect("ip");
+    let leaked = sources.iter().filter(|a| **a == client_ip).count();
+    println!(
+        "server link: {} packets, {} from the VIP, {leaked} from the client's address",
+        sources.len(),
+        sources.iter().filter(|a| **a == vip).count()
+    );
+    assert!(sources.contains(&vip), "the capture saw nothing");
+    assert_eq!(
+        leaked, 0,
+        "packets with the client's address reached the server's link"
+    );
 }

@@ -146,6 +146,25 @@ fn deleted_base_chain_is_repaired() {
     assert_eq!(node.foreign(), foreign);
 }
 
+/// The chain that SNATs by mark holds no map elements and is not generational: emptying it
+/// (every active gateway's traffic would leave untranslated) is seen and repaired.
+#[test]
+fn flushed_snat_by_mark_chain_is_repaired() {
+    if !require_root("flushed_snat_by_mark_chain_is_repaired") {
+        return;
+    }
+    let node = Node::start("hsnatm", 0);
+    let foreign = node.foreign();
+    let o = outside_change(&node, "flush chain", Part::Snat, |n| {
+        n.nft("flush chain inet egressd snat_by_mark")
+    });
+    assert_snat_repaired(&node, "flush snat_by_mark", &o, "snat_by_mark");
+    wait_for("SNAT by mark back", WAIT, || {
+        node.gateway_snat().as_deref() == Some(VIP)
+    });
+    assert_eq!(node.foreign(), foreign);
+}
+
 #[test]
 fn deleted_map_is_repaired() {
     if !require_root("deleted_map_is_repaired") {

@@ -2,7 +2,7 @@
 //! kernel keeps the addresses), and the successor takes over the VIP and the next hop. Clients
 //! follow the unsolicited neighbour advertisements, and afterwards only the successor answers
 //! neighbour solicitations for the VIP: the dead daemon's NDP lease has run out. A client that
-//! routes through a standby never reaches the server with its own IPv6 address.
+//! routes through a standby is redirected to the active node and leaves with the IPv6 VIP.
 //! Root only: skips loudly otherwise, fails instead when EGRESSD_E2E=1.
 
 mod common;
@@ -11,6 +11,7 @@ use std::net::Ipv6Addr;
 use std::time::{Duration, Instant};
 
 use common::arp;
+use common::capture::{Capture, read_sources};
 use common::cluster::*;
 use common::netns::require_root;
 use common::topo::*;
@@ -131,8 +132,9 @@ destination_cidrs = ["fd00:203::/64"]
     assert!(neigh.contains(&gw2_mac), "{neigh}");
 
     // The client routes through gw3, a standby that forwards IPv6: the policy's connection is
-    // dropped there, never forwarded with the client's address (the server's route back goes
-    // through gw1's kernel, so a leaked connection would complete).
+    // redirected to gw2 and leaves with the VIP, never with the client's address (the server's
+    // route back goes through gw1's kernel, so a leaked connection would complete; a capture
+    // on the server's link would show it).
     let forwarding = c.topo.lab.exec(
         &c.topo.nodes[2],
         ["sysctl", "-n", "net.ipv6.conf.all.forwarding"],
@@ -142,21 +144,36 @@ destination_cidrs = ["fd00:203::/64"]
         "1",
         "the test needs gw3 to forward IPv6"
     );
-    let client = c.topo.client.clone();
+    let (client, server) = (c.topo.client.clone(), c.topo.server.clone());
+    let pcap = c.topo.dir.path().join("server6.pcap");
+    let capture = Capture::start_filter(&mut c.topo.lab, &server, "eth0", &pcap, "ip6");
     let to_server = format!("{SERVER6}/128");
     let via = node_lan6(2);
     c.topo.lab.exec(
         &client,
         ["ip", "-6", "route", "replace", &to_server, "via", &via],
     );
+    wait_for("gw3 redirects to gw2", WAIT, || {
+        c.topo.gateway_redirect(&c.topo.nodes[2], GW) == Some(1)
+    });
+    let before = c.redirected(2);
     let seen = c.topo.seen_source6();
     assert_eq!(
-        seen, None,
+        seen,
+        Some(vip6),
         "through the standby gw3 the server saw {seen:?}"
     );
+    assert!(c.redirected(2) > before, "gw3 did not count the redirect");
+    let sources = read_sources(&capture.stop(&mut c.topo.lab));
+    let client6: std::net::IpAddr = CLIENT6.parse().expect("ip");
     assert!(
-        c.dropped(2) >= 1,
-        "gw3 did not count the dropped connection"
+        sources.contains(&vip6.into()),
+        "the capture saw no packet from the VIP: {sources:?}"
+    );
+    assert_eq!(
+        sources.iter().filter(|a| **a == client6).count(),
+        0,
+        "packets with the client's address reached the server's link"
     );
     c.topo
         .lab

@@ -179,6 +179,8 @@ fn sigterm_leaves_nothing_and_foreign_tables_are_untouched() {
         );
     }
 
+    // One member, no peer: the overlay device and the two catch-all rules (IPv4, IPv6).
+    assert_eq!(topo.overlay_objects(&gw), (true, 2));
     signal(topo.lab.child(child), "TERM");
     let status = topo.lab.child(child).wait().expect("wait for egressd");
     assert!(
@@ -189,6 +191,11 @@ fn sigterm_leaves_nothing_and_foreign_tables_are_untouched() {
     assert!(!topo.holds(&gw, "eth1", VIP), "VIP left behind");
     assert!(!topo.holds(&gw, "eth0", NEXT_HOP), "next hop left behind");
     assert_eq!(topo.snat4_elements(&gw), None, "egressd table left behind");
+    assert_eq!(
+        topo.overlay_objects(&gw),
+        (false, 0),
+        "overlay device or rules left behind"
+    );
     assert_eq!(
         topo.ruleset(&gw),
         foreign_before,
@@ -232,6 +239,12 @@ fn restart_after_kill_replaces_instead_of_duplicating() {
         "{ruleset}"
     );
     assert_eq!(ruleset.matches("chain postrouting").count(), 1, "{ruleset}");
+    assert_eq!(ruleset.matches("chain prerouting").count(), 1, "{ruleset}");
+    assert_eq!(
+        topo.overlay_objects(&gw),
+        (true, 2),
+        "overlay rules duplicated"
+    );
     assert_eq!(topo.snat4_elements(&gw), elements);
     let vips = topo
         .addresses(&gw, "eth1")

@@ -22,6 +22,9 @@ fn exported() -> BTreeSet<String> {
         last_failover_detect_ms: Some(1),
         ..Default::default()
     }];
+    let mut actions = std::collections::BTreeMap::new();
+    actions.insert("dropped".to_string(), Default::default());
+    status.dataplane.traffic.insert("g".into(), actions);
     let mut state = egressd::cluster::ClusterState::default();
     state.stats.insert("g".into(), Default::default());
     m.observe(&status, &state);
@@ -120,5 +123,5 @@ fn alert_rules_pass_promtool() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(out.status.success(), "{said}");
-    assert!(said.contains("SUCCESS: 10 rules found"), "{said}");
+    assert!(said.contains("SUCCESS: 11 rules found"), "{said}");
 }

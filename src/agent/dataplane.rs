@@ -105,6 +105,8 @@ fn has_v6_destination(p: &Policy) -> bool {
 pub struct Channels {
     pub config: watch::Receiver<Arc<AgentConfig>>,
     pub leased: watch::Receiver<Leased>,
+    /// Whether this node's lease as a member lasts: a standby redirects only then.
+    pub contact: watch::Receiver<bool>,
     pub host: watch::Receiver<Arc<HostState>>,
     pub applied: watch::Receiver<Applied>,
     /// Set on SIGTERM: report not ready, so the leader moves the gateways away.
@@ -126,6 +128,8 @@ pub struct DataplaneTask<H, F> {
     held: BTreeSet<String>,
     /// The applied index and the moment of the last return of freed memory to the system.
     trimmed: (u64, Instant),
+    /// When the per-gateway counters were last read.
+    counted: Option<Instant>,
     /// Repairs after outside changes of the SNAT table (see `dataplane::watch`).
     heal: Option<Arc<Heal>>,
     heal_rx: Option<watch::Receiver<u64>>,
@@ -171,6 +175,10 @@ fn check_forwarding(manage: bool, needs_v6: bool) -> Vec<String> {
     problems
 }
 
+/// How often the per-gateway counters are read for the status and the metrics (an `nft` run
+/// each).
+const COUNT_EVERY: Duration = Duration::from_secs(2);
+
 /// Parsing a config or a committed change of many objects leaves freed heap that glibc keeps:
 /// give it back, so that an idle node's resident size reflects what it holds.
 /// The least time between two returns of freed memory when the policies did not change.
@@ -204,6 +212,7 @@ impl<H: Host, F: Firewall> DataplaneTask<H, F> {
             firewall_ok,
             held: BTreeSet::new(),
             trimmed: (0, Instant::now()),
+            counted: None,
             heal: None,
             heal_rx: None,
             heal_wait: None,
@@ -253,6 +262,7 @@ impl<H: Host, F: Firewall> DataplaneTask<H, F> {
         let host = self.ch.host.borrow().clone();
         let applied = self.ch.applied.borrow().clone();
         let leased = self.ch.leased.borrow().clone();
+        let in_contact = *self.ch.contact.borrow();
         let mut policies_changed = false;
         if self.objects.version != applied.index || self.objects.gateways.is_empty() {
             let policies = applied.state.policies.clone();
@@ -328,6 +338,9 @@ impl<H: Host, F: Firewall> DataplaneTask<H, F> {
                     version: self.objects.version,
                     gateways: &gateways,
                     policies: &self.objects.policies,
+                    committed: &applied.state.assignment,
+                    members: &applied.state.members,
+                    in_contact,
                 },
                 &host,
                 &managed,
@@ -512,14 +525,54 @@ impl<H: Host, F: Firewall> DataplaneTask<H, F> {
         });
     }
 
+    /// Reads the per-gateway counters into the status, at most every `COUNT_EVERY`.
+    async fn count(&mut self) {
+        if !self.firewall_ok || self.counted.is_some_and(|t| t.elapsed() < COUNT_EVERY) {
+            return;
+        }
+        self.counted = Some(Instant::now());
+        let counters = match self.rec.firewall.gateway_counters().await {
+            Ok(c) => c,
+            Err(e) => {
+                warn!(error = %e, "could not read the per-gateway counters");
+                return;
+            }
+        };
+        let names: std::collections::BTreeMap<policy::GwId, &str> = self
+            .objects
+            .gateways
+            .iter()
+            .map(|g| (policy::GwId::of(&g.name), g.name.as_str()))
+            .collect();
+        let traffic = counters
+            .iter()
+            .filter_map(|(id, actions)| {
+                let per_action = actions
+                    .iter()
+                    .map(|(a, (packets, bytes))| {
+                        let t = crate::status::Traffic {
+                            packets: *packets,
+                            bytes: *bytes,
+                        };
+                        (a.name().to_owned(), t)
+                    })
+                    .collect();
+                Some((names.get(id)?.to_string(), per_action))
+            })
+            .collect();
+        self.board.update(|s| s.dataplane.traffic = traffic);
+    }
+
     /// Runs until `stop` turns true.
     pub async fn run(&mut self) {
         loop {
             self.round().await;
+            self.count().await;
             self.heartbeat.beat();
             // Idle is healthy: beat at least once a second while waiting.
             tokio::select! {
                 r = self.ch.leased.changed() => if r.is_err() { return },
+                r = self.ch.contact.changed() => if r.is_err() { return },
                 r = self.ch.applied.changed() => if r.is_err() { return },
                 r = self.ch.host.changed() => if r.is_err() { return },
                 r = self.ch.config.changed() => if r.is_err() { return },

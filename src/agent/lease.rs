@@ -57,6 +57,8 @@ pub struct Channels {
     pub leader: watch::Receiver<Option<u64>>,
     pub stop: watch::Receiver<bool>,
     pub leased: watch::Sender<Leased>,
+    /// Whether this node's lease as a member lasts (see `NodeLease::in_contact`).
+    pub contact: watch::Sender<bool>,
 }
 
 pub struct LeaseTask<R, F, A> {
@@ -349,6 +351,10 @@ impl<R: Reporter, F: Fence, A: Announcer> LeaseTask<R, F, A> {
     }
 
     fn publish(&mut self, now: Time) {
+        let contact = self.lease.in_contact(now);
+        self.ch
+            .contact
+            .send_if_modified(|c| std::mem::replace(c, contact) != contact);
         let leased: Leased = self
             .lease
             .leased(now)

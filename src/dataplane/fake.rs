@@ -18,6 +18,10 @@ pub enum Op {
     Snat(usize),
     /// The gateways whose chains SNAT (active here).
     Roles(Vec<crate::policy::GwId>),
+    /// The gateways whose chains redirect, with the member slot they redirect to.
+    Redirects(Vec<(crate::policy::GwId, u16)>),
+    /// The overlay was set up toward these members (`None`: removed).
+    Overlay(Option<Vec<String>>),
     /// The fence's lease elements were written: these addresses are answered for.
     Lease(Vec<IpAddr>),
     BuildFence(Vec<IpAddr>),
@@ -52,6 +56,7 @@ impl Journal {
 pub struct FakeHost {
     pub state: HostState,
     pub journal: Journal,
+    pub overlay: Option<super::overlay::Overlay>,
 }
 
 impl FakeHost {
@@ -111,6 +116,14 @@ impl Host for FakeHost {
         i.tagged.retain(|a| *a != ip);
         Ok(())
     }
+
+    async fn set_overlay(&mut self, overlay: Option<&super::overlay::Overlay>) -> Result<()> {
+        self.journal.push(Op::Overlay(
+            overlay.map(|o| o.peers.iter().map(|p| p.name.clone()).collect()),
+        ));
+        self.overlay = overlay.cloned();
+        Ok(())
+    }
 }
 
 #[derive(Debug, Default)]
@@ -127,13 +140,25 @@ impl Firewall for FakeFirewall {
             self.map = Some((**map).clone());
         }
         if self.roles != *roles {
-            self.journal.push(Op::Roles(
+            let active = |roles: &Roles| -> Vec<crate::policy::GwId> {
                 roles
                     .iter()
                     .filter(|(_, r)| r.v4.is_some() || r.v6.is_some())
                     .map(|(id, _)| *id)
-                    .collect(),
-            ));
+                    .collect()
+            };
+            let redirects = |roles: &Roles| -> Vec<(crate::policy::GwId, u16)> {
+                roles
+                    .iter()
+                    .filter_map(|(id, r)| r.redirect.map(|s| (*id, s)))
+                    .collect()
+            };
+            if active(&self.roles) != active(roles) || self.roles.is_empty() {
+                self.journal.push(Op::Roles(active(roles)));
+            }
+            if redirects(&self.roles) != redirects(roles) {
+                self.journal.push(Op::Redirects(redirects(roles)));
+            }
             self.roles = roles.clone();
         }
         Ok(())

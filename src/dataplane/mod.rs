@@ -8,6 +8,7 @@ pub mod fence;
 pub mod host;
 pub mod nfnl;
 pub mod nft;
+pub mod overlay;
 pub mod runner;
 pub mod shard;
 pub mod watch;
@@ -40,11 +41,12 @@ pub enum Error {
 pub type Result<T> = std::result::Result<T, Error>;
 
 /// What a gateway's chains do on this node: SNAT to these addresses (it is active here), or
-/// nothing (`None`).
+/// else redirect to the member of this overlay slot (`overlay::redirect_target`), or else drop.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Role {
     pub v4: Option<std::net::Ipv4Addr>,
     pub v6: Option<std::net::Ipv6Addr>,
+    pub redirect: Option<u16>,
 }
 
 /// Every gateway's role on this node.
@@ -71,6 +73,11 @@ pub trait Firewall: Send {
     /// The kernel's state is not known any more (changed from outside): the next `apply`
     /// replaces everything.
     fn forget(&mut self) {}
+    /// What the gateway chains did with packets, per gateway and action (none when the
+    /// firewall keeps no counters).
+    fn gateway_counters(&self) -> impl Future<Output = Result<nft::GatewayCounters>> + Send {
+        async { Ok(nft::GatewayCounters::new()) }
+    }
 }
 
 /// One network interface as the host has it now.
@@ -104,6 +111,12 @@ pub trait Host: Send {
     fn add_address(&mut self, iface: &str, ip: IpAddr) -> impl Future<Output = Result<()>> + Send;
     /// Removes `ip` from `iface`; absent already is success.
     fn del_address(&mut self, iface: &str, ip: IpAddr) -> impl Future<Output = Result<()>> + Send;
+    /// Makes the redirect overlay (device, forwarding entries, routes, rules) match `overlay`,
+    /// replacing whatever an earlier run left; `None` removes all of it.
+    fn set_overlay(
+        &mut self,
+        overlay: Option<&overlay::Overlay>,
+    ) -> impl Future<Output = Result<()>> + Send;
 }
 
 /// Gratuitous ARP and unsolicited neighbour advertisements.

@@ -5,23 +5,32 @@
 //!
 //! ```text
 //! table inet egressd {
-//!   counter seen { }                      # new connections through the chain
+//!   counter seen { }                      # new connections classified
 //!   counter not_snated { }                # ... that no policy selected
-//!   counter dropped { }                   # ... of a gateway not active here: dropped
+//!   counter dropped { }                   # packets of a gateway no node can take here: dropped
+//!   counter redirected { }                # packets of a gateway active elsewhere: redirected
 //!   map sel4_G { type ipv4_addr . ipv4_addr : verdict; flags interval; }   # cell → jump c4_G_K
 //!   map m4_G_K { type ipv4_addr . ipv4_addr : verdict; flags interval; }   # → goto g4_<gateway>
 //!   chain c4_G_K { ip saddr . ip daddr vmap @m4_G_K }
 //!   ... one map and chain per cell, and the same for IPv6 (sel6_G, m6_G_K, c6_G_K)
-//!   chain g4_<id> { snat ip to 203.0.113.50 }   # a gateway active here: its source IP
-//!   chain g4_<id2> { counter name "dropped" drop }   # active elsewhere, or nowhere
-//!   chain postrouting_G {
-//!     type nat hook postrouting priority srcnat; policy accept;
-//!     fib saddr type local accept           # the node's own traffic is not a client's
+//!   chain g4_<id> { meta mark set meta mark and 0xffff or 0x00010000 accept }  # active here
+//!   chain g4_<id2> { iifname "egressd0" counter name "dropped" drop    # active on the member
+//!                    meta mark set ... or 0x80020000 counter name "redirected" accept }  # slot 2
+//!   chain g4_<id3> { counter name "dropped" drop }   # active nowhere, or this node has no lease
+//!   chain snat_by_mark { meta nfproto ipv4 snat ip to meta mark and 0xffff0000 map { 0x00010000 : 203.0.113.50 } }
+//!   chain prerouting_G {
+//!     type filter hook prerouting priority mangle; policy accept;
+//!     fib daddr type { local, broadcast, multicast } accept   # not a client's egress traffic
 //!     ct state new counter name "seen"      # (ct: see below)
 //!     ip saddr . ip daddr vmap @sel4_G
 //!     ip6 saddr . ip6 daddr vmap @sel6_G
-//!     counter name "not_snated"
+//!     ct state new counter name "not_snated"
 //!   }
+//!   chain postrouting_G { type nat hook postrouting priority srcnat; policy accept;
+//!     fib saddr type local accept; jump snat_by_mark }
+//!   chain overlay_G { type filter hook forward priority mangle; policy accept;
+//!     oifname "egressd0" tcp flags syn tcp option maxseg size set rt mtu
+//!     oifname "egressd0" meta mark set meta mark and 0xffff }
 //!   # with dataplane.tcp_on_policy_change = "reset" (`conntrack.rs`): TCP connections the
 //!   # conntrack sweeper ended, answered with a reset; not generational, kept by replaces
 //!   set ended4 { type ipv4_addr . inet_service . ipv4_addr . inet_service; flags timeout; }
@@ -31,9 +40,14 @@
 //! ```
 //!
 //! The classification (which gateway's policy wins a packet, `crate::policy`) is the same on
-//! every node; which gateways are active here lives only in the gateway chains (`g4_<id>`,
-//! `g6_<id>`, `<id>` from the gateway's name), which are not generational. A takeover or a
-//! release rewrites two small chains in one `nft` transaction, whatever the number of policies.
+//! every node and runs before the routing decision, on every packet. Which gateways are active
+//! here, and where the others are active, lives only in the gateway chains (`g4_<id>`,
+//! `g6_<id>`, `<id>` from the gateway's name) and the SNAT chain, which are not generational:
+//! they say it with the packet mark (bits `overlay::MARK_MASK`). An active gateway's mark is its
+//! rank among the gateways active here, which `snat_by_mark` maps to its source address; a
+//! standby's is the redirect bit with the active member's overlay slot, which an `ip rule` sends
+//! into the overlay to that member (`overlay.rs`). A takeover, a release or a failover elsewhere
+//! rewrites a few small chains in one `nft` transaction, whatever the number of policies.
 //!
 //! The cells (`shard.rs`) tile the (source, destination) plane; the selector map sends a packet
 //! to its cell's chain, whose map holds the elements (or the pieces of elements) of that cell.
@@ -42,17 +56,15 @@
 //! ~90 ms; with cells of at most a few hundred elements it costs a few milliseconds. Lookups stay
 //! two map lookups whatever the number of policies.
 //!
-//! A nat chain sees only the first packet of each connection, so the counters count new
-//! connections. A `snat` or a `drop` ends the hook; a packet no element matches (no policy, or
-//! an excluded destination) falls through; so `seen - not_snated - dropped` is the number of
-//! connections SNATed. A node that does not hold a gateway drops its policies' new connections
-//! rather than forward them with the client's own address (a client routing through a standby,
-//! a stale neighbour entry after a failover): a policy's traffic leaves with the gateway's
-//! source IP or not at all. Connections this node SNATed while it held the gateway keep their
-//! translation (conntrack) until they end. The `ct` in the base chain is what turns connection
-//! tracking on in the namespace (a nat chain alone does not; only a `snat` rule or a `ct`
-//! expression does): without it, a node holding no gateway never ran its nat chain at all, and
-//! forwarded every policy's traffic with the client's address.
+//! A packet no element matches (no policy, or an excluded destination) falls through untouched.
+//! A node that is not active for a gateway never forwards its policies' traffic with the
+//! client's own address: it redirects it to the active node, or, when no node is active, this
+//! node has no lease (it cannot know who is), or the packet came through the overlay already
+//! (two nodes with stale views must not bounce it), drops it. The nat chain sees only the first
+//! packet of each connection; connections this node SNATed while it held the gateway keep their
+//! translation (conntrack) until they end. The `ct` in the classification chain is what turns
+//! connection tracking on in the namespace (a nat chain alone does not; only a `snat` rule or a
+//! `ct` expression does): without it, a node holding no gateway never ran its nat chain at all.
 //!
 //! Changes:
 //! - **delta** (the usual case): the element pieces that differ, deleted and added in one
@@ -77,6 +89,7 @@ use serde_json::Value;
 
 use super::conntrack::{ENDED_CHAIN, ENDED_SET4, ENDED_SET6};
 use super::nfnl::{self, Batch, Data, Element, KeyBytes, Op};
+use super::overlay;
 use super::runner::NftRunner;
 use super::shard::{Partition, Rect};
 use super::watch::{Count, Manifest, TableSpec};
@@ -88,8 +101,13 @@ use crate::policy::{FamilyDiff, GwId, SnatElement, SnatMap};
 pub const COUNTER_SEEN: &str = "seen";
 /// Named counter: new connections no element matched.
 pub const COUNTER_NOT_SNATED: &str = "not_snated";
-/// Named counter: new connections of a gateway not active here, dropped.
+/// Named counter: packets of a gateway not active here, dropped (no active node, this node
+/// cut off from the leader, or they arrived redirected already).
 pub const COUNTER_DROPPED: &str = "dropped";
+/// Named counter: packets of a gateway active elsewhere, redirected to the active node.
+pub const COUNTER_REDIRECTED: &str = "redirected";
+/// The chain that SNATs by the mark the gateway chains set (not generational).
+const SNAT_CHAIN: &str = "snat_by_mark";
 
 /// Elements per cell when the cells are (re)computed.
 pub const CELL_TARGET: usize = 512;
@@ -172,11 +190,29 @@ fn base_chain_name(generation: u64) -> String {
     format!("postrouting_{generation}")
 }
 
+fn prerouting_name(generation: u64) -> String {
+    format!("prerouting_{generation}")
+}
+
+fn overlay_chain_name(generation: u64) -> String {
+    format!("overlay_{generation}")
+}
+
 /// The generation a name of ours carries (`m4_7_12` → 7), if it is one of ours.
 fn generation_of(name: &str) -> Option<u64> {
     let mut parts = name.split('_');
     let kind = parts.next()?;
-    let known = ["postrouting", "sel4", "sel6", "m4", "m6", "c4", "c6"];
+    let known = [
+        "postrouting",
+        "prerouting",
+        "overlay",
+        "sel4",
+        "sel6",
+        "m4",
+        "m6",
+        "c4",
+        "c6",
+    ];
     if !known.contains(&kind) {
         return None;
     }
@@ -288,23 +324,156 @@ fn add_pieces<A: NftAddr>(
     }
 }
 
-/// What the chain of a gateway not active here (or without an address of the family) does.
-const DROP_RULE: &str = "counter name \"dropped\" drop";
+/// The node-wide count of every drop of a gateway chain.
+const DROP_RULE_COUNT: &str = "counter name \"dropped\"";
 
-/// The script that makes gateway `id`'s two chains do what `role` says: SNAT to its address of
-/// the family, or drop.
-fn role_script(t: &str, id: GwId, role: &Role) -> String {
-    let (c4, c6) = (gw_chain::<Ipv4Addr>(id), gw_chain::<Ipv6Addr>(id));
-    let r4 = role
-        .v4
-        .map_or(DROP_RULE.to_owned(), |a| format!("snat ip to {a}"));
-    let r6 = role
-        .v6
-        .map_or(DROP_RULE.to_owned(), |a| format!("snat ip6 to {a}"));
+/// What a gateway chain did with a packet, counted per gateway (named counters
+/// `<action>_<gateway id>`, read by `gateway_counters`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Action {
+    /// Marked for SNAT here (every packet of the connections this node translates).
+    Snated,
+    /// Redirected to the active node.
+    Redirected,
+    /// Dropped: no node can take it (none active, this node has no lease, or the active one is
+    /// not reachable through the overlay).
+    Dropped,
+    /// Dropped: it came through the overlay to a node that is not active (stale views).
+    Looped,
+}
+
+impl Action {
+    pub const ALL: [Action; 4] = [
+        Action::Snated,
+        Action::Redirected,
+        Action::Dropped,
+        Action::Looped,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Action::Snated => "snated",
+            Action::Redirected => "redirected",
+            Action::Dropped => "dropped",
+            Action::Looped => "looped",
+        }
+    }
+}
+
+/// The named counter of `action` for gateway `id`.
+fn gw_counter(action: Action, id: GwId) -> String {
+    format!("{}_{id}", action.name())
+}
+
+/// Packets and bytes per gateway and action since the counters were made.
+pub type GatewayCounters = BTreeMap<GwId, BTreeMap<Action, (u64, u64)>>;
+
+/// Adds the per-gateway counters of `id` to `script` (`add` leaves existing ones as they are).
+fn add_gw_counters(script: &mut String, t: &str, id: GwId) {
+    for a in Action::ALL {
+        let _ = writeln!(script, "add counter inet {t} {}", gw_counter(a, id));
+    }
+}
+
+/// The mark an active gateway's chain sets for the SNAT chain: its rank among the gateways
+/// active here, in the bits `overlay::MARK_MASK` (the redirect bit clear).
+fn snat_mark(rank: usize) -> u32 {
+    (rank as u32 + 1) << 16
+}
+
+/// Sets the mark bits egressd owns to `mark`, keeping the others'.
+fn set_mark(mark: u32) -> String {
     format!(
-        "flush chain inet {t} {c4}\nadd rule inet {t} {c4} {r4}\n\
-         flush chain inet {t} {c6}\nadd rule inet {t} {c6} {r6}\n"
+        "meta mark set meta mark and {:#010x} or {mark:#010x}",
+        !overlay::MARK_MASK
     )
+}
+
+/// The rules (one per line) of every gateway chain of `ids` and of the SNAT chain, for `roles`
+/// (a gateway without a role drops). An active gateway's chains mark its packets with its rank,
+/// which the SNAT chain maps to its address; a standby's redirect to the active node's slot
+/// unless the packet came through the overlay already (never redirected twice: with stale views
+/// two nodes could otherwise bounce it), else drop. All of it is computed from one `roles`, so
+/// that a rank in a gateway chain always means the same gateway in the SNAT chain: every
+/// transaction writes every chain whose rules change.
+fn role_texts(roles: &Roles, ids: &BTreeSet<GwId>) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    let active: BTreeMap<GwId, usize> = roles
+        .iter()
+        .filter(|(_, r)| r.v4.is_some() || r.v6.is_some())
+        .enumerate()
+        .map(|(rank, (id, _))| (*id, rank))
+        .collect();
+    let standby = |id: GwId, role: &Role| {
+        let drop = format!(
+            "{DROP_RULE_COUNT} counter name \"{}\" drop",
+            gw_counter(Action::Dropped, id)
+        );
+        match role.redirect {
+            Some(slot) => format!(
+                "iifname \"{}\" {DROP_RULE_COUNT} counter name \"{}\" drop\n\
+                 {} counter name \"{COUNTER_REDIRECTED}\" counter name \"{}\" accept",
+                overlay::DEVICE,
+                gw_counter(Action::Looped, id),
+                set_mark(overlay::redirect_mark(slot)),
+                gw_counter(Action::Redirected, id)
+            ),
+            None => drop,
+        }
+    };
+    let mut snat4 = Vec::new();
+    let mut snat6 = Vec::new();
+    for id in ids {
+        let role = roles.get(id).copied().unwrap_or_default();
+        let rank = active.get(id).copied();
+        let mark = |has: bool| match rank {
+            // `accept` ends the classification (the base chain's last rule counts what no
+            // policy selected); the nat hook still comes.
+            Some(r) if has => format!(
+                "{} counter name \"{}\" accept",
+                set_mark(snat_mark(r)),
+                gw_counter(Action::Snated, *id)
+            ),
+            // Active here without an address of this family: no node translates it.
+            Some(_) => standby(*id, &Role::default()),
+            None => standby(*id, &role),
+        };
+        out.insert(gw_chain::<Ipv4Addr>(*id), mark(role.v4.is_some()));
+        out.insert(gw_chain::<Ipv6Addr>(*id), mark(role.v6.is_some()));
+        if let Some(r) = rank {
+            if let Some(a) = role.v4 {
+                snat4.push(format!("{:#010x} : {a}", snat_mark(r)));
+            }
+            if let Some(a) = role.v6 {
+                snat6.push(format!("{:#010x} : {a}", snat_mark(r)));
+            }
+        }
+    }
+    let mut snat = Vec::new();
+    let mask = overlay::MARK_MASK;
+    if !snat4.is_empty() {
+        snat.push(format!(
+            "meta nfproto ipv4 snat ip to meta mark and {mask:#010x} map {{ {} }}",
+            snat4.join(", ")
+        ));
+    }
+    if !snat6.is_empty() {
+        snat.push(format!(
+            "meta nfproto ipv6 snat ip6 to meta mark and {mask:#010x} map {{ {} }}",
+            snat6.join(", ")
+        ));
+    }
+    out.insert(SNAT_CHAIN.to_owned(), snat.join("\n"));
+    out
+}
+
+/// The script that gives `chain` exactly `rules` (one per line).
+fn chain_script(s: &mut String, t: &str, chain: &str, rules: &str) {
+    let _ = writeln!(s, "flush chain inet {t} {chain}");
+    for r in rules.lines() {
+        let _ = writeln!(s, "add rule inet {t} {chain} {r}");
+    }
 }
 
 /// The chain of gateway `id` for family `A`: `g4_<id>` or `g6_<id>`.
@@ -386,16 +555,22 @@ pub struct NftCounters {
     pub seen: u64,
     /// Of those, the ones no map element matched.
     pub not_snated: u64,
-    /// Of those, the ones of a gateway not active here, dropped.
+    /// Packets of a gateway not active here, dropped.
     pub dropped: u64,
+    /// Packets of a gateway active elsewhere, redirected to the active node.
+    pub redirected: u64,
 }
 
 impl NftCounters {
-    /// New connections SNATed by egressd.
+    /// New connections SNATed here: those a policy selected less the dropped and redirected
+    /// packets. Exact on the active node (it redirects nothing, and drops only the first packet
+    /// of a connection); a standby's drops and redirects count every packet, so there it
+    /// underestimates (saturating at 0).
     pub fn snated(&self) -> u64 {
         self.seen
             .saturating_sub(self.not_snated)
             .saturating_sub(self.dropped)
+            .saturating_sub(self.redirected)
     }
 }
 
@@ -417,8 +592,8 @@ pub struct NftFirewall {
     full_replaces: u64,
     /// Gateways whose chains exist, when known.
     chains: Option<BTreeSet<GwId>>,
-    /// The roles the chains hold, when known.
-    roles: Option<Roles>,
+    /// The rules the gateway chains and the SNAT chain hold (see `role_texts`), when known.
+    written: Option<BTreeMap<String, String>>,
     /// The table holds the sets of ended TCP connections and the chain that resets their
     /// packets (`dataplane.tcp_on_policy_change = "reset"`, see `conntrack.rs`).
     ended: bool,
@@ -475,7 +650,7 @@ impl NftFirewall {
             next_generation: 1,
             full_replaces: 0,
             chains: None,
-            roles: None,
+            written: None,
             ended: false,
         }
     }
@@ -600,7 +775,9 @@ impl NftFirewall {
             "add table inet {t}\n\
              add counter inet {t} {COUNTER_SEEN}\n\
              add counter inet {t} {COUNTER_NOT_SNATED}\n\
-             add counter inet {t} {COUNTER_DROPPED}"
+             add counter inet {t} {COUNTER_DROPPED}\n\
+             add counter inet {t} {COUNTER_REDIRECTED}\n\
+             add chain inet {t} {SNAT_CHAIN}"
         );
         create_family::<Ipv4Addr>(&mut s, t, g, cells4);
         create_family::<Ipv6Addr>(&mut s, t, g, cells6);
@@ -610,19 +787,40 @@ impl NftFirewall {
         s
     }
 
-    /// Step 3: generation `g`'s base chain, and every other chain and map of the table gone.
+    /// Step 3: generation `g`'s base chains, and every other chain and map of the table gone.
     /// Rules go first (they hold the references to maps and chains), then maps (whose jump
     /// elements hold references to chains), then chains.
+    ///
+    /// Classification happens in `prerouting` (a filter chain), before the routing decision, so
+    /// that a standby's redirect mark can choose the route to the active node; it sees every
+    /// packet, but destinations of this node (its addresses, the overlay's own VXLAN packets,
+    /// broadcast and multicast such as neighbour discovery) are never a client's egress
+    /// traffic. The nat chain SNATs by the mark. `overlay` fits redirected TCP connections to
+    /// the overlay's smaller MTU and clears the redirect mark once the route is chosen: the
+    /// VXLAN device routes its outer packet with the inner packet's mark, which would send it
+    /// back into the overlay.
     fn switch_script(&self, g: u64, existing: &[Object]) -> String {
         let t = &self.table;
-        let base = base_chain_name(g);
+        let (pre, post, ovl) = (
+            prerouting_name(g),
+            base_chain_name(g),
+            overlay_chain_name(g),
+        );
+        let keep = !overlay::MARK_MASK;
+        let dev = overlay::DEVICE;
         let mut s = format!(
-            "add chain inet {t} {base} {{ type nat hook postrouting priority srcnat; policy accept; }}\n\
-             add rule inet {t} {base} fib saddr type local accept\n\
-             add rule inet {t} {base} ct state new counter name \"{COUNTER_SEEN}\"\n\
-             add rule inet {t} {base} ip saddr . ip daddr vmap @{}\n\
-             add rule inet {t} {base} ip6 saddr . ip6 daddr vmap @{}\n\
-             add rule inet {t} {base} counter name \"{COUNTER_NOT_SNATED}\"\n",
+            "add chain inet {t} {pre} {{ type filter hook prerouting priority mangle; policy accept; }}\n\
+             add rule inet {t} {pre} fib daddr type {{ local, broadcast, multicast }} accept\n\
+             add rule inet {t} {pre} ct state new counter name \"{COUNTER_SEEN}\"\n\
+             add rule inet {t} {pre} ip saddr . ip daddr vmap @{}\n\
+             add rule inet {t} {pre} ip6 saddr . ip6 daddr vmap @{}\n\
+             add rule inet {t} {pre} ct state new counter name \"{COUNTER_NOT_SNATED}\"\n\
+             add chain inet {t} {post} {{ type nat hook postrouting priority srcnat; policy accept; }}\n\
+             add rule inet {t} {post} fib saddr type local accept\n\
+             add rule inet {t} {post} jump {SNAT_CHAIN}\n\
+             add chain inet {t} {ovl} {{ type filter hook forward priority mangle; policy accept; }}\n\
+             add rule inet {t} {ovl} oifname \"{dev}\" tcp flags syn tcp option maxseg size set rt mtu\n\
+             add rule inet {t} {ovl} oifname \"{dev}\" meta mark set meta mark and {keep:#010x}\n",
             selector_name::<Ipv4Addr>(g),
             selector_name::<Ipv6Addr>(g),
         );
@@ -632,7 +830,7 @@ impl NftFirewall {
         // The gateways' chains are not generational: the new maps point at them too.
         let old: Vec<&Object> = existing
             .iter()
-            .filter(|o| plain_name(&o.name) && gw_of(&o.name).is_none())
+            .filter(|o| plain_name(&o.name) && gw_of(&o.name).is_none() && o.name != SNAT_CHAIN)
             // Not generational either; kept only while wanted (see `create_script`).
             .filter(|o| !(self.ended && is_ended(&o.name)))
             .collect();
@@ -707,6 +905,22 @@ impl NftFirewall {
             )
             .await?;
         parse_counters_json(&out).map_err(|detail| Error::Nft {
+            op: "list counters",
+            detail,
+        })
+    }
+
+    /// The per-gateway counters (see `Action`).
+    pub async fn read_gateway_counters(&self) -> Result<GatewayCounters> {
+        let out = self
+            .nft
+            .run(
+                "list counters",
+                &["-j", "list", "counters", "table", "inet", &self.table],
+                None,
+            )
+            .await?;
+        parse_gateway_counters(&out).map_err(|detail| Error::Nft {
             op: "list counters",
             detail,
         })
@@ -871,70 +1085,49 @@ impl NftFirewall {
         Ok(())
     }
 
-    /// Creates the chains of the gateways in `ids` that do not have them yet, each already
-    /// doing what its role in `roles` says (a gateway without one drops). When what the table
-    /// holds is unknown, every chain is written afresh.
-    async fn ensure_chains(&mut self, ids: &BTreeSet<GwId>, roles: &Roles) -> Result<()> {
+    /// Creates the chains of the gateways in `ids` that do not have them yet and rewrites every
+    /// gateway chain (and the SNAT chain) whose rules `roles` change, in one transaction: a new
+    /// chain is made holding its role, and a takeover, a release or a new redirect target is one
+    /// `nft` run whatever the number of policies. When what the table holds is unknown, every
+    /// chain is written afresh.
+    async fn write_roles(&mut self, roles: &Roles, ids: &BTreeSet<GwId>) -> Result<()> {
         let have = self.chains.clone().unwrap_or_default();
-        let missing: Vec<GwId> = ids.difference(&have).copied().collect();
-        if missing.is_empty() && self.chains.is_some() {
-            return Ok(());
-        }
+        let all: BTreeSet<GwId> = have.union(ids).copied().collect();
+        let want = role_texts(roles, &all);
         let t = &self.table;
-        let mut script = format!("add table inet {t}\nadd counter inet {t} {COUNTER_DROPPED}\n");
-        let create: Vec<GwId> = if self.chains.is_none() {
-            ids.iter().copied().collect()
-        } else {
-            missing
-        };
-        let mut written = if self.chains.is_none() {
-            Roles::new()
-        } else {
-            self.roles.clone().unwrap_or_default()
-        };
-        for id in &create {
-            let role = roles.get(id).cloned().unwrap_or_default();
+        let mut script = String::new();
+        let fresh = self.chains.is_none() || self.written.is_none();
+        if fresh {
+            let _ = writeln!(
+                script,
+                "add table inet {t}\nadd counter inet {t} {COUNTER_DROPPED}\n\
+                 add counter inet {t} {COUNTER_REDIRECTED}\nadd chain inet {t} {SNAT_CHAIN}"
+            );
+        }
+        for id in all.iter().filter(|id| fresh || !have.contains(id)) {
+            add_gw_counters(&mut script, t, *id);
             for c in [gw_chain::<Ipv4Addr>(*id), gw_chain::<Ipv6Addr>(*id)] {
                 let _ = writeln!(script, "add chain inet {t} {c}");
             }
-            script.push_str(&role_script(t, *id, &role));
-            written.insert(*id, role);
         }
-        self.chains = None;
-        self.roles = None;
-        self.nft
-            .transaction("create gateway chains", &script)
-            .await?;
-        let mut now = have;
-        now.extend(create);
-        self.chains = Some(now);
-        self.roles = Some(written);
-        Ok(())
-    }
-
-    /// Rewrites the chains of the gateways whose role changed, in one transaction: an active
-    /// gateway's chain SNATs to its address, any other's drops (and counts) the connection, so
-    /// that a client routing through a standby never leaves with its own address. This is the
-    /// whole of a takeover or a release in nftables, whatever the number of policies.
-    async fn set_roles(&mut self, roles: &Roles) -> Result<()> {
-        let old = self.roles.clone();
-        let changed: Vec<(&GwId, &Role)> = roles
-            .iter()
-            .filter(|(id, r)| old.as_ref().is_none_or(|o| o.get(*id) != Some(*r)))
-            .collect();
-        if changed.is_empty() && old.is_some() {
+        let old = if fresh {
+            BTreeMap::new()
+        } else {
+            self.written.clone().unwrap_or_default()
+        };
+        for (chain, rules) in &want {
+            if fresh || old.get(chain) != Some(rules) {
+                chain_script(&mut script, t, chain, rules);
+            }
+        }
+        if script.is_empty() {
             return Ok(());
         }
-        let t = &self.table;
-        let script: String = changed
-            .iter()
-            .map(|(id, role)| role_script(t, **id, role))
-            .collect();
-        self.roles = None;
-        if !script.is_empty() {
-            self.nft.transaction("set gateway roles", &script).await?;
-        }
-        self.roles = Some(roles.clone());
+        self.chains = None;
+        self.written = None;
+        self.nft.transaction("set gateway roles", &script).await?;
+        self.chains = Some(all);
+        self.written = Some(want);
         Ok(())
     }
 
@@ -949,20 +1142,23 @@ impl NftFirewall {
         ids: &BTreeSet<GwId>,
     ) -> Result<()> {
         self.chains = None;
-        self.roles = None;
+        self.written = None;
         let t = &self.table;
         let mut script = String::new();
         for id in ids {
-            // `add chain` leaves an existing chain as it is; the role script flushes it first.
+            add_gw_counters(&mut script, t, *id);
+            // `add chain` leaves an existing chain as it is; the rules are flushed first.
             for c in [gw_chain::<Ipv4Addr>(*id), gw_chain::<Ipv6Addr>(*id)] {
                 let _ = writeln!(script, "add chain inet {t} {c}");
             }
-            let role = roles.get(id).copied().unwrap_or_default();
-            script.push_str(&role_script(t, *id, &role));
+        }
+        let want = role_texts(roles, ids);
+        for (chain, rules) in &want {
+            chain_script(&mut script, t, chain, rules);
         }
         self.full_replace(map, &script).await?;
         self.chains = Some(ids.clone());
-        self.roles = Some(roles.clone());
+        self.written = Some(want);
         Ok(())
     }
 
@@ -984,14 +1180,17 @@ impl NftFirewall {
                     "flush chain inet {t} {c}\ndelete chain inet {t} {c}"
                 );
             }
+            for a in Action::ALL {
+                let _ = writeln!(script, "delete counter inet {t} {}", gw_counter(a, *id));
+            }
         }
         self.chains = None;
         self.nft
             .transaction("delete gateway chains", &script)
             .await?;
         self.chains = Some(have.intersection(keep).copied().collect());
-        if let Some(r) = self.roles.as_mut() {
-            r.retain(|id, _| keep.contains(id));
+        if let Some(w) = self.written.as_mut() {
+            w.retain(|chain, _| gw_of(chain).is_none_or(|id| keep.contains(&id)));
         }
         Ok(())
     }
@@ -1008,7 +1207,7 @@ impl Firewall for NftFirewall {
             return self.replace_all(map, roles, &ids).await;
         }
         let before = self.chains.clone();
-        self.ensure_chains(&ids, roles).await?;
+        self.write_roles(roles, &ids).await?;
         if self
             .installed
             .as_ref()
@@ -1023,15 +1222,14 @@ impl Firewall for NftFirewall {
             }
             return Err(e);
         }
-        self.set_roles(roles).await?;
         self.drop_chains(&ids).await
     }
 
     fn manifest(&self) -> Option<Manifest> {
         let i = self.installed.as_ref()?;
-        let chains = self.chains.as_ref()?;
+        self.chains.as_ref()?;
         // Unknown roles: what the gateway chains hold is not known either.
-        self.roles.as_ref()?;
+        let written = self.written.as_ref()?;
         let g = i.generation;
         let mut spec = TableSpec {
             family: nfnl::NFPROTO_INET,
@@ -1039,14 +1237,16 @@ impl Firewall for NftFirewall {
             chains: BTreeMap::new(),
             sets: BTreeMap::new(),
         };
-        // local accept, counter, two vmaps, counter (see `switch_script`).
-        spec.chains.insert(base_chain_name(g), 5);
+        // See `switch_script`: local accept, counter, two vmaps, counter; local accept, SNAT
+        // jump; MSS clamp, mark cleared.
+        spec.chains.insert(prerouting_name(g), 5);
+        spec.chains.insert(base_chain_name(g), 2);
+        spec.chains.insert(overlay_chain_name(g), 2);
         family_spec(&mut spec, g, &i.v4);
         family_spec(&mut spec, g, &i.v6);
-        // One rule each: SNAT when active here, else drop (see `role_script`).
-        for id in chains {
-            spec.chains.insert(gw_chain::<Ipv4Addr>(*id), 1);
-            spec.chains.insert(gw_chain::<Ipv6Addr>(*id), 1);
+        // The gateway chains and the SNAT chain: as `role_texts` wrote them.
+        for (chain, rules) in written {
+            spec.chains.insert(chain.clone(), rules.lines().count());
         }
         if self.ended {
             // Elements come and expire with ended connections: their number is not checked.
@@ -1060,14 +1260,18 @@ impl Firewall for NftFirewall {
     fn forget(&mut self) {
         self.installed = None;
         self.chains = None;
-        self.roles = None;
+        self.written = None;
+    }
+
+    async fn gateway_counters(&self) -> Result<GatewayCounters> {
+        self.read_gateway_counters().await
     }
 
     async fn remove(&mut self) -> Result<()> {
         validate_table_name(&self.table)?;
         self.installed = None;
         self.chains = None;
-        self.roles = None;
+        self.written = None;
         // `add` then `delete` in one transaction: succeeds whether or not the table exists,
         // without parsing nft's "No such file or directory" message.
         let t = &self.table;
@@ -1347,6 +1551,7 @@ fn parse_counters_json(text: &str) -> std::result::Result<NftCounters, String> {
     let mut seen = None;
     let mut not_snated = None;
     let mut dropped = None;
+    let mut redirected = None;
     for item in items {
         let Some(counter) = item.get("counter") else {
             continue;
@@ -1356,6 +1561,7 @@ fn parse_counters_json(text: &str) -> std::result::Result<NftCounters, String> {
             (Some(COUNTER_SEEN), Some(p)) => seen = Some(p),
             (Some(COUNTER_NOT_SNATED), Some(p)) => not_snated = Some(p),
             (Some(COUNTER_DROPPED), Some(p)) => dropped = Some(p),
+            (Some(COUNTER_REDIRECTED), Some(p)) => redirected = Some(p),
             _ => {}
         }
     }
@@ -1364,9 +1570,38 @@ fn parse_counters_json(text: &str) -> std::result::Result<NftCounters, String> {
             seen,
             not_snated,
             dropped,
+            // A table of an egressd from before redirects has no such counter.
+            redirected: redirected.unwrap_or(0),
         }),
         _ => Err("the table lacks egressd's counters".to_owned()),
     }
+}
+
+/// The per-gateway counters in `nft -j list counters` output; other counters are skipped.
+fn parse_gateway_counters(text: &str) -> std::result::Result<GatewayCounters, String> {
+    let doc: Value = serde_json::from_str(text).map_err(|e| format!("bad JSON from nft: {e}"))?;
+    let items = doc
+        .get("nftables")
+        .and_then(Value::as_array)
+        .ok_or("no \"nftables\" array in nft's output")?;
+    let mut out = GatewayCounters::new();
+    for counter in items.iter().filter_map(|i| i.get("counter")) {
+        let Some(name) = counter.get("name").and_then(Value::as_str) else {
+            continue;
+        };
+        let Some((action, id)) = Action::ALL.iter().find_map(|a| {
+            let hex = name.strip_prefix(a.name())?.strip_prefix('_')?;
+            let id = (hex.len() == 16).then(|| u64::from_str_radix(hex, 16).ok())??;
+            Some((*a, GwId(id)))
+        }) else {
+            continue;
+        };
+        let n = |k: &str| counter.get(k).and_then(Value::as_u64).unwrap_or(0);
+        out.entry(id)
+            .or_default()
+            .insert(action, (n("packets"), n("bytes")));
+    }
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -1636,13 +1871,96 @@ mod tests {
     }
 
     #[test]
+    fn role_texts_mark_snat_redirect_and_drop_consistently() {
+        let (a, b, c, d) = (GwId::of("a"), GwId::of("b"), GwId::of("c"), GwId::of("d"));
+        let mut roles = Roles::new();
+        roles.insert(
+            a,
+            Role {
+                v4: Some("192.0.2.1".parse().unwrap()),
+                ..Role::default()
+            },
+        );
+        roles.insert(
+            b,
+            Role {
+                redirect: Some(2),
+                ..Role::default()
+            },
+        );
+        roles.insert(c, Role::default());
+        let ids: BTreeSet<GwId> = [a, b, c, d].into_iter().collect();
+        let t = role_texts(&roles, &ids);
+        // Active: its rank in the mark, and the SNAT chain maps that rank to its address.
+        assert_eq!(
+            t[&gw_chain::<Ipv4Addr>(a)],
+            format!(
+                "meta mark set meta mark and 0x0000ffff or 0x00010000 counter name \"snated_{a}\" \
+                 accept"
+            )
+        );
+        let drop =
+            |id: GwId| format!("counter name \"dropped\" counter name \"dropped_{id}\" drop");
+        assert_eq!(
+            t[SNAT_CHAIN],
+            "meta nfproto ipv4 snat ip to meta mark and 0xffff0000 map { 0x00010000 : 192.0.2.1 }"
+        );
+        // Active without an IPv6 address: its IPv6 traffic is dropped, not redirected.
+        assert_eq!(t[&gw_chain::<Ipv6Addr>(a)], drop(a));
+        // Active elsewhere: what came through the overlay is dropped, the rest redirected.
+        assert_eq!(
+            t[&gw_chain::<Ipv4Addr>(b)],
+            format!(
+                "iifname \"egressd0\" counter name \"dropped\" counter name \"looped_{b}\" drop\n\
+                 meta mark set meta mark and 0x0000ffff or 0x80020000 counter name \"redirected\" \
+                 counter name \"redirected_{b}\" accept"
+            )
+        );
+        assert_eq!(t[&gw_chain::<Ipv6Addr>(b)], t[&gw_chain::<Ipv4Addr>(b)]);
+        // Nowhere, or not a gateway at all: dropped.
+        for id in [c, d] {
+            assert_eq!(t[&gw_chain::<Ipv4Addr>(id)], drop(id));
+        }
+        // A second active gateway gets the next rank; no active one leaves the SNAT chain empty.
+        roles.insert(
+            c,
+            Role {
+                v6: Some("2001:db8::1".parse().unwrap()),
+                ..Role::default()
+            },
+        );
+        let t = role_texts(&roles, &ids);
+        let (mark_a, mark_c) = if a < c {
+            ("0x00010000", "0x00020000")
+        } else {
+            ("0x00020000", "0x00010000")
+        };
+        assert!(t[&gw_chain::<Ipv4Addr>(a)].contains(&format!("{mark_a} counter")));
+        assert!(t[&gw_chain::<Ipv6Addr>(c)].contains(&format!("{mark_c} counter")));
+        assert!(t[SNAT_CHAIN].contains(&format!("{mark_a} : 192.0.2.1 }}")));
+        assert!(t[SNAT_CHAIN].contains(&format!("{mark_c} : 2001:db8::1 }}")));
+        assert_eq!(role_texts(&Roles::new(), &ids)[SNAT_CHAIN], "");
+    }
+
+    #[test]
     fn parses_counters() {
         let json = r#"{"nftables": [{"counter": {"name": "seen", "packets": 7}},
           {"counter": {"name": "not_snated", "packets": 2}},
           {"counter": {"name": "dropped", "packets": 1}}]}"#;
         let c = parse_counters_json(json).unwrap();
         assert_eq!((c.seen, c.not_snated, c.dropped, c.snated()), (7, 2, 1, 4));
-        assert!(DROP_RULE.contains(&format!("\"{COUNTER_DROPPED}\"")));
+        assert!(DROP_RULE_COUNT.contains(&format!("\"{COUNTER_DROPPED}\"")));
         assert!(parse_counters_json(r#"{"nftables": []}"#).is_err());
+        let (a, b) = (GwId::of("a"), GwId::of("b"));
+        let json = format!(
+            r#"{{"nftables": [{{"counter": {{"name": "seen", "packets": 7, "bytes": 9}}}},
+              {{"counter": {{"name": "redirected_{a}", "packets": 3, "bytes": 180}}}},
+              {{"counter": {{"name": "dropped_{b}", "packets": 1, "bytes": 60}}}},
+              {{"counter": {{"name": "dropped_zz", "packets": 1, "bytes": 60}}}}]}}"#
+        );
+        let g = parse_gateway_counters(&json).unwrap();
+        assert_eq!(g.len(), 2);
+        assert_eq!(g[&a][&Action::Redirected], (3, 180));
+        assert_eq!(g[&b][&Action::Dropped], (1, 60));
     }
 }

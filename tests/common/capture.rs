@@ -26,11 +26,31 @@ pub struct Capture {
 impl Capture {
     /// Starts capturing and waits until tcpdump has written its file header (it is attached).
     pub fn start(lab: &mut Lab, ns: &str, dev: &str, path: &Path) -> Capture {
+        Capture::start_filter(lab, ns, dev, path, "arp")
+    }
+
+    /// The same with another capture filter (tcpdump's syntax).
+    pub fn start_filter(lab: &mut Lab, ns: &str, dev: &str, path: &Path, filter: &str) -> Capture {
         let file = std::fs::File::create(path).expect("capture file");
         tools::need("tcpdump");
         let mut cmd = tools::cmd("ip");
         cmd.args([
-            "netns", "exec", ns, "tcpdump", "-i", dev, "-n", "-U", "-s", "96", "-w", "-", "arp",
+            "netns",
+            "exec",
+            ns,
+            "tcpdump",
+            "-i",
+            dev,
+            "-n",
+            // Packets reach tcpdump at once (not a buffer block up to a second later), and are
+            // written as they come: a capture stopped right after the traffic holds all of it.
+            "--immediate-mode",
+            "-U",
+            "-s",
+            "96",
+            "-w",
+            "-",
+            filter,
         ])
         .stdout(file)
         .stderr(Stdio::null());
@@ -148,6 +168,60 @@ pub fn parse_claims(data: &[u8], ip: Ipv4Addr) -> Vec<Claim> {
             op: u16::from_be_bytes([f[20], f[21]]),
             gratuitous: f[38..42] == ip.octets(),
         });
+    }
+    out
+}
+
+/// The source address of every IPv4 and IPv6 packet in a pcap file (Ethernet), in capture
+/// order.
+pub fn read_sources(path: &Path) -> Vec<std::net::IpAddr> {
+    let data = std::fs::read(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+    let mut out = Vec::new();
+    for f in frames(&data) {
+        match f.get(12..14) {
+            Some([0x08, 0x00]) if f.len() >= 34 => {
+                let a: [u8; 4] = f[26..30].try_into().expect("4 bytes");
+                out.push(std::net::IpAddr::from(a));
+            }
+            Some([0x86, 0xdd]) if f.len() >= 54 => {
+                let a: [u8; 16] = f[22..38].try_into().expect("16 bytes");
+                out.push(std::net::IpAddr::from(a));
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
+/// The frames of a pcap file (Ethernet).
+fn frames(data: &[u8]) -> Vec<&[u8]> {
+    let mut out = Vec::new();
+    if data.len() < 24 {
+        return out;
+    }
+    let le = match u32::from_le_bytes(data[0..4].try_into().expect("4 bytes")) {
+        0xa1b2_c3d4 | 0xa1b2_3c4d => true,
+        0xd4c3_b2a1 | 0x4d3c_b2a1 => false,
+        other => panic!("not a pcap file (magic {other:#x})"),
+    };
+    let u32_at = |at: usize| {
+        let v: [u8; 4] = data[at..at + 4].try_into().expect("4 bytes");
+        if le {
+            u32::from_le_bytes(v)
+        } else {
+            u32::from_be_bytes(v)
+        }
+    };
+    assert_eq!(u32_at(20), 1, "capture is not Ethernet");
+    let mut at = 24;
+    while at + 16 <= data.len() {
+        let incl = u32_at(at + 8) as usize;
+        at += 16;
+        if at + incl > data.len() {
+            break;
+        }
+        out.push(&data[at..at + incl]);
+        at += incl;
     }
     out
 }

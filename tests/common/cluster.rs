@@ -224,11 +224,20 @@ impl Cluster {
         panic!("{node} kept winning the election");
     }
 
-    /// The new connections node `i`'s nftables dropped for a gateway not held there.
+    /// The packets node `i`'s nftables dropped for a gateway not held there.
     pub fn dropped(&self, i: usize) -> u64 {
+        self.counter(i, "dropped")
+    }
+
+    /// The packets node `i`'s nftables redirected to the active node.
+    pub fn redirected(&self, i: usize) -> u64 {
+        self.counter(i, "redirected")
+    }
+
+    fn counter(&self, i: usize, name: &str) -> u64 {
         let out = self.topo.lab.try_exec(
             &self.topo.nodes[i],
-            ["nft", "-j", "list", "counter", "inet", "egressd", "dropped"],
+            ["nft", "-j", "list", "counter", "inet", "egressd", name],
         );
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
         v["nftables"]

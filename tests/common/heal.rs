@@ -123,18 +123,10 @@ impl Node {
         self.topo.ruleset(&self.gw)
     }
 
-    /// The address the gateway's IPv4 chain SNATs to (slow with many policies, see `big`).
+    /// The address the gateway's IPv4 traffic is SNATed to (slow with many policies, see
+    /// `big`).
     pub fn gateway_snat(&self) -> Option<String> {
-        let chain = format!("g4_{}", egressd::policy::GwId::of("vip"));
-        let out = self.topo.lab.try_exec(
-            &self.gw,
-            ["nft", "-t", "list", "chain", "inet", "egressd", &chain],
-        );
-        let text = String::from_utf8_lossy(&out.stdout);
-        text.split("snat ip to ")
-            .nth(1)
-            .and_then(|rest| rest.split_whitespace().next())
-            .map(str::to_string)
+        self.topo.gateway_snat(&self.gw, "vip")
     }
 
     /// The ruleset without the elements of sets and maps (`nft -t`).

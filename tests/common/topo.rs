@@ -385,18 +385,78 @@ impl Topo {
         )
     }
 
-    /// The address gateway `gateway`'s IPv4 chain SNATs to in namespace `ns` (None: the chain
-    /// does nothing, the gateway is not active there, or there is no table).
+    /// The address gateway `gateway`'s IPv4 traffic is SNATed to in namespace `ns` (None: the
+    /// gateway is not active there, or there is no table). Its chain marks the packets with a
+    /// rank, which the SNAT chain maps to the address.
     pub fn gateway_snat(&self, ns: &str, gateway: &str) -> Option<String> {
-        let chain = format!("g4_{}", egressd::policy::GwId::of(gateway));
-        let out = self
-            .lab
-            .try_exec(ns, ["nft", "list", "chain", "inet", "egressd", &chain]);
-        let text = String::from_utf8_lossy(&out.stdout);
-        text.split("snat ip to ")
-            .nth(1)
-            .and_then(|rest| rest.split_whitespace().next())
+        let list = |chain: &str| {
+            let out = self
+                .lab
+                .try_exec(ns, ["nft", "-t", "list", "chain", "inet", "egressd", chain]);
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        };
+        let chain = list(&format!("g4_{}", egressd::policy::GwId::of(gateway)));
+        let mark = chain
+            .split("meta mark set ")
+            .nth(1)?
+            .split(" | ")
+            .nth(1)?
+            .split_whitespace()
+            .next()?
+            .to_string();
+        let mark_value = u32::from_str_radix(mark.trim_start_matches("0x"), 16).ok()?;
+        if mark_value & 0x8000_0000 != 0 {
+            return None; // a redirect, not a SNAT
+        }
+        let snat = list("snat_by_mark");
+        let line = snat.lines().find(|l| l.contains("snat ip to"))?;
+        line.split(&format!("{mark} : "))
+            .nth(1)?
+            .split([',', ' ', '}'])
+            .next()
             .map(str::to_string)
+    }
+
+    /// Whether gateway `gateway`'s IPv4 chain in `ns` exists and only drops (neither SNATs nor
+    /// redirects): a failed listing is not taken for a drop.
+    pub fn gateway_drops(&self, ns: &str, gateway: &str) -> bool {
+        let chain = format!("g4_{}", egressd::policy::GwId::of(gateway));
+        let out = self.lab.try_exec(
+            ns,
+            ["nft", "-t", "list", "chain", "inet", "egressd", &chain],
+        );
+        let text = String::from_utf8_lossy(&out.stdout);
+        out.status.success() && text.contains(" drop") && !text.contains("meta mark set")
+    }
+
+    /// Whether egressd's overlay device exists in `ns`, and how many of its `ip rule`s (IPv4
+    /// and IPv6, tagged `proto 230`) there are.
+    pub fn overlay_objects(&self, ns: &str) -> (bool, usize) {
+        let link = self.lab.try_exec(ns, ["ip", "link", "show", "egressd0"]);
+        let mut rules = 0;
+        for family in ["-4", "-6"] {
+            let out = self.lab.try_exec(ns, ["ip", family, "rule"]);
+            rules += String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .filter(|l| l.contains("proto 230"))
+                .count();
+        }
+        (link.status.success(), rules)
+    }
+
+    /// The overlay slot gateway `gateway`'s IPv4 chain redirects to in namespace `ns` (None: it
+    /// does not redirect).
+    pub fn gateway_redirect(&self, ns: &str, gateway: &str) -> Option<u16> {
+        let chain = format!("g4_{}", egressd::policy::GwId::of(gateway));
+        let out = self.lab.try_exec(
+            ns,
+            ["nft", "-t", "list", "chain", "inet", "egressd", &chain],
+        );
+        let text = String::from_utf8_lossy(&out.stdout);
+        let mark = text.split("meta mark set ").nth(1)?.split(" | ").nth(1)?;
+        let mark = mark.split_whitespace().next()?.trim_start_matches("0x");
+        let mark = u32::from_str_radix(mark, 16).ok()?;
+        (mark & 0x8000_0000 != 0).then_some(((mark >> 16) & 0x7fff) as u16)
     }
 
     /// Starts a capture of ARP on the WAN bridge into a text file, and returns its path. Lines

@@ -37,11 +37,11 @@ fn classifier(policies: &[Policy], active: &[(&str, &str)]) -> Arc<Classifier> {
             Some((_, addr)) => match ip(addr) {
                 IpAddr::V4(a) => Role {
                     v4: Some(a),
-                    v6: None,
+                    ..Role::default()
                 },
                 IpAddr::V6(a) => Role {
-                    v4: None,
                     v6: Some(a),
+                    ..Role::default()
                 },
             },
             None => Role::default(),
