@@ -908,3 +908,90 @@ destination_cidrs = ["{SERVER_OTHER_IP}/32"]
         "packets with the client's address reached the server's link"
     );
 }
+
+/// A flow a standby redirected goes on through that standby when the standby takes the gateway
+/// over (the client keeps routing through it): from then on it is translated there or dropped,
+/// never sent with the client's address. Its conntrack entry on gw2 was made untranslated while
+/// gw2 redirected to gw1; the nat chain sees only a connection's first packet, so without the
+/// takeover's sweep and the data plane's drop of untranslated connections of a gateway active
+/// here, the flow would leave gw2 with the client's address.
+#[test]
+fn a_redirected_flow_that_crosses_a_failover_onto_its_standby_never_leaks() {
+    if !require_root("a_redirected_flow_that_crosses_a_failover_onto_its_standby_never_leaks") {
+        return;
+    }
+    let (_token, extra) = admin_token("e2e-admin-token-0123456789");
+    let mut c = Cluster::start_full("redirx", 3, &extra, "");
+    c.ensure_leader_is_not("gw1");
+    c.wait_active("gw1");
+    c.assert_traffic_via_vip();
+    let (client, server) = (c.topo.client.clone(), c.topo.server.clone());
+    let pcap = c.topo.dir.path().join("server.pcap");
+    let capture = Capture::start_filter(&mut c.topo.lab, &server, "eth0", &pcap, "ip");
+    wait_for("gw2 redirects to gw1", WAIT, || {
+        c.topo.gateway_redirect(&c.topo.nodes[1], GW) == Some(0)
+    });
+    let to_server = format!("{SERVER_IP}/32");
+    c.topo.lab.exec(
+        &client,
+        ["ip", "route", "replace", &to_server, "via", &node_lan_ip(1)],
+    );
+    let client_ip: std::net::Ipv4Addr = CLIENT_IP.parse().expect("ip");
+    let started = Instant::now();
+    let probe = LeakProbe::start(
+        &client,
+        client_ip,
+        40001,
+        &server,
+        std::net::SocketAddr::new(SERVER_IP.parse().expect("ip"), 9998),
+        Duration::from_millis(10),
+        Duration::from_millis(100),
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let killed = Instant::now();
+    c.signal("gw1", "KILL");
+    c.wait_active("gw2");
+    let took_over = Instant::now();
+    std::thread::sleep(Duration::from_millis(1500));
+    let log = probe.stop();
+    let leaks = log.leaks(client_ip, started, took_over);
+    println!(
+        "{leaks:?}; gw2 active {:.0} ms after kill -9",
+        (took_over - killed).as_secs_f64() * 1e3
+    );
+    assert_eq!(
+        leaks.first + leaks.second + leaks.long,
+        0,
+        "datagrams reached the server with the client's address: {leaks:?}\n{}",
+        c.logs()
+    );
+    // The long flow resumed through gw2, translated (its stale entry was deleted).
+    let resumed = log
+        .got
+        .iter()
+        .filter(|r| {
+            r.kind == common::leak::Kind::Long
+                && r.from.to_string() == VIP
+                && log.sent[r.seq as usize] > took_over + Duration::from_millis(500)
+        })
+        .count();
+    assert!(
+        resumed > 0,
+        "the long flow did not resume through gw2\n{}",
+        c.logs()
+    );
+    let sources = read_sources(&capture.stop(&mut c.topo.lab));
+    let leaked = sources
+        .iter()
+        .filter(|a| **a == std::net::IpAddr::V4(client_ip))
+        .count();
+    println!(
+        "server link: {} packets, {resumed} of the long flow from the VIP after the takeover, \
+         {leaked} from the client's address",
+        sources.len()
+    );
+    assert_eq!(
+        leaked, 0,
+        "packets with the client's address reached the server's link"
+    );
+}

@@ -14,10 +14,12 @@
 //! and whose NAT state (untranslated, or translated to which address: the reply tuple's
 //! destination) differs from what the table decides now. Only such entries are deleted, one by
 //! one, never the table. The classification is the policy compiler's map ([`SnatMap::lookup`]),
-//! the one the kernel holds; there is no second classifier. A gateway moving to or from this node
-//! alone reclassifies nothing: its traffic moves with the address and begins new entries on the
-//! new holder, and the old holder's entries keep the flows that still reach it (stale
-//! neighbour caches) working until the announcement moves them.
+//! the one the kernel holds; there is no second classifier. A gateway moving away from this
+//! node alone reclassifies nothing: the old holder's entries keep the flows that still reach it
+//! (stale neighbour caches) working until the announcement moves them. A gateway moving to this
+//! node makes its untranslated entries stale: connections forwarded here as a standby
+//! (redirected to the then active node) must not go on untranslated (the data plane drops
+//! their packets until then, `nft.rs`).
 //!
 //! TCP: an established connection cannot change its source address; deleting its entry alone
 //! would make its next packet a mid-stream new entry, translated anew, that the server does not
@@ -432,21 +434,31 @@ impl Classifier {
     }
 
     /// Whether going from `self` to `next` reclassified `src → dst`: another gateway (or none)
-    /// wins it, or its gateway is active here in both and its source address changed. A
-    /// takeover or a release alone reclassifies nothing (see the module documentation).
+    /// wins it, its gateway is active here in both and its source address changed, or its
+    /// gateway became active here (a takeover). A connection this node forwarded as a standby
+    /// (redirected to the active node, untranslated here) must not go on untranslated once
+    /// this node holds the gateway; the data plane drops its packets meanwhile. A release
+    /// alone reclassifies nothing (see the module documentation).
     pub fn reclassifies(&self, next: &Classifier, src: IpAddr, dst: IpAddr) -> bool {
         let g = self.gateway(src, dst);
         if g != next.gateway(src, dst) {
             return true;
         }
-        g.is_some_and(
-            |g| matches!((self.source(g, dst), next.source(g, dst)), (Some(a), Some(b)) if a != b),
-        )
+        g.is_some_and(|g| source_changed(self.source(g, dst), next.source(g, dst)))
     }
 
     /// Whether `next` may reclassify any connection at all (cheap: no connection looked at).
     pub fn may_reclassify(&self, next: &Classifier) -> bool {
-        self.decisions_differ(next) || self.local != next.local
+        self.decisions_differ(next) || self.local != next.local || self.took_over(next)
+    }
+
+    /// Whether a gateway became active here (in a mode whose source address may not be a new
+    /// local address, such as the interface's primary address).
+    fn took_over(&self, next: &Classifier) -> bool {
+        next.roles.iter().any(|(g, b)| {
+            let a = self.roles.get(g).copied().unwrap_or_default();
+            (a.v4.is_none() && b.v4.is_some()) || (a.v6.is_none() && b.v6.is_some())
+        })
     }
 
     /// Whether the policies' classification or a source address of a gateway active in both
@@ -459,6 +471,15 @@ impl Classifier {
                     || matches!((a.v6, b.v6), (Some(x), Some(y)) if x != y)
             })
         })
+    }
+}
+
+/// A gateway's source address here changed, or the gateway became active here.
+fn source_changed(before: Option<IpAddr>, after: Option<IpAddr>) -> bool {
+    match (before, after) {
+        (Some(a), Some(b)) => a != b,
+        (None, Some(_)) => true,
+        _ => false,
     }
 }
 

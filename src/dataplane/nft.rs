@@ -29,6 +29,8 @@
 //!   chain postrouting_G { type nat hook postrouting priority srcnat; policy accept;
 //!     fib saddr type local accept; jump snat_by_mark }
 //!   chain overlay_G { type filter hook forward priority mangle; policy accept;
+//!     ct status confirmed meta mark and 0xffff0000 != 0 meta mark and 0x80000000 == 0
+//!       ct status and snat == 0 counter name "dropped" drop   # active here, untranslated
 //!     oifname "egressd0" tcp flags syn tcp option maxseg size set rt mtu
 //!     oifname "egressd0" meta mark set meta mark and 0xffff }
 //!   # with dataplane.tcp_on_policy_change = "reset" (`conntrack.rs`): TCP connections the
@@ -795,7 +797,12 @@ impl NftFirewall {
     /// that a standby's redirect mark can choose the route to the active node; it sees every
     /// packet, but destinations of this node (its addresses, the overlay's own VXLAN packets,
     /// broadcast and multicast such as neighbour discovery) are never a client's egress
-    /// traffic. The nat chain SNATs by the mark. `overlay` fits redirected TCP connections to
+    /// traffic. The nat chain SNATs by the mark. `overlay` drops a packet of a gateway active
+    /// here whose connection is not translated: the nat chain sees only a connection's first
+    /// packet, so a connection this node forwarded as a standby (redirected, untranslated) would
+    /// otherwise leave with the client's address once this node took the gateway over (the
+    /// conntrack sweeper deletes such entries, but TCP ones are kept by default and the sweep
+    /// comes after the takeover). It also fits redirected TCP connections to
     /// the overlay's smaller MTU and clears the redirect mark once the route is chosen: the
     /// VXLAN device routes its outer packet with the inner packet's mark, which would send it
     /// back into the overlay.
@@ -807,6 +814,7 @@ impl NftFirewall {
             overlay_chain_name(g),
         );
         let keep = !overlay::MARK_MASK;
+        let (mask, redirect) = (overlay::MARK_MASK, overlay::REDIRECT);
         let dev = overlay::DEVICE;
         let mut s = format!(
             "add chain inet {t} {pre} {{ type filter hook prerouting priority mangle; policy accept; }}\n\
@@ -819,6 +827,8 @@ impl NftFirewall {
              add rule inet {t} {post} fib saddr type local accept\n\
              add rule inet {t} {post} jump {SNAT_CHAIN}\n\
              add chain inet {t} {ovl} {{ type filter hook forward priority mangle; policy accept; }}\n\
+             add rule inet {t} {ovl} ct status confirmed meta mark and {mask:#010x} != 0 \
+               meta mark and {redirect:#010x} == 0 ct status and snat == 0 counter name \"{COUNTER_DROPPED}\" drop\n\
              add rule inet {t} {ovl} oifname \"{dev}\" tcp flags syn tcp option maxseg size set rt mtu\n\
              add rule inet {t} {ovl} oifname \"{dev}\" meta mark set meta mark and {keep:#010x}\n",
             selector_name::<Ipv4Addr>(g),

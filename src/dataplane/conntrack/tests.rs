@@ -164,21 +164,25 @@ fn a_source_ip_change_makes_the_old_address_stale_and_nothing_else() {
     assert!(!is_stale(&h, &udp(CLIENT, ELSEWHERE, Some(VIP_B))));
 }
 
+/// A takeover makes the untranslated entries of the gateway's traffic stale: connections this
+/// node forwarded as a standby (redirected to the then active node) must not go on untranslated
+/// from the new active node. A release changes nothing.
 #[test]
-fn a_takeover_or_a_release_alone_reclassifies_nothing() {
+fn a_takeover_makes_untranslated_entries_stale_and_a_release_nothing() {
     let policies = [pol("p", "a", "203.0.113.0/24", &[])];
     let standby = classifier(&policies, &[]);
     let active = classifier(&policies, &[("a", VIP_A)]);
     let mut same_local = (*active).clone();
     same_local.local = standby.local.clone();
-    assert!(!standby.may_reclassify(&same_local));
-    for h in [
-        [standby.clone(), active.clone()],
-        [active.clone(), standby.clone()],
-    ] {
-        assert!(!is_stale(&h, &udp(CLIENT, SERVER, Some(VIP_A))));
-        assert!(!is_stale(&h, &udp(CLIENT, SERVER, None)));
-    }
+    // Also where the source address is not a new local address (primary-IP mode).
+    assert!(standby.may_reclassify(&same_local));
+    let took_over = [standby.clone(), active.clone()];
+    assert!(is_stale(&took_over, &udp(CLIENT, SERVER, None)));
+    assert!(!is_stale(&took_over, &udp(CLIENT, SERVER, Some(VIP_A))));
+    assert!(!is_stale(&took_over, &udp(CLIENT, ELSEWHERE, None)));
+    let released = [active.clone(), standby.clone()];
+    assert!(!is_stale(&released, &udp(CLIENT, SERVER, Some(VIP_A))));
+    assert!(!is_stale(&released, &udp(CLIENT, SERVER, None)));
 }
 
 #[test]
