@@ -15,7 +15,8 @@
 //!   ... one map and chain per cell, and the same for IPv6 (sel6_G, m6_G_K, c6_G_K)
 //!   chain g4_<id> { meta mark set meta mark and 0xffff or 0x00010000 accept }  # active here
 //!   chain g4_<id2> { iifname "egressd0" counter name "dropped" drop    # active on the member
-//!                    meta mark set ... or 0x80020000 counter name "redirected" accept }  # slot 2
+//!                    meta mark set ... or 0x80020000 ct mark set ct mark or 0x01000000
+//!                    counter name "redirected" accept }  # slot 2
 //!   chain g4_<id3> { counter name "dropped" drop }   # active nowhere, or this node has no lease
 //!   chain snat_by_mark { meta nfproto ipv4 snat ip to meta mark and 0xffff0000 map { 0x00010000 : 203.0.113.50 } }
 //!   chain prerouting_G {
@@ -29,8 +30,8 @@
 //!   chain postrouting_G { type nat hook postrouting priority srcnat; policy accept;
 //!     fib saddr type local accept; jump snat_by_mark }
 //!   chain overlay_G { type filter hook forward priority mangle; policy accept;
-//!     ct status confirmed meta mark and 0xffff0000 != 0 meta mark and 0x80000000 == 0
-//!       ct status and snat == 0 counter name "dropped" drop   # active here, untranslated
+//!     ct mark and 0x01000000 != 0 meta mark and 0xffff0000 != 0 meta mark and 0x80000000 == 0
+//!       ct status and snat == 0 counter name "dropped" drop   # redirected, now active here
 //!     oifname "egressd0" tcp flags syn tcp option maxseg size set rt mtu
 //!     oifname "egressd0" meta mark set meta mark and 0xffff }
 //!   # with dataplane.tcp_on_policy_change = "reset" (`conntrack.rs`): TCP connections the
@@ -415,10 +416,12 @@ fn role_texts(roles: &Roles, ids: &BTreeSet<GwId>) -> BTreeMap<String, String> {
         match role.redirect {
             Some(slot) => format!(
                 "iifname \"{}\" {DROP_RULE_COUNT} counter name \"{}\" drop\n\
-                 {} counter name \"{COUNTER_REDIRECTED}\" counter name \"{}\" accept",
+                 {} ct mark set ct mark or {:#010x} counter name \"{COUNTER_REDIRECTED}\" \
+                 counter name \"{}\" accept",
                 overlay::DEVICE,
                 gw_counter(Action::Looped, id),
                 set_mark(overlay::redirect_mark(slot)),
+                overlay::CT_REDIRECTED,
                 gw_counter(Action::Redirected, id)
             ),
             None => drop,
@@ -798,11 +801,13 @@ impl NftFirewall {
     /// packet, but destinations of this node (its addresses, the overlay's own VXLAN packets,
     /// broadcast and multicast such as neighbour discovery) are never a client's egress
     /// traffic. The nat chain SNATs by the mark. `overlay` drops a packet of a gateway active
-    /// here whose connection is not translated: the nat chain sees only a connection's first
-    /// packet, so a connection this node forwarded as a standby (redirected, untranslated) would
-    /// otherwise leave with the client's address once this node took the gateway over (the
-    /// conntrack sweeper deletes such entries, but TCP ones are kept by default and the sweep
-    /// comes after the takeover). It also fits redirected TCP connections to
+    /// here whose connection this node redirected as a standby (conntrack mark
+    /// `overlay::CT_REDIRECTED`) and is not translated: the nat chain sees only a connection's
+    /// first packet, so such a connection would otherwise leave with the client's address once
+    /// this node took the gateway over (the conntrack sweeper deletes such entries, but TCP ones
+    /// are kept by default and the sweep comes after the takeover). Connections that began
+    /// before a policy selected them are not redirected ones: they keep their old translation
+    /// (`dataplane.tcp_on_policy_change`). It also fits redirected TCP connections to
     /// the overlay's smaller MTU and clears the redirect mark once the route is chosen: the
     /// VXLAN device routes its outer packet with the inner packet's mark, which would send it
     /// back into the overlay.
@@ -814,7 +819,11 @@ impl NftFirewall {
             overlay_chain_name(g),
         );
         let keep = !overlay::MARK_MASK;
-        let (mask, redirect) = (overlay::MARK_MASK, overlay::REDIRECT);
+        let (mask, redirect, ct_redirected) = (
+            overlay::MARK_MASK,
+            overlay::REDIRECT,
+            overlay::CT_REDIRECTED,
+        );
         let dev = overlay::DEVICE;
         let mut s = format!(
             "add chain inet {t} {pre} {{ type filter hook prerouting priority mangle; policy accept; }}\n\
@@ -827,7 +836,7 @@ impl NftFirewall {
              add rule inet {t} {post} fib saddr type local accept\n\
              add rule inet {t} {post} jump {SNAT_CHAIN}\n\
              add chain inet {t} {ovl} {{ type filter hook forward priority mangle; policy accept; }}\n\
-             add rule inet {t} {ovl} ct status confirmed meta mark and {mask:#010x} != 0 \
+             add rule inet {t} {ovl} ct mark and {ct_redirected:#010x} != 0 meta mark and {mask:#010x} != 0 \
                meta mark and {redirect:#010x} == 0 ct status and snat == 0 counter name \"{COUNTER_DROPPED}\" drop\n\
              add rule inet {t} {ovl} oifname \"{dev}\" tcp flags syn tcp option maxseg size set rt mtu\n\
              add rule inet {t} {ovl} oifname \"{dev}\" meta mark set meta mark and {keep:#010x}\n",
@@ -1251,7 +1260,7 @@ impl Firewall for NftFirewall {
         // jump; MSS clamp, mark cleared.
         spec.chains.insert(prerouting_name(g), 5);
         spec.chains.insert(base_chain_name(g), 2);
-        spec.chains.insert(overlay_chain_name(g), 2);
+        spec.chains.insert(overlay_chain_name(g), 3);
         family_spec(&mut spec, g, &i.v4);
         family_spec(&mut spec, g, &i.v6);
         // The gateway chains and the SNAT chain: as `role_texts` wrote them.
@@ -1922,8 +1931,8 @@ mod tests {
             t[&gw_chain::<Ipv4Addr>(b)],
             format!(
                 "iifname \"egressd0\" counter name \"dropped\" counter name \"looped_{b}\" drop\n\
-                 meta mark set meta mark and 0x0000ffff or 0x80020000 counter name \"redirected\" \
-                 counter name \"redirected_{b}\" accept"
+                 meta mark set meta mark and 0x0000ffff or 0x80020000 ct mark set ct mark or \
+                 0x01000000 counter name \"redirected\" counter name \"redirected_{b}\" accept"
             )
         );
         assert_eq!(t[&gw_chain::<Ipv6Addr>(b)], t[&gw_chain::<Ipv4Addr>(b)]);

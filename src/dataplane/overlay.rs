@@ -36,6 +36,10 @@ pub const RULE_PRIORITY: u32 = 1000;
 pub const MARK_MASK: u32 = 0xffff_0000;
 /// Set with a member's slot: redirect to that member.
 pub const REDIRECT: u32 = 0x8000_0000;
+/// The conntrack mark bit of a connection this node redirected as a standby: should the node
+/// take the gateway over while the connection goes on through it, its packets are dropped
+/// rather than sent untranslated (the nat chain never sees the connection again).
+pub const CT_REDIRECTED: u32 = 0x0100_0000;
 /// More members than this get no slot (the overlay gateway addresses are one byte).
 pub const MAX_SLOTS: usize = 250;
 
