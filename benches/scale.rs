@@ -116,12 +116,16 @@ fn pid(c: &mut Cluster, i: usize) -> Option<u32> {
 fn restart(c: &mut Cluster, i: usize) {
     let cfg = c.configs[i].clone();
     c.children[i] = Some(c.topo.start_egressd(i, &cfg));
-    wait_for("the restarted node back in the cluster and ready", LONG, || {
-        c.topo.leader(i).is_some()
-            && c.topo.status(i).is_some_and(|s| {
-                s["ready"] == true && s["dataplane"]["snat_elements"].as_u64().unwrap_or(0) > 0
-            })
-    });
+    wait_for(
+        "the restarted node back in the cluster and ready",
+        LONG,
+        || {
+            c.topo.leader(i).is_some()
+                && c.topo.status(i).is_some_and(|s| {
+                    s["ready"] == true && s["dataplane"]["snat_elements"].as_u64().unwrap_or(0) > 0
+                })
+        },
+    );
     std::thread::sleep(Duration::from_secs(1));
 }
 

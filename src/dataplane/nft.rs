@@ -913,17 +913,13 @@ impl NftFirewall {
         })
     }
 
-    /// Reads the two named counters.
+    /// Reads the named counters of the table (`seen`, `not_snated`, `dropped`, `redirected`).
     pub async fn counters(&self) -> Result<NftCounters> {
-        let out = self
+        let listed = self
             .nft
-            .run(
-                "list counters",
-                &["-j", "list", "counters", "table", "inet", &self.table],
-                None,
-            )
+            .list_counters(nfnl::NFPROTO_INET, &self.table)
             .await?;
-        parse_counters_json(&out).map_err(|detail| Error::Nft {
+        counters_of(&listed).map_err(|detail| Error::Nft {
             op: "list counters",
             detail,
         })
@@ -931,18 +927,11 @@ impl NftFirewall {
 
     /// The per-gateway counters (see `Action`).
     pub async fn read_gateway_counters(&self) -> Result<GatewayCounters> {
-        let out = self
+        let listed = self
             .nft
-            .run(
-                "list counters",
-                &["-j", "list", "counters", "table", "inet", &self.table],
-                None,
-            )
+            .list_counters(nfnl::NFPROTO_INET, &self.table)
             .await?;
-        parse_gateway_counters(&out).map_err(|detail| Error::Nft {
-            op: "list counters",
-            detail,
-        })
+        Ok(gateway_counters_of(&listed))
     }
 
     /// A delta from `old` to `map` in one batch, or `Err(None)` when a full replace is the
@@ -1362,7 +1351,6 @@ fn cell_of(name: &str) -> Option<(&str, u64, usize)> {
 #[doc(hidden)]
 pub fn fuzz_parsers(text: &str) {
     let _ = parse_listing(text);
-    let _ = parse_counters_json(text);
 }
 
 /// Parses `nft -j list table` output of egressd's inet table: the newest generation's selector
@@ -1560,54 +1548,29 @@ fn parse_addr<A: NftAddr>(s: &str) -> std::result::Result<A, String> {
     s.parse().map_err(|_| format!("bad address {s:?}"))
 }
 
-/// Finds the two named counters in `nft -j list counters` output.
-fn parse_counters_json(text: &str) -> std::result::Result<NftCounters, String> {
-    let doc: Value = serde_json::from_str(text).map_err(|e| format!("bad JSON from nft: {e}"))?;
-    let items = doc
-        .get("nftables")
-        .and_then(Value::as_array)
-        .ok_or("no \"nftables\" array in nft's output")?;
-    let mut seen = None;
-    let mut not_snated = None;
-    let mut dropped = None;
-    let mut redirected = None;
-    for item in items {
-        let Some(counter) = item.get("counter") else {
-            continue;
-        };
-        let packets = counter.get("packets").and_then(Value::as_u64);
-        match (counter.get("name").and_then(Value::as_str), packets) {
-            (Some(COUNTER_SEEN), Some(p)) => seen = Some(p),
-            (Some(COUNTER_NOT_SNATED), Some(p)) => not_snated = Some(p),
-            (Some(COUNTER_DROPPED), Some(p)) => dropped = Some(p),
-            (Some(COUNTER_REDIRECTED), Some(p)) => redirected = Some(p),
-            _ => {}
-        }
-    }
-    match (seen, not_snated, dropped) {
+/// The table's own counters among `listed` (name, packets, bytes).
+fn counters_of(listed: &[(String, u64, u64)]) -> std::result::Result<NftCounters, String> {
+    let packets = |name: &str| listed.iter().find(|(n, _, _)| n == name).map(|c| c.1);
+    match (
+        packets(COUNTER_SEEN),
+        packets(COUNTER_NOT_SNATED),
+        packets(COUNTER_DROPPED),
+    ) {
         (Some(seen), Some(not_snated), Some(dropped)) => Ok(NftCounters {
             seen,
             not_snated,
             dropped,
             // A table of an egressd from before redirects has no such counter.
-            redirected: redirected.unwrap_or(0),
+            redirected: packets(COUNTER_REDIRECTED).unwrap_or(0),
         }),
         _ => Err("the table lacks egressd's counters".to_owned()),
     }
 }
 
-/// The per-gateway counters in `nft -j list counters` output; other counters are skipped.
-fn parse_gateway_counters(text: &str) -> std::result::Result<GatewayCounters, String> {
-    let doc: Value = serde_json::from_str(text).map_err(|e| format!("bad JSON from nft: {e}"))?;
-    let items = doc
-        .get("nftables")
-        .and_then(Value::as_array)
-        .ok_or("no \"nftables\" array in nft's output")?;
+/// The per-gateway counters among `listed` (name, packets, bytes); other counters are skipped.
+fn gateway_counters_of(listed: &[(String, u64, u64)]) -> GatewayCounters {
     let mut out = GatewayCounters::new();
-    for counter in items.iter().filter_map(|i| i.get("counter")) {
-        let Some(name) = counter.get("name").and_then(Value::as_str) else {
-            continue;
-        };
+    for (name, packets, bytes) in listed {
         let Some((action, id)) = Action::ALL.iter().find_map(|a| {
             let hex = name.strip_prefix(a.name())?.strip_prefix('_')?;
             let id = (hex.len() == 16).then(|| u64::from_str_radix(hex, 16).ok())??;
@@ -1615,12 +1578,11 @@ fn parse_gateway_counters(text: &str) -> std::result::Result<GatewayCounters, St
         }) else {
             continue;
         };
-        let n = |k: &str| counter.get(k).and_then(Value::as_u64).unwrap_or(0);
         out.entry(id)
             .or_default()
-            .insert(action, (n("packets"), n("bytes")));
+            .insert(action, (*packets, *bytes));
     }
-    Ok(out)
+    out
 }
 
 #[cfg(test)]
@@ -1962,22 +1924,20 @@ mod tests {
     }
 
     #[test]
-    fn parses_counters() {
-        let json = r#"{"nftables": [{"counter": {"name": "seen", "packets": 7}},
-          {"counter": {"name": "not_snated", "packets": 2}},
-          {"counter": {"name": "dropped", "packets": 1}}]}"#;
-        let c = parse_counters_json(json).unwrap();
-        assert_eq!((c.seen, c.not_snated, c.dropped, c.snated()), (7, 2, 1, 4));
+    fn reads_counters() {
+        let c = |n: &str, p: u64, b: u64| (n.to_owned(), p, b);
+        let listed = [c("seen", 7, 900), c("not_snated", 2, 0), c("dropped", 1, 0)];
+        let n = counters_of(&listed).unwrap();
+        assert_eq!((n.seen, n.not_snated, n.dropped, n.snated()), (7, 2, 1, 4));
         assert!(DROP_RULE_COUNT.contains(&format!("\"{COUNTER_DROPPED}\"")));
-        assert!(parse_counters_json(r#"{"nftables": []}"#).is_err());
+        assert!(counters_of(&[]).is_err());
         let (a, b) = (GwId::of("a"), GwId::of("b"));
-        let json = format!(
-            r#"{{"nftables": [{{"counter": {{"name": "seen", "packets": 7, "bytes": 9}}}},
-              {{"counter": {{"name": "redirected_{a}", "packets": 3, "bytes": 180}}}},
-              {{"counter": {{"name": "dropped_{b}", "packets": 1, "bytes": 60}}}},
-              {{"counter": {{"name": "dropped_zz", "packets": 1, "bytes": 60}}}}]}}"#
-        );
-        let g = parse_gateway_counters(&json).unwrap();
+        let g = gateway_counters_of(&[
+            c("seen", 7, 9),
+            c(&format!("redirected_{a}"), 3, 180),
+            c(&format!("dropped_{b}"), 1, 60),
+            c("dropped_zz", 1, 60),
+        ]);
         assert_eq!(g.len(), 2);
         assert_eq!(g[&a][&Action::Redirected], (3, 180));
         assert_eq!(g[&b][&Action::Dropped], (1, 60));

@@ -196,6 +196,24 @@ impl NftRunner {
         })
     }
 
+    /// The named counters of `table` as (name, packets, bytes), through one netlink dump off
+    /// the async threads (see `watch::list_counters` for why not `nft`).
+    pub async fn list_counters(&self, family: u8, table: &str) -> Result<Vec<(String, u64, u64)>> {
+        let (netns, table) = (self.netns.clone(), table.to_owned());
+        tokio::task::spawn_blocking(move || {
+            super::watch::list_counters(netns.as_deref(), family, &table)
+        })
+        .await
+        .map_err(|e| Error::Nft {
+            op: "list counters",
+            detail: format!("the netlink lister failed: {e}"),
+        })?
+        .map_err(|e| Error::Nft {
+            op: "list counters",
+            detail: format!("listing over netlink: {e}"),
+        })
+    }
+
     /// Sends the batch that `make` builds as one kernel transaction, on the persistent socket,
     /// off the async threads (a 100 000-element batch keeps the kernel busy ~0.6 s). `make`
     /// runs just before the send, so a timeout it computes is fresh.

@@ -1338,6 +1338,63 @@ pub fn list_objects(
     Ok(out)
 }
 
+/// nftables' message to get stateful objects, and the counter object's attributes.
+const NFT_MSG_GETOBJ: u16 = 19;
+const NFTA_OBJ_TYPE: u16 = 3;
+const NFTA_OBJ_DATA: u16 = 4;
+const NFT_OBJECT_COUNTER: u32 = 1;
+const NFTA_COUNTER_BYTES: u16 = 1;
+const NFTA_COUNTER_PACKETS: u16 = 2;
+
+/// The named counters of table `table` of `family` in network namespace `netns`, as (name,
+/// packets, bytes); empty when there is no such table. Through one netlink dump: `nft list
+/// counters` builds nft's whole cache first (every element of 100 000-element maps, ~0.4 s
+/// each time) and starts over whenever the ruleset changes meanwhile, which on a node renewing
+/// its leases ~20 times a second it then did for minutes.
+pub fn list_counters(
+    netns: Option<&str>,
+    family: u8,
+    table: &str,
+) -> io::Result<Vec<(String, u64, u64)>> {
+    let mut q = Query::open(netns)?;
+    let name = cstr(table);
+    let kind = NFT_OBJECT_COUNTER.to_be_bytes();
+    let mut out = Vec::new();
+    q.dump(
+        NFT_MSG_GETOBJ,
+        family,
+        &[(ATTR_TABLE, &name), (NFTA_OBJ_TYPE, &kind)],
+        |a| {
+            let is_counter = attrs(a)
+                .find(|(t, _, _)| *t == NFTA_OBJ_TYPE)
+                .and_then(|(_, p, _)| be32(p))
+                == Some(NFT_OBJECT_COUNTER);
+            if attr_str(a, ATTR_TABLE).as_deref() != Some(table) || !is_counter {
+                return;
+            }
+            let Some(n) = attr_str(a, NFTA_OBJ_NAME) else {
+                return;
+            };
+            let (mut packets, mut bytes) = (0, 0);
+            if let Some((_, data, _)) = attrs(a).find(|(t, _, _)| *t == NFTA_OBJ_DATA) {
+                for (t, p, _) in attrs(data) {
+                    let v = p
+                        .get(..8)
+                        .and_then(|b| b.try_into().ok())
+                        .map(u64::from_be_bytes);
+                    match t {
+                        NFTA_COUNTER_PACKETS => packets = v.unwrap_or(0),
+                        NFTA_COUNTER_BYTES => bytes = v.unwrap_or(0),
+                        _ => {}
+                    }
+                }
+            }
+            out.push((n, packets, bytes));
+        },
+    )?;
+    Ok(out)
+}
+
 fn cstr(s: &str) -> Vec<u8> {
     let mut v = s.as_bytes().to_vec();
     v.push(0);
