@@ -53,9 +53,8 @@ garp_count = 3
     )
 }
 
-/// The lab's gateway (`GW`: the VIP on eth1, the next hop on eth0) and its policy (the client
-/// toward the server's network), as config file tables.
-pub fn lab_objects() -> String {
+/// The lab's gateway (`GW`: the VIP on eth1, the next hop on eth0), as a config file table.
+pub fn lab_gateway() -> String {
     format!(
         r#"
 [[gateway]]
@@ -67,13 +66,22 @@ virtual_ip_address = {{ ip = "{VIP}", interfaces = ["eth1"] }}
 [gateway.next_hop]
 ip = "{NEXT_HOP}"
 interface = "eth0"
+"#
+    )
+}
 
+/// The lab's gateway and its policy (the client toward the server's network), as config file
+/// tables.
+pub fn lab_objects() -> String {
+    format!(
+        r#"{}
 [[policy]]
 name = "to-wan"
 egress_gateway_name = "{GW}"
 source_cidrs = ["{CLIENT_IP}/32"]
 destination_cidrs = ["203.0.113.0/24"]
-"#
+"#,
+        lab_gateway()
     )
 }
 

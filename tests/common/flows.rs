@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use egressd::dataplane::conntrack::{Conntrack, Flow};
 
 use super::arp::enter_netns;
-use super::cluster::GW;
+use super::cluster::{GW, lab_gateway};
 use super::heal::{self, TOKEN};
 use super::topo::*;
 
@@ -27,42 +27,16 @@ pub const TCP_PORT: u16 = 7000;
 /// The lab's gateway, and one policy for the other client (its flows are translated to the VIP
 /// throughout: they must never be touched).
 pub fn config(topo: &Topo, dataplane: &str) -> String {
-    format!(
+    let other = format!(
         r#"
-[admin]
-token_file = "{dir}/token"
-
-[node]
-name = "gw1"
-labels = {{ egress = "" }}
-
-[cluster]
-listen = "127.0.0.1:7480"
-peers = [{{ name = "gw1", address = "127.0.0.1:7480" }}]
-data_dir = "{dir}/gw1"
-
-[dataplane]
-garp_count = 1
-{dataplane}
-
-[[gateway]]
-name = "{GW}"
-node_selector = {{ egress = "" }}
-[gateway.source_ip]
-mode = "VirtualIPAddress"
-virtual_ip_address = {{ ip = "{VIP}", interfaces = ["eth1"] }}
-[gateway.next_hop]
-ip = "{NEXT_HOP}"
-interface = "eth0"
-
 [[policy]]
 name = "other"
 egress_gateway_name = "{GW}"
 source_cidrs = ["{CLIENT_OTHER_IP}/32"]
 destination_cidrs = ["{SERVER_IP}/32"]
-"#,
-        dir = topo.dir.path().display(),
-    )
+"#
+    );
+    heal::node_config(topo, dataplane, &format!("{}{other}", lab_gateway()))
 }
 
 /// The policy the tests add, change and delete: the client toward the server, through the
@@ -113,41 +87,24 @@ pub fn start(tag: &str, dataplane: &str) -> heal::Node {
 pub fn apply(node: &heal::Node, toml: &str) {
     let path = node.topo.dir.path().join("apply.toml");
     std::fs::write(&path, toml).expect("apply file");
-    let token = node.topo.dir.path().join("token");
-    let out = node.topo.cli(
-        0,
-        &[
-            "apply",
-            "-f",
-            &path.display().to_string(),
-            "--token-file",
-            &token.display().to_string(),
-        ],
-    );
-    assert!(
-        out.status.success(),
-        "apply failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    cli_ok(node, "apply", &["apply", "-f", &path.display().to_string()]);
 }
 
 /// `egressd delete policy NAME` on the node; panics when it fails.
 pub fn delete_policy(node: &heal::Node, name: &str) {
-    let token = node.topo.dir.path().join("token");
-    let out = node.topo.cli(
-        0,
-        &[
-            "delete",
-            "policy",
-            name,
-            "--token-file",
-            &token.display().to_string(),
-        ],
-    );
+    cli_ok(node, "delete", &["delete", "policy", name]);
+}
+
+/// The CLI on the node with the admin token; panics, naming `what`, when it fails.
+fn cli_ok(node: &heal::Node, what: &str, args: &[&str]) {
+    let token = node.topo.dir.path().join("token").display().to_string();
+    let mut full = args.to_vec();
+    full.extend(["--token-file", &token]);
+    let out = node.topo.cli(0, &full);
     assert!(
         out.status.success(),
-        "delete failed: {}",
+        "{what} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
 }

@@ -22,7 +22,18 @@ pub const LONG_PORT: u16 = 40000;
 /// packet in flight.
 pub const AFTER_REPAIR: Duration = Duration::from_millis(5);
 
+/// The lab's gateway and policy, and `policies`, on a one-node cluster.
 pub fn config(topo: &Topo, policies: &str) -> String {
+    node_config(
+        topo,
+        "",
+        &format!("{}{policies}", super::cluster::lab_objects()),
+    )
+}
+
+/// A one-node cluster (`gw1`, the admin token in the lab's directory) with `dataplane` lines in
+/// its `[dataplane]` table, and `objects` after it.
+pub fn node_config(topo: &Topo, dataplane: &str, objects: &str) -> String {
     format!(
         r#"
 [admin]
@@ -39,10 +50,10 @@ data_dir = "{dir}/gw1"
 
 [dataplane]
 garp_count = 1
-{objects}{policies}
+{dataplane}
+{objects}
 "#,
         dir = topo.dir.path().display(),
-        objects = super::cluster::lab_objects()
     )
 }
 
