@@ -280,7 +280,10 @@ impl Topo {
             "--config",
         ])
         .arg(config)
-        .env("RUST_LOG", "info,openraft=warn")
+        .env(
+            "RUST_LOG",
+            std::env::var("EGRESSD_TEST_RUST_LOG").unwrap_or_else(|_| "info,openraft=warn".into()),
+        )
         .stdout(log)
         .stderr(err);
         self.lab.spawn_raw(cmd)
