@@ -140,6 +140,7 @@ async fn run_inner(
     tokio::spawn(node.clone().run_controller());
     tokio::spawn(node.clone().run_membership());
     tokio::spawn(node.clone().run_compaction());
+    tokio::spawn(node.clone().run_campaigns());
 
     let (board, status_rx) = StatusBoard::new(&config.node.name);
     let board = Arc::new(board);
@@ -737,6 +738,7 @@ impl Main {
             applied_index: applied.index,
             last_log_index: metrics.last_log_index.unwrap_or(0),
             snapshot_index: metrics.snapshot.map_or(0, |s| s.index),
+            overdue_campaigns: self.node.campaigns.overdue_campaigns(),
             gateways: state.gateways.len(),
             policies: state.policies.len(),
             lease_remaining_ms: 0,

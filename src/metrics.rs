@@ -76,6 +76,7 @@ pub struct Metrics {
     pub raft_term: Gauge,
     pub raft_is_leader: Gauge,
     pub raft_leader_changes: Counter,
+    pub raft_overdue_campaigns: Counter,
     pub raft_last_log_index: Gauge,
     pub raft_applied_index: Gauge,
     pub raft_apply_lag: Gauge,
@@ -120,6 +121,7 @@ impl Metrics {
             raft_term: Gauge::default(),
             raft_is_leader: Gauge::default(),
             raft_leader_changes: Counter::default(),
+            raft_overdue_campaigns: Counter::default(),
             raft_last_log_index: Gauge::default(),
             raft_applied_index: Gauge::default(),
             raft_apply_lag: Gauge::default(),
@@ -213,6 +215,11 @@ impl Metrics {
             m.conntrack_tcp_kept.clone(),
         );
         r.register("raft_term", "Current Raft term", m.raft_term.clone());
+        r.register(
+            "raft_overdue_campaigns",
+            "Campaigns started because openraft kept delaying this node's elections for a longer log it had caught up with",
+            m.raft_overdue_campaigns.clone(),
+        );
         r.register(
             "raft_is_leader",
             "1 while this node is the Raft leader",
@@ -387,6 +394,10 @@ impl Metrics {
             }
         }
         self.raft_term.set(status.cluster.term as i64);
+        raise(
+            &self.raft_overdue_campaigns,
+            status.cluster.overdue_campaigns,
+        );
         self.raft_is_leader.set(i64::from(is_leader));
         self.raft_applied_index
             .set(status.cluster.applied_index as i64);

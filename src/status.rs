@@ -64,6 +64,10 @@ pub struct ClusterStatus {
     /// The last entry in this node's latest snapshot; the log before it is gone (0: none yet).
     #[serde(default)]
     pub snapshot_index: u64,
+    /// Campaigns this node started because openraft kept delaying its elections for a longer
+    /// log it had caught up with (openraft#2087).
+    #[serde(default)]
+    pub overdue_campaigns: u64,
     /// Committed objects.
     pub gateways: usize,
     pub policies: usize,

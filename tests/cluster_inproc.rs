@@ -112,7 +112,10 @@ async fn start(name: &str, listener: TcpListener, ca: &Ca) -> Node {
     let dir = tempfile::tempdir().unwrap();
     let (log, sm) = store::open(dir.path()).unwrap();
     let tls = ca.node(name);
-    let network = Network::new(PeerClient::new(name, Some(tls.clone()), no_id()));
+    let network = Network::new(
+        PeerClient::new(name, Some(tls.clone()), no_id()),
+        Default::default(),
+    );
     let id = node_id(name);
     let raft = Raft::new(id, config(), network, log, sm.clone())
         .await

@@ -162,6 +162,59 @@ fn partitioned_active_node_fences_itself_and_the_majority_takes_over() {
     c.assert_traffic_via_vip();
 }
 
+fn overdue_campaigns(c: &Cluster, i: usize) -> Option<u64> {
+    c.topo.status(i)?["cluster"]["overdue_campaigns"].as_u64()
+}
+
+/// openraft 0.9 delays the elections of a node whose vote was refused for a longer log until
+/// that node campaigns again, which a delayed node never gets to do first (openraft#2087). A
+/// follower cut from its peers campaigns alone; back, its votes are refused for the log the
+/// majority wrote meanwhile. Once it has caught up and the leader dies, it must campaign on
+/// time again: alone with the dead leader (the other follower paused), its first campaign
+/// comes from egressd's campaign watch, 300 ms before openraft's own.
+#[test]
+fn a_node_refused_for_a_longer_log_campaigns_on_time_once_caught_up() {
+    if !require_root("a_node_refused_for_a_longer_log_campaigns_on_time_once_caught_up") {
+        return;
+    }
+    let mut c = Cluster::start("camp", 3);
+    // A leader cut off keeps leading in its own eyes and never campaigns: gw1 must follow.
+    c.ensure_leader_is_not("gw1");
+    let mgmt = c.topo.mgmt.clone();
+    c.topo
+        .lab
+        .exec(&mgmt, ["ip", "link", "set", "p-gw1", "down"]);
+    wait_for("gw2 active on the majority side", WAIT, || {
+        c.topo.active(1, GW).as_deref() == Some("gw2") && c.topo.node_holds(1, GW)
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    c.topo.lab.exec(&mgmt, ["ip", "link", "set", "p-gw1", "up"]);
+    c.wait_active("gw1");
+    c.ensure_leader_is_not("gw1");
+    let leader = c.leader();
+    let other = if leader == "gw2" { "gw3" } else { "gw2" };
+    let before = overdue_campaigns(&c, 0).expect("gw1's status");
+    let term = c.topo.status(0).and_then(|s| s["cluster"]["term"].as_u64());
+    c.signal(other, "STOP");
+    c.signal(&leader, "KILL");
+    wait_for("gw1 campaigning", WAIT, || {
+        c.topo.status(0).and_then(|s| s["cluster"]["term"].as_u64()) > term
+    });
+    let after = overdue_campaigns(&c, 0).expect("gw1's status");
+    c.signal(other, "CONT");
+    assert!(
+        after > before,
+        "gw1's first campaign after the leader died was not the campaign watch's \
+         (overdue campaigns {before} → {after}): openraft's delay was not overridden\n{}",
+        c.logs()
+    );
+    wait_for("a new leader", WAIT, || {
+        c.live()
+            .any(|j| c.topo.leader(j).is_some_and(|x| x != leader))
+    });
+    c.wait_active("gw1");
+}
+
 #[test]
 fn hung_daemon_stops_answering_before_the_successor_takes_over() {
     if !require_root("hung_daemon_stops_answering_before_the_successor_takes_over") {

@@ -1,6 +1,7 @@
 //! The cluster: Raft (openraft) replicating the desired state and the assignment, its durable
 //! store, its authenticated HTTP transport, and the leader's controller.
 
+pub mod campaign;
 pub mod codec;
 pub mod controller;
 pub mod node;

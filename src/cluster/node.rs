@@ -11,12 +11,13 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Extension, Json, Router};
-use openraft::SnapshotPolicy;
 use openraft::error::{ClientWriteError, RaftError};
+use openraft::{ServerState, SnapshotPolicy};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, watch};
 use tracing::{Instrument, debug, info, info_span, warn};
 
+use crate::cluster::campaign::{self, CampaignWatch};
 use crate::cluster::codec::Versioned;
 use crate::cluster::controller::{ChangeKind, Controller, Reply, Report};
 use crate::cluster::state::{AssignChange, ClusterState, Reason};
@@ -44,6 +45,8 @@ const PEER_EDGE_NICE: i32 = 0;
 const MEMBERSHIP_EVERY: Duration = Duration::from_millis(300);
 /// How long a requested snapshot may take before it is requested again.
 const COMPACT_RETRY: Duration = Duration::from_secs(10);
+/// How long after openraft's latest undelayed campaign time `run_campaigns` steps in.
+const CAMPAIGN_SLACK: Duration = Duration::from_millis(10);
 /// How long a write (admin mutation, reload, seed) waits to be committed.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Objects per log entry of a large change (~25 KB encoded): small enough for a follower to
@@ -88,6 +91,8 @@ pub struct ClusterNode {
     pub leader_view: Mutex<LeaderView>,
     /// Committed changes as this node applied them, and the daemon's own events.
     pub events: EventLog,
+    /// What this node's vote requests were refused for (see `run_campaigns`).
+    pub campaigns: Arc<CampaignWatch>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -145,10 +150,11 @@ impl ClusterNode {
         let ids = applied.clone();
         let cluster_id: ClusterIdFn = Arc::new(move || ids.borrow().state.cluster_id.clone());
         let client = PeerClient::new(&name, tls.clone(), cluster_id.clone());
+        let campaigns = Arc::new(CampaignWatch::default());
         let raft = Raft::new(
             id,
             Arc::new(raft_config),
-            Network::new(client.clone()),
+            Network::new(client.clone(), campaigns.clone()),
             log,
             sm,
         )
@@ -167,6 +173,7 @@ impl ClusterNode {
             controller_wake: Notify::new(),
             leader_view: Mutex::new(LeaderView::default()),
             events,
+            campaigns,
         });
 
         match tls {
@@ -841,6 +848,63 @@ impl ClusterNode {
             }
             if applied.changed().await.is_err() {
                 return;
+            }
+        }
+    }
+
+    /// Campaigns when openraft would keep delaying this node's elections for a longer log it
+    /// has since caught up with (see [`campaign`]). Runs on every node.
+    pub async fn run_campaigns(self: Arc<Self>) {
+        let timer = campaign::Timer {
+            election_timeout_max: Duration::from_millis(self.timing.election_timeout_max_ms),
+            slack: CAMPAIGN_SLACK,
+        };
+        let min = Duration::from_millis(self.timing.election_timeout_min_ms);
+        let mut jitter = (None, timer.jitter(min));
+        loop {
+            let now = tokio::time::Instant::now();
+            let observed = self
+                .raft
+                .with_raft_state(move |st| campaign::Observed {
+                    now,
+                    may_campaign: matches!(
+                        st.server_state,
+                        ServerState::Follower | ServerState::Candidate
+                    ),
+                    vote_committed: st.vote_ref().is_committed(),
+                    vote_changed: st.vote_last_modified(),
+                    committed: st.committed,
+                })
+                .await;
+            let Ok(observed) = observed else {
+                // Raft has stopped (shutdown or a fatal storage error): nothing to elect.
+                return;
+            };
+            if jitter.0 != observed.vote_changed {
+                jitter = (observed.vote_changed, timer.jitter(min));
+            }
+            let longer = self.campaigns.longer();
+            match campaign::next(&observed, longer.as_ref(), &timer, jitter.1) {
+                campaign::Next::Campaign => {
+                    let waited = observed
+                        .vote_changed
+                        .map_or(Duration::ZERO, |c| observed.now - c);
+                    info!(
+                        term = self.raft.metrics().borrow().current_term,
+                        waited_ms = waited.as_millis() as u64,
+                        refused_for = ?longer,
+                        "campaigning: no leader heard from for {} ms, and openraft still delays \
+                         this node's elections for a longer log it has caught up with",
+                        waited.as_millis()
+                    );
+                    self.campaigns.started();
+                    if let Err(e) = self.raft.trigger().elect().await {
+                        warn!(error = %e, "cannot start a campaign");
+                        return;
+                    }
+                    tokio::time::sleep(timer.election_timeout_max).await;
+                }
+                campaign::Next::CheckAt(at) => tokio::time::sleep_until(at).await,
             }
         }
     }

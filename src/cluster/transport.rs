@@ -51,6 +51,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::sync::Semaphore;
 
+use super::campaign::CampaignWatch;
 use super::{Member, NodeId, Raft, TypeConfig};
 use crate::tls::PeerIdentity;
 use crate::tls::client::ClientError;
@@ -665,11 +666,13 @@ impl PeerClient {
 #[derive(Clone, Debug)]
 pub struct Network {
     client: PeerClient,
+    campaigns: Arc<CampaignWatch>,
 }
 
 impl Network {
-    pub fn new(client: PeerClient) -> Self {
-        Network { client }
+    /// `campaigns` learns what this node's vote requests are refused for.
+    pub fn new(client: PeerClient, campaigns: Arc<CampaignWatch>) -> Self {
+        Network { client, campaigns }
     }
 }
 
@@ -681,6 +684,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
             client: self.client.clone(),
             target,
             member: node.clone(),
+            campaigns: self.campaigns.clone(),
         }
     }
 }
@@ -691,6 +695,7 @@ pub struct PeerConnection {
     client: PeerClient,
     target: NodeId,
     member: Member,
+    campaigns: Arc<CampaignWatch>,
 }
 
 impl PeerConnection {
@@ -814,7 +819,13 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
         rpc: VoteRequest<NodeId>,
         option: RPCOption,
     ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, Member, RaftError<NodeId>>> {
-        self.call(VOTE_PATH, &rpc, &option).await
+        self.campaigns.asking(rpc.vote.leader_id.term);
+        let resp: VoteResponse<NodeId> = self.call(VOTE_PATH, &rpc, &option).await?;
+        if !resp.vote_granted {
+            self.campaigns
+                .refused(rpc.vote.leader_id.term, resp.last_log_id, rpc.last_log_id);
+        }
+        Ok(resp)
     }
 
     fn backoff(&self) -> Backoff {
@@ -1010,7 +1021,7 @@ mod tests {
             entries: vec![],
         };
         let opt = || RPCOption::new(Duration::from_millis(500));
-        let mut net = Network::new(client_as(&pki, "gw1", Some(A)));
+        let mut net = Network::new(client_as(&pki, "gw1", Some(A)), Default::default());
         let member = |name: &str, addr: String| Member {
             name: name.to_owned(),
             addr,
