@@ -286,12 +286,7 @@ impl FlowSync {
             return;
         }
         let started = Instant::now();
-        let mut entries = 0;
         for (peer, d) in &self.daemons {
-            // Read before the commit: the count the commit works on.
-            if let Ok(s) = d.stats().await {
-                entries += s.external;
-            }
             if let Err(e) = d.commit().await {
                 error!(
                     peer,
@@ -306,24 +301,32 @@ impl FlowSync {
         let ms = took.as_secs_f64() * 1e3;
         info!(
             gateways = ?gateways,
-            entries,
             took_ms = ms,
             "committed the replicated flow state into the kernel before taking over"
         );
         self.status.commits += 1;
         self.status.last_commit_ms = Some(ms);
-        self.status.last_commit_entries = Some(entries);
+        self.status.last_commit_entries = None;
         self.status.last_commit_unix_ms = Some(crate::events::unix_ms());
         self.metrics
             .conntrack_sync_commit
             .observe(took.as_secs_f64());
-        self.metrics.conntrack_sync_committed.inc_by(entries);
     }
 
     /// After the data plane changed: the new active node becomes the source of the replication
     /// (`took`), a released one a standby again (`released`).
     pub async fn after(&mut self, took: bool, released: bool) {
         if took {
+            // How many entries the commit had: read now, off the takeover's path (the external
+            // caches keep them until the flush below).
+            let mut entries = 0;
+            for d in self.daemons.values() {
+                if let Ok(s) = d.stats().await {
+                    entries += s.external;
+                }
+            }
+            self.status.last_commit_entries = Some(entries);
+            self.metrics.conntrack_sync_committed.inc_by(entries);
             for (peer, d) in &self.daemons {
                 if let Err(e) = d.promoted().await {
                     warn!(peer, error = %e, "conntrackd: becoming the replication's source failed");
