@@ -206,6 +206,14 @@ fn established_flows_survive_failover_and_failback_with_conntrack_sync() {
             && value("egressd_conntrack_sync_committed_entries_total ") >= 2.0,
         "{metrics}"
     );
+    // The takeover's conntrack sweep (issue 17) found the committed entries translated to the
+    // VIP, as the table decides, and deleted none of them.
+    for protocol in ["udp", "tcp"] {
+        let series = format!(
+            "egressd_conntrack_deleted_total{{reason=\"policy_change\",protocol=\"{protocol}\"}} "
+        );
+        assert_eq!(value(&series), 0.0, "{metrics}");
+    }
 
     // Fail-back: gw1 comes back, takes the gateway again (preemption), and the flows go on.
     wait_for("gw2's replication sends the flows back", WAIT, || {
