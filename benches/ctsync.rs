@@ -14,7 +14,8 @@
 //! of the failover and of the fail-back: the longest gap between two answers around each event.
 //!
 //! Systems: egressd with `conntrack_sync = true` and without (default timing profile);
-//! keepalived 2.2 (Debian's package, VRRP on the peer network, priorities 150/100/50, the VIP on
+//! keepalived 2.2 (Debian's package, VRRPv3 on the peer network — v2 rounds 0.1 s to 1 s —,
+//! priorities 150/100/50, the VIP on
 //! the WAN and the next hop on the LAN, SNAT in nftables) at `advert_int 1` and `0.1`, each with
 //! conntrackd (FTFW, the same configuration egressd writes, driven by Debian's
 //! `primary-backup.sh` from keepalived's notify hooks) and without. Each in loose conntrack
@@ -380,7 +381,7 @@ fn run_keepalived(
         write(
             &conf,
             &format!(
-                "global_defs {{\n    router_id gw{n}\n}}\n\
+                "global_defs {{\n    router_id gw{n}\n    vrrp_version 3\n}}\n\
                  vrrp_instance VI {{\n    state BACKUP\n    interface eth2\n    \
                  virtual_router_id 51\n    priority {prio}\n    advert_int {advert}\n    \
                  virtual_ipaddress {{\n        {VIP}/32 dev eth1\n        {NEXT_HOP}/32 dev eth0\n    \
@@ -389,21 +390,17 @@ fn run_keepalived(
                 prio = [150, 100, 50][i],
             ),
         );
-        let mut cmd = std::process::Command::new("keepalived");
-        cmd.args([
-            "-n",
-            "-l",
-            "-P",
-            "-f",
-            &conf.display().to_string(),
-            "-p",
-            &node_dir.join("k.pid").display().to_string(),
-            "-r",
-            &node_dir.join("v.pid").display().to_string(),
-        ]);
-        cmd.stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null());
-        k.topo.lab.spawn(&ns, cmd);
+        let log = std::fs::File::create(node_dir.join("keepalived.log")).expect("log");
+        let mut cmd = std::process::Command::new("ip");
+        cmd.args(["netns", "exec", &ns, "keepalived", "-n", "-l", "-P", "-f"])
+            .arg(&conf)
+            .arg("-p")
+            .arg(node_dir.join("k.pid"))
+            .arg("-r")
+            .arg(node_dir.join("v.pid"))
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log);
+        k.topo.lab.spawn_raw(cmd);
     }
     let holds = |t: &Topo, i: usize| t.holds(&t.nodes[i], "eth1", VIP);
     wait_for(
