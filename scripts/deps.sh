@@ -45,6 +45,9 @@ chmod:coreutils
 cp:coreutils
 timeout:coreutils
 sh:dash
+conntrackd:conntrackd
+conntrack:conntrack
+keepalived:keepalived
 "
 
 mode=install

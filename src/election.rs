@@ -260,6 +260,7 @@ mod tests {
                 interface: "eth1".to_owned(),
             },
             next_hop: None,
+            conntrack_sync: false,
         }
     }
 

@@ -54,6 +54,12 @@ pub struct ConntrackLabels {
     pub protocol: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SyncCacheLabels {
+    /// `internal` (this node's flows, sent to the others) or `external` (received).
+    pub cache: String,
+}
+
 pub struct Metrics {
     registry: Registry,
     /// One scrape at a time: `observe` clears and refills the gateway families.
@@ -73,6 +79,11 @@ pub struct Metrics {
     pub dataplane_repairs: Family<ObjectLabels, Counter>,
     pub conntrack_deleted: Family<ConntrackLabels, Counter>,
     pub conntrack_tcp_kept: Counter,
+    pub conntrack_sync_up: Gauge,
+    pub conntrack_sync_cache: Family<SyncCacheLabels, Gauge>,
+    pub conntrack_sync_lost: Gauge,
+    pub conntrack_sync_commit: Histogram,
+    pub conntrack_sync_committed: Counter,
     pub raft_term: Gauge,
     pub raft_is_leader: Gauge,
     pub raft_leader_changes: Counter,
@@ -118,6 +129,12 @@ impl Metrics {
             dataplane_repairs: Family::default(),
             conntrack_deleted: Family::default(),
             conntrack_tcp_kept: Counter::default(),
+            conntrack_sync_up: Gauge::default(),
+            conntrack_sync_cache: Family::default(),
+            conntrack_sync_lost: Gauge::default(),
+            // 0.1 ms .. ~3 s: a commit of a few entries takes a fraction of a millisecond.
+            conntrack_sync_commit: Histogram::new(exponential_buckets(0.0001, 2.0, 15)),
+            conntrack_sync_committed: Counter::default(),
             raft_term: Gauge::default(),
             raft_is_leader: Gauge::default(),
             raft_leader_changes: Counter::default(),
@@ -213,6 +230,32 @@ impl Metrics {
             "conntrack_tcp_kept",
             "Stale TCP conntrack entries left to keep their old translation (dataplane.tcp_on_policy_change = keep)",
             m.conntrack_tcp_kept.clone(),
+        );
+        r.register(
+            "conntrack_sync_up",
+            "1 while conntrackd replicates the flow state of this node's conntrack_sync gateways",
+            m.conntrack_sync_up.clone(),
+        );
+        r.register(
+            "conntrack_sync_entries",
+            "Entries in conntrackd's caches: internal (this node's flows, sent to the others), external (replicated from the active node, committed at a takeover)",
+            m.conntrack_sync_cache.clone(),
+        );
+        r.register(
+            "conntrack_sync_lost_messages",
+            "Replication messages conntrackd saw lost (FTFW asks for them again)",
+            m.conntrack_sync_lost.clone(),
+        );
+        r.register_with_unit(
+            "conntrack_sync_commit",
+            "Time to commit the replicated flow state into the kernel at a takeover, before the SNAT and addresses go in",
+            Unit::Seconds,
+            m.conntrack_sync_commit.clone(),
+        );
+        r.register(
+            "conntrack_sync_committed_entries",
+            "Replicated entries committed into the kernel at takeovers",
+            m.conntrack_sync_committed.clone(),
         );
         r.register("raft_term", "Current Raft term", m.raft_term.clone());
         r.register(
@@ -323,6 +366,15 @@ impl Metrics {
                 protocol: protocol.to_owned(),
             })
             .inc_by(n as u64);
+    }
+
+    /// The gauge of one of conntrackd's caches.
+    pub fn conntrack_sync_entries(&self, cache: &str) -> Gauge {
+        self.conntrack_sync_cache
+            .get_or_create(&SyncCacheLabels {
+                cache: cache.to_owned(),
+            })
+            .clone()
     }
 
     pub fn announced(&self, ipv6: bool) {

@@ -79,6 +79,10 @@ pub struct Gateway {
     pub preempt: bool,
     pub source_ip: SourceIp,
     pub next_hop: Option<NextHop>,
+    /// Replicate the connection-tracking state of its flows to the standby nodes
+    /// (`dataplane::ctsync`; `VirtualIPAddress` mode only).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub conntrack_sync: bool,
 }
 
 /// What a gateway needs from an interface on a node for that node to be eligible.

@@ -363,6 +363,7 @@ mod tests {
                     ip: ip(NH),
                     interface: "eth0".into(),
                 }),
+                conntrack_sync: false,
             },
             Gateway {
                 name: "basic".into(),
@@ -373,6 +374,7 @@ mod tests {
                     interface: "eth1".into(),
                 },
                 next_hop: None,
+                conntrack_sync: false,
             },
         ]
     }

@@ -126,6 +126,9 @@ pub struct DataplaneStatus {
     /// were made: action (`snated`, `redirected`, `dropped`, `looped`) → packets and bytes.
     #[serde(default)]
     pub traffic: std::collections::BTreeMap<String, std::collections::BTreeMap<String, Traffic>>,
+    /// Flow-state replication (conntrackd) of the `conntrack_sync` gateways on this node.
+    #[serde(default)]
+    pub conntrack_sync: crate::dataplane::ctsync::SyncStatus,
 }
 
 /// Packets and bytes counted by one nftables counter.

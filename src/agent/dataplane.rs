@@ -137,6 +137,12 @@ pub struct DataplaneTask<H, F> {
     heal_wait: Option<Instant>,
     /// Deletes the conntrack entries a change made stale, on a thread of its own.
     flows: Option<Sweeper>,
+    /// Flow-state replication of the `conntrack_sync` gateways (conntrackd).
+    sync: super::ctsync::FlowSync,
+    /// When conntrackd's statistics were last read.
+    sync_read: Option<Instant>,
+    /// Whether the node was in contact with the cluster at the last round.
+    in_contact: bool,
 }
 
 /// Forwarding must be on for the node to pass traffic; IPv6 forwarding only when a policy needs
@@ -202,6 +208,9 @@ impl<H: Host, F: Firewall> DataplaneTask<H, F> {
         heartbeat: Arc<Heartbeat>,
     ) -> Self {
         DataplaneTask {
+            sync: super::ctsync::FlowSync::new(rec.metrics.clone()),
+            sync_read: None,
+            in_contact: false,
             rec,
             ch,
             board,
@@ -290,6 +299,20 @@ impl<H: Host, F: Firewall> DataplaneTask<H, F> {
         let managed = super::managed(&gateways, &cfg.file_gateways, &host);
 
         let mut not_ready = check_forwarding(cfg.manage_forwarding, self.objects.facts.needs_v6());
+        // Flow-state replication: conntrackd runs while a gateway this node may serve asks for
+        // it. A node that just started it (or came back into contact) waits a moment for the
+        // active node's flows before it may be given a gateway.
+        let wanted = gateways
+            .iter()
+            .any(|g| super::ctsync::synced_here(g, &cfg.labels));
+        self.sync.ensure(wanted, &cfg.sync, &host, &managed).await;
+        if in_contact && !self.in_contact {
+            self.sync.rejoined(&self.held).await;
+        }
+        self.in_contact = in_contact;
+        if let Some(reason) = self.sync.settling() {
+            not_ready.push(reason);
+        }
         if !self.firewall_ok {
             not_ready.push("nftables table not installed yet".into());
         }
@@ -357,6 +380,22 @@ impl<H: Host, F: Firewall> DataplaneTask<H, F> {
         let compiled = self.compiler.last();
         let planned_ms = started.elapsed().as_secs_f64() * 1e3;
         let before = self.held.clone();
+        // The replicated entries are in the kernel before a takeover's SNAT and addresses (the
+        // node forwards nothing of the gateway before those).
+        let synced: BTreeSet<&str> = gateways
+            .iter()
+            .filter(|g| g.conntrack_sync)
+            .map(|g| g.name.as_str())
+            .collect();
+        let taking: Vec<String> = desired
+            .sources
+            .keys()
+            .filter(|g| !before.contains(*g) && synced.contains(g.as_str()))
+            .cloned()
+            .collect();
+        if !taking.is_empty() {
+            self.sync.before_takeover(&taking).await;
+        }
         let mut error = None;
         self.rec.host.learn(&host);
         let repair = self.begin_repair();
@@ -382,6 +421,14 @@ impl<H: Host, F: Firewall> DataplaneTask<H, F> {
                 }
                 self.firewall_ok = true;
                 self.held = desired.sources.keys().cloned().collect();
+                let released = before
+                    .difference(&self.held)
+                    .any(|g| synced.contains(g.as_str()));
+                if !taking.is_empty() || released {
+                    self.sync.after(!taking.is_empty(), released).await;
+                    let status = self.sync.status().clone();
+                    self.board.update(|s| s.dataplane.conntrack_sync = status);
+                }
                 let ready: Ready = desired.addresses.clone();
                 self.ch.ready.send_if_modified(|r| {
                     if *r == ready {
@@ -525,6 +572,18 @@ impl<H: Host, F: Firewall> DataplaneTask<H, F> {
         });
     }
 
+    /// Reads conntrackd's statistics into the status and metrics, at most every
+    /// `COUNT_EVERY`.
+    async fn read_sync(&mut self) {
+        if self.sync_read.is_some_and(|t| t.elapsed() < COUNT_EVERY) {
+            return;
+        }
+        self.sync_read = Some(Instant::now());
+        self.sync.refresh().await;
+        let status = self.sync.status().clone();
+        self.board.update(|s| s.dataplane.conntrack_sync = status);
+    }
+
     /// Reads the per-gateway counters into the status, at most every `COUNT_EVERY`.
     async fn count(&mut self) {
         if !self.firewall_ok || self.counted.is_some_and(|t| t.elapsed() < COUNT_EVERY) {
@@ -568,6 +627,7 @@ impl<H: Host, F: Firewall> DataplaneTask<H, F> {
         loop {
             self.round().await;
             self.count().await;
+            self.read_sync().await;
             self.heartbeat.beat();
             // Idle is healthy: beat at least once a second while waiting.
             tokio::select! {
@@ -581,6 +641,7 @@ impl<H: Host, F: Firewall> DataplaneTask<H, F> {
                     if r.is_err() || *self.ch.stop.borrow() { return; }
                 }
                 r = changed(self.heal_rx.as_mut()) => if r.is_err() { return },
+                _ = until(self.sync.settled_at()) => {}
                 _ = until(self.heal_wait) => {}
                 _ = tokio::time::sleep(Duration::from_secs(1)) => {}
             }

@@ -15,6 +15,7 @@
 //! SNAT). So a node never answers for an address whose translation is missing, and stops
 //! answering the moment its lease ends, however busy its data plane is.
 
+pub mod ctsync;
 pub mod dataplane;
 pub mod host;
 pub mod lease;
@@ -52,6 +53,8 @@ pub struct AgentConfig {
     pub garp_count: u32,
     pub garp_interval: std::time::Duration,
     pub garp_refresh: Option<std::time::Duration>,
+    /// Flow-state replication of the `conntrack_sync` gateways.
+    pub sync: ctsync::SyncConfig,
 }
 
 impl AgentConfig {
@@ -66,6 +69,7 @@ impl AgentConfig {
             garp_interval: std::time::Duration::from_millis(d.garp_interval_ms),
             garp_refresh: (d.garp_refresh_secs > 0)
                 .then(|| std::time::Duration::from_secs(d.garp_refresh_secs)),
+            sync: ctsync::SyncConfig::from_config(c),
         })
     }
 }

@@ -277,6 +277,7 @@ pub(crate) mod tests {
                     interfaces: vec!["eth1".into()],
                 },
                 next_hop: None,
+                conntrack_sync: false,
             }],
             policies: vec![],
         });

@@ -1476,6 +1476,7 @@ pub(crate) mod tests {
                 interface: "eth1".into(),
             },
             next_hop: None,
+            conntrack_sync: false,
         }
     }
 

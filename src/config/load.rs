@@ -6,7 +6,7 @@
 //! what is expected. The admin API's bodies go through the same reader and rules.
 
 use std::collections::BTreeSet;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
@@ -1108,7 +1108,29 @@ impl<'a> Reader<'a> {
                 p
             }
         };
+        let v4 = |s: &str| match rules::ip(s)? {
+            IpAddr::V4(a) => Ok(a),
+            IpAddr::V6(_) => Err(format!(
+                "{} is IPv6; expected an IPv4 address",
+                rules::quote(s)
+            )),
+        };
+        let conntrack_sync_address = match &spec.conntrack_sync_address {
+            None => Some(None),
+            Some(a) => self
+                .parse("dataplane.conntrack_sync_address", v4(a))
+                .map(Some),
+        };
+        let conntrack_sync_port = self.range(
+            "dataplane.conntrack_sync_port",
+            spec.conntrack_sync_port,
+            &schema::SYNC_PORT,
+        );
         Some(DataplaneConfig {
+            conntrack_sync_address: conntrack_sync_address?,
+            conntrack_sync_port: conntrack_sync_port?
+                .map_or(Some(d.conntrack_sync_port), |n| u16::try_from(n).ok())?,
+            conntrackd: spec.conntrackd.unwrap_or(d.conntrackd),
             tcp_on_policy_change: tcp_on_policy_change?,
             nft_table: nft_table?,
             garp_count: garp_count?.map_or(Some(d.garp_count), |n| u32::try_from(n).ok())?,
@@ -1263,6 +1285,7 @@ impl<'a> Reader<'a> {
             preempt: spec.preempt,
             source_ip: source_ip?,
             next_hop: next_hop?,
+            conntrack_sync: spec.conntrack_sync,
         };
         self.extend(rules::gateway_coherence(&g, at));
         name_ok.then_some(g)

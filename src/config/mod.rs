@@ -222,6 +222,11 @@ pub struct DataplaneConfig {
     /// Running TCP connections a policy change reclassifies: kept with their old translation
     /// (default), or ended with a reset. Read at start.
     pub tcp_on_policy_change: crate::dataplane::conntrack::TcpPolicy,
+    /// Flow-state replication (`dataplane::ctsync`): this node's peer-network address (None:
+    /// `cluster.listen`'s, when it names one), the first port of the links, the program.
+    pub conntrack_sync_address: Option<std::net::Ipv4Addr>,
+    pub conntrack_sync_port: u16,
+    pub conntrackd: PathBuf,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -263,6 +268,9 @@ impl Default for DataplaneConfig {
             garp_refresh_secs: 0,
             manage_forwarding: false,
             tcp_on_policy_change: crate::dataplane::conntrack::TcpPolicy::Keep,
+            conntrack_sync_address: None,
+            conntrack_sync_port: 3780,
+            conntrackd: PathBuf::from("/usr/sbin/conntrackd"),
         }
     }
 }
@@ -514,6 +522,7 @@ mod tests {
                 interfaces: vec!["eth1".to_string(), "eth1".to_string()],
             },
             next_hop: None,
+            conntrack_sync: false,
         };
         let p = Policy {
             name: "p".to_string(),

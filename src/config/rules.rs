@@ -25,7 +25,7 @@ use ipnet::IpNet;
 
 use crate::model::{Gateway, Labels, Policy, SourceIp};
 
-use super::schema::{PRIMARY_MODE, PRIMARY_TABLE, VIP_TABLE};
+use super::schema::{PRIMARY_MODE, PRIMARY_TABLE, VIP_MODE, VIP_TABLE};
 
 /// One broken rule: the key path of the offending value and what is wrong with it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -564,6 +564,15 @@ pub fn gateway_coherence(g: &Gateway, at: &str) -> Vec<Issue> {
             ),
         ));
     }
+    if g.conntrack_sync && matches!(g.source_ip, SourceIp::PrimaryIp { .. }) {
+        out.push(Issue::new(
+            sub(at, "conntrack_sync"),
+            format!(
+                "conntrack_sync needs mode = \"{VIP_MODE}\": in {PRIMARY_MODE} mode the source \
+                 address changes on a failover, so no replicated state can keep a connection"
+            ),
+        ));
+    }
     out
 }
 
@@ -1009,6 +1018,7 @@ mod tests {
                 ip: ip.parse().unwrap(),
                 interface: "eth0".to_string(),
             }),
+            conntrack_sync: false,
         }
     }
 
@@ -1122,6 +1132,25 @@ mod tests {
         );
         let line = "x".repeat(1_000);
         assert!(shorten_lines(&format!("a\n{line}")).ends_with("…(800 more characters)"));
+    }
+
+    /// `conntrack_sync` is refused in PrimaryIP mode (its flows die with the source address
+    /// whatever is replicated) and accepted with a VIP.
+    #[test]
+    fn conntrack_sync_needs_a_virtual_ip() {
+        let mut vip = vip_gateway("a", "10.77.0.2", None);
+        vip.conntrack_sync = true;
+        assert!(gateway(&vip, "gateway[0]").is_empty());
+        let mut primary = vip.clone();
+        primary.source_ip = SourceIp::PrimaryIp {
+            interface: "eth1".into(),
+        };
+        let issues = gateway(&primary, "gateway[0]");
+        assert_eq!(issues.len(), 1, "{issues:?}");
+        assert_eq!(issues[0].key, "gateway[0].conntrack_sync");
+        assert!(issues[0].message.contains("VirtualIPAddress"), "{issues:?}");
+        primary.conntrack_sync = false;
+        assert!(gateway(&primary, "gateway[0]").is_empty());
     }
 
     #[test]

@@ -149,6 +149,15 @@ pub struct DataplaneSpec {
     /// `keep` (default) or `reset`: what a policy change does to running TCP connections it
     /// reclassifies (`crate::dataplane::conntrack`).
     pub tcp_on_policy_change: Option<String>,
+    /// Flow-state replication of the gateways with `conntrack_sync = true` (conntrackd, FTFW
+    /// over multicast on the peer network): this node's IPv4 address on the peer network;
+    /// default the address of `cluster.listen`.
+    pub conntrack_sync_address: Option<String>,
+    /// The first UDP port of the replication's links (one per pair of members, numbered in
+    /// the order of the sorted node names); default 3780.
+    pub conntrack_sync_port: Option<u64>,
+    /// The conntrackd program; default `/usr/sbin/conntrackd`.
+    pub conntrackd: Option<PathBuf>,
 }
 
 /// `[log]`
@@ -172,6 +181,7 @@ pub const TIMING_MS: RangeInclusive<u64> = 5..=60_000;
 pub const GARP_COUNT: RangeInclusive<u64> = 1..=100;
 pub const GARP_INTERVAL_MS: RangeInclusive<u64> = 0..=10_000;
 pub const GARP_REFRESH_SECS: RangeInclusive<u64> = 0..=86_400;
+pub const SYNC_PORT: RangeInclusive<u64> = 1..=65_535;
 
 /// `[[gateway]]` (an element of `gateways` in a JSON body).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -189,6 +199,11 @@ pub struct GatewaySpec {
     pub source_ip: SourceIpSpec,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub next_hop: Option<NextHopSpec>,
+    /// Replicate the conntrack state of the gateway's flows to its standby nodes through
+    /// conntrackd, so that established connections survive a failover (`VirtualIPAddress`
+    /// mode only). Default false.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub conntrack_sync: bool,
 }
 
 fn yes() -> bool {
@@ -326,6 +341,11 @@ pub fn expected(pattern: &str) -> Option<String> {
         "dataplane.garp_refresh_secs" => {
             Some(range(&GARP_REFRESH_SECS, " seconds (0 turns it off)"))
         }
+        "dataplane.conntrack_sync_address" => {
+            s("this node's IPv4 address on the peer network, e.g. \"10.77.0.11\"")
+        }
+        "dataplane.conntrack_sync_port" => Some(range(&SYNC_PORT, "")),
+        "dataplane.conntrackd" => s("a path string such as \"/usr/sbin/conntrackd\""),
         "log.format" => s("\"text\" or \"json\""),
         "log.level" => s("a log filter string such as \"info\""),
         "gateway" => s("an array of tables ([[gateway]])"),
@@ -348,6 +368,7 @@ pub fn expected(pattern: &str) -> Option<String> {
         "gateway[].source_ip.primary_ip_from_egress_gateway_node_interface.interface_name" => {
             s("the interface whose primary IPv4 address is used, e.g. \"eth1\"")
         }
+        "gateway[].conntrack_sync" => s("true or false"),
         "gateway[].next_hop" => s("a table { ip = \"10.77.0.1\", interface = \"eth0\" }"),
         "gateway[].next_hop.ip" => {
             s("the next-hop address clients route through, e.g. \"10.77.0.1\"")
@@ -407,6 +428,7 @@ impl From<&Gateway> for GatewaySpec {
                     ip: ip.to_string(),
                     interface: interface.clone(),
                 }),
+            conntrack_sync: g.conntrack_sync,
         }
     }
 }

@@ -3,6 +3,7 @@
 
 pub mod announce;
 pub mod conntrack;
+pub mod ctsync;
 pub mod fake;
 pub mod fence;
 pub mod host;

@@ -470,6 +470,7 @@ pub fn gateway_spec(name: String, spec: &EgressGatewaySpec) -> GatewaySpec {
                 }),
         },
         next_hop: None,
+        conntrack_sync: false,
     }
 }
 

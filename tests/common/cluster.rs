@@ -141,13 +141,26 @@ impl Cluster {
         objects: &str,
         prepare: impl FnOnce(&Topo),
     ) -> Cluster {
+        Cluster::launch_edited(tag, n, extra, objects, prepare, |_, body| body)
+    }
+
+    /// Like `launch`, with each node's config file passed through `edit` (node index, text)
+    /// before it is written.
+    pub fn launch_edited(
+        tag: &str,
+        n: usize,
+        extra: &str,
+        objects: &str,
+        prepare: impl FnOnce(&Topo),
+        edit: impl Fn(usize, String) -> String,
+    ) -> Cluster {
         // Topo::new made every node's certificate with `egressd tls`.
         let mut topo = Topo::new(tag, n);
         prepare(&topo);
         topo.start_echo_server();
         let configs: Vec<PathBuf> = (0..n)
             .map(|i| {
-                let body = config(&topo, n, i, true, extra) + objects;
+                let body = edit(i, config(&topo, n, i, true, extra) + objects);
                 topo.write_config(i, &body)
             })
             .collect();

@@ -329,6 +329,7 @@ impl Sim {
                     ip: "10.77.0.1".parse().unwrap(),
                     interface: "eth0".into(),
                 }),
+                conntrack_sync: false,
             })
             .collect();
         let r = state.apply(&Command::Apply {
