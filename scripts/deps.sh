@@ -45,6 +45,7 @@ chmod:coreutils
 cp:coreutils
 timeout:coreutils
 sh:dash
+kubectl:kubernetes-client
 "
 
 mode=install

@@ -986,6 +986,7 @@ mod tests {
             "admin",
             "dataplane",
             "log",
+            "kubernetes",
             "gateway",
             "policy",
         ];
