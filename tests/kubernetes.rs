@@ -623,16 +623,18 @@ fn live_sync_end_to_end() {
         "{}",
         text(&out)
     );
-    assert!(c.topo.holds(&c.topo.nodes[0], "eth1", EXAMPLE_VIP));
+    assert_eq!(c.topo.active(0, "my-egressgw").as_deref(), Some("gw1"));
     assert!(!c.topo.holds(&c.topo.nodes[1], "eth1", EXAMPLE_VIP));
     // The pod of another namespace is not selected.
     assert_ne!(
         c.topo.seen_source(POD_IP2, SERVER_IP).as_deref(),
         Some(EXAMPLE_VIP)
     );
-    let s = status_of(&c, 0);
+    // The writer (the Raft leader) names what it did not import.
+    let s = status_of(&c, c.index(&c.leader()));
     let k = &s["kubernetes"];
     assert_eq!(k["state"], "synced", "{s}");
+    assert_eq!(k["writer"], true, "{s}");
     let not_imported = k["not_imported"].to_string();
     assert!(
         not_imported.contains("gateway bad-vip") && not_imported.contains("172.18.18.999"),
@@ -703,7 +705,12 @@ fn live_sync_end_to_end() {
             text(&out)
         );
     }
-    assert!(c.topo.holds(&c.topo.nodes[0], "eth1", EXAMPLE_VIP));
+    let out = c.topo.cli(0, &["get", "gateways"]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("172.18.18.242 on eth1"),
+        "the refused apply changed the gateway: {}",
+        text(&out)
+    );
 
     // Pod churn: the pod goes, another comes with another address.
     api.with(|s| {
@@ -761,7 +768,7 @@ fn live_sync_end_to_end() {
         text(&out)
     );
     std::thread::sleep(Duration::from_secs(1));
-    assert!(c.topo.holds(&c.topo.nodes[1], "eth1", EXAMPLE_VIP));
+    assert_eq!(c.topo.active(0, "my-egressgw").as_deref(), Some("gw2"));
     wait_for("gw2 active in the Kubernetes status", WAIT, || {
         api.with(|s| s.get(Kind::EgressGateway, "my-egressgw"))
             .expect("gw")["status"]["activeNodeName"]
@@ -801,7 +808,7 @@ fn live_sync_end_to_end() {
     let logs = c.logs();
     assert!(logs.contains("resynced"), "{logs}");
     // The gateway stays (the policy is withdrawn: it selects no pod).
-    assert!(c.topo.holds(&c.topo.nodes[0], "eth1", EXAMPLE_VIP));
+    assert_eq!(c.topo.active(0, "my-egressgw").as_deref(), Some("gw1"));
 }
 
 /// `kubectl` in the lab's cluster network namespace, against the test API server there.
