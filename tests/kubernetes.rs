@@ -674,11 +674,9 @@ fn live_sync_end_to_end() {
     let file = dir.path().join("gw.toml");
     std::fs::write(
         &file,
-        format!(
-            "[[gateway]]\nname = \"my-egressgw\"\n[gateway.source_ip]\nmode = \
-             \"PrimaryIPFromEgressGatewayNodeInterface\"\n\
-             primary_ip_from_egress_gateway_node_interface = {{ interface_name = \"eth1\" }}\n"
-        ),
+        "[[gateway]]\nname = \"my-egressgw\"\n[gateway.source_ip]\nmode = \
+         \"PrimaryIPFromEgressGatewayNodeInterface\"\n\
+         primary_ip_from_egress_gateway_node_interface = { interface_name = \"eth1\" }\n",
     )
     .expect("file");
     for args in [

@@ -129,11 +129,12 @@ impl Backoff for Retry {
     }
 }
 
+/// One watcher's event. Boxed: a Pod is large, and the stream moves every event.
 enum Ev {
-    Gateway(Result<Event<EgressGateway>, watcher::Error>),
-    Policy(Result<Event<EgressGatewayPolicy>, watcher::Error>),
-    Node(Result<Event<Node>, watcher::Error>),
-    Pod(Result<Event<Pod>, watcher::Error>),
+    Gateway(Box<Result<Event<EgressGateway>, watcher::Error>>),
+    Policy(Box<Result<Event<EgressGatewayPolicy>, watcher::Error>>),
+    Node(Box<Result<Event<Node>, watcher::Error>>),
+    Pod(Box<Result<Event<Pod>, watcher::Error>>),
 }
 
 fn streams(client: &Client) -> BoxStream<'static, Ev> {
@@ -141,19 +142,19 @@ fn streams(client: &Client) -> BoxStream<'static, Ev> {
     let s = [
         watcher::watcher(Api::<EgressGateway>::all(client.clone()), cfg.clone())
             .backoff(Retry::new())
-            .map(Ev::Gateway)
+            .map(|e| Ev::Gateway(Box::new(e)))
             .boxed(),
         watcher::watcher(Api::<EgressGatewayPolicy>::all(client.clone()), cfg.clone())
             .backoff(Retry::new())
-            .map(Ev::Policy)
+            .map(|e| Ev::Policy(Box::new(e)))
             .boxed(),
         watcher::watcher(Api::<Node>::all(client.clone()), cfg.clone())
             .backoff(Retry::new())
-            .map(Ev::Node)
+            .map(|e| Ev::Node(Box::new(e)))
             .boxed(),
         watcher::watcher(Api::<Pod>::all(client.clone()), cfg)
             .backoff(Retry::new())
-            .map(Ev::Pod)
+            .map(|e| Ev::Pod(Box::new(e)))
             .boxed(),
     ];
     futures::stream::select_all(s).boxed()
@@ -689,11 +690,8 @@ impl Mirror {
             };
             let owned = state.kube_objects.contains(&r);
             match desired {
-                Some(g) => {
-                    if !owned || state.gateways.get(name) != Some(&g) {
-                        gateways.push(g);
-                    }
-                }
+                Some(g) if !owned || state.gateways.get(name) != Some(&g) => gateways.push(g),
+                Some(_) => {}
                 None if owned => delete_gateways.push(name.clone()),
                 None => {}
             }
@@ -744,11 +742,10 @@ impl Mirror {
             };
             let owned = state.kube_objects.contains(&r);
             match desired {
-                Some(p) => {
-                    if !owned || state.policies.get(name).is_none_or(|c| **c != p) {
-                        policies.push(p);
-                    }
+                Some(p) if !owned || state.policies.get(name).is_none_or(|c| **c != p) => {
+                    policies.push(p)
                 }
+                Some(_) => {}
                 None if owned => delete_policies.push(name.clone()),
                 None => {}
             }
@@ -960,6 +957,7 @@ impl Sync {
         }
         let result: Result<bool, watcher::Error> = match ev {
             Ev::Gateway(r) => {
+                let r = *r;
                 let done = relist(&r);
                 r.map(|e| {
                     self.mirror.on_gateway(e);
@@ -967,6 +965,7 @@ impl Sync {
                 })
             }
             Ev::Policy(r) => {
+                let r = *r;
                 let done = relist(&r);
                 r.map(|e| {
                     self.mirror.on_policy(e);
@@ -974,6 +973,7 @@ impl Sync {
                 })
             }
             Ev::Node(r) => {
+                let r = *r;
                 let done = relist(&r);
                 r.map(|e| {
                     self.mirror.on_node(e);
@@ -981,6 +981,7 @@ impl Sync {
                 })
             }
             Ev::Pod(r) => {
+                let r = *r;
                 let done = relist(&r);
                 r.map(|e| {
                     self.mirror.on_pod(e);

@@ -880,7 +880,8 @@ fn age(o: &Value) -> String {
 /// `packaging/kubernetes/crds.yaml`), kubectl's usual ones for Nodes and Pods.
 fn to_table(kind: Kind, items: &[Value], rv: &str, cont: &str) -> Value {
     let col = |name: &str, type_: &str| json!({"name": name, "type": type_, "format": "", "description": "", "priority": 0});
-    let (columns, cells): (Vec<Value>, Box<dyn Fn(&Value) -> Vec<Value>>) = match kind {
+    type Cells = Box<dyn Fn(&Value) -> Vec<Value>>;
+    let (columns, cells): (Vec<Value>, Cells) = match kind {
         Kind::EgressGateway => (
             vec![
                 col("Name", "string"),
