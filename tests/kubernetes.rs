@@ -843,6 +843,31 @@ fn rss_kib(c: &mut Cluster, i: usize) -> u64 {
         .unwrap_or(0)
 }
 
+/// Waits until node 0 has `policies` committed and its data plane has had no change for 2 s
+/// since; returns when the last change finished (Unix ms) and the SNAT elements.
+fn settled(c: &Cluster, policies: u64) -> (u64, u64) {
+    let mut last = (0, 0);
+    let mut since = Instant::now();
+    wait_for(
+        "the policies committed and applied",
+        Duration::from_secs(600),
+        || {
+            let s = status_of(c, 0);
+            let now = (
+                s["dataplane"]["last_apply_unix_ms"].as_u64().unwrap_or(0),
+                s["dataplane"]["snat_elements"].as_u64().unwrap_or(0),
+            );
+            if s["cluster"]["policies"].as_u64() != Some(policies) || now != last {
+                last = now;
+                since = Instant::now();
+                return false;
+            }
+            since.elapsed() > Duration::from_secs(2)
+        },
+    );
+    last
+}
+
 /// One egressd node and the test API server; prints the figures of the issue: a pod's address
 /// → SNAT live on the active node (the daemon's own time of the finished data-plane change,
 /// against the moment the pod was put in the API server), the time to import and apply 1 000
@@ -972,21 +997,10 @@ fn live_sync_figures() {
         }
     });
     let put_ms = started.elapsed().as_millis();
-    let mut done = 0;
-    wait_for(
-        "1 000 policies imported and applied",
-        Duration::from_secs(300),
-        || {
-            let s = status_of(&c, 0);
-            let elements = s["dataplane"]["snat_elements"].as_u64().unwrap_or(0);
-            done = s["dataplane"]["last_apply_unix_ms"].as_u64().unwrap_or(0);
-            s["cluster"]["policies"].as_u64() == Some(2 + POLICIES as u64)
-                && elements >= (POLICIES * PODS_PER_POLICY) as u64
-        },
-    );
+    let (done, elements) = settled(&c, 2 + POLICIES as u64);
     println!(
         "1 000 policies selecting 10 000 pods: imported and applied {} ms after they were put \
-         in the API server (putting them took {put_ms} ms)",
+         in the API server (putting them took {put_ms} ms; {elements} SNAT elements)",
         done.saturating_sub(t0)
     );
     std::thread::sleep(Duration::from_secs(2));
@@ -1031,12 +1045,7 @@ fn live_sync_figures() {
         ],
     );
     assert!(out.status.success(), "{}", text(&out));
-    wait_for("1 000 policies applied", Duration::from_secs(300), || {
-        let s = status_of(&c, 0);
-        s["cluster"]["policies"].as_u64() == Some(1 + POLICIES as u64)
-            && s["dataplane"]["snat_elements"].as_u64().unwrap_or(0)
-                >= (POLICIES * PODS_PER_POLICY) as u64
-    });
+    settled(&c, 1 + POLICIES as u64);
     std::thread::sleep(Duration::from_secs(2));
     let rss_plain = rss_kib(&mut c, 0);
     println!(
