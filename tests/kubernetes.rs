@@ -969,6 +969,7 @@ fn live_sync_figures() {
     );
 
     // 2. 1 000 policies selecting 10 000 pods, arriving at once.
+    let before = status_of(&c, 0);
     let t0 = unix_ms();
     let started = Instant::now();
     api.with(|s| {
@@ -998,6 +999,14 @@ fn live_sync_figures() {
     });
     let put_ms = started.elapsed().as_millis();
     let (done, elements) = settled(&c, 2 + POLICIES as u64);
+    let after = status_of(&c, 0);
+    println!(
+        "  (Raft entries {} -> {}, data-plane changes {} -> {})",
+        before["cluster"]["applied_index"],
+        after["cluster"]["applied_index"],
+        before["dataplane"]["applies"],
+        after["dataplane"]["applies"]
+    );
     println!(
         "1 000 policies selecting 10 000 pods: imported and applied {} ms after they were put \
          in the API server (putting them took {put_ms} ms; {elements} SNAT elements)",

@@ -49,6 +49,9 @@ use super::types::{
 
 /// How often the leader compares the gateways' status with what it last wrote.
 const STATUS_EVERY: Duration = Duration::from_millis(500);
+/// Events closer than this to the previous one join its write, for at most `BATCH_MAX`.
+const BATCH_GAP: Duration = Duration::from_millis(2);
+const BATCH_MAX: Duration = Duration::from_millis(50);
 /// How long after a write that was not committed the next is tried.
 const RETRY_WRITE: Duration = Duration::from_secs(1);
 
@@ -932,9 +935,15 @@ impl Sync {
                 ev = events.next() => {
                     let Some(ev) = ev else { break };
                     self.on(ev);
-                    // Whatever else is already there goes into the same write.
-                    while let Some(Some(ev)) = futures::FutureExt::now_or_never(events.next()) {
+                    // What follows closely goes into the same write: the body of a watch is
+                    // read a chunk at a time as it is asked for, so a burst (a thousand
+                    // policies created at once) would otherwise become one write per event.
+                    let until = tokio::time::Instant::now() + BATCH_MAX;
+                    while let Ok(Some(ev)) = tokio::time::timeout(BATCH_GAP, events.next()).await {
                         self.on(ev);
+                        if tokio::time::Instant::now() >= until {
+                            break;
+                        }
                     }
                 }
                 r = applied.changed() => {
