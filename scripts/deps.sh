@@ -48,6 +48,7 @@ sh:dash
 conntrackd:conntrackd
 conntrack:conntrack
 keepalived:keepalived
+kubectl:kubernetes-client
 "
 
 mode=install

@@ -68,6 +68,10 @@ pub struct ApiError {
 pub struct Committed {
     /// False when the cluster already was in the requested state.
     pub changed: bool,
+    /// Something the operator should know about the outcome (e.g. the node stays cordoned by
+    /// Kubernetes after `uncordon`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
 }
 
 /// A label change (`POST /v1/nodes/{name}/labels`): `value` null or left out removes the label.
@@ -82,7 +86,8 @@ pub use crate::config::schema::ApplySpec as ApplyRequest;
 /// where it came from.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Listed<T> {
-    /// "file" (a node's configuration file) or "api" (`egressd apply`).
+    /// "file" (a node's configuration file), "api" (`egressd apply`) or "kubernetes" (the
+    /// Kubernetes adapter).
     pub origin: String,
     pub object: T,
 }
@@ -302,11 +307,7 @@ async fn events(State(state): State<AdminState>, Query(q): Query<EventsQuery>) -
 }
 
 fn origin(state: &crate::cluster::ClusterState, r: ObjectRef) -> String {
-    if state.api_objects.contains(&r) {
-        "api".into()
-    } else {
-        "file".into()
-    }
+    state.origin(&r).as_str().into()
 }
 
 async fn list_gateways(State(state): State<AdminState>) -> Json<Vec<Listed<GatewaySpec>>> {
@@ -400,7 +401,11 @@ async fn commit(state: &AdminState, cmd: Command) -> Response {
                 // What changed is the event line every node logs as it applies the command;
                 // formatting the command here would copy a whole apply into the log.
                 info!(changed = r.changed, "admin change committed");
-                Json(Committed { changed: r.changed }).into_response()
+                Json(Committed {
+                    changed: r.changed,
+                    note: None,
+                })
+                .into_response()
             }
         },
         Err(e) => error(
@@ -487,7 +492,24 @@ async fn cordon(State(state): State<AdminState>, Path(name): Path<String>) -> Re
 }
 
 async fn uncordon(State(state): State<AdminState>, Path(name): Path<String>) -> Response {
-    mutate(state, &name, Command::Uncordon(name.clone())).await
+    let resp = mutate(state.clone(), &name, Command::Uncordon(name.clone())).await;
+    let st = state.node.applied().state;
+    if !resp.status().is_success() || !st.kube_nodes.get(&name).is_some_and(|k| k.unschedulable) {
+        return resp;
+    }
+    // Committed, but the node stays cordoned: Kubernetes' reason is Kubernetes' to lift.
+    let changed = match axum::body::to_bytes(resp.into_body(), 4096).await {
+        Ok(b) => serde_json::from_slice::<Committed>(&b).is_ok_and(|c| c.changed),
+        Err(_) => false,
+    };
+    Json(Committed {
+        changed,
+        note: Some(format!(
+            "{name} stays cordoned: its Kubernetes Node is unschedulable (kubectl cordon); \
+             `kubectl uncordon {name}` lifts that"
+        )),
+    })
+    .into_response()
 }
 
 /// `egressd member add`: checked here for a message without a round trip, then by the leader

@@ -206,6 +206,15 @@ async fn run_inner(
         admin_tls.clone(),
     ));
 
+    #[cfg(feature = "kubernetes")]
+    if config.kubernetes.enabled {
+        tokio::spawn(crate::kubernetes::sync::run(
+            node.clone(),
+            config.kubernetes.clone(),
+            board.clone(),
+        ));
+    }
+
     // The channels between the tasks.
     let (config_tx, config_rx) = watch::channel(AgentConfig::from_config(&config));
     let (host_tx, host_rx) = watch::channel(Arc::new(
@@ -588,6 +597,7 @@ struct DriftInputs {
     gateways: imbl::OrdMap<String, Gateway>,
     policies: imbl::OrdMap<String, Arc<Policy>>,
     api: imbl::OrdSet<ObjectRef>,
+    kube: imbl::OrdSet<ObjectRef>,
     seeded: bool,
 }
 
@@ -597,6 +607,7 @@ impl DriftInputs {
             gateways: s.gateways.clone(),
             policies: s.policies.clone(),
             api: s.api_objects.clone(),
+            kube: s.kube_objects.clone(),
             seeded: s.seeded,
         }
     }
@@ -605,6 +616,7 @@ impl DriftInputs {
         self.gateways.ptr_eq(&s.gateways)
             && self.policies.ptr_eq(&s.policies)
             && self.api.ptr_eq(&s.api_objects)
+            && self.kube.ptr_eq(&s.kube_objects)
             && self.seeded == s.seeded
     }
 }
@@ -673,7 +685,14 @@ impl Main {
         }
         let (gateways, policies) = (&self.config.gateways, &self.config.policies);
         match before.filter(|b| b.seeded) {
-            Some(b) => state.update_drift(&b.policies, &b.api, gateways, policies, &mut self.drift),
+            Some(b) => state.update_drift(
+                &b.policies,
+                &b.api,
+                &b.kube,
+                gateways,
+                policies,
+                &mut self.drift,
+            ),
             None => self.drift = crate::heavy(|| state.drift_map(gateways, policies)),
         }
     }

@@ -487,6 +487,9 @@ async fn node_command(
             "(already so)"
         }
     );
+    if let Some(note) = done.note {
+        println!("note: {note}");
+    }
     Ok(())
 }
 
@@ -1029,6 +1032,9 @@ async fn status(target: &AdminTarget, json: bool, events: bool) -> anyhow::Resul
                 yes(m.cordoned),
                 labels.join(",")
             );
+        }
+        for m in s.members.iter().filter(|m| !m.cordon_reasons.is_empty()) {
+            println!("{} is cordoned by: {}", m.name, m.cordon_reasons.join("; "));
         }
     }
     println!();

@@ -27,6 +27,9 @@ pub struct Status {
     /// Every member with its role, liveness, readiness, labels and cordon (the leader's view;
     /// empty when no leader answered).
     pub members: Vec<MemberStatus>,
+    /// The Kubernetes sync (`[kubernetes] enabled = true`), if it runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kubernetes: Option<KubernetesStatus>,
     /// The reasons of each part of the daemon, which `not_ready` joins.
     #[serde(skip)]
     pub not_ready_parts: std::collections::BTreeMap<String, Vec<String>>,
@@ -160,6 +163,26 @@ pub struct LeasedGateway {
     pub remaining_ms: u64,
 }
 
+/// The Kubernetes sync as this node runs it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KubernetesStatus {
+    /// "listing", "synced", or why the API server cannot be reached (the last imported state
+    /// is kept meanwhile).
+    pub state: String,
+    /// This node writes the imported objects and the status (it is the Raft leader).
+    pub writer: bool,
+    /// Objects in this node's watch caches.
+    pub seen_gateways: usize,
+    pub seen_policies: usize,
+    pub seen_nodes: usize,
+    pub seen_pods: usize,
+    /// Committed objects of origin `kubernetes`.
+    pub imported_gateways: usize,
+    pub imported_policies: usize,
+    /// Objects the sync did not import, with why (as the writer last saw them).
+    pub not_imported: Vec<String>,
+}
+
 /// A member of the cluster as status shows it.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct MemberStatus {
@@ -171,6 +194,9 @@ pub struct MemberStatus {
     pub silent_ms: u64,
     pub labels: crate::model::Labels,
     pub cordoned: bool,
+    /// Why: `egressd node cordon`, Kubernetes' `spec.unschedulable`, or both.
+    #[serde(default)]
+    pub cordon_reasons: Vec<String>,
 }
 
 impl Status {
@@ -220,6 +246,7 @@ impl Status {
                 silent_ms: m.silent_ms,
                 labels: m.labels.clone(),
                 cordoned: m.cordoned,
+                cordon_reasons: m.cordon_reasons.clone(),
             })
             .collect();
         self.members.sort_by(|a, b| a.name.cmp(&b.name));

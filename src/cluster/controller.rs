@@ -164,7 +164,7 @@ impl Controller {
                 NodeState {
                     name: name.clone(),
                     labels: state.effective_labels(name, &file_labels),
-                    cordoned: state.cordoned.contains(name),
+                    cordoned: state.is_cordoned(name),
                     alive: self.alive(name, now),
                     ready: facts.is_some_and(|f| f.ready),
                     interfaces: facts.map(|f| f.interfaces.clone()).unwrap_or_default(),

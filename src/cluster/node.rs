@@ -74,6 +74,10 @@ pub struct MemberView {
     /// Its file's labels with the runtime overrides.
     pub labels: crate::model::Labels,
     pub cordoned: bool,
+    /// Why it is cordoned: `egressd node cordon`, Kubernetes' `spec.unschedulable`, or both.
+    /// Last and defaulted: a leader of an older version sends none.
+    #[serde(default)]
+    pub cordon_reasons: Vec<String>,
 }
 
 pub struct ClusterNode {
@@ -1036,6 +1040,7 @@ impl ClusterNode {
                 .into_iter()
                 .map(|n| MemberView {
                     silent_ms: c.silent_for(&n.name, now).as_millis() as u64,
+                    cordon_reasons: applied.state.cordon_reasons(&n.name),
                     name: n.name,
                     alive: n.alive,
                     ready: n.ready,

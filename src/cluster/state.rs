@@ -53,6 +53,43 @@ pub struct ClusterState {
     /// Last, and defaulted, so that a snapshot written before it existed still reads.
     #[serde(default)]
     pub cluster_id: Option<String>,
+    /// Objects imported from Kubernetes (origin `kubernetes`, see `KubeObjects`): they win over
+    /// a file or API object of the same name, and `egressd apply`/`delete` refuse to change
+    /// them. Defaulted, after the older fields, so that older snapshots read.
+    #[serde(default, deserialize_with = "cautious::ord_set")]
+    pub kube_objects: OrdSet<ObjectRef>,
+    /// What the Kubernetes Node of each member says (see `KubeNodes`).
+    #[serde(default)]
+    pub kube_nodes: BTreeMap<NodeName, KubeNode>,
+}
+
+/// What egressd takes from the Kubernetes Node of the same name as a member.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KubeNode {
+    /// The Node's labels: matched by `node_selector` over the file's labels (a key in both
+    /// takes the Node's value); `egressd node label` overrides still come last.
+    pub labels: Labels,
+    /// `spec.unschedulable` (`kubectl cordon`): cordoned for that reason until Kubernetes
+    /// uncordons it, whatever `egressd node uncordon` says.
+    pub unschedulable: bool,
+}
+
+/// Who wrote an object.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    File,
+    Api,
+    Kubernetes,
+}
+
+impl Origin {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Origin::File => "file",
+            Origin::Api => "api",
+            Origin::Kubernetes => "kubernetes",
+        }
+    }
 }
 
 /// Decoding of the state's persistent maps without trusting the length a map or set announces.
@@ -137,6 +174,15 @@ pub struct Staged {
     pub parts: Vec<Arc<Command>>,
     /// Log index of the first part: a transaction abandoned for `STAGE_TTL` entries is dropped.
     pub since: u64,
+}
+
+/// The refusal of an `apply` or `delete` of objects imported from Kubernetes.
+fn kube_owned(what: &str) -> String {
+    format!(
+        "{what}: owned by Kubernetes (imported from an EgressGateway/EgressGatewayPolicy); \
+         change or delete it with kubectl — egressd apply/delete do not change \
+         Kubernetes-owned objects"
+    )
 }
 
 /// Entries after which an uncommitted transaction is dropped (its proposer gave up).
@@ -262,6 +308,19 @@ pub enum Command {
     RemoveMember {
         name: NodeName,
     },
+    // ---- command format 3 ----
+    /// The Kubernetes adapter (on the leader): these objects imported from Kubernetes are
+    /// created or replaced (winning over a file or API object of the same name), these
+    /// deleted. Changes only, never the whole set; refused whole if a rule breaks.
+    KubeObjects {
+        gateways: Vec<Gateway>,
+        policies: Vec<Policy>,
+        delete_gateways: Vec<String>,
+        delete_policies: Vec<String>,
+    },
+    /// The Kubernetes adapter: what the Nodes of these members say now (`None`: the member has
+    /// no Node any more).
+    KubeNodes(Vec<(NodeName, Option<KubeNode>)>),
 }
 
 /// The oldest command format any peer can have: the versions before mutual TLS wrote format 1,
@@ -316,6 +375,7 @@ impl Command {
             Command::InitCluster { .. }
             | Command::AddMember { .. }
             | Command::RemoveMember { .. } => 2,
+            Command::KubeObjects { .. } | Command::KubeNodes(_) => 3,
             Command::SeedObjects { .. }
             | Command::FileObjects { .. }
             | Command::Apply { .. }
@@ -350,6 +410,8 @@ impl Command {
             Command::InitCluster { .. } => "init cluster",
             Command::AddMember { .. } => "member add",
             Command::RemoveMember { .. } => "member remove",
+            Command::KubeObjects { .. } => "kubernetes objects",
+            Command::KubeNodes(_) => "kubernetes nodes",
         }
     }
 
@@ -357,7 +419,10 @@ impl Command {
     pub fn is_object_change(&self) -> bool {
         matches!(
             self,
-            Command::SeedObjects { .. } | Command::FileObjects { .. } | Command::Apply { .. }
+            Command::SeedObjects { .. }
+                | Command::FileObjects { .. }
+                | Command::Apply { .. }
+                | Command::KubeObjects { .. }
         )
     }
 
@@ -373,6 +438,12 @@ impl Command {
                 delete_gateways,
                 delete_policies,
                 ..
+            }
+            | Command::KubeObjects {
+                gateways,
+                policies,
+                delete_gateways,
+                delete_policies,
             } => gateways.len() + policies.len() + delete_gateways.len() + delete_policies.len(),
             _ => 1,
         }
@@ -460,6 +531,32 @@ impl Command {
                 );
                 parts
             }
+            Command::KubeObjects {
+                gateways,
+                policies,
+                delete_gateways,
+                delete_policies,
+            } => {
+                let mut parts: Vec<Command> = chunks(policies)
+                    .into_iter()
+                    .map(|p| Command::KubeObjects {
+                        gateways: vec![],
+                        policies: p,
+                        delete_gateways: vec![],
+                        delete_policies: vec![],
+                    })
+                    .collect();
+                parts.insert(
+                    0,
+                    Command::KubeObjects {
+                        gateways,
+                        policies: vec![],
+                        delete_gateways,
+                        delete_policies,
+                    },
+                );
+                parts
+            }
             other => vec![other],
         }
     }
@@ -506,6 +603,25 @@ impl Command {
                         digest: d,
                     },
                 ) if *node == n && *digest == d => {
+                    gateways.extend(g);
+                    policies.extend(p);
+                    delete_gateways.extend(dg);
+                    delete_policies.extend(dp);
+                }
+                (
+                    Command::KubeObjects {
+                        gateways,
+                        policies,
+                        delete_gateways,
+                        delete_policies,
+                    },
+                    Command::KubeObjects {
+                        gateways: g,
+                        policies: p,
+                        delete_gateways: dg,
+                        delete_policies: dp,
+                    },
+                ) => {
                     gateways.extend(g);
                     policies.extend(p);
                     delete_gateways.extend(dg);
@@ -589,7 +705,10 @@ impl ClusterState {
                 };
                 self.apply_described(&merged, index)
             }
-            Command::SeedObjects { .. } | Command::FileObjects { .. } | Command::Apply { .. } => {
+            Command::SeedObjects { .. }
+            | Command::FileObjects { .. }
+            | Command::Apply { .. }
+            | Command::KubeObjects { .. } => {
                 let before = self.clone();
                 let mut counts = Counts::default();
                 let mut touched = Touched::default();
@@ -601,6 +720,7 @@ impl ClusterState {
                 let what = match cmd {
                     Command::SeedObjects { .. } => "seeded from a file",
                     Command::FileObjects { .. } => "configuration file reloaded",
+                    Command::KubeObjects { .. } => "imported from Kubernetes",
                     _ => "applied",
                 };
                 let changed = counts.any() || digest_changed;
@@ -641,14 +761,26 @@ impl ClusterState {
         counts: &mut Counts,
         touched: &mut Touched,
     ) -> bool {
-        let (gateways, policies, del_g, del_p, origin_api) = match cmd {
+        let (gateways, policies, del_g, del_p, origin) = match cmd {
             Command::SeedObjects { gateways, policies } => {
                 if self.seeded {
                     return false;
                 }
                 self.seeded = true;
-                (gateways, policies, &[][..], &[][..], false)
+                (gateways, policies, &[][..], &[][..], Origin::File)
             }
+            Command::KubeObjects {
+                gateways,
+                policies,
+                delete_gateways,
+                delete_policies,
+            } => (
+                gateways,
+                policies,
+                &delete_gateways[..],
+                &delete_policies[..],
+                Origin::Kubernetes,
+            ),
             Command::FileObjects {
                 node,
                 gateways,
@@ -665,18 +797,18 @@ impl ClusterState {
                     policies,
                     delete_gateways,
                     delete_policies,
-                    false,
+                    Origin::File,
                     counts,
                     touched,
                 );
                 return digest_changed;
             }
-            Command::Apply { gateways, policies } => (gateways, policies, &[][..], &[][..], true),
+            Command::Apply { gateways, policies } => {
+                (gateways, policies, &[][..], &[][..], Origin::Api)
+            }
             _ => return false,
         };
-        self.change_lists(
-            gateways, policies, del_g, del_p, origin_api, counts, touched,
-        );
+        self.change_lists(gateways, policies, del_g, del_p, origin, counts, touched);
         false
     }
 
@@ -687,23 +819,44 @@ impl ClusterState {
         policies: &[Policy],
         delete_gateways: &[String],
         delete_policies: &[String],
-        api: bool,
+        origin: Origin,
         counts: &mut Counts,
         touched: &mut Touched,
     ) {
-        // A file never touches what the API wrote.
-        let mine = |s: &ClusterState, r: &ObjectRef| api || !s.api_objects.contains(r);
+        // A file never touches what the API or Kubernetes wrote; the API never touches what
+        // Kubernetes wrote (`check` refuses such an apply); Kubernetes wins over both.
+        let mine = |s: &ClusterState, r: &ObjectRef| match origin {
+            Origin::Kubernetes => true,
+            Origin::Api => !s.kube_objects.contains(r),
+            Origin::File => !s.api_objects.contains(r) && !s.kube_objects.contains(r),
+        };
+        let kube = origin == Origin::Kubernetes;
+        let api = origin == Origin::Api;
+        // Kubernetes deletes only what it imported.
+        let deletable = |s: &ClusterState, r: &ObjectRef| {
+            if kube {
+                s.kube_objects.contains(r)
+            } else {
+                mine(s, r)
+            }
+        };
         for name in delete_policies {
             let r = ObjectRef::Policy(name.clone());
-            if mine(self, &r) && self.policies.remove(name).is_some() {
+            if deletable(self, &r) && self.policies.remove(name).is_some() {
                 counts.removed_p += 1;
+            }
+            if kube {
+                self.kube_objects.remove(&r);
             }
         }
         for name in delete_gateways {
             let r = ObjectRef::Gateway(name.clone());
-            if mine(self, &r) && self.gateways.remove(name).is_some() {
+            if deletable(self, &r) && self.gateways.remove(name).is_some() {
                 counts.removed_g += 1;
                 touched.removed_gateways.insert(name.clone());
+            }
+            if kube {
+                self.kube_objects.remove(&r);
             }
         }
         for g in gateways {
@@ -722,6 +875,9 @@ impl ClusterState {
             }
             if api {
                 self.api_objects.insert(r);
+            } else if kube {
+                self.api_objects.remove(&r);
+                self.kube_objects.insert(r);
             }
         }
         for p in policies {
@@ -740,6 +896,9 @@ impl ClusterState {
             }
             if api {
                 self.api_objects.insert(r);
+            } else if kube {
+                self.api_objects.remove(&r);
+                self.kube_objects.insert(r);
             }
         }
         self.drop_orphans();
@@ -844,6 +1003,48 @@ impl ClusterState {
                 .filter(|&ch| self.assign(ch, *at_unix_ms))
                 .map(assign_event)
                 .collect(),
+            Command::KubeNodes(nodes) => {
+                let mut events = Vec::new();
+                for (node, new) in nodes {
+                    let old = self.kube_nodes.get(node).cloned();
+                    if old == *new {
+                        continue;
+                    }
+                    let was = old.as_ref().is_some_and(|k| k.unschedulable);
+                    let now = new.as_ref().is_some_and(|k| k.unschedulable);
+                    match new {
+                        Some(k) => self.kube_nodes.insert(node.clone(), k.clone()),
+                        None => self.kube_nodes.remove(node),
+                    };
+                    let (kind, message) = match (was, now) {
+                        (false, true) => (
+                            EventKind::Cordon,
+                            format!("{node} cordoned by Kubernetes (Node spec.unschedulable)"),
+                        ),
+                        (true, false) => (
+                            EventKind::Uncordon,
+                            format!("{node} uncordoned by Kubernetes"),
+                        ),
+                        _ => (
+                            EventKind::Label,
+                            format!(
+                                "{node}: Kubernetes Node labels {}",
+                                match new {
+                                    Some(k) => k
+                                        .labels
+                                        .iter()
+                                        .map(|(k, v)| format!("{k}={v}"))
+                                        .collect::<Vec<_>>()
+                                        .join(","),
+                                    None => "gone (no Node)".to_string(),
+                                }
+                            ),
+                        ),
+                    };
+                    events.extend(one(kind, Some(node), None, message));
+                }
+                events
+            }
             Command::InitCluster { id } => {
                 if self.cluster_id.is_some() {
                     return Vec::new();
@@ -889,6 +1090,35 @@ impl ClusterState {
         }
     }
 
+    /// Whether `node` is cordoned, for either reason.
+    pub fn is_cordoned(&self, node: &str) -> bool {
+        !self.cordon_reasons(node).is_empty()
+    }
+
+    /// Why `node` is cordoned: `egressd node cordon`, Kubernetes (`spec.unschedulable`), both
+    /// or neither.
+    pub fn cordon_reasons(&self, node: &str) -> Vec<String> {
+        let mut out = Vec::new();
+        if self.cordoned.contains(node) {
+            out.push("egressd node cordon".to_string());
+        }
+        if self.kube_nodes.get(node).is_some_and(|k| k.unschedulable) {
+            out.push("Kubernetes Node spec.unschedulable (kubectl cordon)".to_string());
+        }
+        out
+    }
+
+    /// Who wrote object `r` (committed or not).
+    pub fn origin(&self, r: &ObjectRef) -> Origin {
+        if self.kube_objects.contains(r) {
+            Origin::Kubernetes
+        } else if self.api_objects.contains(r) {
+            Origin::Api
+        } else {
+            Origin::File
+        }
+    }
+
     /// The member names, in order.
     pub fn member_names(&self) -> Vec<String> {
         self.members.keys().cloned().collect()
@@ -899,6 +1129,17 @@ impl ClusterState {
     pub fn check(&self, cmd: &Command) -> Result<(), String> {
         match cmd {
             Command::Apply { gateways, policies } => {
+                let owned: Vec<String> = gateways
+                    .iter()
+                    .map(|g| ObjectRef::Gateway(g.name.clone()))
+                    .chain(policies.iter().map(|p| ObjectRef::Policy(p.name.clone())))
+                    .filter(|r| self.kube_objects.contains(r))
+                    .take(10)
+                    .map(|r| r.to_string())
+                    .collect();
+                if !owned.is_empty() {
+                    return Err(kube_owned(&owned.join(", ")));
+                }
                 let mut seen = BTreeSet::new();
                 for o in gateways
                     .iter()
@@ -931,6 +1172,12 @@ impl ClusterState {
                 if !self.gateways.contains_key(name) {
                     return Err(format!("no gateway named {name:?}"));
                 }
+                if self
+                    .kube_objects
+                    .contains(&ObjectRef::Gateway(name.clone()))
+                {
+                    return Err(kube_owned(&format!("gateway {name}")));
+                }
                 let users: Vec<&str> = self
                     .policies
                     .values()
@@ -949,6 +1196,11 @@ impl ClusterState {
             }
             Command::DeletePolicy(name) if !self.policies.contains_key(name) => {
                 Err(format!("no policy named {name:?}"))
+            }
+            Command::DeletePolicy(name)
+                if self.kube_objects.contains(&ObjectRef::Policy(name.clone())) =>
+            {
+                Err(kube_owned(&format!("policy {name}")))
             }
             Command::InitCluster { id } => {
                 if id.len() != 32 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
@@ -1131,7 +1383,7 @@ impl ClusterState {
         file_policies: &[Policy],
     ) -> Option<Command> {
         let digest = file_digest(file_gateways, file_policies);
-        let api = |r: &ObjectRef| self.api_objects.contains(r);
+        let api = |r: &ObjectRef| self.api_objects.contains(r) || self.kube_objects.contains(r);
         let gateways: Vec<Gateway> = file_gateways
             .iter()
             .filter(|g| !api(&ObjectRef::Gateway(g.name.clone())))
@@ -1204,10 +1456,12 @@ impl ClusterState {
     /// `api`, up to this state, for the same file: only the policies that changed since, or
     /// whose shadowing by `apply` did, are compared again (the persistent maps' diff skips what
     /// they share). With 100 000 policies a full comparison took a tenth of a second of CPU.
+    #[allow(clippy::too_many_arguments)]
     pub fn update_drift(
         &self,
         policies: &OrdMap<String, Arc<Policy>>,
         api: &OrdSet<ObjectRef>,
+        kube: &OrdSet<ObjectRef>,
         fg: &[Gateway],
         fp: &[Policy],
         out: &mut BTreeMap<ObjectRef, String>,
@@ -1220,7 +1474,10 @@ impl ClusterState {
                 | DiffItem::Update { new: (k, _), .. } => k,
             })
             .collect();
-        for d in api.diff(&self.api_objects) {
+        for d in api
+            .diff(&self.api_objects)
+            .chain(kube.diff(&self.kube_objects))
+        {
             let (imbl::ordset::DiffItem::Add(r) | imbl::ordset::DiffItem::Remove(r)) = d;
             if let ObjectRef::Policy(n) = r {
                 names.insert(n);
@@ -1248,6 +1505,9 @@ impl ClusterState {
             let r = ObjectRef::Gateway(name.to_owned());
             let mine = file.iter().find(|g| g.name == name);
             let line = match (mine, self.gateways.get(name)) {
+                (Some(_), _) if self.kube_objects.contains(&r) => {
+                    format!("{r}: the file's definition is overridden by Kubernetes")
+                }
                 (Some(_), _) if self.api_objects.contains(&r) => {
                     format!("{r}: the file's definition is overridden by `apply`")
                 }
@@ -1255,7 +1515,9 @@ impl ClusterState {
                 (Some(f), Some(c)) if c != f => {
                     format!("{r}: the file differs from the committed one")
                 }
-                (None, Some(_)) if !self.api_objects.contains(&r) => {
+                (None, Some(_))
+                    if !self.api_objects.contains(&r) && !self.kube_objects.contains(&r) =>
+                {
                     format!("{r}: committed from a file, not in this node's file")
                 }
                 _ => continue,
@@ -1269,6 +1531,9 @@ impl ClusterState {
         let r = ObjectRef::Policy(name.to_owned());
         let committed = self.policies.get(name);
         match (file, committed) {
+            (Some(_), _) if self.kube_objects.contains(&r) => Some(format!(
+                "{r}: the file's definition is overridden by Kubernetes"
+            )),
             (Some(_), _) if self.api_objects.contains(&r) => Some(format!(
                 "{r}: the file's definition is overridden by `apply`"
             )),
@@ -1276,9 +1541,13 @@ impl ClusterState {
             (Some(f), Some(c)) if **c != *f => {
                 Some(format!("{r}: the file differs from the committed one"))
             }
-            (None, Some(_)) if !self.api_objects.contains(&r) => Some(format!(
-                "{r}: committed from a file, not in this node's file"
-            )),
+            (None, Some(_))
+                if !self.api_objects.contains(&r) && !self.kube_objects.contains(&r) =>
+            {
+                Some(format!(
+                    "{r}: committed from a file, not in this node's file"
+                ))
+            }
             _ => None,
         }
     }
@@ -1286,6 +1555,9 @@ impl ClusterState {
     /// A node's labels: its config file's labels with the runtime overrides applied.
     pub fn effective_labels(&self, node: &str, file_labels: &Labels) -> Labels {
         let mut labels = file_labels.clone();
+        if let Some(k) = self.kube_nodes.get(node) {
+            labels.extend(k.labels.iter().map(|(k, v)| (k.clone(), v.clone())));
+        }
         if let Some(over) = self.label_overrides.get(node) {
             for (k, v) in over {
                 match v {
@@ -1523,13 +1795,28 @@ pub(crate) mod tests {
         });
         let mut drift = s.drift_map(&fg, &fp);
         for step in 0..300 {
-            let (policies, api) = (s.policies.clone(), s.api_objects.clone());
+            let (policies, api, kube) = (
+                s.policies.clone(),
+                s.api_objects.clone(),
+                s.kube_objects.clone(),
+            );
             let name = format!("p{:02}", next(30));
-            let cmd = match next(4) {
+            let cmd = match next(6) {
                 0 => Command::DeletePolicy(name),
                 1 | 2 => Command::Apply {
                     gateways: vec![],
                     policies: vec![variant(name, next(3))],
+                },
+                // Kubernetes imports or withdraws a policy.
+                3 => Command::KubeObjects {
+                    gateways: vec![],
+                    policies: if next(2) == 0 {
+                        vec![variant(name, next(3))]
+                    } else {
+                        vec![]
+                    },
+                    delete_gateways: vec![],
+                    delete_policies: vec![format!("p{:02}", next(30))],
                 },
                 // Another node's file becomes the committed file objects.
                 _ => {
@@ -1546,10 +1833,88 @@ pub(crate) mod tests {
                 }
             };
             s.apply(&cmd);
-            s.update_drift(&policies, &api, &fg, &fp, &mut drift);
+            s.update_drift(&policies, &api, &kube, &fg, &fp, &mut drift);
             assert_eq!(drift, s.drift_map(&fg, &fp), "after step {step}: {cmd:?}");
         }
         assert!(!drift.is_empty());
+    }
+
+    /// Kubernetes wins over the file and the API; `apply`/`delete` refuse its objects; a file
+    /// reload never touches them; its deletions touch only what it imported.
+    #[test]
+    fn kubernetes_objects_win_and_are_not_changed_by_apply_delete_or_a_file() {
+        let mut s = ClusterState::default();
+        s.apply(&Command::SeedObjects {
+            gateways: vec![gw("f")],
+            policies: vec![policy("fp", "f")],
+        });
+        s.apply(&Command::Apply {
+            gateways: vec![gw("a")],
+            policies: vec![],
+        });
+        let mut k = gw("f");
+        k.preempt = false;
+        let r = s.apply(&Command::KubeObjects {
+            gateways: vec![k.clone(), gw("a")],
+            policies: vec![],
+            delete_gateways: vec![],
+            delete_policies: vec!["fp".into()],
+        });
+        assert_eq!(r.refused, None);
+        // Deleting a file object is not Kubernetes' to do.
+        assert!(s.policies.contains_key("fp"));
+        assert_eq!(s.gateways["f"], k);
+        assert_eq!(
+            s.origin(&ObjectRef::Gateway("f".into())),
+            Origin::Kubernetes
+        );
+        assert_eq!(
+            s.origin(&ObjectRef::Gateway("a".into())),
+            Origin::Kubernetes
+        );
+        assert!(s.api_objects.is_empty());
+        for cmd in [
+            Command::Apply {
+                gateways: vec![gw("f")],
+                policies: vec![],
+            },
+            Command::DeleteGateway("a".into()),
+        ] {
+            let before = s.clone();
+            let r = s.apply(&cmd);
+            let why = r.refused.unwrap_or_default();
+            assert!(why.contains("owned by Kubernetes"), "{cmd:?}: {why}");
+            assert_eq!(s, before);
+        }
+        // The file's gateway f shows as drift; a reload does not touch it.
+        assert_eq!(
+            s.drift(&[gw("f")], &[policy("fp", "f")]),
+            vec!["gateway f: the file's definition is overridden by Kubernetes"]
+        );
+        assert_eq!(
+            s.file_change("n1", &[gw("f")], &[policy("fp", "f")])
+                .map(|c| c.object_count()),
+            Some(0)
+        );
+        s.apply(&Command::FileObjects {
+            node: "n1".into(),
+            gateways: vec![gw("f")],
+            policies: vec![],
+            delete_gateways: vec!["a".into(), "f".into()],
+            delete_policies: vec![],
+            digest: "x".into(),
+        });
+        assert_eq!(s.gateways["f"], k);
+        assert!(s.gateways.contains_key("a"));
+        // Kubernetes withdraws f: gone, and the file's f is drift until the next reload.
+        s.apply(&Command::KubeObjects {
+            gateways: vec![],
+            policies: vec![],
+            delete_gateways: vec!["a".into()],
+            delete_policies: vec![],
+        });
+        assert!(!s.gateways.contains_key("a"));
+        assert!(!s.kube_objects.contains(&ObjectRef::Gateway("a".into())));
     }
 
     #[test]

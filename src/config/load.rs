@@ -23,7 +23,7 @@ use super::schema::{
 };
 use super::{
     AdminConfig, BodyError, ClusterConfig, Config, ConfigError, ConfigErrors, DataplaneConfig,
-    ENV_PREFIX, LogConfig, NodeConfig, Peer, TimingOverrides,
+    ENV_PREFIX, KubernetesConfig, LogConfig, NodeConfig, Peer, TimingOverrides,
 };
 use crate::model::{Gateway, NextHop, Policy, SourceIp};
 
@@ -768,6 +768,9 @@ impl<'a> Reader<'a> {
         let log = self
             .read::<LogSpec>(section("log"), "log")
             .and_then(|s| self.log(s));
+        let kubernetes = self
+            .read::<schema::KubernetesSpec>(section("kubernetes"), "kubernetes")
+            .and_then(|s| self.kubernetes(s));
         if let (Some(node), Some(cluster)) = (&node, &cluster) {
             self.membership(node, cluster);
         }
@@ -778,6 +781,7 @@ impl<'a> Reader<'a> {
             admin: admin?,
             dataplane: dataplane?,
             log: log?,
+            kubernetes: kubernetes?,
             gateways,
             policies,
         })
@@ -1162,6 +1166,40 @@ impl<'a> Reader<'a> {
         Some(LogConfig {
             format: spec.format.unwrap_or(d.format),
             level: level?,
+        })
+    }
+
+    fn kubernetes(&mut self, spec: schema::KubernetesSpec) -> Option<KubernetesConfig> {
+        let enabled = spec.enabled.unwrap_or(false);
+        if enabled && !cfg!(feature = "kubernetes") {
+            self.push(
+                "kubernetes.enabled",
+                "this egressd was built without the Kubernetes adapter (cargo feature \
+                 `kubernetes`); use the released binary or the .deb, which have it, or set \
+                 enabled = false",
+            );
+            return None;
+        }
+        if let Some(c) = &spec.context
+            && c.trim().is_empty()
+        {
+            self.push(
+                "kubernetes.context",
+                "must not be empty; leave it out for the kubeconfig's current context",
+            );
+            return None;
+        }
+        if spec.context.is_some() && spec.kubeconfig.is_none() {
+            self.push(
+                "kubernetes.context",
+                "a context needs kubernetes.kubeconfig (the in-cluster service account has none)",
+            );
+            return None;
+        }
+        Some(KubernetesConfig {
+            enabled,
+            kubeconfig: spec.kubeconfig,
+            context: spec.context,
         })
     }
 
@@ -2730,6 +2768,7 @@ destination_cidrs = ["0.0.0.0/0"]
                 "admin",
                 "dataplane",
                 "log",
+                "kubernetes",
                 "gateway",
                 "policy"
             ]

@@ -49,6 +49,7 @@ pub struct Config {
     pub admin: AdminConfig,
     pub dataplane: DataplaneConfig,
     pub log: LogConfig,
+    pub kubernetes: KubernetesConfig,
     #[serde(rename = "gateway", serialize_with = "serialize_gateways")]
     pub gateways: Vec<Gateway>,
     #[serde(rename = "policy", serialize_with = "serialize_policies")]
@@ -273,6 +274,16 @@ impl Default for DataplaneConfig {
             conntrackd: PathBuf::from("/usr/sbin/conntrackd"),
         }
     }
+}
+
+/// `[kubernetes]` (see `schema::KubernetesSpec`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct KubernetesConfig {
+    pub enabled: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kubeconfig: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub context: Option<String>,
 }
 
 impl Default for LogConfig {

@@ -995,6 +995,7 @@ mod tests {
             "admin",
             "dataplane",
             "log",
+            "kubernetes",
             "gateway",
             "policy",
         ];

@@ -36,6 +36,8 @@ pub struct FileSpec {
     #[serde(default)]
     pub log: LogSpec,
     #[serde(default)]
+    pub kubernetes: KubernetesSpec,
+    #[serde(default)]
     pub gateway: Vec<GatewaySpec>,
     #[serde(default)]
     pub policy: Vec<PolicySpec>,
@@ -167,6 +169,22 @@ pub struct LogSpec {
     pub format: Option<LogFormat>,
     /// An `EnvFilter` directive; default `info`.
     pub level: Option<String>,
+}
+
+/// `[kubernetes]`: the live sync of Deckhouse's EgressGateway and EgressGatewayPolicy (and the
+/// Nodes and Pods they select) from a Kubernetes cluster; needs an egressd built with the
+/// `kubernetes` feature.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KubernetesSpec {
+    /// Default false.
+    pub enabled: Option<bool>,
+    /// A kubeconfig file; left out, the in-cluster service account (the
+    /// `KUBERNETES_SERVICE_HOST` environment and
+    /// `/var/run/secrets/kubernetes.io/serviceaccount`).
+    pub kubeconfig: Option<PathBuf>,
+    /// The kubeconfig's context; default its current context.
+    pub context: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -302,7 +320,10 @@ pub fn expected(pattern: &str) -> Option<String> {
     let modes = format!("\"{VIP_MODE}\" or \"{PRIMARY_MODE}\"");
     let s = |s: &str| Some(s.to_string());
     match pattern {
-        "node" | "cluster" | "admin" | "dataplane" | "log" => s("a table"),
+        "node" | "cluster" | "admin" | "dataplane" | "log" | "kubernetes" => s("a table"),
+        "kubernetes.enabled" => s("true or false"),
+        "kubernetes.kubeconfig" => s("a path string"),
+        "kubernetes.context" => s("a kubeconfig context name"),
         "node.name" => s("a name string"),
         "node.labels" | "gateway[].node_selector" => {
             s("a table of strings such as { \"node-role.deckhouse.io/egress\" = \"\" }")

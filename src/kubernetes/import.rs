@@ -644,6 +644,53 @@ fn field_path(rest: &str, sources_key: Option<&str>) -> String {
 }
 
 // ---------------------------------------------------------------------------------------------
+// One object at a time (the live sync)
+// ---------------------------------------------------------------------------------------------
+
+/// One `EgressGateway` of a live cluster through the rules, as `import` checks it: the model's
+/// gateway, or every problem in one line, worded for the resource.
+pub fn checked_gateway(g: &EgressGateway) -> Result<Gateway, String> {
+    let name = g.metadata.name.clone().unwrap_or_default();
+    let mapped = Mapped {
+        gateways: vec![MappedGateway {
+            spec: gateway_spec(name, &g.spec),
+            label: object_label("EgressGateway", &g.metadata),
+        }],
+        policies: Vec::new(),
+    };
+    let mut errors = Vec::new();
+    match check(&mapped, "kubernetes", References::InCluster, &mut errors) {
+        Some((mut gateways, _)) if errors.is_empty() && gateways.len() == 1 => {
+            Ok(gateways.remove(0))
+        }
+        _ => Err(errors.join("; ")),
+    }
+}
+
+/// One `EgressGatewayPolicy` through the rules, its pod selectors resolved to `sources` (the
+/// selected pods' addresses): the model's policy, or every problem in one line. Whether its
+/// gateway exists is the caller's to say (it knows the cluster's).
+pub fn checked_policy(p: &EgressGatewayPolicy, sources: Vec<String>) -> Result<Policy, String> {
+    let name = p.metadata.name.clone().unwrap_or_default();
+    let mapped = Mapped {
+        gateways: Vec::new(),
+        policies: vec![MappedPolicy {
+            spec: policy_spec(name, &p.spec, sources),
+            label: object_label("EgressGatewayPolicy", &p.metadata),
+            sources_key: "the selected pods' addresses".to_string(),
+            note: String::new(),
+        }],
+    };
+    let mut errors = Vec::new();
+    match check(&mapped, "kubernetes", References::InCluster, &mut errors) {
+        Some((_, mut policies)) if errors.is_empty() && policies.len() == 1 => {
+            Ok(policies.remove(0))
+        }
+        _ => Err(errors.join("; ")),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Output
 // ---------------------------------------------------------------------------------------------
 

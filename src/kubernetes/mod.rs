@@ -6,10 +6,12 @@
 //! - `import.rs` — `egressd import`: manifests to egressd objects, offline, through the same
 //!   rules as the file and the admin API.
 //!
-//! The live sync (watchers of the resources, the Nodes and the Pods; status written back) is
-//! to come beside them as `sync.rs`, reusing `import`'s mapping for each object it sees.
+//! - `sync.rs` — the live sync (`[kubernetes] enabled = true`): watchers of the resources, the
+//!   Nodes and the Pods; the leader writes the changes as objects of origin `kubernetes`
+//!   (through `import`'s mapping and the same rules) and the gateways' status back.
 
 pub mod import;
+pub mod sync;
 pub mod types;
 
 use kube::CustomResourceExt;
