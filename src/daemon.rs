@@ -547,6 +547,7 @@ async fn start_file(
     members: Vec<(String, String)>,
 ) -> anyhow::Result<Started> {
     let mut seeded_here = false;
+    let mut seed_refused = None;
     if let Some((gateways, policies)) = &objects
         && !node.applied().state.seeded
     {
@@ -554,11 +555,17 @@ async fn start_file(
             gateways: gateways.clone(),
             policies: policies.clone(),
         };
-        seeded_here = node.write(seed).await?.changed;
+        let r = node.write(seed).await?;
+        seeded_here = r.changed;
+        seed_refused = r.refused;
     }
     // Also a barrier: a write answers once this node has applied it, so from here on the
     // local state holds everything committed before it (a restarted node's store may lag).
     node.write(Command::SeedMembers(members)).await?;
+    // Not seeded, and nothing recorded: the next start (or a reload) tries again.
+    if let Some(why) = seed_refused {
+        return Ok(Started::Applied(Some(why)));
+    }
     let Some((gateways, policies)) = objects else {
         return Ok(Started::Invalid);
     };

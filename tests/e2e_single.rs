@@ -480,3 +480,47 @@ fn a_failed_start_leaves_every_held_address_fenced() {
         "without the fence tables the kernel answers (the probe works)"
     );
 }
+
+/// A file whose objects the cluster refuses at the seed (here a policy larger than one Raft
+/// entry may be) is reported as refused, in the log and the status; before, the node said the
+/// cluster "was seeded already" and ran with nothing.
+#[test]
+fn a_refused_seed_is_reported_not_taken_for_an_earlier_one() {
+    if !require_root("a_refused_seed_is_reported_not_taken_for_an_earlier_one") {
+        return;
+    }
+    let mut topo = Topo::new("seedref", 1);
+    let destinations: Vec<String> = (0..100_000u32)
+        .map(|i| {
+            format!(
+                "\"{}.{}.{}.0/24\"",
+                11 + i / 65_536,
+                (i / 256) % 256,
+                i % 256
+            )
+        })
+        .collect();
+    let big = format!(
+        "\n[[policy]]\nname = \"big\"\negress_gateway_name = \"vip\"\nsource_cidrs = \
+         [\"{CLIENT_OTHER_IP}/32\"]\ndestination_cidrs = [{}]\n",
+        destinations.join(", ")
+    );
+    let cfg = topo.write_config(0, &(config(&topo) + &big));
+    topo.start_egressd(0, &cfg);
+    wait_for("the seed refused", WAIT, || {
+        topo.status(0).is_some_and(|s| {
+            s["config"]["last_reload_errors"]
+                .as_array()
+                .is_some_and(|e| !e.is_empty())
+        })
+    });
+    let status = topo.status(0).unwrap_or_default();
+    let errors = status["config"]["last_reload_errors"].to_string();
+    assert!(
+        errors.contains("refused by the cluster") && errors.contains("bytes encoded"),
+        "{errors}"
+    );
+    let log = topo.log(0);
+    assert!(!log.contains("seeded already"), "{log}");
+    assert_eq!(status["cluster"]["policies"].as_u64(), Some(0), "{status}");
+}
