@@ -30,7 +30,7 @@ use super::Command;
 pub const STORE_FORMAT: u8 = 2;
 
 /// The newest command format this egressd reads (and so the newest kind it may write).
-pub const COMMAND_FORMAT: u16 = 3;
+pub const COMMAND_FORMAT: u16 = 4;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CodecError {
@@ -148,7 +148,7 @@ mod tests {
         let e = from_wire::<Versioned>(&b).unwrap_err();
         assert!(
             e.to_string()
-                .contains("command format 4, newer than this egressd"),
+                .contains("command format 5, newer than this egressd"),
             "{e}"
         );
         let ok = to_wire(&Versioned(Command::Uncordon("n".into()))).unwrap();

@@ -52,6 +52,9 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Objects per log entry of a large change (~25 KB encoded): small enough for a follower to
 /// receive, decode and persist within one heartbeat.
 pub const OBJECTS_PER_ENTRY: usize = 500;
+/// The most CIDRs of one policy one log entry carries (~11 bytes each encoded: ~180 KB); a
+/// policy with more is staged in fragments of this many.
+pub const CIDRS_PER_ENTRY: usize = 16_384;
 
 /// What the leader last decided, for status pages.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -1225,7 +1228,15 @@ pub fn member_drift(state: &ClusterState, file_peers: &[Peer]) -> Vec<String> {
 /// Splits an object change into entries of at most [`OBJECTS_PER_ENTRY`] objects and
 /// [`transport::MAX_ENTRY_BYTES`] bytes (fewer objects per entry when they are large); refuses
 /// an object that alone is larger.
-fn plan_parts(cmd: Command) -> Result<Vec<Command>, String> {
+fn plan_parts(mut cmd: Command) -> Result<Vec<Command>, String> {
+    // A policy with very many CIDRs travels in fragments after the parts (command format 4).
+    let fragments = cmd.cut_large_policies(CIDRS_PER_ENTRY);
+    let mut parts = plan_whole_objects(cmd)?;
+    parts.extend(fragments);
+    Ok(parts)
+}
+
+fn plan_whole_objects(cmd: Command) -> Result<Vec<Command>, String> {
     let fits = |c: &Command| {
         crate::cluster::codec::to_wire(&Versioned(c.clone()))
             .map(|b| b.len() + 64 <= transport::MAX_ENTRY_BYTES)

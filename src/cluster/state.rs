@@ -16,6 +16,7 @@ use imbl::{OrdMap, OrdSet};
 use serde::{Deserialize, Serialize};
 
 use crate::model::{Assignment, Gateway, Labels, NodeName, Policy};
+use ipnet::IpNet;
 
 /// Everything the cluster agrees on. Every node applies the same commands in the same order and
 /// so holds the same value.
@@ -321,6 +322,16 @@ pub enum Command {
     /// The Kubernetes adapter: what the Nodes of these members say now (`None`: the member has
     /// no Node any more).
     KubeNodes(Vec<(NodeName, Option<KubeNode>)>),
+    // ---- command format 4 ----
+    /// More CIDRs of a policy too large for one entry (100 000 destinations encode to more
+    /// than a megabyte): only a part of a staged change, after the part that carries the
+    /// policy itself; the commit appends them to it.
+    PolicyCidrs {
+        policy: String,
+        source_cidrs: Vec<IpNet>,
+        destination_cidrs: Vec<IpNet>,
+        excluded_cidrs: Vec<IpNet>,
+    },
 }
 
 /// The oldest command format any peer can have: the versions before mutual TLS wrote format 1,
@@ -376,6 +387,7 @@ impl Command {
             | Command::AddMember { .. }
             | Command::RemoveMember { .. } => 2,
             Command::KubeObjects { .. } | Command::KubeNodes(_) => 3,
+            Command::PolicyCidrs { .. } => 4,
             Command::SeedObjects { .. }
             | Command::FileObjects { .. }
             | Command::Apply { .. }
@@ -412,6 +424,7 @@ impl Command {
             Command::RemoveMember { .. } => "member remove",
             Command::KubeObjects { .. } => "kubernetes objects",
             Command::KubeNodes(_) => "kubernetes nodes",
+            Command::PolicyCidrs { .. } => "policy cidrs",
         }
     }
 
@@ -627,10 +640,88 @@ impl Command {
                     delete_gateways.extend(dg);
                     delete_policies.extend(dp);
                 }
+                (
+                    acc,
+                    Command::PolicyCidrs {
+                        policy,
+                        source_cidrs,
+                        destination_cidrs,
+                        excluded_cidrs,
+                    },
+                ) => {
+                    let p = acc
+                        .policies_mut()?
+                        .iter_mut()
+                        .rev()
+                        .find(|p| p.name == policy)?;
+                    p.source_cidrs.extend(source_cidrs);
+                    p.destination_cidrs.extend(destination_cidrs);
+                    p.excluded_cidrs.extend(excluded_cidrs);
+                }
                 _ => return None,
             }
         }
         acc.is_object_change().then_some(acc)
+    }
+
+    /// The policies an object change creates or replaces.
+    fn policies_mut(&mut self) -> Option<&mut Vec<Policy>> {
+        match self {
+            Command::SeedObjects { policies, .. }
+            | Command::Apply { policies, .. }
+            | Command::FileObjects { policies, .. }
+            | Command::KubeObjects { policies, .. } => Some(policies),
+            _ => None,
+        }
+    }
+
+    /// Moves the CIDRs beyond the first `per_part` of every policy that has more into
+    /// [`Command::PolicyCidrs`] commands of at most `per_part` CIDRs each, to be staged after
+    /// the parts of this change (see [`Command::merge`]). Returns them; empty when no policy is
+    /// that large.
+    pub fn cut_large_policies(&mut self, per_part: usize) -> Vec<Command> {
+        let per_part = per_part.max(1);
+        let Some(policies) = self.policies_mut() else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for p in policies.iter_mut() {
+            let total = p.source_cidrs.len() + p.destination_cidrs.len() + p.excluded_cidrs.len();
+            if total <= per_part {
+                continue;
+            }
+            // The policy keeps one CIDR of each list it has (so that its part passes the
+            // shape checks a follower may make), the rest travels in fragments.
+            let rest = |v: &mut Vec<IpNet>| {
+                if v.len() > 1 {
+                    v.split_off(1)
+                } else {
+                    Vec::new()
+                }
+            };
+            let mut lists = [
+                rest(&mut p.source_cidrs),
+                rest(&mut p.destination_cidrs),
+                rest(&mut p.excluded_cidrs),
+            ];
+            while lists.iter().any(|l| !l.is_empty()) {
+                let mut room = per_part;
+                let mut take = |l: &mut Vec<IpNet>| {
+                    let n = l.len().min(room);
+                    room -= n;
+                    let tail = l.split_off(n);
+                    std::mem::replace(l, tail)
+                };
+                let [s, d, e] = &mut lists;
+                out.push(Command::PolicyCidrs {
+                    policy: p.name.clone(),
+                    source_cidrs: take(s),
+                    destination_cidrs: take(d),
+                    excluded_cidrs: take(e),
+                });
+            }
+        }
+        out
     }
 }
 
@@ -672,7 +763,8 @@ impl ClusterState {
             Command::Stage { txn, part, command } => {
                 self.staging
                     .retain(|_, s| s.since.saturating_add(STAGE_TTL) >= index);
-                if !command.is_object_change() {
+                if !command.is_object_change() && !matches!(**command, Command::PolicyCidrs { .. })
+                {
                     return refuse("only object changes can be staged".into());
                 }
                 let staged = self.staging.entry(*txn).or_insert_with(|| Staged {
@@ -747,6 +839,9 @@ impl ClusterState {
                 };
                 ok(changed, events)
             }
+            Command::PolicyCidrs { policy, .. } => refuse(format!(
+                "CIDRs of policy {policy}: only a part of a staged change, after the policy"
+            )),
             _ => {
                 let events = self.apply_small(cmd);
                 ok(!events.is_empty(), events)
@@ -2192,6 +2287,69 @@ pub(crate) mod tests {
             ev[0].message
         );
         assert!(s.staging.is_empty());
+    }
+
+    /// A policy with more CIDRs than one entry carries is staged as the policy with one CIDR
+    /// of each list, then fragments; the commit puts it back together exactly, in order, and
+    /// a fragment alone, or one whose policy is not in the change, is refused.
+    #[test]
+    fn a_policy_with_very_many_cidrs_is_staged_in_fragments_and_committed_whole() {
+        let net = |i: u32| -> IpNet {
+            format!("{}.{}.{}.0/24", 10 + i / 65_536, (i / 256) % 256, i % 256)
+                .parse()
+                .unwrap()
+        };
+        let mut big = policy("big", "a");
+        big.destination_cidrs = (0..100_000).map(|i| net(2 * i)).collect();
+        big.source_cidrs = (0..3).map(|i| net(1_000_000 + i)).collect();
+        big.excluded_cidrs = (0..5).map(|i| net(2 * i + 1)).collect();
+        let cmd = Command::SeedObjects {
+            gateways: vec![gw("a")],
+            policies: vec![policy("small", "a"), big.clone()],
+        };
+        let mut trimmed = cmd.clone();
+        let fragments = trimmed.cut_large_policies(16_384);
+        assert_eq!(
+            fragments.len(),
+            7,
+            "100 007 CIDRs less the 3 kept, 16 384 at a time"
+        );
+        assert!(fragments.iter().all(|f| f.format() == 4));
+        let mut parts = trimmed.split(500);
+        parts.extend(fragments.clone());
+        assert_eq!(Command::merge(parts.clone()), Some(cmd.clone()));
+        let mut s = ClusterState::default();
+        for (i, p) in parts.iter().enumerate() {
+            let r = s.apply(&Command::Stage {
+                txn: 9,
+                part: i as u32,
+                command: Box::new(p.clone()),
+            });
+            assert!(r.refused.is_none(), "{r:?}");
+        }
+        let r = s.apply(&Command::Commit {
+            txn: 9,
+            parts: parts.len() as u32,
+        });
+        assert!(r.changed && r.refused.is_none(), "{r:?}");
+        assert_eq!(s.policies.get("big").map(|p| (**p).clone()), Some(big));
+        // A fragment is never applied alone, nor merged into a change without its policy.
+        let r = s.apply(&fragments[0]);
+        assert!(r.refused.is_some_and(|w| w.contains("staged")));
+        let orphan = vec![
+            Command::Apply {
+                gateways: vec![],
+                policies: vec![policy("other", "a")],
+            },
+            fragments[0].clone(),
+        ];
+        assert_eq!(Command::merge(orphan), None);
+        // Small policies are left alone.
+        let mut small = Command::Apply {
+            gateways: vec![],
+            policies: vec![policy("other", "a")],
+        };
+        assert!(small.cut_large_policies(16_384).is_empty());
     }
 
     /// A commit whose parts break a rule, miss a part or arrive out of order changes nothing.
