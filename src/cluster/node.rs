@@ -52,8 +52,8 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Objects per log entry of a large change (~25 KB encoded): small enough for a follower to
 /// receive, decode and persist within one heartbeat.
 pub const OBJECTS_PER_ENTRY: usize = 500;
-/// The most CIDRs of one policy one log entry carries (~11 bytes each encoded: ~180 KB); a
-/// policy with more is staged in fragments of this many.
+/// The CIDRs per fragment of a policy too large for one log entry (~11 bytes each encoded:
+/// ~180 KB); see `plan_parts`.
 pub const CIDRS_PER_ENTRY: usize = 16_384;
 
 /// What the leader last decided, for status pages.
@@ -1228,10 +1228,19 @@ pub fn member_drift(state: &ClusterState, file_peers: &[Peer]) -> Vec<String> {
 /// Splits an object change into entries of at most [`OBJECTS_PER_ENTRY`] objects and
 /// [`transport::MAX_ENTRY_BYTES`] bytes (fewer objects per entry when they are large); refuses
 /// an object that alone is larger.
-fn plan_parts(mut cmd: Command) -> Result<Vec<Command>, String> {
-    // A policy with very many CIDRs travels in fragments after the parts (command format 4).
-    let fragments = cmd.cut_large_policies(CIDRS_PER_ENTRY);
-    let mut parts = plan_whole_objects(cmd)?;
+fn plan_parts(cmd: Command) -> Result<Vec<Command>, String> {
+    // Only a policy too large for one entry travels in fragments (command format 4), so that
+    // every change an older version could commit is committed as it would have been.
+    let whole = plan_whole_objects(cmd.clone());
+    if whole.is_ok() {
+        return whole;
+    }
+    let mut cut = cmd;
+    let fragments = cut.cut_large_policies(CIDRS_PER_ENTRY);
+    if fragments.is_empty() {
+        return whole;
+    }
+    let mut parts = plan_whole_objects(cut)?;
     parts.extend(fragments);
     Ok(parts)
 }
@@ -1333,5 +1342,53 @@ async fn write_handler(State(node): State<Arc<ClusterNode>>, Msg(cmd): Msg<Comma
             f.leader_node.map(|m| m.name),
         ),
         Err(e) => api_error(StatusCode::SERVICE_UNAVAILABLE, e.to_string(), None),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Policy;
+
+    fn seed_with_destinations(n: u32) -> Command {
+        let policy = Policy {
+            name: "big".into(),
+            egress_gateway_name: "gw".into(),
+            source_cidrs: vec!["10.0.0.0/24".parse().unwrap()],
+            destination_cidrs: (0..n)
+                .map(|i| {
+                    let k = 2 * i;
+                    format!("{}.{}.{}.0/24", 11 + k / 65_536, (k / 256) % 256, k % 256)
+                        .parse()
+                        .unwrap()
+                })
+                .collect(),
+            excluded_cidrs: vec![],
+        };
+        Command::SeedObjects {
+            gateways: vec![],
+            policies: vec![policy],
+        }
+    }
+
+    /// Fragments (command format 4) only for a policy too large for one entry: whatever an
+    /// older version could commit goes as it did, so a mixed cluster takes it.
+    #[test]
+    fn only_a_policy_too_large_for_one_entry_is_cut_into_fragments() {
+        let fits = plan_parts(seed_with_destinations(50_000)).unwrap();
+        assert_eq!(fits.len(), 1);
+        assert!(fits.iter().all(|c| c.format() == 1));
+        let cut = plan_parts(seed_with_destinations(100_000)).unwrap();
+        assert!(cut.len() > 1);
+        assert!(cut.iter().any(|c| c.format() == 4));
+        for part in &cut {
+            let bytes = crate::cluster::codec::to_wire(&Versioned(part.clone())).unwrap();
+            assert!(
+                bytes.len() + 64 <= transport::MAX_ENTRY_BYTES,
+                "{}",
+                bytes.len()
+            );
+        }
+        assert_eq!(Command::merge(cut), Some(seed_with_destinations(100_000)));
     }
 }
