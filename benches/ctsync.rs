@@ -32,20 +32,10 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use common::arp::enter_netns;
+use common::bench::arg;
 use common::cluster::*;
-use common::flows::{TCP_PORT, start_tcp_echo};
+use common::flows::{TCP_PORT, ip, start_tcp_echo, strict_conntrack};
 use common::topo::*;
-
-fn arg(name: &str) -> Option<String> {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1).cloned())
-}
-
-fn ip(s: &str) -> Ipv4Addr {
-    s.parse().expect("address")
-}
 
 const CUT_FOR: Duration = Duration::from_secs(4);
 const SETTLE: Duration = Duration::from_secs(4);
@@ -218,23 +208,6 @@ fn trial(
     }
 }
 
-fn strict(topo: &Topo) {
-    for ns in &topo.nodes {
-        topo.lab.exec(
-            ns,
-            ["sysctl", "-qw", "net.netfilter.nf_conntrack_tcp_loose=0"],
-        );
-        topo.lab.exec(
-            ns,
-            [
-                "nft",
-                "add table inet strict; add chain inet strict invalid_drop { type filter hook forward \
-                 priority -10; policy accept; }; add rule inet strict invalid_drop ct state invalid drop",
-            ],
-        );
-    }
-}
-
 fn run_egressd(sync: bool, strict_ct: bool, trials: usize, sessions: usize) -> Row {
     let tag = format!("bx{}{}", u8::from(sync), u8::from(strict_ct));
     let c = Cluster::launch_edited(
@@ -244,7 +217,7 @@ fn run_egressd(sync: bool, strict_ct: bool, trials: usize, sessions: usize) -> R
         "",
         |t| {
             if strict_ct {
-                strict(t)
+                strict_conntrack(t)
             }
         },
         |_, body| {
@@ -301,7 +274,7 @@ fn run_keepalived(
         topo: Topo::new(&tag, 3),
     };
     if strict_ct {
-        strict(&k.topo);
+        strict_conntrack(&k.topo);
     }
     let dir = k.topo.dir.path().to_path_buf();
     let example =

@@ -18,23 +18,12 @@
 #[path = "../tests/common/mod.rs"]
 mod common;
 
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::SocketAddrV4;
 use std::time::{Duration, Instant};
 
-use common::bench::stats;
+use common::bench::{arg, stats};
 use common::flows::{self, *};
 use common::topo::*;
-
-fn arg(name: &str) -> Option<String> {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1).cloned())
-}
-
-fn ip(s: &str) -> Ipv4Addr {
-    s.parse().expect("address")
-}
 
 /// Sprays 100 000 one-datagram flows from `src` toward the server's other address.
 fn spray_100k(node: &common::heal::Node, src: &str) {

@@ -25,15 +25,8 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::bench::{stats, ticks_per_second};
+use common::bench::{arg, stats, ticks_per_second};
 use common::heal::*;
-
-fn arg(name: &str) -> Option<String> {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1).cloned())
-}
 
 /// One kind of outside change.
 struct Change {

@@ -31,13 +31,6 @@ const TOKEN: &str = "bench-admin-token-0123456789";
 /// A start or a recovery with 100 000 policies takes a while; this is the limit, not a target.
 const LONG: Duration = Duration::from_secs(600);
 
-fn arg(name: &str) -> Option<String> {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1).cloned())
-}
-
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Shape {
     Sources,

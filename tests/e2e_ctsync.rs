@@ -12,40 +12,15 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 use std::time::{Duration, Instant};
 
 use common::cluster::*;
-use common::flows::{FLOW_DPORT, FLOW_SPORT, TCP_PORT, TcpClient, UdpFlow, start_tcp_echo};
+use common::flows::{
+    FLOW_DPORT, FLOW_SPORT, TCP_PORT, TcpClient, UdpFlow, ip, start_tcp_echo, strict_conntrack,
+};
 use common::netns::require_root;
 use common::topo::*;
 
-fn ip(s: &str) -> Ipv4Addr {
-    s.parse().expect("address")
-}
-
-/// Strict conntrack in a node's namespace: no mid-stream pick-up of TCP connections, and
-/// packets conntrack finds invalid are dropped before egressd's chains see them.
-fn strict(topo: &Topo) {
-    for ns in &topo.nodes {
-        topo.lab.exec(
-            ns,
-            ["sysctl", "-qw", "net.netfilter.nf_conntrack_tcp_loose=0"],
-        );
-        topo.lab.exec(
-            ns,
-            [
-                "nft",
-                "add table inet strict; add chain inet strict invalid_drop { type filter hook forward \
-                 priority -10; policy accept; }; add rule inet strict invalid_drop ct state invalid drop",
-            ],
-        );
-        let out = topo
-            .lab
-            .exec(ns, ["sysctl", "-n", "net.netfilter.nf_conntrack_tcp_loose"]);
-        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "0");
-    }
-}
-
 /// The lab's cluster, strict, with the gateway's `conntrack_sync` as given.
 fn start(tag: &str, sync: bool) -> Cluster {
-    let c = Cluster::launch_edited(tag, 3, "", "", strict, |_, body| {
+    let c = Cluster::launch_edited(tag, 3, "", "", strict_conntrack, |_, body| {
         if !sync {
             return body;
         }

@@ -9,16 +9,12 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::SocketAddrV4;
 use std::time::Duration;
 
 use common::flows::{self, *};
 use common::netns::require_root;
 use common::topo::*;
-
-fn ip(s: &str) -> Ipv4Addr {
-    s.parse().expect("address")
-}
 
 fn deleted(node: &common::heal::Node, protocol: &str) -> f64 {
     node.metric(&format!(

@@ -502,6 +502,28 @@ const POD_IP2: &str = "10.77.0.13";
 /// The Deckhouse example's virtual IP.
 const EXAMPLE_VIP: &str = "172.18.18.242";
 
+/// The test API server in the lab's cluster network (at [`KUBE_API_IP`]), and a kubeconfig
+/// for it at `kubeconfig`.
+fn lab_api(topo: &Topo, kubeconfig: &Path) -> KubeApi {
+    topo.lab.exec(
+        &topo.mgmt,
+        [
+            "ip",
+            "addr",
+            "add",
+            &format!("{KUBE_API_IP}/24"),
+            "dev",
+            "br2",
+        ],
+    );
+    let a = KubeApi::new(
+        Some(&topo.mgmt),
+        format!("{KUBE_API_IP}:6443").parse().expect("addr"),
+    );
+    std::fs::write(kubeconfig, a.kubeconfig()).expect("kubeconfig");
+    a
+}
+
 fn deckhouse_vip_seed() -> Vec<Value> {
     let mut v = deckhouse_examples();
     v.remove(1); // the PrimaryIP gateway: the lab's nodes run the VIP example
@@ -569,17 +591,6 @@ fn live_sync_end_to_end() {
         kubeconfig.display()
     );
     let c = Cluster::start_prepared("k8l", 2, &extra, "", |topo| {
-        topo.lab.exec(
-            &topo.mgmt,
-            [
-                "ip",
-                "addr",
-                "add",
-                &format!("{KUBE_API_IP}/24"),
-                "dev",
-                "br2",
-            ],
-        );
         for ip in [POD_IP, POD_IP2] {
             topo.lab.exec(
                 &topo.client,
@@ -598,12 +609,8 @@ fn live_sync_end_to_end() {
                 "eth0",
             ],
         );
-        let a = KubeApi::new(
-            Some(&topo.mgmt),
-            format!("{KUBE_API_IP}:6443").parse().expect("addr"),
-        );
+        let a = lab_api(topo, &kubeconfig);
         a.with(|s| kube_api::seed(s, &deckhouse_vip_seed()));
-        std::fs::write(&kubeconfig, a.kubeconfig()).expect("kubeconfig");
         api = Some(a);
     });
     let mut api = api.expect("the API server");
@@ -893,21 +900,7 @@ fn live_sync_figures() {
         kubeconfig.display()
     );
     let mut c = Cluster::start_prepared("k8f", 1, &extra, "", |topo| {
-        topo.lab.exec(
-            &topo.mgmt,
-            [
-                "ip",
-                "addr",
-                "add",
-                &format!("{KUBE_API_IP}/24"),
-                "dev",
-                "br2",
-            ],
-        );
-        let a = KubeApi::new(
-            Some(&topo.mgmt),
-            format!("{KUBE_API_IP}:6443").parse().expect("addr"),
-        );
+        let a = lab_api(topo, &kubeconfig);
         a.with(|s| {
             kube_api::seed(s, &deckhouse_examples()[..1]);
             kube_api::seed(
@@ -919,7 +912,6 @@ fn live_sync_figures() {
                 ],
             );
         });
-        std::fs::write(&kubeconfig, a.kubeconfig()).expect("kubeconfig");
         api = Some(a);
     });
     let api = api.expect("the API server");

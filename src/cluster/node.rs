@@ -1231,21 +1231,21 @@ pub fn member_drift(state: &ClusterState, file_peers: &[Peer]) -> Vec<String> {
 fn plan_parts(cmd: Command) -> Result<Vec<Command>, String> {
     // Only a policy too large for one entry travels in fragments (command format 4), so that
     // every change an older version could commit is committed as it would have been.
-    let whole = plan_whole_objects(cmd.clone());
-    if whole.is_ok() {
-        return whole;
-    }
+    let why = match plan_whole_objects(&cmd) {
+        Ok(parts) => return Ok(parts),
+        Err(why) => why,
+    };
     let mut cut = cmd;
     let fragments = cut.cut_large_policies(CIDRS_PER_ENTRY);
     if fragments.is_empty() {
-        return whole;
+        return Err(why);
     }
-    let mut parts = plan_whole_objects(cut)?;
+    let mut parts = plan_whole_objects(&cut)?;
     parts.extend(fragments);
     Ok(parts)
 }
 
-fn plan_whole_objects(cmd: Command) -> Result<Vec<Command>, String> {
+fn plan_whole_objects(cmd: &Command) -> Result<Vec<Command>, String> {
     let fits = |c: &Command| {
         crate::cluster::codec::to_wire(&Versioned(c.clone()))
             .map(|b| b.len() + 64 <= transport::MAX_ENTRY_BYTES)

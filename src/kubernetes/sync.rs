@@ -961,42 +961,23 @@ impl Sync {
     }
 
     fn on(&mut self, ev: Ev) {
-        fn relist<K>(r: &Result<Event<K>, watcher::Error>) -> bool {
-            matches!(r, Ok(Event::InitDone))
+        // Feeds one watcher's event to the mirror; `Ok(true)` when it completed a list.
+        fn feed<K>(
+            r: Result<Event<K>, watcher::Error>,
+            on: impl FnOnce(Event<K>),
+        ) -> Result<bool, watcher::Error> {
+            let done = matches!(r, Ok(Event::InitDone));
+            r.map(|e| {
+                on(e);
+                done
+            })
         }
-        let result: Result<bool, watcher::Error> = match ev {
-            Ev::Gateway(r) => {
-                let r = *r;
-                let done = relist(&r);
-                r.map(|e| {
-                    self.mirror.on_gateway(e);
-                    done
-                })
-            }
-            Ev::Policy(r) => {
-                let r = *r;
-                let done = relist(&r);
-                r.map(|e| {
-                    self.mirror.on_policy(e);
-                    done
-                })
-            }
-            Ev::Node(r) => {
-                let r = *r;
-                let done = relist(&r);
-                r.map(|e| {
-                    self.mirror.on_node(e);
-                    done
-                })
-            }
-            Ev::Pod(r) => {
-                let r = *r;
-                let done = relist(&r);
-                r.map(|e| {
-                    self.mirror.on_pod(e);
-                    done
-                })
-            }
+        let m = &mut self.mirror;
+        let result = match ev {
+            Ev::Gateway(r) => feed(*r, |e| m.on_gateway(e)),
+            Ev::Policy(r) => feed(*r, |e| m.on_policy(e)),
+            Ev::Node(r) => feed(*r, |e| m.on_node(e)),
+            Ev::Pod(r) => feed(*r, |e| m.on_pod(e)),
         };
         match result {
             Ok(done) => {

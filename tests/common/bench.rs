@@ -21,6 +21,14 @@ pub struct Trial {
     pub flood: Option<(f64, f64, f64)>,
 }
 
+/// The value after `name` on the bench's command line (`--trials 3`).
+pub fn arg(name: &str) -> Option<String> {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1).cloned())
+}
+
 pub fn unix_now() -> f64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)

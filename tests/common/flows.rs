@@ -362,3 +362,30 @@ pub fn sweep_figures(message: &str) -> Option<(usize, usize, f64, f64)> {
         .ok()?;
     Some((deleted, examined, ms, read))
 }
+
+pub fn ip(s: &str) -> Ipv4Addr {
+    s.parse().expect("address")
+}
+
+/// Strict conntrack in every node's namespace: no mid-stream pick-up of TCP connections, and
+/// packets conntrack finds invalid are dropped before egressd's chains see them.
+pub fn strict_conntrack(topo: &Topo) {
+    for ns in &topo.nodes {
+        topo.lab.exec(
+            ns,
+            ["sysctl", "-qw", "net.netfilter.nf_conntrack_tcp_loose=0"],
+        );
+        topo.lab.exec(
+            ns,
+            [
+                "nft",
+                "add table inet strict; add chain inet strict invalid_drop { type filter hook forward \
+                 priority -10; policy accept; }; add rule inet strict invalid_drop ct state invalid drop",
+            ],
+        );
+        let out = topo
+            .lab
+            .exec(ns, ["sysctl", "-n", "net.netfilter.nf_conntrack_tcp_loose"]);
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "0");
+    }
+}
