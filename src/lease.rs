@@ -187,6 +187,10 @@ pub struct NodeLease {
     leases: BTreeMap<String, Held>,
     /// Kernel fence elements that may be live, with the moment each ends at the latest.
     fence: BTreeMap<IpAddr, Time>,
+    /// The elements of a fence write under way. The kernel may hold them at any moment from
+    /// now, and the reports go on while the write waits for the kernel, so they are claimed
+    /// until the write's outcome is known (a lease revoked meanwhile must not free them).
+    writing: BTreeMap<IpAddr, Time>,
     /// The length of the last lease granted.
     lease: Duration,
     /// The end of the node's lease as a member, whatever it holds: the last in-order grant's
@@ -206,6 +210,7 @@ impl NodeLease {
             acked: 0,
             leases: BTreeMap::new(),
             fence: BTreeMap::new(),
+            writing: BTreeMap::new(),
             lease: Duration::ZERO,
             renewed: None,
         }
@@ -300,6 +305,7 @@ impl NodeLease {
         out.extend(
             self.fence
                 .iter()
+                .chain(&self.writing)
                 .filter(|(_, end)| **end > now)
                 .map(|(a, _)| Resource::Addr(*a)),
         );
@@ -332,10 +338,16 @@ impl NodeLease {
         out
     }
 
+    /// A write of `target` to the fence starts: claimed from now until its outcome is known.
+    pub fn fence_writing(&mut self, target: &BTreeMap<IpAddr, Time>) {
+        self.writing = target.clone();
+    }
+
     /// The kernel now holds exactly `fence` (each element ends at the given time at the latest);
     /// every other element was deleted.
     pub fn fence_written(&mut self, fence: BTreeMap<IpAddr, Time>) {
         self.fence = fence;
+        self.writing.clear();
     }
 
     /// A fence write failed: the kernel holds either the old or the new elements (a batch is
@@ -345,6 +357,13 @@ impl NodeLease {
             let e = self.fence.entry(*a).or_insert(*end);
             *e = (*e).max(*end);
         }
+        self.writing.clear();
+    }
+
+    /// The write that started was never sent (its tables could not be built): the kernel holds
+    /// what it held.
+    pub fn fence_unchanged(&mut self) {
+        self.writing.clear();
     }
 
     /// What the fence holds, as far as this node knows.
@@ -754,6 +773,52 @@ mod tests {
         let mut zero = grant(&n.report(ms(30)), g_assigned());
         zero.lease_ms = 0;
         assert!(n.on_grant(&zero, ms(31)).gained.is_empty());
+    }
+
+    /// The reports go on while a fence write waits for the kernel: an address being written is
+    /// claimed from the start of the write, also after its lease is revoked, until the outcome.
+    #[test]
+    fn an_address_is_claimed_while_its_fence_write_is_under_way() {
+        let mut n = NodeLease::new(1);
+        let ready: BTreeSet<IpAddr> = [vip()].into_iter().collect();
+        let grant = |seq, gateways| Grant {
+            epoch: 1,
+            seq,
+            lease_ms: 150,
+            gateways,
+        };
+        let h = n.report(ms(0));
+        n.on_grant(&grant(h.seq, g_assigned()), ms(2));
+        let target = n.fence_target(&ready, ms(2));
+        n.fence_writing(&target);
+        // Revoked while the write waits.
+        let h = n.report(ms(50));
+        n.on_grant(&grant(h.seq, none()), ms(52));
+        assert!(n.lease_of("g", ms(60)).is_none());
+        assert!(
+            n.report(ms(60)).claims.contains(&Resource::Addr(vip())),
+            "an address being written is claimed"
+        );
+        assert!(
+            !n.may_announce(vip(), ms(60), ms(1)),
+            "not announced before it is in"
+        );
+        // Written: the next write removes it, and it is claimed until that one is done too.
+        n.fence_written(target);
+        n.fence_writing(&BTreeMap::new());
+        assert!(n.report(ms(70)).claims.contains(&Resource::Addr(vip())));
+        n.fence_written(BTreeMap::new());
+        assert!(n.report(ms(80)).claims.is_empty());
+        // A write that was never sent leaves the claims to what the kernel held.
+        n.fence_writing(&[(vip(), ms(200))].into_iter().collect());
+        n.fence_unchanged();
+        assert!(n.report(ms(90)).claims.is_empty());
+        // A failed one may have landed: claimed until its end.
+        let attempted = [(vip(), ms(200))].into_iter().collect();
+        n.fence_writing(&attempted);
+        n.fence_failed(&attempted);
+        assert!(n.report(ms(199)).claims.contains(&Resource::Addr(vip())));
+        assert!(n.report(ms(200)).claims.is_empty());
     }
 
     #[test]

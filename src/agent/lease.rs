@@ -1,6 +1,11 @@
 //! The lease task: reports to the leader, applies its grants (`crate::lease::NodeLease`), keeps
 //! the kernel fence equal to the leases whose data plane is in place, and announces them. It does
 //! only cheap work, on its own cadence, so that no data-plane work can make a renewal late.
+//!
+//! The fence writes go to the kernel off this task's loop: a write needs nftables' commit lock,
+//! which the data plane's map loads hold for 100 ms and more per part at 100 000 policies, and a
+//! loop that waited for it sent no report meanwhile (the leader failed the node over at start).
+//! The addresses of a write under way are claimed in the reports until its outcome is known.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
@@ -64,7 +69,10 @@ pub struct Channels {
 pub struct LeaseTask<R, F, A> {
     reporter: Arc<R>,
     lease: NodeLease,
-    fence: F,
+    /// `None` while a fence job has it.
+    fence: Option<F>,
+    /// The fence tables are in place, as far as the last job knows.
+    tables: bool,
     announcer: A,
     ch: Channels,
     board: Arc<StatusBoard>,
@@ -88,7 +96,31 @@ pub struct LeaseTask<R, F, A> {
 
 type Inflight = BoxFuture<'static, anyhow::Result<Reply>>;
 
-impl<R: Reporter, F: Fence, A: Announcer> LeaseTask<R, F, A> {
+/// Fence work under way: the fence travels with it and comes back with the outcome.
+type FenceJob<F> = BoxFuture<'static, FenceDone<F>>;
+
+struct FenceDone<F> {
+    fence: F,
+    outcome: Outcome,
+    /// The write's elements (empty when there was nothing to write).
+    target: BTreeMap<IpAddr, Time>,
+    /// The addresses whose elements were live when the job started.
+    before: BTreeSet<IpAddr>,
+    repair: Option<Repair>,
+}
+
+enum Outcome {
+    /// The tables could not be built; nothing was written.
+    BuildFailed(crate::dataplane::Error),
+    /// The tables are in place (`rebuilt`: built by this job, empty); `write` is the outcome of
+    /// writing the target, when it differed from what the kernel held.
+    Done {
+        rebuilt: bool,
+        write: Option<crate::dataplane::Result<()>>,
+    },
+}
+
+impl<R: Reporter, F: Fence + Send + 'static, A: Announcer> LeaseTask<R, F, A> {
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         reporter: Arc<R>,
@@ -104,7 +136,8 @@ impl<R: Reporter, F: Fence, A: Announcer> LeaseTask<R, F, A> {
         LeaseTask {
             reporter,
             lease: NodeLease::new(epoch),
-            fence,
+            fence: Some(fence),
+            tables: false,
             announcer,
             ch,
             board,
@@ -142,16 +175,13 @@ impl<R: Reporter, F: Fence, A: Announcer> LeaseTask<R, F, A> {
                 None
             }
             Begin::Repair(r) => {
-                self.fence.forget();
+                if let Some(f) = self.fence.as_mut() {
+                    f.forget();
+                }
                 self.written = None;
                 Some(r)
             }
         }
-    }
-
-    /// The fence this task owns, once it has stopped (for the clean shutdown).
-    pub fn into_fence(self) -> F {
-        self.fence
     }
 
     fn start_report(&mut self) -> Inflight {
@@ -200,35 +230,12 @@ impl<R: Reporter, F: Fence, A: Announcer> LeaseTask<R, F, A> {
         }
     }
 
-    /// Brings the fence, the published leases and the announcements up to date.
-    async fn sync(&mut self) {
+    /// Starts the fence job that brings the kernel fence up to date, when one is needed and none
+    /// is under way.
+    fn start_fence_job(&mut self) -> Option<FenceJob<F>> {
+        // `None`: a job has the fence.
+        self.fence.as_ref()?;
         let repair = self.begin_repair();
-        let heal = self.heal.clone();
-        let change = heal.as_ref().map(|h| h.change(Part::Fence));
-        let (built, fenced) = self.sync_fence().await;
-        match (fenced, change) {
-            (true, Some(c)) => c.done(self.fence.manifest()),
-            (_, c) => drop(c),
-        }
-        if let (Some(h), Some(r)) = (&heal, repair) {
-            if fenced {
-                h.repaired(Part::Fence, r);
-            } else {
-                h.failed(Part::Fence, r);
-            }
-        }
-        let now = clock::now();
-        if built {
-            let host = self.ch.host.borrow().clone();
-            let cfg = self.ch.config.borrow().clone();
-            self.announce_due(&host, &cfg).await;
-        }
-        self.publish(now);
-    }
-
-    /// Brings the fence up to date. Returns whether its tables are built, and whether it is in
-    /// place (built and written).
-    async fn sync_fence(&mut self) -> (bool, bool) {
         let now = clock::now();
         let cfg = self.ch.config.borrow().clone();
         let host = self.ch.host.borrow().clone();
@@ -237,49 +244,130 @@ impl<R: Reporter, F: Fence, A: Announcer> LeaseTask<R, F, A> {
         managed.extend(self.lease.leased(now).flat_map(|(_, h)| h.addrs.clone()));
         let devices = super::fence_devices(&committed, &cfg.file_gateways, &host);
         let expected = (managed, devices);
-        if self.fence.built() != Some(&expected) {
-            match self.fence.rebuild(&expected.0, &expected.1).await {
-                Ok(()) => {
-                    self.lease.fence_written(BTreeMap::new());
-                    self.written = Some(BTreeMap::new());
-                    debug!(managed = expected.0.len(), devices = ?expected.1, "fence built");
-                }
-                Err(e) => {
-                    error!(error = %e, "cannot build the fence tables; answering for nothing new");
-                    return (false, false);
-                }
-            }
-        }
         let ready: BTreeSet<IpAddr> = self.ch.ready.borrow().iter().map(|(_, a)| *a).collect();
         let target = self.lease.fence_target(&ready, now);
-        if self.written.as_ref() != Some(&target) {
-            let before: BTreeSet<IpAddr> = self
-                .lease
-                .fence()
-                .iter()
-                .filter(|(_, end)| **end > now)
-                .map(|(a, _)| *a)
-                .collect();
-            match self.fence.write(&target).await {
-                Ok(()) => {
-                    let gained: Vec<IpAddr> = target
-                        .keys()
-                        .filter(|a| !before.contains(a))
-                        .copied()
-                        .collect();
-                    self.lease.fence_written(target.clone());
-                    self.written = Some(target);
-                    self.schedule(&gained, &cfg);
+        let rebuild = self.fence.as_ref()?.built() != Some(&expected);
+        let kernel = if rebuild {
+            Some(BTreeMap::new())
+        } else {
+            self.written.clone()
+        };
+        let write = kernel.as_ref() != Some(&target);
+        if !rebuild && !write {
+            if let (Some(h), Some(r)) = (&self.heal, repair) {
+                h.repaired(Part::Fence, r);
+            }
+            return None;
+        }
+        let before = self
+            .lease
+            .fence()
+            .iter()
+            .filter(|(_, end)| **end > now)
+            .map(|(a, _)| *a)
+            .collect();
+        if write {
+            self.lease.fence_writing(&target);
+        }
+        let mut fence = self.fence.take()?;
+        let heal = self.heal.clone();
+        Some(Box::pin(async move {
+            let change = heal.as_deref().map(|h| h.change(Part::Fence));
+            let outcome = 'job: {
+                if rebuild && let Err(e) = fence.rebuild(&expected.0, &expected.1).await {
+                    break 'job Outcome::BuildFailed(e);
                 }
-                Err(e) => {
-                    warn!(error = %e, "fence write failed; rebuilding the fence");
-                    self.lease.fence_failed(&target);
-                    self.written = None;
-                    return (true, false);
+                let write = if write {
+                    Some(fence.write(&target).await)
+                } else {
+                    None
+                };
+                if matches!(write, None | Some(Ok(())))
+                    && let Some(c) = change
+                {
+                    c.done(fence.manifest());
+                }
+                Outcome::Done {
+                    rebuilt: rebuild,
+                    write,
+                }
+            };
+            FenceDone {
+                fence,
+                outcome,
+                target: if write { target } else { BTreeMap::new() },
+                before,
+                repair,
+            }
+        }))
+    }
+
+    /// A fence job ended: takes the fence back and records what the kernel holds.
+    fn on_fence_done(&mut self, done: FenceDone<F>) {
+        let FenceDone {
+            fence,
+            outcome,
+            target,
+            before,
+            repair,
+        } = done;
+        let managed = fence.built().map_or(0, |b| b.0.len());
+        self.fence = Some(fence);
+        let fenced = match outcome {
+            Outcome::BuildFailed(e) => {
+                error!(error = %e, "cannot build the fence tables; answering for nothing new");
+                self.lease.fence_unchanged();
+                self.tables = false;
+                false
+            }
+            Outcome::Done { rebuilt, write } => {
+                self.tables = true;
+                if rebuilt {
+                    // The new tables start empty; the write's outcome follows at once.
+                    self.lease.fence_written(BTreeMap::new());
+                    self.written = Some(BTreeMap::new());
+                    debug!(managed, "fence built");
+                }
+                match write {
+                    None => true,
+                    Some(Ok(())) => {
+                        let gained: Vec<IpAddr> = target
+                            .keys()
+                            .filter(|a| !before.contains(a))
+                            .copied()
+                            .collect();
+                        self.lease.fence_written(target.clone());
+                        self.written = Some(target);
+                        let cfg = self.ch.config.borrow().clone();
+                        self.schedule(&gained, &cfg);
+                        true
+                    }
+                    Some(Err(e)) => {
+                        warn!(error = %e, "fence write failed; rebuilding the fence");
+                        self.lease.fence_failed(&target);
+                        self.written = None;
+                        false
+                    }
                 }
             }
+        };
+        if let (Some(h), Some(r)) = (&self.heal, repair) {
+            if fenced {
+                h.repaired(Part::Fence, r);
+            } else {
+                h.failed(Part::Fence, r);
+            }
         }
-        (true, true)
+    }
+
+    /// Sends the announcements that are due and publishes the leases.
+    fn publish_and_announce(&mut self) {
+        if self.tables {
+            let host = self.ch.host.borrow().clone();
+            let cfg = self.ch.config.borrow().clone();
+            self.announce_due(&host, &cfg);
+        }
+        self.publish(clock::now());
     }
 
     /// Starts an announcement burst for each address newly answered for.
@@ -304,7 +392,7 @@ impl<R: Reporter, F: Fence, A: Announcer> LeaseTask<R, F, A> {
     }
 
     /// Sends the announcements that are due, each only while its lease and fence element live.
-    async fn announce_due(&mut self, host: &HostState, cfg: &AgentConfig) {
+    fn announce_due(&mut self, host: &HostState, cfg: &AgentConfig) {
         let now = clock::now();
         let mut due: Vec<(String, IpAddr)> = Vec::new();
         for b in self.bursts.iter_mut().filter(|b| b.due <= now) {
@@ -431,6 +519,7 @@ impl<R: Reporter, F: Fence, A: Announcer> LeaseTask<R, F, A> {
     /// Runs until `stop` turns true.
     pub async fn run(&mut self) {
         let mut inflight: Option<Inflight> = None;
+        let mut job: Option<FenceJob<F>> = None;
         let mut next_report = tokio::time::Instant::now();
         loop {
             self.heartbeat.beat();
@@ -445,8 +534,12 @@ impl<R: Reporter, F: Fence, A: Announcer> LeaseTask<R, F, A> {
                     inflight = Some(self.start_report());
                     continue;
                 }
+                done = async { job.as_mut().expect("guarded").await }, if job.is_some() => {
+                    job = None;
+                    self.on_fence_done(done);
+                }
                 r = self.ch.leader.changed() => {
-                    if r.is_err() { return; }
+                    if r.is_err() { break; }
                     // A new leader: report to it at once (it grants nothing until it hears).
                     if inflight.is_none() && self.ch.leader.borrow_and_update().is_some() {
                         next_report = tokio::time::Instant::now() + self.report_every;
@@ -454,25 +547,33 @@ impl<R: Reporter, F: Fence, A: Announcer> LeaseTask<R, F, A> {
                     }
                     continue;
                 }
-                r = self.ch.ready.changed() => if r.is_err() { return },
+                r = self.ch.ready.changed() => if r.is_err() { break },
                 r = self.ch.applied.changed() => {
-                    if r.is_err() { return; }
+                    if r.is_err() { break; }
                     // Newly assigned here: ask for the grant now rather than at the next tick.
                     if inflight.is_none() && self.assigned_unleased() {
                         next_report = tokio::time::Instant::now() + self.report_every;
                         inflight = Some(self.start_report());
                     }
                 }
-                r = self.ch.host.changed() => if r.is_err() { return },
-                r = self.ch.config.changed() => if r.is_err() { return },
-                r = super::dataplane::changed(self.heal_rx.as_mut()) => if r.is_err() { return },
+                r = self.ch.host.changed() => if r.is_err() { break },
+                r = self.ch.config.changed() => if r.is_err() { break },
+                r = super::dataplane::changed(self.heal_rx.as_mut()) => if r.is_err() { break },
                 _ = super::dataplane::until(self.heal_wait) => {}
                 _ = tokio::time::sleep_until(wake) => {}
                 r = self.ch.stop.changed() => {
-                    if r.is_err() || *self.ch.stop.borrow() { return; }
+                    if r.is_err() || *self.ch.stop.borrow() { break; }
                 }
             }
-            self.sync().await;
+            if job.is_none() {
+                job = self.start_fence_job();
+            }
+            self.publish_and_announce();
+        }
+        // The fence comes back for the clean shutdown.
+        if let Some(job) = job {
+            let done = job.await;
+            self.on_fence_done(done);
         }
     }
 
@@ -483,6 +584,202 @@ impl<R: Reporter, F: Fence, A: Announcer> LeaseTask<R, F, A> {
             info!(gateways = ?dropped, "giving up the remaining leases");
         }
         self.publish(clock::now());
-        self.fence.remove().await
+        match self.fence.as_mut() {
+            Some(f) => f.remove().await,
+            // `run` returns only with the fence back.
+            None => Ok(()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use tokio::sync::Semaphore;
+
+    use super::*;
+    use crate::dataplane::fake::{FakeAnnouncer, FakeFence};
+    use crate::lease::{Grant, ReportHead, Resource};
+
+    /// A fence whose writes wait for a permit, as a write waits for nftables' commit lock while
+    /// the data plane loads a large map.
+    struct GatedFence {
+        inner: FakeFence,
+        gate: Arc<Semaphore>,
+    }
+
+    impl Fence for GatedFence {
+        async fn rebuild(
+            &mut self,
+            managed: &BTreeSet<IpAddr>,
+            devices: &BTreeSet<String>,
+        ) -> crate::dataplane::Result<()> {
+            self.inner.rebuild(managed, devices).await
+        }
+
+        async fn write(&mut self, leases: &BTreeMap<IpAddr, Time>) -> crate::dataplane::Result<()> {
+            if let Ok(p) = self.gate.acquire().await {
+                p.forget();
+            }
+            self.inner.write(leases).await
+        }
+
+        fn built(&self) -> Option<&(BTreeSet<IpAddr>, BTreeSet<String>)> {
+            self.inner.built()
+        }
+
+        async fn remove(&mut self) -> crate::dataplane::Result<()> {
+            self.inner.remove().await
+        }
+    }
+
+    /// A leader that grants `gateways` to every report and keeps the reports' lease heads.
+    #[derive(Default)]
+    struct FakeLeader {
+        gateways: Mutex<BTreeMap<String, Vec<IpAddr>>>,
+        heads: Mutex<Vec<ReportHead>>,
+        /// The first report answered with a revocation.
+        revoked_at: Mutex<Option<u64>>,
+    }
+
+    impl FakeLeader {
+        fn heads(&self) -> Vec<ReportHead> {
+            self.heads.lock().unwrap().clone()
+        }
+        /// The reports sent after the node applied the revocation.
+        fn after_revoke(&self) -> Vec<ReportHead> {
+            let at = *self.revoked_at.lock().unwrap();
+            self.heads()
+                .into_iter()
+                .filter(|h| at.is_some_and(|a| h.acked >= a))
+                .collect()
+        }
+    }
+
+    impl Reporter for FakeLeader {
+        fn report(self: Arc<Self>, report: Report) -> BoxFuture<'static, anyhow::Result<Reply>> {
+            Box::pin(async move {
+                let gateways = self.gateways.lock().unwrap().clone();
+                if gateways.is_empty() {
+                    self.revoked_at
+                        .lock()
+                        .unwrap()
+                        .get_or_insert(report.head.seq);
+                }
+                self.heads.lock().unwrap().push(report.head.clone());
+                Ok(Reply {
+                    grant: Grant {
+                        epoch: report.head.epoch,
+                        seq: report.head.seq,
+                        lease_ms: 300,
+                        gateways,
+                    },
+                    leader: "gw2".into(),
+                    term: 1,
+                })
+            })
+        }
+    }
+
+    async fn until(what: &str, cond: impl Fn() -> bool) {
+        let end = std::time::Instant::now() + Duration::from_secs(10);
+        while !cond() {
+            assert!(std::time::Instant::now() < end, "timed out waiting: {what}");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// A fence write that waits (for the kernel's commit lock, behind a large map load) neither
+    /// stops the reports, which renew the leases, nor lets a report leave out the address it is
+    /// writing: a lease revoked meanwhile is still claimed until the write's outcome is known.
+    #[tokio::test]
+    async fn reports_go_on_while_a_fence_write_waits_and_claim_what_it_writes() {
+        let vip: IpAddr = "198.18.0.50".parse().unwrap();
+        let leader = Arc::new(FakeLeader::default());
+        leader
+            .gateways
+            .lock()
+            .unwrap()
+            .insert("gw".into(), vec![vip]);
+        let gate = Arc::new(Semaphore::new(0));
+        let config = crate::config::parse_str("[node]\nname = \"gw1\"\n", "test").unwrap();
+        let (_config_tx, config_rx) = watch::channel(AgentConfig::from_config(&config));
+        let (_facts_tx, facts_rx) = watch::channel(Facts::default());
+        let ready: Ready = [("eth0".to_string(), vip)].into_iter().collect();
+        let (_ready_tx, ready_rx) = watch::channel(ready);
+        let (_host_tx, host_rx) = watch::channel(Arc::new(HostState::new()));
+        let (_applied_tx, applied_rx) = watch::channel(Applied {
+            index: 0,
+            state: Arc::new(Default::default()),
+            membership: Default::default(),
+            compact: false,
+        });
+        let (_leader_tx, leader_rx) = watch::channel(Some(2));
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let (leased_tx, _leased_rx) = watch::channel(Leased::new());
+        let (contact_tx, _contact_rx) = watch::channel(false);
+        let (board, _status) = StatusBoard::new("gw1");
+        let mut task = LeaseTask::new(
+            leader.clone(),
+            1,
+            GatedFence {
+                inner: FakeFence::default(),
+                gate: gate.clone(),
+            },
+            FakeAnnouncer::default(),
+            Channels {
+                config: config_rx,
+                facts: facts_rx,
+                ready: ready_rx,
+                host: host_rx,
+                applied: applied_rx,
+                leader: leader_rx,
+                stop: stop_rx,
+                leased: leased_tx,
+                contact: contact_tx,
+            },
+            Arc::new(board),
+            Arc::new(Metrics::new()),
+            Arc::new(Heartbeat::new()),
+            Duration::from_millis(20),
+        );
+        let run = tokio::spawn(async move {
+            task.run().await;
+            task
+        });
+
+        // The first grant starts the write of the VIP's element, which waits at the gate.
+        until("a first report", || !leader.heads().is_empty()).await;
+        let n = leader.heads().len();
+        until("five more reports while the fence write waits", || {
+            leader.heads().len() >= n + 5
+        })
+        .await;
+
+        *leader.gateways.lock().unwrap() = BTreeMap::new();
+        until("three reports after the revocation", || {
+            leader.after_revoke().len() >= 3
+        })
+        .await;
+        for h in leader.after_revoke() {
+            assert!(
+                h.claims.contains(&Resource::Addr(vip)),
+                "report {} left out the address its fence write may put in the kernel at any \
+                 moment: {:?}",
+                h.seq,
+                h.claims
+            );
+        }
+
+        // The write lands, the next removes the element: from then on nothing is claimed.
+        gate.add_permits(100);
+        until("a report that claims nothing", || {
+            leader.after_revoke().iter().any(|h| h.claims.is_empty())
+        })
+        .await;
+        stop_tx.send_replace(true);
+        let mut task = run.await.unwrap();
+        task.release().await.unwrap();
     }
 }

@@ -9,7 +9,8 @@
 //! commits the controller's assignment changes (an old leader's uncommitted entry is committed
 //! by the next one or lost), and confirms leaderships. Faults: message loss, duplication,
 //! delay and reordering, partitions of one or two nodes, pauses of a node (also between
-//! computing a fence element and writing it), kills and restarts, forced leader changes,
+//! computing a fence element and writing it), slow fence writes while the process goes on
+//! reporting (nftables' commit lock held by a map load), kills and restarts, forced leader changes,
 //! cordons, nodes going not-ready, and VIPs moving between gateways.
 //!
 //! Safety (checked at every write of a fence element and every lease a node takes): no two nodes
@@ -704,7 +705,13 @@ impl Sim {
                 let p = self.rng.range(10 * MS, 600 * MS);
                 self.nodes[i].paused_until = Some(self.now + p);
                 d = p;
+            } else if self.rng.chance(0.02 * f) {
+                // The write waits for nftables' commit lock behind the data plane's map loads;
+                // the process goes on reporting and applying grants meanwhile.
+                self.fault("slow fence write");
+                d = self.rng.range(10 * MS, 400 * MS);
             }
+            self.nodes[i].lease.fence_writing(&target);
             self.after(
                 d,
                 Ev::FenceWrite {
