@@ -2638,7 +2638,7 @@ bogus = true
     fn cluster_timing_profiles_and_overrides() {
         let c = ok(BASE);
         assert_eq!(c.cluster.profile, Profile::Default);
-        assert_eq!(c.cluster.timing().failover_timeout_ms, 250);
+        assert_eq!(c.cluster.timing().failover_timeout_ms, 200);
         let c = ok(&[BASE, "[cluster]\nprofile = \"fast\"\nlease_ms = 80\n"].concat());
         let t = c.cluster.timing();
         assert_eq!(

@@ -142,7 +142,7 @@ impl ClusterConfig {
                 election_timeout_max_ms: 150,
                 report_interval_ms: 50,
                 lease_ms: 150,
-                failover_timeout_ms: 250,
+                failover_timeout_ms: 200,
             },
             Profile::Fast => ClusterTiming {
                 heartbeat_ms: 25,
