@@ -522,7 +522,11 @@ impl<R: Reporter, F: Fence + Send + 'static, A: Announcer> LeaseTask<R, F, A> {
         let mut job: Option<FenceJob<F>> = None;
         let mut next_report = tokio::time::Instant::now();
         loop {
-            self.heartbeat.beat();
+            // The watchdog's heartbeat counts the fence too: a write or rebuild that never ends
+            // (a hung `nft`, a wedged kernel) stops it, as when the loop itself waited for it.
+            if job.is_none() {
+                self.heartbeat.beat();
+            }
             let wake = clock::deadline(self.next_wake(clock::now()));
             tokio::select! {
                 reply = async { inflight.as_mut().expect("guarded").await }, if inflight.is_some() => {
@@ -536,6 +540,7 @@ impl<R: Reporter, F: Fence + Send + 'static, A: Announcer> LeaseTask<R, F, A> {
                 }
                 done = async { job.as_mut().expect("guarded").await }, if job.is_some() => {
                     job = None;
+                    self.heartbeat.beat();
                     self.on_fence_done(done);
                 }
                 r = self.ch.leader.changed() => {
@@ -720,6 +725,7 @@ mod tests {
         let (leased_tx, _leased_rx) = watch::channel(Leased::new());
         let (contact_tx, _contact_rx) = watch::channel(false);
         let (board, _status) = StatusBoard::new("gw1");
+        let heartbeat = Arc::new(Heartbeat::new());
         let mut task = LeaseTask::new(
             leader.clone(),
             1,
@@ -741,7 +747,7 @@ mod tests {
             },
             Arc::new(board),
             Arc::new(Metrics::new()),
-            Arc::new(Heartbeat::new()),
+            heartbeat.clone(),
             Duration::from_millis(20),
         );
         let run = tokio::spawn(async move {
@@ -756,6 +762,13 @@ mod tests {
             leader.heads().len() >= n + 5
         })
         .await;
+        // ... while the watchdog's heartbeat stops: the fence is not making progress.
+        let age = heartbeat.age();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(
+            heartbeat.age() >= age + Duration::from_millis(90),
+            "the heartbeat went on while the fence write hung"
+        );
 
         *leader.gateways.lock().unwrap() = BTreeMap::new();
         until("three reports after the revocation", || {
