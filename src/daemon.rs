@@ -765,6 +765,7 @@ impl Main {
             last_log_index: metrics.last_log_index.unwrap_or(0),
             snapshot_index: metrics.snapshot.map_or(0, |s| s.index),
             overdue_campaigns: self.node.campaigns.overdue_campaigns(),
+            command_format: state.cluster_format,
             gateways: state.gateways.len(),
             policies: state.policies.len(),
             lease_remaining_ms: 0,

@@ -71,6 +71,10 @@ pub struct ClusterStatus {
     /// log it had caught up with (openraft#2087).
     #[serde(default)]
     pub overdue_campaigns: u64,
+    /// The newest command format every member is recorded to read (`ClusterFormat`; 0: none
+    /// recorded yet): commands up to it no longer wait for members to report to a new leader.
+    #[serde(default)]
+    pub command_format: u16,
     /// Committed objects.
     pub gateways: usize,
     pub policies: usize,

@@ -554,6 +554,65 @@ fn members_join_and_leave_at_run_time() {
 /// The maintenance procedure through the real CLI and admin endpoint: cordon moves the gateway
 /// by a planned handover, uncordon brings it back (preemption), removing and restoring the
 /// selector label does the same; a mutation with a wrong token is refused and changes nothing.
+/// A member that is down across a change of leader does not hold up commands of a newer
+/// format: while all three were up, the cluster recorded that every member reads this version's
+/// format, so the new leader, which never heard from gw3, still commits a policy too large for
+/// one log entry (fragments, a format-4 command). Before the record it was refused ("gw3 has not
+/// reported to the leader since it took over").
+#[test]
+fn a_member_down_across_a_leader_change_does_not_hold_up_newer_commands() {
+    if !require_root("a_member_down_across_a_leader_change_does_not_hold_up_newer_commands") {
+        return;
+    }
+    let (token, extra) = admin_token("e2e-admin-token-0123456789");
+    let mut c = Cluster::start_with("fmtgate", 3, &extra);
+    let recorded = |c: &Cluster, i: usize| {
+        c.topo
+            .status(i)
+            .and_then(|s| s["cluster"]["command_format"].as_u64())
+            .unwrap_or(0)
+    };
+    wait_for("the cluster format recorded on every node", WAIT, || {
+        (0..3).all(|i| recorded(&c, i) >= 5)
+    });
+    // gw3 goes down for good, then the leader is replaced: a leader that gw3 never reported to.
+    if c.leader() == "gw3" {
+        c.ensure_leader_is_not("gw3");
+    }
+    c.signal("gw3", "KILL");
+    let old = c.leader();
+    let i = c.index(&old);
+    c.signal(&old, "KILL");
+    let cfg = c.configs[i].clone();
+    c.children[i] = Some(c.topo.start_egressd(i, &cfg));
+    // The restarted node may take its leadership back in the same term (its vote is durable)
+    // or the other one win a new term: either way a new controller that never heard from gw3.
+    wait_for("both live nodes agree on a leader", WAIT, || {
+        let leaders: Vec<Option<String>> = c.live().map(|j| c.topo.leader(j)).collect();
+        leaders.iter().all(|l| l.is_some() && *l == leaders[0])
+    });
+    let big = tempfile::NamedTempFile::new().expect("policy file");
+    std::fs::write(big.path(), many_destinations(100_000)).expect("policy");
+    let token = token.path().display().to_string();
+    let file = big.path().display().to_string();
+    let out = c
+        .topo
+        .cli(0, &["apply", "-f", &file, "--token-file", &token]);
+    assert!(
+        out.status.success(),
+        "a policy in fragments was refused with gw3 down after a leader change: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        c.logs()
+    );
+    wait_for("the big policy committed on both live nodes", WAIT, || {
+        c.live().all(|j| {
+            c.topo
+                .status(j)
+                .is_some_and(|s| s["cluster"]["policies"].as_u64() == Some(2))
+        })
+    });
+}
+
 #[test]
 fn maintenance_through_the_cli() {
     if !require_root("maintenance_through_the_cli") {

@@ -17,7 +17,9 @@
 //!   (`ClusterNode::propose`: a kind of format N only once every member reports N or more).
 //!
 //! Formats: 1 — the commands of the versions before mutual TLS; 2 — `InitCluster` (the cluster
-//! id), `AddMember`, `RemoveMember`; 3 — `KubeObjects`, `KubeNodes` (the Kubernetes adapter).
+//! id), `AddMember`, `RemoveMember`; 3 — `KubeObjects`, `KubeNodes` (the Kubernetes adapter);
+//! 4 — `PolicyCidrs` (a policy too large for one entry); 5 — `ClusterFormat` (the format every
+//! member reads, recorded so that a new leader need not hear from each member again).
 
 use serde::de::{DeserializeOwned, SeqAccess, Visitor};
 use serde::ser::SerializeTuple;
@@ -30,7 +32,7 @@ use super::Command;
 pub const STORE_FORMAT: u8 = 2;
 
 /// The newest command format this egressd reads (and so the newest kind it may write).
-pub const COMMAND_FORMAT: u16 = 4;
+pub const COMMAND_FORMAT: u16 = 5;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CodecError {
@@ -148,7 +150,7 @@ mod tests {
         let e = from_wire::<Versioned>(&b).unwrap_err();
         assert!(
             e.to_string()
-                .contains("command format 5, newer than this egressd"),
+                .contains("command format 6, newer than this egressd"),
             "{e}"
         );
         let ok = to_wire(&Versioned(Command::Uncordon("n".into()))).unwrap();

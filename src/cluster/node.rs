@@ -2,6 +2,7 @@
 //! reports and forwarded writes), bootstrap, and the leader's controller loop.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -100,6 +101,8 @@ pub struct ClusterNode {
     pub events: EventLog,
     /// What this node's vote requests were refused for (see `run_campaigns`).
     pub campaigns: Arc<CampaignWatch>,
+    /// A `ClusterFormat` write is under way (one at a time).
+    recording_format: AtomicBool,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -179,6 +182,7 @@ impl ClusterNode {
             controller: Mutex::new(None),
             controller_wake: Notify::new(),
             leader_view: Mutex::new(LeaderView::default()),
+            recording_format: AtomicBool::new(false),
             events,
             campaigns,
         });
@@ -529,6 +533,11 @@ impl ClusterNode {
             return Ok(());
         }
         let state = self.applied().state;
+        // Every member read it when the cluster recorded it; a member that comes back later
+        // runs a version at least as new, or stops at the first entry it cannot read.
+        if need <= state.cluster_format {
+            return Ok(());
+        }
         let exempt = match cmd {
             Command::RemoveMember { name } => Some(name.as_str()),
             _ => None,
@@ -979,6 +988,30 @@ impl ClusterNode {
         }
     }
 
+    /// Commits `ClusterFormat(format)` in the background, one write at a time.
+    fn record_format(self: &Arc<Self>, format: u16) {
+        if self.recording_format.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let me = self.clone();
+        tokio::spawn(
+            async move {
+                match me.propose(Command::ClusterFormat(format)).await {
+                    Ok(r) if r.refused.is_none() => {
+                        info!(
+                            format,
+                            "recorded: every member reads command format {format}"
+                        )
+                    }
+                    Ok(r) => debug!(format, why = ?r.refused, "cluster format not recorded"),
+                    Err(e) => debug!(format, error = %e, "cluster format not recorded"),
+                }
+                me.recording_format.store(false, Ordering::Release);
+            }
+            .instrument(tracing::Span::current()),
+        );
+    }
+
     /// The term this node leads, if it is the leader.
     fn leading_term(&self) -> Option<u64> {
         let m = self.raft.metrics().borrow().clone();
@@ -1013,7 +1046,7 @@ impl ClusterNode {
         let membership = applied.membership.membership().clone();
         let members: Vec<NodeName> = membership.nodes().map(|(_, m)| m.name.clone()).collect();
         let now = crate::clock::now();
-        let (changes, decision, silent) = {
+        let (changes, decision, silent, format) = {
             let Ok(mut c) = self.controller.lock() else {
                 return;
             };
@@ -1055,8 +1088,14 @@ impl ClusterNode {
                 v.decision = Some(decision.clone());
                 v.members = views;
             }
-            (changes, decision, silent)
+            let format = format_to_record(&applied.state, &members, &self.name, |m| {
+                c.command_format(m)
+            });
+            (changes, decision, silent, format)
         };
+        if let Some(f) = format {
+            self.record_format(f);
+        }
         if changes.is_empty() {
             return;
         }
@@ -1345,6 +1384,29 @@ async fn write_handler(State(node): State<Arc<ClusterNode>>, Msg(cmd): Msg<Comma
     }
 }
 
+/// The command format the cluster may record now: the oldest any member reported to this leader
+/// (this node reads [`COMMAND_FORMAT`](crate::cluster::codec::COMMAND_FORMAT)), once every
+/// member has reported, when it is newer than the recorded one and can itself be written
+/// (`ClusterFormat` is a format-5 command).
+fn format_to_record(
+    state: &ClusterState,
+    raft_members: &[NodeName],
+    me: &str,
+    reported: impl Fn(&str) -> Option<u16>,
+) -> Option<u16> {
+    let names = if state.members.is_empty() {
+        raft_members.to_vec()
+    } else {
+        state.member_names()
+    };
+    let mut oldest = crate::cluster::codec::COMMAND_FORMAT;
+    for m in names.iter().filter(|m| m.as_str() != me) {
+        oldest = oldest.min(reported(m)?);
+    }
+    let own = Command::ClusterFormat(0).format();
+    (oldest > state.cluster_format && oldest >= own).then_some(oldest)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1390,5 +1452,49 @@ mod tests {
             );
         }
         assert_eq!(Command::merge(cut), Some(seed_with_destinations(100_000)));
+    }
+
+    #[test]
+    fn the_cluster_format_is_recorded_once_every_member_reported_it() {
+        let mut state = ClusterState::default();
+        for n in ["gw1", "gw2", "gw3"] {
+            state.members.insert(n.into(), String::new());
+        }
+        let now = crate::cluster::codec::COMMAND_FORMAT;
+        let reports = |gw2: Option<u16>, gw3: Option<u16>| {
+            move |m: &str| match m {
+                "gw2" => gw2,
+                "gw3" => gw3,
+                _ => None,
+            }
+        };
+        // gw1 is the leader; it need not report to itself.
+        assert_eq!(
+            format_to_record(&state, &[], "gw1", reports(Some(now), Some(now))),
+            Some(now)
+        );
+        assert_eq!(
+            format_to_record(&state, &[], "gw1", reports(Some(now), None)),
+            None,
+            "a member that has not reported holds it up"
+        );
+        assert_eq!(
+            format_to_record(&state, &[], "gw1", reports(Some(now), Some(4))),
+            None,
+            "a member of a version before ClusterFormat: nothing can be recorded"
+        );
+        state.cluster_format = now;
+        assert_eq!(
+            format_to_record(&state, &[], "gw1", reports(Some(now), Some(now))),
+            None,
+            "recorded already"
+        );
+        // Before the members are in the state, Raft's membership names them.
+        let fresh = ClusterState::default();
+        let raft = ["gw1".to_string(), "gw2".to_string()];
+        assert_eq!(
+            format_to_record(&fresh, &raft, "gw1", reports(Some(now), None)),
+            Some(now)
+        );
     }
 }

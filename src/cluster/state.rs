@@ -62,6 +62,11 @@ pub struct ClusterState {
     /// What the Kubernetes Node of each member says (see `KubeNodes`).
     #[serde(default)]
     pub kube_nodes: BTreeMap<NodeName, KubeNode>,
+    /// The newest command format every member was known to read (`ClusterFormat`): commands
+    /// up to it are proposed without waiting for every member to report to a new leader.
+    /// Defaulted, last, so that older snapshots read.
+    #[serde(default)]
+    pub cluster_format: u16,
 }
 
 /// What egressd takes from the Kubernetes Node of the same name as a member.
@@ -332,6 +337,11 @@ pub enum Command {
         destination_cidrs: Vec<IpNet>,
         excluded_cidrs: Vec<IpNet>,
     },
+    // ---- command format 5 ----
+    /// Every member has reported that it reads this command format: from now on the leader
+    /// proposes commands up to it without waiting for each member to report to it again (a
+    /// member that is down after a change of leader no longer holds them up). Only raises.
+    ClusterFormat(u16),
 }
 
 /// The oldest command format any peer can have: the versions before mutual TLS wrote format 1,
@@ -388,6 +398,7 @@ impl Command {
             | Command::RemoveMember { .. } => 2,
             Command::KubeObjects { .. } | Command::KubeNodes(_) => 3,
             Command::PolicyCidrs { .. } => 4,
+            Command::ClusterFormat(_) => 5,
             Command::SeedObjects { .. }
             | Command::FileObjects { .. }
             | Command::Apply { .. }
@@ -425,6 +436,7 @@ impl Command {
             Command::KubeObjects { .. } => "kubernetes objects",
             Command::KubeNodes(_) => "kubernetes nodes",
             Command::PolicyCidrs { .. } => "policy cidrs",
+            Command::ClusterFormat(_) => "cluster format",
         }
     }
 
@@ -1178,6 +1190,21 @@ impl ClusterState {
                     format!(
                         "member {name} removed; members: {}",
                         self.member_names().join(", ")
+                    ),
+                )
+            }
+            Command::ClusterFormat(f) => {
+                if *f <= self.cluster_format {
+                    return Vec::new();
+                }
+                self.cluster_format = *f;
+                one(
+                    EventKind::Members,
+                    None,
+                    None,
+                    format!(
+                        "every member reads command format {f}: commands up to it no longer \
+                         wait for each member to report to a new leader"
                     ),
                 )
             }
@@ -1936,6 +1963,20 @@ pub(crate) mod tests {
 
     /// Kubernetes wins over the file and the API; `apply`/`delete` refuse its objects; a file
     /// reload never touches them; its deletions touch only what it imported.
+    /// `ClusterFormat` only raises the recorded format, and says so once.
+    #[test]
+    fn the_cluster_format_only_rises() {
+        let mut s = ClusterState::default();
+        assert_eq!(s.cluster_format, 0);
+        let r = s.apply(&Command::ClusterFormat(5));
+        assert!(r.changed && r.refused.is_none());
+        assert_eq!(s.cluster_format, 5);
+        assert!(!s.apply(&Command::ClusterFormat(5)).changed);
+        assert!(!s.apply(&Command::ClusterFormat(3)).changed);
+        assert_eq!(s.cluster_format, 5);
+        assert_eq!(Command::ClusterFormat(5).format(), 5);
+    }
+
     #[test]
     fn kubernetes_objects_win_and_are_not_changed_by_apply_delete_or_a_file() {
         let mut s = ClusterState::default();
