@@ -219,9 +219,10 @@ impl<H: Host, F: Firewall> Reconciler<H, F> {
     }
 
     /// The firewall was changed from outside: the next `converge` installs everything again.
+    /// The overlay is no nftables object and stays: rebuilding it deleted its device, which
+    /// took most of a 1 000-policy repair (~50 of ~85 ms) and dropped every redirect in flight.
     pub fn forget(&mut self) {
         self.installed = None;
-        self.overlay = None;
         self.firewall.forget();
     }
 
@@ -530,6 +531,23 @@ mod tests {
         let ops = rec.host.journal.ops();
         assert!(!ops.iter().any(|o| matches!(o, Op::Snat(_))), "{ops:?}");
         assert!(matches!(ops[0], Op::Roles(_)), "{ops:?}");
+    }
+
+    /// A repair after an outside change of the nftables table reinstalls the classification and
+    /// the roles, and leaves the overlay (not an nftables object) alone.
+    #[tokio::test]
+    async fn a_repair_reinstalls_the_firewall_and_not_the_overlay() {
+        let mut rec = reconciler(host());
+        converge_to(&mut rec, &all_here()).await;
+        rec.host.journal.clear();
+        rec.forget();
+        converge_to(&mut rec, &all_here()).await;
+        let ops = rec.host.journal.ops();
+        assert!(ops.iter().any(|o| matches!(o, Op::Snat(_))), "{ops:?}");
+        assert!(
+            !ops.iter().any(|o| matches!(o, Op::Overlay(_))),
+            "the overlay was rebuilt: {ops:?}"
+        );
     }
 
     #[tokio::test]

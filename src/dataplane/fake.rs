@@ -134,6 +134,12 @@ pub struct FakeFirewall {
 }
 
 impl Firewall for FakeFirewall {
+    /// As the real one: the next apply installs everything (a full replace).
+    fn forget(&mut self) {
+        self.map = None;
+        self.roles.clear();
+    }
+
     async fn apply(&mut self, map: &Arc<SnatMap>, roles: &Roles) -> Result<()> {
         if self.map.as_ref() != Some(&**map) {
             self.journal.push(Op::Snat(map.len()));
