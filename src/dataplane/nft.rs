@@ -274,7 +274,8 @@ impl<A: NftAddr> Family<A> {
 /// interval maps runs to its end whatever else waits for that CPU. With parts of 8 192, three
 /// daemons loading 100 000 CIDRs at once on two cores starved their own RPCs (appends not
 /// answered within 37.5 ms, reports late) and the leader failed the active node over at start
-/// (2 in 1 trial); with 2 048, none in 1 trial, and the load took no longer.
+/// (2 in 1 trial); with 2 048, none (1 trial, then 3 trials of every scale-bench row), and the
+/// load took no longer.
 const LOAD_PART: usize = 2048;
 
 type Pieces = BTreeMap<usize, Vec<(Rect, GwId)>>;
