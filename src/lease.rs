@@ -531,9 +531,23 @@ impl LeaderLease {
             return grant;
         }
         grant.lease_ms = lease_ms;
+        // A resource the node does not claim yet is granted only when no other node may hold
+        // it. The controller checks that before it assigns a gateway, but a committed change of
+        // a gateway's addresses (a VIP moved from a gateway held elsewhere) reaches the grants
+        // without an assignment change; and while settling, what the previous leader granted
+        // is unknown. Such a gateway is withheld whole until then (its SNAT needs its address).
+        let grantable = |res: &Resource| {
+            head.claims.contains(res)
+                || (!self.settling(now)
+                    && !self
+                        .holds
+                        .get(res)
+                        .is_some_and(|h| h.iter().any(|(n, h)| n != node && h.until > now)))
+        };
         grant.gateways = assigned
             .iter()
             .filter(|(g, _)| !self.moving.contains_key(*g))
+            .filter(|(g, a)| resources(g, a).iter().all(grantable))
             .map(|(g, a)| (g.clone(), a.clone()))
             .collect();
         let granted: BTreeSet<Resource> = grant
@@ -933,6 +947,63 @@ mod tests {
         // A lone member has nobody to wait for.
         let lone = LeaderLease::new(T, t);
         assert!(lone.free(&res, Some("a"), &["a".to_string()], t));
+    }
+
+    /// Found by the long simulation (seed 1077): a committed change moved a VIP from g1 (held
+    /// by a) to g2 (held by b), and the leader granted g2 with the VIP at b's next report while
+    /// a's lease on it ran on. A resource the reporting node does not claim yet is granted only
+    /// once no other node may hold it, and never while settling.
+    #[test]
+    fn hole4_an_address_moved_to_a_gateway_held_elsewhere_waits_for_its_old_holder() {
+        let other: IpAddr = "198.18.0.60".parse().unwrap();
+        let freed: IpAddr = "198.18.0.61".parse().unwrap();
+        let gw = |g: &str, a: IpAddr| -> BTreeMap<String, Vec<IpAddr>> {
+            [(g.to_string(), vec![a])].into_iter().collect()
+        };
+        let mut l = settled_leader(ms(0));
+        let t0 = T.settle() + ms(5);
+        let (mut a, mut b) = (NodeLease::new(1), NodeLease::new(1));
+        let h = a.report(t0);
+        a.on_grant(&l.on_report("a", &h, &gw("g1", vip()), t0), t0);
+        let h = b.report(t0);
+        b.on_grant(&l.on_report("b", &h, &gw("g2", other), t0), t0);
+        // The VIP moves from g1 to g2.
+        let h = b.report(t0 + ms(10));
+        let g = l.on_report("b", &h, &gw("g2", vip()), t0 + ms(10));
+        assert!(g.lease_ms > 0);
+        assert!(
+            g.gateways.is_empty(),
+            "g2 withheld while a may still answer for the VIP: {g:?}"
+        );
+        // a applies the grant that takes the VIP away and confirms it with its next report.
+        let h = a.report(t0 + ms(20));
+        a.on_grant(
+            &l.on_report("a", &h, &gw("g1", freed), t0 + ms(20)),
+            t0 + ms(20),
+        );
+        let h = a.report(t0 + ms(30));
+        assert!(!h.claims.contains(&Resource::Addr(vip())));
+        l.on_report("a", &h, &gw("g1", freed), t0 + ms(30));
+        let h = b.report(t0 + ms(40));
+        let g = l.on_report("b", &h, &gw("g2", vip()), t0 + ms(40));
+        assert_eq!(g.gateways, gw("g2", vip()));
+        b.on_grant(&g, t0 + ms(40));
+        // A new leader renews what a node claims, and grants nothing new while settling.
+        let t1 = t0 + ms(50);
+        let mut n = LeaderLease::new(T, t1);
+        n.confirmed(t1);
+        let h = b.report(t1);
+        assert!(h.claims.contains(&Resource::Addr(vip())));
+        assert_eq!(
+            n.on_report("b", &h, &gw("g2", vip()), t1).gateways,
+            gw("g2", vip())
+        );
+        let h = a.report(t1 + ms(1));
+        assert!(
+            n.on_report("a", &h, &gw("g3", other), t1 + ms(1))
+                .gateways
+                .is_empty()
+        );
     }
 
     #[test]
