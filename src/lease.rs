@@ -371,6 +371,14 @@ impl NodeLease {
         &self.fence
     }
 
+    /// The addresses whose fence elements may still be live at `now`.
+    pub fn fenced(&self, now: Time) -> impl Iterator<Item = IpAddr> + '_ {
+        self.fence
+            .iter()
+            .filter(move |(_, end)| **end > now)
+            .map(|(a, _)| *a)
+    }
+
     /// Whether an announcement for `addr` may go out now: the address is leased, and its fence
     /// element lives for at least `margin` more.
     pub fn may_announce(&self, addr: IpAddr, now: Time, margin: Duration) -> bool {

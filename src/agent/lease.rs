@@ -260,13 +260,7 @@ impl<R: Reporter, F: Fence + Send + 'static, A: Announcer> LeaseTask<R, F, A> {
             }
             return None;
         }
-        let before = self
-            .lease
-            .fence()
-            .iter()
-            .filter(|(_, end)| **end > now)
-            .map(|(a, _)| *a)
-            .collect();
+        let before = self.lease.fenced(now).collect();
         if write {
             self.lease.fence_writing(&target);
         }
@@ -457,13 +451,7 @@ impl<R: Reporter, F: Fence + Send + 'static, A: Announcer> LeaseTask<R, F, A> {
                 true
             }
         });
-        let fenced: Vec<IpAddr> = self
-            .lease
-            .fence()
-            .iter()
-            .filter(|(_, end)| **end > now)
-            .map(|(a, _)| *a)
-            .collect();
+        let fenced: Vec<IpAddr> = self.lease.fenced(now).collect();
         let gateways: Vec<LeasedGateway> = self
             .lease
             .leased(now)
