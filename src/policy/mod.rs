@@ -19,7 +19,7 @@
 
 use std::borrow::Borrow;
 use std::cmp::Reverse;
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, BinaryHeap, HashMap};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
 
@@ -408,40 +408,42 @@ struct Ranked {
     to: Option<u128>,
 }
 
+/// Above this many streams, [`merged`] sorts.
+const MERGE_MAX: usize = 16;
+
 /// The destination partition for the policies active over one source range: each piece gets
 /// the winner (longest prefix, then rank) and, when that winner's gateway is local, an element.
+///
+/// Each policy's pieces are already sorted and disjoint, so the policies' streams are merged
+/// (O(n log k) for k policies) rather than sorted again: next to a 100 000-CIDR policy, a
+/// one-CIDR change used to sort 200 000 events per recompiled source range.
 fn destinations_for(ranked: &[Ranked], active: &[u32], max: u128) -> Vec<DstOut> {
-    if let [r] = active {
-        let r = &ranked[*r as usize];
-        let Some(to) = r.to else {
+    let live: Vec<u32> = active
+        .iter()
+        .copied()
+        .filter(|&r| !ranked[r as usize].pieces.is_empty())
+        .collect();
+    let first_to = live.first().map(|&r| ranked[r as usize].to);
+    if live
+        .iter()
+        .all(|&r| Some(ranked[r as usize].to) == first_to)
+    {
+        // One outcome for every claimed address (the usual case: one gateway), so the winner
+        // does not matter: the union of the pieces.
+        let Some(Some(to)) = first_to else {
             return Vec::new();
         };
-        let mut out: Vec<DstOut> = Vec::with_capacity(r.pieces.len());
-        for pc in r.pieces.iter() {
-            match out.last_mut() {
-                // Adjacent pieces of different specificity: same outcome, so merge.
-                Some(prev) if prev.hi + 1 == pc.lo => prev.hi = pc.hi,
-                _ => out.push(DstOut {
-                    lo: pc.lo,
-                    hi: pc.hi,
-                    to,
-                }),
-            }
-        }
-        return out;
+        return union_of(ranked, &live, to);
     }
     // Event: (position, is_add, key). Removals sort before additions at the same position so
     // that a policy's adjacent pieces with the same key do not cancel out.
-    let mut evs: Vec<(u128, bool, (Reverse<u8>, u32))> = Vec::new();
-    for &r in active {
-        for pc in ranked[r as usize].pieces.iter() {
-            evs.push((pc.lo, true, (Reverse(pc.len), r)));
-            if pc.hi < max {
-                evs.push((pc.hi + 1, false, (Reverse(pc.len), r)));
-            }
-        }
-    }
-    evs.sort_unstable_by_key(|e| (e.0, e.1));
+    let evs = merged(live.iter().map(|&r| {
+        ranked[r as usize].pieces.iter().flat_map(move |pc| {
+            let key = (Reverse(pc.len), r);
+            let end = (pc.hi < max).then(|| (pc.hi + 1, false, key));
+            std::iter::once((pc.lo, true, key)).chain(end)
+        })
+    }));
     // Pieces of one policy are disjoint, so each policy has at most one live key; the smallest
     // key is the longest prefix, then the smallest rank.
     let mut live: BTreeSet<(Reverse<u8>, u32)> = BTreeSet::new();
@@ -461,16 +463,86 @@ fn destinations_for(ranked: &[Ranked], active: &[u32], max: u128) -> Vec<DstOut>
             let Some(to) = live.first().and_then(|(_, r)| ranked[*r as usize].to) else {
                 return;
             };
-            match out.last_mut() {
-                Some(prev) if prev.to == to && prev.hi + 1 == pos => prev.hi = last,
-                _ => out.push(DstOut {
-                    lo: pos,
-                    hi: last,
-                    to,
-                }),
-            }
+            push_merged(&mut out, pos, last, to);
         },
     );
+    out
+}
+
+/// The union of the pieces of `policies`, all going to `to`, as sorted merged outcomes.
+///
+/// The largest policy's pieces are copied in runs between the others' pieces (binary search),
+/// so that a small policy beside a 100 000-CIDR one costs a copy, not a merge step per piece.
+fn union_of(ranked: &[Ranked], policies: &[u32], to: u128) -> Vec<DstOut> {
+    let Some(&biggest) = policies
+        .iter()
+        .max_by_key(|&&r| ranked[r as usize].pieces.len())
+    else {
+        return Vec::new();
+    };
+    let big: &[Piece] = &ranked[biggest as usize].pieces;
+    let rest = merged(
+        policies
+            .iter()
+            .filter(|&&r| r != biggest)
+            .map(|&r| ranked[r as usize].pieces.iter().map(|pc| (pc.lo, pc.hi))),
+    );
+    let mut out: Vec<DstOut> = Vec::with_capacity(big.len() + rest.len());
+    let mut push = |lo: u128, hi: u128| match out.last_mut() {
+        // Overlapping (pieces of different policies) or adjacent: one range.
+        Some(prev) if prev.hi.checked_add(1).is_none_or(|next| lo <= next) => {
+            prev.hi = prev.hi.max(hi);
+        }
+        _ => out.push(DstOut { lo, hi, to }),
+    };
+    let mut at = 0;
+    for (lo, hi) in rest {
+        let upto = at + big[at..].partition_point(|pc| pc.lo < lo);
+        for pc in &big[at..upto] {
+            push(pc.lo, pc.hi);
+        }
+        at = upto;
+        push(lo, hi);
+    }
+    for pc in &big[at..] {
+        push(pc.lo, pc.hi);
+    }
+    out
+}
+
+/// Appends `[lo, last] -> to`, extending the previous outcome when it is adjacent and the same.
+fn push_merged(out: &mut Vec<DstOut>, lo: u128, last: u128, to: u128) {
+    match out.last_mut() {
+        Some(prev) if prev.to == to && prev.hi + 1 == lo => prev.hi = last,
+        _ => out.push(DstOut { lo, hi: last, to }),
+    }
+}
+
+/// The items of sorted `streams`, in order: a k-way merge for a few streams, a sort for many
+/// (100 000 one-CIDR policies over one source merge slower through a heap than they sort).
+fn merged<T: Ord + Copy, I: Iterator<Item = T>>(streams: impl Iterator<Item = I>) -> Vec<T> {
+    let mut streams: Vec<I> = streams.collect();
+    if let [one] = streams.as_mut_slice() {
+        return one.collect();
+    }
+    if streams.len() > MERGE_MAX {
+        let mut all: Vec<T> = streams.into_iter().flatten().collect();
+        all.sort_unstable();
+        return all;
+    }
+    let mut heap: BinaryHeap<Reverse<(T, usize)>> = BinaryHeap::new();
+    for (i, s) in streams.iter_mut().enumerate() {
+        if let Some(x) = s.next() {
+            heap.push(Reverse((x, i)));
+        }
+    }
+    let mut out = Vec::new();
+    while let Some(Reverse((x, i))) = heap.pop() {
+        out.push(x);
+        if let Some(next) = streams[i].next() {
+            heap.push(Reverse((next, i)));
+        }
+    }
     out
 }
 
@@ -1285,6 +1357,53 @@ mod tests {
             let names: BTreeSet<_> = ps.iter().map(|p| &p.name).collect();
             if names.len() == ps.len() {
                 prop_assert_eq!(&compile(&rev, &gws), &m);
+            }
+        }
+
+        /// A policy with many destinations beside small ones (its pieces are copied in runs
+        /// between theirs), and more policies over one source than the merge takes (they are
+        /// sorted instead).
+        #[test]
+        fn big_and_many_policies_match_reference(
+            big in prop::collection::vec((0u32..64, 26u8..=32), 10..60),
+            gw in prop::sample::select(vec!["g0", "g1"]),
+            small in prop::collection::vec(arb_policy(), 1..30),
+            loc in arb_local(),
+        ) {
+            let mut ps = vec![Policy {
+                name: "big".into(),
+                egress_gateway_name: gw.into(),
+                source_cidrs: vec![net("10.0.0.0/26")],
+                destination_cidrs: big
+                    .iter()
+                    .map(|&(off, len)| {
+                        IpNet::new(IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + off)), len)
+                            .unwrap()
+                            .trunc()
+                    })
+                    .collect(),
+                excluded_cidrs: vec![],
+            }];
+            // All over one source range too, so that many are active at once.
+            ps.extend(small.into_iter().map(|mut p| {
+                p.source_cidrs.push(net("10.0.0.0/8"));
+                p
+            }));
+            let gws: BTreeSet<String> = loc.keys().cloned().collect();
+            let m = compile(&ps, &gws);
+            prop_assert_eq!(well_formed(&m), Ok(()));
+            let srcs = boundary_points(ps.iter().flat_map(|p| p.source_cidrs.iter().copied()));
+            let dsts = boundary_points(
+                ps.iter().flat_map(|p| p.destination_cidrs.iter().chain(&p.excluded_cidrs).copied()),
+            );
+            for s in &srcs {
+                for d in &dsts {
+                    prop_assert_eq!(
+                        snat(&m, &loc, *s, *d),
+                        reference(&ps, &loc, *s, *d),
+                        "{} -> {}", s, d
+                    );
+                }
             }
         }
 
