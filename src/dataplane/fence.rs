@@ -83,8 +83,8 @@ pub struct NftFence {
     table: String,
     nft: NftRunner,
     built: Option<(BTreeSet<IpAddr>, BTreeSet<String>)>,
-    /// The wall-clock end (ns since the epoch) of each element written, as its key holds it.
-    written: BTreeMap<IpAddr, u64>,
+    /// The wall-clock range (ns since the epoch) of each element written, as its key holds it.
+    written: BTreeMap<IpAddr, Span>,
 }
 
 impl NftFence {
@@ -183,17 +183,49 @@ pub fn script(t: &str, managed: &BTreeSet<IpAddr>, devices: &BTreeSet<String>) -
     s
 }
 
-/// Appends the operations on one address's lease elements: `(element end, op, timeout)`.
-fn lease_ops(b: &mut Batch, t: &str, netdev: bool, ip: IpAddr, steps: &[(u64, Op, Option<u64>)]) {
+/// The wall-clock range `[start, end]` (ns since the epoch) an element's key holds.
+type Span = (u64, u64);
+
+/// The range a lease element ending at `end` covers when written at `now`: `[start, end']`
+/// with `start <= now` and `end'` at most `ROUND_NS` before `end`, chosen so that it is the
+/// union of few prefixes (at most 10 for a lease under 268 ms, instead of about 30 for
+/// `[0, end]`). The kernel keeps such a concatenated range as one rule per prefix and rewrites
+/// them all on every renewal, 20 times a second: that was most of an idle active node's CPU.
+/// A range that ends earlier is only ever safe; one that starts later than the epoch means
+/// that a wall clock stepped back by more than the lease stops the answer until the next
+/// renewal, where `[0, end]` waited for the timeout (which ends it either way).
+fn span(now: u64, end: u64) -> Span {
+    /// The lease given up to leave the low bits out: about a millisecond.
+    const ROUND_NS: u64 = 1 << 20;
+    let x = end.saturating_add(1);
+    let rounded = x & !(ROUND_NS - 1);
+    // Past ends stay as they are (the element no longer matches anyway).
+    let x = if rounded > now { rounded } else { x };
+    if x <= now {
+        return (0, end);
+    }
+    // The smallest power of two 2^k >= x - now: [now, x) lies in at most two aligned blocks.
+    let k = (64 - (x - now - 1).leading_zeros()).min(63);
+    let block = (x >> k) << k;
+    let start = if block <= now {
+        block
+    } else {
+        block - (1 << k)
+    };
+    (start, x - 1)
+}
+
+/// Appends the operations on one address's lease elements: `(element span, op, timeout)`.
+fn lease_ops(b: &mut Batch, t: &str, netdev: bool, ip: IpAddr, steps: &[(Span, Op, Option<u64>)]) {
     fn one<A: nfnl::KeyBytes>(
         b: &mut Batch,
         family: u8,
         t: &str,
         a: A,
-        (end, op, timeout_ms): (u64, Op, Option<u64>),
+        ((start, end), op, timeout_ms): (Span, Op, Option<u64>),
     ) {
         let element = Element::<Stamped<A>> {
-            key: (Stamped(a, 0), None),
+            key: (Stamped(a, start), None),
             key_end: Some((Stamped(a, end), None)),
             data: Data::None,
             timeout_ms,
@@ -277,7 +309,10 @@ impl Fence for NftFence {
                         }
                         continue;
                     }
-                    let end = wall_ns(crate::clock::wall_at(*until));
+                    let end = span(
+                        wall_ns(crate::clock::wall_at(now)),
+                        wall_ns(crate::clock::wall_at(*until)),
+                    );
                     let timeout = Some(ms_ceil(remaining));
                     let mut steps = Vec::with_capacity(3);
                     if let Some(old_end) = previous.get(ip) {
@@ -366,6 +401,54 @@ fn ms_ceil(d: Duration) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    /// How many prefixes the kernel splits `[lo, hi]` into.
+    fn prefixes(mut lo: u64, hi: u64) -> u32 {
+        let mut n = 0;
+        loop {
+            // The largest aligned block starting at `lo` that ends by `hi`.
+            let mut size: u128 = if lo == 0 {
+                1 << 64
+            } else {
+                1 << lo.trailing_zeros()
+            };
+            while u128::from(lo) + size - 1 > u128::from(hi) {
+                size >>= 1;
+            }
+            n += 1;
+            let next = u128::from(lo) + size;
+            if next > u128::from(hi) {
+                return n;
+            }
+            lo = next as u64;
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn a_lease_span_covers_now_ends_at_most_a_millisecond_early_and_is_few_prefixes(
+            now in 1_700_000_000_000_000_000u64..1_900_000_000_000_000_000,
+            ms in 2u64..270,
+        ) {
+            let end = now + ms * 1_000_000;
+            let (start, last) = span(now, end);
+            prop_assert!(start <= now, "{start} > {now}");
+            prop_assert!(last <= end && last >= end - (1 << 20), "{last} vs {end}");
+            prop_assert!(prefixes(start, last) <= 10, "{}", prefixes(start, last));
+        }
+    }
+
+    #[test]
+    fn a_lease_span_from_the_epoch_was_many_prefixes() {
+        // What the kernel kept per element before: [0, end].
+        let end = 1_800_000_000_123_456_789u64;
+        assert!(prefixes(0, end) > 20, "{}", prefixes(0, end));
+        let (start, last) = span(end - 150_000_000, end);
+        assert!(prefixes(start, last) <= 10);
+        // An end already past is written as it is (it matches no future time either way).
+        assert_eq!(span(end + 1, end), (0, end));
+    }
 
     #[test]
     fn the_script_fences_every_managed_address_and_the_egress_devices() {
