@@ -183,8 +183,9 @@ async fn apply_then_list_and_empty_diff() {
     assert_eq!(fw.full_replaces(), 1);
     let after_first = fw.transactions();
     assert_eq!(
-        after_first, 3,
-        "create maps with the gateway chains and their roles, load elements, switch"
+        after_first, 1,
+        "a small map: the maps with the gateway chains and their roles, the elements and the \
+         switch in one transaction"
     );
     apply(&mut fw, &map_a()).await.unwrap();
     assert_eq!(
@@ -467,8 +468,8 @@ async fn ipv6_elements() {
     assert_eq!(fw.list_elements().await.unwrap(), b);
     assert_eq!(
         fw.transactions(),
-        4,
-        "full replace (with the chains and their roles), then one delta"
+        2,
+        "full replace (one transaction for a small map), then one delta"
     );
     assert_eq!(fw.full_replaces(), 1);
 }

@@ -529,6 +529,46 @@ fn add_selector<A: NftAddr>(
     );
 }
 
+/// Up to this many cell map elements, a full replace is one `nft` transaction.
+const ONE_SCRIPT_MAX: usize = 2048;
+
+/// Generation `g`'s selector and cell map elements of one family, in nft's syntax.
+fn elements_script<A: NftAddr>(
+    s: &mut String,
+    t: &str,
+    g: u64,
+    partition: &Partition,
+    pieces: &BTreeMap<usize, Vec<(Rect, GwId)>>,
+) {
+    let key = |((s0, s1), (d0, d1)): Rect| {
+        format!(
+            "{} . {}",
+            Range((A::from_u128(s0), A::from_u128(s1))),
+            Range((A::from_u128(d0), A::from_u128(d1)))
+        )
+    };
+    let mut add = |map: &str, elements: Vec<String>| {
+        for part in elements.chunks(256) {
+            let _ = writeln!(s, "add element inet {t} {map} {{ {} }}", part.join(", "));
+        }
+    };
+    add(
+        &selector_name::<A>(g),
+        partition
+            .cells()
+            .map(|(c, r)| format!("{} : jump {}", key(r), chain_name::<A>(g, c)))
+            .collect(),
+    );
+    for (cell, list) in pieces {
+        add(
+            &map_name::<A>(g, *cell),
+            list.iter()
+                .map(|&(r, to)| format!("{} : goto {}", key(r), gw_chain::<A>(to)))
+                .collect(),
+        );
+    }
+}
+
 /// Refuses a range whose end is before its start (the kernel would reject it with a less
 /// helpful message), naming the element as nft would print it.
 fn validate<A: NftAddr>(elements: &[SnatElement<A>]) -> Result<()> {
@@ -727,12 +767,30 @@ impl NftFirewall {
 
         let mut create = self.create_script(generation, v4.partition.len(), v6.partition.len());
         create.push_str(with_create);
-        self.nft.transaction("create maps", &create).await?;
-
         let t = self.table.clone();
-        let (p4, p6) = (v4.partition.clone(), v6.partition.clone());
         let pieces4 = v4.pieces(map.v4.iter());
         let pieces6 = v6.pieces(map.v6.iter());
+        let count =
+            |p: &BTreeMap<usize, Vec<(Rect, GwId)>>| p.values().map(Vec::len).sum::<usize>();
+        if count(&pieces4) + count(&pieces6) <= ONE_SCRIPT_MAX {
+            // One `nft` run, one transaction: a repair or first install of a small table
+            // saves a process start and a netlink batch (about 10 ms of the ~50 a repair at
+            // 1 000 policies takes), and there is no half-built generation to clean up.
+            elements_script::<Ipv4Addr>(&mut create, &t, generation, &v4.partition, &pieces4);
+            elements_script::<Ipv6Addr>(&mut create, &t, generation, &v6.partition, &pieces6);
+            create.push_str(&self.switch_script(generation, &existing));
+            self.nft.transaction("replace maps", &create).await?;
+            self.installed = Some(Installed {
+                generation,
+                v4,
+                v6,
+                map: map.clone(),
+            });
+            return Ok(());
+        }
+        self.nft.transaction("create maps", &create).await?;
+
+        let (p4, p6) = (v4.partition.clone(), v6.partition.clone());
         let loaded = self
             .nft
             .send_batches("load elements", move || {
