@@ -776,17 +776,24 @@ impl NftFirewall {
             // One `nft` run, one transaction: a repair or first install of a small table
             // saves a process start and a netlink batch (about 10 ms of the ~50 a repair at
             // 1 000 policies takes), and there is no half-built generation to clean up.
-            elements_script::<Ipv4Addr>(&mut create, &t, generation, &v4.partition, &pieces4);
-            elements_script::<Ipv6Addr>(&mut create, &t, generation, &v6.partition, &pieces6);
-            create.push_str(&self.switch_script(generation, &existing));
-            self.nft.transaction("replace maps", &create).await?;
-            self.installed = Some(Installed {
-                generation,
-                v4,
-                v6,
-                map: map.clone(),
-            });
-            return Ok(());
+            let mut one = create.clone();
+            elements_script::<Ipv4Addr>(&mut one, &t, generation, &v4.partition, &pieces4);
+            elements_script::<Ipv6Addr>(&mut one, &t, generation, &v6.partition, &pieces6);
+            one.push_str(&self.switch_script(generation, &existing));
+            match self.nft.transaction("replace maps", &one).await {
+                Ok(()) => {
+                    self.installed = Some(Installed {
+                        generation,
+                        v4,
+                        v6,
+                        map: map.clone(),
+                    });
+                    return Ok(());
+                }
+                // A table made dormant from outside wakes up only in a transaction of its
+                // own, before base chains can be added to it: the steps below do that.
+                Err(e) => tracing::debug!(error = %e, "one-transaction replace refused; in steps"),
+            }
         }
         self.nft.transaction("create maps", &create).await?;
 
