@@ -977,12 +977,19 @@ impl ClusterNode {
         while self.leading_term() == Some(term) {
             let begun = Instant::now();
             let started = crate::clock::now();
-            if self.raft.ensure_linearizable().await.is_ok()
-                && let Ok(mut c) = self.controller.lock()
-                && let Some((t, c)) = c.as_mut()
-                && *t == term
-            {
-                c.confirmed(started);
+            match self.raft.ensure_linearizable().await {
+                Ok(_) => {
+                    if let Ok(mut c) = self.controller.lock()
+                        && let Some((t, c)) = c.as_mut()
+                        && *t == term
+                    {
+                        c.confirmed(started);
+                    }
+                }
+                // Raft has stopped (shutdown) but its metrics still name this node leader:
+                // without this, openraft logged an error for every round until the exit.
+                Err(RaftError::Fatal(_)) => break,
+                Err(_) => {}
             }
             tokio::time::sleep_until((begun + every).into()).await;
         }
