@@ -46,6 +46,9 @@ fn peer_list(config: &Config) -> Vec<(String, String)> {
 fn sort_file_objects(config: &mut Config) {
     config.gateways.sort_by(|a, b| a.name.cmp(&b.name));
     config.policies.sort_by(|a, b| a.name.cmp(&b.name));
+    // Kept for drift reports as long as the daemon runs: the parse grew it by doubling (at
+    // 100 000 policies, 16.8 MB for 12.8 MB of policies).
+    config.policies.shrink_to_fit();
 }
 
 /// How long a stopping daemon waits for the leader to move its gateways before it releases
