@@ -962,7 +962,7 @@ mod tests {
     /// Found by the long simulation (seed 1077): a committed change moved a VIP from g1 (held
     /// by a) to g2 (held by b), and the leader granted g2 with the VIP at b's next report while
     /// a's lease on it ran on. A resource the reporting node does not claim yet is granted only
-    /// once no other node may hold it, and never while settling.
+    /// once no other node may hold it; a settling leader re-grants what is committed.
     #[test]
     fn hole4_an_address_moved_to_a_gateway_held_elsewhere_waits_for_its_old_holder() {
         let other: IpAddr = "198.18.0.60".parse().unwrap();

@@ -219,6 +219,15 @@ fn span(now: u64, end: u64) -> Span {
     (start, x - 1)
 }
 
+/// The operations that delete the element `old`: re-added first (a no-op when present) so that
+/// the delete cannot fail on an element that timed out meanwhile.
+fn drop_steps(old: Span) -> [(Span, Op, Option<u64>); 2] {
+    [
+        (old, Op::Add { exclusive: false }, Some(1)),
+        (old, Op::Delete, None),
+    ]
+}
+
 /// Appends the operations on one address's lease elements: `(element span, op, timeout)`.
 fn lease_ops(b: &mut Batch, t: &str, netdev: bool, ip: IpAddr, steps: &[(Span, Op, Option<u64>)]) {
     fn one<A: nfnl::KeyBytes>(
@@ -288,44 +297,25 @@ impl Fence for NftFence {
                 // Computed at the last moment, from the clocks read now: the wall-clock end is
                 // absolute, so a pause before the kernel gets it cannot make it later.
                 let now = crate::clock::now();
+                let now_wall = wall_ns(crate::clock::wall_at(now));
                 let mut b = Batch::new();
                 let mut written = BTreeMap::new();
-                for (ip, old_end) in &previous {
+                for (ip, old) in &previous {
                     if !wanted.contains_key(ip) {
-                        // Re-add first (a no-op when present) so the delete cannot fail on an
-                        // element that timed out meanwhile.
-                        let steps = [
-                            (*old_end, Op::Add { exclusive: false }, Some(1)),
-                            (*old_end, Op::Delete, None),
-                        ];
-                        lease_ops(&mut b, &t, netdev, *ip, &steps);
+                        lease_ops(&mut b, &t, netdev, *ip, &drop_steps(*old));
                     }
                 }
                 for (ip, until) in &wanted {
                     let remaining = until.saturating_sub(now);
-                    if remaining.is_zero() {
-                        if let Some(old_end) = previous.get(ip) {
-                            let steps = [
-                                (*old_end, Op::Add { exclusive: false }, Some(1)),
-                                (*old_end, Op::Delete, None),
-                            ];
-                            lease_ops(&mut b, &t, netdev, *ip, &steps);
-                        }
-                        continue;
+                    let mut steps = previous
+                        .get(ip)
+                        .map_or_else(Vec::new, |old| drop_steps(*old).to_vec());
+                    if !remaining.is_zero() {
+                        let new = span(now_wall, wall_ns(crate::clock::wall_at(*until)));
+                        steps.push((new, Op::Add { exclusive: false }, Some(ms_ceil(remaining))));
+                        written.insert(*ip, new);
                     }
-                    let end = span(
-                        wall_ns(crate::clock::wall_at(now)),
-                        wall_ns(crate::clock::wall_at(*until)),
-                    );
-                    let timeout = Some(ms_ceil(remaining));
-                    let mut steps = Vec::with_capacity(3);
-                    if let Some(old_end) = previous.get(ip) {
-                        steps.push((*old_end, Op::Add { exclusive: false }, Some(1)));
-                        steps.push((*old_end, Op::Delete, None));
-                    }
-                    steps.push((end, Op::Add { exclusive: false }, timeout));
                     lease_ops(&mut b, &t, netdev, *ip, &steps);
-                    written.insert(*ip, end);
                 }
                 if let Ok(mut w) = record.lock() {
                     *w = written;

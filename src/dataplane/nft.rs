@@ -747,9 +747,9 @@ impl NftFirewall {
             .collect())
     }
 
-    /// Replaces everything in the inet table with generation `G+1` holding exactly `map`; see
-    /// the module documentation for the three steps. `with_create` goes into the first step's
-    /// transaction.
+    /// Replaces everything in the inet table with generation `G+1` holding exactly `map`: in
+    /// one transaction when the map is small, else in the three steps of the module
+    /// documentation. `with_create` goes into the first (or only) transaction.
     async fn full_replace(&mut self, map: &Arc<SnatMap>, with_create: &str) -> Result<()> {
         self.installed = None;
         self.full_replaces += 1;
@@ -772,6 +772,8 @@ impl NftFirewall {
         let pieces6 = v6.pieces(map.v6.iter());
         let count =
             |p: &BTreeMap<usize, Vec<(Rect, GwId)>>| p.values().map(Vec::len).sum::<usize>();
+        let switch = self.switch_script(generation, &existing);
+        let mut in_one = false;
         if count(&pieces4) + count(&pieces6) <= ONE_SCRIPT_MAX {
             // One `nft` run, one transaction: a repair or first install of a small table
             // saves a process start and a netlink batch (about 10 ms of the ~50 a repair at
@@ -779,58 +781,48 @@ impl NftFirewall {
             let mut one = create.clone();
             elements_script::<Ipv4Addr>(&mut one, &t, generation, &v4.partition, &pieces4);
             elements_script::<Ipv6Addr>(&mut one, &t, generation, &v6.partition, &pieces6);
-            one.push_str(&self.switch_script(generation, &existing));
+            one.push_str(&switch);
             match self.nft.transaction("replace maps", &one).await {
-                Ok(()) => {
-                    self.installed = Some(Installed {
-                        generation,
-                        v4,
-                        v6,
-                        map: map.clone(),
-                    });
-                    return Ok(());
-                }
+                Ok(()) => in_one = true,
                 // A table made dormant from outside wakes up only in a transaction of its
                 // own, before base chains can be added to it: the steps below do that.
                 Err(e) => tracing::debug!(error = %e, "one-transaction replace refused; in steps"),
             }
         }
-        self.nft.transaction("create maps", &create).await?;
-
-        let (p4, p6) = (v4.partition.clone(), v6.partition.clone());
-        let loaded = self
-            .nft
-            .send_batches("load elements", move || {
-                let add = Op::Add { exclusive: true };
-                let mut batches = Vec::new();
-                for (n, (cells4, cells6)) in load_parts(&pieces4, &pieces6).iter().enumerate() {
-                    let mut b = Batch::new();
-                    if n == 0 {
-                        add_selector::<Ipv4Addr>(&mut b, &t, generation, &p4);
-                        add_selector::<Ipv6Addr>(&mut b, &t, generation, &p6);
+        if !in_one {
+            self.nft.transaction("create maps", &create).await?;
+            let (p4, p6) = (v4.partition.clone(), v6.partition.clone());
+            let loaded = self
+                .nft
+                .send_batches("load elements", move || {
+                    let add = Op::Add { exclusive: true };
+                    let mut batches = Vec::new();
+                    for (n, (cells4, cells6)) in load_parts(&pieces4, &pieces6).iter().enumerate() {
+                        let mut b = Batch::new();
+                        if n == 0 {
+                            add_selector::<Ipv4Addr>(&mut b, &t, generation, &p4);
+                            add_selector::<Ipv6Addr>(&mut b, &t, generation, &p6);
+                        }
+                        add_pieces::<Ipv4Addr>(&mut b, add, &t, generation, cells4);
+                        add_pieces::<Ipv6Addr>(&mut b, add, &t, generation, cells6);
+                        batches.push(b);
                     }
-                    add_pieces::<Ipv4Addr>(&mut b, add, &t, generation, cells4);
-                    add_pieces::<Ipv6Addr>(&mut b, add, &t, generation, cells6);
-                    batches.push(b);
+                    batches
+                })
+                .await;
+            let switched = match loaded {
+                Ok(()) => self.nft.transaction("switch maps", &switch).await,
+                Err(e) => Err(e),
+            };
+            if let Err(e) = switched {
+                // The old generation is still in force; drop the new one (if this fails too,
+                // the next full replace deletes it).
+                let cleanup = self.drop_script(generation, v4.partition.len(), v6.partition.len());
+                if let Err(c) = self.nft.transaction("drop new maps", &cleanup).await {
+                    tracing::warn!(error = %c, "could not delete the maps of a failed replace");
                 }
-                batches
-            })
-            .await;
-        let switched = match loaded {
-            Ok(()) => {
-                let switch = self.switch_script(generation, &existing);
-                self.nft.transaction("switch maps", &switch).await
+                return Err(e);
             }
-            Err(e) => Err(e),
-        };
-        if let Err(e) = switched {
-            // The old generation is still in force; drop the new one (if this fails too, the
-            // next full replace deletes it).
-            let cleanup = self.drop_script(generation, v4.partition.len(), v6.partition.len());
-            if let Err(c) = self.nft.transaction("drop new maps", &cleanup).await {
-                tracing::warn!(error = %c, "could not delete the maps of a failed replace");
-            }
-            return Err(e);
         }
         self.installed = Some(Installed {
             generation,

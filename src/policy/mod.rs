@@ -418,13 +418,13 @@ const MERGE_MAX: usize = 16;
 /// (O(n log k) for k policies) rather than sorted again: next to a 100 000-CIDR policy, a
 /// one-CIDR change used to sort 200 000 events per recompiled source range.
 fn destinations_for(ranked: &[Ranked], active: &[u32], max: u128) -> Vec<DstOut> {
-    let live: Vec<u32> = active
+    let claiming: Vec<u32> = active
         .iter()
         .copied()
         .filter(|&r| !ranked[r as usize].pieces.is_empty())
         .collect();
-    let first_to = live.first().map(|&r| ranked[r as usize].to);
-    if live
+    let first_to = claiming.first().map(|&r| ranked[r as usize].to);
+    if claiming
         .iter()
         .all(|&r| Some(ranked[r as usize].to) == first_to)
     {
@@ -433,11 +433,11 @@ fn destinations_for(ranked: &[Ranked], active: &[u32], max: u128) -> Vec<DstOut>
         let Some(Some(to)) = first_to else {
             return Vec::new();
         };
-        return union_of(ranked, &live, to);
+        return union_of(ranked, &claiming, to);
     }
     // Event: (position, is_add, key). Removals sort before additions at the same position so
     // that a policy's adjacent pieces with the same key do not cancel out.
-    let evs = merged(live.iter().map(|&r| {
+    let evs = merged(claiming.iter().map(|&r| {
         ranked[r as usize].pieces.iter().flat_map(move |pc| {
             let key = (Reverse(pc.len), r);
             let end = (pc.hi < max).then(|| (pc.hi + 1, false, key));
