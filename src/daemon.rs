@@ -317,7 +317,8 @@ async fn run_inner(
     }
     let mut status = status_rx;
     let mut applied = node.subscribe();
-    let mut metrics = node.raft.metrics();
+    // Leadership and membership only: the full metrics change with every heartbeat answer.
+    let mut metrics = node.raft.server_metrics();
     let mut leave_by: Option<Instant> = None;
     let mut tick = tokio::time::interval(Duration::from_millis(
         main.config.cluster.timing().report_interval_ms,
@@ -497,7 +498,7 @@ fn lower_priority() {
 
 /// The current leader's id, changing only when the leader does.
 fn leader_watch(node: &Arc<ClusterNode>) -> watch::Receiver<Option<u64>> {
-    let mut metrics = node.raft.metrics();
+    let mut metrics = node.raft.server_metrics();
     let (tx, rx) = watch::channel(metrics.borrow().current_leader);
     tokio::spawn(async move {
         while metrics.changed().await.is_ok() {

@@ -367,7 +367,13 @@ impl ClusterNode {
 
     fn handle_report(&self, report: Report) -> anyhow::Result<Reply> {
         let state = self.applied.borrow().state.clone();
-        let term = self.raft.metrics().borrow().current_term;
+        let term = self
+            .raft
+            .server_metrics()
+            .borrow()
+            .vote
+            .leader_id()
+            .get_term();
         let mut guard = self
             .controller
             .lock()
@@ -928,7 +934,8 @@ impl ClusterNode {
     pub async fn run_controller(self: Arc<Self>) {
         let tick = Duration::from_millis(self.timing.report_interval_ms);
         let timing = self.timing.lease_timing();
-        let mut metrics = self.raft.metrics();
+        // Not `metrics()`: on a leader that changes with every append and heartbeat answer.
+        let mut metrics = self.raft.server_metrics();
         let mut applied = self.applied.clone();
         let mut next = Instant::now();
         let mut led: Option<u64> = None;
@@ -939,8 +946,7 @@ impl ClusterNode {
                 r = applied.changed() => if r.is_err() { return },
                 r = metrics.changed() => {
                     if r.is_err() { return }
-                    // Replication progress changes the metrics all the time; only a change of
-                    // leadership or term matters here.
+                    // A vote or a membership change: only leadership and term matter here.
                     if self.leading_term() == led {
                         continue;
                     }
@@ -1021,8 +1027,9 @@ impl ClusterNode {
 
     /// The term this node leads, if it is the leader.
     fn leading_term(&self) -> Option<u64> {
-        let m = self.raft.metrics().borrow().clone();
-        (m.current_leader == Some(self.id)).then_some(m.current_term)
+        let m = self.raft.server_metrics();
+        let m = m.borrow();
+        (m.current_leader == Some(self.id)).then(|| m.vote.leader_id().get_term())
     }
 
     async fn controller_round(self: Arc<Self>, timing: lease::Timing, term: u64) {
