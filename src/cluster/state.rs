@@ -7,6 +7,7 @@
 //! small `Commit`. The configuration rules are checked for the changed objects only, against the
 //! committed set.
 
+use std::borrow::Borrow;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::sync::Arc;
@@ -1498,11 +1499,11 @@ impl ClusterState {
 
     /// The change that makes the file objects equal a node's configuration file: `None` when
     /// they already are (API objects of the same name are not the file's to change).
-    pub fn file_change(
+    pub fn file_change<P: Borrow<Policy>>(
         &self,
         node: &str,
         file_gateways: &[Gateway],
-        file_policies: &[Policy],
+        file_policies: &[P],
     ) -> Option<Command> {
         let digest = file_digest(file_gateways, file_policies);
         let api = |r: &ObjectRef| self.api_objects.contains(r) || self.kube_objects.contains(r);
@@ -1514,12 +1515,16 @@ impl ClusterState {
             .collect();
         let policies: Vec<Policy> = file_policies
             .iter()
-            .filter(|p| !api(&ObjectRef::Policy(p.name.clone())))
+            .map(Borrow::borrow)
+            .filter(|p: &&Policy| !api(&ObjectRef::Policy(p.name.clone())))
             .filter(|p| self.policies.get(&p.name).is_none_or(|o| **o != **p))
             .cloned()
             .collect();
         let in_file_g: BTreeSet<&str> = file_gateways.iter().map(|g| g.name.as_str()).collect();
-        let in_file_p: BTreeSet<&str> = file_policies.iter().map(|p| p.name.as_str()).collect();
+        let in_file_p: BTreeSet<&str> = file_policies
+            .iter()
+            .map(|p| p.borrow().name.as_str())
+            .collect();
         let delete_gateways: Vec<String> = self
             .gateways
             .keys()
@@ -1551,19 +1556,27 @@ impl ClusterState {
     /// object in object order: file objects missing or different, committed file objects the
     /// file no longer has, and file objects shadowed by an API object of the same name.
     /// `file_gateways` and `file_policies` are sorted by name.
-    pub fn drift(&self, file_gateways: &[Gateway], file_policies: &[Policy]) -> Vec<String> {
+    pub fn drift<P: Borrow<Policy>>(
+        &self,
+        file_gateways: &[Gateway],
+        file_policies: &[P],
+    ) -> Vec<String> {
         self.drift_map(file_gateways, file_policies)
             .into_values()
             .collect()
     }
 
     /// `drift`, by object.
-    pub fn drift_map(&self, fg: &[Gateway], fp: &[Policy]) -> BTreeMap<ObjectRef, String> {
+    pub fn drift_map<P: Borrow<Policy>>(
+        &self,
+        fg: &[Gateway],
+        fp: &[P],
+    ) -> BTreeMap<ObjectRef, String> {
         let mut out = BTreeMap::new();
         self.gateway_drift(fg, &mut out);
         let names: BTreeSet<&str> = fp
             .iter()
-            .map(|p| p.name.as_str())
+            .map(|p| p.borrow().name.as_str())
             .chain(self.policies.keys().map(String::as_str))
             .collect();
         for name in names {
@@ -1579,13 +1592,13 @@ impl ClusterState {
     /// whose shadowing by `apply` did, are compared again (the persistent maps' diff skips what
     /// they share). With 100 000 policies a full comparison took a tenth of a second of CPU.
     #[allow(clippy::too_many_arguments)]
-    pub fn update_drift(
+    pub fn update_drift<P: Borrow<Policy>>(
         &self,
         policies: &OrdMap<String, Arc<Policy>>,
         api: &OrdSet<ObjectRef>,
         kube: &OrdSet<ObjectRef>,
         fg: &[Gateway],
-        fp: &[Policy],
+        fp: &[P],
         out: &mut BTreeMap<ObjectRef, String>,
     ) {
         let mut names: BTreeSet<&String> = policies
@@ -1703,11 +1716,11 @@ impl ClusterState {
 /// A digest of a file's gateways and policies as the cluster would hold them (sorted by name,
 /// after environment overrides): equal files have equal digests, whatever their comments or
 /// order.
-pub fn file_digest(gateways: &[Gateway], policies: &[Policy]) -> String {
+pub fn file_digest<P: Borrow<Policy>>(gateways: &[Gateway], policies: &[P]) -> String {
     use sha2::{Digest, Sha256};
     let mut g: Vec<&Gateway> = gateways.iter().collect();
     g.sort_by(|a, b| a.name.cmp(&b.name));
-    let mut p: Vec<&Policy> = policies.iter().collect();
+    let mut p: Vec<&Policy> = policies.iter().map(Borrow::borrow).collect();
     p.sort_by(|a, b| a.name.cmp(&b.name));
     let bytes = rmp_serde::to_vec(&(g, p)).unwrap_or_default();
     let d = Sha256::digest(&bytes);
@@ -1806,11 +1819,11 @@ pub struct EventDraft {
 }
 
 /// The file's policy `name` (the file's policies are sorted by name).
-pub fn file_policy<'a>(policies: &'a [Policy], name: &str) -> Option<&'a Policy> {
+pub fn file_policy<'a, P: Borrow<Policy>>(policies: &'a [P], name: &str) -> Option<&'a Policy> {
     policies
-        .binary_search_by(|p| p.name.as_str().cmp(name))
+        .binary_search_by(|p| p.borrow().name.as_str().cmp(name))
         .ok()
-        .map(|i| &policies[i])
+        .map(|i| policies[i].borrow())
 }
 
 #[cfg(test)]
@@ -1884,7 +1897,7 @@ pub(crate) mod tests {
         }
     }
 
-    fn policy(name: &str, gateway: &str) -> Policy {
+    pub(crate) fn policy(name: &str, gateway: &str) -> Policy {
         Policy {
             name: name.into(),
             egress_gateway_name: gateway.into(),
