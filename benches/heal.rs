@@ -60,15 +60,15 @@ fn changes() -> Vec<Change> {
             },
         },
         Change {
-            key: "map",
-            what: "delete a cell map (and its rule)",
+            key: "set",
+            what: "delete a cell set (and its chain's rules)",
             part: Part::Snat,
             act: |n| {
-                let map = object_named(&n.terse_ruleset(), "map", "m4_");
-                let chain = map.replacen('m', "c", 1);
+                let set = object_named(&n.terse_ruleset(), "set", "m4_");
+                let chain = cell_chain(&set);
                 n.nft_file(
                     "del",
-                    &format!("flush chain inet egressd {chain}\ndelete map inet egressd {map}\n"),
+                    &format!("flush chain inet egressd {chain}\ndelete set inet egressd {set}\n"),
                 );
             },
         },

@@ -166,27 +166,27 @@ fn flushed_snat_by_mark_chain_is_repaired() {
 }
 
 #[test]
-fn deleted_map_is_repaired() {
-    if !require_root("deleted_map_is_repaired") {
+fn deleted_cell_set_is_repaired() {
+    if !require_root("deleted_cell_set_is_repaired") {
         return;
     }
     let node = Node::start("hdelmap", 0);
     let foreign = node.foreign();
     let ruleset = node.terse_ruleset();
-    // A map in use cannot be deleted: the rule that uses it goes in the same transaction.
-    let map = object_named(&ruleset, "map", "m4_");
-    let chain = map.replacen('m', "c", 1);
-    let o = outside_change(&node, "delete map", Part::Snat, |n| {
+    // A set in use cannot be deleted: the rule that uses it goes in the same transaction.
+    let set = object_named(&ruleset, "set", "m4_");
+    let chain = cell_chain(&set);
+    let o = outside_change(&node, "delete set", Part::Snat, |n| {
         n.nft_file(
             "del",
-            &format!("flush chain inet egressd {chain}\ndelete map inet egressd {map}\n"),
+            &format!("flush chain inet egressd {chain}\ndelete set inet egressd {set}\n"),
         )
     });
     assert_snat_repaired(
         &node,
-        "delete map",
+        "delete set",
         &o,
-        &format!("inet egressd {map} was deleted"),
+        &format!("set inet egressd {set} was deleted"),
     );
     assert_eq!(node.foreign(), foreign);
 }

@@ -215,7 +215,12 @@ async fn incremental_apply() {
     let first = fw.transactions();
     apply(&mut fw, &map_b()).await.unwrap();
     assert_eq!(fw.list_elements().await.unwrap(), map_b());
-    assert_eq!(fw.transactions(), first + 1, "a delta is one transaction");
+    assert_eq!(
+        fw.transactions(),
+        first + 2,
+        "a delta is one transaction, after one that adds the sets (and rules) of gateways new \
+         to the cell"
+    );
     assert_eq!(
         table_handle(&lab, &ns),
         handle,
@@ -228,7 +233,8 @@ async fn incremental_apply() {
     assert_eq!(fw.list_elements().await.unwrap(), SnatMap::default());
     apply(&mut fw, &map_b()).await.unwrap();
     assert_eq!(fw.list_elements().await.unwrap(), map_b());
-    assert_eq!(fw.transactions(), first + 4);
+    // Emptied sets stay until the next full replace: each of these is one transaction.
+    assert_eq!(fw.transactions(), first + 5);
     assert_eq!(fw.full_replaces(), 1);
     assert_eq!(table_handle(&lab, &ns), handle);
 }
@@ -363,25 +369,39 @@ async fn bad_element_keeps_previous_ruleset() {
     assert_eq!(text(&lab, &ns, &["list", "ruleset"]), before);
     assert_eq!(fw.transactions(), sent);
 
-    // The same key twice with different targets: the kernel refuses the second, and the
-    // error names it. On the delta path...
+    // The same key twice with different targets: each would go into its gateway's own set,
+    // where the kernel would not see the overlap, so it is refused before anything is sent,
+    // naming both. On the delta path...
     let mut dup = map_a();
     dup.v4.push(e4(("10.0.0.1", "10.0.0.1"), ANY4, "192.0.2.7"));
+    let dup = sorted(dup);
+    let sent = fw.transactions();
     let err = apply(&mut fw, &dup).await.unwrap_err().to_string();
-    assert!(err.contains("File exists"), "{err}");
+    assert!(err.contains("overlapping elements"), "{err}");
     assert!(err.contains("10.0.0.1 . 0.0.0.0-255.255.255.255"), "{err}");
+    assert_eq!(fw.transactions(), sent);
     assert_eq!(text(&lab, &ns, &["list", "ruleset"]), before);
-    // ... and, after that failure, on the full-replace path: the new generation's maps are
-    // deleted again and the old one stays in force.
-    let replaces = fw.full_replaces();
-    let err = apply(&mut fw, &dup).await.unwrap_err().to_string();
-    assert!(err.contains("File exists"), "{err}");
-    assert_eq!(fw.full_replaces(), replaces + 1);
+    // ... and on the full-replace path (a firewall that knows nothing of the table, as after a
+    // restart).
+    let mut fresh = NftFirewall::in_netns("egressd", &ns);
+    let err = apply(&mut fresh, &dup).await.unwrap_err().to_string();
+    assert!(err.contains("overlapping elements"), "{err}");
+    assert_eq!(fresh.transactions(), 0);
     assert_eq!(text(&lab, &ns, &["list", "ruleset"]), before);
+    // Overlapping, not equal: the same sources, destinations that overlap.
+    let mut part = map_a();
+    part.v4.push(e4(
+        ("10.0.0.1", "10.0.0.1"),
+        ("9.0.0.0", "9.0.0.255"),
+        "192.0.2.7",
+    ));
+    let err = apply(&mut fw, &sorted(part)).await.unwrap_err().to_string();
+    assert!(err.contains("overlapping elements"), "{err}");
 
-    // A good map then goes through (as a full replace: a new generation, the same table).
+    // A good map then goes through (a delta).
+    let replaces = fw.full_replaces();
     apply(&mut fw, &map_b()).await.unwrap();
-    assert_eq!(fw.full_replaces(), replaces + 2);
+    assert_eq!(fw.full_replaces(), replaces);
     assert_eq!(fw.list_elements().await.unwrap(), map_b());
     assert_eq!(table_handle(&lab, &ns), handle);
     assert_ne!(text(&lab, &ns, &["list", "ruleset"]), before);
@@ -408,28 +428,42 @@ async fn a_large_load_goes_in_parts_and_a_late_failure_keeps_the_old_generation(
     assert_eq!(fw.list_elements().await.unwrap(), big);
     let before = text(&lab, &ns, &["list", "ruleset"]);
 
-    // The last source twice with different targets: the kernel refuses it in the last part.
-    let mut dup = big.clone();
-    let last = *dup.v4.last().unwrap();
-    dup.v4.push(SnatElement {
-        to: GwId::of("192.0.2.7"),
-        ..last
-    });
-    // Refused on the delta path first; the next apply is a full replace and fails in its
-    // last part, after the earlier parts went in.
-    assert!(apply(&mut fw, &dup).await.is_err());
-    let (replaces, sent) = (fw.full_replaces(), fw.transactions());
-    let err = apply(&mut fw, &dup).await.unwrap_err().to_string();
-    assert!(err.contains("File exists"), "{err}");
-    assert_eq!(fw.full_replaces(), replaces + 1);
+    // A chain of a name nft's syntax cannot write (made through JSON, so egressd leaves it
+    // alone) jumps to a cell chain of the generation in force: a full replace (a firewall
+    // that knows nothing of the table, as after a restart) loads every part, and then its
+    // switch, which deletes the old generation, fails.
+    let cell = before
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("chain c4_"))
+        .and_then(|rest| rest.split_whitespace().next())
+        .map(|n| format!("c4_{n}"))
+        .unwrap();
+    let odd = |op: &str, what: &str| {
+        format!(
+            r#"{{"nftables": [{{"{op}": {{"{what}": {{"family": "inet", "table": "egressd", "name": "odd name"}}}}}}]}}"#
+        )
+    };
+    let jump = format!(
+        r#"{{"nftables": [{{"add": {{"rule": {{"family": "inet", "table": "egressd", "chain": "odd name", "expr": [{{"jump": {{"target": "{cell}"}}}}]}}}}}}]}}"#
+    );
+    for json in [odd("add", "chain"), jump] {
+        lab.exec(&ns, ["nft", "-j", &json]);
+    }
+    let before = text(&lab, &ns, &["list", "ruleset"]);
+    let mut restarted = NftFirewall::in_netns("egressd", &ns);
+    let err = apply(&mut restarted, &big).await.unwrap_err().to_string();
+    assert!(err.contains("switch maps"), "{err}");
+    assert_eq!(restarted.full_replaces(), 1);
     assert!(
-        fw.transactions() >= sent + 4,
-        "create, at least two parts, and the clean-up: {} transactions",
-        fw.transactions() - sent
+        restarted.transactions() >= 5,
+        "create, at least two parts, the switch and the clean-up: {} transactions",
+        restarted.transactions()
     );
     assert_eq!(text(&lab, &ns, &["list", "ruleset"]), before);
-    apply(&mut fw, &big).await.unwrap();
-    assert_eq!(fw.list_elements().await.unwrap(), big);
+    lab.exec(&ns, ["nft", "-j", &odd("flush", "chain")]);
+    lab.exec(&ns, ["nft", "-j", &odd("delete", "chain")]);
+    apply(&mut restarted, &big).await.unwrap();
+    assert_eq!(restarted.list_elements().await.unwrap(), big);
 }
 
 #[tokio::test]
@@ -468,8 +502,9 @@ async fn ipv6_elements() {
     assert_eq!(fw.list_elements().await.unwrap(), b);
     assert_eq!(
         fw.transactions(),
-        2,
-        "full replace (one transaction for a small map), then one delta"
+        3,
+        "full replace (one transaction for a small map), then one delta after the sets of the \
+         two gateways new to the cell"
     );
     assert_eq!(fw.full_replaces(), 1);
 }
@@ -620,9 +655,15 @@ async fn sharded_maps_and_cell_boundaries() {
     let mut fw = fw(&ns);
     let low = ("0.0.0.0", "127.255.255.255");
     let mut v4 = sources(3000, "10.64.0.0", low, "192.0.2.1");
-    // From every source to 200.0.0.0/8: a piece in every cell.
-    let wide = e4(ANY4, ("200.0.0.0", "200.255.255.255"), "192.0.2.9");
-    v4.push(wide);
+    // From every source to 200.0.0.0/8, as `compile` writes it (source ranges equal or
+    // disjoint): in each source's row, and in rows of its own below and above them. Pieces of
+    // another gateway in every cell.
+    let to200 = ("200.0.0.0", "200.255.255.255");
+    let mut wide = sources(3000, "10.64.0.0", to200, "192.0.2.9");
+    let below = e4(("0.0.0.0", "10.63.255.255"), to200, "192.0.2.9");
+    let above = e4(("10.64.11.184", "255.255.255.255"), to200, "192.0.2.9");
+    wide.extend([below, above]);
+    v4.extend(wide.iter().copied());
     let any6 = ("::", "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff");
     let a = sorted(SnatMap {
         v4,
@@ -634,18 +675,22 @@ async fn sharded_maps_and_cell_boundaries() {
     assert_eq!(cells6, 1);
     assert_eq!(fw.list_elements().await.unwrap(), a);
     let listing = text(&lab, &ns, &["list", "table", "inet", "egressd"]);
+    let gw9 = format!("_{} {{", GwId::of("192.0.2.9"));
     assert_eq!(
         listing
-            .matches(&format!("200.0.0.0/8 : goto g4_{}", GwId::of("192.0.2.9")))
+            .lines()
+            .filter(|l| l.trim().starts_with("set m4_") && l.ends_with(&gw9))
             .count(),
         cells4,
-        "one piece of the wide element per cell"
+        "a set of the wide policy's gateway in every cell"
     );
+    assert_eq!(listing.matches(" . 200.0.0.0/8").count(), wide.len());
 
-    // The wide element goes, and the elements on both sides of the first cell boundary change
-    // their target: one transaction.
+    // The wide policy's rows below and above the sources go (first and last cell), and the
+    // elements on both sides of the first cell boundary change their target to a gateway new
+    // to those cells: its sets first, then one transaction.
     let mut b = a.clone();
-    b.v4.retain(|e| *e != wide);
+    b.v4.retain(|e| *e != below && *e != above);
     for e in b.v4.iter_mut() {
         let i = u32::from(e.src.0) - u32::from(ip4("10.64.0.0"));
         if i == 511 || i == 512 {
@@ -656,7 +701,7 @@ async fn sharded_maps_and_cell_boundaries() {
     let b = sorted(b);
     let before = fw.transactions();
     apply(&mut fw, &b).await.unwrap();
-    assert_eq!(fw.transactions(), before + 1);
+    assert_eq!(fw.transactions(), before + 2);
     assert_eq!(fw.full_replaces(), 1);
     assert_eq!(fw.list_elements().await.unwrap(), b);
     apply(&mut fw, &a).await.unwrap();
@@ -683,13 +728,13 @@ async fn two_cell_delta_is_atomic_and_recovers() {
     // b: the first element (first cell) gone, one added beyond the last (last cell).
     let mut b = a.clone();
     b.v4.remove(0);
-    b.v4.push(e4(("10.99.0.1", "10.99.0.1"), ANY4, "192.0.2.5"));
+    b.v4.push(e4(("10.99.0.1", "10.99.0.1"), ANY4, "192.0.2.1"));
     let b = sorted(b);
     // Someone deletes the first element behind egressd's back: the delta's delete fails.
     let listing = text(&lab, &ns, &["list", "table", "inet", "egressd"]);
     let first_map = listing
         .split_whitespace()
-        .find(|w| w.starts_with("m4_") && w.ends_with("_0"))
+        .find(|w| w.starts_with("m4_") && w.split('_').nth(2) == Some("0"))
         .unwrap()
         .to_owned();
     lab.exec(

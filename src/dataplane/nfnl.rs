@@ -52,7 +52,6 @@ const NFTA_DATA_VERDICT: u16 = 2;
 const NFTA_VERDICT_CODE: u16 = 1;
 const NFTA_VERDICT_CHAIN: u16 = 2;
 const NFT_JUMP: i32 = -3;
-const NFT_GOTO: i32 = -4;
 
 /// Netfilter protocol families of the tables egressd owns.
 pub const NFPROTO_INET: u8 = 1;
@@ -128,8 +127,6 @@ pub enum Data<'a, A> {
     Addr(A),
     /// `jump CHAIN` (the selector verdict maps).
     Jump(&'a str),
-    /// `goto CHAIN` (the classification maps: to the gateway's chain).
-    Goto(&'a str),
 }
 
 /// One element: `key` (a concatenation of one or two addresses) up to `key_end` when the set has
@@ -356,17 +353,12 @@ fn encode_element<A: KeyBytes>(buf: &mut Vec<u8>, e: &Element<'_, A>) {
     match e.data {
         Data::None => {}
         Data::Addr(a) => put_value(buf, NFTA_SET_ELEM_DATA, (a, None)),
-        Data::Jump(chain) | Data::Goto(chain) => {
-            let code = if matches!(e.data, Data::Jump(_)) {
-                NFT_JUMP
-            } else {
-                NFT_GOTO
-            };
+        Data::Jump(chain) => {
             let data = buf.len();
             put_attr_header(buf, NFTA_SET_ELEM_DATA | NLA_F_NESTED);
             let verdict = buf.len();
             put_attr_header(buf, NFTA_DATA_VERDICT | NLA_F_NESTED);
-            put_attr(buf, NFTA_VERDICT_CODE, &code.to_be_bytes());
+            put_attr(buf, NFTA_VERDICT_CODE, &NFT_JUMP.to_be_bytes());
             put_attr(buf, NFTA_VERDICT_CHAIN, &cstr(chain));
             set_len(buf, verdict);
             set_len(buf, data);

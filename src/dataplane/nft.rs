@@ -10,9 +10,10 @@
 //!   counter dropped { }                   # packets of a gateway no node can take here: dropped
 //!   counter redirected { }                # packets of a gateway active elsewhere: redirected
 //!   map sel4_G { type ipv4_addr . ipv4_addr : verdict; flags interval; }   # cell → jump c4_G_K
-//!   map m4_G_K { type ipv4_addr . ipv4_addr : verdict; flags interval; }   # → goto g4_<gateway>
-//!   chain c4_G_K { ip saddr . ip daddr vmap @m4_G_K }
-//!   ... one map and chain per cell, and the same for IPv6 (sel6_G, m6_G_K, c6_G_K)
+//!   set m4_G_K_<id> { type ipv4_addr . ipv4_addr; flags interval; }   # the cell's pieces of <id>
+//!   chain c4_G_K { ip saddr . ip daddr @m4_G_K_<id> goto g4_<id> }    # a rule per gateway
+//!   ... one chain per cell, one set per gateway of the cell, and the same for IPv6
+//!   (sel6_G, m6_G_K_<id>, c6_G_K)
 //!   chain g4_<id> { meta mark set meta mark and 0xffff or 0x00010000 accept }  # active here
 //!   chain g4_<id2> { iifname "egressd0" counter name "dropped" drop    # active on the member
 //!                    meta mark set ... or 0x80020000 ct mark set ct mark or 0x01000000
@@ -53,11 +54,16 @@
 //! rewrites a few small chains in one `nft` transaction, whatever the number of policies.
 //!
 //! The cells (`shard.rs`) tile the (source, destination) plane; the selector map sends a packet
-//! to its cell's chain, whose map holds the elements (or the pieces of elements) of that cell.
-//! Why: the kernel's set backend for concatenated ranges deletes an element in time linear in
-//! its set's size (~5 µs per element here), so one change in a single 100 000-element map cost
-//! ~90 ms; with cells of at most a few hundred elements it costs a few milliseconds. Lookups stay
-//! two map lookups whatever the number of policies.
+//! to its cell's chain, whose sets hold the elements (or the pieces of elements) of that cell,
+//! one set per gateway. Why cells: the kernel's set backend for concatenated ranges deletes an
+//! element in time linear in its set's size (~5 µs per element here), so one change in a single
+//! 100 000-element map cost ~90 ms; with cells of at most a few hundred elements it costs a few
+//! milliseconds. Lookups stay a map lookup and one set lookup per gateway of the cell (usually
+//! one) whatever the number of policies. Why sets, not a verdict map per cell: the kernel
+//! re-validates every jump and goto element reachable from a base chain on each commit that
+//! adds one, which at 300 000 elements cost every delta that added a piece ~16 ms. A delta that
+//! puts a piece of a gateway into a cell without a set for it first adds the set and its rule
+//! (empty, so nothing changes until the elements' batch commits).
 //!
 //! A packet no element matches (no policy, or an excluded destination) falls through untouched.
 //! A node that is not active for a gateway never forwards its policies' traffic with the
@@ -177,8 +183,9 @@ fn rect<A: NftAddr>(e: &SnatElement<A>) -> Rect {
     )
 }
 
-fn map_name<A: NftAddr>(generation: u64, cell: usize) -> String {
-    format!("m{}_{generation}_{cell}", A::V)
+/// The set of cell `cell`'s pieces that go to gateway `gw`.
+fn set_name<A: NftAddr>(generation: u64, cell: usize, gw: GwId) -> String {
+    format!("m{}_{generation}_{cell}_{gw}", A::V)
 }
 
 fn chain_name<A: NftAddr>(generation: u64, cell: usize) -> String {
@@ -222,12 +229,12 @@ fn generation_of(name: &str) -> Option<u64> {
     parts.next()?.parse().ok()
 }
 
-/// One address family as installed: its cells and how many pieces each holds (the elements are
-/// `Installed::map`'s).
+/// One address family as installed: its cells, and per cell the gateways it has a set for with
+/// the number of pieces in each (the elements are `Installed::map`'s).
 #[derive(Debug, Clone)]
 struct Family<A> {
     partition: Partition,
-    counts: Vec<usize>,
+    sets: Vec<BTreeMap<GwId, usize>>,
     family: std::marker::PhantomData<A>,
 }
 
@@ -241,15 +248,23 @@ impl<A: NftAddr> Family<A> {
         } else {
             Partition::build(&rects, CELL_TARGET, A::MAX)
         };
-        let mut counts = vec![0; partition.len()];
-        for r in &rects {
-            partition.pieces(*r, |c, _| counts[c] += 1);
+        let mut sets: Vec<BTreeMap<GwId, usize>> = vec![BTreeMap::new(); partition.len()];
+        for e in elements {
+            partition.pieces(rect(e), |c, _| *sets[c].entry(e.to).or_default() += 1);
         }
         Family {
             partition,
-            counts,
+            sets,
             family: std::marker::PhantomData,
         }
+    }
+
+    /// The gateways each cell has a set for.
+    fn gateways(&self) -> Vec<Vec<GwId>> {
+        self.sets
+            .iter()
+            .map(|m| m.keys().copied().collect())
+            .collect()
     }
 
     /// The pieces of `elements`, grouped by cell.
@@ -310,27 +325,30 @@ fn add_pieces<A: NftAddr>(
     pieces: &BTreeMap<usize, Vec<(Rect, GwId)>>,
 ) {
     for (cell, list) in pieces {
-        let map = map_name::<A>(generation, *cell);
-        let chains: Vec<String> = list.iter().map(|(_, to)| gw_chain::<A>(*to)).collect();
-        batch.elements(
-            op,
-            nfnl::NFPROTO_INET,
-            table,
-            &map,
-            list.iter()
-                .zip(&chains)
-                .map(|(&(((s0, s1), (d0, d1)), _), chain)| Element {
+        for (gw, rects) in by_gateway(list) {
+            batch.elements(
+                op,
+                nfnl::NFPROTO_INET,
+                table,
+                &set_name::<A>(generation, *cell, gw),
+                rects.into_iter().map(|((s0, s1), (d0, d1))| Element {
                     key: (A::from_u128(s0), Some(A::from_u128(d0))),
                     key_end: Some((A::from_u128(s1), Some(A::from_u128(d1)))),
-                    data: if op == Op::Delete {
-                        Data::None
-                    } else {
-                        Data::Goto(chain)
-                    },
+                    data: Data::None,
                     timeout_ms: None,
                 }),
-        );
+            );
+        }
     }
+}
+
+/// A cell's pieces grouped by the gateway they go to.
+fn by_gateway(list: &[(Rect, GwId)]) -> BTreeMap<GwId, Vec<Rect>> {
+    let mut out: BTreeMap<GwId, Vec<Rect>> = BTreeMap::new();
+    for (r, gw) in list {
+        out.entry(*gw).or_default().push(*r);
+    }
+    out
 }
 
 /// The node-wide count of every drop of a gateway chain.
@@ -494,9 +512,14 @@ fn gw_chain<A: NftAddr>(id: GwId) -> String {
 
 /// The gateway id a chain name of ours carries (`g4_00112233aabbccdd`), if it is one.
 fn gw_of(name: &str) -> Option<GwId> {
-    let hex = name
-        .strip_prefix("g4_")
-        .or_else(|| name.strip_prefix("g6_"))?;
+    gw_id(
+        name.strip_prefix("g4_")
+            .or_else(|| name.strip_prefix("g6_"))?,
+    )
+}
+
+/// A gateway id as our names write it (16 hex digits).
+fn gw_id(hex: &str) -> Option<GwId> {
     (hex.len() == 16)
         .then(|| u64::from_str_radix(hex, 16).ok().map(GwId))
         .flatten()
@@ -560,12 +583,12 @@ fn elements_script<A: NftAddr>(
             .collect(),
     );
     for (cell, list) in pieces {
-        add(
-            &map_name::<A>(g, *cell),
-            list.iter()
-                .map(|&(r, to)| format!("{} : goto {}", key(r), gw_chain::<A>(to)))
-                .collect(),
-        );
+        for (gw, rects) in by_gateway(list) {
+            add(
+                &set_name::<A>(g, *cell, gw),
+                rects.into_iter().map(key).collect(),
+            );
+        }
     }
 }
 
@@ -586,6 +609,55 @@ fn validate<A: NftAddr>(elements: &[SnatElement<A>]) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Refuses a map whose elements overlap, naming two of them. The kernel refuses an overlap
+/// within one set, but a cell holds one set per gateway: elements of two gateways that overlap
+/// would both go in, and the first rule would win. `map` is sorted, and `compile` makes the
+/// source ranges of any two elements equal or disjoint, so it is enough that every element of
+/// neighbouring elements in `map` are apart (`pairs`: all of them, or those around a delta's
+/// additions): with the same sources, destinations in order; else sources in order.
+fn disjoint<'a, A: NftAddr + 'a>(
+    mut pairs: impl Iterator<Item = (&'a SnatElement<A>, &'a SnatElement<A>)>,
+) -> Result<()> {
+    let apart = |a: &SnatElement<A>, b: &SnatElement<A>| {
+        if a.src == b.src {
+            a.dst.1 < b.dst.0
+        } else {
+            a.src.1 < b.src.0
+        }
+    };
+    match pairs.find(|(a, b)| !apart(a, b)) {
+        None => Ok(()),
+        Some((a, b)) => Err(Error::Nft {
+            op: "check elements",
+            detail: format!(
+                "overlapping elements: {} . {} : {} and {} . {} : {}",
+                Range(a.src),
+                Range(a.dst),
+                a.to,
+                Range(b.src),
+                Range(b.dst),
+                b.to
+            ),
+        }),
+    }
+}
+
+/// The pairs of neighbours in `map` (sorted) that each element of `added` (in `map`) is in.
+fn neighbours<'a, A: NftAddr>(
+    map: &'a [SnatElement<A>],
+    added: &'a [SnatElement<A>],
+) -> impl Iterator<Item = (&'a SnatElement<A>, &'a SnatElement<A>)> {
+    added
+        .iter()
+        .filter_map(|e| map.binary_search(e).ok())
+        .flat_map(move |i| [i.checked_sub(1).map(|p| p..i + 1), Some(i..i + 2)])
+        .flatten()
+        .filter_map(move |r| match map.get(r) {
+            Some([a, b]) => Some((a, b)),
+            _ => None,
+        })
 }
 
 /// What this struct last installed successfully; `None` in `NftFirewall` means "unknown", so the
@@ -755,6 +827,8 @@ impl NftFirewall {
         self.full_replaces += 1;
         validate(&map.v4)?;
         validate(&map.v6)?;
+        disjoint(map.v4.windows(2).map(|w| (&w[0], &w[1])))?;
+        disjoint(map.v6.windows(2).map(|w| (&w[0], &w[1])))?;
         let existing = self.list_objects().await?;
         let generation = existing
             .iter()
@@ -765,8 +839,7 @@ impl NftFirewall {
         let v4 = Family::build(&map.v4);
         let v6 = Family::build(&map.v6);
 
-        let mut create = self.create_script(generation, v4.partition.len(), v6.partition.len());
-        create.push_str(with_create);
+        let create = self.create_script(generation, &v4, &v6, with_create);
         let t = self.table.clone();
         let pieces4 = v4.pieces(map.v4.iter());
         let pieces6 = v6.pieces(map.v6.iter());
@@ -817,7 +890,7 @@ impl NftFirewall {
             if let Err(e) = switched {
                 // The old generation is still in force; drop the new one (if this fails too,
                 // the next full replace deletes it).
-                let cleanup = self.drop_script(generation, v4.partition.len(), v6.partition.len());
+                let cleanup = self.drop_script(generation, &v4, &v6);
                 if let Err(c) = self.nft.transaction("drop new maps", &cleanup).await {
                     tracing::warn!(error = %c, "could not delete the maps of a failed replace");
                 }
@@ -833,11 +906,23 @@ impl NftFirewall {
         Ok(())
     }
 
-    /// Step 1 of a full replace: the table (if missing), the counters, and generation `g`'s
-    /// selectors, cell maps and cell chains, referenced by nothing yet.
-    fn create_script(&self, g: u64, cells4: usize, cells6: usize) -> String {
+    /// Step 1 of a full replace: the table (if missing), the counters, `with_create` (the
+    /// gateway chains, when they are written afresh: the cell chains go to them), and
+    /// generation `g`'s selectors, cell sets and cell chains, referenced by nothing yet.
+    fn create_script(
+        &self,
+        g: u64,
+        v4: &Family<Ipv4Addr>,
+        v6: &Family<Ipv6Addr>,
+        with_create: &str,
+    ) -> String {
         let t = &self.table;
-        let mut s = String::with_capacity(256 + 200 * (cells4 + cells6));
+        let sets = |f: &Vec<BTreeMap<GwId, usize>>| f.iter().map(BTreeMap::len).sum::<usize>();
+        let mut s = String::with_capacity(
+            256 + with_create.len()
+                + 200 * (v4.sets.len() + v6.sets.len())
+                + 250 * (sets(&v4.sets) + sets(&v6.sets)),
+        );
         let _ = writeln!(
             s,
             "add table inet {t}\n\
@@ -847,8 +932,9 @@ impl NftFirewall {
              add counter inet {t} {COUNTER_REDIRECTED}\n\
              add chain inet {t} {SNAT_CHAIN}"
         );
-        create_family::<Ipv4Addr>(&mut s, t, g, cells4);
-        create_family::<Ipv6Addr>(&mut s, t, g, cells6);
+        s.push_str(with_create);
+        create_family::<Ipv4Addr>(&mut s, t, g, &v4.gateways());
+        create_family::<Ipv6Addr>(&mut s, t, g, &v6.gateways());
         if self.ended {
             s.push_str(&ended_script(t));
         }
@@ -928,26 +1014,17 @@ impl NftFirewall {
         s
     }
 
-    /// Deletes generation `g`'s unreferenced objects again (after a failed replace).
-    fn drop_script(&self, g: u64, cells4: usize, cells6: usize) -> String {
+    /// Deletes generation `g`'s unreferenced objects again (after a failed replace): the cell
+    /// chains' rules first (they refer to the sets), then the maps and sets, then the chains.
+    fn drop_script(&self, g: u64, v4: &Family<Ipv4Addr>, v6: &Family<Ipv6Addr>) -> String {
         let t = &self.table;
         let mut s = String::new();
-        for (v, cells) in [("4", cells4), ("6", cells6)] {
-            for c in 0..cells {
-                let _ = writeln!(s, "flush chain inet {t} c{v}_{g}_{c}");
-            }
-        }
-        for (v, cells) in [("4", cells4), ("6", cells6)] {
-            let _ = writeln!(s, "delete map inet {t} sel{v}_{g}");
-            for c in 0..cells {
-                let _ = writeln!(s, "delete map inet {t} m{v}_{g}_{c}");
-            }
-        }
-        for (v, cells) in [("4", cells4), ("6", cells6)] {
-            for c in 0..cells {
-                let _ = writeln!(s, "delete chain inet {t} c{v}_{g}_{c}");
-            }
-        }
+        drop_family(&mut s, t, g, v4, "flush chain");
+        drop_family(&mut s, t, g, v6, "flush chain");
+        drop_family(&mut s, t, g, v4, "delete set");
+        drop_family(&mut s, t, g, v6, "delete set");
+        drop_family(&mut s, t, g, v4, "delete chain");
+        drop_family(&mut s, t, g, v6, "delete chain");
         s
     }
 
@@ -1011,6 +1088,8 @@ impl NftFirewall {
         }
         let d4 = FamilyDelta::new(&old.v4, &diff.v4)?;
         let d6 = FamilyDelta::new(&old.v6, &diff.v6)?;
+        disjoint(neighbours(&map.v4, &diff.v4.add)).map_err(Some)?;
+        disjoint(neighbours(&map.v6, &diff.v6.add)).map_err(Some)?;
         let cost = d4.delete_cost + d6.delete_cost;
         if cost > map.len() + FULL_REPLACE_FIXED {
             return Err(None);
@@ -1039,31 +1118,76 @@ fn ended_script(t: &str) -> String {
     )
 }
 
-fn create_family<A: NftAddr>(s: &mut String, t: &str, g: u64, cells: usize) {
-    let (ty, proto) = (A::TYPE, A::PROTO);
+/// A family's selector map, and per cell a chain with one rule per gateway of the cell: a
+/// lookup in the cell's set of that gateway's pieces, then `goto` the gateway's chain. Sets
+/// without data, not one verdict map per cell: the kernel re-validates every jump and goto
+/// element reachable from the base chains on each commit that adds one, which at 300 000
+/// elements was ~16 ms of every delta that added a piece.
+fn create_family<A: NftAddr>(s: &mut String, t: &str, g: u64, gateways: &[Vec<GwId>]) {
+    let ty = A::TYPE;
     let _ = writeln!(
         s,
         "add map inet {t} {} {{ type {ty} . {ty} : verdict; flags interval; }}",
         selector_name::<A>(g)
     );
-    for c in 0..cells {
-        let (m, ch) = (map_name::<A>(g, c), chain_name::<A>(g, c));
-        let _ = writeln!(
+    for (c, gws) in gateways.iter().enumerate() {
+        let ch = chain_name::<A>(g, c);
+        let _ = writeln!(s, "add chain inet {t} {ch}");
+        for gw in gws {
+            cell_set::<A>(s, t, &ch, &set_name::<A>(g, c, *gw), gw_chain::<A>(*gw));
+        }
+    }
+}
+
+/// The sets of `new` (cell, gateway) with the rule in the cell's chain that looks them up.
+fn new_sets_script<A: NftAddr>(s: &mut String, t: &str, g: u64, new: &[(usize, GwId)]) {
+    for (c, gw) in new {
+        cell_set::<A>(
             s,
-            "add map inet {t} {m} {{ type {ty} . {ty} : verdict; flags interval; }}\n\
-             add chain inet {t} {ch}\n\
-             add rule inet {t} {ch} {proto} saddr . {proto} daddr vmap @{m}"
+            t,
+            &chain_name::<A>(g, *c),
+            &set_name::<A>(g, *c, *gw),
+            gw_chain::<A>(*gw),
         );
     }
 }
 
-/// One family's change: pieces to delete and to add, per cell, and the resulting cell sizes.
+/// Set `set` of a cell, and the rule of its chain `ch` that sends its pieces to `to`.
+fn cell_set<A: NftAddr>(s: &mut String, t: &str, ch: &str, set: &str, to: String) {
+    let (ty, proto) = (A::TYPE, A::PROTO);
+    let _ = writeln!(
+        s,
+        "add set inet {t} {set} {{ type {ty} . {ty}; flags interval; }}\n\
+         add rule inet {t} {ch} {proto} saddr . {proto} daddr @{set} goto {to}"
+    );
+}
+
+/// `what` (`flush chain`, `delete set` or `delete chain`) for each of generation `g`'s
+/// objects of that kind in `fam` (the selector map goes with the sets).
+fn drop_family<A: NftAddr>(s: &mut String, t: &str, g: u64, fam: &Family<A>, what: &str) {
+    if what == "delete set" {
+        let _ = writeln!(s, "delete map inet {t} {}", selector_name::<A>(g));
+        for (c, gws) in fam.sets.iter().enumerate() {
+            for gw in gws.keys() {
+                let _ = writeln!(s, "delete set inet {t} {}", set_name::<A>(g, c, *gw));
+            }
+        }
+    } else {
+        for c in 0..fam.sets.len() {
+            let _ = writeln!(s, "{what} inet {t} {}", chain_name::<A>(g, c));
+        }
+    }
+}
+
+/// One family's change: pieces to delete and to add, per cell, the sets to create first (a
+/// gateway new to a cell), and the resulting set sizes.
 #[derive(Debug)]
 struct FamilyDelta {
     delete: BTreeMap<usize, Vec<(Rect, GwId)>>,
     add: BTreeMap<usize, Vec<(Rect, GwId)>>,
-    counts: Vec<usize>,
-    /// Sum over deleted pieces of the size of their cell: what the deletions cost the kernel.
+    new_sets: Vec<(usize, GwId)>,
+    sets: Vec<BTreeMap<GwId, usize>>,
+    /// Sum over deleted pieces of the size of their set: what the deletions cost the kernel.
     delete_cost: usize,
 }
 
@@ -1075,22 +1199,34 @@ impl FamilyDelta {
         validate(&diff.add).map_err(Some)?;
         let delete = old.pieces(diff.delete.iter());
         let add = old.pieces(diff.add.iter());
-        let mut counts = old.counts.clone();
+        let mut sets = old.sets.clone();
         let mut delete_cost = 0;
         for (c, list) in &delete {
-            delete_cost += counts[*c] * list.len();
-            counts[*c] -= list.len();
+            for (_, gw) in list {
+                // Every deleted piece was installed, so its set exists.
+                let n = sets[*c].get_mut(gw).ok_or(None)?;
+                delete_cost += *n;
+                *n = n.saturating_sub(1);
+            }
         }
+        let mut new_sets = Vec::new();
         for (c, list) in &add {
-            counts[*c] += list.len();
-            if counts[*c] > CELL_MAX {
-                return Err(None);
+            for (_, gw) in list {
+                let n = sets[*c].entry(*gw).or_insert_with(|| {
+                    new_sets.push((*c, *gw));
+                    0
+                });
+                *n += 1;
+                if *n > CELL_MAX {
+                    return Err(None);
+                }
             }
         }
         Ok(FamilyDelta {
             delete,
             add,
-            counts,
+            new_sets,
+            sets,
             delete_cost,
         })
     }
@@ -1124,9 +1260,17 @@ impl NftFirewall {
         };
         let DeltaPlan { v4: d4, v6: d6 } = plan;
         let (t, g) = (self.table.clone(), old.generation);
-        let (del4, add4, del6, add6) = (d4.delete, d4.add, d6.delete, d6.add);
         // Until the batch is known to have committed, the kernel's state is not known: `old`
         // stays dropped on any error, so that the next apply replaces everything.
+        if !d4.new_sets.is_empty() || !d6.new_sets.is_empty() {
+            // Empty sets behind rules that match nothing yet: the batch below is still what
+            // changes the classification, in one transaction.
+            let mut script = String::new();
+            new_sets_script::<Ipv4Addr>(&mut script, &t, g, &d4.new_sets);
+            new_sets_script::<Ipv6Addr>(&mut script, &t, g, &d6.new_sets);
+            self.nft.transaction("add cell sets", &script).await?;
+        }
+        let (del4, add4, del6, add6) = (d4.delete, d4.add, d6.delete, d6.add);
         self.nft
             .send_batch("update elements", move || {
                 let mut b = Batch::new();
@@ -1144,12 +1288,12 @@ impl NftFirewall {
             generation: g,
             v4: Family {
                 partition: old.v4.partition,
-                counts: d4.counts,
+                sets: d4.sets,
                 family: std::marker::PhantomData,
             },
             v6: Family {
                 partition: old.v6.partition,
-                counts: d6.counts,
+                sets: d6.sets,
                 family: std::marker::PhantomData,
             },
         });
@@ -1355,9 +1499,12 @@ impl Firewall for NftFirewall {
 fn family_spec<A: NftAddr>(spec: &mut TableSpec, g: u64, fam: &Family<A>) {
     spec.sets
         .insert(selector_name::<A>(g), Count::Exactly(fam.partition.len()));
-    for (c, n) in fam.counts.iter().enumerate() {
-        spec.sets.insert(map_name::<A>(g, c), Count::Exactly(*n));
-        spec.chains.insert(chain_name::<A>(g, c), 1);
+    for (c, gws) in fam.sets.iter().enumerate() {
+        for (gw, n) in gws {
+            spec.sets
+                .insert(set_name::<A>(g, c, *gw), Count::Exactly(*n));
+        }
+        spec.chains.insert(chain_name::<A>(g, c), gws.len());
     }
 }
 
@@ -1399,7 +1546,7 @@ struct Listing {
     v6: Listed<Ipv6Addr>,
 }
 
-/// Splits `m4_7_12` / `c4_7_12` into ("4", 7, 12).
+/// Splits `c4_7_12` (or a set's `m4_7_12_<gateway id>`) into ("4", 7, 12).
 fn cell_of(name: &str) -> Option<(&str, u64, usize)> {
     let mut parts = name.split('_');
     let kind = parts.next()?;
@@ -1417,14 +1564,17 @@ pub fn fuzz_parsers(text: &str) {
 }
 
 /// Parses `nft -j list table` output of egressd's inet table: the newest generation's selector
-/// and cell maps.
+/// maps and cell sets.
 fn parse_listing(text: &str) -> std::result::Result<Listing, String> {
     let doc: Value = serde_json::from_str(text).map_err(|e| format!("bad JSON from nft: {e}"))?;
     let items = doc
         .get("nftables")
         .and_then(Value::as_array)
         .ok_or("no \"nftables\" array in nft's output")?;
-    let maps: Vec<&Value> = items.iter().filter_map(|i| i.get("map")).collect();
+    let maps: Vec<&Value> = items
+        .iter()
+        .filter_map(|i| i.get("map").or_else(|| i.get("set")))
+        .collect();
     let name = |m: &Value| {
         m.get("name")
             .and_then(Value::as_str)
@@ -1457,21 +1607,25 @@ fn parse_listing(text: &str) -> std::result::Result<Listing, String> {
                 }
             }
         } else if let Some((v, _, cell)) = cell_of(&n) {
+            let to = n
+                .rsplit_once('_')
+                .and_then(|(_, id)| gw_id(id))
+                .ok_or(format!("set {n}: no gateway id in its name"))?;
             for elem in elems {
-                let bad = |e: String| format!("map {n}, element {elem}: {e}");
+                let bad = |e: String| format!("set {n}, element {elem}: {e}");
                 match v {
                     "4" => out
                         .v4
                         .pieces
                         .entry(cell)
                         .or_default()
-                        .push(parse_elem(elem).map_err(bad)?),
+                        .push(parse_elem(elem, to).map_err(bad)?),
                     _ => out
                         .v6
                         .pieces
                         .entry(cell)
                         .or_default()
-                        .push(parse_elem(elem).map_err(bad)?),
+                        .push(parse_elem(elem, to).map_err(bad)?),
                 }
             }
         }
@@ -1485,6 +1639,12 @@ fn concat_pair(elem: &Value) -> std::result::Result<(&Value, &Value, &Value), St
     let [key, value] = pair.as_slice() else {
         return Err("not a [key, value] pair".to_owned());
     };
+    let (src, dst) = concat_key(key)?;
+    Ok((src, dst, value))
+}
+
+/// A key of nft's JSON listing, `{"concat": [src, dst]}`, in its parts.
+fn concat_key(key: &Value) -> std::result::Result<(&Value, &Value), String> {
     let parts = key
         .get("concat")
         .and_then(Value::as_array)
@@ -1492,7 +1652,7 @@ fn concat_pair(elem: &Value) -> std::result::Result<(&Value, &Value, &Value), St
     let [src, dst] = parts.as_slice() else {
         return Err("key does not have two parts".to_owned());
     };
-    Ok((src, dst, value))
+    Ok((src, dst))
 }
 
 /// One selector element: its rectangle and the chain it jumps to.
@@ -1560,18 +1720,13 @@ fn reassemble<A: NftAddr>(
     out
 }
 
-/// A cell map element: its key and the gateway chain it goes to.
-fn parse_elem<A: NftAddr>(elem: &Value) -> std::result::Result<SnatElement<A>, String> {
-    let (src, dst, value) = concat_pair(elem)?;
-    let target = value
-        .get("goto")
-        .and_then(|j| j.get("target"))
-        .and_then(Value::as_str)
-        .ok_or("value is not a goto")?;
+/// A cell set element (its key), of the set of gateway `to`.
+fn parse_elem<A: NftAddr>(elem: &Value, to: GwId) -> std::result::Result<SnatElement<A>, String> {
+    let (src, dst) = concat_key(elem)?;
     Ok(SnatElement {
         src: parse_range(src)?,
         dst: parse_range(dst)?,
-        to: gw_of(target).ok_or_else(|| format!("{target} is not a gateway chain"))?,
+        to,
     })
 }
 
@@ -1709,18 +1864,47 @@ mod tests {
     #[test]
     fn create_and_switch_scripts() {
         let fw = NftFirewall::new("egressd");
-        let s = fw.create_script(7, 2, 1);
+        // Two IPv4 cells (one gateway in the first, two in the second), one empty IPv6 cell.
+        let v4 = Family::<Ipv4Addr> {
+            partition: Partition::whole(Ipv4Addr::MAX),
+            sets: vec![
+                BTreeMap::from([(GwId(1), 3)]),
+                BTreeMap::from([(GwId(1), 1), (GwId(2), 2)]),
+            ],
+            family: std::marker::PhantomData,
+        };
+        let v6 = Family::<Ipv6Addr>::build(&[]);
+        let s = fw.create_script(7, &v4, &v6, "add chain inet egressd g4_0000000000000002\n");
         assert!(s.starts_with("add table inet egressd\nadd counter inet egressd seen\n"));
         assert!(s.contains(
             "add map inet egressd sel4_7 { type ipv4_addr . ipv4_addr : verdict; flags interval; }"
         ));
         assert!(s.contains(
-            "add map inet egressd m4_7_1 { type ipv4_addr . ipv4_addr : verdict; flags interval; }\n\
-             add chain inet egressd c4_7_1\n\
-             add rule inet egressd c4_7_1 ip saddr . ip daddr vmap @m4_7_1\n"
+            "add chain inet egressd c4_7_1\n\
+             add set inet egressd m4_7_1_0000000000000001 { type ipv4_addr . ipv4_addr; flags interval; }\n\
+             add rule inet egressd c4_7_1 ip saddr . ip daddr @m4_7_1_0000000000000001 goto g4_0000000000000001\n\
+             add set inet egressd m4_7_1_0000000000000002 { type ipv4_addr . ipv4_addr; flags interval; }\n\
+             add rule inet egressd c4_7_1 ip saddr . ip daddr @m4_7_1_0000000000000002 goto g4_0000000000000002\n"
         ));
-        assert!(s.contains("ip6 saddr . ip6 daddr vmap @m6_7_0"));
-        assert!(!s.contains("m6_7_1"));
+        assert!(!s.contains("m4_7_0_0000000000000002"));
+        // The gateway chains the cell chains go to come first.
+        assert!(
+            s.find("add chain inet egressd g4_0000000000000002")
+                < s.find("add chain inet egressd c4_7_0")
+        );
+        assert!(s.contains("add chain inet egressd c6_7_0\n"));
+        assert!(!s.contains("m6_7_0"));
+        let d = fw.drop_script(7, &v4, &v6);
+        let pos = |needle: &str| d.find(needle).unwrap_or_else(|| panic!("{needle} in {d}"));
+        assert!(
+            pos("flush chain inet egressd c4_7_1")
+                < pos("delete set inet egressd m4_7_1_0000000000000002")
+        );
+        assert!(
+            pos("delete set inet egressd m4_7_1_0000000000000002")
+                < pos("delete chain inet egressd c4_7_1")
+        );
+        assert!(pos("delete map inet egressd sel6_7") < pos("delete chain inet egressd c6_7_0"));
 
         let old = [
             Object {
@@ -1797,16 +1981,21 @@ mod tests {
 
     #[test]
     fn delta_plans() {
+        // Two gateways in every cell.
         let els: Vec<_> = (0..3000u32)
             .map(|i| SnatElement {
                 src: (Ipv4Addr::from(i), Ipv4Addr::from(i)),
                 dst: (Ipv4Addr::UNSPECIFIED, Ipv4Addr::BROADCAST),
-                to: GwId(1),
+                to: GwId(1 + u64::from(i % 2)),
             })
             .collect();
         let fam = Family::build(&els);
         assert_eq!(fam.partition.len(), 3000usize.div_ceil(CELL_TARGET));
-        assert_eq!(fam.counts.iter().sum::<usize>(), 3000);
+        assert_eq!(
+            fam.sets.iter().flat_map(BTreeMap::values).sum::<usize>(),
+            3000
+        );
+        assert!(fam.sets.iter().all(|m| m.len() == 2));
         let installed = Installed {
             generation: 1,
             v4: fam,
@@ -1826,6 +2015,21 @@ mod tests {
         let plan = fw.plan_delta(&installed, &m).unwrap().unwrap();
         assert_eq!(plan.v4.delete.values().map(Vec::len).sum::<usize>(), 1);
         assert_eq!(plan.v4.add.values().map(Vec::len).sum::<usize>(), 1);
+        let cell = *plan.v4.add.keys().next().unwrap();
+        assert_eq!(
+            plan.v4.sets[cell][&GwId(2)],
+            installed.v4.sets[cell][&GwId(2)] + 1
+        );
+        assert_eq!(
+            plan.v4.sets[cell][&GwId(1)],
+            installed.v4.sets[cell][&GwId(1)] - 1
+        );
+        assert!(plan.v4.new_sets.is_empty());
+        // A gateway new to a cell: its set (and rule) is made first.
+        m.v4[1500].to = GwId(3);
+        let plan = fw.plan_delta(&installed, &m).unwrap().unwrap();
+        assert_eq!(plan.v4.new_sets, [(cell, GwId(3))]);
+        assert_eq!(plan.v4.sets[cell][&GwId(3)], 1);
         // Unchanged: nothing to do.
         let same = SnatMap {
             v4: els.clone(),
@@ -1840,6 +2044,8 @@ mod tests {
             to: GwId(1),
         }));
         assert!(matches!(fw.plan_delta(&installed, &grown), Err(None)));
+        let gw1 = |m: &SnatMap| m.v4.iter().filter(|e| e.to == GwId(1)).count();
+        assert_eq!(gw1(&grown), 1500 + CELL_MAX);
         // Deleting most elements costs more than reloading the rest.
         let shrunk = SnatMap {
             v4: els[..100].to_vec(),
@@ -1868,14 +2074,16 @@ mod tests {
           {"map": {"family": "inet", "name": "sel4_3", "elem": [
             [{"concat": [{"range": ["0.0.0.0", "10.0.0.255"]}, {"prefix": {"addr": "0.0.0.0", "len": 0}}]}, {"jump": {"target": "c4_3_0"}}],
             [{"concat": [{"range": ["10.0.1.0", "255.255.255.255"]}, {"prefix": {"addr": "0.0.0.0", "len": 0}}]}, {"jump": {"target": "c4_3_1"}}]]}},
-          {"map": {"family": "inet", "name": "m4_3_0", "elem": [
-            [{"concat": ["10.0.0.1", {"prefix": {"addr": "0.0.0.0", "len": 0}}]}, {"goto": {"target": "g4_6694f83c9f476da3"}}],
-            [{"concat": [{"range": ["10.0.0.200", "10.0.0.255"]}, {"range": ["1.0.0.0", "1.0.0.5"]}]}, {"goto": {"target": "g4_f53eea05fa9e492d"}}]]}},
-          {"map": {"family": "inet", "name": "m4_3_1", "elem": [
-            [{"concat": [{"prefix": {"addr": "10.0.1.0", "len": 24}}, {"range": ["1.0.0.0", "1.0.0.5"]}]}, {"goto": {"target": "g4_f53eea05fa9e492d"}}],
-            [{"concat": ["10.9.9.9", "9.9.9.9"]}, {"goto": {"target": "g4_2948ed61c9c9a154"}}]]}},
-          {"map": {"family": "inet", "name": "m4_2_0", "elem": [
-            [{"concat": ["10.7.7.7", "9.9.9.9"]}, {"goto": {"target": "g4_2948ed61c9c9a154"}}]]}},
+          {"set": {"family": "inet", "name": "m4_3_0_6694f83c9f476da3", "elem": [
+            {"concat": ["10.0.0.1", {"prefix": {"addr": "0.0.0.0", "len": 0}}]}]}},
+          {"set": {"family": "inet", "name": "m4_3_0_f53eea05fa9e492d", "elem": [
+            {"concat": [{"range": ["10.0.0.200", "10.0.0.255"]}, {"range": ["1.0.0.0", "1.0.0.5"]}]}]}},
+          {"set": {"family": "inet", "name": "m4_3_1_f53eea05fa9e492d", "elem": [
+            {"concat": [{"prefix": {"addr": "10.0.1.0", "len": 24}}, {"range": ["1.0.0.0", "1.0.0.5"]}]}]}},
+          {"set": {"family": "inet", "name": "m4_3_1_2948ed61c9c9a154", "elem": [
+            {"concat": ["10.9.9.9", "9.9.9.9"]}]}},
+          {"set": {"family": "inet", "name": "m4_2_0_2948ed61c9c9a154", "elem": [
+            {"concat": ["10.7.7.7", "9.9.9.9"]}]}},
           {"map": {"family": "inet", "name": "sel6_3"}}]}"#;
         let listing = parse_listing(json).unwrap();
         assert_eq!(listing.v4.cells.len(), 2);
@@ -1902,6 +2110,8 @@ mod tests {
         // Without knowledge of what was installed, the pieces as they are.
         assert_eq!(reassemble(&listing.v4, None).len(), 4);
 
+        let bad = r#"{"nftables": [{"set": {"name": "m4_1_0_2948ed61c9c9a15", "elem": []}}]}"#;
+        assert!(parse_listing(bad).unwrap_err().contains("no gateway id"));
         let empty = parse_listing(r#"{"nftables": [{"map": {"name": "sel4_1"}}]}"#).unwrap();
         assert!(empty.v4.pieces.is_empty());
         assert_eq!(

@@ -325,6 +325,12 @@ pub fn outside_change(node: &Node, what: &str, part: Part, act: impl FnOnce(&Nod
 
 /// The name of the first chain or map of egressd's inet table whose name starts with `prefix`
 /// (names carry a generation number).
+/// The cell chain whose rule looks up cell set `set` (`m4_G_C_<gateway id>` → `c4_G_C`).
+pub fn cell_chain(set: &str) -> String {
+    let cell = set.rsplit_once('_').map_or(set, |(cell, _)| cell);
+    cell.replacen('m', "c", 1)
+}
+
 pub fn object_named(ruleset: &str, kind: &str, prefix: &str) -> String {
     let mut in_ours = false;
     for line in ruleset.lines() {

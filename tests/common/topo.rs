@@ -360,7 +360,7 @@ impl Topo {
     }
 
     /// Number of IPv4 SNAT elements (pieces, when an element spans several cells) in egressd's
-    /// cell maps (`m4_*`) in `ns`, None when the table is absent.
+    /// cell sets (`m4_*`) in `ns`, None when the table is absent.
     pub fn snat4_elements(&self, ns: &str) -> Option<usize> {
         let out = self
             .lab
@@ -373,7 +373,7 @@ impl Topo {
         Some(
             items
                 .iter()
-                .filter_map(|i| i.get("map"))
+                .filter_map(|i| i.get("set"))
                 .filter(|m| {
                     m.get("name")
                         .and_then(|n| n.as_str())
