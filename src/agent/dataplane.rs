@@ -128,6 +128,8 @@ pub struct DataplaneTask<H, F> {
     held: BTreeSet<String>,
     /// The applied index and the moment of the last return of freed memory to the system.
     trimmed: (u64, Instant),
+    /// Freed memory goes back once the policies have not changed for [`TRIM_QUIET`].
+    trim_after: Option<Instant>,
     /// When the per-gateway counters were last read.
     counted: Option<Instant>,
     /// Repairs after outside changes of the SNAT table (see `dataplane::watch`).
@@ -189,6 +191,10 @@ const COUNT_EVERY: Duration = Duration::from_secs(2);
 /// give it back, so that an idle node's resident size reflects what it holds.
 /// The least time between two returns of freed memory when the policies did not change.
 const TRIM_EVERY: Duration = Duration::from_secs(5);
+/// How long after the last policy change freed memory goes back: not at every change, where a
+/// trim (tens of milliseconds with a large heap) competed with the compile of the next change,
+/// which then faulted the returned pages back in.
+const TRIM_QUIET: Duration = Duration::from_secs(1);
 
 fn release_free_memory() {
     #[cfg(target_env = "gnu")]
@@ -221,6 +227,7 @@ impl<H: Host, F: Firewall> DataplaneTask<H, F> {
             firewall_ok,
             held: BTreeSet::new(),
             trimmed: (0, Instant::now()),
+            trim_after: None,
             counted: None,
             heal: None,
             heal_rx: None,
@@ -460,12 +467,19 @@ impl<H: Host, F: Firewall> DataplaneTask<H, F> {
                 self.ch.ready.send_replace(keep);
             }
         }
-        // After the policies changed, and otherwise at most every few seconds (trimming a large
-        // heap takes tens of milliseconds; during a seed the index moves hundreds of times),
-        // off the async threads.
-        if policies_changed
-            || (applied.index != self.trimmed.0 && self.trimmed.1.elapsed() > TRIM_EVERY)
+        // Once the policies are quiet after a change, and otherwise at most every few seconds
+        // (trimming a large heap takes tens of milliseconds; during a seed the index moves
+        // hundreds of times), off the async threads. A round comes at least every second.
+        if policies_changed {
+            self.trim_after = Some(Instant::now() + TRIM_QUIET);
+        }
+        let quiet = self.trim_after.is_some_and(|t| Instant::now() >= t);
+        if quiet
+            || (self.trim_after.is_none()
+                && applied.index != self.trimmed.0
+                && self.trimmed.1.elapsed() > TRIM_EVERY)
         {
+            self.trim_after = None;
             self.trimmed = (applied.index, Instant::now());
             tokio::task::spawn_blocking(release_free_memory);
         }
