@@ -614,9 +614,9 @@ fn validate<A: NftAddr>(elements: &[SnatElement<A>]) -> Result<()> {
 /// Refuses a map whose elements overlap, naming two of them. The kernel refuses an overlap
 /// within one set, but a cell holds one set per gateway: elements of two gateways that overlap
 /// would both go in, and the first rule would win. `map` is sorted, and `compile` makes the
-/// source ranges of any two elements equal or disjoint, so it is enough that every element of
-/// neighbouring elements in `map` are apart (`pairs`: all of them, or those around a delta's
-/// additions): with the same sources, destinations in order; else sources in order.
+/// source ranges of any two elements equal or disjoint, so it is enough that neighbouring
+/// elements in `map` are apart (`pairs`: all of them, or those around a delta's additions):
+/// with the same sources, destinations in order; else sources in order.
 fn disjoint<'a, A: NftAddr + 'a>(
     mut pairs: impl Iterator<Item = (&'a SnatElement<A>, &'a SnatElement<A>)>,
 ) -> Result<()> {
