@@ -186,6 +186,9 @@ pub struct Reconciler<H, F> {
     installed: Option<(Arc<SnatMap>, Roles)>,
     /// The overlay as last set up (outer `None`: not known, set it up again).
     overlay: Option<Option<Overlay>>,
+    /// The overlay device's interface index as set up, and whether an observation of the host
+    /// has shown it since: one that then lacks it means it was deleted from outside.
+    overlay_device: Option<(u32, bool)>,
     /// Addresses this process added, so that they are released even if the config that named
     /// them is gone.
     held: BTreeSet<(String, IpAddr)>,
@@ -205,6 +208,7 @@ impl<H: Host, F: Firewall> Reconciler<H, F> {
             firewall,
             installed: None,
             overlay: None,
+            overlay_device: None,
             held: BTreeSet::new(),
             metrics: Arc::default(),
         }
@@ -259,10 +263,28 @@ impl<H: Host, F: Firewall> Reconciler<H, F> {
         self.held.retain(|(i, _)| host.contains_key(i));
 
         // 2. The overlay before the roles that redirect into it (they name its members' slots).
-        //    It changes only with the members.
+        //    It changes with the members, and is set up again when its device was deleted from
+        //    outside (its routes and neighbours went with it). Observations from before the
+        //    device was made do not count: only one that showed it, then one without it.
+        if let Some((index, seen)) = &mut self.overlay_device {
+            match host.get(overlay::DEVICE) {
+                Some(i) if i.index == *index => *seen = true,
+                _ if *seen => {
+                    warn!(
+                        device = overlay::DEVICE,
+                        "the redirect overlay's device was deleted or replaced from outside; \
+                         setting the overlay up again"
+                    );
+                    self.overlay = None;
+                }
+                _ => {}
+            }
+        }
         if self.overlay.as_ref() != Some(&desired.overlay) {
             self.overlay = None;
-            self.host.set_overlay(desired.overlay.as_ref()).await?;
+            self.overlay_device = None;
+            let index = self.host.set_overlay(desired.overlay.as_ref()).await?;
+            self.overlay_device = index.map(|i| (i, false));
             match &desired.overlay {
                 Some(o) => info!(
                     local = %o.local,
@@ -331,6 +353,7 @@ impl<H: Host, F: Firewall> Reconciler<H, F> {
             first_err.get_or_insert(e);
         }
         self.overlay = None;
+        self.overlay_device = None;
         self.installed = None;
         first_err.map_or(Ok(()), Err)
     }
@@ -548,6 +571,72 @@ mod tests {
             !ops.iter().any(|o| matches!(o, Op::Overlay(_))),
             "the overlay was rebuilt: {ops:?}"
         );
+    }
+
+    /// The overlay's device deleted (or replaced) from outside, as observations of the host
+    /// show it, is set up again; an observation from before the device was made is not taken
+    /// for a deletion (that looped: every rebuild deletes the device first).
+    #[tokio::test]
+    async fn an_overlay_device_deleted_from_outside_is_set_up_again() {
+        let mut rec = reconciler(host());
+        let members: BTreeMap<String, String> = [("gw1", "10.77.0.2"), ("gw2", "10.77.0.3")]
+            .iter()
+            .map(|(n, a)| (n.to_string(), format!("{a}:7480")))
+            .collect();
+        let gws = gateways();
+        let managed = managed_addresses(&gws);
+        let without = rec.host.observe().await.unwrap();
+        let pols = policies();
+        let objects = Objects {
+            version: 1,
+            gateways: &gws,
+            policies: &pols,
+            committed: &Assignment::new(),
+            members: &members,
+            in_contact: true,
+        };
+        let desired = plan(
+            "gw1",
+            &Assignment::new(),
+            &objects,
+            &without,
+            &managed,
+            &mut policy::Compiler::new(),
+        );
+        assert!(desired.overlay.is_some());
+        let builds = |rec: &Reconciler<FakeHost, FakeFirewall>| {
+            rec.host
+                .journal
+                .ops()
+                .iter()
+                .filter(|o| matches!(o, Op::Overlay(Some(_))))
+                .count()
+        };
+        let device = |index: u32| crate::dataplane::HostInterface {
+            index,
+            up: true,
+            mac: None,
+            addresses: vec![],
+            tagged: vec![],
+        };
+        let converge = async |rec: &mut Reconciler<FakeHost, FakeFirewall>, h: &HostState| {
+            rec.converge(&desired, h, &managed).await.unwrap();
+            builds(rec)
+        };
+        assert_eq!(converge(&mut rec, &without).await, 1);
+        // Observed before the device was made: nothing happens.
+        assert_eq!(converge(&mut rec, &without).await, 1);
+        // Seen, then gone.
+        let mut with = without.clone();
+        with.insert(overlay::DEVICE.into(), device(rec.host.overlay_index));
+        assert_eq!(converge(&mut rec, &with).await, 1);
+        assert_eq!(converge(&mut rec, &without).await, 2);
+        assert_eq!(converge(&mut rec, &without).await, 2, "once");
+        // Seen, then replaced by another device of that name.
+        with.insert(overlay::DEVICE.into(), device(rec.host.overlay_index));
+        assert_eq!(converge(&mut rec, &with).await, 2);
+        with.insert(overlay::DEVICE.into(), device(rec.host.overlay_index + 50));
+        assert_eq!(converge(&mut rec, &with).await, 3);
     }
 
     #[tokio::test]

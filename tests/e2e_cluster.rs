@@ -883,6 +883,44 @@ destination_cidrs = ["{SERVER_OTHER_IP}/32"]
 
     route_via(&c, 2);
 
+    // The overlay's device deleted from outside on gw3 (its routes and neighbours go with it):
+    // gw3 sets the overlay up again, and its redirect works again. Meanwhile the catch-all rule
+    // drops redirect-marked packets that have no route: the capture below sees no leak.
+    let gw3 = c.topo.nodes[2].clone();
+    let index = |c: &Cluster| {
+        // `ip -o link show` prints "<index>: egressd0@...: ..." (one line).
+        let out = c
+            .topo
+            .lab
+            .try_exec(&gw3, ["ip", "-o", "link", "show", "egressd0"]);
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        out.status
+            .success()
+            .then(|| text.split(':').next().unwrap_or("").trim().to_string())
+    };
+    let before = index(&c).expect("gw3 has the overlay device");
+    let deleted = std::time::Instant::now();
+    c.topo.lab.exec(&gw3, ["ip", "link", "del", "egressd0"]);
+    wait_for("gw3's overlay device made again", WAIT, || {
+        index(&c).is_some_and(|i| i != before)
+    });
+    let remade = deleted.elapsed();
+    wait_for("redirected through gw3 again", WAIT, || {
+        c.topo.seen_source(CLIENT_IP, SERVER_IP).as_deref() == Some(VIP)
+    });
+    println!(
+        "overlay device deleted on gw3: made again after {:.0} ms (polled), redirecting again \
+         after {:.0} ms",
+        remade.as_secs_f64() * 1e3,
+        deleted.elapsed().as_secs_f64() * 1e3
+    );
+    assert!(
+        c.topo
+            .log(2)
+            .contains("the redirect overlay's device was deleted or replaced from outside"),
+        "gw3 says why it set the overlay up again"
+    );
+
     // Nobody eligible: the standby drops and counts, nothing reaches the server.
     let cordon = |c: &Cluster, verb: &str, node: &str| {
         let out = c.topo.cli(1, &["node", verb, node, "--token-file", &token]);

@@ -57,6 +57,8 @@ pub struct FakeHost {
     pub state: HostState,
     pub journal: Journal,
     pub overlay: Option<super::overlay::Overlay>,
+    /// The overlay device's interface index as last made (a new one each time).
+    pub overlay_index: u32,
 }
 
 impl FakeHost {
@@ -117,12 +119,17 @@ impl Host for FakeHost {
         Ok(())
     }
 
-    async fn set_overlay(&mut self, overlay: Option<&super::overlay::Overlay>) -> Result<()> {
+    /// As the real one: the device comes back with a new index each time.
+    async fn set_overlay(
+        &mut self,
+        overlay: Option<&super::overlay::Overlay>,
+    ) -> Result<Option<u32>> {
         self.journal.push(Op::Overlay(
             overlay.map(|o| o.peers.iter().map(|p| p.name.clone()).collect()),
         ));
         self.overlay = overlay.cloned();
-        Ok(())
+        self.overlay_index += 1;
+        Ok(overlay.map(|_| self.overlay_index))
     }
 }
 

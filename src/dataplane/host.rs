@@ -163,7 +163,7 @@ impl Host for NetlinkHost {
         req.execute().await.map_err(nl_err("adding address", iface))
     }
 
-    async fn set_overlay(&mut self, want: Option<&Overlay>) -> Result<()> {
+    async fn set_overlay(&mut self, want: Option<&Overlay>) -> Result<Option<u32>> {
         // The device goes first and comes back with everything on it (forwarding entries,
         // neighbours and routes go with a device): what a crashed or older run left is
         // replaced, never added to. The rules stay in place throughout, and the catch-all
@@ -180,9 +180,10 @@ impl Host for NetlinkHost {
         match want {
             Some(o) => {
                 self.set_rules(Some(o)).await?;
-                self.build_overlay(o).await
+                self.build_overlay(o).await?;
+                self.overlay_index().await
             }
-            None => self.set_rules(None).await,
+            None => self.set_rules(None).await.map(|()| None),
         }
     }
 

@@ -113,11 +113,12 @@ pub trait Host: Send {
     /// Removes `ip` from `iface`; absent already is success.
     fn del_address(&mut self, iface: &str, ip: IpAddr) -> impl Future<Output = Result<()>> + Send;
     /// Makes the redirect overlay (device, forwarding entries, routes, rules) match `overlay`,
-    /// replacing whatever an earlier run left; `None` removes all of it.
+    /// replacing whatever an earlier run left; `None` removes all of it. Returns the device's
+    /// interface index, when there is one.
     fn set_overlay(
         &mut self,
         overlay: Option<&overlay::Overlay>,
-    ) -> impl Future<Output = Result<()>> + Send;
+    ) -> impl Future<Output = Result<Option<u32>>> + Send;
 }
 
 /// Gratuitous ARP and unsolicited neighbour advertisements.
