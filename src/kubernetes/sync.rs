@@ -730,6 +730,13 @@ impl Mirror {
                         let sources = self.sources(name);
                         if sources.is_empty() {
                             // It would match nothing: not committed until a pod is selected.
+                            // Named, so that `egressd status` says why it is not there.
+                            self.rejected.insert(
+                                r.clone(),
+                                "selects no Pod yet: committed once it selects one that has \
+                                 an address"
+                                    .into(),
+                            );
                             None
                         } else {
                             match checked_policy(p, sources) {

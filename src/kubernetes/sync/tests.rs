@@ -122,10 +122,22 @@ fn pod_churn_changes_only_the_sources() {
     );
     m.on_pod(Event::Delete(pod("my-ns", "a", "backend", "10.1.0.1")));
     m.on_pod(Event::Delete(pod("my-ns", "d", "backend", "10.1.0.9")));
-    // No pod left: the policy matches nothing and is withdrawn.
+    // No pod left: the policy matches nothing and is withdrawn, and says why.
     let plan = m.plan(&state, &members);
     commit(&mut state, &plan);
     assert!(!state.policies.contains_key("my-egressgw-policy"));
+    let waiting = "policy my-egressgw-policy: selects no Pod yet";
+    assert!(
+        m.rejected().iter().any(|r| r.starts_with(waiting)),
+        "{:?}",
+        m.rejected()
+    );
+    // A pod again: committed, and no longer named.
+    m.on_pod(Event::Apply(pod("my-ns", "f", "backend", "10.1.0.11")));
+    let plan = m.plan(&state, &members);
+    commit(&mut state, &plan);
+    assert!(state.policies.contains_key("my-egressgw-policy"));
+    assert!(!m.rejected().iter().any(|r| r.starts_with(waiting)));
 }
 
 #[test]
