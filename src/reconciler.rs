@@ -443,27 +443,37 @@ mod tests {
         rec: &mut Reconciler<FakeHost, FakeFirewall>,
         assignment: &Assignment,
     ) -> Changes {
+        let state = rec.host.observe().await.unwrap();
+        let (desired, managed) = desired_for(assignment, &BTreeMap::new(), &state);
+        rec.converge(&desired, &state, &managed).await.unwrap()
+    }
+
+    /// gw1's plan for the test gateways and policies, with the managed addresses.
+    fn desired_for(
+        assignment: &Assignment,
+        members: &BTreeMap<String, String>,
+        state: &HostState,
+    ) -> (Desired, BTreeSet<IpAddr>) {
         let gws = gateways();
         let managed = managed_addresses(&gws);
-        let state = rec.host.observe().await.unwrap();
         let pols = policies();
         let objects = Objects {
             version: 1,
             gateways: &gws,
             policies: &pols,
             committed: assignment,
-            members: &BTreeMap::new(),
+            members,
             in_contact: true,
         };
         let desired = plan(
             "gw1",
             assignment,
             &objects,
-            &state,
+            state,
             &managed,
             &mut policy::Compiler::new(),
         );
-        rec.converge(&desired, &state, &managed).await.unwrap()
+        (desired, managed)
     }
 
     #[test]
@@ -583,26 +593,8 @@ mod tests {
             .iter()
             .map(|(n, a)| (n.to_string(), format!("{a}:7480")))
             .collect();
-        let gws = gateways();
-        let managed = managed_addresses(&gws);
         let without = rec.host.observe().await.unwrap();
-        let pols = policies();
-        let objects = Objects {
-            version: 1,
-            gateways: &gws,
-            policies: &pols,
-            committed: &Assignment::new(),
-            members: &members,
-            in_contact: true,
-        };
-        let desired = plan(
-            "gw1",
-            &Assignment::new(),
-            &objects,
-            &without,
-            &managed,
-            &mut policy::Compiler::new(),
-        );
+        let (desired, managed) = desired_for(&Assignment::new(), &members, &without);
         assert!(desired.overlay.is_some());
         let builds = |rec: &Reconciler<FakeHost, FakeFirewall>| {
             rec.host

@@ -259,12 +259,17 @@ impl<A: NftAddr> Family<A> {
         }
     }
 
-    /// The gateways each cell has a set for.
-    fn gateways(&self) -> Vec<Vec<GwId>> {
+    /// Generation `g`'s cell chains.
+    fn chains(&self, g: u64) -> impl Iterator<Item = String> + '_ {
+        (0..self.sets.len()).map(move |c| chain_name::<A>(g, c))
+    }
+
+    /// Generation `g`'s cell sets.
+    fn set_names(&self, g: u64) -> impl Iterator<Item = String> + '_ {
         self.sets
             .iter()
-            .map(|m| m.keys().copied().collect())
-            .collect()
+            .enumerate()
+            .flat_map(move |(c, gws)| gws.keys().map(move |gw| set_name::<A>(g, c, *gw)))
     }
 
     /// The pieces of `elements`, grouped by cell.
@@ -917,12 +922,7 @@ impl NftFirewall {
         with_create: &str,
     ) -> String {
         let t = &self.table;
-        let sets = |f: &Vec<BTreeMap<GwId, usize>>| f.iter().map(BTreeMap::len).sum::<usize>();
-        let mut s = String::with_capacity(
-            256 + with_create.len()
-                + 200 * (v4.sets.len() + v6.sets.len())
-                + 250 * (sets(&v4.sets) + sets(&v6.sets)),
-        );
+        let mut s = String::new();
         let _ = writeln!(
             s,
             "add table inet {t}\n\
@@ -933,8 +933,8 @@ impl NftFirewall {
              add chain inet {t} {SNAT_CHAIN}"
         );
         s.push_str(with_create);
-        create_family::<Ipv4Addr>(&mut s, t, g, &v4.gateways());
-        create_family::<Ipv6Addr>(&mut s, t, g, &v6.gateways());
+        create_family(&mut s, t, g, v4);
+        create_family(&mut s, t, g, v6);
         if self.ended {
             s.push_str(&ended_script(t));
         }
@@ -1019,12 +1019,19 @@ impl NftFirewall {
     fn drop_script(&self, g: u64, v4: &Family<Ipv4Addr>, v6: &Family<Ipv6Addr>) -> String {
         let t = &self.table;
         let mut s = String::new();
-        drop_family(&mut s, t, g, v4, "flush chain");
-        drop_family(&mut s, t, g, v6, "flush chain");
-        drop_family(&mut s, t, g, v4, "delete set");
-        drop_family(&mut s, t, g, v6, "delete set");
-        drop_family(&mut s, t, g, v4, "delete chain");
-        drop_family(&mut s, t, g, v6, "delete chain");
+        let chains: Vec<String> = v4.chains(g).chain(v6.chains(g)).collect();
+        for c in &chains {
+            let _ = writeln!(s, "flush chain inet {t} {c}");
+        }
+        for m in [selector_name::<Ipv4Addr>(g), selector_name::<Ipv6Addr>(g)] {
+            let _ = writeln!(s, "delete map inet {t} {m}");
+        }
+        for set in v4.set_names(g).chain(v6.set_names(g)) {
+            let _ = writeln!(s, "delete set inet {t} {set}");
+        }
+        for c in &chains {
+            let _ = writeln!(s, "delete chain inet {t} {c}");
+        }
         s
     }
 
@@ -1123,17 +1130,17 @@ fn ended_script(t: &str) -> String {
 /// without data, not one verdict map per cell: the kernel re-validates every jump and goto
 /// element reachable from the base chains on each commit that adds one, which at 300 000
 /// elements was ~16 ms of every delta that added a piece.
-fn create_family<A: NftAddr>(s: &mut String, t: &str, g: u64, gateways: &[Vec<GwId>]) {
+fn create_family<A: NftAddr>(s: &mut String, t: &str, g: u64, fam: &Family<A>) {
     let ty = A::TYPE;
     let _ = writeln!(
         s,
         "add map inet {t} {} {{ type {ty} . {ty} : verdict; flags interval; }}",
         selector_name::<A>(g)
     );
-    for (c, gws) in gateways.iter().enumerate() {
+    for (c, gws) in fam.sets.iter().enumerate() {
         let ch = chain_name::<A>(g, c);
         let _ = writeln!(s, "add chain inet {t} {ch}");
-        for gw in gws {
+        for gw in gws.keys() {
             cell_set::<A>(s, t, &ch, &set_name::<A>(g, c, *gw), gw_chain::<A>(*gw));
         }
     }
@@ -1160,23 +1167,6 @@ fn cell_set<A: NftAddr>(s: &mut String, t: &str, ch: &str, set: &str, to: String
         "add set inet {t} {set} {{ type {ty} . {ty}; flags interval; }}\n\
          add rule inet {t} {ch} {proto} saddr . {proto} daddr @{set} goto {to}"
     );
-}
-
-/// `what` (`flush chain`, `delete set` or `delete chain`) for each of generation `g`'s
-/// objects of that kind in `fam` (the selector map goes with the sets).
-fn drop_family<A: NftAddr>(s: &mut String, t: &str, g: u64, fam: &Family<A>, what: &str) {
-    if what == "delete set" {
-        let _ = writeln!(s, "delete map inet {t} {}", selector_name::<A>(g));
-        for (c, gws) in fam.sets.iter().enumerate() {
-            for gw in gws.keys() {
-                let _ = writeln!(s, "delete set inet {t} {}", set_name::<A>(g, c, *gw));
-            }
-        }
-    } else {
-        for c in 0..fam.sets.len() {
-            let _ = writeln!(s, "{what} inet {t} {}", chain_name::<A>(g, c));
-        }
-    }
 }
 
 /// One family's change: pieces to delete and to add, per cell, the sets to create first (a
