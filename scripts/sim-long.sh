@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The long simulation of the lease protocol: EGRESSD_SIM_SEEDS seeds (default 200) of
-# EGRESSD_SIM_EVENTS events each (default 1 000 000), from seed EGRESSD_SIM_FIRST (default 1000).
+# EGRESSD_SIM_EVENTS events each (default 1 000 000), from seed EGRESSD_SIM_FIRST (default 1000),
+# every fault's probability scaled by EGRESSD_SIM_FAULTS (default 1).
 # A failing seed is printed with the command that replays it.
 set -euo pipefail
 cd "$(dirname "$0")/.."

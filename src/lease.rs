@@ -18,7 +18,8 @@
 //!   node, with their addresses, and a lease length. A node measures the lease from the moment it
 //!   *sent* the report, so on every clock the lease ends before the leader thinks it can.
 //! - The leader grants only while its leadership is confirmed by a quorum (`confirmed`), and
-//!   never beyond `lease` after the start of that confirmation. A gateway whose assignment change
+//!   never beyond `lease` after the start of that confirmation: when it sent the request a
+//!   quorum answered ([`QuorumClock`]). A gateway whose assignment change
 //!   has been decided but not yet applied is granted to nobody.
 //! - The leader records, per resource and node, an upper bound of when that node's lease can end
 //!   (on the leader's clock, stretched for clock drift). A revoked resource counts as held until
@@ -421,6 +422,73 @@ struct Peer {
     epoch: u64,
     seq: u64,
     received: Time,
+}
+
+/// When each voter last acknowledged a leadership, for the leader's grants. A reading is the
+/// leader's clock taken *before* it sent the request the voter answered without refusing the
+/// leader's vote: the voter cannot have voted for a later term before that instant, so no later
+/// leader was elected before it either. Raft's own heartbeats carry these rounds; the leader
+/// sends no messages of its own for them.
+#[derive(Debug, Clone)]
+pub struct QuorumClock<K> {
+    term: u64,
+    acked: BTreeMap<K, Time>,
+}
+
+impl<K: Ord + Clone> Default for QuorumClock<K> {
+    fn default() -> Self {
+        QuorumClock {
+            term: 0,
+            acked: BTreeMap::new(),
+        }
+    }
+}
+
+impl<K: Ord + Clone> QuorumClock<K> {
+    /// `peer` accepted this node's leadership of `term` in an answer to a request sent at
+    /// `sent`. Answers of an older term are ignored; a newer term forgets the older one's.
+    pub fn ack(&mut self, term: u64, peer: K, sent: Time) {
+        if term < self.term {
+            return;
+        }
+        if term > self.term {
+            self.term = term;
+            self.acked.clear();
+        }
+        let t = self.acked.entry(peer).or_insert(sent);
+        if *t < sent {
+            *t = sent;
+        }
+    }
+
+    /// The latest instant at which a quorum of every configuration in `voters` (two during a
+    /// joint membership change) is known to have accepted `me` as leader of `term`. `me` counts
+    /// as accepting at `now`. `None` if some configuration has no such quorum yet.
+    pub fn confirmed(&self, term: u64, me: &K, now: Time, voters: &[BTreeSet<K>]) -> Option<Time> {
+        let mut at: Option<Time> = None;
+        for config in voters {
+            let mut times: Vec<Time> = config
+                .iter()
+                .filter_map(|k| {
+                    if k == me {
+                        Some(now)
+                    } else if term == self.term {
+                        self.acked.get(k).copied()
+                    } else {
+                        None
+                    }
+                })
+                .collect();
+            let majority = config.len() / 2 + 1;
+            if config.is_empty() || times.len() < majority {
+                return None;
+            }
+            times.sort_unstable_by(|a, b| b.cmp(a));
+            let t = times[majority - 1];
+            at = Some(at.map_or(t, |a| a.min(t)));
+        }
+        at
+    }
 }
 
 /// A lease this leader gave a node on a resource.
@@ -1127,5 +1195,65 @@ mod tests {
         };
         let e = t.check(ms(50));
         assert!(e[0].contains("failover_timeout_ms (405)"), "{e:?}");
+    }
+
+    fn set(names: &[&str]) -> BTreeSet<String> {
+        names.iter().map(|n| n.to_string()).collect()
+    }
+
+    #[test]
+    fn a_quorum_time_is_the_majoritys_oldest_acknowledged_send() {
+        let mut q = QuorumClock::default();
+        let voters = [set(&["a", "b", "c"])];
+        let me = "a".to_string();
+        // The leader alone is no quorum of three.
+        assert_eq!(q.confirmed(3, &me, ms(200), &voters), None);
+        q.ack(3, "c".into(), ms(80));
+        assert_eq!(q.confirmed(3, &me, ms(200), &voters), Some(ms(80)));
+        q.ack(3, "b".into(), ms(100));
+        assert_eq!(q.confirmed(3, &me, ms(200), &voters), Some(ms(100)));
+        // An answer to an older request (reordered, duplicated) moves nothing back.
+        q.ack(3, "b".into(), ms(50));
+        assert_eq!(q.confirmed(3, &me, ms(200), &voters), Some(ms(100)));
+        // Five voters need two answers besides the leader's own.
+        let five = [set(&["a", "b", "c", "d", "e"])];
+        assert_eq!(q.confirmed(3, &me, ms(200), &five), Some(ms(80)));
+        q.ack(3, "d".into(), ms(40));
+        assert_eq!(q.confirmed(3, &me, ms(200), &five), Some(ms(80)));
+    }
+
+    #[test]
+    fn answers_count_only_for_the_term_they_accepted() {
+        let mut q = QuorumClock::default();
+        let voters = [set(&["a", "b", "c"])];
+        let me = "a".to_string();
+        q.ack(3, "b".into(), ms(100));
+        // The same node leading a later term has no confirmation from the earlier one.
+        assert_eq!(q.confirmed(4, &me, ms(200), &voters), None);
+        q.ack(4, "c".into(), ms(150));
+        assert_eq!(q.confirmed(4, &me, ms(200), &voters), Some(ms(150)));
+        // A late answer of term 3 neither counts nor brings term 3 back.
+        q.ack(3, "b".into(), ms(190));
+        assert_eq!(q.confirmed(4, &me, ms(200), &voters), Some(ms(150)));
+        assert_eq!(q.confirmed(3, &me, ms(200), &voters), None);
+    }
+
+    #[test]
+    fn a_joint_membership_needs_a_quorum_of_both_configurations() {
+        let mut q = QuorumClock::default();
+        let joint = [set(&["a", "b", "c"]), set(&["a", "d", "e"])];
+        let me = "a".to_string();
+        q.ack(2, "b".into(), ms(100));
+        assert_eq!(q.confirmed(2, &me, ms(200), &joint), None);
+        q.ack(2, "e".into(), ms(60));
+        assert_eq!(q.confirmed(2, &me, ms(200), &joint), Some(ms(60)));
+        // A leader outside a configuration (it is being removed) counts for nothing there.
+        let without_me = [set(&["b", "c", "d"])];
+        assert_eq!(q.confirmed(2, &me, ms(200), &without_me), None);
+        q.ack(2, "c".into(), ms(90));
+        assert_eq!(q.confirmed(2, &me, ms(200), &without_me), Some(ms(90)));
+        q.ack(2, "d".into(), ms(95));
+        assert_eq!(q.confirmed(2, &me, ms(200), &without_me), Some(ms(95)));
+        assert_eq!(q.confirmed(2, &me, ms(200), &[]), None);
     }
 }

@@ -115,6 +115,7 @@ async fn start(name: &str, listener: TcpListener, ca: &Ca) -> Node {
     let network = Network::new(
         PeerClient::new(name, Some(tls.clone()), no_id()),
         Default::default(),
+        Default::default(),
     );
     let id = node_id(name);
     let raft = Raft::new(id, config(), network, log, sm.clone())

@@ -705,6 +705,7 @@ mod tests {
         let (_host_tx, host_rx) = watch::channel(Arc::new(HostState::new()));
         let (_applied_tx, applied_rx) = watch::channel(Applied {
             index: 0,
+            term: 0,
             state: Arc::new(Default::default()),
             membership: Default::default(),
             compact: false,

@@ -96,6 +96,8 @@ pub struct ClusterNode {
     /// The controller of the term this node leads, if it leads.
     controller: Mutex<Option<(u64, Controller)>>,
     controller_wake: Notify,
+    /// When voters last accepted this node's leadership (from Raft's own appends).
+    acks: transport::Acks,
     pub leader_view: Mutex<LeaderView>,
     /// Committed changes as this node applied them, and the daemon's own events.
     pub events: EventLog,
@@ -161,10 +163,11 @@ impl ClusterNode {
         let cluster_id: ClusterIdFn = Arc::new(move || ids.borrow().state.cluster_id.clone());
         let client = PeerClient::new(&name, tls.clone(), cluster_id.clone());
         let campaigns = Arc::new(CampaignWatch::default());
+        let acks = transport::Acks::default();
         let raft = Raft::new(
             id,
             Arc::new(raft_config),
-            Network::new(client.clone(), campaigns.clone()),
+            Network::new(client.clone(), campaigns.clone(), acks.clone()),
             log,
             sm,
         )
@@ -181,6 +184,7 @@ impl ClusterNode {
             applied,
             controller: Mutex::new(None),
             controller_wake: Notify::new(),
+            acks,
             leader_view: Mutex::new(LeaderView::default()),
             recording_format: AtomicBool::new(false),
             events,
@@ -366,7 +370,10 @@ impl ClusterNode {
     }
 
     fn handle_report(&self, report: Report) -> anyhow::Result<Reply> {
-        let state = self.applied.borrow().state.clone();
+        let (state, applied_term) = {
+            let a = self.applied.borrow();
+            (a.state.clone(), a.term)
+        };
         let term = self
             .raft
             .server_metrics()
@@ -381,6 +388,7 @@ impl ClusterNode {
         let Some((t, ctl)) = guard.as_mut().filter(|(t, _)| *t == term) else {
             anyhow::bail!("not the leader (yet)");
         };
+        self.confirm(term, applied_term, ctl);
         let grant = ctl.on_report(&report, crate::clock::now(), &state);
         let term = *t;
         drop(guard);
@@ -976,28 +984,25 @@ impl ClusterNode {
         }
     }
 
-    /// While this node leads `term`: a quorum round every `every`. A quorum's answer proves this
-    /// leadership and that the applied state holds everything committed before it; grants may
-    /// last `lease` from the start of the round.
-    async fn confirm_loop(self: Arc<Self>, term: u64, every: Duration) {
-        while self.leading_term() == Some(term) {
-            let begun = Instant::now();
-            let started = crate::clock::now();
-            match self.raft.ensure_linearizable().await {
-                Ok(_) => {
-                    if let Ok(mut c) = self.controller.lock()
-                        && let Some((t, c)) = c.as_mut()
-                        && *t == term
-                    {
-                        c.confirmed(started);
-                    }
-                }
-                // Raft has stopped (shutdown) but its metrics still name this node leader:
-                // without this, openraft logged an error for every round until the exit.
-                Err(RaftError::Fatal(_)) => break,
-                Err(_) => {}
-            }
-            tokio::time::sleep_until((begun + every).into()).await;
+    /// Dates the controller's grants from the latest instant a quorum is known to have
+    /// accepted this leadership of `term`, once the applied state holds everything committed
+    /// before it (an entry of this term is applied: a new leader's first entry is its own).
+    fn confirm(&self, term: u64, applied_term: u64, ctl: &mut Controller) {
+        if applied_term != term {
+            return;
+        }
+        let now = crate::clock::now();
+        let at = {
+            let m = self.raft.metrics();
+            let m = m.borrow();
+            let voters = m.membership_config.membership().get_joint_config();
+            self.acks
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .confirmed(term, &self.id, now, voters)
+        };
+        if let Some(at) = at {
+            ctl.confirmed(at);
         }
     }
 
@@ -1037,13 +1042,6 @@ impl ClusterNode {
         if let Ok(mut c) = self.controller.lock()
             && c.as_ref().is_none_or(|(t, _)| *t != term)
         {
-            // Twice per report interval: a grant is never much shorter than the lease.
-            let every = Duration::from_millis(self.timing.report_interval_ms.max(2) / 2);
-            tokio::spawn(
-                self.clone()
-                    .confirm_loop(term, every)
-                    .instrument(tracing::Span::current()),
-            );
             self.events.local(
                 crate::events::EventKind::Leadership,
                 None,
@@ -1068,6 +1066,7 @@ impl ClusterNode {
             if *t != term {
                 return;
             }
+            self.confirm(term, applied.term, c);
             c.lease.applied(applied.index);
             let (changes, decision) = c.tick(&members, &applied.state, now);
             let silent: BTreeMap<String, u64> = changes

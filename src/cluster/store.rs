@@ -485,6 +485,8 @@ pub struct Applied {
     /// Index of the last applied log entry; 0 also before anything was applied (entry 0 is the
     /// cluster's initial membership, which changes no `ClusterState`).
     pub index: u64,
+    /// The term of the leader that wrote the last applied entry (0 before any).
+    pub term: u64,
     pub state: Arc<ClusterState>,
     pub membership: StoredMembership<NodeId, Member>,
     /// The log since the last snapshot carries many objects (a seed, a large apply): a
@@ -524,6 +526,7 @@ impl SmData {
     fn applied(&self) -> Applied {
         Applied {
             index: self.last_applied.map_or(0, |l| l.index),
+            term: self.last_applied.map_or(0, |l| l.leader_id.get_term()),
             state: self.state.clone(),
             membership: self.membership.clone(),
             compact: self.bulk >= COMPACT_OBJECTS && !self.staging,

@@ -53,6 +53,7 @@ use tokio::sync::Semaphore;
 
 use super::campaign::CampaignWatch;
 use super::{Member, NodeId, Raft, TypeConfig};
+use crate::lease::QuorumClock;
 use crate::tls::PeerIdentity;
 use crate::tls::client::ClientError;
 
@@ -667,12 +668,21 @@ impl PeerClient {
 pub struct Network {
     client: PeerClient,
     campaigns: Arc<CampaignWatch>,
+    acks: Acks,
 }
 
+/// Which voters accepted this node's leadership, and when it asked (see [`QuorumClock`]).
+pub type Acks = Arc<Mutex<QuorumClock<NodeId>>>;
+
 impl Network {
-    /// `campaigns` learns what this node's vote requests are refused for.
-    pub fn new(client: PeerClient, campaigns: Arc<CampaignWatch>) -> Self {
-        Network { client, campaigns }
+    /// `campaigns` learns what this node's vote requests are refused for, `acks` which
+    /// appends were answered by a follower that accepted this node as leader.
+    pub fn new(client: PeerClient, campaigns: Arc<CampaignWatch>, acks: Acks) -> Self {
+        Network {
+            client,
+            campaigns,
+            acks,
+        }
     }
 }
 
@@ -685,6 +695,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
             target,
             member: node.clone(),
             campaigns: self.campaigns.clone(),
+            acks: self.acks.clone(),
         }
     }
 }
@@ -696,6 +707,7 @@ pub struct PeerConnection {
     target: NodeId,
     member: Member,
     campaigns: Arc<CampaignWatch>,
+    acks: Acks,
 }
 
 impl PeerConnection {
@@ -782,6 +794,9 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, Member, RaftError<NodeId>>> {
+        // Read before anything is sent: the follower's answer proves the leadership no earlier
+        // than this.
+        let sent = crate::clock::now();
         // openraft waits one heartbeat interval for an append: one that carries much must be
         // cut into smaller ones, or it would time out and be sent again forever.
         let entries = rpc.entries.len() as u64;
@@ -800,7 +815,17 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
                 PayloadTooLarge::new_entries_hint(hint),
             ));
         }
-        self.call_encoded(APPEND_PATH, body, &option).await
+        let resp: AppendEntriesResponse<NodeId> =
+            self.call_encoded(APPEND_PATH, body, &option).await?;
+        // Every answer but a higher vote means the follower took this vote as its own (a log
+        // conflict is found after that): it votes for no later term before it answered.
+        if rpc.vote.is_committed() && !matches!(resp, AppendEntriesResponse::HigherVote(_)) {
+            self.acks
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .ack(rpc.vote.leader_id().get_term(), self.target, sent);
+        }
+        Ok(resp)
     }
 
     async fn install_snapshot(
@@ -1021,7 +1046,11 @@ mod tests {
             entries: vec![],
         };
         let opt = || RPCOption::new(Duration::from_millis(500));
-        let mut net = Network::new(client_as(&pki, "gw1", Some(A)), Default::default());
+        let mut net = Network::new(
+            client_as(&pki, "gw1", Some(A)),
+            Default::default(),
+            Default::default(),
+        );
         let member = |name: &str, addr: String| Member {
             name: name.to_owned(),
             addr,
