@@ -649,7 +649,17 @@ fn admin_api_and_cli_against_a_running_cluster() {
     };
     assert_eq!(get("egressd_gateway_active{gateway=vip,node=gw1}"), 1.0);
     assert_eq!(get("egressd_gateway_active{gateway=vip,node=gw2}"), 0.0);
-    assert_eq!(get("egressd_gateway_held{gateway=vip}"), 1.0);
+    // Once seen 0 in a full run (not reproduced alone): say why if it happens again.
+    let held = get("egressd_gateway_held{gateway=vip}");
+    if held != 1.0 {
+        let log = c.topo.log(0);
+        let tail: Vec<&str> = log.lines().rev().take(40).collect();
+        panic!(
+            "gw1 does not hold vip: status {}\nlog (newest first):\n{}",
+            s,
+            tail.join("\n")
+        );
+    }
     assert_eq!(get("egressd_ready{}"), 1.0);
     assert_eq!(get("egressd_config_drift{}"), 1.0);
     assert_eq!(
