@@ -455,7 +455,8 @@ fn spawn_dataplane(
         .name("dataplane".into())
         .spawn(move || {
             let _enter = span.enter();
-            lower_priority();
+            // Compiling 100 000 policies must never delay a heartbeat, a vote or a renewal.
+            crate::lower_thread_priority("dataplane", 10);
             let rt = match tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
@@ -494,22 +495,6 @@ fn spawn_dataplane(
         })
         .context("starting the data-plane thread")?;
     Ok(done_rx)
-}
-
-/// Nice 10 for the calling thread only (and what it starts: threads, `nft`).
-fn lower_priority() {
-    // SAFETY: gettid and setpriority have no memory effects; with PRIO_PROCESS and a thread id,
-    // Linux changes that thread's nice value only.
-    let r = unsafe {
-        let tid = libc::gettid();
-        libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, 10)
-    };
-    if r != 0 {
-        warn!(
-            error = %std::io::Error::last_os_error(),
-            "cannot lower the data-plane thread's priority"
-        );
-    }
 }
 
 /// The current leader's id, changing only when the leader does.

@@ -19,8 +19,8 @@
 //!   *sent* the report, so on every clock the lease ends before the leader thinks it can.
 //! - The leader grants only while its leadership is confirmed by a quorum (`confirmed`), and
 //!   never beyond `lease` after the start of that confirmation: when it sent the request a
-//!   quorum answered ([`QuorumClock`]). A gateway whose assignment change
-//!   has been decided but not yet applied is granted to nobody.
+//!   quorum answered ([`QuorumClock`]). A gateway whose assignment change has been decided but
+//!   not yet applied is granted to nobody.
 //! - The leader records, per resource and node, an upper bound of when that node's lease can end
 //!   (on the leader's clock, stretched for clock drift). A revoked resource counts as held until
 //!   that bound, or until an in-order report sent after the node applied the revoking grant no
@@ -435,7 +435,7 @@ pub struct QuorumClock<K> {
     acked: BTreeMap<K, Time>,
 }
 
-impl<K: Ord + Clone> Default for QuorumClock<K> {
+impl<K: Ord> Default for QuorumClock<K> {
     fn default() -> Self {
         QuorumClock {
             term: 0,
@@ -444,7 +444,7 @@ impl<K: Ord + Clone> Default for QuorumClock<K> {
     }
 }
 
-impl<K: Ord + Clone> QuorumClock<K> {
+impl<K: Ord> QuorumClock<K> {
     /// `peer` accepted this node's leadership of `term` in an answer to a request sent at
     /// `sent`. Answers of an older term are ignored; a newer term forgets the older one's.
     pub fn ack(&mut self, term: u64, peer: K, sent: Time) {

@@ -678,7 +678,7 @@ pub fn edge_runtime(name: &str, nice: i32) -> io::Result<Handle> {
         .name(thread_name.clone())
         .spawn(move || {
             if nice > 0 {
-                lower_priority(&thread_name, nice);
+                crate::lower_thread_priority(&thread_name, nice);
             }
             let rt = match tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -695,23 +695,6 @@ pub fn edge_runtime(name: &str, nice: i32) -> io::Result<Handle> {
         })?;
     rx.recv()
         .map_err(|_| io::Error::other("the runtime thread did not start"))?
-}
-
-/// A nice value for the calling thread only.
-fn lower_priority(name: &str, nice: i32) {
-    // SAFETY: gettid and setpriority have no memory effects; with PRIO_PROCESS and a thread id,
-    // Linux changes that thread's nice value only.
-    let r = unsafe {
-        let tid = libc::gettid();
-        libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, nice)
-    };
-    if r != 0 {
-        tracing::warn!(
-            thread = name,
-            error = %io::Error::last_os_error(),
-            "cannot lower the thread's priority"
-        );
-    }
 }
 
 #[cfg(test)]

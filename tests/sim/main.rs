@@ -285,8 +285,8 @@ struct Sim {
     next_entry: u64,
     /// Nodes cut off from every other node.
     partitioned: BTreeSet<usize>,
-    /// Nodes whose every message, in and out, takes 30–300 ms more (a congested link): too slow for
-    /// Raft's heartbeats, so a slow leader is replaced, and hears of it late.
+    /// Nodes whose every message, in and out, takes 30–300 ms more (a congested link): too slow
+    /// for Raft's heartbeats, so a slow leader is replaced, and hears of it late.
     slow: BTreeSet<usize>,
     vip_pool: Vec<IpAddr>,
     heal_id: u64,
