@@ -156,6 +156,7 @@ async fn run_inner(
 
     let node = ClusterNode::start(&config).await?;
     tokio::spawn(node.clone().run_controller());
+    tokio::spawn(node.clone().run_confirmations());
     tokio::spawn(node.clone().run_membership());
     tokio::spawn(node.clone().run_compaction());
     tokio::spawn(node.clone().run_campaigns());

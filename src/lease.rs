@@ -427,8 +427,7 @@ struct Peer {
 /// When each voter last acknowledged a leadership, for the leader's grants. A reading is the
 /// leader's clock taken *before* it sent the request the voter answered without refusing the
 /// leader's vote: the voter cannot have voted for a later term before that instant, so no later
-/// leader was elected before it either. Raft's own heartbeats carry these rounds; the leader
-/// sends no messages of its own for them.
+/// leader was elected before it either. Raft's own heartbeats carry these rounds.
 #[derive(Debug, Clone)]
 pub struct QuorumClock<K> {
     term: u64,

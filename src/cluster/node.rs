@@ -98,6 +98,8 @@ pub struct ClusterNode {
     controller_wake: Notify,
     /// When voters last accepted this node's leadership (from Raft's own appends).
     acks: transport::Acks,
+    /// The heartbeats' answers are stale: ask a quorum directly (`run_confirmations`).
+    confirm_wake: Notify,
     pub leader_view: Mutex<LeaderView>,
     /// Committed changes as this node applied them, and the daemon's own events.
     pub events: EventLog,
@@ -185,6 +187,7 @@ impl ClusterNode {
             controller: Mutex::new(None),
             controller_wake: Notify::new(),
             acks,
+            confirm_wake: Notify::new(),
             leader_view: Mutex::new(LeaderView::default()),
             recording_format: AtomicBool::new(false),
             events,
@@ -1003,6 +1006,42 @@ impl ClusterNode {
         };
         if let Some(at) = at {
             ctl.confirmed(at);
+        }
+        // Heartbeats wait behind a large append to the same follower (a 100 000-policy seed):
+        // then a direct round, whose answers the transport records like any other.
+        let stale = Duration::from_millis(self.timing.heartbeat_ms.saturating_mul(3) / 2);
+        if at.is_none_or(|a| now.saturating_sub(a) > stale) {
+            self.confirm_wake.notify_one();
+        }
+    }
+
+    /// While this node leads: a quorum round (`ensure_linearizable`, appends of its own beside
+    /// the replication streams) whenever `confirm` finds the heartbeats' answers stale; one at
+    /// a time.
+    pub async fn run_confirmations(self: Arc<Self>) {
+        // Said at most every 10 s: many of them mean heartbeats wait behind large appends.
+        let mut since = Instant::now();
+        let mut rounds = 0u64;
+        loop {
+            self.confirm_wake.notified().await;
+            if self.leading_term().is_none() {
+                continue;
+            }
+            // Raft has stopped (shutdown) but its metrics still name this node leader.
+            if let Err(RaftError::Fatal(_)) = self.raft.ensure_linearizable().await {
+                return;
+            }
+            rounds += 1;
+            if since.elapsed() >= Duration::from_secs(10) {
+                info!(
+                    rounds,
+                    "confirmed this leadership with {rounds} direct quorum rounds in {:.0} s: \
+                     the heartbeats' answers were older than 1.5 heartbeat intervals",
+                    since.elapsed().as_secs_f64()
+                );
+                since = Instant::now();
+                rounds = 0;
+            }
         }
     }
 

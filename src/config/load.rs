@@ -943,17 +943,21 @@ impl<'a> Reader<'a> {
                 ),
             );
         }
-        // Grants are dated from the last heartbeat a quorum answered: one heartbeat interval
-        // old at worst, and the node renews one report interval later.
-        if t.heartbeat_ms + t.report_interval_ms >= t.lease_ms {
+        // Grants are dated from the last heartbeat a quorum answered: openraft sends one every
+        // 1.5 intervals, and the leader asks directly past that; the node renews one report
+        // interval later.
+        if t.heartbeat_ms * 3 / 2 + t.report_interval_ms >= t.lease_ms {
             self.push(
                 "cluster.heartbeat_ms",
                 format!(
-                    "heartbeat_ms ({}) + report_interval_ms ({}) must be below lease_ms ({}): \
-                     the leader's grants last lease_ms from the last heartbeat a quorum \
-                     answered, and a lease that ends before the next report renews it makes \
-                     the node drop its gateways between reports",
-                    t.heartbeat_ms, t.report_interval_ms, t.lease_ms
+                    "1.5 x heartbeat_ms ({}) + report_interval_ms ({}) must be below lease_ms \
+                     ({}): the leader's grants last lease_ms from the last heartbeat a quorum \
+                     answered (openraft sends one every 1.5 heartbeat intervals), and a lease \
+                     that ends before the next report renews it makes the node drop its \
+                     gateways between reports",
+                    t.heartbeat_ms * 3 / 2,
+                    t.report_interval_ms,
+                    t.lease_ms
                 ),
             );
         }
@@ -2684,23 +2688,14 @@ bogus = true
         .concat());
         let e = errors_with(&[BASE, "[cluster]\nheartbeat_ms = 200\n"]);
         assert_error(&e, "cluster.election_timeout_min_ms", "heartbeat");
-        let e = errors_with(&[
-            BASE,
-            "[cluster]\nheartbeat_ms = 100\nelection_timeout_min_ms = 200\n\
-             election_timeout_max_ms = 300\n",
-        ]);
+        let e = errors_with(&[BASE, "[cluster]\nheartbeat_ms = 70\n"]);
         assert_error(
             &e,
             "cluster.heartbeat_ms",
-            "heartbeat_ms (100) + report_interval_ms (50)",
+            "1.5 x heartbeat_ms (105) + report_interval_ms (50)",
         );
         assert_eq!(e.len(), 1, "{e:?}");
-        ok(&[
-            BASE,
-            "[cluster]\nheartbeat_ms = 100\nreport_interval_ms = 40\n\
-             election_timeout_min_ms = 200\nelection_timeout_max_ms = 300\n",
-        ]
-        .concat());
+        ok(&[BASE, "[cluster]\nheartbeat_ms = 60\n"].concat());
         let e = errors_with(&[BASE, "[cluster]\nprofile = \"turbo\"\nlease_ms = 1\n"]);
         assert_error(&e, "cluster.profile", "unknown profile");
         assert_error(&e, "cluster.lease_ms", "out of range");

@@ -124,7 +124,10 @@ struct Config {
 }
 
 const REPORT_EVERY: Duration = Duration::from_millis(50);
-const HEARTBEAT_EVERY: Us = 50 * MS;
+/// openraft 0.9 sends a heartbeat at each tick, every 1.5 heartbeat intervals (50 ms).
+const HEARTBEAT_EVERY: Us = 75 * MS;
+/// The daemon asks a quorum directly when the heartbeats' answers are older than this.
+const STALE_AFTER: Duration = Duration::from_millis(75);
 const ELECTION_TIMEOUT: Us = 250 * MS;
 const TIMING: Timing = Timing {
     lease: Duration::from_millis(150),
@@ -170,11 +173,13 @@ enum Ev {
         target: BTreeMap<IpAddr, Duration>,
         computed_real: Us,
     },
-    /// A leader sends Raft's heartbeat (an empty append) to every other node.
+    /// A leader sends Raft's heartbeat (an empty append) to every other node; `again`: the
+    /// periodic one (a direct round is not).
     Heartbeat {
         node: usize,
         inc: u64,
         term: u64,
+        again: bool,
     },
     AppendArrives {
         to: usize,
@@ -236,6 +241,8 @@ struct Node {
     vote_term: u64,
     /// Which voters accepted this node's leadership, when (in memory: gone at a restart).
     acks: QuorumClock<usize>,
+    /// A direct quorum round is being sent.
+    direct_pending: bool,
     /// Kernel fence: address → (written at, ends at), real time. Survives kills, not restarts.
     kernel: BTreeMap<IpAddr, (Us, Us)>,
     /// When a live element was last written for each address (real time).
@@ -332,6 +339,7 @@ impl Sim {
                     ctl: None,
                     vote_term: 0,
                     acks: QuorumClock::default(),
+                    direct_pending: false,
                     kernel: BTreeMap::new(),
                     renewed: BTreeMap::new(),
                     leases_real: BTreeMap::new(),
@@ -567,7 +575,15 @@ impl Sim {
         let local = self.local(c);
         self.nodes[c].ctl = Some((term, Controller::new(TIMING, local)));
         let inc = self.nodes[c].inc;
-        self.after(10, Ev::Heartbeat { node: c, inc, term });
+        self.after(
+            10,
+            Ev::Heartbeat {
+                node: c,
+                inc,
+                term,
+                again: true,
+            },
+        );
         self.after(10, Ev::LeaderTick { node: c, term });
         // Everyone hears of it soon (a cut-off node when it can hear again); until then a
         // deposed leader still leads as far as it knows.
@@ -926,15 +942,32 @@ impl Sim {
         self.at(at.max(self.now + 100), Ev::LeaderTick { node: l, term });
     }
 
-    /// The daemon's `confirm`: grants dated from the latest quorum of acknowledged appends.
+    /// The daemon's `confirm`: grants dated from the latest quorum of acknowledged appends,
+    /// and a direct round (one at a time) when those are stale.
     fn confirm(&mut self, l: usize) {
         let now_l = self.local(l);
         let voters = [(0..self.nodes.len()).collect::<BTreeSet<usize>>()];
         let node = &mut self.nodes[l];
-        if let Some((t, c)) = node.ctl.as_mut()
-            && let Some(at) = node.acks.confirmed(*t, &l, now_l, &voters)
-        {
+        let Some((t, c)) = node.ctl.as_mut() else {
+            return;
+        };
+        let term = *t;
+        let at = node.acks.confirmed(term, &l, now_l, &voters);
+        if let Some(at) = at {
             c.confirmed(at);
+        }
+        if at.is_none_or(|a| now_l.saturating_sub(a) > STALE_AFTER) && !node.direct_pending {
+            node.direct_pending = true;
+            let inc = node.inc;
+            self.after(
+                100,
+                Ev::Heartbeat {
+                    node: l,
+                    inc,
+                    term,
+                    again: false,
+                },
+            );
         }
     }
 
@@ -1142,6 +1175,7 @@ impl Sim {
         node.inflight = None;
         node.ctl = None;
         node.acks = QuorumClock::default();
+        node.direct_pending = false;
         node.leader_view = self.leader;
         node.next_report = Duration::ZERO;
         let inc = node.inc;
@@ -1340,7 +1374,15 @@ impl Sim {
                     self.fence_write(node, target, computed_real);
                 }
             }
-            Ev::Heartbeat { node, inc, term } => {
+            Ev::Heartbeat {
+                node,
+                inc,
+                term,
+                again,
+            } => {
+                if !again && inc == self.nodes[node].inc {
+                    self.nodes[node].direct_pending = false;
+                }
                 if inc != self.nodes[node].inc
                     || self.nodes[node]
                         .ctl
@@ -1359,7 +1401,17 @@ impl Sim {
                         sent_local,
                     });
                 }
-                self.after(HEARTBEAT_EVERY, Ev::Heartbeat { node, inc, term });
+                if again {
+                    self.after(
+                        HEARTBEAT_EVERY,
+                        Ev::Heartbeat {
+                            node,
+                            inc,
+                            term,
+                            again,
+                        },
+                    );
+                }
             }
             Ev::AppendArrives {
                 to,
@@ -1583,15 +1635,16 @@ fn the_simulator_finds_the_relative_timeout_hole() {
 
 /// A leader that dated its quorum from when the answers arrived, not from when it asked, would
 /// go on granting after a successor's election when the answers come late (a slow link): the
-/// simulator finds two holders. At twice the usual fault rate the first such schedule is seed 5
-/// today; any seed up to 100 will do.
+/// simulator finds two holders. At four times the usual fault rate the first such schedule is
+/// seed 71 today (145 at twice the rate); the search starts at 60 to keep CI short, and goes on
+/// to 300 so that a change of the schedules does not make it pass by luck.
 #[test]
 fn the_simulator_finds_the_late_answer_hole() {
     let mut found = None;
-    for seed in 1..=100 {
+    for seed in 60..=300 {
         let cfg = Config {
             confirm: ConfirmAt::Answered,
-            faults: 2.0,
+            faults: 4.0,
             ..config(seed, 60_000, FenceKind::Absolute)
         };
         if let Err(e) = run(seed, cfg).0 {
