@@ -530,7 +530,15 @@ impl<R: Reporter, F: Fence + Send + 'static, A: Announcer> LeaseTask<R, F, A> {
                 done = async { job.as_mut().expect("guarded").await }, if job.is_some() => {
                     job = None;
                     self.heartbeat.beat();
+                    let claimed = self.lease.claims(clock::now()).len();
                     self.on_fence_done(done);
+                    // An element gone (a revocation, a release): the leader gives the address
+                    // to another node only after a report that no longer claims it; send it
+                    // now rather than at the next tick (a planned handover waits for it).
+                    if inflight.is_none() && self.lease.claims(clock::now()).len() < claimed {
+                        next_report = tokio::time::Instant::now() + self.report_every;
+                        inflight = Some(self.start_report());
+                    }
                 }
                 r = self.ch.leader.changed() => {
                     if r.is_err() { break; }
@@ -684,44 +692,44 @@ mod tests {
         }
     }
 
-    /// A fence write that waits (for the kernel's commit lock, behind a large map load) neither
-    /// stops the reports, which renew the leases, nor lets a report leave out the address it is
-    /// writing: a lease revoked meanwhile is still claimed until the write's outcome is known.
-    #[tokio::test]
-    async fn reports_go_on_while_a_fence_write_waits_and_claim_what_it_writes() {
-        let vip: IpAddr = "198.18.0.50".parse().unwrap();
-        let leader = Arc::new(FakeLeader::default());
-        leader
-            .gateways
-            .lock()
-            .unwrap()
-            .insert("gw".into(), vec![vip]);
-        let gate = Arc::new(Semaphore::new(0));
+    type Task = LeaseTask<FakeLeader, GatedFence, FakeAnnouncer>;
+
+    /// A lease task for node gw1 that reports to `leader` every `every`, its VIP ready, its
+    /// fence writes waiting at `gate`; the senders it is driven by.
+    struct Lab {
+        task: Task,
+        leader: watch::Sender<Option<u64>>,
+        stop: watch::Sender<bool>,
+        heartbeat: Arc<Heartbeat>,
+        _keep: Box<dyn std::any::Any + Send>,
+    }
+
+    fn lab(leader: Arc<FakeLeader>, vip: IpAddr, gate: Arc<Semaphore>, every: Duration) -> Lab {
         let config = crate::config::parse_str("[node]\nname = \"gw1\"\n", "test").unwrap();
-        let (_config_tx, config_rx) = watch::channel(AgentConfig::from_config(&config));
-        let (_facts_tx, facts_rx) = watch::channel(Facts::default());
+        let (config_tx, config_rx) = watch::channel(AgentConfig::from_config(&config));
+        let (facts_tx, facts_rx) = watch::channel(Facts::default());
         let ready: Ready = [("eth0".to_string(), vip)].into_iter().collect();
-        let (_ready_tx, ready_rx) = watch::channel(ready);
-        let (_host_tx, host_rx) = watch::channel(Arc::new(HostState::new()));
-        let (_applied_tx, applied_rx) = watch::channel(Applied {
+        let (ready_tx, ready_rx) = watch::channel(ready);
+        let (host_tx, host_rx) = watch::channel(Arc::new(HostState::new()));
+        let (applied_tx, applied_rx) = watch::channel(Applied {
             index: 0,
             term: 0,
             state: Arc::new(Default::default()),
             membership: Default::default(),
             compact: false,
         });
-        let (_leader_tx, leader_rx) = watch::channel(Some(2));
+        let (leader_tx, leader_rx) = watch::channel(Some(2));
         let (stop_tx, stop_rx) = watch::channel(false);
-        let (leased_tx, _leased_rx) = watch::channel(Leased::new());
-        let (contact_tx, _contact_rx) = watch::channel(false);
-        let (board, _status) = StatusBoard::new("gw1");
+        let (leased_tx, leased_rx) = watch::channel(Leased::new());
+        let (contact_tx, contact_rx) = watch::channel(false);
+        let (board, status) = StatusBoard::new("gw1");
         let heartbeat = Arc::new(Heartbeat::new());
-        let mut task = LeaseTask::new(
-            leader.clone(),
+        let task = LeaseTask::new(
+            leader,
             1,
             GatedFence {
                 inner: FakeFence::default(),
-                gate: gate.clone(),
+                gate,
             },
             FakeAnnouncer::default(),
             Channels {
@@ -738,8 +746,74 @@ mod tests {
             Arc::new(board),
             Arc::new(Metrics::new()),
             heartbeat.clone(),
-            Duration::from_millis(20),
+            every,
         );
+        Lab {
+            task,
+            leader: leader_tx,
+            stop: stop_tx,
+            heartbeat,
+            // The other ends stay open while the task runs.
+            _keep: Box::new((
+                config_tx, facts_tx, ready_tx, host_tx, applied_tx, leased_rx, contact_rx, status,
+            )),
+        }
+    }
+
+    /// A revocation whose fence write removes the element is reported at once, not at the next
+    /// tick: the leader waits for that report before it gives the address to another node.
+    #[tokio::test]
+    async fn a_removed_fence_element_is_reported_at_once() {
+        let vip: IpAddr = "198.18.0.50".parse().unwrap();
+        let leader = Arc::new(FakeLeader::default());
+        leader
+            .gateways
+            .lock()
+            .unwrap()
+            .insert("gw".into(), vec![vip]);
+        // Reports every 30 s: only the start, a new leader and the removal itself report.
+        let lab = lab(
+            leader.clone(),
+            vip,
+            Arc::new(Semaphore::new(1000)),
+            Duration::from_secs(30),
+        );
+        let (mut task, leader_tx, stop_tx, _keep) = (lab.task, lab.leader, lab.stop, lab._keep);
+        let run = tokio::spawn(async move {
+            task.run().await;
+            task
+        });
+        until("the first report", || !leader.heads().is_empty()).await;
+        // The grant's fence write (the fake's is immediate) has landed by then.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        // A new leader is told at once; its answer revokes the gateway.
+        *leader.gateways.lock().unwrap() = BTreeMap::new();
+        leader_tx.send_replace(Some(3));
+        until(
+            "a report that claims nothing, long before the next tick",
+            || leader.after_revoke().iter().any(|h| h.claims.is_empty()),
+        )
+        .await;
+        stop_tx.send_replace(true);
+        let mut task = run.await.unwrap();
+        task.release().await.unwrap();
+    }
+
+    /// A fence write that waits (for the kernel's commit lock, behind a large map load) neither
+    /// stops the reports, which renew the leases, nor lets a report leave out the address it is
+    /// writing: a lease revoked meanwhile is still claimed until the write's outcome is known.
+    #[tokio::test]
+    async fn reports_go_on_while_a_fence_write_waits_and_claim_what_it_writes() {
+        let vip: IpAddr = "198.18.0.50".parse().unwrap();
+        let leader = Arc::new(FakeLeader::default());
+        leader
+            .gateways
+            .lock()
+            .unwrap()
+            .insert("gw".into(), vec![vip]);
+        let gate = Arc::new(Semaphore::new(0));
+        let lab = lab(leader.clone(), vip, gate.clone(), Duration::from_millis(20));
+        let (mut task, stop_tx, heartbeat) = (lab.task, lab.stop, lab.heartbeat);
         let run = tokio::spawn(async move {
             task.run().await;
             task
