@@ -692,71 +692,95 @@ mod tests {
         }
     }
 
-    type Task = LeaseTask<FakeLeader, GatedFence, FakeAnnouncer>;
+    fn vip() -> IpAddr {
+        "198.18.0.50".parse().unwrap()
+    }
 
-    /// A lease task for node gw1 that reports to `leader` every `every`, its VIP ready, its
-    /// fence writes waiting at `gate`; the senders it is driven by.
+    /// A running lease task for node gw1, its VIP ready, reporting every `every` to a leader
+    /// that grants it gateway `gw` with the VIP; its fence writes wait at `gate`.
     struct Lab {
-        task: Task,
-        leader: watch::Sender<Option<u64>>,
+        leader: Arc<FakeLeader>,
+        new_leader: watch::Sender<Option<u64>>,
         stop: watch::Sender<bool>,
         heartbeat: Arc<Heartbeat>,
+        run: tokio::task::JoinHandle<LeaseTask<FakeLeader, GatedFence, FakeAnnouncer>>,
+        // The other ends stay open while the task runs.
         _keep: Box<dyn std::any::Any + Send>,
     }
 
-    fn lab(leader: Arc<FakeLeader>, vip: IpAddr, gate: Arc<Semaphore>, every: Duration) -> Lab {
-        let config = crate::config::parse_str("[node]\nname = \"gw1\"\n", "test").unwrap();
-        let (config_tx, config_rx) = watch::channel(AgentConfig::from_config(&config));
-        let (facts_tx, facts_rx) = watch::channel(Facts::default());
-        let ready: Ready = [("eth0".to_string(), vip)].into_iter().collect();
-        let (ready_tx, ready_rx) = watch::channel(ready);
-        let (host_tx, host_rx) = watch::channel(Arc::new(HostState::new()));
-        let (applied_tx, applied_rx) = watch::channel(Applied {
-            index: 0,
-            term: 0,
-            state: Arc::new(Default::default()),
-            membership: Default::default(),
-            compact: false,
-        });
-        let (leader_tx, leader_rx) = watch::channel(Some(2));
-        let (stop_tx, stop_rx) = watch::channel(false);
-        let (leased_tx, leased_rx) = watch::channel(Leased::new());
-        let (contact_tx, contact_rx) = watch::channel(false);
-        let (board, status) = StatusBoard::new("gw1");
-        let heartbeat = Arc::new(Heartbeat::new());
-        let task = LeaseTask::new(
-            leader,
-            1,
-            GatedFence {
-                inner: FakeFence::default(),
-                gate,
-            },
-            FakeAnnouncer::default(),
-            Channels {
-                config: config_rx,
-                facts: facts_rx,
-                ready: ready_rx,
-                host: host_rx,
-                applied: applied_rx,
-                leader: leader_rx,
-                stop: stop_rx,
-                leased: leased_tx,
-                contact: contact_tx,
-            },
-            Arc::new(board),
-            Arc::new(Metrics::new()),
-            heartbeat.clone(),
-            every,
-        );
-        Lab {
-            task,
-            leader: leader_tx,
-            stop: stop_tx,
-            heartbeat,
-            // The other ends stay open while the task runs.
-            _keep: Box::new((
-                config_tx, facts_tx, ready_tx, host_tx, applied_tx, leased_rx, contact_rx, status,
-            )),
+    impl Lab {
+        fn start(gate: Arc<Semaphore>, every: Duration) -> Lab {
+            let leader = Arc::new(FakeLeader::default());
+            leader
+                .gateways
+                .lock()
+                .unwrap()
+                .insert("gw".into(), vec![vip()]);
+            let config = crate::config::parse_str("[node]\nname = \"gw1\"\n", "test").unwrap();
+            let (config_tx, config_rx) = watch::channel(AgentConfig::from_config(&config));
+            let (facts_tx, facts_rx) = watch::channel(Facts::default());
+            let ready: Ready = [("eth0".to_string(), vip())].into_iter().collect();
+            let (ready_tx, ready_rx) = watch::channel(ready);
+            let (host_tx, host_rx) = watch::channel(Arc::new(HostState::new()));
+            let (applied_tx, applied_rx) = watch::channel(Applied {
+                index: 0,
+                term: 0,
+                state: Arc::new(Default::default()),
+                membership: Default::default(),
+                compact: false,
+            });
+            let (leader_tx, leader_rx) = watch::channel(Some(2));
+            let (stop_tx, stop_rx) = watch::channel(false);
+            let (leased_tx, leased_rx) = watch::channel(Leased::new());
+            let (contact_tx, contact_rx) = watch::channel(false);
+            let (board, status) = StatusBoard::new("gw1");
+            let heartbeat = Arc::new(Heartbeat::new());
+            let mut task = LeaseTask::new(
+                leader.clone(),
+                1,
+                GatedFence {
+                    inner: FakeFence::default(),
+                    gate,
+                },
+                FakeAnnouncer::default(),
+                Channels {
+                    config: config_rx,
+                    facts: facts_rx,
+                    ready: ready_rx,
+                    host: host_rx,
+                    applied: applied_rx,
+                    leader: leader_rx,
+                    stop: stop_rx,
+                    leased: leased_tx,
+                    contact: contact_tx,
+                },
+                Arc::new(board),
+                Arc::new(Metrics::new()),
+                heartbeat.clone(),
+                every,
+            );
+            let run = tokio::spawn(async move {
+                task.run().await;
+                task
+            });
+            Lab {
+                leader,
+                new_leader: leader_tx,
+                stop: stop_tx,
+                heartbeat,
+                run,
+                _keep: Box::new((
+                    config_tx, facts_tx, ready_tx, host_tx, applied_tx, leased_rx, contact_rx,
+                    status,
+                )),
+            }
+        }
+
+        /// Stops the task and removes its fence, as a clean shutdown does.
+        async fn finish(self) {
+            self.stop.send_replace(true);
+            let mut task = self.run.await.unwrap();
+            task.release().await.unwrap();
         }
     }
 
@@ -764,39 +788,21 @@ mod tests {
     /// tick: the leader waits for that report before it gives the address to another node.
     #[tokio::test]
     async fn a_removed_fence_element_is_reported_at_once() {
-        let vip: IpAddr = "198.18.0.50".parse().unwrap();
-        let leader = Arc::new(FakeLeader::default());
-        leader
-            .gateways
-            .lock()
-            .unwrap()
-            .insert("gw".into(), vec![vip]);
         // Reports every 30 s: only the start, a new leader and the removal itself report.
-        let lab = lab(
-            leader.clone(),
-            vip,
-            Arc::new(Semaphore::new(1000)),
-            Duration::from_secs(30),
-        );
-        let (mut task, leader_tx, stop_tx, _keep) = (lab.task, lab.leader, lab.stop, lab._keep);
-        let run = tokio::spawn(async move {
-            task.run().await;
-            task
-        });
+        let lab = Lab::start(Arc::new(Semaphore::new(1000)), Duration::from_secs(30));
+        let leader = lab.leader.clone();
         until("the first report", || !leader.heads().is_empty()).await;
         // The grant's fence write (the fake's is immediate) has landed by then.
         tokio::time::sleep(Duration::from_millis(100)).await;
         // A new leader is told at once; its answer revokes the gateway.
         *leader.gateways.lock().unwrap() = BTreeMap::new();
-        leader_tx.send_replace(Some(3));
+        lab.new_leader.send_replace(Some(3));
         until(
             "a report that claims nothing, long before the next tick",
             || leader.after_revoke().iter().any(|h| h.claims.is_empty()),
         )
         .await;
-        stop_tx.send_replace(true);
-        let mut task = run.await.unwrap();
-        task.release().await.unwrap();
+        lab.finish().await;
     }
 
     /// A fence write that waits (for the kernel's commit lock, behind a large map load) neither
@@ -804,20 +810,9 @@ mod tests {
     /// writing: a lease revoked meanwhile is still claimed until the write's outcome is known.
     #[tokio::test]
     async fn reports_go_on_while_a_fence_write_waits_and_claim_what_it_writes() {
-        let vip: IpAddr = "198.18.0.50".parse().unwrap();
-        let leader = Arc::new(FakeLeader::default());
-        leader
-            .gateways
-            .lock()
-            .unwrap()
-            .insert("gw".into(), vec![vip]);
         let gate = Arc::new(Semaphore::new(0));
-        let lab = lab(leader.clone(), vip, gate.clone(), Duration::from_millis(20));
-        let (mut task, stop_tx, heartbeat) = (lab.task, lab.stop, lab.heartbeat);
-        let run = tokio::spawn(async move {
-            task.run().await;
-            task
-        });
+        let lab = Lab::start(gate.clone(), Duration::from_millis(20));
+        let leader = lab.leader.clone();
 
         // The first grant starts the write of the VIP's element, which waits at the gate.
         until("a first report", || !leader.heads().is_empty()).await;
@@ -827,10 +822,10 @@ mod tests {
         })
         .await;
         // ... while the watchdog's heartbeat stops: the fence is not making progress.
-        let age = heartbeat.age();
+        let age = lab.heartbeat.age();
         tokio::time::sleep(Duration::from_millis(100)).await;
         assert!(
-            heartbeat.age() >= age + Duration::from_millis(90),
+            lab.heartbeat.age() >= age + Duration::from_millis(90),
             "the heartbeat went on while the fence write hung"
         );
 
@@ -841,7 +836,7 @@ mod tests {
         .await;
         for h in leader.after_revoke() {
             assert!(
-                h.claims.contains(&Resource::Addr(vip)),
+                h.claims.contains(&Resource::Addr(vip())),
                 "report {} left out the address its fence write may put in the kernel at any \
                  moment: {:?}",
                 h.seq,
@@ -855,8 +850,6 @@ mod tests {
             leader.after_revoke().iter().any(|h| h.claims.is_empty())
         })
         .await;
-        stop_tx.send_replace(true);
-        let mut task = run.await.unwrap();
-        task.release().await.unwrap();
+        lab.finish().await;
     }
 }

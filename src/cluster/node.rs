@@ -1009,7 +1009,7 @@ impl ClusterNode {
         }
         // Heartbeats wait behind a large append to the same follower (a 100 000-policy seed):
         // then a direct round, whose answers the transport records like any other.
-        let stale = Duration::from_millis(self.timing.heartbeat_ms.saturating_mul(3) / 2);
+        let stale = Duration::from_millis(self.timing.heartbeat_every_ms());
         if at.is_none_or(|a| now.saturating_sub(a) > stale) {
             self.confirm_wake.notify_one();
         }

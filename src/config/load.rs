@@ -946,7 +946,7 @@ impl<'a> Reader<'a> {
         // Grants are dated from the last heartbeat a quorum answered: openraft sends one every
         // 1.5 intervals, and the leader asks directly past that; the node renews one report
         // interval later.
-        if t.heartbeat_ms * 3 / 2 + t.report_interval_ms >= t.lease_ms {
+        if t.heartbeat_every_ms() + t.report_interval_ms >= t.lease_ms {
             self.push(
                 "cluster.heartbeat_ms",
                 format!(
@@ -955,7 +955,7 @@ impl<'a> Reader<'a> {
                      answered (openraft sends one every 1.5 heartbeat intervals), and a lease \
                      that ends before the next report renews it makes the node drop its \
                      gateways between reports",
-                    t.heartbeat_ms * 3 / 2,
+                    t.heartbeat_every_ms(),
                     t.report_interval_ms,
                     t.lease_ms
                 ),

@@ -119,6 +119,13 @@ pub struct ClusterTiming {
 }
 
 impl ClusterTiming {
+    /// How often openraft 0.9 actually sends a heartbeat: at each tick, every 1.5 heartbeat
+    /// intervals. The leader's grants are dated by the heartbeats' answers, so this is how old
+    /// that date gets before the leader asks a quorum directly.
+    pub fn heartbeat_every_ms(&self) -> u64 {
+        self.heartbeat_ms.saturating_mul(3) / 2
+    }
+
     /// The lease protocol's timing: clocks may drift apart by 1 ms per second (a hundred times
     /// what NTP-disciplined clocks do), and 10 ms cover timers and scheduling.
     pub fn lease_timing(&self) -> crate::lease::Timing {

@@ -126,8 +126,9 @@ struct Config {
 const REPORT_EVERY: Duration = Duration::from_millis(50);
 /// openraft 0.9 sends a heartbeat at each tick, every 1.5 heartbeat intervals (50 ms).
 const HEARTBEAT_EVERY: Us = 75 * MS;
-/// The daemon asks a quorum directly when the heartbeats' answers are older than this.
-const STALE_AFTER: Duration = Duration::from_millis(75);
+/// The daemon asks a quorum directly when the heartbeats' answers are older than one
+/// heartbeat period (`ClusterTiming::heartbeat_every_ms`).
+const STALE_AFTER: Duration = Duration::from_micros(HEARTBEAT_EVERY);
 const ELECTION_TIMEOUT: Us = 250 * MS;
 const TIMING: Timing = Timing {
     lease: Duration::from_millis(150),
