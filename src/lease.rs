@@ -510,6 +510,8 @@ pub struct LeaderLease {
     /// Gateways whose assignment change is decided and not yet applied, with the log index of
     /// the change once it is known.
     moving: BTreeMap<String, Option<u64>>,
+    /// Holds ended by reports (releases confirmed, restarted daemons), counted.
+    released: u64,
 }
 
 impl LeaderLease {
@@ -521,7 +523,14 @@ impl LeaderLease {
             peers: BTreeMap::new(),
             holds: BTreeMap::new(),
             moving: BTreeMap::new(),
+            released: 0,
         }
+    }
+
+    /// How many holds reports have ended so far: a change tells the controller that a
+    /// gateway it waits for may be free.
+    pub fn released(&self) -> u64 {
+        self.released
     }
 
     pub fn timing(&self) -> &Timing {
@@ -575,7 +584,9 @@ impl LeaderLease {
                 // A restarted daemon emptied its fence before its first report: whatever this
                 // leader granted its previous incarnation is gone.
                 for holders in self.holds.values_mut() {
-                    holders.remove(node);
+                    if holders.remove(node).is_some() {
+                        self.released += 1;
+                    }
                 }
             }
             _ => {}
@@ -596,6 +607,7 @@ impl LeaderLease {
                 && !head.claims.contains(res)
             {
                 holders.remove(node);
+                self.released += 1;
             }
         }
         self.holds.retain(|_, h| !h.is_empty());

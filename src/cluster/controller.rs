@@ -51,7 +51,7 @@ pub struct Reply {
 }
 
 /// The facts of a node's latest report.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 struct Facts {
     labels: Labels,
     ready: bool,
@@ -66,6 +66,9 @@ pub struct Controller {
     /// Per node, the command format of its latest report (also of a stale one: a format only
     /// says which version runs there).
     formats: BTreeMap<NodeName, u16>,
+    /// A report since the last [`Controller::take_news`] may change a decision: a node came
+    /// back, its facts or command format changed, or it confirmed a release.
+    news: bool,
 }
 
 /// Why an assignment change was made, for the one log line a failover gets.
@@ -103,6 +106,7 @@ impl Controller {
             lease: LeaderLease::new(timing, now),
             facts: BTreeMap::new(),
             formats: BTreeMap::new(),
+            news: false,
         }
     }
 
@@ -113,26 +117,41 @@ impl Controller {
 
     /// A report arrived: remember its facts and answer with the node's grant.
     pub fn on_report(&mut self, report: &Report, now: Time, state: &ClusterState) -> Grant {
+        let was_alive = self.lease.alive(&report.node, now);
+        let released = self.lease.released();
         let grant = self.lease.on_report(
             &report.node,
             &report.head,
             &assigned_to(state, &report.node),
             now,
         );
-        self.formats
+        let format = self
+            .formats
             .insert(report.node.clone(), report.command_format);
+        let mut news = !was_alive
+            || self.lease.released() != released
+            || format != Some(report.command_format);
         // Facts of a stale report are not newer than what we have.
         if grant.lease_ms > 0 || !self.facts.contains_key(&report.node) {
-            self.facts.insert(
-                report.node.clone(),
-                Facts {
-                    labels: report.labels.clone(),
-                    ready: report.ready,
-                    interfaces: report.interfaces.clone(),
-                },
-            );
+            let facts = Facts {
+                labels: report.labels.clone(),
+                ready: report.ready,
+                interfaces: report.interfaces.clone(),
+            };
+            if self.facts.get(&report.node) != Some(&facts) {
+                news = true;
+                self.facts.insert(report.node.clone(), facts);
+            }
         }
+        self.news |= news;
         grant
+    }
+
+    /// Whether a report since the last call may change a decision. The rest only renew leases
+    /// and liveness, which the controller's own tick and deadlines cover: waking it for each
+    /// of them cost the leader a round per report (40 a second in an idle three-node cluster).
+    pub fn take_news(&mut self) -> bool {
+        std::mem::take(&mut self.news)
     }
 
     /// The command format `node` said it reads in its latest report to this leader, if it has
@@ -458,6 +477,42 @@ pub(crate) mod tests {
                 kind: ChangeKind::Failover
             }]
         );
+    }
+
+    #[test]
+    fn only_reports_that_can_change_a_decision_wake_the_controller() {
+        let t0 = ms(1000);
+        let (mut c, mut s, mut nodes, t) = steady(t0);
+        assert!(c.take_news(), "first reports bring facts");
+        assert!(!c.take_news());
+        let ch = c.tick(&members(), &s, t).0;
+        apply(&mut s, &mut c, &ch, 1);
+        nodes[0].exchange(&mut c, &s, t + ms(1));
+        nodes[1].exchange(&mut c, &s, t + ms(1));
+        assert!(!c.take_news(), "a renewal with the same facts is routine");
+
+        let mut r = nodes[1].report(t + ms(2));
+        r.ready = false;
+        c.on_report(&r, t + ms(2), &s);
+        assert!(c.take_news(), "changed facts");
+        let mut r = nodes[1].report(t + ms(3));
+        r.command_format += 1;
+        c.on_report(&r, t + ms(3), &s);
+        assert!(c.take_news(), "a changed command format");
+
+        // A planned handover: the revoking grant is routine, the confirming report is news.
+        s.apply(&Command::Cordon("gw1".into()));
+        let (ch, _) = c.tick(&members(), &s, t + ms(4));
+        apply(&mut s, &mut c, &ch, 2);
+        nodes[0].exchange(&mut c, &s, t + ms(5));
+        assert!(!c.take_news());
+        nodes[0].exchange(&mut c, &s, t + ms(6));
+        assert!(c.take_news(), "a confirmed release");
+
+        // A node heard from again after more than the failover timeout.
+        let late = t + ms(6) + T.failover_timeout + ms(1);
+        nodes[2].exchange(&mut c, &s, late);
+        assert!(c.take_news(), "a node back from silence");
     }
 
     #[test]

@@ -393,10 +393,12 @@ impl ClusterNode {
         };
         self.confirm(term, applied_term, ctl);
         let grant = ctl.on_report(&report, crate::clock::now(), &state);
+        let news = ctl.take_news();
         let term = *t;
         drop(guard);
-        // A report may confirm a release the controller is waiting for.
-        self.controller_wake.notify_one();
+        if news {
+            self.controller_wake.notify_one();
+        }
         Ok(Reply {
             grant,
             leader: self.name.clone(),
