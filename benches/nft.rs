@@ -354,8 +354,6 @@ fn one_map_delta(from: &SnatMap, to: &SnatMap) -> String {
     s
 }
 
-/// One lease renewal (two VIPs leased for 150 ms), as the daemon does every report interval:
-/// through netlink, and as an `nft -f` process with the same script as before.
 /// CPU time of this process (all its threads) and of its waited-for children, µs.
 fn cpu_us(who: libc::c_int) -> u64 {
     // SAFETY: getrusage only writes the struct it is given.
@@ -369,8 +367,11 @@ fn cpu_us(who: libc::c_int) -> u64 {
 /// (the kernel's commit included: netlink batches are committed in the sender's context).
 type RenewalRow = (String, (Duration, Duration), u64);
 
+/// Lease renewals (two VIPs leased for 150 ms, as the daemon rewrites them every half lease):
+/// through netlink, and as `nft -f` processes doing the same steps.
 fn lease_renewal(rt: &tokio::runtime::Runtime) -> Vec<RenewalRow> {
     const WRITES: u32 = 200;
+    const NFT_RUNS: u32 = 50;
     let mut lab = Lab::new("blease");
     let ns = lab.ns("a");
     let peer = lab.ns("b");
@@ -420,11 +421,11 @@ fn lease_renewal(rt: &tokio::runtime::Runtime) -> Vec<RenewalRow> {
     }
     let mut old = Vec::new();
     let cpu = cpu_us(libc::RUSAGE_CHILDREN);
-    for _ in 0..50 {
+    for _ in 0..NFT_RUNS {
         old.push(nft_f(&ns, &script));
         std::thread::sleep(Duration::from_millis(20));
     }
-    let old_cpu = (cpu_us(libc::RUSAGE_CHILDREN) - cpu) / 50;
+    let old_cpu = (cpu_us(libc::RUSAGE_CHILDREN) - cpu) / u64::from(NFT_RUNS);
     vec![
         ("egressd (netlink)".to_owned(), median_max(new), new_cpu),
         ("an `nft -f` process".to_owned(), median_max(old), old_cpu),

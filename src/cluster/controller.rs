@@ -51,11 +51,20 @@ pub struct Reply {
 }
 
 /// The facts of a node's latest report.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 struct Facts {
     labels: Labels,
     ready: bool,
     interfaces: BTreeMap<String, InterfaceState>,
+}
+
+impl Facts {
+    /// Whether `report` says the same.
+    fn same_as(&self, report: &Report) -> bool {
+        self.ready == report.ready
+            && self.labels == report.labels
+            && self.interfaces == report.interfaces
+    }
 }
 
 /// The leader's bookkeeping. A new one is made for every term this node leads.
@@ -131,17 +140,19 @@ impl Controller {
         let mut news = !was_alive
             || self.lease.released() != released
             || format != Some(report.command_format);
-        // Facts of a stale report are not newer than what we have.
-        if grant.lease_ms > 0 || !self.facts.contains_key(&report.node) {
-            let facts = Facts {
-                labels: report.labels.clone(),
-                ready: report.ready,
-                interfaces: report.interfaces.clone(),
-            };
-            if self.facts.get(&report.node) != Some(&facts) {
-                news = true;
-                self.facts.insert(report.node.clone(), facts);
-            }
+        // Facts of a stale report are not newer than what we have. Compared before they are
+        // copied: nearly every report brings the same facts.
+        let known = self.facts.get(&report.node);
+        if (grant.lease_ms > 0 || known.is_none()) && !known.is_some_and(|f| f.same_as(report)) {
+            news = true;
+            self.facts.insert(
+                report.node.clone(),
+                Facts {
+                    labels: report.labels.clone(),
+                    ready: report.ready,
+                    interfaces: report.interfaces.clone(),
+                },
+            );
         }
         self.news |= news;
         grant
