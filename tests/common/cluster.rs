@@ -378,38 +378,68 @@ impl Cluster {
 /// the samples in which more than one did.
 pub struct AddressSampler {
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    handle: Option<std::thread::JoinHandle<(usize, Vec<Vec<usize>>)>>,
+    handle: Option<std::thread::JoinHandle<AddressSamples>>,
+}
+
+/// What an [`AddressSampler`] saw, sweep by sweep.
+#[derive(Debug, Default)]
+pub struct AddressSamples {
+    pub sweeps: usize,
+    /// Sweeps in which two or more nodes had the VIP on `eth1` (the node indexes).
+    pub on_two: Vec<Vec<usize>>,
+    /// Sweeps in which two or more nodes had the VIP *and* a live fence element for it: two
+    /// nodes the kernel lets answer for it.
+    pub answering_two: Vec<Vec<usize>>,
+    /// Sweeps in which exactly one node answered: the fence read is not vacuous.
+    pub answering_one: usize,
 }
 
 impl AddressSampler {
+    /// Every `interval`, one sweep over `nodes` in order: per node its VIP address, then its
+    /// ARP fence's lease set (the kernel lists only unexpired elements). The two reads of one
+    /// node are back to back, the nodes one after the other, so a sweep is not one instant: an
+    /// address on two nodes whose fences were not both live is the lag of the old holder's
+    /// removal after its lease ended, which the design allows (the fence, not the address,
+    /// decides who answers).
     pub fn start(nodes: Vec<String>, interval: Duration) -> Self {
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let flag = stop.clone();
+        let out = |ns: &str, args: &[&str]| {
+            std::process::Command::new("ip")
+                .args(["netns", "exec", ns])
+                .args(args)
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                .unwrap_or_default()
+        };
         let handle = std::thread::spawn(move || {
-            let mut samples = 0;
-            let mut doubles = Vec::new();
+            let mut seen = AddressSamples::default();
             while !flag.load(std::sync::atomic::Ordering::SeqCst) {
                 let t = std::time::Instant::now();
-                let holders: Vec<usize> = nodes
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, ns)| {
-                        std::process::Command::new("ip")
-                            .args(["-n", ns, "-o", "addr", "show", "dev", "eth1"])
-                            .output()
-                            .is_ok_and(|o| {
-                                String::from_utf8_lossy(&o.stdout).contains(&format!("inet {VIP}/"))
-                            })
-                    })
-                    .map(|(i, _)| i)
-                    .collect();
-                samples += 1;
-                if holders.len() > 1 {
-                    doubles.push(holders);
+                let (mut holding, mut answering) = (Vec::new(), Vec::new());
+                for (i, ns) in nodes.iter().enumerate() {
+                    let addr = out(ns, &["ip", "-o", "addr", "show", "dev", "eth1"]);
+                    if !addr.contains(&format!("inet {VIP}/")) {
+                        continue;
+                    }
+                    holding.push(i);
+                    let lease = out(ns, &["nft", "list", "set", "arp", "egressd", "lease"]);
+                    if lease.contains(VIP) {
+                        answering.push(i);
+                    }
+                }
+                seen.sweeps += 1;
+                if holding.len() > 1 {
+                    seen.on_two.push(holding);
+                }
+                match answering.len() {
+                    0 => {}
+                    1 => seen.answering_one += 1,
+                    _ => seen.answering_two.push(answering),
                 }
                 std::thread::sleep(interval.saturating_sub(t.elapsed()));
             }
-            (samples, doubles)
+            seen
         });
         AddressSampler {
             stop,
@@ -417,8 +447,7 @@ impl AddressSampler {
         }
     }
 
-    /// Stops and returns (samples taken, the samples with two or more holders).
-    pub fn stop(mut self) -> (usize, Vec<Vec<usize>>) {
+    pub fn stop(mut self) -> AddressSamples {
         self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
         self.handle
             .take()
