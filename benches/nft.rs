@@ -228,6 +228,7 @@ fn size_row(rt: &tokio::runtime::Runtime, shape: Shape, n: usize) -> SizeRow {
     let cells = fw.cells().map_or(0, |(c4, _)| c4);
     let (a_arc, b_arc) = (Arc::new(a.clone()), Arc::new(b.clone()));
     let mut change = Vec::new();
+    let replaces = fw.full_replaces();
     for t in 0..20 {
         let m = if t % 2 == 0 { &b_arc } else { &a_arc };
         let before = fw.transactions();
@@ -235,7 +236,15 @@ fn size_row(rt: &tokio::runtime::Runtime, shape: Shape, n: usize) -> SizeRow {
         rt.block_on(fw.apply(m, &roles()))
             .expect("one-element change");
         change.push(start.elapsed());
-        assert_eq!(fw.transactions(), before + 1, "a change is one transaction");
+        // The element batch alone, except the first change into a cell that has no set for
+        // the new element yet: an `nft` run adds the empty set before the batch (the batch
+        // still changes the classification in one transaction). Never a full replace.
+        let sent = fw.transactions() - before;
+        assert!(
+            sent == 1 || (t == 0 && sent == 2),
+            "change {t} took {sent} transactions"
+        );
+        assert_eq!(fw.full_replaces(), replaces, "a change is no full replace");
     }
     let listed = rt.block_on(fw.list_elements()).expect("list");
     assert_eq!(listed, a, "the kernel holds exactly the map");
