@@ -7,8 +7,8 @@
 //! - **one map, `nft -f`**: the layout and method before sharding (one interval map per family,
 //!   every change an `nft -f -` process), for comparison.
 //!
-//! First a lease renewal (netlink vs an `nft` process: latency and CPU per renewal; alone with
-//! `-- --lease-only`), then new TCP connections per second through a gateway namespace with 1
+//! First a lease renewal (egressd's netlink writes, the same through the fence's earlier layout,
+//! and as `nft` processes: latency and CPU per renewal; alone with `-- --lease-only`), then new TCP connections per second through a gateway namespace with 1
 //! vs 10 000 elements.
 //!
 //! A full run takes about 4 minutes here. The one-map 100 000-element "Dests" load is skipped:
@@ -408,25 +408,25 @@ fn lease_renewal(rt: &tokio::runtime::Runtime) -> Vec<RenewalRow> {
         std::thread::sleep(Duration::from_millis(5));
     }
     let new_cpu = (cpu_us(libc::RUSAGE_SELF) - cpu) / u64::from(WRITES);
+    let (pipapo, pipapo_cpu) = pipapo_renewals(&ns, &vips, WRITES);
     let mut script = String::new();
-    for (family, key) in [
-        ("arp", "198.18.0.50".to_owned()),
-        (
-            "ip6",
-            format!(
-                "0x{:032x}",
-                u128::from("2001:db8::50".parse::<std::net::Ipv6Addr>().expect("v6"))
-            ),
-        ),
-    ] {
+    for ip in &vips {
+        let set = egressd::dataplane::fence::lease_set(*ip);
+        let families: &[&str] = if ip.is_ipv4() {
+            &["arp", "netdev"]
+        } else {
+            &["ip6"]
+        };
         // The daemon's three steps (the old element re-added, deleted, the new one added); nft's
         // syntax has no nanoseconds for `meta time`, so the range is whole seconds.
         let range = "\"2026-01-01 00:00:00\"-\"2036-01-01 00:00:00\"";
-        script.push_str(&format!(
-            "add element {family} egressd lease {{ {key} . {range} timeout 150ms }}\n\
-             delete element {family} egressd lease {{ {key} . {range} }}\n\
-             add element {family} egressd lease {{ {key} . {range} timeout 150ms }}\n"
-        ));
+        for family in families {
+            script.push_str(&format!(
+                "add element {family} egressd {set} {{ {range} timeout 150ms }}\n\
+                 delete element {family} egressd {set} {{ {range} }}\n\
+                 add element {family} egressd {set} {{ {range} timeout 150ms }}\n"
+            ));
+        }
     }
     let mut old = Vec::new();
     let cpu = cpu_us(libc::RUSAGE_CHILDREN);
@@ -437,8 +437,116 @@ fn lease_renewal(rt: &tokio::runtime::Runtime) -> Vec<RenewalRow> {
     let old_cpu = (cpu_us(libc::RUSAGE_CHILDREN) - cpu) / u64::from(NFT_RUNS);
     vec![
         ("egressd (netlink)".to_owned(), median_max(new), new_cpu),
+        (
+            "one pipapo set (before, netlink)".to_owned(),
+            median_max(pipapo),
+            pipapo_cpu,
+        ),
         ("an `nft -f` process".to_owned(), median_max(old), old_cpu),
     ]
+}
+
+/// An address and a wall-clock time: a key of the fence's earlier layout (one lease set per
+/// table keyed by `address . meta time`, which the kernel keeps as a pipapo set).
+#[derive(Clone, Copy)]
+struct Stamped<A>(A, u64);
+
+impl<A: egressd::dataplane::nfnl::KeyBytes> egressd::dataplane::nfnl::KeyBytes for Stamped<A> {
+    fn put(self, out: &mut Vec<u8>) {
+        self.0.put(out);
+        out.extend_from_slice(&self.1.to_be_bytes());
+    }
+    const WIDTH: usize = A::WIDTH + 8;
+    fn show(b: &[u8]) -> String {
+        format!("{b:02x?}")
+    }
+}
+
+/// The same renewals against the fence's earlier layout, written as the fence wrote them
+/// (the old range re-added and deleted, the new one added, in one batch; the range rounded to
+/// few prefixes): latencies and CPU per renewal.
+fn pipapo_renewals(ns: &str, vips: &BTreeSet<IpAddr>, writes: u32) -> (Vec<Duration>, u64) {
+    use egressd::dataplane::nfnl::{self, Batch, Data, Element, Op, Socket};
+    let tables = [
+        ("arp", nfnl::NFPROTO_ARP, "arp daddr ip"),
+        ("netdev", nfnl::NFPROTO_NETDEV, "arp saddr ip"),
+        ("ip6", nfnl::NFPROTO_IPV6, "@th,64,128"),
+    ];
+    let mut script = String::new();
+    for (family, _, key) in tables {
+        script.push_str(&format!(
+            "add table {family} pipapo\n\
+             add set {family} pipapo lease {{ typeof {key} . meta time; flags interval,timeout; }}\n"
+        ));
+    }
+    nft_f(ns, &script);
+    // The old span: from a second back, aligned so that it is at most 12 prefixes.
+    let span = |now: u64, end: u64| -> (u64, u64) {
+        let x = (end + 1) & !((1u64 << 20) - 1);
+        let from = now - (1 << 30);
+        let k = (64 - (x - from - 1).leading_zeros()).min(63);
+        let block = (x >> k) << k;
+        let start = if block <= from {
+            block
+        } else {
+            block - (1 << k)
+        };
+        (start, x - 1)
+    };
+    fn one<A: nfnl::KeyBytes>(
+        b: &mut Batch,
+        family: u8,
+        a: A,
+        (start, end): (u64, u64),
+        op: Op,
+        timeout_ms: Option<u64>,
+    ) {
+        let element = Element {
+            key: (Stamped(a, start), None),
+            key_end: Some((Stamped(a, end), None)),
+            data: Data::None,
+            timeout_ms,
+            interval_end: false,
+        };
+        b.elements(op, family, "pipapo", "lease", [element]);
+    }
+    let mut sock = Socket::open(Some(ns)).expect("netlink socket");
+    let mut old: Option<(u64, u64)> = None;
+    let mut took = Vec::new();
+    let cpu = cpu_us(libc::RUSAGE_SELF);
+    for _ in 0..writes {
+        let start = Instant::now();
+        let now = egressd::clock::wall().as_nanos() as u64;
+        let new = span(now, now + 150_000_000);
+        let mut b = Batch::new();
+        for ip in vips {
+            let mut steps = Vec::new();
+            if let Some(o) = old {
+                steps.push((o, Op::Add { exclusive: false }, Some(1)));
+                steps.push((o, Op::Delete, None));
+            }
+            steps.push((new, Op::Add { exclusive: false }, Some(150)));
+            for (range, op, timeout) in steps {
+                for (_, family, _) in tables {
+                    match ip {
+                        IpAddr::V4(a) if family != nfnl::NFPROTO_IPV6 => {
+                            one(&mut b, family, *a, range, op, timeout)
+                        }
+                        IpAddr::V6(a) if family == nfnl::NFPROTO_IPV6 => {
+                            one(&mut b, family, *a, range, op, timeout)
+                        }
+                        _ => {}
+                    }
+                }
+            }
+        }
+        sock.send(b).expect("renew (pipapo)");
+        old = Some(new);
+        took.push(start.elapsed());
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let cpu = (cpu_us(libc::RUSAGE_SELF) - cpu) / u64::from(writes);
+    (took, cpu)
 }
 
 struct ConnRate {

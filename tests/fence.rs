@@ -146,6 +146,34 @@ async fn fence_answers_only_while_leased_ipv4_and_ipv6() {
     assert!(String::from_utf8_lossy(&rules.stdout).trim().is_empty());
 }
 
+/// Writes one lease element for 10.203.0.50 by hand (ARP and netdev tables): `[0, end)` on the
+/// wall clock, with a timeout of `timeout_ms`. Returns the set's name.
+fn write_element(holder: &str, end: Duration, timeout_ms: u64) -> String {
+    use egressd::dataplane::fence::lease_set;
+    use egressd::dataplane::nfnl::{self, Batch, Data, Element, Op, Socket, WallTime};
+    let set = lease_set("10.203.0.50".parse().unwrap());
+    let mut b = Batch::new();
+    // The ARP table answers requests; the egress hook lets the answer (and announcements) out.
+    for family in [nfnl::NFPROTO_ARP, nfnl::NFPROTO_NETDEV] {
+        let bound = |at: u64, interval_end: bool| Element {
+            key: (WallTime(at), None),
+            key_end: None,
+            data: Data::None,
+            timeout_ms: (!interval_end).then_some(timeout_ms),
+            interval_end,
+        };
+        b.elements(
+            Op::Add { exclusive: false },
+            family,
+            "egressd",
+            &set,
+            [bound(0, false), bound(end.as_nanos() as u64, true)],
+        );
+    }
+    Socket::open(Some(holder)).unwrap().send(b).unwrap();
+    set
+}
+
 /// An element whose timeout is long but whose wall-clock end has passed is not answered: the end
 /// is absolute, so a daemon paused between computing an element and writing it (which makes the
 /// timeout too long by the pause) cannot extend its lease.
@@ -159,45 +187,56 @@ async fn a_lease_element_ends_at_its_absolute_end_whatever_its_timeout() {
     f.rebuild(&vips(), &eth0()).await.unwrap();
     // What a writer paused for 5 s right before sending would have sent: the timeout computed
     // before the pause (6.5 s), the absolute end 1.5 s after the write.
-    let end = clock::wall() + Duration::from_millis(1500);
-    use egressd::dataplane::nfnl::{self, Batch, Data, Element, Op, Stamped};
-    let mut b = Batch::new();
-    let ip: std::net::Ipv4Addr = "10.203.0.50".parse().unwrap();
-    let end_ns = end.as_nanos() as u64;
-    // The ARP table answers requests; the egress hook lets the answer (and announcements) out.
-    for family in [nfnl::NFPROTO_ARP, nfnl::NFPROTO_NETDEV] {
-        b.elements(
-            Op::Add { exclusive: false },
-            family,
-            "egressd",
-            "lease",
-            [Element {
-                key: (Stamped(ip, 0), None),
-                key_end: Some((Stamped(ip, end_ns), None)),
-                data: Data::None,
-                timeout_ms: Some(6500),
-            }],
-        );
-    }
-    let mut sock = egressd::dataplane::nfnl::Socket::open(Some(&holder)).unwrap();
-    sock.send(b).unwrap();
+    let set = write_element(&holder, clock::wall() + Duration::from_millis(1500), 6500);
     assert!(
         reachable(&lab, &peer, "10.203.0.50"),
         "leased until its end"
     );
     std::thread::sleep(Duration::from_millis(1600));
     let listing = String::from_utf8_lossy(
-        &lab.exec(&holder, ["nft", "list", "set", "arp", "egressd", "lease"])
+        &lab.exec(&holder, ["nft", "list", "set", "arp", "egressd", &set])
             .stdout,
     )
     .to_string();
     assert!(
-        listing.contains("10.203.0.50"),
+        listing.contains("elements = {"),
         "the element is still there: {listing}"
     );
     assert!(
         !reachable(&lab, &peer, "10.203.0.50"),
         "past its absolute end, the element must not be answered"
+    );
+}
+
+/// The other bound: an element whose wall-clock end is far away (a wall clock stepped back makes
+/// it so) is answered only until its timeout. The timeout sits on the interval's start element;
+/// this checks that the kernel ends the whole interval with it.
+#[tokio::test]
+async fn a_lease_element_ends_at_its_timeout_whatever_its_wall_clock_end() {
+    if !require_root("a_lease_element_ends_at_its_timeout_whatever_its_wall_clock_end") {
+        return;
+    }
+    let (lab, holder, peer) = lab("ftmo");
+    let mut f = NftFence::in_netns("egressd", &holder);
+    f.rebuild(&vips(), &eth0()).await.unwrap();
+    let set = write_element(&holder, clock::wall() + Duration::from_secs(3600), 1500);
+    assert!(
+        reachable(&lab, &peer, "10.203.0.50"),
+        "leased until its timeout"
+    );
+    std::thread::sleep(Duration::from_millis(1600));
+    let listing = String::from_utf8_lossy(
+        &lab.exec(&holder, ["nft", "list", "set", "arp", "egressd", &set])
+            .stdout,
+    )
+    .to_string();
+    assert!(
+        !listing.contains("elements = {"),
+        "a timed-out element is not listed: {listing}"
+    );
+    assert!(
+        !reachable(&lab, &peer, "10.203.0.50"),
+        "past its timeout, the element must not be answered"
     );
 }
 

@@ -851,6 +851,7 @@ fn ended_batch(table: &str, flows: &[Flow]) -> Batch {
             key_end: None,
             data: Data::None,
             timeout_ms,
+            interval_end: false,
         }),
     );
     b.elements::<Ended<Ipv6Addr>>(
@@ -863,6 +864,7 @@ fn ended_batch(table: &str, flows: &[Flow]) -> Batch {
             key_end: None,
             data: Data::None,
             timeout_ms,
+            interval_end: false,
         }),
     );
     b

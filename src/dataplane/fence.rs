@@ -3,28 +3,26 @@
 //! so a daemon that dies, hangs or is paused stops answering when its lease ends, whether or not
 //! it ever runs again.
 //!
-//! Tables (`<t>` is `dataplane.nft_table`):
+//! Tables (`<t>` is `dataplane.nft_table`, `<x>` a managed address in hex):
 //!
 //! ```text
 //! table arp <t> {                       # ARP requests in, ARP out (the kernel's own replies)
-//!   set managed { type ipv4_addr }                                       # every VIP/next hop
-//!   set lease { typeof arp daddr ip . meta time; flags interval,timeout } # VIP . [start, end]
-//!   chain input  { arp operation request arp daddr ip @managed
-//!                  arp daddr ip . meta time != @lease drop }
-//!   chain output { arp saddr ip @managed arp saddr ip . meta time != @lease drop }
+//!   map managed { type ipv4_addr : verdict }           # every VIP/next hop: jump fence_<x>
+//!   set lease_<x> { typeof meta time; flags interval,timeout }  # [start, end) while leased
+//!   chain fence_<x> { meta time != @lease_<x> drop }
+//!   chain input  { arp operation request arp daddr ip vmap @managed }
+//!   chain output { arp saddr ip vmap @managed }
 //! }
 //! table netdev <t> {                    # every frame that leaves the VIP interfaces, also the
-//!   set managed, set lease as above     #   gratuitous ARPs egressd sends from a packet socket,
+//!   map managed, sets and fence chains  #   gratuitous ARPs egressd sends from a packet socket
 //!   chain egress { type filter hook egress devices = { <interfaces> } priority 0;
-//!                  ether type arp arp saddr ip @managed arp saddr ip . meta time != @lease drop }
+//!                  ether type arp arp saddr ip vmap @managed }
 //! }
 //! table ip6 <t> {                       # neighbour solicitations in, advertisements out
-//!   set managed { typeof @th,64,128 }   # (the target address: bytes 8..23 of the message)
-//!   set lease { typeof @th,64,128 . meta time; flags interval,timeout }
-//!   chain input  { icmpv6 type nd-neighbor-solicit @th,64,128 @managed
-//!                  @th,64,128 . meta time != @lease drop }
-//!   chain output { icmpv6 type nd-neighbor-advert  @th,64,128 @managed
-//!                  @th,64,128 . meta time != @lease drop }
+//!   map managed { typeof @th,64,128 : verdict }   # the target address: bytes 8..23
+//!   sets and fence chains as above
+//!   chain input  { icmpv6 type nd-neighbor-solicit @th,64,128 vmap @managed }
+//!   chain output { icmpv6 type nd-neighbor-advert  @th,64,128 vmap @managed }
 //! }
 //! ```
 //!
@@ -33,13 +31,18 @@
 //! length. The absolute end means a daemon paused between computing an element and writing it
 //! cannot extend the lease by the pause; the timeout means a wall clock stepped backwards cannot
 //! either. Either bound ends the answer.
+//!
+//! Each address has a set of its own because a set keyed by one field is an rbtree in the
+//! kernel, where a renewal (delete one interval, add another) is a few tree operations; a set
+//! keyed by `address . meta time` is a pipapo set, which every commit copies and whose delete
+//! rewrites its lookup tables: that was about half of an idle active node's CPU.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::IpAddr;
 use std::time::Duration;
 
-use super::nfnl::{self, Batch, Data, Element, Op, Stamped};
+use super::nfnl::{self, Batch, Data, Element, Op, WallTime};
 use super::nft::validate_table_name;
 use super::runner::NftRunner;
 use super::watch::{Count, Manifest, TableSpec};
@@ -47,7 +50,24 @@ use super::{Error, Result};
 use crate::lease::Time;
 
 pub const MANAGED: &str = "managed";
-pub const LEASE: &str = "lease";
+
+/// The address in hex: what names its lease set and fence chain.
+fn tag(ip: IpAddr) -> String {
+    match ip {
+        IpAddr::V4(a) => format!("{:08x}", u32::from(a)),
+        IpAddr::V6(a) => format!("{:032x}", u128::from(a)),
+    }
+}
+
+/// The set that holds `ip`'s lease interval (in the ARP and netdev tables for an IPv4 address,
+/// in the ip6 table for an IPv6 one).
+pub fn lease_set(ip: IpAddr) -> String {
+    format!("lease_{}", tag(ip))
+}
+
+fn fence_chain(ip: IpAddr) -> String {
+    format!("fence_{}", tag(ip))
+}
 
 /// The fence, behind a trait so the agent runs the same against the kernel and a fake.
 pub trait Fence: Send {
@@ -113,110 +133,103 @@ impl NftFence {
 
 /// The script that replaces the fence tables.
 pub fn script(t: &str, managed: &BTreeSet<IpAddr>, devices: &BTreeSet<String>) -> String {
-    let mut s = format!(
-        "add table arp {t}\n\
-         delete table arp {t}\n\
-         table arp {t} {{\n\
-         \tset {MANAGED} {{ type ipv4_addr; }}\n\
-         \tset {LEASE} {{ typeof arp daddr ip . meta time; flags interval,timeout; }}\n\
-         \tchain input {{\n\
-         \t\ttype filter hook input priority 0; policy accept;\n\
-         \t\tarp operation request arp daddr ip @{MANAGED} arp daddr ip . meta time != @{LEASE} drop\n\
-         \t}}\n\
-         \tchain output {{\n\
-         \t\ttype filter hook output priority 0; policy accept;\n\
-         \t\tarp saddr ip @{MANAGED} arp saddr ip . meta time != @{LEASE} drop\n\
-         \t}}\n\
-         }}\n\
-         add table ip6 {t}\n\
-         delete table ip6 {t}\n\
-         table ip6 {t} {{\n\
-         \tset {MANAGED} {{ typeof @th,64,128; }}\n\
-         \tset {LEASE} {{ typeof @th,64,128 . meta time; flags interval,timeout; }}\n\
-         \tchain input {{\n\
-         \t\ttype filter hook input priority 0; policy accept;\n\
-         \t\ticmpv6 type nd-neighbor-solicit @th,64,128 @{MANAGED} @th,64,128 . meta time != @{LEASE} drop\n\
-         \t}}\n\
-         \tchain output {{\n\
-         \t\ttype filter hook output priority 0; policy accept;\n\
-         \t\ticmpv6 type nd-neighbor-advert @th,64,128 @{MANAGED} @th,64,128 . meta time != @{LEASE} drop\n\
-         \t}}\n\
-         }}\n\
-         add table netdev {t}\n\
-         delete table netdev {t}\n"
+    let (v4, v6): (Vec<IpAddr>, Vec<IpAddr>) = managed.iter().partition(|a| a.is_ipv4());
+    // The sets and chains of `addrs`, then the table's hooked chains.
+    let body = |addrs: &[IpAddr], map_key: &str, hooked: &str| {
+        let mut b = format!("\tmap {MANAGED} {{ {map_key} : verdict; }}\n");
+        for ip in addrs {
+            let (set, chain) = (lease_set(*ip), fence_chain(*ip));
+            let _ = write!(
+                b,
+                "\tset {set} {{ typeof meta time; flags interval,timeout; }}\n\
+                 \tchain {chain} {{\n\t\tmeta time != @{set} drop\n\t}}\n"
+            );
+        }
+        b.push_str(hooked);
+        b
+    };
+    let elements = |s: &mut String, family: &str, addrs: &[IpAddr]| {
+        for ip in addrs {
+            let key = match ip {
+                IpAddr::V4(a) => a.to_string(),
+                IpAddr::V6(a) => format!("0x{:032x}", u128::from(*a)),
+            };
+            let chain = fence_chain(*ip);
+            let _ = writeln!(
+                s,
+                "add element {family} {t} {MANAGED} {{ {key} : jump {chain} }}"
+            );
+        }
+    };
+    let arp = body(
+        &v4,
+        "type ipv4_addr",
+        &format!(
+            "\tchain input {{\n\
+             \t\ttype filter hook input priority 0; policy accept;\n\
+             \t\tarp operation request arp daddr ip vmap @{MANAGED}\n\
+             \t}}\n\
+             \tchain output {{\n\
+             \t\ttype filter hook output priority 0; policy accept;\n\
+             \t\tarp saddr ip vmap @{MANAGED}\n\
+             \t}}\n"
+        ),
     );
+    let ip6 = body(
+        &v6,
+        "typeof @th,64,128",
+        &format!(
+            "\tchain input {{\n\
+             \t\ttype filter hook input priority 0; policy accept;\n\
+             \t\ticmpv6 type nd-neighbor-solicit @th,64,128 vmap @{MANAGED}\n\
+             \t}}\n\
+             \tchain output {{\n\
+             \t\ttype filter hook output priority 0; policy accept;\n\
+             \t\ticmpv6 type nd-neighbor-advert @th,64,128 vmap @{MANAGED}\n\
+             \t}}\n"
+        ),
+    );
+    let mut s = String::new();
+    for family in ["arp", "ip6", "netdev"] {
+        let _ = writeln!(s, "add table {family} {t}\ndelete table {family} {t}");
+    }
+    let _ = writeln!(s, "table arp {t} {{\n{arp}}}\ntable ip6 {t} {{\n{ip6}}}");
+    elements(&mut s, "arp", &v4);
+    elements(&mut s, "ip6", &v6);
     if !devices.is_empty() {
         let list = devices
             .iter()
             .map(|d| format!("\"{d}\""))
             .collect::<Vec<_>>()
             .join(", ");
-        let _ = write!(
-            s,
-            "table netdev {t} {{\n\
-             \tset {MANAGED} {{ type ipv4_addr; }}\n\
-             \tset {LEASE} {{ typeof arp saddr ip . meta time; flags interval,timeout; }}\n\
-             \tchain egress {{\n\
-             \t\ttype filter hook egress devices = {{ {list} }} priority 0; policy accept;\n\
-             \t\tether type arp arp saddr ip @{MANAGED} arp saddr ip . meta time != @{LEASE} drop\n\
-             \t}}\n\
-             }}\n"
+        let netdev = body(
+            &v4,
+            "type ipv4_addr",
+            &format!(
+                "\tchain egress {{\n\
+                 \t\ttype filter hook egress devices = {{ {list} }} priority 0; policy accept;\n\
+                 \t\tether type arp arp saddr ip vmap @{MANAGED}\n\
+                 \t}}\n"
+            ),
         );
-    }
-    for ip in managed {
-        match ip {
-            IpAddr::V4(v4) => {
-                let _ = writeln!(s, "add element arp {t} {MANAGED} {{ {v4} }}");
-                if !devices.is_empty() {
-                    let _ = writeln!(s, "add element netdev {t} {MANAGED} {{ {v4} }}");
-                }
-            }
-            IpAddr::V6(v6) => {
-                let _ = writeln!(
-                    s,
-                    "add element ip6 {t} {MANAGED} {{ 0x{:032x} }}",
-                    u128::from(*v6)
-                );
-            }
-        }
+        let _ = writeln!(s, "table netdev {t} {{\n{netdev}}}");
+        elements(&mut s, "netdev", &v4);
     }
     s
 }
 
-/// The wall-clock range `[start, end]` (ns since the epoch) an element's key holds.
+/// The wall-clock range `[start, end)` (ns since the epoch) of a lease element.
 type Span = (u64, u64);
 
-/// The range a lease element ending at `end` covers when written at `now`: `[start, end']`
-/// with `start` at least `STEP_NS` before `now` and `end'` at most `ROUND_NS` before `end`,
-/// chosen so that it is the union of few prefixes (at most 12 for a lease under 1 s, instead
-/// of about 30 for `[0, end]`). The kernel keeps such a concatenated range as one rule per
-/// prefix and rebuilds them on every write (an active node writes every half lease): with
-/// `[0, end]` that was 41 % of an idle active node's CPU.
-/// A range that ends earlier is only ever safe. One that starts later than the epoch means
-/// that a wall clock stepped back by more than `STEP_NS` stops the answer until the next
-/// write, where `[0, end]` waited for the timeout (which ends it either way).
-fn span(now: u64, end: u64) -> Span {
-    /// The lease given up to leave the low bits out: about a millisecond.
-    const ROUND_NS: u64 = 1 << 20;
-    /// How far back the wall clock may step with the answer going on: about a second.
-    const STEP_NS: u64 = 1 << 30;
-    let x = end.saturating_add(1);
-    let rounded = x & !(ROUND_NS - 1);
-    // Past ends stay as they are (the element no longer matches anyway).
-    let x = if rounded > now { rounded } else { x };
-    if x <= now {
-        return (0, end);
-    }
-    let from = now.saturating_sub(STEP_NS);
-    // The smallest power of two 2^k >= x - from: [from, x) lies in at most two aligned blocks.
-    let k = (64 - (x - from - 1).leading_zeros()).min(63);
-    let block = (x >> k) << k;
-    let start = if block <= from {
-        block
-    } else {
-        block - (1 << k)
-    };
-    (start, x - 1)
+/// The range a lease element ending at `end` covers when written at `now`. It starts a second
+/// before `now`, so that a wall clock stepped back by up to that much does not stop the answer
+/// (one stepped back further stops it until the next write; the timeout ends the element
+/// either way). `None` when the end is not after that start.
+fn span(now: u64, end: u64) -> Option<Span> {
+    /// How far back the wall clock may step with the answer going on.
+    const STEP_NS: u64 = 1_000_000_000;
+    let start = now.saturating_sub(STEP_NS);
+    (end > start).then_some((start, end))
 }
 
 /// The operations that delete the element `old`: re-added first (a no-op when present) so that
@@ -228,32 +241,25 @@ fn drop_steps(old: Span) -> [(Span, Op, Option<u64>); 2] {
     ]
 }
 
-/// Appends the operations on one address's lease elements: `(element span, op, timeout)`.
+/// Appends the operations on one address's lease elements: `(element span, op, timeout)`. An
+/// interval is two elements, its start (with the timeout) and its end.
 fn lease_ops(b: &mut Batch, t: &str, netdev: bool, ip: IpAddr, steps: &[(Span, Op, Option<u64>)]) {
-    fn one<A: nfnl::KeyBytes>(
-        b: &mut Batch,
-        family: u8,
-        t: &str,
-        a: A,
-        ((start, end), op, timeout_ms): (Span, Op, Option<u64>),
-    ) {
-        let element = Element::<Stamped<A>> {
-            key: (Stamped(a, start), None),
-            key_end: Some((Stamped(a, end), None)),
+    let set = lease_set(ip);
+    let families: &[u8] = match (ip, netdev) {
+        (IpAddr::V4(_), true) => &[nfnl::NFPROTO_ARP, nfnl::NFPROTO_NETDEV],
+        (IpAddr::V4(_), false) => &[nfnl::NFPROTO_ARP],
+        (IpAddr::V6(_), _) => &[nfnl::NFPROTO_IPV6],
+    };
+    for &((start, end), op, timeout_ms) in steps {
+        let bound = |at: u64, interval_end: bool| Element {
+            key: (WallTime(at), None),
+            key_end: None,
             data: Data::None,
-            timeout_ms,
+            timeout_ms: if interval_end { None } else { timeout_ms },
+            interval_end,
         };
-        b.elements(op, family, t, LEASE, [element]);
-    }
-    for &step in steps {
-        match ip {
-            IpAddr::V4(a) => {
-                one::<Ipv4Addr>(b, nfnl::NFPROTO_ARP, t, a, step);
-                if netdev {
-                    one::<Ipv4Addr>(b, nfnl::NFPROTO_NETDEV, t, a, step);
-                }
-            }
-            IpAddr::V6(a) => one::<Ipv6Addr>(b, nfnl::NFPROTO_IPV6, t, a, step),
+        for &family in families {
+            b.elements(op, family, t, &set, [bound(start, false), bound(end, true)]);
         }
     }
 }
@@ -310,8 +316,8 @@ impl Fence for NftFence {
                     let mut steps = previous
                         .get(ip)
                         .map_or_else(Vec::new, |old| drop_steps(*old).to_vec());
-                    if !remaining.is_zero() {
-                        let new = span(now_wall, wall_ns(crate::clock::wall_at(*until)));
+                    let end = wall_ns(crate::clock::wall_at(*until));
+                    if let (false, Some(new)) = (remaining.is_zero(), span(now_wall, end)) {
                         steps.push((new, Op::Add { exclusive: false }, Some(ms_ceil(remaining))));
                         written.insert(*ip, new);
                     }
@@ -334,27 +340,34 @@ impl Fence for NftFence {
 
     fn manifest(&self) -> Option<Manifest> {
         let (managed, devices) = self.built.as_ref()?;
-        let v4 = managed.iter().filter(|a| a.is_ipv4()).count();
-        let v6 = managed.len() - v4;
-        let leased4 = self.written.keys().filter(|a| a.is_ipv4()).count();
-        let leased6 = self.written.len() - leased4;
-        let table = |family: u8, chains: &[&str], managed: usize, leased: usize| TableSpec {
-            family,
-            name: self.table.clone(),
-            chains: chains.iter().map(|c| (c.to_string(), 1)).collect(),
-            sets: [
-                (MANAGED.to_string(), Count::Exactly(managed)),
-                (LEASE.to_string(), Count::AtMost(leased)),
-            ]
-            .into_iter()
-            .collect(),
+        let table = |family: u8, hooked: &[&str], v6: bool| {
+            let addrs: Vec<IpAddr> = managed
+                .iter()
+                .filter(|a| a.is_ipv6() == v6)
+                .copied()
+                .collect();
+            let mut chains: BTreeMap<String, usize> =
+                hooked.iter().map(|c| (c.to_string(), 1)).collect();
+            let mut sets = BTreeMap::from([(MANAGED.to_string(), Count::Exactly(addrs.len()))]);
+            for ip in &addrs {
+                chains.insert(fence_chain(*ip), 1);
+                // An interval is two elements (start and end); one timed out may linger.
+                let leased = if self.written.contains_key(ip) { 2 } else { 0 };
+                sets.insert(lease_set(*ip), Count::AtMost(leased));
+            }
+            TableSpec {
+                family,
+                name: self.table.clone(),
+                chains,
+                sets,
+            }
         };
         let mut tables = vec![
-            table(nfnl::NFPROTO_ARP, &["input", "output"], v4, leased4),
-            table(nfnl::NFPROTO_IPV6, &["input", "output"], v6, leased6),
+            table(nfnl::NFPROTO_ARP, &["input", "output"], false),
+            table(nfnl::NFPROTO_IPV6, &["input", "output"], true),
         ];
         if !devices.is_empty() {
-            tables.push(table(nfnl::NFPROTO_NETDEV, &["egress"], v4, leased4));
+            tables.push(table(nfnl::NFPROTO_NETDEV, &["egress"], false));
         }
         Some(Manifest { tables })
     }
@@ -397,51 +410,24 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    /// How many prefixes the kernel splits `[lo, hi]` into.
-    fn prefixes(mut lo: u64, hi: u64) -> u32 {
-        let mut n = 0;
-        loop {
-            // The largest aligned block starting at `lo` that ends by `hi`.
-            let mut size: u128 = if lo == 0 {
-                1 << 64
-            } else {
-                1 << lo.trailing_zeros()
-            };
-            while u128::from(lo) + size - 1 > u128::from(hi) {
-                size >>= 1;
-            }
-            n += 1;
-            let next = u128::from(lo) + size;
-            if next > u128::from(hi) {
-                return n;
-            }
-            lo = next as u64;
-        }
-    }
-
     proptest! {
         #[test]
-        fn a_lease_span_starts_a_second_early_ends_at_most_a_millisecond_early_and_is_few_prefixes(
+        fn a_lease_span_starts_a_second_early_and_ends_at_the_lease_end(
             now in 1_700_000_000_000_000_000u64..1_900_000_000_000_000_000,
-            ms in 2u64..1000,
+            ns in 1u64..2_000_000_000,
         ) {
-            let end = now + ms * 1_000_000;
-            let (start, last) = span(now, end);
-            prop_assert!(start + (1 << 30) <= now, "{start} not a second before {now}");
-            prop_assert!(last <= end && last >= end - (1 << 20), "{last} vs {end}");
-            prop_assert!(prefixes(start, last) <= 12, "{}", prefixes(start, last));
+            let end = now + ns;
+            prop_assert_eq!(span(now, end), Some((now - 1_000_000_000, end)));
         }
     }
 
     #[test]
-    fn a_lease_span_from_the_epoch_was_many_prefixes() {
-        // What the kernel kept per element before: [0, end].
-        let end = 1_800_000_000_123_456_789u64;
-        assert!(prefixes(0, end) > 20, "{}", prefixes(0, end));
-        let (start, last) = span(end - 150_000_000, end);
-        assert!(prefixes(start, last) <= 12);
-        // An end already past is written as it is (it matches no future time either way).
-        assert_eq!(span(end + 1, end), (0, end));
+    fn a_lease_span_that_would_be_empty_is_none() {
+        let now = 1_800_000_000_123_456_789u64;
+        assert_eq!(span(now, now - 1_000_000_000), None);
+        assert_eq!(span(now, 0), None);
+        // Near the epoch the start saturates at zero.
+        assert_eq!(span(5, 10), Some((0, 10)));
     }
 
     #[test]
@@ -452,15 +438,28 @@ mod tests {
             .collect();
         let devices: BTreeSet<String> = ["eth1".to_string()].into_iter().collect();
         let s = script("egressd", &managed, &devices);
+        for family in ["arp", "netdev"] {
+            let element = format!(
+                "add element {family} egressd managed {{ 198.18.0.50 : jump fence_c6120032 }}"
+            );
+            assert!(s.contains(&element), "{s}");
+        }
         assert!(
-            s.contains("add element arp egressd managed { 198.18.0.50 }"),
+            s.contains("set lease_c6120032 { typeof meta time; flags interval,timeout; }"),
             "{s}"
         );
+        assert!(s.contains("meta time != @lease_c6120032 drop"), "{s}");
+        let v6 = "fd000000000000000000000000000050";
         assert!(
-            s.contains("add element netdev egressd managed { 198.18.0.50 }"),
+            s.contains(&format!(
+                "add element ip6 egressd managed {{ 0x{v6} : jump fence_{v6} }}"
+            )),
             "{s}"
         );
-        assert!(s.contains("0xfd000000000000000000000000000050"), "{s}");
+        assert_eq!(
+            lease_set("fd00::50".parse().unwrap()),
+            format!("lease_{v6}")
+        );
         assert!(s.contains("devices = { \"eth1\" }"), "{s}");
         let none = script("egressd", &managed, &BTreeSet::new());
         assert!(!none.contains("table netdev egressd {"), "{none}");

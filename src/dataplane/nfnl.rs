@@ -45,6 +45,7 @@ const NFTA_SET_ELEM_LIST_ELEMENTS: u16 = 3;
 const NFTA_LIST_ELEM: u16 = 1;
 const NFTA_SET_ELEM_KEY: u16 = 1;
 const NFTA_SET_ELEM_DATA: u16 = 2;
+const NFTA_SET_ELEM_FLAGS: u16 = 3;
 const NFTA_SET_ELEM_TIMEOUT: u16 = 4;
 const NFTA_SET_ELEM_KEY_END: u16 = 10;
 const NFTA_DATA_VALUE: u16 = 1;
@@ -52,6 +53,7 @@ const NFTA_DATA_VERDICT: u16 = 2;
 const NFTA_VERDICT_CODE: u16 = 1;
 const NFTA_VERDICT_CHAIN: u16 = 2;
 const NFT_JUMP: i32 = -3;
+const NFT_SET_ELEM_INTERVAL_END: u32 = 1;
 
 /// Netfilter protocol families of the tables egressd owns.
 pub const NFPROTO_INET: u8 = 1;
@@ -95,26 +97,19 @@ impl KeyBytes for Ipv6Addr {
     }
 }
 
-/// An address with a wall-clock time beside it (nanoseconds since the Unix epoch, big-endian as
-/// nft keeps `meta time` in a concatenation): the keys of the fence's lease sets.
+/// A wall-clock time (nanoseconds since the Unix epoch), big-endian as nft keeps `meta time`
+/// in an interval set: the keys of the fence's lease sets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Stamped<A>(pub A, pub u64);
+pub struct WallTime(pub u64);
 
-impl<A: KeyBytes> KeyBytes for Stamped<A> {
+impl KeyBytes for WallTime {
     fn put(self, out: &mut Vec<u8>) {
-        self.0.put(out);
-        out.extend_from_slice(&self.1.to_be_bytes());
+        out.extend_from_slice(&self.0.to_be_bytes());
     }
-    const WIDTH: usize = A::WIDTH + 8;
+    const WIDTH: usize = 8;
     fn show(b: &[u8]) -> String {
-        let (a, t) = b.split_at(b.len().min(A::WIDTH));
-        let ns = <[u8; 8]>::try_from(t).map_or(0, u64::from_be_bytes);
-        format!(
-            "{} . {}.{:09}",
-            A::show(a),
-            ns / 1_000_000_000,
-            ns % 1_000_000_000
-        )
+        let ns = <[u8; 8]>::try_from(b).map_or(0, u64::from_be_bytes);
+        format!("{}.{:09}", ns / 1_000_000_000, ns % 1_000_000_000)
     }
 }
 
@@ -130,13 +125,16 @@ pub enum Data<'a, A> {
 }
 
 /// One element: `key` (a concatenation of one or two addresses) up to `key_end` when the set has
-/// intervals, with its value and timeout.
+/// intervals, with its value and timeout. An interval of a set with one field (the kernel keeps
+/// it in an rbtree) is instead two elements: its start, and its end (exclusive) marked
+/// `interval_end`.
 #[derive(Debug, Clone, Copy)]
 pub struct Element<'a, A> {
     pub key: (A, Option<A>),
     pub key_end: Option<(A, Option<A>)>,
     pub data: Data<'a, A>,
     pub timeout_ms: Option<u64>,
+    pub interval_end: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -155,8 +153,10 @@ struct MsgInfo {
     /// Start of the message within the batch buffer.
     start: usize,
     what: String,
-    /// Address width of the elements, for decoding an element named by the kernel.
+    /// Width of the elements' key parts and how to print one, for naming an element the
+    /// kernel points at.
     width: usize,
+    show: fn(&[u8]) -> String,
 }
 
 /// One transaction under construction.
@@ -256,6 +256,7 @@ impl Batch {
             start,
             what: format!("{verb} set {table} {set}"),
             width: A::WIDTH,
+            show: A::show,
         });
         self.open = Some((start, list));
     }
@@ -346,6 +347,13 @@ fn put_value<A: KeyBytes>(buf: &mut Vec<u8>, ty: u16, (a, b): (A, Option<A>)) {
 fn encode_element<A: KeyBytes>(buf: &mut Vec<u8>, e: &Element<'_, A>) {
     let at = buf.len();
     put_attr_header(buf, NFTA_LIST_ELEM | NLA_F_NESTED);
+    if e.interval_end {
+        put_attr(
+            buf,
+            NFTA_SET_ELEM_FLAGS,
+            &NFT_SET_ELEM_INTERVAL_END.to_be_bytes(),
+        );
+    }
     put_value(buf, NFTA_SET_ELEM_KEY, e.key);
     if let Some(end) = e.key_end {
         put_value(buf, NFTA_SET_ELEM_KEY_END, end);
@@ -390,7 +398,12 @@ pub(crate) fn attrs(b: &[u8]) -> impl Iterator<Item = (u16, &[u8], usize)> {
 
 /// Names the element at `at` (an offset into `msg`) as nft would print it, e.g.
 /// `10.0.0.1 . 0.0.0.0-255.255.255.255 : 192.0.2.1`.
-fn describe_element(msg: &[u8], at: usize, width: usize) -> Option<String> {
+fn describe_element(
+    msg: &[u8],
+    at: usize,
+    width: usize,
+    show: fn(&[u8]) -> String,
+) -> Option<String> {
     // The element list attribute holds NFTA_LIST_ELEM attributes; find the one spanning `at`.
     let body = msg.get(20..)?;
     let (_, list, list_off) = attrs(body).find(|(t, _, _)| *t == NFTA_SET_ELEM_LIST_ELEMENTS)?;
@@ -404,14 +417,6 @@ fn describe_element(msg: &[u8], at: usize, width: usize) -> Option<String> {
         attrs(nested)
             .find(|(t, _, _)| *t == NFTA_DATA_VALUE)
             .map(|(_, v, _)| v)
-    };
-    let show = |b: &[u8]| -> String {
-        match width {
-            4 => Ipv4Addr::show(b),
-            12 => Stamped::<Ipv4Addr>::show(b),
-            24 => Stamped::<Ipv6Addr>::show(b),
-            _ => Ipv6Addr::show(b),
-        }
     };
     let key = value(NFTA_SET_ELEM_KEY)?;
     let end = value(NFTA_SET_ELEM_KEY_END);
@@ -429,6 +434,12 @@ fn describe_element(msg: &[u8], at: usize, width: usize) -> Option<String> {
     }
     if let Some(v) = value(NFTA_SET_ELEM_DATA) {
         let _ = write!(s, " : {}", show(v));
+    }
+    let flags = attrs(elem).find(|(t, _, _)| *t == NFTA_SET_ELEM_FLAGS);
+    if let Some((_, f, _)) = flags
+        && f == NFT_SET_ELEM_INTERVAL_END.to_be_bytes()
+    {
+        s.push_str(" (interval end)");
     }
     Some(s)
 }
@@ -677,7 +688,7 @@ impl Socket {
                             .find(|i| i.seq == seq + 1)
                             .map_or(buf.len(), |i| i.start);
                         if let Some(el) = offset.and_then(|o| {
-                            describe_element(&buf[info.start..msg_end], o, info.width)
+                            describe_element(&buf[info.start..msg_end], o, info.width, info.show)
                         }) {
                             let _ = write!(l, ", element {el}");
                         }
@@ -779,6 +790,7 @@ mod tests {
             key_end: Some((ip("10.0.0.1"), Some(ip("255.255.255.255")))),
             data: Data::Addr(ip("192.0.2.1")),
             timeout_ms: None,
+            interval_end: false,
         }];
         b.elements(
             Op::Add { exclusive: true },
@@ -798,7 +810,7 @@ mod tests {
         // Offset of the first element: header 16 + nfgen 4 + table 12 + set 8 + list header 4.
         let first = 16 + 4 + 12 + 8 + 4;
         assert_eq!(
-            describe_element(&m[..len], first + 8, 4).as_deref(),
+            describe_element(&m[..len], first + 8, 4, Ipv4Addr::show).as_deref(),
             Some("10.0.0.1 . 0.0.0.0-255.255.255.255 : 192.0.2.1")
         );
         // Batch begin (20 bytes) + the message + batch end (20 bytes).
@@ -813,6 +825,7 @@ mod tests {
             key_end: Some((Ipv4Addr::from(i), Some(Ipv4Addr::BROADCAST))),
             data: Data::Addr(Ipv4Addr::LOCALHOST),
             timeout_ms: None,
+            interval_end: false,
         });
         b.elements(Op::Add { exclusive: true }, NFPROTO_INET, "t", "s", els);
         let (buf, msgs, _) = b.finish();

@@ -341,6 +341,7 @@ fn add_pieces<A: NftAddr>(
                     key_end: Some((A::from_u128(s1), Some(A::from_u128(d1)))),
                     data: Data::None,
                     timeout_ms: None,
+                    interval_end: false,
                 }),
             );
         }
@@ -553,6 +554,7 @@ fn add_selector<A: NftAddr>(
                 key_end: Some((A::from_u128(*s1), Some(A::from_u128(*d1)))),
                 data: Data::Jump(chain),
                 timeout_ms: None,
+                interval_end: false,
             }),
     );
 }

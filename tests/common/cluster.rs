@@ -412,6 +412,7 @@ impl AddressSampler {
                 .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
                 .unwrap_or_default()
         };
+        let set = egressd::dataplane::fence::lease_set(VIP.parse().expect("ip"));
         let handle = std::thread::spawn(move || {
             let mut seen = AddressSamples::default();
             while !flag.load(std::sync::atomic::Ordering::SeqCst) {
@@ -423,8 +424,8 @@ impl AddressSampler {
                         continue;
                     }
                     holding.push(i);
-                    let lease = out(ns, &["nft", "list", "set", "arp", "egressd", "lease"]);
-                    if lease.contains(VIP) {
+                    let lease = out(ns, &["nft", "list", "set", "arp", "egressd", &set]);
+                    if lease.contains("elements = {") {
                         answering.push(i);
                     }
                 }

@@ -226,21 +226,25 @@ impl Node {
             .unwrap_or(0.0)
     }
 
-    /// The elements of the ARP fence's lease set (the addresses it answers for), sorted.
+    /// The addresses the ARP fence holds a lease element for, sorted.
     pub fn arp_leases(&self) -> Vec<String> {
         let out = self
             .topo
             .lab
-            .try_exec(&self.gw, ["nft", "list", "set", "arp", "egressd", "lease"]);
+            .try_exec(&self.gw, ["nft", "list", "table", "arp", "egressd"]);
         let text = String::from_utf8_lossy(&out.stdout);
-        let Some(body) = text.split("elements = {").nth(1) else {
-            return Vec::new();
-        };
-        let mut l: Vec<String> = body
-            .split(',')
-            .filter_map(|e| e.split_whitespace().next())
-            .filter(|a| a.parse::<Ipv4Addr>().is_ok())
-            .map(String::from)
+        // One block per set, from its `set lease_<hex> {` line to the next `set `/`chain `/`map `.
+        let mut l: Vec<String> = text
+            .split("\tset lease_")
+            .skip(1)
+            .filter_map(|block| {
+                let (hex, rest) = block.split_once(' ')?;
+                let body = rest.split("\n\t}").next()?;
+                body.contains("elements = {")
+                    .then(|| u32::from_str_radix(hex, 16).ok())
+                    .flatten()
+                    .map(|a| Ipv4Addr::from(a).to_string())
+            })
             .collect();
         l.sort();
         l
