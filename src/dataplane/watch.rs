@@ -17,9 +17,9 @@
 //!   `arp <t>`, `ip6 <t>`, `netdev <t>` for the fence) and is not egressd's own is an outside
 //!   change. Foreign tables are never looked at beyond their names.
 //! - **Expiry is not tampering.** A lease element that times out is the fence working. On this
-//!   kernel (6.18) expired elements of egressd's sets (concatenated intervals with timeouts) are
-//!   collected during a commit that touches the set, and no notification is sent for them
-//!   (checked: `tests/e2e_heal.rs`, which fails on any repair while leases only expire).
+//!   kernel (6.18) expired elements of egressd's lease sets (rbtree intervals with timeouts) are
+//!   collected without a notification (checked: `tests/e2e_heal.rs`, which fails on any repair
+//!   while leases only expire).
 //! - **Repair.** An outside change marks the part it touched (SNAT or fence) as needing repair
 //!   and wakes the task that owns it ([`Heal`]): the data-plane task forgets what it installed, so
 //!   that its next round does a full replace; the lease task forgets its fence tables, so that
