@@ -8,8 +8,8 @@
 //!   every change an `nft -f -` process), for comparison.
 //!
 //! First a lease renewal (egressd's netlink writes, the same through the fence's earlier layout,
-//! and as `nft` processes: latency and CPU per renewal; alone with `-- --lease-only`), then new TCP connections per second through a gateway namespace with 1
-//! vs 10 000 elements.
+//! and as `nft` processes: latency and CPU per renewal; alone with `-- --lease-only`), then new
+//! TCP connections per second through a gateway namespace with 1 vs 10 000 elements.
 //!
 //! A full run takes about 4 minutes here. The one-map 100 000-element "Dests" load is skipped:
 //! the kernel inserts elements sharing their first key field quadratically (~31 s per load).

@@ -233,7 +233,7 @@ impl Node {
             .lab
             .try_exec(&self.gw, ["nft", "list", "table", "arp", "egressd"]);
         let text = String::from_utf8_lossy(&out.stdout);
-        // One block per set, from its `set lease_<hex> {` line to the next `set `/`chain `/`map `.
+        // One block per lease set: `set lease_<hex> {` up to its closing brace.
         let mut l: Vec<String> = text
             .split("\tset lease_")
             .skip(1)
