@@ -146,6 +146,12 @@ async fn fence_answers_only_while_leased_ipv4_and_ipv6() {
     assert!(String::from_utf8_lossy(&rules.stdout).trim().is_empty());
 }
 
+/// `nft list set arp egressd <set>` in `ns`.
+fn arp_set(lab: &Lab, ns: &str, set: &str) -> String {
+    let out = lab.exec(ns, ["nft", "list", "set", "arp", "egressd", set]);
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// Writes one lease element for 10.203.0.50 by hand (ARP and netdev tables): `[0, end)` on the
 /// wall clock, with a timeout of `timeout_ms`. Returns the set's name.
 fn write_element(holder: &str, end: Duration, timeout_ms: u64) -> String {
@@ -193,11 +199,7 @@ async fn a_lease_element_ends_at_its_absolute_end_whatever_its_timeout() {
         "leased until its end"
     );
     std::thread::sleep(Duration::from_millis(1600));
-    let listing = String::from_utf8_lossy(
-        &lab.exec(&holder, ["nft", "list", "set", "arp", "egressd", &set])
-            .stdout,
-    )
-    .to_string();
+    let listing = arp_set(&lab, &holder, &set);
     assert!(
         listing.contains("elements = {"),
         "the element is still there: {listing}"
@@ -225,11 +227,7 @@ async fn a_lease_element_ends_at_its_timeout_whatever_its_wall_clock_end() {
         "leased until its timeout"
     );
     std::thread::sleep(Duration::from_millis(1600));
-    let listing = String::from_utf8_lossy(
-        &lab.exec(&holder, ["nft", "list", "set", "arp", "egressd", &set])
-            .stdout,
-    )
-    .to_string();
+    let listing = arp_set(&lab, &holder, &set);
     assert!(
         !listing.contains("elements = {"),
         "a timed-out element is not listed: {listing}"

@@ -161,32 +161,30 @@ pub fn script(t: &str, managed: &BTreeSet<IpAddr>, devices: &BTreeSet<String>) -
             );
         }
     };
-    let arp = body(
-        &v4,
-        "type ipv4_addr",
-        &format!(
+    // The input and output hooks: each looks the packet's address up in the map.
+    let in_out = |input: &str, output: &str| {
+        format!(
             "\tchain input {{\n\
              \t\ttype filter hook input priority 0; policy accept;\n\
-             \t\tarp operation request arp daddr ip vmap @{MANAGED}\n\
+             \t\t{input} vmap @{MANAGED}\n\
              \t}}\n\
              \tchain output {{\n\
              \t\ttype filter hook output priority 0; policy accept;\n\
-             \t\tarp saddr ip vmap @{MANAGED}\n\
+             \t\t{output} vmap @{MANAGED}\n\
              \t}}\n"
-        ),
+        )
+    };
+    let arp = body(
+        &v4,
+        "type ipv4_addr",
+        &in_out("arp operation request arp daddr ip", "arp saddr ip"),
     );
     let ip6 = body(
         &v6,
         "typeof @th,64,128",
-        &format!(
-            "\tchain input {{\n\
-             \t\ttype filter hook input priority 0; policy accept;\n\
-             \t\ticmpv6 type nd-neighbor-solicit @th,64,128 vmap @{MANAGED}\n\
-             \t}}\n\
-             \tchain output {{\n\
-             \t\ttype filter hook output priority 0; policy accept;\n\
-             \t\ticmpv6 type nd-neighbor-advert @th,64,128 vmap @{MANAGED}\n\
-             \t}}\n"
+        &in_out(
+            "icmpv6 type nd-neighbor-solicit @th,64,128",
+            "icmpv6 type nd-neighbor-advert @th,64,128",
         ),
     );
     let mut s = String::new();
@@ -317,7 +315,9 @@ impl Fence for NftFence {
                         .get(ip)
                         .map_or_else(Vec::new, |old| drop_steps(*old).to_vec());
                     let end = wall_ns(crate::clock::wall_at(*until));
-                    if let (false, Some(new)) = (remaining.is_zero(), span(now_wall, end)) {
+                    if !remaining.is_zero()
+                        && let Some(new) = span(now_wall, end)
+                    {
                         steps.push((new, Op::Add { exclusive: false }, Some(ms_ceil(remaining))));
                         written.insert(*ip, new);
                     }
