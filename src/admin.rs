@@ -278,7 +278,12 @@ async fn readyz(State(state): State<AdminState>) -> impl IntoResponse {
 }
 
 async fn metrics(State(state): State<AdminState>) -> Response {
-    let status = state.status.borrow().clone();
+    let mut status = state.status.borrow().clone();
+    // The leader's view as of now (the board's copy is refreshed only now and then); a
+    // follower's scrape asks nobody.
+    if status.cluster.leader.as_deref() == Some(status.node.as_str()) {
+        status.add_view(&state.node.local_view());
+    }
     let text = state.metrics.scrape(&status, &state.node.applied().state);
     (
         [(
@@ -290,10 +295,11 @@ async fn metrics(State(state): State<AdminState>) -> Response {
         .into_response()
 }
 
-/// The status; a follower adds what only the leader knows (eligibility, members' liveness).
+/// The status, with what only the leader knows (eligibility, members' liveness) as the leader
+/// sees it now: the board's copy of it is refreshed only now and then.
 async fn status_json(State(state): State<AdminState>) -> Json<Status> {
     let mut s = state.status.borrow().clone();
-    if s.cluster.leader.is_some() && s.cluster.leader.as_deref() != Some(s.node.as_str()) {
+    if s.cluster.leader.is_some() {
         let node = state.node.clone();
         if let Ok(Ok(view)) = on_main(&state, async move { node.leader_view().await }).await {
             s.add_view(&view);

@@ -69,6 +69,8 @@ fn share_committed(file: &mut [Arc<Policy>], committed: &imbl::OrdMap<String, Ar
 /// How long a stopping daemon waits for the leader to move its gateways before it releases
 /// them anyway (e.g. when there is no quorum to ask).
 const LEAVE_TIMEOUT: Duration = Duration::from_secs(3);
+/// How often the main loop refreshes the status when nothing wakes it.
+const IDLE_TICK: Duration = Duration::from_secs(1);
 
 /// Runs the daemon until SIGTERM or SIGINT, then releases everything it holds.
 /// `object_errors`: the file's gateways and policies break a rule (its other sections are
@@ -337,26 +339,29 @@ async fn run_inner(
     // Leadership and membership only: the full metrics change with every heartbeat answer.
     let mut metrics = node.raft.server_metrics();
     let mut leave_by: Option<Instant> = None;
-    let mut tick = tokio::time::interval(Duration::from_millis(
-        main.config.cluster.timing().report_interval_ms,
-    ));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Fast while something is under way that only polling notices (the start-up commit, a
+    // reload, leaving); otherwise the loop is woken by what it watches, and the slow tick only
+    // refreshes the status' slowly moving figures (campaigns, the leader's view): at rest, a
+    // wake-up every report interval was a sizeable part of an idle node's CPU.
+    let fast = Duration::from_millis(main.config.cluster.timing().report_interval_ms);
+    let mut next_tick = tokio::time::Instant::now() + fast;
     info!(
         since_start_ms = started.elapsed().as_secs_f64() * 1e3,
         "running"
     );
     loop {
         tokio::select! {
-            _ = tick.tick() => {}
+            _ = tokio::time::sleep_until(next_tick) => {
+                next_tick = tokio::time::Instant::now() + IDLE_TICK;
+            }
             r = applied.changed() => if r.is_err() { anyhow::bail!("the Raft state machine stopped") },
             r = metrics.changed() => {
                 if r.is_err() { anyhow::bail!("Raft stopped") }
                 let leader = metrics.borrow_and_update().current_leader;
-                if leader == main.last_leader {
-                    continue;
+                if leader != main.last_leader {
+                    main.last_leader = leader;
+                    main.prometheus.raft_leader_changes.inc();
                 }
-                main.last_leader = leader;
-                main.prometheus.raft_leader_changes.inc();
             }
             r = status.changed() => {
                 if r.is_err() { anyhow::bail!("the status board is gone") }
@@ -385,6 +390,9 @@ async fn run_inner(
             anyhow::bail!("the host watcher stopped");
         }
         main.round().await;
+        if !main.started || main.reloading.is_some() || leave_by.is_some() {
+            next_tick = next_tick.min(tokio::time::Instant::now() + fast);
+        }
         if let Some(by) = leave_by
             && (leased_rx.borrow().is_empty() || Instant::now() >= by)
         {
@@ -788,9 +796,7 @@ impl Main {
             peer_tls: self.node.tls_summary().map(|s| s.to_string()),
         };
         let member_drift = crate::cluster::node::member_drift(&state, &self.config.voters());
-        let view = (metrics.current_leader == Some(self.node.id))
-            .then(|| self.node.leader_view.lock().ok().map(|v| v.clone()))
-            .flatten();
+        let view = (metrics.current_leader == Some(self.node.id)).then(|| self.node.local_view());
         let path = self.config_path.display().to_string();
         let drift: Vec<String> = self.drift.values().cloned().collect();
         self.board.update(|s| {

@@ -279,12 +279,19 @@ impl StatusBoard {
         )
     }
 
-    /// Changes the status and publishes a copy.
+    /// Changes the status and publishes a copy. Readers see every change; the subscribers are
+    /// woken only when the summary the daemon's loop acts on changes (`notify::summary`): the
+    /// lease task alone publishes a new remaining time several times a report interval.
     pub fn update(&self, f: impl FnOnce(&mut Status)) {
         let mut s = self.status.lock().unwrap_or_else(|p| p.into_inner());
+        let before = crate::notify::summary(&s);
         f(&mut s);
         s.ready = s.not_ready.is_empty();
-        self.tx.send_replace(s.clone());
+        let changed = crate::notify::summary(&s) != before;
+        self.tx.send_if_modified(|published| {
+            *published = s.clone();
+            changed
+        });
     }
 
     pub fn get(&self) -> Status {
@@ -296,5 +303,36 @@ impl StatusBoard {
 
     pub fn subscribe(&self) -> watch::Receiver<Status> {
         self.tx.subscribe()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Readers see every change; the daemon's loop is woken only by a change of what it passes
+    /// on (the status line, joining): an idle node's lease task publishes many times a second.
+    #[test]
+    fn subscribers_are_woken_only_when_the_summary_changes() {
+        let (board, mut rx) = StatusBoard::new("gw1");
+        rx.borrow_and_update();
+        board.update(|s| {
+            s.cluster.lease_remaining_ms = 120;
+            s.lease.reports = 7;
+        });
+        assert!(!rx.has_changed().unwrap(), "woken for a remaining time");
+        assert_eq!(rx.borrow().cluster.lease_remaining_ms, 120);
+        assert_eq!(board.get().lease.reports, 7);
+        board.update(|s| s.cluster.leader = Some("gw2".into()));
+        assert!(rx.has_changed().unwrap(), "not woken for a new leader");
+        assert_eq!(
+            rx.borrow_and_update().cluster.leader.as_deref(),
+            Some("gw2")
+        );
+        board.update(|s| s.dataplane.held_gateways = vec!["vip".into()]);
+        assert!(
+            rx.has_changed().unwrap(),
+            "not woken when the node became active"
+        );
     }
 }

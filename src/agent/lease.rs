@@ -227,7 +227,10 @@ impl<R: Reporter, F: Fence + Send + 'static, A: Announcer> LeaseTask<R, F, A> {
                     info!(gateway = %g, leader = %reply.leader, term = reply.term, "lease revoked");
                 }
             }
-            Err(e) => debug!(error = %e, "report not answered; the leases run on"),
+            Err(e) => debug!(
+                error = format!("{e:#}"),
+                "report not answered; the leases run on"
+            ),
         }
     }
 

@@ -126,6 +126,9 @@ pub enum Next {
     Campaign,
     /// Look again then.
     CheckAt(Instant),
+    /// This node may not campaign (a leader, a learner): look again when its Raft state
+    /// changes.
+    AfterStateChange,
 }
 
 /// Whether a node is overdue for a campaign that openraft holds back only because of a log it
@@ -134,7 +137,7 @@ pub enum Next {
 pub fn next(o: &Observed, longer: Option<&LogId<NodeId>>, t: &Timer, jitter: Duration) -> Next {
     let later = o.now + t.election_timeout_max;
     if !o.may_campaign {
-        return Next::CheckAt(later);
+        return Next::AfterStateChange;
     }
     let Some(changed) = o.vote_changed else {
         return Next::CheckAt(later);
@@ -262,10 +265,7 @@ mod tests {
     fn leaders_learners_and_nodes_without_a_vote_time_never_campaign() {
         let mut o = observed(Duration::from_secs(5), true, None);
         o.may_campaign = false;
-        assert!(matches!(
-            next(&o, None, &T, Duration::ZERO),
-            Next::CheckAt(_)
-        ));
+        assert_eq!(next(&o, None, &T, Duration::ZERO), Next::AfterStateChange);
         let mut o = observed(Duration::from_secs(5), true, None);
         o.vote_changed = None;
         assert!(matches!(

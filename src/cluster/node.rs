@@ -44,6 +44,13 @@ const PEER_MAX_PER_SOURCE: usize = 64;
 const PEER_NEW_PER_SOURCE_PER_SEC: u32 = 50;
 const PEER_EDGE_NICE: i32 = 0;
 const MEMBERSHIP_EVERY: Duration = Duration::from_millis(300);
+/// A follower's controller loop waits for a change of leadership (Raft's server metrics); this
+/// only bounds the wait.
+const FOLLOWER_CONTROLLER_CHECK: Duration = Duration::from_secs(1);
+/// The longest a node that may not campaign (a leader, a learner) waits between looks.
+const NO_CAMPAIGN_CHECK: Duration = Duration::from_secs(1);
+/// The longest a leader's controller waits between rounds when no deadline is nearer.
+const LEADER_CONTROLLER_CHECK: Duration = Duration::from_secs(1);
 /// How long a requested snapshot may take before it is requested again.
 const COMPACT_RETRY: Duration = Duration::from_secs(10);
 /// How long after openraft's latest undelayed campaign time `run_campaigns` steps in.
@@ -100,7 +107,8 @@ pub struct ClusterNode {
     acks: transport::Acks,
     /// The heartbeats' answers are stale: ask a quorum directly (`run_confirmations`).
     confirm_wake: Notify,
-    pub leader_view: Mutex<LeaderView>,
+    /// The controller's last decision, for status pages (see [`ClusterNode::local_view`]).
+    last_decision: Mutex<Option<Decision>>,
     /// Committed changes as this node applied them, and the daemon's own events.
     pub events: EventLog,
     /// What this node's vote requests were refused for (see `run_campaigns`).
@@ -188,7 +196,7 @@ impl ClusterNode {
             controller_wake: Notify::new(),
             acks,
             confirm_wake: Notify::new(),
-            leader_view: Mutex::new(LeaderView::default()),
+            last_decision: Mutex::new(None),
             recording_format: AtomicBool::new(false),
             events,
             campaigns,
@@ -410,11 +418,7 @@ impl ClusterNode {
     pub async fn leader_view(&self) -> anyhow::Result<LeaderView> {
         let (leader, member) = self.leader().context("no leader known")?;
         if leader == self.id {
-            return self
-                .leader_view
-                .lock()
-                .map(|v| v.clone())
-                .map_err(|_| anyhow::anyhow!("leader view lock poisoned"));
+            return Ok(self.local_view());
         }
         self.client
             .post(
@@ -427,6 +431,29 @@ impl ClusterNode {
             )
             .await
             .with_context(|| format!("asking leader {} for its view", member.name))
+    }
+
+    /// This node's view as the leader: the last controller round's decision, and the members'
+    /// liveness as of now (a round runs only when something is due, which may be a few report
+    /// intervals ago). Empty on a follower.
+    pub fn local_view(&self) -> LeaderView {
+        let mut view = LeaderView {
+            decision: self.last_decision.lock().ok().and_then(|d| d.clone()),
+            members: Vec::new(),
+        };
+        let applied = self.applied();
+        let members: Vec<NodeName> = applied
+            .membership
+            .membership()
+            .nodes()
+            .map(|(_, m)| m.name.clone())
+            .collect();
+        if let Ok(c) = self.controller.lock()
+            && let Some((_, c)) = c.as_ref()
+        {
+            view.members = member_views(c, &members, &applied.state, crate::clock::now());
+        }
+        view
     }
 
     /// Commits a command through the leader, wherever it is. A large object change goes in
@@ -896,7 +923,9 @@ impl ClusterNode {
         };
         let min = Duration::from_millis(self.timing.election_timeout_min_ms);
         let mut jitter = (None, timer.jitter(min));
+        let mut state = self.raft.server_metrics();
         loop {
+            state.borrow_and_update();
             let now = tokio::time::Instant::now();
             let observed = self
                 .raft
@@ -940,12 +969,19 @@ impl ClusterNode {
                     tokio::time::sleep(timer.election_timeout_max).await;
                 }
                 campaign::Next::CheckAt(at) => tokio::time::sleep_until(at).await,
+                // A leader looked every election timeout before: a few wake-ups a second
+                // (each a round trip to Raft's core) for nothing.
+                campaign::Next::AfterStateChange => {
+                    tokio::select! {
+                        r = state.changed() => if r.is_err() { return },
+                        _ = tokio::time::sleep(NO_CAMPAIGN_CHECK) => {}
+                    }
+                }
             }
         }
     }
 
     pub async fn run_controller(self: Arc<Self>) {
-        let tick = Duration::from_millis(self.timing.report_interval_ms);
         let timing = self.timing.lease_timing();
         // Not `metrics()`: on a leader that changes with every append and heartbeat answer.
         let mut metrics = self.raft.server_metrics();
@@ -971,7 +1007,8 @@ impl ClusterNode {
                 if let Ok(mut c) = self.controller.lock() {
                     *c = None;
                 }
-                next = now + tick;
+                // Not the leader: nothing to do until the metrics say this node leads.
+                next = now + FOLLOWER_CONTROLLER_CHECK;
                 continue;
             };
             let span = info_span!("controller", node = %self.name, term);
@@ -985,7 +1022,12 @@ impl ClusterNode {
                     .and_then(|(_, c)| c.next_deadline(at))
                     .map(|d| Instant::now() + d.saturating_sub(at))
             });
-            next = deadline.map_or(now + tick, |d| d.min(now + tick));
+            // Reports that change nothing do not wake the controller (`take_news`), and
+            // `deadline` is when a round could decide differently without one: the next
+            // silence to time out, the next hold to end.
+            next = deadline.map_or(now + LEADER_CONTROLLER_CHECK, |d| {
+                d.min(now + LEADER_CONTROLLER_CHECK)
+            });
         }
     }
 
@@ -1125,22 +1167,8 @@ impl ClusterNode {
             for ch in &changes {
                 c.lease.start_move(&ch.gateway);
             }
-            let views = c
-                .node_states(&members, &applied.state, now)
-                .into_iter()
-                .map(|n| MemberView {
-                    silent_ms: c.silent_for(&n.name, now).as_millis() as u64,
-                    cordon_reasons: applied.state.cordon_reasons(&n.name),
-                    name: n.name,
-                    alive: n.alive,
-                    ready: n.ready,
-                    labels: n.labels,
-                    cordoned: n.cordoned,
-                })
-                .collect();
-            if let Ok(mut v) = self.leader_view.lock() {
-                v.decision = Some(decision.clone());
-                v.members = views;
+            if let Ok(mut d) = self.last_decision.lock() {
+                *d = Some(decision.clone());
             }
             let format = format_to_record(&applied.state, &members, &self.name, |m| {
                 c.command_format(m)
@@ -1408,6 +1436,27 @@ async fn report_handler(
     }
 }
 
+/// Every member as the controller `c` sees it at `now`.
+fn member_views(
+    c: &Controller,
+    members: &[NodeName],
+    state: &ClusterState,
+    now: crate::lease::Time,
+) -> Vec<MemberView> {
+    c.node_states(members, state, now)
+        .into_iter()
+        .map(|n| MemberView {
+            silent_ms: c.silent_for(&n.name, now).as_millis() as u64,
+            cordon_reasons: state.cordon_reasons(&n.name),
+            name: n.name,
+            alive: n.alive,
+            ready: n.ready,
+            labels: n.labels,
+            cordoned: n.cordoned,
+        })
+        .collect()
+}
+
 async fn view_handler(State(node): State<Arc<ClusterNode>>) -> Response {
     if !node.is_leader_locally() {
         return api_error(
@@ -1416,14 +1465,7 @@ async fn view_handler(State(node): State<Arc<ClusterNode>>) -> Response {
             node.leader().map(|(_, m)| m.name),
         );
     }
-    match node.leader_view.lock() {
-        Ok(v) => Msg(v.clone()).into_response(),
-        Err(_) => api_error(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "view lock poisoned".into(),
-            None,
-        ),
-    }
+    Msg(node.local_view()).into_response()
 }
 
 async fn write_handler(State(node): State<Arc<ClusterNode>>, Msg(cmd): Msg<Command>) -> Response {

@@ -1164,12 +1164,7 @@ impl Sync {
             return;
         }
         let state = self.node.applied().state;
-        let view = self
-            .node
-            .leader_view
-            .lock()
-            .map(|v| v.clone())
-            .unwrap_or_default();
+        let view = self.node.local_view();
         let api: Api<EgressGateway> = Api::all(self.client.clone());
         let rejected: HashMap<String, String> = self
             .mirror
