@@ -15,8 +15,10 @@
 //! caused. Prints markdown tables of medians and maxima.
 //!
 //! Options: `--sizes 1,10000,100000`, `--shapes sources,destinations`, `--trials N` (per
-//! failover scenario, default 3), `--rounds N` (applies, default 10). With
-//! `EGRESSD_BENCH_LOGS=DIR` the daemons' logs are kept in `DIR/<shape>-<size>/`.
+//! failover scenario, default 3), `--rounds N` (applies, default 10), `--idle SECS` (the idle
+//! measurement, default 10; longer to profile the daemons at rest, their pids printed). With
+//! `EGRESSD_BENCH_LOGS=DIR` the daemons' logs are kept in `DIR/<shape>-<size>/`; with
+//! `EGRESSD_BIN=PATH` the daemons are that binary (a release build: see `common::topo::egressd_bin`).
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -188,7 +190,7 @@ fn change_to_live(c: &Cluster, token: &std::path::Path, args: &[&str]) -> f64 {
     (at - t0) * 1e3
 }
 
-fn run(size: usize, shape: Shape, trials: usize, rounds: usize) -> Row {
+fn run(size: usize, shape: Shape, trials: usize, rounds: usize, idle: u64) -> Row {
     let mut row = Row::default();
     let (token, admin) = admin_token(TOKEN);
     let objects = shape.objects(size);
@@ -216,11 +218,12 @@ fn run(size: usize, shape: Shape, trials: usize, rounds: usize) -> Row {
         std::thread::sleep(Duration::from_millis(250));
     }
 
-    // Idle: resident memory and CPU over 10 s.
+    // Idle: resident memory and CPU.
     let pids: Vec<u32> = (0..3).filter_map(|i| pid(&mut c, i)).collect();
+    eprintln!("idle for {idle} s: daemons gw1..gw3 are pids {pids:?}");
     let before: Vec<u64> = pids.iter().map(|p| cpu_ticks(*p)).collect();
     let t = Instant::now();
-    std::thread::sleep(Duration::from_secs(10));
+    std::thread::sleep(Duration::from_secs(idle));
     let secs = t.elapsed().as_secs_f64();
     let hz = ticks_per_second();
     row.cpu_pct = pids
@@ -332,6 +335,9 @@ fn main() {
         eprintln!("!!! SKIPPED benches/scale.rs: needs root for network namespaces");
         return;
     }
+    let bin = egressd_bin();
+    let bytes = std::fs::metadata(&bin).map(|m| m.len()).unwrap_or(0);
+    eprintln!("daemon: {bin} ({bytes} bytes; EGRESSD_BIN names another)");
     let sizes: Vec<usize> = arg("--sizes")
         .unwrap_or_else(|| "1,10000,100000".into())
         .split(',')
@@ -348,6 +354,7 @@ fn main() {
         .collect();
     let trials: usize = arg("--trials").and_then(|s| s.parse().ok()).unwrap_or(3);
     let rounds: usize = arg("--rounds").and_then(|s| s.parse().ok()).unwrap_or(10);
+    let idle: u64 = arg("--idle").and_then(|s| s.parse().ok()).unwrap_or(10);
     let mut rows: Vec<(usize, Shape, Row)> = vec![];
     for &size in &sizes {
         for &shape in &shapes {
@@ -356,7 +363,7 @@ fn main() {
                 continue;
             }
             eprintln!("--- {size} policies, shape {} ---", shape.name());
-            let row = run(size, shape, trials, rounds);
+            let row = run(size, shape, trials, rounds, idle);
             print_row(size, shape, &row);
             rows.push((size, shape, row));
         }

@@ -275,7 +275,7 @@ impl Topo {
             "netns",
             "exec",
             &self.nodes[i],
-            env!("CARGO_BIN_EXE_egressd"),
+            &egressd_bin(),
             "run",
             "--config",
         ])
@@ -291,7 +291,8 @@ impl Topo {
 
     /// The egressd CLI in node `i`'s namespace, against that node's admin endpoint.
     pub fn cli(&self, i: usize, args: &[&str]) -> std::process::Output {
-        let mut full: Vec<&str> = vec![env!("CARGO_BIN_EXE_egressd")];
+        let bin = egressd_bin();
+        let mut full: Vec<&str> = vec![&bin];
         full.extend(args);
         full.extend(["--admin", "http://127.0.0.1:7481"]);
         self.lab.try_exec(&self.nodes[i], full)
@@ -528,9 +529,17 @@ pub fn issue_cert(dir: &Path, name: &str, extra: &[&str]) {
     egressd_tls(&args);
 }
 
+/// The egressd binary the tests and benches run: `EGRESSD_BIN` when set, otherwise the one
+/// cargo built with the test or bench target. A `cargo bench` build unifies the
+/// dev-dependencies' features into the daemon's dependencies, so to measure the binary a
+/// release ships, build it with `cargo build --release` and name a copy of it here.
+pub fn egressd_bin() -> String {
+    std::env::var("EGRESSD_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_egressd").to_string())
+}
+
 /// Runs `egressd tls ARGS`, panicking with its output when it fails.
 pub fn egressd_tls(args: &[&str]) {
-    let out = Command::new(env!("CARGO_BIN_EXE_egressd"))
+    let out = Command::new(egressd_bin())
         .arg("tls")
         .args(args)
         .output()
