@@ -160,14 +160,14 @@ impl Notifier {
     }
 }
 
-/// The node has joined the cluster (a leader is known) and the last round converged the data
-/// plane. Readiness for gateways (forwarding, interfaces) is the cluster's business and shows in
-/// the status line; it does not hold up the service start.
 /// What the daemon's loop passes on to systemd: the status line and whether the node has joined.
 pub fn summary(s: &Status) -> (String, bool) {
     (status_line(s), joined(s))
 }
 
+/// The node has joined the cluster (a leader is known) and the last round converged the data
+/// plane. Readiness for gateways (forwarding, interfaces) is the cluster's business and shows in
+/// the status line; it does not hold up the service start.
 fn joined(s: &Status) -> bool {
     s.cluster.leader.is_some() && s.dataplane.last_error.is_none()
 }
