@@ -796,7 +796,6 @@ impl Main {
             peer_tls: self.node.tls_summary().map(|s| s.to_string()),
         };
         let member_drift = crate::cluster::node::member_drift(&state, &self.config.voters());
-        let view = (metrics.current_leader == Some(self.node.id)).then(|| self.node.local_view());
         let path = self.config_path.display().to_string();
         let drift: Vec<String> = self.drift.values().cloned().collect();
         self.board.update(|s| {
@@ -806,10 +805,6 @@ impl Main {
             s.config.path = path;
             s.config.drift = drift;
             s.config.member_drift = member_drift;
-            s.members.clear();
-            if let Some(view) = &view {
-                s.add_view(view);
-            }
             let reasons = if leader_name.is_none() {
                 vec!["no cluster leader known".to_string()]
             } else {

@@ -442,12 +442,7 @@ impl ClusterNode {
             members: Vec::new(),
         };
         let applied = self.applied();
-        let members: Vec<NodeName> = applied
-            .membership
-            .membership()
-            .nodes()
-            .map(|(_, m)| m.name.clone())
-            .collect();
+        let members = member_names(&applied);
         if let Ok(c) = self.controller.lock()
             && let Some((_, c)) = c.as_ref()
         {
@@ -1138,8 +1133,7 @@ impl ClusterNode {
             *c = Some((term, Controller::new(timing, started)));
         }
         let applied = self.applied();
-        let membership = applied.membership.membership().clone();
-        let members: Vec<NodeName> = membership.nodes().map(|(_, m)| m.name.clone()).collect();
+        let members = member_names(&applied);
         let now = crate::clock::now();
         let (changes, decision, silent, format) = {
             let Ok(mut c) = self.controller.lock() else {
@@ -1434,6 +1428,16 @@ async fn report_handler(
             node.leader().map(|(_, m)| m.name),
         ),
     }
+}
+
+/// The names of Raft's members as of `applied`.
+fn member_names(applied: &Applied) -> Vec<NodeName> {
+    applied
+        .membership
+        .membership()
+        .nodes()
+        .map(|(_, m)| m.name.clone())
+        .collect()
 }
 
 /// Every member as the controller `c` sees it at `now`.

@@ -367,28 +367,27 @@ fn open_db(dir: &Path) -> Result<Arc<Db>, StoreError> {
         db: create(&path)?,
         snaps: create(&snap_path)?,
     };
-    // Create the tables up front so read transactions can always open them.
-    let init = |db: &Database, tables: &[TableDefinition<'_, &str, &[u8]>], log: bool| {
-        let txn = db.begin_write()?;
-        if log {
-            txn.open_table(LOGS)?;
-        }
-        for t in tables {
-            txn.open_table(*t)?;
-        }
-        txn.commit()?;
-        Ok::<(), DbError>(())
+    // Create the tables up front so read transactions can always open them; the log's database
+    // keeps an (empty) snapshot table for `move_old_snapshot`.
+    let init = |path: &Path, step: &dyn Fn() -> Result<(), DbError>| {
+        step().map_err(|source| StoreError::Init {
+            path: path.to_path_buf(),
+            source,
+        })
     };
-    init(&db.db, &[META, SNAPSHOT], true).map_err(|source| StoreError::Init {
-        path: path.clone(),
-        source,
+    init(&path, &|| {
+        let txn = db.db.begin_write()?;
+        txn.open_table(LOGS)?;
+        txn.open_table(META)?;
+        txn.open_table(SNAPSHOT)?;
+        Ok(txn.commit()?)
     })?;
-    init(&db.snaps, &[SNAPSHOT], false).map_err(|source| StoreError::Init {
-        path: snap_path,
-        source,
+    init(&snap_path, &|| {
+        let txn = db.snaps.begin_write()?;
+        txn.open_table(SNAPSHOT)?;
+        Ok(txn.commit()?)
     })?;
-    db.move_old_snapshot()
-        .map_err(|source| StoreError::Init { path, source })?;
+    init(&path, &|| db.move_old_snapshot())?;
     Ok(Arc::new(db))
 }
 
