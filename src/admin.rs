@@ -126,6 +126,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "/v1/apply"),
     ("DELETE", "/v1/gateways/{name}"),
     ("DELETE", "/v1/policies/{name}"),
+    ("POST", "/v1/policies/{name}/cidrs"),
     ("POST", "/v1/members"),
     ("DELETE", "/v1/members/{name}"),
 ];
@@ -145,6 +146,7 @@ fn handler(method: &str, path: &str) -> Option<MethodRouter<AdminState>> {
         ("POST", "/v1/apply") => post(apply),
         ("DELETE", "/v1/gateways/{name}") => delete(delete_gateway),
         ("DELETE", "/v1/policies/{name}") => delete(delete_policy),
+        ("POST", "/v1/policies/{name}/cidrs") => post(edit_policy_cidrs),
         ("POST", "/v1/members") => post(member_add),
         ("DELETE", "/v1/members/{name}") => delete(member_remove),
         _ => return None,
@@ -443,6 +445,34 @@ async fn apply(State(state): State<AdminState>, headers: HeaderMap, Body(body): 
     // state machine as it applies the command (so a race with another change cannot slip
     // past): a broken rule comes back as a refusal, 409.
     commit(&state, Command::Apply { gateways, policies }).await
+}
+
+/// CIDRs added to and removed from one policy: the change travels alone, not the policy (a
+/// one-CIDR change of a 100 000-CIDR allow-list).
+async fn edit_policy_cidrs(
+    State(state): State<AdminState>,
+    Path(name): Path<String>,
+    Body(body): Body,
+) -> Response {
+    let (add, remove) = match config::parse_cidr_edit(&body, "request body") {
+        Ok(edit) => edit,
+        Err(e) => return refused(e),
+    };
+    if !state.node.applied().state.policies.contains_key(&name) {
+        return error(
+            StatusCode::NOT_FOUND,
+            format!("no policy {}; see egressd get policies", quote(&name)),
+        );
+    }
+    commit(
+        &state,
+        Command::EditPolicyCidrs {
+            policy: name,
+            add,
+            remove,
+        },
+    )
+    .await
 }
 
 async fn delete_object(state: AdminState, r: ObjectRef) -> Response {
@@ -902,7 +932,13 @@ mod tests {
                 let Some(content) = op["requestBody"]["content"].as_object() else {
                     continue;
                 };
-                let concrete = path.replace("{name}", "t1");
+                // A policy's route names the one the apply example (earlier in the list) made.
+                let object = if path.starts_with("/v1/policies/") {
+                    "api-pol"
+                } else {
+                    "t1"
+                };
+                let concrete = path.replace("{name}", object);
                 for (media, body) in content {
                     let example = &body["example"];
                     assert!(!example.is_null(), "{method} {path} {media}: no example");
@@ -975,8 +1011,9 @@ mod tests {
                 }
             }
         }
-        // apply (JSON: the body, 2 gateway levels + next_hop + settings, 1 policy; TOML: 4) and labels.
-        assert!(bodies >= 10, "{bodies} bodies sent");
+        // apply (JSON: the body, 2 gateway levels + next_hop + settings, 1 policy; TOML: 4),
+        // labels and a policy's CIDRs (the body, add, remove).
+        assert!(bodies >= 13, "{bodies} bodies sent");
         node.raft.shutdown().await.unwrap();
     }
 }

@@ -102,6 +102,17 @@ enum Command {
         #[arg(long)]
         token_file: Option<PathBuf>,
     },
+    /// Add CIDRs to a policy, or remove them, without sending the whole policy (one CIDR of a
+    /// 100 000-CIDR allow-list is a few bytes, not the file).
+    Policy {
+        #[command(subcommand)]
+        action: PolicyAction,
+        #[command(flatten)]
+        target: AdminTarget,
+        /// File holding the admin token; default: the config file's admin.token_file.
+        #[arg(long, global = true)]
+        token_file: Option<PathBuf>,
+    },
     /// Cluster membership: add a node, remove one (one voter change at a time; a change that
     /// would leave the voters without a quorum of live nodes is refused).
     Member {
@@ -202,6 +213,30 @@ enum MemberAction {
     /// Remove a node (e.g. a failed one before its replacement is added); stop it and clear
     /// its data_dir afterwards.
     Remove { name: String },
+}
+
+#[derive(Subcommand)]
+enum PolicyAction {
+    /// Add CIDRs to a policy's lists (one already listed stays once).
+    AddCidrs(CidrArgs),
+    /// Remove CIDRs from a policy's lists (one not listed is no change); the source and
+    /// destination lists must keep at least one CIDR.
+    RemoveCidrs(CidrArgs),
+}
+
+#[derive(clap::Args)]
+struct CidrArgs {
+    /// The policy.
+    name: String,
+    /// A source CIDR (repeat, or comma-separate, for more).
+    #[arg(long = "source", value_delimiter = ',')]
+    sources: Vec<String>,
+    /// A destination CIDR (repeat, or comma-separate, for more).
+    #[arg(long = "destination", value_delimiter = ',')]
+    destinations: Vec<String>,
+    /// An excluded CIDR (repeat, or comma-separate, for more).
+    #[arg(long = "excluded", value_delimiter = ',')]
+    excluded: Vec<String>,
 }
 
 #[derive(Subcommand)]
@@ -348,6 +383,13 @@ fn main() -> ExitCode {
             target,
             token_file,
         } => report(runtime().and_then(|rt| rt.block_on(delete(kind, &name, &target, token_file)))),
+        Command::Policy {
+            action,
+            target,
+            token_file,
+        } => report(
+            runtime().and_then(|rt| rt.block_on(policy_command(action, &target, token_file))),
+        ),
         Command::Tls { action } => report(tls_command(action)),
         Command::Member {
             action,
@@ -861,6 +903,53 @@ async fn delete(
         Kind::Policy => "policy",
     };
     println!("{kind}/{name}: deleted");
+    Ok(())
+}
+
+/// `egressd policy add-cidrs|remove-cidrs`: `POST /v1/policies/{name}/cidrs`. The CIDRs are
+/// checked by the admin endpoint, as an apply's are.
+async fn policy_command(
+    action: PolicyAction,
+    target: &AdminTarget,
+    token_file: Option<PathBuf>,
+) -> anyhow::Result<()> {
+    let (args, adding) = match action {
+        PolicyAction::AddCidrs(a) => (a, true),
+        PolicyAction::RemoveCidrs(a) => (a, false),
+    };
+    let lists = config::schema::CidrListsSpec {
+        source_cidrs: args.sources,
+        destination_cidrs: args.destinations,
+        excluded_cidrs: args.excluded,
+    };
+    let edit = if adding {
+        config::schema::CidrEdit {
+            add: lists,
+            ..Default::default()
+        }
+    } else {
+        config::schema::CidrEdit {
+            remove: lists,
+            ..Default::default()
+        }
+    };
+    let token = read_token(target, token_file)?;
+    let json = serde_json::to_vec(&edit).context("encoding the request")?;
+    let resp = target
+        .client()?
+        .send(
+            Method::POST,
+            &format!("/v1/policies/{}/cidrs", args.name),
+            Some(&token),
+            Some(json),
+        )
+        .await?;
+    let done = committed(resp)?;
+    println!(
+        "policy/{}: {}",
+        args.name,
+        if done.changed { "changed" } else { "unchanged" }
+    );
     Ok(())
 }
 

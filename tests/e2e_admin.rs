@@ -313,6 +313,31 @@ fn admin_api_and_cli_against_a_running_cluster() {
             &["not valid JSON"][..],
         ),
         (
+            "/v1/policies/nope/cidrs",
+            "application/json",
+            r#"{"add":{"destination_cidrs":["192.0.2.0/24"]}}"#,
+            404,
+            &["no policy \"nope\""][..],
+        ),
+        (
+            "/v1/policies/nope/cidrs",
+            "application/json",
+            r#"{"add":{"destination_cidrs":["192.0.2.1/24"]},"remove":{"destination":["192.0.2.0/24"]}}"#,
+            422,
+            &[
+                "add.destination_cidrs[0]",
+                "host bits",
+                "remove.destination",
+            ][..],
+        ),
+        (
+            "/v1/policies/nope/cidrs",
+            "application/json",
+            r#"{}"#,
+            422,
+            &["nothing to change"][..],
+        ),
+        (
             "/v1/nodes/gw1/labels",
             "application/json",
             r#"{"key":"bad key!","value":"x"}"#,
@@ -473,6 +498,73 @@ fn admin_api_and_cli_against_a_running_cluster() {
     wait_for("the applied policy SNATs to gw1's eth1", WAIT, || {
         c.topo.seen_source(CLIENT_OTHER_IP, SERVER_IP).as_deref() == Some(gw1_wan.as_str())
     });
+
+    // --- CIDRs out of a policy and back in (`egressd policy remove-cidrs|add-cidrs`): only the
+    // change is committed, and the data plane follows it.
+    let cidrs = |verb: &str, source: &str| {
+        let out = c.topo.cli(
+            2,
+            &[
+                "policy",
+                verb,
+                "api-pol",
+                "--source",
+                source,
+                "--token-file",
+                &tok,
+            ],
+        );
+        let said = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        (out, said)
+    };
+    let (out, _) = cidrs("remove-cidrs", "10.77.0.11/32");
+    assert!(!out.status.success(), "{}", text(&out));
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(
+        err.contains("409") && err.contains("leave source_cidrs empty"),
+        "{}",
+        text(&out)
+    );
+    for (verb, source, answer) in [
+        ("add-cidrs", "10.77.0.12/32", "policy/api-pol: changed"),
+        ("remove-cidrs", "10.77.0.11/32", "policy/api-pol: changed"),
+        ("remove-cidrs", "10.77.0.11/32", "policy/api-pol: unchanged"),
+    ] {
+        let (out, said) = cidrs(verb, source);
+        assert!(out.status.success(), "{verb} {source}: {}", text(&out));
+        assert_eq!(said, answer, "{verb} {source}");
+    }
+    wait_for("the removed source leaves unchanged", WAIT, || {
+        c.topo.seen_source(CLIENT_OTHER_IP, SERVER_IP).as_deref() == Some(CLIENT_OTHER_IP)
+    });
+    for (verb, source) in [
+        ("add-cidrs", "10.77.0.11/32"),
+        ("remove-cidrs", "10.77.0.12/32"),
+    ] {
+        let (out, said) = cidrs(verb, source);
+        assert!(out.status.success(), "{verb} {source}: {}", text(&out));
+        assert_eq!(said, "policy/api-pol: changed", "{verb} {source}");
+    }
+    wait_for(
+        "the source added back SNATs to gw1's eth1 again",
+        WAIT,
+        || c.topo.seen_source(CLIENT_OTHER_IP, SERVER_IP).as_deref() == Some(gw1_wan.as_str()),
+    );
+    let out = c.topo.cli(0, &["get", "policies", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let pol = v
+        .as_array()
+        .and_then(|a| a.iter().find(|p| p["object"]["name"] == "api-pol"))
+        .unwrap_or_else(|| panic!("api-pol in {v}"));
+    assert_eq!(
+        (&pol["object"]["source_cidrs"], &pol["origin"]),
+        (
+            &serde_json::json!(["10.77.0.11/32"]),
+            &serde_json::json!("api")
+        ),
+        "{pol}"
+    );
+
     let out = c.topo.cli(1, &["get", "gateways"]);
     assert!(out.status.success(), "{}", text(&out));
     let listing = String::from_utf8_lossy(&out.stdout).to_string();

@@ -19,7 +19,8 @@
 //! Formats: 1 — the commands of the versions before mutual TLS; 2 — `InitCluster` (the cluster
 //! id), `AddMember`, `RemoveMember`; 3 — `KubeObjects`, `KubeNodes` (the Kubernetes adapter);
 //! 4 — `PolicyCidrs` (a policy too large for one entry); 5 — `ClusterFormat` (the format every
-//! member reads, recorded so that a new leader need not hear from each member again).
+//! member reads, recorded so that a new leader need not hear from each member again); 6 —
+//! `EditPolicyCidrs` (CIDRs added to or removed from one policy).
 
 use serde::de::{DeserializeOwned, SeqAccess, Visitor};
 use serde::ser::SerializeTuple;
@@ -32,7 +33,7 @@ use super::Command;
 pub const STORE_FORMAT: u8 = 2;
 
 /// The newest command format this egressd reads (and so the newest kind it may write).
-pub const COMMAND_FORMAT: u16 = 5;
+pub const COMMAND_FORMAT: u16 = 6;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CodecError {
@@ -150,7 +151,7 @@ mod tests {
         let e = from_wire::<Versioned>(&b).unwrap_err();
         assert!(
             e.to_string()
-                .contains("command format 6, newer than this egressd"),
+                .contains("command format 7, newer than this egressd"),
             "{e}"
         );
         let ok = to_wire(&Versioned(Command::Uncordon("n".into()))).unwrap();
@@ -190,6 +191,11 @@ mod tests {
         for c in [
             Command::InitCluster { id: "0".repeat(32) },
             Command::RemoveMember { name: "x".into() },
+            Command::EditPolicyCidrs {
+                policy: "p".into(),
+                add: Default::default(),
+                remove: Default::default(),
+            },
         ] {
             assert!(c.format() <= COMMAND_FORMAT);
         }

@@ -343,6 +343,85 @@ pub enum Command {
     /// proposes commands up to it without waiting for each member to report to it again (a
     /// member that is down after a change of leader no longer holds them up). Only raises.
     ClusterFormat(u16),
+    // ---- command format 6 ----
+    /// `egressd policy add-cidrs` / `remove-cidrs`: CIDRs added to and removed from one
+    /// existing policy, without sending the policy (one CIDR of a 100 000-CIDR allow-list is a
+    /// few bytes, not megabytes in many entries). Removals first; a CIDR already listed is not
+    /// added twice, one not listed is not removed. The policy becomes an API object, as with
+    /// `apply`; refused, changing nothing, if the policy does not exist, is Kubernetes-owned,
+    /// or a required list would end up empty.
+    EditPolicyCidrs {
+        policy: String,
+        add: CidrLists,
+        remove: CidrLists,
+    },
+}
+
+/// The three CIDR lists of a policy, as a change to it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CidrLists {
+    pub source_cidrs: Vec<IpNet>,
+    pub destination_cidrs: Vec<IpNet>,
+    pub excluded_cidrs: Vec<IpNet>,
+}
+
+impl CidrLists {
+    pub fn is_empty(&self) -> bool {
+        self.source_cidrs.is_empty()
+            && self.destination_cidrs.is_empty()
+            && self.excluded_cidrs.is_empty()
+    }
+
+    /// `policy`'s lists with `remove`'s CIDRs taken out and then `add`'s appended (those not
+    /// listed yet), in order.
+    pub fn edit(policy: &Policy, add: &CidrLists, remove: &CidrLists) -> Policy {
+        // Every node applies this: a few CIDRs against 100 000 are compared one by one (a
+        // hash set of the whole list would cost more than the edit).
+        const FEW: usize = 16;
+        fn one(list: &[IpNet], add: &[IpNet], remove: &[IpNet]) -> Vec<IpNet> {
+            let mut out: Vec<IpNet> = if remove.is_empty() {
+                list.to_vec()
+            } else if remove.len() <= FEW {
+                list.iter()
+                    .filter(|n| !remove.contains(n))
+                    .copied()
+                    .collect()
+            } else {
+                let gone: std::collections::HashSet<&IpNet> = remove.iter().collect();
+                list.iter().filter(|n| !gone.contains(n)).copied().collect()
+            };
+            if add.len() <= FEW {
+                for n in add {
+                    if !out.contains(n) {
+                        out.push(*n);
+                    }
+                }
+            } else {
+                let mut have: std::collections::HashSet<IpNet> = out.iter().copied().collect();
+                out.extend(add.iter().filter(|n| have.insert(**n)));
+            }
+            out
+        }
+        Policy {
+            name: policy.name.clone(),
+            egress_gateway_name: policy.egress_gateway_name.clone(),
+            source_cidrs: one(
+                &policy.source_cidrs,
+                &add.source_cidrs,
+                &remove.source_cidrs,
+            ),
+            destination_cidrs: one(
+                &policy.destination_cidrs,
+                &add.destination_cidrs,
+                &remove.destination_cidrs,
+            ),
+            excluded_cidrs: one(
+                &policy.excluded_cidrs,
+                &add.excluded_cidrs,
+                &remove.excluded_cidrs,
+            ),
+        }
+    }
 }
 
 /// The oldest command format any peer can have: the versions before mutual TLS wrote format 1,
@@ -400,6 +479,7 @@ impl Command {
             Command::KubeObjects { .. } | Command::KubeNodes(_) => 3,
             Command::PolicyCidrs { .. } => 4,
             Command::ClusterFormat(_) => 5,
+            Command::EditPolicyCidrs { .. } => 6,
             Command::SeedObjects { .. }
             | Command::FileObjects { .. }
             | Command::Apply { .. }
@@ -438,6 +518,7 @@ impl Command {
             Command::KubeNodes(_) => "kubernetes nodes",
             Command::PolicyCidrs { .. } => "policy cidrs",
             Command::ClusterFormat(_) => "cluster format",
+            Command::EditPolicyCidrs { .. } => "policy cidrs edit",
         }
     }
 
@@ -855,6 +936,39 @@ impl ClusterState {
             Command::PolicyCidrs { policy, .. } => refuse(format!(
                 "CIDRs of policy {policy}: only a part of a staged change, after the policy"
             )),
+            Command::EditPolicyCidrs {
+                policy,
+                add,
+                remove,
+            } => {
+                let Some(old) = self.policies.get(policy) else {
+                    return refuse(format!("no policy named {policy:?}"));
+                };
+                let new = CidrLists::edit(old, add, remove);
+                if new == **old {
+                    return ok(false, Vec::new());
+                }
+                for (list, at) in [
+                    (&new.source_cidrs, "source_cidrs"),
+                    (&new.destination_cidrs, "destination_cidrs"),
+                ] {
+                    if list.is_empty() {
+                        return refuse(format!(
+                            "policy {policy}: the change would leave {at} empty; list at least \
+                             one CIDR (0.0.0.0/0 or ::/0 for everything), or delete the policy"
+                        ));
+                    }
+                }
+                // From here on it is an `apply` of the edited policy: the same ownership, rules
+                // and event.
+                self.apply_described(
+                    &Command::Apply {
+                        gateways: Vec::new(),
+                        policies: vec![new],
+                    },
+                    index,
+                )
+            }
             _ => {
                 let events = self.apply_small(cmd);
                 ok(!events.is_empty(), events)
@@ -1290,6 +1404,13 @@ impl ClusterState {
                         missing.join(", ")
                     ))
                 }
+            }
+            Command::EditPolicyCidrs { policy, .. }
+                if self
+                    .kube_objects
+                    .contains(&ObjectRef::Policy(policy.clone())) =>
+            {
+                Err(kube_owned(&format!("policy {policy}")))
             }
             Command::DeleteGateway(name) => {
                 if !self.gateways.contains_key(name) {
@@ -1904,6 +2025,81 @@ pub(crate) mod tests {
             source_cidrs: vec!["10.0.0.0/24".parse().unwrap()],
             destination_cidrs: vec!["0.0.0.0/0".parse().unwrap()],
             excluded_cidrs: vec![],
+        }
+    }
+
+    fn nets(list: &[&str]) -> Vec<IpNet> {
+        list.iter().map(|n| n.parse().unwrap()).collect()
+    }
+
+    /// `egressd policy add-cidrs|remove-cidrs`: the policy changes as `apply` of the edited
+    /// policy would change it (an API object from then on); an edit that cannot apply is
+    /// refused and changes nothing.
+    #[test]
+    fn a_cidr_edit_is_an_apply_of_the_edited_policy() {
+        let mut s = ClusterState::default();
+        s.apply(&Command::SeedObjects {
+            gateways: vec![gw("g")],
+            policies: vec![Policy {
+                destination_cidrs: nets(&["192.0.2.0/24", "198.51.100.0/24"]),
+                ..policy("p", "g")
+            }],
+        });
+        let edit = |add: &[&str], remove: &[&str]| Command::EditPolicyCidrs {
+            policy: "p".into(),
+            add: CidrLists {
+                destination_cidrs: nets(add),
+                ..Default::default()
+            },
+            remove: CidrLists {
+                destination_cidrs: nets(remove),
+                ..Default::default()
+            },
+        };
+        let r = s.apply(&edit(
+            &["203.0.113.0/24", "192.0.2.0/24"],
+            &["198.51.100.0/24"],
+        ));
+        assert_eq!(r.refused, None);
+        assert!(r.changed);
+        // Removals first, then what is not listed yet, appended in order.
+        assert_eq!(
+            s.policies["p"].destination_cidrs,
+            nets(&["192.0.2.0/24", "203.0.113.0/24"])
+        );
+        assert_eq!(s.origin(&ObjectRef::Policy("p".into())), Origin::Api);
+        // The same again changes nothing; so does removing what is not listed.
+        let before = s.clone();
+        for cmd in [
+            edit(&["203.0.113.0/24"], &[]),
+            edit(&[], &["198.51.100.0/24"]),
+        ] {
+            let r = s.apply(&cmd);
+            assert_eq!((r.changed, r.refused), (false, None), "{cmd:?}");
+            assert_eq!(s, before);
+        }
+        // Refused whole: an empty required list, a policy that does not exist, one Kubernetes
+        // owns.
+        let mut missing = edit(&["203.0.113.0/24"], &[]);
+        if let Command::EditPolicyCidrs { policy, .. } = &mut missing {
+            *policy = "nope".into();
+        }
+        let mut owned = s.clone();
+        owned.kube_objects.insert(ObjectRef::Policy("p".into()));
+        for (st, cmd, says) in [
+            (
+                s.clone(),
+                edit(&[], &["192.0.2.0/24", "203.0.113.0/24"]),
+                "destination_cidrs empty",
+            ),
+            (s.clone(), missing, "no policy named"),
+            (owned, edit(&["10.9.0.0/16"], &[]), "owned by Kubernetes"),
+        ] {
+            let mut st = st;
+            let before = st.clone();
+            let why = st.apply(&cmd).refused.unwrap_or_default();
+            assert!(why.contains(says), "{cmd:?}: {why}");
+            assert_eq!(st, before);
         }
     }
 

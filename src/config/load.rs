@@ -25,6 +25,7 @@ use super::{
     AdminConfig, BodyError, ClusterConfig, Config, ConfigError, ConfigErrors, DataplaneConfig,
     ENV_PREFIX, KubernetesConfig, LogConfig, NodeConfig, Peer, TimingOverrides,
 };
+use crate::cluster::state::CidrLists;
 use crate::model::{Gateway, NextHop, Policy, SourceIp};
 
 const ENV_METADATA_NAME: &str = "environment variable";
@@ -318,6 +319,74 @@ pub(super) fn parse_label_change(body: &[u8], source_name: &str) -> Result<Label
     let issues = reader.finish();
     match change {
         Some(c) if issues.is_empty() => Ok(c),
+        _ => Err(BodyError::Invalid(errors(issues, |_| {
+            source_name.to_string()
+        }))),
+    }
+}
+
+/// The body of `POST /v1/policies/{name}/cidrs`: each CIDR checked as in a policy, none both
+/// added and removed, and something to change.
+pub(super) fn parse_cidr_edit(
+    body: &[u8],
+    source_name: &str,
+) -> Result<(CidrLists, CidrLists), BodyError> {
+    let value = json_value(body)?;
+    let no_env = |_: Tag| false;
+    let mut reader = Reader::new(&no_env);
+    let edit = reader.read::<schema::CidrEdit>(&value, "");
+    let mut lists = |spec: &schema::CidrListsSpec, at: &str| CidrLists {
+        source_cidrs: reader
+            .cidrs(&spec.source_cidrs, &sub(at, "source_cidrs"), false)
+            .unwrap_or_default(),
+        destination_cidrs: reader
+            .cidrs(
+                &spec.destination_cidrs,
+                &sub(at, "destination_cidrs"),
+                false,
+            )
+            .unwrap_or_default(),
+        excluded_cidrs: reader
+            .cidrs(&spec.excluded_cidrs, &sub(at, "excluded_cidrs"), false)
+            .unwrap_or_default(),
+    };
+    let parsed = edit
+        .as_ref()
+        .map(|e| (lists(&e.add, "add"), lists(&e.remove, "remove")));
+    if let Some((add, remove)) = &parsed {
+        for (a, r, key) in [
+            (&add.source_cidrs, &remove.source_cidrs, "source_cidrs"),
+            (
+                &add.destination_cidrs,
+                &remove.destination_cidrs,
+                "destination_cidrs",
+            ),
+            (
+                &add.excluded_cidrs,
+                &remove.excluded_cidrs,
+                "excluded_cidrs",
+            ),
+        ] {
+            let removed: BTreeSet<&IpNet> = r.iter().collect();
+            for (j, net) in a.iter().enumerate() {
+                if removed.contains(net) {
+                    reader.push(
+                        index(&sub("add", key), j),
+                        format!("{net} is both added and removed"),
+                    );
+                }
+            }
+        }
+        if add.is_empty() && remove.is_empty() {
+            reader.push(
+                "",
+                "nothing to change: name CIDRs to add or to remove".to_string(),
+            );
+        }
+    }
+    let issues = reader.finish();
+    match parsed {
+        Some(edit) if issues.is_empty() => Ok(edit),
         _ => Err(BodyError::Invalid(errors(issues, |_| {
             source_name.to_string()
         }))),
@@ -3069,6 +3138,56 @@ destination_cidrs = ["0.0.0.0/0"]
         assert!(e.to_string().len() < 1_000, "{e}");
         assert!(matches!(
             parse_label_change(b"key=value", "request body"),
+            Err(BodyError::Syntax(_))
+        ));
+    }
+
+    #[test]
+    fn cidr_edit_bodies() {
+        let (add, remove) = parse_cidr_edit(
+            br#"{"add": {"destination_cidrs": ["192.0.2.0/24"]}, "remove": {"source_cidrs": ["10.0.0.0/24", "fd00::/64"]}}"#,
+            "request body",
+        )
+        .unwrap();
+        assert_eq!(
+            add.destination_cidrs,
+            ["192.0.2.0/24".parse::<IpNet>().unwrap()]
+        );
+        assert_eq!(remove.source_cidrs.len(), 2);
+        assert!(add.source_cidrs.is_empty() && remove.destination_cidrs.is_empty());
+        let refused = |body: &str| match parse_cidr_edit(body.as_bytes(), "request body") {
+            Err(BodyError::Invalid(e)) => e.to_string(),
+            other => panic!("{body}: {other:?}"),
+        };
+        for (body, says) in [
+            (
+                r#"{"add": {"destination_cidrs": ["192.0.2.1/24"]}}"#,
+                "add.destination_cidrs[0]",
+            ),
+            (
+                r#"{"add": {"destination_cidrs": ["192.0.2.0/33"]}}"#,
+                "add.destination_cidrs[0]",
+            ),
+            (
+                r#"{"remove": {"excluded_cidrs": ["10.0.0.0/8", "10.0.0.0/8"]}}"#,
+                "listed twice",
+            ),
+            (
+                r#"{"add": {"source_cidrs": ["10.1.0.0/16"]}, "remove": {"source_cidrs": ["10.1.0.0/16"]}}"#,
+                "both added and removed",
+            ),
+            (
+                r#"{"add": {"destination_cidr": ["192.0.2.0/24"]}}"#,
+                "destination_cidrs",
+            ),
+            (r#"{}"#, "nothing to change"),
+            (r#"{"add": {}, "remove": {}}"#, "nothing to change"),
+        ] {
+            let e = refused(body);
+            assert!(e.contains(says), "{body}: {e}");
+        }
+        assert!(matches!(
+            parse_cidr_edit(b"add 192.0.2.0/24", "request body"),
             Err(BodyError::Syntax(_))
         ));
     }

@@ -496,6 +496,21 @@ pub fn parse_label_change(body: &[u8], source_name: &str) -> Result<LabelChange,
     load::parse_label_change(body, source_name)
 }
 
+/// The JSON body of `POST /v1/policies/{name}/cidrs`: the CIDRs to add and to remove, each
+/// checked as in a policy.
+pub fn parse_cidr_edit(
+    body: &[u8],
+    source_name: &str,
+) -> Result<
+    (
+        crate::cluster::state::CidrLists,
+        crate::cluster::state::CidrLists,
+    ),
+    BodyError,
+> {
+    load::parse_cidr_edit(body, source_name)
+}
+
 /// The JSON body of `POST /v1/members`, with the name and address rules applied.
 pub fn parse_member_add(body: &[u8], source_name: &str) -> Result<schema::MemberAdd, BodyError> {
     load::parse_member_add(body, source_name)

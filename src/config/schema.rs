@@ -299,6 +299,29 @@ pub struct LabelChange {
     pub value: Option<String>,
 }
 
+/// The body of `POST /v1/policies/{name}/cidrs` (`egressd policy add-cidrs|remove-cidrs`):
+/// CIDRs to add to and to remove from a policy's lists.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CidrEdit {
+    #[serde(default)]
+    pub add: CidrListsSpec,
+    #[serde(default)]
+    pub remove: CidrListsSpec,
+}
+
+/// A policy's three CIDR lists as strings, as in the configuration file.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CidrListsSpec {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub source_cidrs: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub destination_cidrs: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub excluded_cidrs: Vec<String>,
+}
+
 /// The body of `POST /v1/members` (`egressd member add NAME ADDRESS`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
