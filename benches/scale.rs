@@ -8,7 +8,9 @@
 //! Per size and shape, on one cluster: start of the three daemons → the VIP held by gw1, and
 //! whether it then stays put for 5 s (same holder, same term); resident memory and idle CPU of
 //! each daemon (10 s); a one-policy `egressd apply` (and `delete`) through the leader's CLI →
-//! the SNAT map updated on the active node (log timestamps on the same clock); failovers with
+//! the SNAT map updated on the active node (log timestamps on the same clock), and in the
+//! `destinations` shape one destination of the big policy added and removed, by `apply` of the
+//! whole policy and by `egressd policy add-cidrs`/`remove-cidrs`; failovers with
 //! the active node a follower and the leader (kill -9, links cut) and a planned handover
 //! (cordon), measured as in `benches/failover.rs` (failure → the successor's first gratuitous
 //! ARP; the client's ping outage; ARP probes answered twice); and how many failovers nobody
@@ -16,7 +18,8 @@
 //!
 //! Options: `--sizes 1,10000,100000`, `--shapes sources,destinations`, `--trials N` (per
 //! failover scenario, default 3), `--rounds N` (applies, default 10), `--idle SECS` (the idle
-//! measurement, default 10; longer to profile the daemons at rest, their pids printed). With
+//! measurement, default 10; longer to profile the daemons at rest, their pids printed),
+//! `--busy N` (N busy loops beside the daemons for the whole run: a loaded host). With
 //! `EGRESSD_BENCH_LOGS=DIR` the daemons' logs are kept in `DIR/<shape>-<size>/`; with
 //! `EGRESSD_BIN=PATH` the daemons are that binary (a release build: see `common::topo::egressd_bin`).
 
@@ -79,6 +82,9 @@ struct Row {
     apply_ms: (f64, f64),
     delete_ms: (f64, f64),
     big_apply_ms: Option<(f64, f64)>,
+    /// One destination added to (and removed from) the big policy by `egressd policy
+    /// add-cidrs` (`remove-cidrs`): only the change through Raft.
+    edit_ms: Option<((f64, f64), (f64, f64))>,
     failovers: Vec<(&'static str, Vec<Trial>)>,
     unexplained_failovers: usize,
 }
@@ -263,6 +269,15 @@ fn run(size: usize, shape: Shape, trials: usize, rounds: usize, idle: u64) -> Ro
             big.push(change_to_live(&c, token.path(), &["apply", "-f", &file]));
         }
         row.big_apply_ms = Some(stats(big));
+        let (mut adds, mut removes) = (vec![], vec![]);
+        for r in 0..rounds {
+            let cidr = format!("198.19.{r}.0/24");
+            for (verb, out) in [("add-cidrs", &mut adds), ("remove-cidrs", &mut removes)] {
+                let args = ["policy", verb, "cloud", "--destination", &cidr];
+                out.push(change_to_live(&c, token.path(), &args));
+            }
+        }
+        row.edit_ms = Some((stats(adds), stats(removes)));
     }
 
     let induced_before = failover_lines(&c);
@@ -321,6 +336,37 @@ fn keep_logs(c: &Cluster, tag: &str) {
     eprintln!("logs kept in {}", keep.display());
 }
 
+/// Processes that keep cores busy for the whole run (`--busy N`): the daemons then start and
+/// run on a machine where something else wants the CPU, as on a loaded host.
+struct Busy(Vec<std::process::Child>);
+
+impl Busy {
+    fn spin(n: usize) -> Busy {
+        if n > 0 {
+            eprintln!("{n} busy loop(s) run beside the daemons");
+        }
+        Busy(
+            (0..n)
+                .map(|_| {
+                    std::process::Command::new("sh")
+                        .args(["-c", "while :; do :; done"])
+                        .spawn()
+                        .expect("a busy loop")
+                })
+                .collect(),
+        )
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
 fn ms(v: f64) -> String {
     if v.is_nan() {
         "-".into()
@@ -355,6 +401,8 @@ fn main() {
     let trials: usize = arg("--trials").and_then(|s| s.parse().ok()).unwrap_or(3);
     let rounds: usize = arg("--rounds").and_then(|s| s.parse().ok()).unwrap_or(10);
     let idle: u64 = arg("--idle").and_then(|s| s.parse().ok()).unwrap_or(10);
+    let busy: usize = arg("--busy").and_then(|s| s.parse().ok()).unwrap_or(0);
+    let _load = Busy::spin(busy);
     let mut rows: Vec<(usize, Shape, Row)> = vec![];
     for &size in &sizes {
         for &shape in &shapes {
@@ -422,12 +470,22 @@ fn main() {
                 shape.name()
             );
         }
+        if let Some(((am, ax), (rm, rx))) = r.edit_ms {
+            println!(
+                "one destination added to the {size}-CIDR policy by `egressd policy add-cidrs` → live: median {} / max {}; removed by `remove-cidrs`: {} / {} ({})",
+                ms(am),
+                ms(ax),
+                ms(rm),
+                ms(rx),
+                shape.name()
+            );
+        }
     }
 }
 
 fn print_row(size: usize, shape: Shape, r: &Row) {
     eprintln!(
-        "{size} {}: start {:.1} s, stable {}, RSS {:?} MiB, CPU {:?} %, apply {:?}, delete {:?}, big {:?}, unexplained failovers {}",
+        "{size} {}: start {:.1} s, stable {}, RSS {:?} MiB, CPU {:?} %, apply {:?}, delete {:?}, big {:?}, edit {:?}, unexplained failovers {}",
         shape.name(),
         r.start_s,
         r.stable,
@@ -436,6 +494,7 @@ fn print_row(size: usize, shape: Shape, r: &Row) {
         r.apply_ms,
         r.delete_ms,
         r.big_apply_ms,
+        r.edit_ms,
         r.unexplained_failovers
     );
     for (what, trials) in &r.failovers {
