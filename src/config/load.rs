@@ -377,7 +377,15 @@ pub(super) fn parse_cidr_edit(
                 }
             }
         }
-        if add.is_empty() && remove.is_empty() {
+        // Said only of an edit that names no CIDR at all, not of one whose CIDRs were refused.
+        let named = edit.as_ref().is_some_and(|e| {
+            [&e.add, &e.remove].iter().any(|l| {
+                !(l.source_cidrs.is_empty()
+                    && l.destination_cidrs.is_empty()
+                    && l.excluded_cidrs.is_empty())
+            })
+        });
+        if !named && add.is_empty() && remove.is_empty() {
             reader.push(
                 "",
                 "nothing to change: name CIDRs to add or to remove".to_string(),
@@ -3159,6 +3167,8 @@ destination_cidrs = ["0.0.0.0/0"]
             Err(BodyError::Invalid(e)) => e.to_string(),
             other => panic!("{body}: {other:?}"),
         };
+        let e = refused(r#"{"add": {"destination_cidrs": ["192.0.2.1/24"]}}"#);
+        assert!(!e.contains("nothing to change"), "{e}");
         for (body, says) in [
             (
                 r#"{"add": {"destination_cidrs": ["192.0.2.1/24"]}}"#,
