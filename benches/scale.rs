@@ -19,7 +19,8 @@
 //! Options: `--sizes 1,10000,100000`, `--shapes sources,destinations`, `--trials N` (per
 //! failover scenario, default 3), `--rounds N` (applies, default 10), `--idle SECS` (the idle
 //! measurement, default 10; longer to profile the daemons at rest, their pids printed),
-//! `--busy N` (N busy loops beside the daemons for the whole run: a loaded host). With
+//! `--busy N` (N busy loops beside the daemons for the whole run: a loaded host), `--pause MS`
+//! (a wait before each change, so that no node still works on the previous one). With
 //! `EGRESSD_BENCH_LOGS=DIR` the daemons' logs are kept in `DIR/<shape>-<size>/`; with
 //! `EGRESSD_BIN=PATH` the daemons are that binary (a release build: see `common::topo::egressd_bin`).
 
@@ -172,6 +173,10 @@ fn arrange_leader(c: &mut Cluster, gw1_leads: bool) -> usize {
 /// One `egressd apply -f` (or `delete`) through the leader's CLI → the next "SNAT map updated"
 /// on the active node, in ms (from before the CLI starts to the log line's timestamp).
 fn change_to_live(c: &Cluster, token: &std::path::Path, args: &[&str]) -> f64 {
+    // `--pause MS`: the three nodes share two cores here, and the bench waits only for the
+    // active node; a pause lets the other two finish the previous change first.
+    let pause = arg("--pause").and_then(|s| s.parse().ok()).unwrap_or(0);
+    std::thread::sleep(Duration::from_millis(pause));
     let li = c.index(&c.leader());
     let seen = c.topo.log(0).matches("SNAT map updated").count();
     let t0 = day_time(unix_now());
