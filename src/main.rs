@@ -300,22 +300,40 @@ struct AdminTarget {
     ca_file: Option<PathBuf>,
     #[arg(long, global = true, env = "EGRESSD_CONFIG", default_value = DEFAULT_CONFIG)]
     config: PathBuf,
+    /// The config file, read at most once and only for what the options leave open: a node's
+    /// file may hold 100 000 CIDRs (0.1 s or more to read), and every client command read it
+    /// once for the CA even with `--admin`, and again for the token.
+    #[arg(skip)]
+    file: std::cell::OnceCell<Option<Config>>,
 }
 
 impl AdminTarget {
+    fn file(&self) -> Option<&Config> {
+        self.file
+            .get_or_init(|| config::load(&self.config).ok())
+            .as_ref()
+    }
+
     fn client(&self) -> anyhow::Result<AdminClient> {
-        let cfg = config::load(&self.config).ok();
         let url = match &self.admin {
             Some(a) => a.clone(),
-            None => cfg
-                .as_ref()
+            None => self
+                .file()
                 .map(|c| c.admin.url())
                 .unwrap_or_else(|| "http://127.0.0.1:7481".to_string()),
         };
-        let ca = self
-            .ca_file
-            .clone()
-            .or_else(|| cfg.and_then(|c| c.admin.tls?.ca_file));
+        // A CA only matters to an https:// endpoint.
+        let ca = match &self.ca_file {
+            Some(f) => Some(f.clone()),
+            None if url
+                .get(..8)
+                .is_some_and(|s| s.eq_ignore_ascii_case("https://")) =>
+            {
+                self.file()
+                    .and_then(|c| c.admin.tls.as_ref()?.ca_file.clone())
+            }
+            None => None,
+        };
         AdminClient::new(&url, ca.as_deref())
     }
 }
@@ -628,7 +646,7 @@ fn tls_command(action: TlsAction) -> anyhow::Result<()> {
 
 fn read_token(target: &AdminTarget, token_file: Option<PathBuf>) -> anyhow::Result<String> {
     let token_file = token_file
-        .or_else(|| config::load(&target.config).ok()?.admin.token_file)
+        .or_else(|| target.file()?.admin.token_file.clone())
         .context("no admin token: pass --token-file or set admin.token_file in the config")?;
     let token = std::fs::read_to_string(&token_file)
         .with_context(|| format!("reading the admin token {}", token_file.display()))?;

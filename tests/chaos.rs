@@ -1740,7 +1740,9 @@ fn chaos_checker_catches_a_second_holder() {
     c.topo
         .lab
         .exec(&gw3, ["ip", "addr", "add", &vip, "dev", "eth1"]);
-    std::thread::sleep(Duration::from_millis(500));
+    // Long enough for more than 10 double answers also when the census runs slow: in a full
+    // suite on a slow machine, 500 ms gave 9 of 75 probes.
+    std::thread::sleep(Duration::from_millis(1000));
     c.topo
         .lab
         .exec(&gw3, ["ip", "addr", "del", &vip, "dev", "eth1"]);
