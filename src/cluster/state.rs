@@ -366,12 +366,6 @@ pub struct CidrLists {
 }
 
 impl CidrLists {
-    pub fn is_empty(&self) -> bool {
-        self.source_cidrs.is_empty()
-            && self.destination_cidrs.is_empty()
-            && self.excluded_cidrs.is_empty()
-    }
-
     /// `policy`'s lists with `remove`'s CIDRs taken out and then `add`'s appended (those not
     /// listed yet), in order.
     pub fn edit(policy: &Policy, add: &CidrLists, remove: &CidrLists) -> Policy {

@@ -378,14 +378,10 @@ pub(super) fn parse_cidr_edit(
             }
         }
         // Said only of an edit that names no CIDR at all, not of one whose CIDRs were refused.
-        let named = edit.as_ref().is_some_and(|e| {
-            [&e.add, &e.remove].iter().any(|l| {
-                !(l.source_cidrs.is_empty()
-                    && l.destination_cidrs.is_empty()
-                    && l.excluded_cidrs.is_empty())
-            })
-        });
-        if !named && add.is_empty() && remove.is_empty() {
+        if edit
+            .as_ref()
+            .is_some_and(|e| e.add.is_empty() && e.remove.is_empty())
+        {
             reader.push(
                 "",
                 "nothing to change: name CIDRs to add or to remove".to_string(),

@@ -322,6 +322,14 @@ pub struct CidrListsSpec {
     pub excluded_cidrs: Vec<String>,
 }
 
+impl CidrListsSpec {
+    pub fn is_empty(&self) -> bool {
+        self.source_cidrs.is_empty()
+            && self.destination_cidrs.is_empty()
+            && self.excluded_cidrs.is_empty()
+    }
+}
+
 /// The body of `POST /v1/members` (`egressd member add NAME ADDRESS`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

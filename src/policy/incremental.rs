@@ -98,6 +98,29 @@ fn push_merged(out: &mut Vec<Row>, row: Row) {
     }
 }
 
+/// The parts of `[lo, hi]` outside `spans` (sorted, disjoint; those ending before `lo` already
+/// skipped), in order.
+fn outside((lo, hi): (u128, u128), spans: &[(u128, u128)]) -> Vec<(u128, u128)> {
+    let mut parts = Vec::new();
+    let mut from = Some(lo);
+    let mut spans = spans.iter();
+    while let Some(start) = from {
+        match spans.next() {
+            Some(&(a, b)) if a <= hi => {
+                if a > start {
+                    parts.push((start, a - 1));
+                }
+                from = if b >= hi { None } else { Some(b + 1) };
+            }
+            _ => {
+                parts.push((start, hi));
+                from = None;
+            }
+        }
+    }
+    parts
+}
+
 /// `old` without what lies inside `spans`, plus `fresh` (rows inside `spans`), sorted, with
 /// adjacent rows of equal outcome merged. One pass; rows move, outcomes are shared.
 fn splice(old: Vec<Row>, spans: &[(u128, u128)], fresh: Vec<Row>) -> Vec<Row> {
@@ -114,25 +137,7 @@ fn splice(old: Vec<Row>, spans: &[(u128, u128)], fresh: Vec<Row>) -> Vec<Row> {
         while k < spans.len() && spans[k].1 < lo {
             k += 1;
         }
-        // The parts of [lo, hi] outside the spans.
-        let mut parts: Vec<(u128, u128)> = Vec::new();
-        let mut from = Some(lo);
-        let mut j = k;
-        while let Some(start) = from {
-            match spans.get(j) {
-                Some(&(a, b)) if a <= hi => {
-                    if a > start {
-                        parts.push((start, a - 1));
-                    }
-                    from = if b >= hi { None } else { Some(b + 1) };
-                    j += 1;
-                }
-                _ => {
-                    parts.push((start, hi));
-                    from = None;
-                }
-            }
-        }
+        let parts = outside((lo, hi), &spans[k..]);
         let last = parts.len().saturating_sub(1);
         let mut outcome = Some(outcome);
         for (n, range) in parts.into_iter().enumerate() {
@@ -271,23 +276,7 @@ fn updated_destinations(
         while k < spans.len() && spans[k].1 < p.lo {
             k += 1;
         }
-        let mut from = Some(p.lo);
-        let mut j = k;
-        while let Some(start) = from {
-            let (lo, hi) = match spans.get(j) {
-                Some(&(a, b)) if a <= p.hi => {
-                    from = if b >= p.hi { None } else { Some(b + 1) };
-                    j += 1;
-                    if a <= start {
-                        continue;
-                    }
-                    (start, a - 1)
-                }
-                _ => {
-                    from = None;
-                    (start, p.hi)
-                }
-            };
+        for (lo, hi) in outside((p.lo, p.hi), &spans[k..]) {
             while let Some(f) = fresh.next_if(|f| f.lo < lo) {
                 push(&mut out, f);
             }
