@@ -47,6 +47,7 @@ use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
     VoteRequest, VoteResponse,
 };
+use openraft::{LogId, Vote};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::sync::Semaphore;
@@ -84,6 +85,12 @@ pub const APPEND_BUDGET_BYTES: usize = 64 * 1024;
 /// (`ClusterNode::write`), and a single object larger than this is refused. A 500-policy part
 /// of the usual shape is about 25 KB; this leaves room for objects with long CIDR lists.
 pub const MAX_ENTRY_BYTES: usize = 1024 * 1024;
+/// How long a large append (one entry over [`APPEND_BUDGET_BYTES`]) may take to be answered.
+/// openraft gives every append one heartbeat interval and then sends it again; a follower
+/// that needs longer to take a large entry (a loaded machine, a slow disk) would be sent it
+/// again forever. The request goes on past that, and openraft's retry of the same append waits
+/// for its answer instead of sending the entry again (see `append_entries`).
+pub const LARGE_APPEND_TIMEOUT: Duration = Duration::from_secs(3);
 /// The snapshot chunk size openraft is configured with (`snapshot_max_chunk_size`).
 pub const SNAPSHOT_CHUNK_BYTES: usize = 256 * 1024;
 
@@ -696,6 +703,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
             member: node.clone(),
             campaigns: self.campaigns.clone(),
             acks: self.acks.clone(),
+            large: None,
         }
     }
 }
@@ -708,6 +716,50 @@ pub struct PeerConnection {
     member: Member,
     campaigns: Arc<CampaignWatch>,
     acks: Acks,
+    /// The large append still on its way, which a retry of the same append waits for.
+    large: Option<LargeAppend>,
+}
+
+type AppendResult =
+    Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, Member, RaftError<NodeId>>>;
+
+/// An append that openraft may send again: the same vote, position and entries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct AppendKey {
+    vote: Vote<NodeId>,
+    prev: Option<LogId<NodeId>>,
+    last: Option<LogId<NodeId>>,
+    entries: usize,
+}
+
+impl AppendKey {
+    fn of(rpc: &AppendEntriesRequest<TypeConfig>) -> Self {
+        AppendKey {
+            vote: rpc.vote,
+            prev: rpc.prev_log_id,
+            last: rpc.entries.last().map(|e| e.log_id),
+            entries: rpc.entries.len(),
+        }
+    }
+}
+
+#[derive(Debug)]
+struct LargeAppend {
+    key: AppendKey,
+    bytes: usize,
+    started: Instant,
+    /// How many times openraft sent this append again while it was on its way.
+    retries: u32,
+    task: tokio::task::JoinHandle<AppendResult>,
+}
+
+impl Drop for PeerConnection {
+    fn drop(&mut self) {
+        // The replication stream is over (this node no longer leads, or the peer left).
+        if let Some(l) = self.large.take() {
+            l.task.abort();
+        }
+    }
 }
 
 impl PeerConnection {
@@ -734,6 +786,37 @@ impl PeerConnection {
         self.call_encoded(path, body, option).await
     }
 
+    /// Waits for a large append to be answered. When openraft stops waiting first (after a
+    /// heartbeat interval), the append stays here, still on its way, for openraft's retry.
+    async fn await_large(&mut self, large: LargeAppend) -> AppendResult {
+        let large = self.large.insert(large);
+        let res = (&mut large.task).await;
+        let (bytes, took, retries) = (large.bytes, large.started.elapsed(), large.retries);
+        self.large = None;
+        if retries > 0 {
+            tracing::info!(
+                peer = %self.member.name,
+                bytes,
+                took_ms = took.as_millis() as u64,
+                retries,
+                ok = matches!(res, Ok(Ok(_))),
+                "a large log entry took longer than a heartbeat interval to reach a follower; \
+                 openraft's retries waited for it instead of sending it again"
+            );
+        }
+        match res {
+            Ok(answer) => answer,
+            Err(e) => Err(RPCError::Network(NetworkError::new(&PeerError {
+                member: self.member.clone(),
+                source: TransportError::Request {
+                    addr: self.member.addr.clone(),
+                    path: APPEND_PATH.to_owned(),
+                    detail: format!("the sending task ended: {e}"),
+                },
+            }))),
+        }
+    }
+
     async fn call_encoded<Resp, E>(
         &self,
         path: &str,
@@ -746,38 +829,75 @@ impl PeerConnection {
     {
         // soft_ttl: answer before openraft cancels the call at hard_ttl, so that the error is
         // ours (and classified) rather than a bare cancellation.
-        let res: Result<Resp, RaftError<NodeId, E>> = self
-            .client
-            .post_encoded(
-                &self.member.name,
-                &self.member.addr,
-                path,
-                body,
-                option.soft_ttl(),
-            )
-            .await
-            .map_err(|e| {
-                let e = PeerError {
-                    member: self.member.clone(),
-                    source: e,
-                };
-                if e.source.is_unreachable() {
-                    RPCError::Unreachable(Unreachable::new(&e))
-                } else {
-                    // Includes a request timeout on an established connection: the peer is alive
-                    // but slow. Backing off (Unreachable) would stop heartbeats to it for longer
-                    // than the election timeout; openraft treats its own timeouts the same way.
-                    RPCError::Network(NetworkError::new(&e))
-                }
-            })?;
-        res.map_err(|e| {
-            RPCError::RemoteError(RemoteError::new_with_node(
-                self.target,
-                self.member.clone(),
-                e,
-            ))
-        })
+        post_to_peer(
+            &self.client,
+            &self.member,
+            self.target,
+            path,
+            body,
+            option.soft_ttl(),
+        )
+        .await
     }
+}
+
+async fn post_to_peer<Resp, E>(
+    client: &PeerClient,
+    member: &Member,
+    target: NodeId,
+    path: &str,
+    body: Vec<u8>,
+    timeout: Duration,
+) -> Result<Resp, RPCError<NodeId, Member, RaftError<NodeId, E>>>
+where
+    Resp: DeserializeOwned + Send + 'static,
+    E: StdError + DeserializeOwned + Send + 'static,
+{
+    let res: Result<Resp, RaftError<NodeId, E>> = client
+        .post_encoded(&member.name, &member.addr, path, body, timeout)
+        .await
+        .map_err(|e| {
+            let e = PeerError {
+                member: member.clone(),
+                source: e,
+            };
+            if e.source.is_unreachable() {
+                RPCError::Unreachable(Unreachable::new(&e))
+            } else {
+                // Includes a request timeout on an established connection: the peer is alive
+                // but slow. Backing off (Unreachable) would stop heartbeats to it for longer
+                // than the election timeout; openraft treats its own timeouts the same way.
+                RPCError::Network(NetworkError::new(&e))
+            }
+        })?;
+    res.map_err(|e| RPCError::RemoteError(RemoteError::new_with_node(target, member.clone(), e)))
+}
+
+/// Sends an encoded append and records the answer of a follower that took this node's vote.
+async fn send_append(
+    client: PeerClient,
+    member: Member,
+    target: NodeId,
+    acks: Acks,
+    vote: Vote<NodeId>,
+    body: Vec<u8>,
+    timeout: Duration,
+) -> AppendResult {
+    // Read before anything is sent: the follower's answer proves the leadership no earlier
+    // than this.
+    let sent = crate::clock::now();
+    let resp: AppendEntriesResponse<NodeId> =
+        post_to_peer(&client, &member, target, APPEND_PATH, body, timeout).await?;
+    // Every answer but a higher vote means the follower took this vote as its own (a log
+    // conflict is found after that): it votes for no later term before it answered.
+    if vote.is_committed() && !matches!(resp, AppendEntriesResponse::HigherVote(_)) {
+        acks.lock().unwrap_or_else(PoisonError::into_inner).ack(
+            vote.leader_id().get_term(),
+            target,
+            sent,
+        );
+    }
+    Ok(resp)
 }
 
 /// A transport error with the peer's name, for openraft's logs.
@@ -794,9 +914,17 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, Member, RaftError<NodeId>>> {
-        // Read before anything is sent: the follower's answer proves the leadership no earlier
-        // than this.
-        let sent = crate::clock::now();
+        let key = AppendKey::of(&rpc);
+        match self.large.take() {
+            Some(mut large) if large.key == key => {
+                large.retries += 1;
+                return self.await_large(large).await;
+            }
+            // Another term: nobody will wait for the old append.
+            Some(large) if large.key.vote != key.vote => large.task.abort(),
+            // A heartbeat between openraft's retries of a large append goes beside it.
+            other => self.large = other,
+        }
         // openraft waits one heartbeat interval for an append: one that carries much must be
         // cut into smaller ones, or it would time out and be sent again forever.
         let entries = rpc.entries.len() as u64;
@@ -815,17 +943,36 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
                 PayloadTooLarge::new_entries_hint(hint),
             ));
         }
-        let resp: AppendEntriesResponse<NodeId> =
-            self.call_encoded(APPEND_PATH, body, &option).await?;
-        // Every answer but a higher vote means the follower took this vote as its own (a log
-        // conflict is found after that): it votes for no later term before it answered.
-        if rpc.vote.is_committed() && !matches!(resp, AppendEntriesResponse::HigherVote(_)) {
-            self.acks
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .ack(rpc.vote.leader_id().get_term(), self.target, sent);
+        let large = body.len() > APPEND_BUDGET_BYTES;
+        let bytes = body.len();
+        let send = send_append(
+            self.client.clone(),
+            self.member.clone(),
+            self.target,
+            self.acks.clone(),
+            rpc.vote,
+            body,
+            if large {
+                LARGE_APPEND_TIMEOUT
+            } else {
+                option.soft_ttl()
+            },
+        );
+        if !large {
+            return send.await;
         }
-        Ok(resp)
+        // One large append on its way at a time: openraft moved on from the old one.
+        if let Some(old) = self.large.take() {
+            old.task.abort();
+        }
+        let large = LargeAppend {
+            key,
+            bytes,
+            started: Instant::now(),
+            retries: 0,
+            task: tokio::spawn(send),
+        };
+        self.await_large(large).await
     }
 
     async fn install_snapshot(
@@ -1119,6 +1266,118 @@ mod tests {
             "empty append round trip on loopback over mutual TLS: median {:?}, p99 {:?}",
             lat[100], lat[198]
         );
+    }
+
+    /// A follower that needs longer than a heartbeat interval to take a large entry gets it
+    /// once, and openraft's retries (each given one heartbeat interval, then cancelled) wait for
+    /// that one request instead of sending the entry again, until it is answered. Before, every
+    /// retry sent the entry anew and was cancelled in turn: the entry never committed.
+    #[tokio::test]
+    async fn a_slow_follower_gets_a_large_entry_once_and_retries_wait_for_it() {
+        use crate::cluster::Command;
+        use crate::cluster::codec::Versioned;
+        use openraft::{Entry, EntryPayload, Vote};
+
+        let pki = TestPki::new();
+        let calls = Arc::new(AtomicUsize::new(0));
+        let counted = calls.clone();
+        let slow = Router::new().route(
+            APPEND_PATH,
+            limit_body(
+                post(move |Msg(req): Msg<AppendEntriesRequest<TypeConfig>>| {
+                    let calls = counted.clone();
+                    async move {
+                        // Heartbeats are answered at once, entries take long.
+                        if !req.entries.is_empty() {
+                            calls.fetch_add(1, Ordering::SeqCst);
+                            tokio::time::sleep(Duration::from_millis(300)).await;
+                        }
+                        let r: Result<AppendEntriesResponse<NodeId>, RaftError<NodeId>> =
+                            Ok(AppendEntriesResponse::Success);
+                        Msg(r)
+                    }
+                }),
+                RouteLimits::APPEND,
+            ),
+        );
+        let addr = serve_as(&pki, "gw2", Some(A), &["gw1"], slow).await;
+        let mut net = Network::new(
+            client_as(&pki, "gw1", Some(A)),
+            Default::default(),
+            Default::default(),
+        );
+        let member = Member {
+            name: "gw2".into(),
+            addr: addr.to_string(),
+        };
+        let mut conn = net.new_client(7, &member).await;
+        let leader = openraft::CommittedLeaderId::new(3, 1);
+        let policy = crate::model::Policy {
+            name: "big".into(),
+            egress_gateway_name: "vip".into(),
+            source_cidrs: vec!["10.0.0.0/8".parse().unwrap()],
+            destination_cidrs: (0..20_000u32)
+                .map(|i| format!("100.{}.{}.0/24", i >> 8, i & 255).parse().unwrap())
+                .collect(),
+            excluded_cidrs: vec![],
+        };
+        let append = |index: u64| AppendEntriesRequest::<TypeConfig> {
+            vote: Vote::new_committed(3, 1),
+            prev_log_id: Some(openraft::LogId::new(leader, index - 1)),
+            leader_commit: None,
+            entries: vec![Entry {
+                log_id: openraft::LogId::new(leader, index),
+                payload: EntryPayload::Normal(Versioned(Command::Apply {
+                    gateways: vec![],
+                    policies: vec![policy.clone()],
+                })),
+            }],
+        };
+        assert!(
+            crate::cluster::codec::to_wire(&append(10)).unwrap().len() > APPEND_BUDGET_BYTES,
+            "the entry is a large one"
+        );
+        // As openraft's replication does: one heartbeat interval per attempt, then again, with
+        // heartbeats (empty appends) in between.
+        let heartbeat = Duration::from_millis(50);
+        let empty = AppendEntriesRequest::<TypeConfig> {
+            vote: Vote::new_committed(3, 1),
+            prev_log_id: Some(openraft::LogId::new(leader, 9)),
+            leader_commit: None,
+            entries: vec![],
+        };
+        let mut attempts = 0;
+        let answer = loop {
+            attempts += 1;
+            assert!(attempts <= 100, "never answered");
+            let call = conn.append_entries(append(10), RPCOption::new(heartbeat));
+            if let Ok(r) = tokio::time::timeout(heartbeat, call).await {
+                break r;
+            }
+            let beat = conn
+                .append_entries(empty.clone(), RPCOption::new(heartbeat))
+                .await;
+            assert!(
+                matches!(beat, Ok(AppendEntriesResponse::Success)),
+                "a heartbeat beside the large append: {beat:?}"
+            );
+        };
+        assert!(
+            matches!(answer, Ok(AppendEntriesResponse::Success)),
+            "{answer:?}"
+        );
+        assert!(attempts > 1, "the follower took longer than one attempt");
+        assert_eq!(calls.load(Ordering::SeqCst), 1, "the entry was sent once");
+
+        // The next append is another one: sent, not joined to the one answered.
+        let answer = conn
+            .append_entries(append(11), RPCOption::new(Duration::from_secs(2)))
+            .await;
+        assert!(
+            matches!(answer, Ok(AppendEntriesResponse::Success)),
+            "{answer:?}"
+        );
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
     }
 
     /// The body limits hold the largest legitimate payloads: an entry of the largest size a
