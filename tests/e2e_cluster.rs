@@ -630,6 +630,51 @@ fn a_member_down_across_a_leader_change_does_not_hold_up_newer_commands() {
     });
 }
 
+/// A write that a follower takes just after the leader died is not refused: the dead leader
+/// never took it, so the follower sends it to the next leader once there is one (within the
+/// write timeout), and the caller sees one success.
+#[test]
+fn a_write_as_the_leader_dies_goes_to_the_next_leader() {
+    if !require_root("a_write_as_the_leader_dies_goes_to_the_next_leader") {
+        return;
+    }
+    let (token, extra) = admin_token("e2e-admin-token-0123456789");
+    let mut c = Cluster::start_with("wrdie", 3, &extra);
+    let old = c.leader();
+    let via = (0..3).find(|&i| name(i) != old).expect("a follower");
+    c.signal(&old, "KILL");
+    // Well within the election timeout: the follower still names the dead node its leader.
+    let token = token.path().display().to_string();
+    let out = c.topo.cli(
+        via,
+        &[
+            "node",
+            "label",
+            &name(via),
+            "e2e=after",
+            "--token-file",
+            &token,
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "a write as the leader died was refused: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        c.logs()
+    );
+    let now = c.leader();
+    assert_ne!(now, old, "a new leader");
+    wait_for("the label committed on both live nodes", WAIT, || {
+        c.live().all(|j| {
+            c.topo.status(j).is_some_and(|s| {
+                s["members"]
+                    .as_array()
+                    .is_some_and(|m| m.iter().any(|m| m["labels"]["e2e"] == "after"))
+            })
+        })
+    });
+}
+
 #[test]
 fn maintenance_through_the_cli() {
     if !require_root("maintenance_through_the_cli") {

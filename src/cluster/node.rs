@@ -57,6 +57,13 @@ const COMPACT_RETRY: Duration = Duration::from_secs(10);
 const CAMPAIGN_SLACK: Duration = Duration::from_millis(10);
 /// How long a write (admin mutation, reload, seed) waits to be committed.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Why one attempt of a write failed: the leader it went to no longer leads (try the next
+/// one), or anything else.
+enum Attempt {
+    NotLeader(anyhow::Error),
+    Failed(anyhow::Error),
+}
 /// Objects per log entry of a large change (~25 KB encoded): small enough for a follower to
 /// receive, decode and persist within one heartbeat.
 pub const OBJECTS_PER_ENTRY: usize = 500;
@@ -496,32 +503,87 @@ impl ClusterNode {
         self.write_one(Command::Commit { txn, parts: n }).await
     }
 
+    /// Commits one entry through the leader. A change of leader between finding it and its
+    /// taking the command is retried with the new one until [`WRITE_TIMEOUT`]: openraft refuses
+    /// (ForwardToLeader) before appending, so the command was not written.
     async fn write_one(&self, cmd: Command) -> anyhow::Result<CommandResponse> {
-        let (leader, member) = self.leader().context("no leader known")?;
+        let deadline = Instant::now() + WRITE_TIMEOUT;
+        loop {
+            let e = match self.write_once(cmd.clone(), deadline).await {
+                Ok(r) => return Ok(r),
+                Err(Attempt::Failed(e)) => return Err(e),
+                Err(Attempt::NotLeader(e)) => e,
+            };
+            if Instant::now() >= deadline {
+                return Err(e.context(format!(
+                    "no leader took the command within {} s",
+                    WRITE_TIMEOUT.as_secs()
+                )));
+            }
+            info!(
+                error = format!("{e:#}"),
+                "the leader changed while committing a write: trying the next one"
+            );
+            tokio::time::sleep(Duration::from_millis(self.timing.heartbeat_ms)).await;
+        }
+    }
+
+    async fn write_once(
+        &self,
+        cmd: Command,
+        deadline: Instant,
+    ) -> Result<CommandResponse, Attempt> {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let Some((leader, member)) = self.leader() else {
+            return Err(Attempt::NotLeader(anyhow::anyhow!("no leader known")));
+        };
         if leader == self.id {
             // Without a quorum a write never commits: give up like a forwarded write does, so
             // that a caller in the agent loop (a reload) cannot stall it.
-            return tokio::time::timeout(WRITE_TIMEOUT, self.propose(cmd))
-                .await
-                .map_err(|_| {
-                    anyhow::anyhow!(
-                        "not committed within {} s (no quorum?)",
-                        WRITE_TIMEOUT.as_secs()
-                    )
-                })?
-                .map_err(|e| anyhow::anyhow!("committing: {e}"));
+            return match tokio::time::timeout(left, self.propose(cmd)).await {
+                Err(_) => Err(Attempt::Failed(anyhow::anyhow!(
+                    "not committed within {} s (no quorum?)",
+                    WRITE_TIMEOUT.as_secs()
+                ))),
+                Ok(Ok(r)) => Ok(r),
+                Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => {
+                    Err(Attempt::NotLeader(anyhow::anyhow!(
+                        "this node stopped leading (now: {})",
+                        f.leader_node.map_or("unknown".into(), |m| m.name)
+                    )))
+                }
+                Ok(Err(e)) => Err(Attempt::Failed(anyhow::anyhow!("committing: {e}"))),
+            };
         }
-        let resp: CommandResponse = self
+        let sent = self
             .client
             .post(
                 &member.name,
                 &member.addr,
                 transport::WRITE_PATH,
                 &cmd,
-                WRITE_TIMEOUT,
+                left,
             )
-            .await
-            .with_context(|| format!("forwarding the write to leader {}", member.name))?;
+            .await;
+        let resp: CommandResponse = match sent {
+            Ok(r) => r,
+            Err(e) => {
+                // Not taken: the node no longer leads (421), or it was never reached (a leader
+                // that just died). Either way the command was not written, and can go again.
+                let again = matches!(
+                    e,
+                    transport::TransportError::Status { status: 421, .. }
+                        | transport::TransportError::Connect { .. }
+                );
+                let e = anyhow::Error::new(e)
+                    .context(format!("forwarding the write to leader {}", member.name));
+                return Err(if again {
+                    Attempt::NotLeader(e)
+                } else {
+                    Attempt::Failed(e)
+                });
+            }
+        };
         if resp.refused.is_some() {
             return Ok(resp);
         }
@@ -536,8 +598,9 @@ impl ClusterNode {
                     resp.index,
                     WRITE_TIMEOUT.as_secs()
                 )
-            })?
-            .context("the state machine stopped")?;
+            })
+            .and_then(|r| r.map(|_| ()).context("the state machine stopped"))
+            .map_err(Attempt::Failed)?;
         Ok(resp)
     }
 
