@@ -395,6 +395,7 @@ async fn mutate(state: AdminState, name: &str, cmd: Command) -> Response {
 /// Commits `cmd` through the leader; answers once it is committed, or why it was not.
 async fn commit(state: &AdminState, cmd: Command) -> Response {
     let node = state.node.clone();
+    let started = std::time::Instant::now();
     let written = match on_main(state, async move { node.write(cmd).await }).await {
         Ok(w) => w,
         Err(resp) => return resp,
@@ -408,7 +409,12 @@ async fn commit(state: &AdminState, cmd: Command) -> Response {
             None => {
                 // What changed is the event line every node logs as it applies the command;
                 // formatting the command here would copy a whole apply into the log.
-                info!(changed = r.changed, "admin change committed");
+                info!(
+                    changed = r.changed,
+                    index = r.index,
+                    took_ms = started.elapsed().as_secs_f64() * 1e3,
+                    "admin change committed"
+                );
                 Json(Committed {
                     changed: r.changed,
                     note: None,
