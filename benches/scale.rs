@@ -181,11 +181,10 @@ fn change_to_live(c: &Cluster, token: &std::path::Path, args: &[&str]) -> f64 {
     let seen = c.topo.log(0).matches("SNAT map updated").count();
     let t0 = day_time(unix_now());
     let out = cli_with_token(c, li, args, token);
-    assert!(
-        out.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    if !out.status.success() {
+        keep_logs(c, "failed");
+        panic!("{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
     wait_for("the change live on the active node", LONG, || {
         c.topo.log(0).matches("SNAT map updated").count() > seen
     });
