@@ -888,45 +888,10 @@ impl ClusterState {
             Command::SeedObjects { .. }
             | Command::FileObjects { .. }
             | Command::Apply { .. }
-            | Command::KubeObjects { .. } => {
-                let before = self.clone();
-                let mut counts = Counts::default();
-                let mut touched = Touched::default();
-                let digest_changed = self.change_objects(cmd, &mut counts, &mut touched);
-                if let Err(why) = self.check_rules(&touched) {
-                    *self = before;
-                    return refuse(why);
-                }
-                let what = match cmd {
-                    Command::SeedObjects { .. } => "seeded from a file",
-                    Command::FileObjects { .. } => "configuration file reloaded",
-                    Command::KubeObjects { .. } => "imported from Kubernetes",
-                    _ => "applied",
-                };
-                let changed = counts.any() || digest_changed;
-                let events = if counts.any() {
-                    vec![EventDraft {
-                        kind: EventKind::Config,
-                        node: None,
-                        gateway: None,
-                        message: format!(
-                            "{what}: gateways +{} -{} ~{}, policies +{} -{} ~{} (now {} gateways, \
-                             {} policies)",
-                            counts.added_g,
-                            counts.removed_g,
-                            counts.changed_g,
-                            counts.added_p,
-                            counts.removed_p,
-                            counts.changed_p,
-                            self.gateways.len(),
-                            self.policies.len()
-                        ),
-                    }]
-                } else {
-                    Vec::new()
-                };
-                ok(changed, events)
-            }
+            | Command::KubeObjects { .. } => match self.apply_objects(cmd, None) {
+                Ok((changed, events)) => ok(changed, events),
+                Err(why) => refuse(why),
+            },
             Command::PolicyCidrs { policy, .. } => refuse(format!(
                 "CIDRs of policy {policy}: only a part of a staged change, after the policy"
             )),
@@ -953,21 +918,86 @@ impl ClusterState {
                         ));
                     }
                 }
+                // Only the added CIDRs are new to the lists: removing keeps a list well-formed,
+                // and what is added is appended when not listed yet.
+                for (list, at) in [
+                    (&add.source_cidrs, "source_cidrs"),
+                    (&add.destination_cidrs, "destination_cidrs"),
+                    (&add.excluded_cidrs, "excluded_cidrs"),
+                ] {
+                    if let Some(bad) = crate::config::rules::cidrs(list.iter().enumerate(), at)
+                        .into_iter()
+                        .next()
+                    {
+                        return refuse(format!(
+                            "policy {policy}: added {}: {}",
+                            bad.key, bad.message
+                        ));
+                    }
+                }
                 // From here on it is an `apply` of the edited policy: the same ownership, rules
-                // and event.
-                self.apply_described(
-                    &Command::Apply {
-                        gateways: Vec::new(),
-                        policies: vec![new],
-                    },
-                    index,
-                )
+                // (but the whole lists' checks) and event.
+                let cmd = Command::Apply {
+                    gateways: Vec::new(),
+                    policies: vec![new],
+                };
+                match self.apply_objects(&cmd, Some(policy)) {
+                    Ok((changed, events)) => ok(changed, events),
+                    Err(why) => refuse(why),
+                }
             }
             _ => {
                 let events = self.apply_small(cmd);
                 ok(!events.is_empty(), events)
             }
         }
+    }
+
+    /// Applies an object change whose rules hold (or changes nothing and says why not): whether
+    /// anything changed, and the event. `lists_checked` names a policy whose CIDR lists are known
+    /// to be well-formed (see `rules::objects_with`).
+    fn apply_objects(
+        &mut self,
+        cmd: &Command,
+        lists_checked: Option<&str>,
+    ) -> Result<(bool, Vec<EventDraft>), String> {
+        let before = self.clone();
+        let mut counts = Counts::default();
+        let mut touched = Touched::default();
+        let digest_changed = self.change_objects(cmd, &mut counts, &mut touched);
+        if let Err(why) = self.check_rules(&touched, lists_checked) {
+            *self = before;
+            return Err(why);
+        }
+        let what = match cmd {
+            Command::SeedObjects { .. } => "seeded from a file",
+            Command::FileObjects { .. } => "configuration file reloaded",
+            Command::KubeObjects { .. } => "imported from Kubernetes",
+            _ => "applied",
+        };
+        let changed = counts.any() || digest_changed;
+        let events = if counts.any() {
+            vec![EventDraft {
+                kind: EventKind::Config,
+                node: None,
+                gateway: None,
+                message: format!(
+                    "{what}: gateways +{} -{} ~{}, policies +{} -{} ~{} (now {} gateways, \
+                     {} policies)",
+                    counts.added_g,
+                    counts.removed_g,
+                    counts.changed_g,
+                    counts.added_p,
+                    counts.removed_p,
+                    counts.changed_p,
+                    self.gateways.len(),
+                    self.policies.len()
+                ),
+            }]
+        } else {
+            Vec::new()
+        };
+        Ok((changed, events))
     }
 
     /// Applies an object change without checking it; returns whether a file digest changed.
@@ -1513,7 +1543,7 @@ impl ClusterState {
     /// touched policy with its gateway, every gateway against the others (there are few), the
     /// policies of a gateway whose address family or mode changed, and no policy left naming a
     /// removed gateway.
-    fn check_rules(&self, touched: &Touched) -> Result<(), String> {
+    fn check_rules(&self, touched: &Touched, lists_checked: Option<&str>) -> Result<(), String> {
         let mut errors: Vec<String> = Vec::new();
         const SHOWN: usize = 10;
         let mut more = 0usize;
@@ -1562,7 +1592,8 @@ impl ClusterState {
                 .into_iter()
                 .collect();
             let list = [(**p).clone()];
-            for e in crate::config::check_objects(&gw, &list) {
+            let checked = lists_checked == Some(p.name.as_str());
+            for e in crate::config::check_objects_with(&gw, &list, checked) {
                 push(
                     &mut errors,
                     format!("{}: {}", name_key(&e.key, &gw, &list), e.message),
@@ -2073,7 +2104,8 @@ pub(crate) mod tests {
             assert_eq!(s, before);
         }
         // Refused whole: an empty required list, a policy that does not exist, one Kubernetes
-        // owns.
+        // owns, an added CIDR with host bits (only the added ones are checked as CIDRs), and
+        // one the rest of the rules refuse (an IPv6 destination for IPv4 sources).
         let mut missing = edit(&["203.0.113.0/24"], &[]);
         if let Command::EditPolicyCidrs { policy, .. } = &mut missing {
             *policy = "nope".into();
@@ -2088,6 +2120,12 @@ pub(crate) mod tests {
             ),
             (s.clone(), missing, "no policy named"),
             (owned, edit(&["10.9.0.0/16"], &[]), "owned by Kubernetes"),
+            (
+                s.clone(),
+                edit(&["203.0.113.1/24"], &[]),
+                "added destination_cidrs[0]: 203.0.113.1/24 has host bits set",
+            ),
+            (s.clone(), edit(&["2001:db8::/32"], &[]), "matches nothing"),
         ] {
             let mut st = st;
             let before = st.clone();

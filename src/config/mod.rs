@@ -520,7 +520,17 @@ pub fn parse_member_add(body: &[u8], source_name: &str) -> Result<schema::Member
 /// set in the state machine, the merge of several sources): each object and the rules between
 /// them ([`rules::objects`]). Key paths use the slice indices; `file` is empty.
 pub fn check_objects(gateways: &[Gateway], policies: &[Policy]) -> Vec<ConfigError> {
-    rules::objects(gateways, policies)
+    check_objects_with(gateways, policies, false)
+}
+
+/// [`check_objects`] with the policies' CIDR lists known to be well-formed (see
+/// `rules::objects_with`).
+pub fn check_objects_with(
+    gateways: &[Gateway],
+    policies: &[Policy],
+    lists_checked: bool,
+) -> Vec<ConfigError> {
+    rules::objects_with(gateways, policies, lists_checked)
         .into_iter()
         .map(|i| ConfigError {
             file: String::new(),
