@@ -621,7 +621,16 @@ impl ClusterNode {
                 ..Default::default()
             });
         }
-        Ok(self.raft.client_write(Versioned(cmd)).await?.data)
+        let started = Instant::now();
+        let kind = cmd.kind();
+        let r = self.raft.client_write(Versioned(cmd)).await?.data;
+        debug!(
+            command = kind,
+            index = r.index,
+            took_ms = started.elapsed().as_secs_f64() * 1e3,
+            "committed and applied on the leader"
+        );
+        Ok(r)
     }
 
     /// A command of format N is proposed only once every member's latest report to this leader

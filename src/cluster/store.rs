@@ -307,6 +307,13 @@ fn commit(
     let waited = started.elapsed();
     txn.commit()?;
     let took = started.elapsed();
+    tracing::debug!(
+        write = what,
+        bytes,
+        waited_for_writer_ms = waited.as_secs_f64() * 1e3,
+        took_ms = took.as_secs_f64() * 1e3,
+        "store write"
+    );
     if took >= SLOW_WRITE {
         tracing::warn!(
             write = what,
@@ -731,7 +738,14 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                             cmd,
                             Command::Commit { .. } | Command::EditPolicyCidrs { .. }
                         );
+                    let started = Instant::now();
                     let (mut resp, events) = if heavy { crate::heavy(apply) } else { apply() };
+                    tracing::debug!(
+                        index,
+                        command = cmd.kind(),
+                        took_ms = started.elapsed().as_secs_f64() * 1e3,
+                        "applied"
+                    );
                     for e in events {
                         self.inner.events.push(e, Some(entry.log_id.index));
                     }
