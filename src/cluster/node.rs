@@ -64,6 +64,7 @@ enum Attempt {
     NotLeader(anyhow::Error),
     Failed(anyhow::Error),
 }
+
 /// Objects per log entry of a large change (~25 KB encoded): small enough for a follower to
 /// receive, decode and persist within one heartbeat.
 pub const OBJECTS_PER_ENTRY: usize = 500;

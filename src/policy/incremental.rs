@@ -19,7 +19,7 @@ use imbl::ordmap::DiffItem;
 
 use super::{
     Family, Piece, Row, SnatElement, SnatMap, compile_family, effective_destinations, flatten,
-    flatten_v4, flatten_v6,
+    flatten_v4, flatten_v6, middle,
 };
 use crate::model::Policy;
 use ipnet::IpNet;
@@ -208,17 +208,6 @@ fn updated_destinations(
     old: &Arc<Vec<Piece>>,
     fam: Family,
 ) -> Option<Arc<Vec<Piece>>> {
-    fn middle<'a>(a: &'a [IpNet], b: &'a [IpNet]) -> (&'a [IpNet], &'a [IpNet]) {
-        let head = a.iter().zip(b).take_while(|(x, y)| x == y).count();
-        let (a, b) = (&a[head..], &b[head..]);
-        let tail = a
-            .iter()
-            .rev()
-            .zip(b.iter().rev())
-            .take_while(|(x, y)| x == y)
-            .count();
-        (&a[..a.len() - tail], &b[..b.len() - tail])
-    }
     let (d0, d1) = middle(&before.destination_cidrs, &after.destination_cidrs);
     let (e0, e1) = middle(&before.excluded_cidrs, &after.excluded_cidrs);
     if d0.len() + d1.len() + e0.len() + e1.len() > FEW_CHANGED {

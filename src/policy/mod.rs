@@ -157,20 +157,25 @@ fn sorted<A: Ord + Copy>(v: &[SnatElement<A>]) -> std::borrow::Cow<'_, [SnatElem
     }
 }
 
+/// What lies between the common beginning and the common end of `a` and `b`.
+fn middle<'a, T: PartialEq>(a: &'a [T], b: &'a [T]) -> (&'a [T], &'a [T]) {
+    let head = a.iter().zip(b).take_while(|(x, y)| x == y).count();
+    let (a, b) = (&a[head..], &b[head..]);
+    let tail = a
+        .iter()
+        .rev()
+        .zip(b.iter().rev())
+        .take_while(|(x, y)| x == y)
+        .count();
+    (&a[..a.len() - tail], &b[..b.len() - tail])
+}
+
 /// Merge walk over the two sorted element lists: linear, no hashing. The common beginning and
 /// end are left out first: no list holds an element twice, so none of theirs is in the other
 /// list's middle, and a one-CIDR change of a 300 000-element map compares equal elements up to
 /// the change instead of ordering all of them.
 fn diff_family<A: Ord + Copy>(old: &[SnatElement<A>], new: &[SnatElement<A>]) -> FamilyDiff<A> {
-    let head = old.iter().zip(new).take_while(|(a, b)| a == b).count();
-    let (old, new) = (&old[head..], &new[head..]);
-    let tail = old
-        .iter()
-        .rev()
-        .zip(new.iter().rev())
-        .take_while(|(a, b)| a == b)
-        .count();
-    let (old, new) = (&old[..old.len() - tail], &new[..new.len() - tail]);
+    let (old, new) = middle(old, new);
     let (old, new) = (sorted(old), sorted(new));
     let mut d = FamilyDiff::default();
     let (mut i, mut j) = (0, 0);
