@@ -940,17 +940,12 @@ async fn policy_command(
         destination_cidrs: args.destinations,
         excluded_cidrs: args.excluded,
     };
-    let edit = if adding {
-        config::schema::CidrEdit {
-            add: lists,
-            ..Default::default()
-        }
+    let (add, remove) = if adding {
+        (lists, Default::default())
     } else {
-        config::schema::CidrEdit {
-            remove: lists,
-            ..Default::default()
-        }
+        (Default::default(), lists)
     };
+    let edit = config::schema::CidrEdit { add, remove };
     let token = read_token(target, token_file)?;
     let json = serde_json::to_vec(&edit).context("encoding the request")?;
     let resp = target

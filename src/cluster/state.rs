@@ -366,6 +366,15 @@ pub struct CidrLists {
 }
 
 impl CidrLists {
+    /// The three lists with their keys, in the order of a policy's fields.
+    pub fn named(&self) -> [(&'static str, &[IpNet]); 3] {
+        [
+            ("source_cidrs", &self.source_cidrs),
+            ("destination_cidrs", &self.destination_cidrs),
+            ("excluded_cidrs", &self.excluded_cidrs),
+        ]
+    }
+
     /// `policy`'s lists with `remove`'s CIDRs taken out and then `add`'s appended (those not
     /// listed yet), in order.
     pub fn edit(policy: &Policy, add: &CidrLists, remove: &CidrLists) -> Policy {
@@ -920,11 +929,7 @@ impl ClusterState {
                 }
                 // Only the added CIDRs are new to the lists: removing keeps a list well-formed,
                 // and what is added is appended when not listed yet.
-                for (list, at) in [
-                    (&add.source_cidrs, "source_cidrs"),
-                    (&add.destination_cidrs, "destination_cidrs"),
-                    (&add.excluded_cidrs, "excluded_cidrs"),
-                ] {
+                for (at, list) in add.named() {
                     if let Some(bad) = crate::config::rules::cidrs(list.iter().enumerate(), at)
                         .into_iter()
                         .next()

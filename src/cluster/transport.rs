@@ -723,13 +723,13 @@ pub struct PeerConnection {
 type AppendResult =
     Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, Member, RaftError<NodeId>>>;
 
-/// An append that openraft may send again: the same vote, position and entries.
+/// An append that openraft may send again: the same vote, position and entries (a log's
+/// entries are consecutive, so the first and last id say which).
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct AppendKey {
     vote: Vote<NodeId>,
     prev: Option<LogId<NodeId>>,
     last: Option<LogId<NodeId>>,
-    entries: usize,
 }
 
 impl AppendKey {
@@ -738,7 +738,6 @@ impl AppendKey {
             vote: rpc.vote,
             prev: rpc.prev_log_id,
             last: rpc.entries.last().map(|e| e.log_id),
-            entries: rpc.entries.len(),
         }
     }
 }

@@ -354,19 +354,7 @@ pub(super) fn parse_cidr_edit(
         .as_ref()
         .map(|e| (lists(&e.add, "add"), lists(&e.remove, "remove")));
     if let Some((add, remove)) = &parsed {
-        for (a, r, key) in [
-            (&add.source_cidrs, &remove.source_cidrs, "source_cidrs"),
-            (
-                &add.destination_cidrs,
-                &remove.destination_cidrs,
-                "destination_cidrs",
-            ),
-            (
-                &add.excluded_cidrs,
-                &remove.excluded_cidrs,
-                "excluded_cidrs",
-            ),
-        ] {
+        for ((key, a), (_, r)) in add.named().into_iter().zip(remove.named()) {
             let removed: BTreeSet<&IpNet> = r.iter().collect();
             for (j, net) in a.iter().enumerate() {
                 if removed.contains(net) {

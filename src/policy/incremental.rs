@@ -84,17 +84,58 @@ fn union(mut ranges: Vec<(u128, u128)>) -> Vec<(u128, u128)> {
     out
 }
 
-/// Pushes `row`, merged into the last one when adjacent with an equal outcome.
-fn push_merged(out: &mut Vec<Row>, row: Row) {
-    let ((lo, hi), outcome) = row;
-    match out.last_mut() {
-        Some(((_, prev_hi), prev))
-            if prev_hi.checked_add(1) == Some(lo)
-                && (Arc::ptr_eq(prev, &outcome) || **prev == *outcome) =>
-        {
-            *prev_hi = hi;
+/// A value over a range of positions, as `splice` moves it: a compiled row (a source range
+/// and its outcome) or a piece of a policy's destinations (a range and its prefix length).
+trait Ranged: Sized {
+    fn range(&self) -> (u128, u128);
+    /// The same value over `range` (a part of its own).
+    fn over(&self, range: (u128, u128)) -> Self;
+    /// Extends `self` over `next` when `next` starts right after it with an equal value.
+    fn absorb(&mut self, next: &Self) -> bool;
+}
+
+impl Ranged for Row {
+    fn range(&self) -> (u128, u128) {
+        self.0
+    }
+
+    fn over(&self, range: (u128, u128)) -> Self {
+        (range, Arc::clone(&self.1))
+    }
+
+    fn absorb(&mut self, next: &Self) -> bool {
+        let ((_, hi), outcome) = self;
+        let adjacent = hi.checked_add(1) == Some(next.0.0);
+        if adjacent && (Arc::ptr_eq(outcome, &next.1) || **outcome == *next.1) {
+            *hi = next.0.1;
+            return true;
         }
-        _ => out.push(((lo, hi), outcome)),
+        false
+    }
+}
+
+impl Ranged for Piece {
+    fn range(&self) -> (u128, u128) {
+        (self.lo, self.hi)
+    }
+
+    fn over(&self, (lo, hi): (u128, u128)) -> Self {
+        Piece { lo, hi, ..*self }
+    }
+
+    fn absorb(&mut self, next: &Self) -> bool {
+        if self.len == next.len && self.hi.checked_add(1) == Some(next.lo) {
+            self.hi = next.hi;
+            return true;
+        }
+        false
+    }
+}
+
+/// Pushes `item`, merged into the last one when adjacent with an equal value.
+fn push_merged<T: Ranged>(out: &mut Vec<T>, item: T) {
+    if !out.last_mut().is_some_and(|prev| prev.absorb(&item)) {
+        out.push(item);
     }
 }
 
@@ -121,34 +162,27 @@ fn outside((lo, hi): (u128, u128), spans: &[(u128, u128)]) -> Vec<(u128, u128)> 
     parts
 }
 
-/// `old` without what lies inside `spans`, plus `fresh` (rows inside `spans`), sorted, with
-/// adjacent rows of equal outcome merged. One pass; rows move, outcomes are shared.
-fn splice(old: Vec<Row>, spans: &[(u128, u128)], fresh: Vec<Row>) -> Vec<Row> {
-    let mut out: Vec<Row> = Vec::with_capacity(old.len() + fresh.len());
+/// `old` without what lies inside `spans`, plus `fresh` (values inside `spans`), sorted, with
+/// adjacent values that are equal merged. One pass; outcomes are shared, not copied.
+fn splice<T: Ranged>(
+    old: impl IntoIterator<Item = T>,
+    spans: &[(u128, u128)],
+    fresh: Vec<T>,
+) -> Vec<T> {
+    let old = old.into_iter();
+    let mut out: Vec<T> = Vec::with_capacity(old.size_hint().0 + fresh.len());
     let mut fresh = fresh.into_iter().peekable();
     let mut k = 0;
-    let mut emit = |out: &mut Vec<Row>, row: Row| {
-        while let Some(f) = fresh.next_if(|f| f.0.0 < row.0.0) {
-            push_merged(out, f);
-        }
-        push_merged(out, row);
-    };
-    for ((lo, hi), outcome) in old {
+    for item in old {
+        let (lo, hi) = item.range();
         while k < spans.len() && spans[k].1 < lo {
             k += 1;
         }
-        let parts = outside((lo, hi), &spans[k..]);
-        let last = parts.len().saturating_sub(1);
-        let mut outcome = Some(outcome);
-        for (n, range) in parts.into_iter().enumerate() {
-            let o = if n == last {
-                outcome.take()
-            } else {
-                outcome.clone()
-            };
-            if let Some(o) = o {
-                emit(&mut out, (range, o));
+        for range in outside((lo, hi), &spans[k..]) {
+            while let Some(f) = fresh.next_if(|f| f.range().0 < range.0) {
+                push_merged(&mut out, f);
             }
+            push_merged(&mut out, item.over(range));
         }
     }
     for f in fresh {
@@ -253,29 +287,7 @@ fn updated_destinations(
             });
         }
     }
-    // The old pieces without what lies inside the spans, with the fresh ones in order.
-    let mut out: Vec<Piece> = Vec::with_capacity(old.len() + fresh.len());
-    let mut fresh = fresh.into_iter().peekable();
-    let push = |out: &mut Vec<Piece>, p: Piece| match out.last_mut() {
-        Some(prev) if prev.len == p.len && prev.hi.checked_add(1) == Some(p.lo) => prev.hi = p.hi,
-        _ => out.push(p),
-    };
-    let mut k = 0;
-    for &p in old.iter() {
-        while k < spans.len() && spans[k].1 < p.lo {
-            k += 1;
-        }
-        for (lo, hi) in outside((p.lo, p.hi), &spans[k..]) {
-            while let Some(f) = fresh.next_if(|f| f.lo < lo) {
-                push(&mut out, f);
-            }
-            push(&mut out, Piece { lo, hi, len: p.len });
-        }
-    }
-    for f in fresh {
-        push(&mut out, f);
-    }
-    Some(Arc::new(out))
+    Some(Arc::new(splice(old.iter().copied(), &spans, fresh)))
 }
 
 /// Every policy's source ranges in one family, for "which policies reach into these spans".
